@@ -1,0 +1,134 @@
+"""The capacity ledger: which conversation holds how many KV tokens on which decoder.
+
+Pure bookkeeping, no I/O. The operator rebuilds it from the API server (every Conversation's status) on start
+and keeps it in step after each decision; the simulator drives the same class. Invariant: a decoder's
+reservations never exceed its capacity (checked on every reserve and extend).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+from conserve.core.placement import DecoderState
+
+
+class CapacityError(ValueError):
+    """A reservation that would oversubscribe a decoder."""
+
+
+@dataclass(slots=True)
+class _Holding:
+    decoder: str
+    reserved_kv_tokens: int
+    live_kv_tokens: int = 0
+
+
+@dataclass(slots=True)
+class CapacityLedger:
+    decoders: dict[str, DecoderState] = field(default_factory=dict)
+    holdings: dict[str, _Holding] = field(default_factory=dict)  # conversation key -> holding
+
+    # --- decoders ---------------------------------------------------------------------------------------
+    def upsert_decoder(self, decoder: DecoderState) -> None:
+        """Add or refresh a decoder's static view (node, tier, readiness, capacity, energy)."""
+        self.decoders[decoder.name] = decoder
+
+    def remove_decoder(self, name: str) -> list[str]:
+        """Forget a decoder; returns the conversations it held (their holdings are dropped)."""
+        self.decoders.pop(name, None)
+        orphans = sorted(key for key, h in self.holdings.items() if h.decoder == name)
+        for key in orphans:
+            del self.holdings[key]
+        return orphans
+
+    # --- conversations ----------------------------------------------------------------------------------
+    def reserve(self, conversation: str, decoder: str, kv_tokens: int, *, live_kv_tokens: int = 0) -> None:
+        """Record a reservation; raises CapacityError rather than oversubscribe."""
+        if decoder not in self.decoders:
+            raise CapacityError(f"unknown decoder {decoder!r}")
+        previous = self.holdings.pop(conversation, None)
+        used = self.reserved_on(decoder)
+        capacity = self.decoders[decoder].capacity_kv_tokens
+        need = max(kv_tokens, live_kv_tokens)
+        if used + need > capacity:
+            if previous is not None:
+                self.holdings[conversation] = previous
+            raise CapacityError(f"decoder {decoder!r}: {used} + {need} KV tokens exceeds capacity {capacity}")
+        self.holdings[conversation] = _Holding(decoder, kv_tokens, live_kv_tokens)
+
+    def adopt(self, conversation: str, decoder: str, kv_tokens: int, live_kv_tokens: int = 0) -> None:
+        """Record a reservation that already exists in the API server (rebuild on start), even over capacity.
+
+        The truth lives in the API server: a rebuild must not drop a conversation; an oversubscribed decoder
+        then simply takes no new placements until it drains.
+        """
+        self.holdings[conversation] = _Holding(decoder, kv_tokens, live_kv_tokens)
+
+    def release(self, conversation: str) -> bool:
+        """Free a conversation's reservation. Returns False when it held nothing (release is idempotent)."""
+        return self.holdings.pop(conversation, None) is not None
+
+    def update_live(self, conversation: str, live_kv_tokens: int) -> None:
+        holding = self.holdings.get(conversation)
+        if holding is not None:
+            holding.live_kv_tokens = live_kv_tokens
+
+    def try_extend(self, conversation: str, kv_tokens: int) -> bool:
+        """Grow a reservation in place when the decoder has room; False (and no change) otherwise."""
+        holding = self.holdings.get(conversation)
+        if holding is None:
+            return False
+        if kv_tokens <= holding.reserved_kv_tokens:
+            return True
+        capacity = self.decoders[holding.decoder].capacity_kv_tokens if holding.decoder in self.decoders else 0
+        used_by_others = self.reserved_on(holding.decoder) - max(holding.reserved_kv_tokens, holding.live_kv_tokens)
+        if used_by_others + kv_tokens > capacity:
+            return False
+        holding.reserved_kv_tokens = kv_tokens
+        return True
+
+    def holding(self, conversation: str) -> tuple[str, int, int] | None:
+        h = self.holdings.get(conversation)
+        return None if h is None else (h.decoder, h.reserved_kv_tokens, h.live_kv_tokens)
+
+    # --- views ------------------------------------------------------------------------------------------
+    def reserved_on(self, decoder: str) -> int:
+        """KV tokens held on a decoder: each conversation counts the larger of its reservation and live size."""
+        return sum(max(h.reserved_kv_tokens, h.live_kv_tokens) for h in self.holdings.values() if h.decoder == decoder)
+
+    def conversations_on(self, decoder: str) -> list[str]:
+        return sorted(key for key, h in self.holdings.items() if h.decoder == decoder)
+
+    def snapshot(self, names: Iterable[str] | None = None) -> list[DecoderState]:
+        """Decoder states with current reservations, sorted by name (the placement's input)."""
+        wanted = sorted(self.decoders) if names is None else sorted(n for n in names if n in self.decoders)
+        totals: dict[str, tuple[int, int, int]] = {}
+        for h in self.holdings.values():
+            reserved, live, count = totals.get(h.decoder, (0, 0, 0))
+            totals[h.decoder] = (
+                reserved + max(h.reserved_kv_tokens, h.live_kv_tokens),
+                live + h.live_kv_tokens,
+                count + 1,
+            )
+        states = []
+        for name in wanted:
+            reserved, live, count = totals.get(name, (0, 0, 0))
+            states.append(
+                replace(
+                    self.decoders[name],
+                    reserved_kv_tokens=reserved,
+                    live_kv_tokens=live,
+                    pinned_conversations=count,
+                )
+            )
+        return states
+
+    def totals(self) -> Mapping[str, int]:
+        capacity = sum(d.capacity_kv_tokens for d in self.decoders.values())
+        reserved = sum(self.reserved_on(n) for n in self.decoders)
+        return {
+            "capacity_kv_tokens": capacity,
+            "reserved_kv_tokens": reserved,
+            "conversations": len(self.holdings),
+        }

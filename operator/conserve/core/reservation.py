@@ -1,0 +1,69 @@
+"""How many KV tokens to reserve for a conversation when it starts.
+
+Rule (documented, no learned model): reservation = ceil(first-turn input tokens x growth factor), at least the
+input plus MIN_OUTPUT_ALLOWANCE_TOKENS, at most the largest decoder's capacity. The growth factor is the
+GROWTH_QUANTILE of the ratio (final context tokens / first-turn input tokens) over the pool's most recent
+completed conversations (up to HISTORY_LIMIT), clamped to [1, MAX_GROWTH_FACTOR]. Until MIN_OBSERVATIONS
+conversations have completed, PRIOR_GROWTH_FACTOR is used. A conversation's hint of expected turns raises the
+factor to at least 1 + 0.5 x (turns - 1) (each later turn adds, on average, half the first turn's size) when
+no history exists.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+PRIOR_GROWTH_FACTOR = 2.0
+MAX_GROWTH_FACTOR = 8.0
+GROWTH_QUANTILE = 0.75
+MIN_OBSERVATIONS = 10
+HISTORY_LIMIT = 256
+MIN_OUTPUT_ALLOWANCE_TOKENS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class GrowthObservation:
+    first_input_tokens: int
+    final_context_tokens: int
+
+    @property
+    def ratio(self) -> float:
+        return self.final_context_tokens / max(self.first_input_tokens, 1)
+
+
+def growth_factor(history: Sequence[GrowthObservation], expected_turns: int | None = None) -> float:
+    recent = list(history)[-HISTORY_LIMIT:]
+    if len(recent) < MIN_OBSERVATIONS:
+        factor = PRIOR_GROWTH_FACTOR
+        if expected_turns is not None and expected_turns > 1:
+            factor = max(factor, 1.0 + 0.5 * (expected_turns - 1))
+    else:
+        factor = quantile(sorted(o.ratio for o in recent), GROWTH_QUANTILE)
+    return min(max(factor, 1.0), MAX_GROWTH_FACTOR)
+
+
+def reservation_kv_tokens(
+    first_input_tokens: int,
+    history: Sequence[GrowthObservation],
+    *,
+    expected_turns: int | None = None,
+    max_decoder_capacity_kv_tokens: int | None = None,
+) -> int:
+    factor = growth_factor(history, expected_turns)
+    wanted = max(math.ceil(first_input_tokens * factor), first_input_tokens + MIN_OUTPUT_ALLOWANCE_TOKENS)
+    if max_decoder_capacity_kv_tokens is not None and max_decoder_capacity_kv_tokens > 0:
+        # Never ask for more than any decoder could give; the input itself must still fit.
+        wanted = min(wanted, max(max_decoder_capacity_kv_tokens, first_input_tokens))
+    return wanted
+
+
+def quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile of sorted values (q in [0, 1])."""
+    if not sorted_values:
+        raise ValueError("quantile of an empty sequence")
+    position = q * (len(sorted_values) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
