@@ -1,0 +1,95 @@
+"""The Conversation custom resource (conserve.dev/v1alpha1, short name `conv`).
+
+One chat or agent session. The client states what is known when it starts (the pool and the first turn's input
+length); the operator pins it to one decoder and reports where in status. The data plane (the router, or a
+person with kubectl) reports usage through `spec.usage`: cumulative counters, so a report is idempotent and
+can be batched or retried:
+
+    kubectl patch conv chat-1 --type merge -p '{"spec":{"usage":{"turns":2,"inputTokens":1900,"outputTokens":410}}}'
+
+`spec.completed: true` ends a conversation (its reservation is released once).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from pydantic import Field
+
+from conserve.api.common import CamelModel, Condition, NonNegativeInt, StatusModel
+
+KIND = "Conversation"
+PLURAL = "conversations"
+SHORT_NAME = "conv"
+
+MAX_INPUT_TOKENS = 10_000_000
+
+
+class Phase(enum.StrEnum):
+    PENDING = "Pending"  # waiting for a decoder (see the Placed condition's reason)
+    PREFILLING = "Prefilling"  # placed; the first turn is being prefilled on the compute tier
+    DECODING = "Decoding"  # turns are being served on the pinned decoder
+    IDLE = "Idle"  # placed, no turn for a while; still holds its reservation until its idle timeout
+    COMPLETED = "Completed"  # ended; reservation released
+    FAILED = "Failed"  # cannot be served (see conditions)
+
+
+TERMINAL_PHASES = frozenset({Phase.COMPLETED, Phase.FAILED})
+
+
+class ConversationUsage(CamelModel):
+    """Cumulative usage reported by the data plane. Counters only grow; a lower value is refused."""
+
+    turns: NonNegativeInt = 0
+    input_tokens: NonNegativeInt = Field(0, description="Sum of every turn's new input tokens.")
+    output_tokens: NonNegativeInt = Field(0, description="Sum of every turn's output tokens.")
+    last_turn_time: str | None = Field(None, description="RFC 3339 time of the latest turn.")
+    time_to_first_effective_token_seconds: float | None = Field(
+        None, ge=0, description="Measured by the data plane: start of the conversation to first visible output."
+    )
+
+
+class ConversationSpec(CamelModel):
+    pool: str = Field(min_length=1, max_length=253, description="Name of the DecoderPool in this namespace.")
+    first_turn_input_tokens: int = Field(
+        ge=1, le=MAX_INPUT_TOKENS, description="Input length of the first turn in tokens; drives the reservation."
+    )
+    expected_turns: int | None = Field(None, ge=1, le=100_000, description="Hint: turns the client expects.")
+    first_effective_token_slo_seconds: float | None = Field(
+        None, gt=0, le=3600, description="Hint: target time to first effective token."
+    )
+    priority: int = Field(0, ge=-1000, le=1000, description="Higher is placed first when capacity is short.")
+    idle_timeout_seconds: int | None = Field(
+        None, ge=1, le=7 * 24 * 3600, description="Release after this long without a turn (default: the pool's)."
+    )
+    completed: bool = Field(False, description="Set by the client when the conversation has ended.")
+    usage: ConversationUsage = Field(default_factory=ConversationUsage)
+
+
+class Endpoint(StatusModel):
+    pod: str
+    node: str = ""
+    tier: str = ""
+    gpu_product: str = ""
+    endpoint: str = ""  # host:port the data plane sends to
+
+
+class ConversationStatus(StatusModel):
+    phase: Phase = Phase.PENDING
+    decoder: Endpoint | None = None
+    prefill: Endpoint | None = None
+    reserved_kv_tokens: int = 0
+    live_kv_tokens: int = 0
+    turns_served: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    kv_transfers: int = 0
+    #: Bumped on every (re)placement so the data plane knows to follow a move.
+    placement_generation: int = 0
+    placed_at: str | None = None
+    completed_at: str | None = None
+    energy_joules: float | None = None
+    energy_per_token_joules: float | None = None
+    time_to_first_effective_token_seconds: float | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
