@@ -1,0 +1,59 @@
+# ConServe developer targets. `make help` lists them.
+#
+# Everything runs from the repository's virtual environment (.venv); the control plane's binaries are
+# built from Go modules into ~/.cache/conserve (or $CONSERVE_CACHE_DIR), once per version.
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The stamp is newer than pyproject.toml once `pip install -e .[dev]` has run for its current content.
+VENV_STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.DEFAULT_GOAL := help
+.PHONY: help venv controlplane up down status lint test test-unit test-e2e demo clean-cluster
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+venv: $(VENV_STAMP) ## Create .venv and install conserve with its dev extras (fast when already done)
+
+$(VENV_STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+controlplane: venv ## Build (or reuse) etcd, kube-apiserver/-controller-manager/-scheduler, KWOK and helm
+	$(BIN)/conserve dev build
+
+up: controlplane ## Start the local cluster with its fake GPU nodes in the background (.devcluster/)
+	$(BIN)/conserve dev up
+
+down: venv ## Stop the local cluster; fails if any of its processes is left
+	$(BIN)/conserve dev down
+
+status: venv ## Show the local cluster's processes
+	$(BIN)/conserve dev status
+
+lint: venv ## ruff, mypy (strict) and the import contracts
+	$(BIN)/ruff check operator tests
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test-unit: venv ## Unit tests only (no cluster)
+	$(BIN)/pytest -q -m unit $(PYTEST_ARGS)
+
+test-e2e: controlplane ## End-to-end tests against a local control plane (or the cluster named by CONSERVE_KUBECONFIG)
+	$(BIN)/pytest -q -m e2e $(PYTEST_ARGS)
+
+test: venv controlplane lint ## Everything CI runs: build, lint, the whole test suite
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+demo: controlplane ## The main job (placeholder: starts the local cluster; the full demo comes later)
+	$(BIN)/conserve dev up
+
+clean-cluster: venv ## Stop the local cluster and delete its state directory
+	$(BIN)/conserve dev down --purge

@@ -1,0 +1,128 @@
+"""What the pytest fixtures hand to tests: a handle on the cluster under test, local or given.
+
+The e2e suite runs against a LocalCluster it starts itself, or against any cluster named by
+``CONSERVE_KUBECONFIG`` (a kind cluster from ``kind-config.yaml``, a `conserve dev up` cluster, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from conserve.devcluster import build, nodes
+from conserve.devcluster.cluster import CONSERVE_SCHEDULER_NAME, DEFAULT_SCHEDULER_NAME, LocalCluster
+
+
+@dataclass
+class ClusterHandle:
+    """The cluster under test.
+
+    ``extender_url``/``extender_port`` are where the ``conserve-scheduler`` profile calls the extender
+    (start ``conserve extender --port <extender_port>`` there); None on a given cluster unless
+    ``CONSERVE_EXTENDER_URL`` is set.
+    """
+
+    kubeconfig: Path
+    scheduler_name: str = CONSERVE_SCHEDULER_NAME
+    default_scheduler_name: str = DEFAULT_SCHEDULER_NAME
+    extender_url: str | None = None
+    gpu_node_names: list[str] = field(default_factory=list)
+    local: LocalCluster | None = None  # None when testing a given cluster
+
+    @property
+    def extender_port(self) -> int | None:
+        if self.extender_url is None:
+            return None
+        from urllib.parse import urlparse
+
+        return urlparse(self.extender_url).port
+
+    def api_client(self, pool_size: int = 16) -> Any:
+        """A new ``kubernetes.client.ApiClient`` as cluster admin; close it (or use ``with``) when done."""
+        return nodes.new_api_client(self.kubeconfig, pool_size)
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        exe = shutil.which("kubectl") or "kubectl"
+        return subprocess.run(
+            [exe, f"--kubeconfig={self.kubeconfig}", *args], check=check, capture_output=True, text=True, input=input
+        )
+
+    @property
+    def helm(self) -> Path:
+        """The helm binary built with the control plane."""
+        return build.binaries().helm
+
+    def apply_gpu_nodes(self, specs: Sequence[nodes.GpuNodeSpec], wait: bool = True) -> list[str]:
+        names = nodes.apply_gpu_nodes(self.kubeconfig, specs)
+        if wait:
+            nodes.wait_nodes_ready(self.kubeconfig, names, timeout_s=max(60.0, len(names) / 10))
+        return names
+
+
+@contextmanager
+def cluster_for_tests(state_dir: Path, nodes_file: Path | None = None) -> Iterator[ClusterHandle]:
+    """The cluster for a test session: the one named by ``CONSERVE_KUBECONFIG``, or a fresh LocalCluster
+    (built if needed). Never skips: if the control plane cannot be built or started, this raises."""
+    specs = nodes.load_node_specs(nodes_file)
+    given = os.environ.get("CONSERVE_KUBECONFIG")
+    if given:
+        handle = ClusterHandle(
+            kubeconfig=Path(given),
+            scheduler_name=os.environ.get("CONSERVE_SCHEDULER_NAME", CONSERVE_SCHEDULER_NAME),
+            extender_url=os.environ.get("CONSERVE_EXTENDER_URL"),
+        )
+        # A given cluster needs KWOK running in it for these nodes to become Ready.
+        handle.gpu_node_names = handle.apply_gpu_nodes(specs)
+        yield handle
+        return
+    build.build_all()
+    with LocalCluster(state_dir) as local:
+        handle = ClusterHandle(kubeconfig=local.kubeconfig, extender_url=local.extender_url, local=local)
+        handle.gpu_node_names = handle.apply_gpu_nodes(specs)
+        yield handle
+
+
+def namespace_name(test_name: str) -> str:
+    """A valid, unique namespace name derived from a test's name."""
+    base = re.sub(r"[^a-z0-9-]+", "-", test_name.lower()).strip("-")[:40].strip("-") or "test"
+    return f"t-{base}-{secrets.token_hex(3)}"
+
+
+@contextmanager
+def temporary_namespace(cluster: ClusterHandle, test_name: str, timeout_s: float = 30.0) -> Iterator[str]:
+    """Create a namespace, wait for its ``default`` ServiceAccount (pods are refused without it), and
+    delete it afterwards (without waiting for its finalization)."""
+    from kubernetes import client
+    from kubernetes.client import ApiException
+
+    name = namespace_name(test_name)
+    with cluster.api_client() as api_client:
+        core = client.CoreV1Api(api_client)
+        body: Any = {"metadata": {"name": name, "labels": {"conserve.dev/test": "true"}}}
+        core.create_namespace(body)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                core.read_namespaced_service_account("default", name)
+                break
+            except ApiException as exc:
+                if exc.status != 404 or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        try:
+            yield name
+        finally:
+            try:
+                core.delete_namespace(name)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise

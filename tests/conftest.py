@@ -1,0 +1,46 @@
+"""Fixtures shared by every test.
+
+- ``cluster`` (session): a real control plane. Either the cluster named by ``CONSERVE_KUBECONFIG``, or a
+  LocalCluster (etcd, kube-apiserver, kube-controller-manager, two kube-schedulers, KWOK) built from the
+  Go modules (cached) and started once per session in a temporary directory, with the fake GPU nodes of
+  ``conserve/devcluster/nodes.yaml`` (or ``CONSERVE_NODES_FILE``). A ``conserve.devcluster.testing.
+  ClusterHandle``: ``kubeconfig``, ``api_client()``, ``kubectl(...)``, ``scheduler_name``,
+  ``extender_url``, ``extender_port``, ``gpu_node_names``, ``apply_gpu_nodes(specs)``, ``helm``, ``local``.
+  If it cannot be built or started, the tests that use it fail; they are never skipped.
+- ``namespace`` (per test): a fresh namespace, deleted afterwards.
+
+Tests under tests/unit are marked ``unit`` and tests under tests/e2e ``e2e`` automatically.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conserve.devcluster.testing import ClusterHandle, cluster_for_tests, temporary_namespace
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.path)).parts
+        if "e2e" in parts:
+            item.add_marker(pytest.mark.e2e)
+        elif "unit" in parts:
+            item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHandle]:
+    nodes_file = os.environ.get("CONSERVE_NODES_FILE")
+    state_dir = tmp_path_factory.mktemp("cluster")
+    with cluster_for_tests(state_dir, Path(nodes_file) if nodes_file else None) as handle:
+        yield handle
+
+
+@pytest.fixture
+def namespace(cluster: ClusterHandle, request: pytest.FixtureRequest) -> Iterator[str]:
+    with temporary_namespace(cluster, request.node.name) as name:
+        yield name
