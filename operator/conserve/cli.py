@@ -18,6 +18,7 @@ from typing import Protocol, cast
 # Subcommand name -> module exposing add_parser(subparsers). Teammates: add yours here.
 SUBCOMMANDS: dict[str, str] = {
     "dev": "conserve.devcluster.cli",
+    "extender": "conserve.extender.cli",
 }
 
 

@@ -1,0 +1,264 @@
+"""A watch cache of nodes and pods: what the extender knows of the cluster between scheduler calls.
+
+`ClusterCache` is plain state fed by events (`apply_node`, `apply_pod`, `replace_*`); it is thread-safe for one
+writer per kind and many readers. `KubeWatcher` feeds it from the API server with list + watch (the kubernetes
+client, raw JSON, in daemon threads), re-listing when a watch expires (410 Gone) or fails.
+
+Readers see a per-node `GpuNode` that is replaced, never mutated, whenever its node or a pod bound to it
+changes; a lookup is one dict read.
+
+The cache lags the scheduler by the time a binding takes to come back as a pod event: between two scheduling
+cycles the extender may count fewer used GPUs than the scheduler's own (assumed) state. The scheduler's
+NodeResourcesFit filter runs before the extender with the assumed pods, so this never over-commits a node.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from conserve.core.gpus import Role
+from conserve.core.node_scoring import GpuNode
+from conserve.extender.objects import NodeUsage, PodUsage, gpu_node, name_of, pod_usage
+
+log = logging.getLogger(__name__)
+
+
+def _pod_key(pod: Mapping[str, Any]) -> str:
+    meta = pod.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
+    uid = meta.get("uid")
+    if isinstance(uid, str) and uid:
+        return uid
+    return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+
+
+class ClusterCache:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._nodes: dict[str, Mapping[str, Any]] = {}
+        self._pods: dict[str, PodUsage] = {}
+        self._usage: dict[str, NodeUsage] = {}
+        self._view: dict[str, GpuNode] = {}
+        self.nodes_synced = threading.Event()
+        self.pods_synced = threading.Event()
+
+    # --- readers -----------------------------------------------------------------------------------------------
+
+    def get(self, name: str) -> GpuNode | None:
+        return self._view.get(name)
+
+    def usage(self, node: str) -> NodeUsage | None:
+        return self._usage.get(node)
+
+    @property
+    def node_count(self) -> int:
+        return len(self._nodes)
+
+    @property
+    def pod_count(self) -> int:
+        return len(self._pods)
+
+    # --- writers: nodes ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _slim_node(node: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Keep what `gpu_node` reads: labels and allocatable (a full Node is several KiB)."""
+        meta = node.get("metadata") if isinstance(node.get("metadata"), dict) else {}
+        status = node.get("status") if isinstance(node.get("status"), dict) else {}
+        assert isinstance(meta, dict) and isinstance(status, dict)
+        return {
+            "metadata": {"name": meta.get("name"), "labels": meta.get("labels") or {}},
+            "status": {"allocatable": status.get("allocatable") or {}},
+        }
+
+    def _refresh(self, name: str) -> None:
+        node = self._nodes.get(name)
+        if node is None:
+            self._view.pop(name, None)
+        else:
+            self._view[name] = gpu_node(node, self._usage.get(name))
+
+    def apply_node(self, event_type: str, node: Mapping[str, Any]) -> None:
+        name = name_of(node)
+        if not name:
+            return
+        with self._lock:
+            if event_type == "DELETED":
+                self._nodes.pop(name, None)
+            else:
+                self._nodes[name] = self._slim_node(node)
+            self._refresh(name)
+
+    def replace_nodes(self, nodes: Iterable[Mapping[str, Any]]) -> None:
+        with self._lock:
+            self._nodes = {name: self._slim_node(n) for n in nodes if (name := name_of(n))}
+            for name in set(self._view) - set(self._nodes):
+                self._view.pop(name, None)
+            for name in self._nodes:
+                self._refresh(name)
+        self.nodes_synced.set()
+
+    # --- writers: pods -----------------------------------------------------------------------------------------
+
+    def _add_usage(self, usage: PodUsage, sign: int) -> None:
+        current = self._usage.get(usage.node, NodeUsage())
+        updated = NodeUsage(
+            gpus=current.gpus + sign * usage.gpus,
+            prefill_pods=current.prefill_pods + (sign if usage.role is Role.PREFILL else 0),
+            decode_pods=current.decode_pods + (sign if usage.role is Role.DECODE else 0),
+        )
+        if updated == NodeUsage():
+            self._usage.pop(usage.node, None)
+        else:
+            self._usage[usage.node] = updated
+        self._refresh(usage.node)
+
+    def apply_pod(self, event_type: str, pod: Mapping[str, Any]) -> None:
+        key = _pod_key(pod)
+        new = None if event_type == "DELETED" else pod_usage(pod)
+        with self._lock:
+            old = self._pods.pop(key, None)
+            if old is not None:
+                self._add_usage(old, -1)
+            if new is not None:
+                self._pods[key] = new
+                self._add_usage(new, +1)
+
+    def replace_pods(self, pods: Iterable[Mapping[str, Any]]) -> None:
+        with self._lock:
+            touched = set(self._usage)
+            self._pods = {}
+            self._usage = {}
+            for pod in pods:
+                usage = pod_usage(pod)
+                if usage is not None:
+                    self._pods[_pod_key(pod)] = usage
+                    current = self._usage.get(usage.node, NodeUsage())
+                    self._usage[usage.node] = NodeUsage(
+                        current.gpus + usage.gpus,
+                        current.prefill_pods + (usage.role is Role.PREFILL),
+                        current.decode_pods + (usage.role is Role.DECODE),
+                    )
+            for name in touched | set(self._usage):
+                self._refresh(name)
+        self.pods_synced.set()
+
+
+# --- feeding the cache from the API server -------------------------------------------------------------------
+
+ListFunc = Callable[..., Any]
+
+
+class KubeWatcher:
+    """List + watch nodes (optional) and pods into a `ClusterCache`, in daemon threads, until `stop()`."""
+
+    def __init__(
+        self,
+        cache: ClusterCache,
+        *,
+        kubeconfig: str | None = None,
+        watch_nodes: bool = True,
+        watch_timeout_s: int = 60,
+        retry_delay_s: float = 1.0,
+    ) -> None:
+        self._cache = cache
+        self._kubeconfig = kubeconfig
+        self._watch_nodes = watch_nodes
+        self._watch_timeout_s = watch_timeout_s
+        self._retry_delay_s = retry_delay_s
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        from kubernetes import client, config
+
+        api_client = client.ApiClient(configuration=self._load_config(config, client))
+        core = client.CoreV1Api(api_client)
+        if self._watch_nodes:
+            self._spawn("nodes", core.list_node, self._cache.replace_nodes, self._cache.apply_node)
+        else:
+            self._cache.nodes_synced.set()
+        self._spawn("pods", core.list_pod_for_all_namespaces, self._cache.replace_pods, self._cache.apply_pod)
+
+    def _load_config(self, config: Any, client: Any) -> Any:
+        configuration = client.Configuration()
+        if self._kubeconfig:
+            config.load_kube_config(config_file=self._kubeconfig, client_configuration=configuration)
+        else:
+            try:
+                config.load_incluster_config(client_configuration=configuration)
+            except config.ConfigException:
+                config.load_kube_config(client_configuration=configuration)
+        return configuration
+
+    def _spawn(
+        self,
+        kind: str,
+        list_func: ListFunc,
+        replace: Callable[[list[dict[str, Any]]], None],
+        apply: Callable[[str, dict[str, Any]], None],
+    ) -> None:
+        thread = threading.Thread(
+            target=self._run,
+            args=(kind, list_func, replace, apply),
+            name=f"conserve-extender-watch-{kind}",
+            daemon=True,
+        )
+        self._threads.append(thread)
+        thread.start()
+
+    def _run(
+        self,
+        kind: str,
+        list_func: ListFunc,
+        replace: Callable[[list[dict[str, Any]]], None],
+        apply: Callable[[str, dict[str, Any]], None],
+    ) -> None:
+        from kubernetes import watch
+        from kubernetes.client.exceptions import ApiException
+
+        watch_class: Any = watch.Watch  # untyped upstream
+
+        while not self._stop.is_set():
+            try:
+                response = list_func(_preload_content=False, _request_timeout=60)
+                body = json.loads(response.data)
+                items = body.get("items") or []
+                resource_version = str(body.get("metadata", {}).get("resourceVersion", ""))
+                replace(items)
+                log.info("extender cache: listed %d %s at resourceVersion %s", len(items), kind, resource_version)
+                while not self._stop.is_set():
+                    watcher = watch_class()
+                    for event in watcher.stream(
+                        list_func,
+                        resource_version=resource_version,
+                        timeout_seconds=self._watch_timeout_s,
+                        allow_watch_bookmarks=True,
+                        deserialize=False,
+                    ):
+                        if self._stop.is_set():
+                            watcher.stop()
+                            break
+                        event_type = event.get("type")
+                        obj = event.get("object")
+                        if not isinstance(obj, dict):
+                            continue
+                        if event_type == "ERROR":
+                            raise ApiException(status=obj.get("code", 500), reason=obj.get("message", "watch error"))
+                        rv = obj.get("metadata", {}).get("resourceVersion")
+                        if rv:
+                            resource_version = str(rv)
+                        if event_type in ("ADDED", "MODIFIED", "DELETED"):
+                            apply(event_type, obj)
+            except Exception as exc:  # a watch must never die: log, back off, re-list
+                if self._stop.is_set():
+                    return
+                log.warning("extender cache: %s watch failed (%s); re-listing", kind, exc)
+                self._stop.wait(self._retry_delay_s)
+
+    def stop(self) -> None:
+        self._stop.set()
