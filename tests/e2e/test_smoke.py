@@ -7,10 +7,12 @@ to fake GPU nodes), KWOK (node and pod status), RBAC (a real token is denied wha
 
 from __future__ import annotations
 
+import http.server
+import json
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import pytest
 from kubernetes import client, watch
@@ -321,3 +323,73 @@ def test_controller_manager_fills_service_account_token_secret(api: Any, namespa
     with _client_with_token(api, token) as as_sa:
         who = client.AuthenticationV1Api(as_sa).create_self_subject_review({})
         assert who.status.user_info.username == f"system:serviceaccount:{namespace}:legacy"
+
+
+class _RecordingExtender(http.server.BaseHTTPRequestHandler):
+    """Stands where `conserve extender` will listen, to check the wiring of the conserve-scheduler profile:
+    it keeps only H100 nodes and prefers the one whose name ends in -1."""
+
+    calls: ClassVar[list[tuple[str, dict[str, Any]]]] = []
+
+    def do_POST(self) -> None:
+        args = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        verb = self.path.rstrip("/").rsplit("/", 1)[-1]
+        self.calls.append((verb, args))
+        names: list[str] = args.get("NodeNames") or []
+        if verb == "filter":
+            keep = [n for n in names if "-h100-" in n]
+            failed = {n: "not an H100" for n in names if n not in keep}
+            body: Any = {"NodeNames": keep, "FailedNodes": failed, "Error": ""}
+        else:
+            body = [{"Host": n, "Score": 10 if n.endswith("-1") else 0} for n in names]
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_conserve_scheduler_profile_calls_the_extender_url(api: Any, namespace: str, cluster: ClusterHandle) -> None:
+    if cluster.extender_port is None:
+        pytest.skip("the given cluster's extender URL is unknown (set CONSERVE_EXTENDER_URL)")
+    _RecordingExtender.calls = []
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", cluster.extender_port), _RecordingExtender)
+    except OSError as exc:
+        pytest.skip(f"port {cluster.extender_port} is taken, presumably by a real extender: {exc}")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    core = client.CoreV1Api(api)
+    try:
+
+        def pod(name: str, gpus: int) -> dict[str, Any]:
+            res = {"limits": {GPU_RESOURCE: str(gpus)}} if gpus else {}
+            return {
+                "metadata": {"name": name},
+                "spec": {
+                    "schedulerName": cluster.scheduler_name,
+                    "containers": [{"name": "c", "image": "registry.invalid/x:1", "resources": res}],
+                },
+            }
+
+        core.create_namespaced_pod(namespace, pod("no-gpu", 0))
+        core.create_namespaced_pod(namespace, pod("one-gpu", 1))
+
+        def bound(name: str) -> Callable[[], str | None]:
+            return lambda: core.read_namespaced_pod(name, namespace).spec.node_name
+
+        assert wait_for("the GPU pod bound via the extender", bound("one-gpu"), 30) == "kwok-h100-1"
+        wait_for("the CPU-only pod bound without the extender", bound("no-gpu"), 30)
+    finally:
+        server.shutdown()
+        server.server_close()
+    verbs = [verb for verb, _ in _RecordingExtender.calls]
+    assert "filter" in verbs and "prioritize" in verbs
+    # nodeCacheCapable: node names only; managedResources: only the pod asking for nvidia.com/gpu is sent.
+    for _, args in _RecordingExtender.calls:
+        assert args["NodeNames"] and not args.get("Nodes")
+        assert args["Pod"]["metadata"]["name"] == "one-gpu"

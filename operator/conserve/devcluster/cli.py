@@ -161,6 +161,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"no cluster recorded in {state_dir}")
         return 1
     status = cluster.status()
+    if not status:
+        print(f"stopped (state in {state_dir})")
+        return 1
     for rec in cluster.processes:
         print(f"{rec.name:<24} {'running' if status[rec.name] else 'stopped':<8} pid {rec.pid:<8} {rec.log}")
     print(f"server {cluster.server}  kubeconfig {cluster.kubeconfig}  extender {cluster.extender_url}")

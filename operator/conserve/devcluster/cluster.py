@@ -126,6 +126,20 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: ask for SIGKILL when the parent dies (Linux prctl).
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
@@ -165,8 +179,12 @@ class LocalCluster:
         binaries: Binaries | None = None,
         unlimited_inflight: bool = False,
         log_verbosity: int = 0,
+        die_with_parent: bool = False,
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
+        # For test sessions: if the test process is killed outright, the kernel kills the components too,
+        # so no etcd or API server outlives it. `conserve dev up` leaves this off: its cluster must outlive it.
+        self.die_with_parent = die_with_parent
         self.ports = ports or Ports.free()
         if extender_url is None:
             # A free port when ports are free (tests), the well-known one for `dev up`.
@@ -410,6 +428,11 @@ class LocalCluster:
         self._popen.clear()
         if left:
             raise ClusterError(f"processes still running after stop: {left}")
+        if self.processes:
+            # Nothing of ours listens any more (a zombie, left where PID 1 reaps nothing, holds no port).
+            listening = [port for port in (self.ports.apiserver, self.ports.etcd_client) if _port_open(port)]
+            if listening:
+                raise ClusterError(f"ports still listening after stop: {listening}")
         self.processes = []
         if self.state_file.exists():
             self._write_state()
@@ -476,6 +499,7 @@ class LocalCluster:
                 stderr=subprocess.STDOUT,
                 cwd=self.state_dir,
                 start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
         stat = _proc_stat(proc.pid)
         rec = ProcessRecord(name, proc.pid, stat[2] if stat else 0, str(log_path), list(cmd))

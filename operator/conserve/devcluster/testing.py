@@ -85,7 +85,7 @@ def cluster_for_tests(state_dir: Path, nodes_file: Path | None = None) -> Iterat
         yield handle
         return
     build.build_all()
-    with LocalCluster(state_dir) as local:
+    with LocalCluster(state_dir, die_with_parent=True) as local:
         handle = ClusterHandle(kubeconfig=local.kubeconfig, extender_url=local.extender_url, local=local)
         handle.gpu_node_names = handle.apply_gpu_nodes(specs)
         yield handle
