@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""Write dashboards/conserve.json, the Grafana dashboard of the conserve_* metrics.
+
+    python charts/conserve/hack/dashboard.py
+
+Edit the panels here, not the JSON. A unit test checks that every metric a panel queries is defined in the code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).resolve().parent.parent / "dashboards" / "conserve.json"
+DS: dict[str, str] = {"type": "prometheus", "uid": "${datasource}"}
+SEL = '{namespace=~"$namespace"}'
+RATE = "[$__rate_interval]"
+
+
+class Layout:
+    """Panels laid out top to bottom on Grafana's 24-column grid."""
+
+    def __init__(self) -> None:
+        self.panels: list[dict[str, Any]] = []
+        self.y = 0
+
+    def _panel(self, kind: str, title: str, x: int, w: int, h: int, **fields: Any) -> None:
+        self.panels.append(
+            {"type": kind, "title": title, "id": len(self.panels) + 1, "gridPos": {"h": h, "w": w, "x": x, "y": self.y}}
+            | fields
+        )
+
+    def row(self, title: str) -> None:
+        self._panel("row", title, 0, 24, 1, collapsed=False, panels=[])
+        self.y += 1
+
+    def stat(self, title: str, expr: str, unit: str, x: int, desc: str) -> None:
+        self._panel(
+            "stat", title, x, 6, 4,
+            description=desc,
+            datasource=DS,
+            fieldConfig={"defaults": {"unit": unit}, "overrides": []},
+            options={"reduceOptions": {"calcs": ["lastNotNull"]}, "colorMode": "value", "graphMode": "area"},
+            targets=[{"datasource": DS, "expr": expr, "refId": "A"}],
+        )  # fmt: skip
+
+    def timeseries(self, title: str, queries: list[tuple[str, str]], unit: str, x: int, desc: str) -> None:
+        self._panel(
+            "timeseries", title, x, 12, 8,
+            description=desc,
+            datasource=DS,
+            fieldConfig={"defaults": {"unit": unit}, "overrides": []},
+            options={
+                "legend": {"displayMode": "table", "placement": "bottom", "calcs": ["lastNotNull", "max"]},
+                "tooltip": {"mode": "multi"},
+            },
+            targets=[
+                {"datasource": DS, "expr": expr, "legendFormat": legend, "refId": chr(65 + i)}
+                for i, (expr, legend) in enumerate(queries)
+            ],
+        )  # fmt: skip
+
+    def next_line(self, h: int) -> None:
+        self.y += h
+
+
+def quantiles(histogram: str, qs: tuple[float, ...]) -> list[tuple[str, str]]:
+    """histogram_quantile queries of a histogram by verb, one per quantile."""
+    return [
+        (
+            f"histogram_quantile({q}, sum by (le, verb) (rate({histogram}_bucket{SEL}{RATE})))",
+            f"{{{{verb}}}} p{round(q * 100)}",
+        )
+        for q in qs
+    ]
+
+
+def dashboard() -> dict[str, Any]:
+    g = Layout()
+    g.row("Scheduler extender")
+    g.stat("Nodes in cache", f"max(conserve_extender_cache_nodes{SEL})", "short", 0, "Nodes in the watch cache.")
+    g.stat(
+        "Pods in cache", f"max(conserve_extender_cache_pods{SEL})", "short", 6, "Bound, unfinished pods in the cache."
+    )
+    g.stat(
+        "Calls/s",
+        f"sum(rate(conserve_extender_requests_total{SEL}{RATE}))",
+        "reqps", 12, "Scheduler calls answered per second.",
+    )  # fmt: skip
+    g.stat(
+        "Errors/s",
+        f'sum(rate(conserve_extender_requests_total{{namespace=~"$namespace",outcome!="ok"}}{RATE}))',
+        "reqps", 18, "Scheduler calls answered with bad_request or error.",
+    )  # fmt: skip
+    g.next_line(4)
+    g.timeseries(
+        "Scheduler calls by verb and outcome",
+        [(f"sum by (verb, outcome) (rate(conserve_extender_requests_total{SEL}{RATE}))", "{{verb}} {{outcome}}")],
+        "reqps", 0, "Filter and prioritize calls per second.",
+    )  # fmt: skip
+    g.timeseries(
+        "Call latency by verb (p50, p95, p99)",
+        quantiles("conserve_extender_request_duration_seconds", (0.5, 0.95, 0.99)),
+        "s", 12, "Time to answer one scheduler call.",
+    )  # fmt: skip
+    g.next_line(8)
+    g.timeseries(
+        "Nodes filtered out by reason",
+        [(f"sum by (reason) (rate(conserve_extender_filtered_nodes_total{SEL}{RATE}))", "{{reason}}")],
+        "short", 0, "Candidate nodes the filter rejected per second, by reason.",
+    )  # fmt: skip
+    g.timeseries(
+        "Candidate nodes per call (p50, p95)",
+        quantiles("conserve_extender_request_nodes", (0.5, 0.95)),
+        "short", 12, "Nodes the scheduler sent per call.",
+    )  # fmt: skip
+    g.next_line(8)
+    namespaces = "label_values(conserve_extender_requests_total, namespace)"
+    return {
+        "title": "ConServe",
+        "uid": "conserve",
+        "description": "ConServe control plane: placement, KV capacity, energy and the scheduler extender.",
+        "tags": ["conserve", "llm", "scheduling"],
+        "editable": True,
+        "schemaVersion": 39,
+        "version": 1,
+        "refresh": "30s",
+        "time": {"from": "now-1h", "to": "now"},
+        "timezone": "",
+        "graphTooltip": 1,
+        "annotations": {"list": []},
+        "templating": {
+            "list": [
+                {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus"},
+                {
+                    "name": "namespace",
+                    "label": "Namespace",
+                    "type": "query",
+                    "datasource": DS,
+                    "includeAll": True,
+                    "multi": True,
+                    "allValue": ".*",
+                    "current": {"text": "All", "value": "$__all"},
+                    "refresh": 2,
+                    "query": {"query": namespaces, "refId": "namespace"},
+                    "definition": namespaces,
+                },
+            ]
+        },
+        "panels": g.panels,
+    }
+
+
+if __name__ == "__main__":
+    OUT.write_text(json.dumps(dashboard(), indent=2) + "\n")
+    print(f"wrote {OUT}")

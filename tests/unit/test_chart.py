@@ -1,0 +1,468 @@
+"""The Helm chart (charts/conserve): lint, render with good and bad values, least-privilege RBAC, CRD drift.
+
+Runs the helm binary built with the local control plane (conserve.devcluster.build, cached by version; a first
+run builds it from its Go module). Every test renders with `helm template`: no cluster is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conserve.core.gpus import Tier, node_gpu_from_labels
+from conserve.devcluster import build
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "conserve"
+KUBE_VERSION = build.KUBERNETES_VERSION
+
+Manifest = dict[str, Any]
+
+# The documented least-privilege RBAC (charts/conserve/README.md, "RBAC"): ClusterRole component -> rules as
+# (apiGroup, resource) -> verbs. A rule the chart grants that is not here, or a verb more, fails the test.
+OPERATOR_RULES: dict[tuple[str, str], set[str]] = {
+    ("conserve.dev", "conversations"): {"get", "list", "watch", "patch"},
+    ("conserve.dev", "decoderpools"): {"get", "list", "watch", "patch"},
+    ("conserve.dev", "conversations/status"): {"patch"},
+    ("conserve.dev", "decoderpools/status"): {"patch"},
+    ("", "pods"): {"get", "list", "watch"},
+    ("", "nodes"): {"get", "list", "watch"},
+    ("", "events"): {"create"},
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+    ("kopf.dev", "clusterkopfpeerings"): {"list", "watch", "patch"},
+}
+EXTENDER_RULES: dict[tuple[str, str], set[str]] = {
+    ("", "nodes"): {"list", "watch"},
+    ("", "pods"): {"list", "watch"},
+}
+# The second kube-scheduler is bound to upstream's own roles, plus its leader-election Lease.
+SCHEDULER_CLUSTER_ROLES = {"system:kube-scheduler", "system:volume-scheduler"}
+
+
+@cache
+def helm_binary() -> str:
+    part = build.part("helm")
+    if not part.is_built():
+        build.build_part(part)
+    return str(build.binaries().helm)
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([helm_binary(), *args], capture_output=True, text=True, check=check)
+
+
+def render(*sets: str, values: Mapping[str, Any] | None = None, release: str = "conserve") -> list[Manifest]:
+    """`helm template` of the chart with `--set` pairs and/or a values mapping; the parsed documents."""
+    args = ["template", release, str(CHART), "--namespace", "conserve-system", "--kube-version", KUBE_VERSION]
+    for s in sets:
+        args += ["--set", s]
+    if values is not None:
+        args += ["--values", "-"]
+    proc = subprocess.run(
+        [helm_binary(), *args],
+        capture_output=True,
+        text=True,
+        input=json.dumps(values) if values is not None else None,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def render_error(*sets: str) -> str:
+    proc = helm("template", "conserve", str(CHART), "--kube-version", KUBE_VERSION, *_set_args(sets), check=False)
+    assert proc.returncode != 0, f"expected helm to refuse {sets}"
+    return proc.stderr
+
+
+def _set_args(sets: Sequence[str]) -> list[str]:
+    return [a for s in sets for a in ("--set", s)]
+
+
+def by_kind(docs: Sequence[Manifest], kind: str) -> dict[str, Manifest]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def pod_specs(docs: Sequence[Manifest]) -> Iterator[tuple[str, Manifest]]:
+    for name, d in by_kind(docs, "Deployment").items():
+        yield name, d["spec"]["template"]["spec"]
+
+
+def rules_of(role: Manifest) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in role.get("rules", []):
+        assert "resourceNames" not in rule or role["kind"] == "Role", rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def default_docs() -> list[Manifest]:
+    return render()
+
+
+# --- lint and render -----------------------------------------------------------------------------------------
+
+
+def test_helm_lint_strict() -> None:
+    proc = helm("lint", "--strict", str(CHART), "--kube-version", KUBE_VERSION, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_default_render_has_every_component(default_docs: list[Manifest]) -> None:
+    deployments = by_kind(default_docs, "Deployment")
+    assert set(deployments) == {"conserve-operator", "conserve-extender", "conserve-scheduler"}
+    assert deployments["conserve-operator"]["spec"]["replicas"] == 2
+    assert set(by_kind(default_docs, "Service")) == {"conserve-extender", "conserve-operator-metrics"}
+    assert set(by_kind(default_docs, "ServiceAccount")) == set(deployments)
+    assert not by_kind(default_docs, "ServiceMonitor"), "the ServiceMonitor is off by default"
+    peering = by_kind(default_docs, "ClusterKopfPeering")
+    assert set(peering) == {"conserve"}
+    assert peering["conserve"]["metadata"]["annotations"]["helm.sh/hook"] == "post-install"
+
+
+def test_operator_runs_the_documented_command(default_docs: list[Manifest]) -> None:
+    container = by_kind(default_docs, "Deployment")["conserve-operator"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "conserve:0.1.0"
+    assert container["args"] == [
+        "operator",
+        "--all-namespaces",
+        "--peering=conserve",
+        "--metrics-port=9100",
+        "--liveness=http://0.0.0.0:8080/healthz",
+    ]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"metrics": 9100, "health": 8080}
+
+
+def test_extender_listens_on_all_interfaces_behind_its_service(default_docs: list[Manifest]) -> None:
+    container = by_kind(default_docs, "Deployment")["conserve-extender"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][:3] == ["extender", "--host=0.0.0.0", "--port=8888"]
+    assert "--scheduler-name=conserve-scheduler" in container["args"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    service = by_kind(default_docs, "Service")["conserve-extender"]
+    assert service["spec"]["ports"] == [{"name": "http", "port": 8888, "targetPort": "http", "protocol": "TCP"}]
+
+
+def test_every_pod_is_non_root_read_only_with_resources_and_probes(default_docs: list[Manifest]) -> None:
+    for name, spec in pod_specs(default_docs):
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["securityContext"]["runAsUser"] == 10001, name
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert spec["serviceAccountName"] == name, name
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True, name
+            assert sc["allowPrivilegeEscalation"] is False, name
+            assert sc["capabilities"] == {"drop": ["ALL"]}, name
+            assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"], name
+            assert c["livenessProbe"] and c["readinessProbe"], name
+
+
+def test_scheduler_configuration_calls_the_extender_service(default_docs: list[Manifest]) -> None:
+    cm = by_kind(default_docs, "ConfigMap")["conserve-scheduler-config"]
+    config = yaml.safe_load(cm["data"]["config.yaml"])
+    assert config["apiVersion"] == "kubescheduler.config.k8s.io/v1"
+    assert [p["schedulerName"] for p in config["profiles"]] == ["conserve-scheduler"]
+    assert config["leaderElection"] == {
+        "leaderElect": True,
+        "resourceLock": "leases",
+        "resourceName": "conserve-scheduler",
+        "resourceNamespace": "conserve-system",
+    }
+    [extender] = config["extenders"]
+    assert extender == {
+        "urlPrefix": "http://conserve-extender.conserve-system.svc:8888",
+        "filterVerb": "filter",
+        "prioritizeVerb": "prioritize",
+        "weight": 5,
+        "httpTimeout": "5s",
+        "nodeCacheCapable": True,
+        "ignorable": False,
+        "enableHTTPS": False,
+        "managedResources": [{"name": "nvidia.com/gpu", "ignoredByScheduler": False}],
+    }
+    spec = by_kind(default_docs, "Deployment")["conserve-scheduler"]["spec"]["template"]["spec"]
+    [container] = spec["containers"]
+    assert container["image"] == f"registry.k8s.io/kube-scheduler:{KUBE_VERSION}"
+    assert "--config=/etc/kubernetes/conserve-scheduler/config.yaml" in container["command"]
+    assert {v["name"]: v for v in spec["volumes"]}["config"]["configMap"]["name"] == "conserve-scheduler-config"
+
+
+def test_scheduler_name_image_and_extender_are_configurable() -> None:
+    docs = render(
+        "scheduler.name=gpu-conversations",
+        "scheduler.image.tag=v1.35.2",
+        "scheduler.extender.urlPrefix=https://ext.example:9443/x",
+        "scheduler.extender.nodeCacheCapable=false",
+    )
+    config = yaml.safe_load(by_kind(docs, "ConfigMap")["conserve-scheduler-config"]["data"]["config.yaml"])
+    assert config["profiles"] == [{"schedulerName": "gpu-conversations"}]
+    assert config["extenders"][0]["urlPrefix"] == "https://ext.example:9443/x"
+    assert config["extenders"][0]["enableHTTPS"] is True
+    deployments = by_kind(docs, "Deployment")
+    scheduler = deployments["conserve-scheduler"]["spec"]["template"]["spec"]["containers"][0]
+    assert scheduler["image"] == "registry.k8s.io/kube-scheduler:v1.35.2"
+    extender_args = deployments["conserve-extender"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--scheduler-name=gpu-conversations" in extender_args
+    assert "--no-node-cache-capable" in extender_args
+    lease_role = by_kind(docs, "Role")["conserve-scheduler-leader-election"]
+    assert lease_role["rules"][1]["resourceNames"] == ["gpu-conversations"]
+
+
+def test_placement_values_reach_every_pod() -> None:
+    docs = render(
+        values={
+            "nodeSelector": {"type": "kwok"},
+            "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}],
+            "operator": {"nodeSelector": {"pool": "control"}},
+            "imagePullSecrets": ["regcred"],
+        }
+    )
+    for name, spec in pod_specs(docs):
+        assert spec["nodeSelector"]["type"] == "kwok", name
+        assert spec["tolerations"] == [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}]
+        assert spec["imagePullSecrets"] == [{"name": "regcred"}], name
+    assert dict(pod_specs(docs))["conserve-operator"]["nodeSelector"] == {"type": "kwok", "pool": "control"}
+
+
+def test_components_can_be_turned_off() -> None:
+    docs = render("operator.enabled=false", "scheduler.enabled=false", "crds.enabled=false")
+    assert set(by_kind(docs, "Deployment")) == {"conserve-extender"}
+    assert not by_kind(docs, "CustomResourceDefinition")
+    assert not by_kind(docs, "ClusterKopfPeering")
+    assert set(by_kind(docs, "ClusterRole")) == {"conserve-extender"}
+
+
+def test_single_standalone_operator() -> None:
+    docs = render("operator.replicas=1", "operator.peering.enabled=false")
+    args = by_kind(docs, "Deployment")["conserve-operator"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--standalone" in args and not any(a.startswith("--peering") for a in args)
+    assert ("kopf.dev", "clusterkopfpeerings") not in rules_of(by_kind(docs, "ClusterRole")["conserve-operator"])
+    assert not by_kind(docs, "ClusterKopfPeering")
+
+
+def test_service_monitor_and_dashboard_when_enabled() -> None:
+    docs = render("serviceMonitor.enabled=true", "serviceMonitor.labels.release=prom", "dashboard.enabled=true")
+    monitors = by_kind(docs, "ServiceMonitor")
+    assert set(monitors) == {"conserve-operator", "conserve-extender"}
+    assert monitors["conserve-operator"]["spec"]["endpoints"][0]["port"] == "metrics"
+    assert monitors["conserve-extender"]["spec"]["endpoints"][0]["port"] == "http"
+    assert monitors["conserve-extender"]["metadata"]["labels"]["release"] == "prom"
+    services = by_kind(docs, "Service")
+    for m in monitors.values():
+        selected = [
+            s
+            for s in services.values()
+            if m["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
+        ]
+        assert len(selected) == 1, m["metadata"]["name"]
+    cm = by_kind(docs, "ConfigMap")["conserve-dashboard"]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(cm["data"]["conserve.json"]) == json.loads((CHART / "dashboards" / "conserve.json").read_text())
+
+
+# --- bad values fail with a clear message --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["operator.replicas=-1"], "at '/operator/replicas': minimum: got -1, want 0"),
+        (["operator.replicaz=2"], "additional properties 'replicaz' not allowed"),
+        (["image.pullPolicy=Sometimes"], "value must be one of 'Always', 'IfNotPresent', 'Never'"),
+        (["scheduler.name=Conserve_Scheduler"], "at '/scheduler/name'"),
+        (["scheduler.extender.httpTimeout=5"], "at '/scheduler/extender/httpTimeout': got number, want string"),
+        (["scheduler.extender.weight=0"], "at '/scheduler/extender/weight': minimum"),
+        (["extender.port=70000"], "at '/extender/port': maximum"),
+        (["scheduler.image.tag=latest"], "at '/scheduler/image/tag'"),
+        (["crds.enabled=maybe"], "at '/crds/enabled': got string, want boolean"),
+        (["operator.peering.enabled=false"], "operator.replicas > 1 needs operator.peering.enabled"),
+        (["scheduler.replicas=2", "scheduler.leaderElection=false"], "scheduler.replicas > 1 needs"),
+    ],
+)
+def test_bad_values_are_refused_with_a_clear_message(sets: list[str], message: str) -> None:
+    assert message in render_error(*sets)
+
+
+def test_every_value_is_documented() -> None:
+    """Every leaf of values.yaml has a `# --` sentence above it (or above the map it belongs to)."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    key = re.compile(r"^(\s*)([A-Za-z0-9_.-]+):(.*)$")
+    documented: list[tuple[int, bool]] = []  # (indent, documented) of the open ancestors
+    undocumented: list[str] = []
+    for i, line in enumerate(lines):
+        m = key.match(line)
+        if not m:
+            continue
+        indent, name, rest = len(m.group(1)), m.group(2), m.group(3).strip()
+        while documented and documented[-1][0] >= indent:
+            documented.pop()
+        j = i - 1
+        while j >= 0 and lines[j].strip().startswith("#") and not lines[j].strip().startswith("# --"):
+            j -= 1
+        own = j >= 0 and lines[j].strip().startswith("# --")
+        inherited = any(d for _, d in documented)
+        nxt = next((ln for ln in lines[i + 1 :] if ln.strip() and not ln.strip().startswith("#")), "")
+        is_leaf = bool(rest) or len(nxt) - len(nxt.lstrip()) <= indent
+        if is_leaf and not (own or inherited):
+            undocumented.append(name)
+        documented.append((indent, own or inherited))
+    assert not undocumented, f"values without a `# --` sentence: {undocumented}"
+
+
+def test_schema_allows_exactly_the_values_in_values_yaml() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def walk(node: Any, sch: Any, path: str) -> None:
+        if "$ref" in sch:
+            sch = schema["definitions"][sch["$ref"].rsplit("/", 1)[1]]
+        if "allOf" in sch and "properties" not in sch:
+            return
+        if isinstance(node, dict) and "properties" in sch:
+            missing = set(node) - set(sch["properties"])
+            assert not missing, f"{path}: values without a schema: {missing}"
+            assert sch.get("additionalProperties") is False, f"{path}: schema must refuse unknown keys"
+            for k, v in node.items():
+                walk(v, sch["properties"][k], f"{path}.{k}")
+
+    walk(values, schema, "")
+
+
+# --- RBAC is least privilege ---------------------------------------------------------------------------------
+
+
+def test_operator_and_extender_rbac_is_exactly_the_documented_list(default_docs: list[Manifest]) -> None:
+    roles = by_kind(default_docs, "ClusterRole")
+    assert set(roles) == {"conserve-operator", "conserve-extender"}
+    assert rules_of(roles["conserve-operator"]) == OPERATOR_RULES
+    assert rules_of(roles["conserve-extender"]) == EXTENDER_RULES
+    readme = (CHART / "README.md").read_text()
+    for (group, resource), verbs in {**OPERATOR_RULES, **EXTENDER_RULES}.items():
+        row = f"| `{group or 'core'}` | `{resource}` | {', '.join(sorted(verbs))} |"
+        assert row in readme, f"README.md does not document {row}"
+
+
+def test_no_role_grants_wildcards_secrets_or_deletes(default_docs: list[Manifest]) -> None:
+    for kind in ("ClusterRole", "Role"):
+        for name, role in by_kind(default_docs, kind).items():
+            for rule in role["rules"]:
+                assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], name
+                assert not {"delete", "deletecollection", "escalate", "bind", "impersonate"} & set(rule["verbs"])
+                assert "secrets" not in rule["resources"], name
+
+
+def test_each_binding_names_its_own_service_account(default_docs: list[Manifest]) -> None:
+    bindings = list(by_kind(default_docs, "ClusterRoleBinding").values()) + list(
+        by_kind(default_docs, "RoleBinding").values()
+    )
+    refs: dict[str, set[str]] = {}
+    for b in bindings:
+        [subject] = b["subjects"]
+        assert subject["kind"] == "ServiceAccount" and subject["namespace"] == "conserve-system"
+        refs.setdefault(subject["name"], set()).add(b["roleRef"]["name"])
+    assert refs["conserve-operator"] == {"conserve-operator"}
+    assert refs["conserve-extender"] == {"conserve-extender"}
+    assert refs["conserve-scheduler"] == SCHEDULER_CLUSTER_ROLES | {
+        "extension-apiserver-authentication-reader",
+        "conserve-scheduler-leader-election",
+    }
+    lease = by_kind(default_docs, "Role")["conserve-scheduler-leader-election"]
+    assert lease["metadata"]["namespace"] == "conserve-system"
+    assert lease["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["conserve-scheduler"],
+            "verbs": ["get", "update"],
+        },
+    ]
+
+
+def test_rbac_create_false_renders_no_rbac() -> None:
+    docs = render("rbac.create=false")
+    assert not [d for d in docs if d["apiVersion"].startswith("rbac.authorization.k8s.io")]
+
+
+# --- CRDs: templates generated from crds/, kept on uninstall -------------------------------------------------
+
+
+def source_crds() -> dict[str, Manifest]:
+    out: dict[str, Manifest] = {}
+    for path in sorted((REPO / "crds").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "CustomResourceDefinition":
+                out[doc["metadata"]["name"]] = doc
+    return out
+
+
+def test_crd_templates_are_in_step_with_crds_dir() -> None:
+    assert source_crds(), "crds/ holds no CRD: run `conserve crds generate`"
+    proc = subprocess.run([sys.executable, str(CHART / "hack" / "crds.py"), "--check"], capture_output=True, text=True)
+    assert proc.returncode == 0, "CRD templates drifted; run `python charts/conserve/hack/crds.py`\n" + proc.stdout
+
+
+def test_rendered_crds_equal_the_generated_ones(default_docs: list[Manifest]) -> None:
+    rendered = by_kind(default_docs, "CustomResourceDefinition")
+    sources = source_crds()
+    assert sources
+    assert set(sources) | {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"} == set(rendered)
+    for name, crd in sources.items():
+        assert rendered[name]["spec"] == crd["spec"], name
+    for crd in rendered.values():
+        assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_crds_keep_and_kopf_peering_switches() -> None:
+    docs = render("crds.keep=false", "crds.kopfPeering=false")
+    crds = by_kind(docs, "CustomResourceDefinition")
+    assert set(crds) == set(source_crds())
+    for crd in crds.values():
+        assert "helm.sh/resource-policy" not in (crd["metadata"].get("annotations") or {})
+
+
+# --- dashboard and kind cluster ------------------------------------------------------------------------------
+
+
+def test_dashboard_queries_only_metrics_the_code_defines() -> None:
+    dashboard = json.loads((CHART / "dashboards" / "conserve.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert exprs
+    used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"\bconserve_[a-z_]+", e)}
+    source = "\n".join(p.read_text() for p in (REPO / "operator" / "conserve").rglob("*.py"))
+    missing = {m for m in used if f'"{m}"' not in source}
+    assert not missing, f"the dashboard queries metrics no code defines: {missing}"
+
+
+def test_kind_config_has_gpu_nodes_of_both_tiers() -> None:
+    config = yaml.safe_load((REPO / "kind-config.yaml").read_text())
+    assert config["kind"] == "Cluster" and config["apiVersion"] == "kind.x-k8s.io/v1alpha4"
+    workers = [n for n in config["nodes"] if n["role"] == "worker"]
+    tiers = [node_gpu_from_labels(n["labels"]).tier for n in workers]
+    assert tiers.count(Tier.COMPUTE) >= 1 and tiers.count(Tier.BANDWIDTH) >= 1, tiers
+    for n in workers:
+        assert {"nvidia.com/gpu.product", "nvidia.com/gpu.memory", "nvidia.com/gpu.count"} <= set(n["labels"])
+
+
+def test_dockerfile_runs_as_the_charts_non_root_user() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim\s*$", dockerfile, re.M)
+    assert re.search(r"^USER 10001(:10001)?\s*$", dockerfile, re.M)
+    assert 'ENTRYPOINT ["conserve"]' in dockerfile
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["podSecurityContext"]["runAsUser"] == 10001
