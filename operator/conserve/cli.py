@@ -19,6 +19,7 @@ from typing import Protocol, cast
 SUBCOMMANDS: dict[str, str] = {
     "dev": "conserve.devcluster.cli",
     "extender": "conserve.extender.cli",
+    "fake-dcgm": "conserve.energy.fakedcgm",
 }
 
 
