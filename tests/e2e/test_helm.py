@@ -1,0 +1,336 @@
+"""`helm install` of charts/conserve into the cluster under test, as a platform team would install it.
+
+- The release becomes available: every Deployment's pods Running and Ready (KWOK plays them on fake nodes,
+  which the chart's nodeSelector and tolerations values pick).
+- Its RBAC is sufficient: the extender and the operator run here as processes with a kubeconfig holding only
+  their ServiceAccount's token (TokenRequest API), and do their job: the real kube-scheduler calls the extender
+  and binds a decode pod to a bandwidth-tier node; the operator places a Conversation on a decoder.
+- Its RBAC is least: `kubectl auth can-i --as` each ServiceAccount is refused what it must not do.
+- `helm uninstall` removes everything but the kept CRDs (and the peering object, a hook; see the chart README).
+
+The cluster is shared with the other e2e tests: CRDs already applied by them are adopted into the release
+(Helm's ownership annotations) rather than refused, and are kept on uninstall, so the other tests are unaffected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+
+from conserve.devcluster.testing import ClusterHandle, temporary_namespace
+
+T = TypeVar("T")
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "conserve"
+RELEASE = "conserve-e2e"
+CHART_CRDS = (
+    "conversations.conserve.dev",
+    "decoderpools.conserve.dev",
+    "clusterkopfpeerings.kopf.dev",
+    "kopfpeerings.kopf.dev",
+)
+COMPONENTS = ("operator", "extender", "scheduler")
+BANDWIDTH_PRODUCTS = {"NVIDIA-H200", "NVIDIA-A100-SXM4-80GB", "NVIDIA-H20"}
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 60.0) -> T:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(0.25)
+
+
+@dataclass
+class Release:
+    cluster: ClusterHandle
+    namespace: str
+    peering: str
+    helm_env: dict[str, str]
+
+    def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [str(self.cluster.helm), f"--kubeconfig={self.cluster.kubeconfig}", f"--namespace={self.namespace}"]
+        proc = subprocess.run([*cmd, *args], capture_output=True, text=True, env=self.helm_env)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def kubectl_json(self, *args: str) -> Any:
+        return json.loads(self.cluster.kubectl(*args, "-o", "json").stdout)
+
+    def service_account(self, component: str) -> str:
+        return f"{RELEASE}-{component}"
+
+    def can_i(self, component: str, verb: str, resource: str, *args: str) -> bool:
+        """`kubectl auth can-i` as the component's ServiceAccount; `resource` may be `pods:binding` for a
+        subresource (`pods/binding` would mean the pod named binding)."""
+        user = f"system:serviceaccount:{self.namespace}:{self.service_account(component)}"
+        resource, _, sub = resource.partition(":")
+        extra = [f"--subresource={sub}"] if sub else []
+        proc = self.cluster.kubectl("auth", "can-i", f"--as={user}", verb, resource, *extra, *args, check=False)
+        answer = proc.stdout.strip()
+        assert answer in ("yes", "no"), proc.stdout + proc.stderr
+        return answer == "yes"
+
+    def token_kubeconfig(self, component: str, path: Path) -> Path:
+        """A kubeconfig that authenticates with nothing but a fresh token of the component's ServiceAccount."""
+        token = self.cluster.kubectl(
+            "create", "token", self.service_account(component), f"--namespace={self.namespace}", "--duration=1h"
+        ).stdout.strip()
+        admin = yaml.safe_load(Path(self.cluster.kubeconfig).read_text())
+        cluster = admin["clusters"][0]["cluster"]
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "c", "cluster": cluster}],
+                    "users": [{"name": component, "user": {"token": token}}],
+                    "contexts": [{"name": component, "context": {"cluster": "c", "user": component}}],
+                    "current-context": component,
+                }
+            )
+        )
+        return path
+
+
+def adopt(cluster: ClusterHandle, kind: str, name: str, namespace: str) -> None:
+    """Mark an existing cluster-scoped object as this release's, as Helm's docs say to adopt a resource."""
+    if cluster.kubectl("get", kind, name, check=False).returncode != 0:
+        return
+    cluster.kubectl(
+        "annotate", kind, name, "--overwrite",
+        f"meta.helm.sh/release-name={RELEASE}", f"meta.helm.sh/release-namespace={namespace}",
+    )  # fmt: skip
+    cluster.kubectl("label", kind, name, "--overwrite", "app.kubernetes.io/managed-by=Helm")
+
+
+@pytest.fixture(scope="module")
+def release(cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
+    home = tmp_path_factory.mktemp("helm-home")
+    env = dict(os.environ)
+    for var in ("HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"):
+        env[var] = str(home / var.lower())
+    with temporary_namespace(cluster, "helm") as namespace:
+        rel = Release(cluster, namespace, f"conserve-e2e-{secrets.token_hex(3)}", env)
+        for crd in CHART_CRDS:
+            adopt(cluster, "customresourcedefinition", crd, namespace)
+        values = {
+            # Land on KWOK's fake nodes (and tolerate the taint KWOK setups usually put on them).
+            "nodeSelector": {"type": "kwok"},
+            "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}],
+            "operator": {"peering": {"name": rel.peering}},
+        }
+        values_file = home / "values.yaml"
+        values_file.write_text(yaml.safe_dump(values))
+        rel.helm("install", RELEASE, str(CHART), f"--values={values_file}", "--wait", "--timeout=180s")
+        try:
+            yield rel
+        finally:
+            rel.helm("uninstall", RELEASE, "--wait", "--timeout=60s", check=False)
+            cluster.kubectl("delete", "clusterkopfpeering", rel.peering, "--ignore-not-found", check=False)
+
+
+def test_release_is_deployed_and_every_pod_is_running(release: Release) -> None:
+    status = json.loads(release.helm("status", RELEASE, "--output=json").stdout)
+    assert status["info"]["status"] == "deployed"
+    for component in COMPONENTS:
+        name = f"{RELEASE}-{component}"
+        dep = release.kubectl_json("get", "deployment", name, f"--namespace={release.namespace}")
+        assert dep["status"].get("readyReplicas") == dep["spec"]["replicas"], name
+        pods = release.kubectl_json(
+            "get", "pods", f"--namespace={release.namespace}", f"--selector=app.kubernetes.io/component={component}"
+        )["items"]
+        assert len(pods) == dep["spec"]["replicas"]
+        for pod in pods:
+            assert pod["status"]["phase"] == "Running", pod["metadata"]["name"]
+            assert pod["spec"]["nodeSelector"]["type"] == "kwok"
+            assert pod["spec"]["serviceAccountName"] == release.service_account(component)
+    peering = release.kubectl_json("get", "clusterkopfpeering", release.peering)
+    assert peering["metadata"]["name"] == release.peering
+
+
+# --- RBAC is least: what each ServiceAccount must not do ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("component", "verb", "resource"),
+    [
+        ("operator", "get", "secrets"),
+        ("operator", "list", "secrets"),
+        ("operator", "delete", "pods"),
+        ("operator", "create", "pods"),
+        ("operator", "patch", "nodes"),
+        ("operator", "delete", "conversations.conserve.dev"),
+        ("operator", "update", "conversations.conserve.dev:status"),
+        ("operator", "patch", "pods:status"),
+        ("operator", "create", "conversations.conserve.dev"),
+        ("operator", "update", "customresourcedefinitions.apiextensions.k8s.io"),
+        ("operator", "create", "clusterroles.rbac.authorization.k8s.io"),
+        ("operator", "create", "pods:exec"),
+        ("operator", "delete", "clusterkopfpeerings.kopf.dev"),
+        ("operator", "impersonate", "serviceaccounts"),
+        ("extender", "get", "secrets"),
+        ("extender", "patch", "pods"),
+        ("extender", "create", "pods:binding"),
+        ("extender", "list", "conversations.conserve.dev"),
+        ("extender", "patch", "nodes"),
+        ("extender", "list", "configmaps"),
+        ("scheduler", "get", "secrets"),
+        ("scheduler", "delete", "nodes"),
+        ("scheduler", "patch", "conversations.conserve.dev"),
+    ],
+)
+def test_service_account_is_refused(release: Release, component: str, verb: str, resource: str) -> None:
+    assert not release.can_i(component, verb, resource, "--all-namespaces")
+
+
+@pytest.mark.parametrize(
+    ("component", "verb", "resource"),
+    [
+        ("operator", "watch", "conversations.conserve.dev"),
+        ("operator", "patch", "decoderpools.conserve.dev:status"),
+        ("operator", "list", "pods"),
+        ("operator", "create", "events"),
+        ("operator", "patch", "clusterkopfpeerings.kopf.dev"),
+        ("extender", "watch", "nodes"),
+        ("extender", "watch", "pods"),
+        ("scheduler", "create", "pods:binding"),
+        ("scheduler", "watch", "persistentvolumeclaims"),
+    ],
+)
+def test_service_account_is_granted(release: Release, component: str, verb: str, resource: str) -> None:
+    assert release.can_i(component, verb, resource, "--all-namespaces")
+
+
+def test_scheduler_may_renew_only_its_own_lease(release: Release) -> None:
+    ns = f"--namespace={release.namespace}"
+    assert release.can_i("scheduler", "update", "leases.coordination.k8s.io/conserve-scheduler", ns)
+    assert not release.can_i("scheduler", "update", "leases.coordination.k8s.io/other", ns)
+
+
+# --- RBAC is sufficient: the components do their job with nothing but their token --------------------------
+
+
+def _free_port() -> int:
+    from conserve.devcluster.cluster import free_port
+
+    return free_port()
+
+
+@pytest.fixture
+def processes() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "conserve.cli", *args], stdout=out, stderr=subprocess.STDOUT, env=env
+            )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status, resp.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def test_extender_with_its_token_serves_the_real_scheduler(
+    release: Release, processes: Callable[..., subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    cluster = release.cluster
+    port = cluster.extender_port
+    assert port is not None, "the cluster names no extender URL (set CONSERVE_EXTENDER_URL for a given cluster)"
+    kubeconfig = release.token_kubeconfig("extender", tmp_path / "extender.kubeconfig")
+    log = tmp_path / "extender.log"
+    proc = processes(
+        "extender", "--host=127.0.0.1", f"--port={port}", f"--kubeconfig={kubeconfig}",
+        f"--scheduler-name={cluster.scheduler_name}",
+        log=log,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    # Ready means both watch caches (nodes, pods) listed and watch: the token is enough for them.
+    wait_for("the extender's watch caches", lambda: proc.poll() is None and _http_get(f"{base}/readyz")[0] == 200, 60)
+    assert "Forbidden" not in log.read_text() and "403" not in log.read_text(), log.read_text()
+
+    pod_name = "decode-helm-e2e"
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": pod_name, "labels": {"conserve.dev/role": "decode"}},
+        "spec": {
+            "schedulerName": cluster.scheduler_name,
+            "terminationGracePeriodSeconds": 0,
+            "containers": [
+                {"name": "s", "image": "registry.k8s.io/pause:3.10", "resources": {"limits": {"nvidia.com/gpu": "1"}}}
+            ],
+        },
+    }
+    cluster.kubectl("apply", f"--namespace={release.namespace}", "-f", "-", input=json.dumps(pod))
+
+    def node_of_pod() -> str | None:
+        got = release.kubectl_json("get", "pod", pod_name, f"--namespace={release.namespace}")
+        return str(got["spec"].get("nodeName") or "") or None
+
+    node = wait_for("the decode pod to be bound by the conserve scheduler", node_of_pod, 60)
+    product = release.kubectl_json("get", "node", node)["metadata"]["labels"]["nvidia.com/gpu.product"]
+    assert product in BANDWIDTH_PRODUCTS, f"decode pod on {node} ({product})"
+    metrics = _http_get(f"{base}/metrics")[1]
+    assert 'conserve_extender_requests_total{outcome="ok",verb="filter"}' in metrics, metrics
+    cluster.kubectl("delete", "pod", pod_name, f"--namespace={release.namespace}", "--wait=false", check=False)
+    assert proc.poll() is None, log.read_text()
+
+
+# --- helm uninstall ----------------------------------------------------------------------------------------
+
+
+def test_uninstall_removes_everything_but_the_kept_crds(release: Release) -> None:
+    """Last in this module: it uninstalls the release the tests above share."""
+    release.helm("uninstall", RELEASE, "--wait", "--timeout=60s")
+    selector = f"--selector=app.kubernetes.io/instance={RELEASE}"
+    namespaced = "deployments,replicasets,services,serviceaccounts,configmaps,roles,rolebindings"
+    for ns in (release.namespace, "kube-system"):
+        left = release.kubectl_json("get", namespaced, f"--namespace={ns}", selector)["items"]
+        assert not left, [f"{o['kind']}/{o['metadata']['name']}" for o in left]
+    cluster_scoped = release.kubectl_json("get", "clusterroles,clusterrolebindings", selector)["items"]
+    assert not cluster_scoped, [f"{o['kind']}/{o['metadata']['name']}" for o in cluster_scoped]
+    wait_for(
+        "the release's pods to go",
+        lambda: not release.kubectl_json("get", "pods", f"--namespace={release.namespace}", selector)["items"],
+        60,
+    )
+    for crd in CHART_CRDS:
+        kept = release.kubectl_json("get", "customresourcedefinition", crd)
+        assert kept["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep", crd
+    assert release.helm("status", RELEASE, check=False).returncode != 0
