@@ -19,6 +19,8 @@ from typing import Protocol, cast
 SUBCOMMANDS: dict[str, str] = {
     "dev": "conserve.devcluster.cli",
     "extender": "conserve.extender.cli",
+    "gpu-sim": "conserve.gpusim.cli",
+    "router": "conserve.router.cli",
     "fake-dcgm": "conserve.energy.fakedcgm",
 }
 

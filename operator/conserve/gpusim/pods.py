@@ -1,0 +1,233 @@
+"""The pod runner: one in-process GPU-server simulator per serving pod on a KWOK node.
+
+KWOK plays the pods' status but runs nothing, so a pod scheduled there answers no HTTP. The runner watches pods
+labelled `conserve.dev/role` (prefill, decode or both), and for each one bound to a fake node starts a
+simulator on a free 127.0.0.1 port, with the GPU of the pod's node (GFD label `nvidia.com/gpu.product`), the
+pod's GPU count (its `nvidia.com/gpu` limit) and its model (annotation `conserve.dev/model`, else the runner's
+default); then it annotates the pod `conserve.dev/endpoint: 127.0.0.1:PORT`, which the operator and the router
+use in place of the pod IP. A pod that is deleted (or terminating) has its simulator stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from conserve.core.gpus import LABEL_GPU_PRODUCT, RESOURCE_GPU
+from conserve.gpusim.engine import Role
+from conserve.gpusim.server import GpuSimConfig, GpuSimServer
+
+log = logging.getLogger(__name__)
+
+LABEL_ROLE = "conserve.dev/role"
+ANNOTATION_ENDPOINT = "conserve.dev/endpoint"
+ANNOTATION_MODEL = "conserve.dev/model"
+KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+
+
+@dataclass(frozen=True, slots=True)
+class PodSpecView:
+    """What the runner needs of a pod (a pure projection of the API object)."""
+
+    namespace: str
+    name: str
+    uid: str
+    node: str
+    role: Role | None
+    gpu_count: int
+    model: str | None
+    endpoint: str | None
+    terminating: bool
+    finished: bool
+
+
+def view_pod(pod: Mapping[str, Any]) -> PodSpecView:
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    status = pod.get("status") or {}
+    labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
+    role: Role | None
+    try:
+        role = Role(str(labels.get(LABEL_ROLE, "")).lower())
+    except ValueError:
+        role = None
+    gpus = 0
+    for container in spec.get("containers") or []:
+        resources = container.get("resources") or {}
+        value = (resources.get("limits") or {}).get(RESOURCE_GPU) or (resources.get("requests") or {}).get(RESOURCE_GPU)
+        with contextlib.suppress(TypeError, ValueError):
+            gpus += int(value) if value is not None else 0
+    return PodSpecView(
+        namespace=str(meta.get("namespace", "")),
+        name=str(meta.get("name", "")),
+        uid=str(meta.get("uid", "")),
+        node=str(spec.get("nodeName") or ""),
+        role=role,
+        gpu_count=max(gpus, 1),
+        model=annotations.get(ANNOTATION_MODEL),
+        endpoint=annotations.get(ANNOTATION_ENDPOINT),
+        terminating=meta.get("deletionTimestamp") is not None,
+        finished=status.get("phase") in ("Succeeded", "Failed"),
+    )
+
+
+def wants_server(pod: PodSpecView, node_annotations: Mapping[str, str] | None, any_node: bool) -> bool:
+    if pod.role is None or not pod.node or pod.terminating or pod.finished:
+        return False
+    if any_node:
+        return True
+    return node_annotations is not None and node_annotations.get(KWOK_NODE_ANNOTATION) == "fake"
+
+
+@dataclass
+class _Running:
+    server: GpuSimServer
+    endpoint: str
+
+
+class PodRunner:
+    """Reconciles simulators with pods. The Kubernetes client is sync; its calls run in threads."""
+
+    def __init__(
+        self,
+        *,
+        api_client: Any,
+        namespace: str | None,
+        base: GpuSimConfig,
+        any_node: bool = False,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        from kubernetes import client
+
+        self._core = client.CoreV1Api(api_client)
+        self._namespace = namespace
+        self._base = base
+        self._any_node = any_node
+        self._running: dict[str, _Running] = {}  # pod uid -> server
+        self._nodes: dict[str, dict[str, Any]] = {}  # node name -> {"labels": ..., "annotations": ...}
+        self._on_change = on_change
+        self._stop = threading.Event()
+
+    @property
+    def servers(self) -> dict[str, str]:
+        """pod uid -> endpoint of the simulators running now."""
+        return {uid: r.endpoint for uid, r in self._running.items()}
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        thread = threading.Thread(target=self._watch, args=(loop, queue), name="gpusim-pod-watch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, pod = await queue.get()
+                try:
+                    await self._reconcile(kind, pod)
+                except Exception:  # keep serving the other pods
+                    log.exception("reconciling pod %s", (pod.get("metadata") or {}).get("name"))
+        finally:
+            self._stop.set()
+            for uid in list(self._running):
+                await self._stop_server(uid)
+
+    def _watch(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[tuple[str, dict[str, Any]]]) -> None:
+        from kubernetes import watch
+
+        while not self._stop.is_set():
+            try:
+                listing: Any
+                if self._namespace:
+                    listing = self._core.list_namespaced_pod(self._namespace, label_selector=LABEL_ROLE)
+                else:
+                    listing = self._core.list_pod_for_all_namespaces(label_selector=LABEL_ROLE)
+                version = listing.metadata.resource_version
+                client = self._core.api_client
+                for item in listing.items:
+                    loop.call_soon_threadsafe(queue.put_nowait, ("SYNC", client.sanitize_for_serialization(item)))
+                watch_class: Any = watch.Watch  # untyped upstream
+                w = watch_class()
+                kwargs: dict[str, Any] = {
+                    "label_selector": LABEL_ROLE,
+                    "resource_version": version,
+                    "timeout_seconds": 300,
+                }
+                if self._namespace:
+                    stream = w.stream(self._core.list_namespaced_pod, self._namespace, **kwargs)
+                else:
+                    stream = w.stream(self._core.list_pod_for_all_namespaces, **kwargs)
+                for event in stream:
+                    if self._stop.is_set():
+                        w.stop()
+                        return
+                    obj = client.sanitize_for_serialization(event["object"])
+                    loop.call_soon_threadsafe(queue.put_nowait, (str(event["type"]), obj))
+            except Exception as err:  # the watch expires or the API server restarts: list again
+                if self._stop.is_set():
+                    return
+                log.info("pod watch restarting: %s", err)
+                self._stop.wait(1.0)
+
+    async def _node(self, name: str) -> dict[str, Any] | None:
+        if name not in self._nodes:
+            try:
+                node: Any = await asyncio.to_thread(self._core.read_node, name)
+            except Exception:
+                return None
+            self._nodes[name] = {
+                "labels": dict(node.metadata.labels or {}),
+                "annotations": dict(node.metadata.annotations or {}),
+            }
+        return self._nodes[name]
+
+    async def _reconcile(self, kind: str, obj: dict[str, Any]) -> None:
+        pod = view_pod(obj)
+        if kind == "DELETED":
+            await self._stop_server(pod.uid)
+            return
+        node = await self._node(pod.node) if pod.node else None
+        wanted = wants_server(pod, node["annotations"] if node else None, self._any_node)
+        if not wanted:
+            await self._stop_server(pod.uid)
+            return
+        running = self._running.get(pod.uid)
+        if running is None:
+            assert pod.role is not None and node is not None
+            product = node["labels"].get(LABEL_GPU_PRODUCT, "") or self._base.gpu
+            config = replace(
+                self._base,
+                role=pod.role,
+                gpu=product,
+                gpu_count=pod.gpu_count,
+                model=pod.model or self._base.model,
+                port=0,
+                name=pod.name,
+            )
+            server = GpuSimServer(config)
+            port = await server.start()
+            running = _Running(server, f"{config.host}:{port}")
+            self._running[pod.uid] = running
+            log.info(
+                "pod %s/%s (%s on %s): gpu-sim at %s", pod.namespace, pod.name, pod.role, product, running.endpoint
+            )
+            if self._on_change is not None:
+                self._on_change()
+        if pod.endpoint != running.endpoint:
+            patch = {"metadata": {"annotations": {ANNOTATION_ENDPOINT: running.endpoint}}}
+            try:
+                await asyncio.to_thread(self._core.patch_namespaced_pod, pod.name, pod.namespace, patch)
+            except Exception as err:
+                log.warning("annotating pod %s/%s: %s", pod.namespace, pod.name, err)
+
+    async def _stop_server(self, uid: str) -> None:
+        running = self._running.pop(uid, None)
+        if running is not None:
+            await running.server.stop()
+            log.info("stopped gpu-sim at %s", running.endpoint)
+            if self._on_change is not None:
+                self._on_change()

@@ -1,0 +1,148 @@
+"""The router's HTTP face (aiohttp, thin): OpenAI-compatible endpoints over conserve.router.service.Router.
+
+- POST /v1/chat/completions, /v1/completions: streaming (SSE) when the body says `"stream": true`, else one
+  JSON answer. Headers: `X-Conversation-Id` (the conversation; falls back to the body's `user`, then
+  `metadata.conversation_id`), `X-Conversation-End: true` (last turn), `X-Conserve-Effective: false` (a turn the
+  user does not see), `X-Conserve-Routing: conversation|per-turn`, `X-Conserve-Pool`. Responses carry
+  `X-Conserve-Decoder`, `X-Conserve-Prefill` and `X-Conserve-Placement-Generation`.
+- DELETE /v1/conversations/{id}: end a conversation now.
+- GET /metrics (conserve_router_*), /health, /conserve/backends (the pool's servers, JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+
+from conserve.router.policy import DECODER_RESPONSE_HEADER, GENERATION_RESPONSE_HEADER, PREFILL_RESPONSE_HEADER
+from conserve.router.service import Router, TurnError, TurnRequest, TurnResult, TurnStarted
+
+ROUTER_KEY = web.AppKey("router", Router)
+
+
+def build_app(router: Router, registry: CollectorRegistry) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[ROUTER_KEY] = router
+
+    async def on_startup(_app: web.Application) -> None:
+        await router.start()
+
+    async def on_cleanup(_app: web.Application) -> None:
+        await router.stop()
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        return await _serve(request, router, "chat")
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        return await _serve(request, router, "completions")
+
+    async def close(request: web.Request) -> web.Response:
+        found = await router.close_conversation(request.match_info["conversation_id"])
+        return web.json_response({"closed": found}, status=200 if found else 404)
+
+    async def metrics(_request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
+
+    async def health(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def backends(request: web.Request) -> web.Response:
+        prefills, decoders = router.backends(request.query.get("pool"))
+        return web.json_response(
+            {
+                "prefills": [{"name": b.name, "endpoint": b.endpoint} for b in prefills],
+                "decoders": [{"name": b.name, "endpoint": b.endpoint} for b in decoders],
+            }
+        )
+
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_delete("/v1/conversations/{conversation_id}", close)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/health", health)
+    app.router.add_get("/conserve/backends", backends)
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": "conserve_router_error"}}, status=status)
+
+
+def _started_headers(started: TurnStarted) -> dict[str, str]:
+    headers = {DECODER_RESPONSE_HEADER: started.decoder.name, GENERATION_RESPONSE_HEADER: str(started.generation)}
+    if started.prefill is not None:
+        headers[PREFILL_RESPONSE_HEADER] = started.prefill.name
+    return headers
+
+
+async def _serve(request: web.Request, router: Router, kind: str) -> web.StreamResponse:
+    try:
+        body = await request.json()
+    except json.JSONDecodeError:
+        return _error(400, "body is not JSON")
+    if not isinstance(body, dict):
+        return _error(400, "body must be a JSON object")
+    stream = bool(body.get("stream"))
+    include_usage = isinstance(body.get("stream_options"), dict) and bool(body["stream_options"].get("include_usage"))
+    turn = router.turn(TurnRequest(kind, request.headers, body))
+    response: web.StreamResponse | None = None
+    started: TurnStarted | None = None
+    result: TurnResult | None = None
+    try:
+        async for item in turn:
+            if isinstance(item, TurnStarted):
+                started = item
+                if stream:
+                    response = web.StreamResponse(
+                        headers={
+                            **_started_headers(item),
+                            "Content-Type": "text/event-stream",
+                            "Cache-Control": "no-cache",
+                        }
+                    )
+                    await response.prepare(request)
+            elif isinstance(item, TurnResult):
+                result = item
+            elif response is not None:
+                # The usage-only chunk is the router's own request to the decoder; pass it on only if asked.
+                if item.get("usage") and not item.get("choices") and not include_usage:
+                    continue
+                await response.write(b"data: " + json.dumps(item).encode() + b"\n\n")
+    except TurnError as err:
+        if response is None:
+            return _error(err.status, str(err))
+        raise
+    if response is not None:
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+    if result is None:
+        return _error(502, "decoder returned nothing")
+    started = started or TurnStarted(result.decoder, result.prefill, result.generation)
+    return web.json_response(_completion_json(kind, body, result), headers=_started_headers(started))
+
+
+def _completion_json(kind: str, body: dict[str, Any], result: TurnResult) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason or "stop"}
+    if kind == "chat":
+        choice["message"] = {"role": "assistant", "content": result.text}
+    else:
+        choice["text"] = result.text
+    return {
+        "id": ("chatcmpl-" if kind == "chat" else "cmpl-") + f"{time.time_ns():x}",
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": body.get("model", ""),
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+        },
+    }

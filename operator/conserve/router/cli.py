@@ -1,0 +1,77 @@
+"""`conserve router`: the conversation-aware OpenAI-compatible front door."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "router",
+        help="OpenAI-compatible router that pins every turn of a conversation to its decoder",
+        description="Serves /v1/chat/completions and /v1/completions. A conversation is named by the "
+        "X-Conversation-Id header (else the body's `user`, else metadata.conversation_id). New conversations "
+        "become Conversation objects; every turn goes to the decoder the operator pinned.",
+    )
+    p.add_argument("--kubeconfig", default=None, help="default: in-cluster, then ~/.kube/config")
+    p.add_argument("--namespace", default="default", help="where Conversations and the DecoderPool live")
+    p.add_argument("--pool", default="default", help="DecoderPool of new conversations (X-Conserve-Pool overrides)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--mode",
+        choices=["conversation", "per-turn"],
+        default="conversation",
+        help="conversation: pin to the operator's placement; per-turn: least-loaded servers per turn "
+        "(the baselines). X-Conserve-Routing overrides per request",
+    )
+    p.add_argument("--usage-interval", type=float, default=0.5, help="seconds between usage patches per conversation")
+    p.add_argument("--idle-close", type=float, default=600.0, help="close conversations idle this long (seconds)")
+    p.add_argument("--placement-timeout", type=float, default=120.0)
+    p.add_argument(
+        "--no-early-prefill",
+        action="store_true",
+        help="wait for the placement before the first prefill (default: overlap them)",
+    )
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from aiohttp import web
+    from kubernetes import client, config
+
+    from conserve.metrics import REGISTRY, ROUTER
+    from conserve.router.app import build_app
+    from conserve.router.control import KubeControlPlane
+    from conserve.router.policy import Mode
+    from conserve.router.service import Router, RouterConfig
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=args.kubeconfig, client_configuration=configuration
+        )
+    api = client.ApiClient(configuration)
+    router_config = RouterConfig(
+        namespace=args.namespace,
+        pool=args.pool,
+        mode=Mode(args.mode),
+        usage_interval_s=args.usage_interval,
+        idle_close_s=args.idle_close,
+        placement_timeout_s=args.placement_timeout,
+        early_prefill=not args.no_early_prefill,
+    )
+    router = Router(router_config, KubeControlPlane(api_client=api, namespace=args.namespace), ROUTER)
+    web.run_app(
+        build_app(router, REGISTRY),
+        host=args.host,
+        port=args.port,
+        access_log=None,
+        print=lambda msg: logging.getLogger(__name__).info("%s", msg),
+    )
+    return 0

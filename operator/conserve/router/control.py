@@ -1,0 +1,238 @@
+"""What the router needs from the control plane, behind one Protocol, and its Kubernetes implementation.
+
+The router creates Conversation objects, reads their placement (`status.decoder`, `status.prefill`,
+`status.placementGeneration`) from a watch cache, patches `spec.usage` / `spec.completed` (merge patches), and
+reads each DecoderPool's ready decoders and prefill servers (with endpoints) from a second watch.
+The Kubernetes client is synchronous: its watches run in threads that hand events to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from conserve.api.common import GROUP, VERSION
+from conserve.api.conversation import PLURAL as CONVERSATIONS
+from conserve.api.decoderpool import PLURAL as DECODERPOOLS
+from conserve.router.policy import Backend, Placement
+
+log = logging.getLogger(__name__)
+
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+ROUTER_MANAGER = "conserve-router"
+
+
+class ConversationFailed(Exception):
+    """The operator could not place the conversation (phase Failed or Completed)."""
+
+
+class ControlPlane(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def create_conversation(self, name: str, spec: dict[str, Any]) -> None: ...
+
+    def placement(self, name: str) -> Placement | None: ...
+
+    async def wait_placement(self, name: str, *, newer_than: int | None, timeout_s: float) -> Placement: ...
+
+    async def patch_conversation(self, name: str, patch: dict[str, Any]) -> None: ...
+
+    def pool_backends(self, pool: str) -> tuple[list[Backend], list[Backend]]: ...
+
+
+def placement_from_status(status: Mapping[str, Any] | None) -> Placement | None:
+    """The placement a Conversation's status gives, or None while it has no decoder with an endpoint."""
+    if not status:
+        return None
+    if status.get("phase") in ("Pending", "Failed", "Completed"):
+        return None
+    decoder = status.get("decoder") or {}
+    endpoint = str(decoder.get("endpoint") or "")
+    if not endpoint:
+        return None
+    prefill_raw = status.get("prefill") or {}
+    prefill = None
+    if prefill_raw.get("endpoint"):
+        prefill = Backend(str(prefill_raw.get("pod", "")), str(prefill_raw["endpoint"]))
+    generation = int(status.get("placementGeneration") or 1)
+    return Placement(generation, Backend(str(decoder.get("pod", "")), endpoint), prefill)
+
+
+def backends_from_pool_status(status: Mapping[str, Any] | None) -> tuple[list[Backend], list[Backend]]:
+    """(ready prefill servers, ready decoders) of a DecoderPool status, those with an endpoint."""
+    status = status or {}
+
+    def ready(items: Any) -> list[Backend]:
+        out = []
+        for item in items or []:
+            if item.get("ready") and item.get("endpoint"):
+                out.append(Backend(str(item.get("pod", "")), str(item["endpoint"])))
+        return out
+
+    return ready(status.get("prefills")), ready(status.get("decoders"))
+
+
+class _Waiters:
+    """Futures waiting for a conversation's placement to reach a generation."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, list[tuple[int | None, asyncio.Future[Placement]]]] = {}
+
+    def add(self, name: str, newer_than: int | None) -> asyncio.Future[Placement]:
+        fut: asyncio.Future[Placement] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(name, []).append((newer_than, fut))
+        return fut
+
+    def remove(self, name: str, fut: asyncio.Future[Placement]) -> None:
+        entries = [e for e in self._waiting.get(name, []) if e[1] is not fut]
+        if entries:
+            self._waiting[name] = entries
+        else:
+            self._waiting.pop(name, None)
+
+    def offer(self, name: str, placement: Placement | None, failed: str | None) -> None:
+        keep = []
+        for newer_than, fut in self._waiting.get(name, []):
+            if fut.done():
+                continue
+            if failed is not None:
+                fut.set_exception(ConversationFailed(failed))
+            elif placement is not None and (newer_than is None or placement.generation > newer_than):
+                fut.set_result(placement)
+            else:
+                keep.append((newer_than, fut))
+        if keep:
+            self._waiting[name] = keep
+        else:
+            self._waiting.pop(name, None)
+
+
+class KubeControlPlane:
+    def __init__(self, *, api_client: Any, namespace: str) -> None:
+        from kubernetes import client
+
+        self._api = client.CustomObjectsApi(api_client)
+        self._namespace = namespace
+        self._statuses: dict[str, dict[str, Any]] = {}
+        self._pools: dict[str, tuple[list[Backend], list[Backend]]] = {}
+        self._waiters = _Waiters()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._synced = {CONVERSATIONS: threading.Event(), DECODERPOOLS: threading.Event()}
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for plural in (CONVERSATIONS, DECODERPOOLS):
+            t = threading.Thread(target=self._watch, args=(plural,), name=f"router-watch-{plural}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        for event in self._synced.values():
+            await asyncio.to_thread(event.wait, 30.0)
+
+    async def stop(self) -> None:
+        self._stop.set()
+
+    # ---- reads from the watch cache ------------------------------------------------------------------------
+    def placement(self, name: str) -> Placement | None:
+        return placement_from_status(self._statuses.get(name))
+
+    def pool_backends(self, pool: str) -> tuple[list[Backend], list[Backend]]:
+        return self._pools.get(pool, ([], []))
+
+    async def wait_placement(self, name: str, *, newer_than: int | None, timeout_s: float) -> Placement:
+        fut = self._waiters.add(name, newer_than)
+        self._waiters.offer(name, self.placement(name), _failure(self._statuses.get(name)))
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+        finally:
+            self._waiters.remove(name, fut)
+
+    # ---- writes --------------------------------------------------------------------------------------------
+    async def create_conversation(self, name: str, spec: dict[str, Any]) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "Conversation",
+            "metadata": {"name": name, "labels": {LABEL_MANAGED_BY: ROUTER_MANAGER}},
+            "spec": spec,
+        }
+        try:
+            await asyncio.to_thread(
+                self._api.create_namespaced_custom_object, GROUP, VERSION, self._namespace, CONVERSATIONS, body
+            )
+        except ApiException as err:
+            if err.status != 409:  # already there: a router restart, or a client that created it
+                raise
+
+    async def patch_conversation(self, name: str, patch: dict[str, Any]) -> None:
+        await asyncio.to_thread(
+            self._api.patch_namespaced_custom_object, GROUP, VERSION, self._namespace, CONVERSATIONS, name, patch
+        )
+
+    # ---- watches -------------------------------------------------------------------------------------------
+    def _watch(self, plural: str) -> None:
+        from kubernetes import watch
+
+        while not self._stop.is_set():
+            try:
+                listing: Any = self._api.list_namespaced_custom_object(GROUP, VERSION, self._namespace, plural)
+                for item in listing.get("items", []):
+                    self._deliver(plural, "ADDED", item)
+                self._synced[plural].set()
+                version = listing.get("metadata", {}).get("resourceVersion")
+                watch_class: Any = watch.Watch  # untyped upstream
+                w = watch_class()
+                for event in w.stream(
+                    self._api.list_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    self._namespace,
+                    plural,
+                    resource_version=version,
+                    timeout_seconds=300,
+                ):
+                    if self._stop.is_set():
+                        w.stop()
+                        return
+                    self._deliver(plural, str(event["type"]), event["object"])
+            except Exception as err:  # expired resource version, API server restart: list again
+                if self._stop.is_set():
+                    return
+                log.info("%s watch restarting: %s", plural, err)
+                self._stop.wait(1.0)
+
+    def _deliver(self, plural: str, kind: str, obj: dict[str, Any]) -> None:
+        if self._loop is None:
+            return
+        self._loop.call_soon_threadsafe(self._apply, plural, kind, obj)
+
+    def _apply(self, plural: str, kind: str, obj: dict[str, Any]) -> None:
+        name = str((obj.get("metadata") or {}).get("name", ""))
+        if kind == "ERROR" or not name:
+            return
+        status = obj.get("status") or {}
+        if plural == DECODERPOOLS:
+            if kind == "DELETED":
+                self._pools.pop(name, None)
+            else:
+                self._pools[name] = backends_from_pool_status(status)
+            return
+        if kind == "DELETED":
+            self._statuses.pop(name, None)
+            self._waiters.offer(name, None, "conversation deleted")
+            return
+        self._statuses[name] = status
+        self._waiters.offer(name, placement_from_status(status), _failure(status))
+
+
+def _failure(status: Mapping[str, Any] | None) -> str | None:
+    if status and status.get("phase") in ("Failed", "Completed"):
+        return f"conversation is {status['phase']}"
+    return None

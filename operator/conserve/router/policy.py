@@ -1,0 +1,261 @@
+"""The router's decisions, as pure functions of what it knows (no HTTP, no Kubernetes, no clock).
+
+- Which conversation a request belongs to: the `X-Conversation-Id` header; else the OpenAI `user` field, else
+  `metadata.conversation_id` in the body. No id: a one-turn request, routed like the per-turn baseline.
+- Where a turn goes (`plan_turn`):
+  - conversation mode (ConServe): every turn goes to the decoder the operator pinned. While the decoder does
+    not hold the conversation's KV (the first turn, or the first turn after a re-placement, seen as a new
+    `placementGeneration`), the turn is first prefilled on a prefill server and its KV handed to the decoder
+    (one KV transfer); later turns go straight to the decoder, which prefills only the new tokens.
+  - per-turn mode (the baselines): every turn is placed on its own: the least-loaded prefill server prefills the
+    whole context and the least-loaded decoder pulls the KV. One transfer per turn.
+- Least loaded: fewest requests in flight from this router, then fewest tokens in flight, then the name.
+- Turn reports: `UsageBatcher` coalesces the cumulative counters of `spec.usage` so each conversation is patched
+  at most once per interval.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+CONVERSATION_HEADER = "X-Conversation-Id"
+#: "true" on a conversation's last turn: the router marks it completed after the turn.
+END_HEADER = "X-Conversation-End"
+#: "false" on a turn whose output the user does not see (an agent's tool call); TTFET waits for a visible one.
+EFFECTIVE_HEADER = "X-Conserve-Effective"
+#: Overrides the router's routing mode for this request ("conversation" or "per-turn").
+MODE_HEADER = "X-Conserve-Routing"
+#: Names the DecoderPool (default: the router's --pool).
+POOL_HEADER = "X-Conserve-Pool"
+#: Response headers: which decoder and prefill server served the turn, and the placement generation followed.
+DECODER_RESPONSE_HEADER = "X-Conserve-Decoder"
+PREFILL_RESPONSE_HEADER = "X-Conserve-Prefill"
+GENERATION_RESPONSE_HEADER = "X-Conserve-Placement-Generation"
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+class Mode(enum.StrEnum):
+    CONVERSATION = "conversation"
+    PER_TURN = "per-turn"
+
+
+def parse_mode(value: str | None, default: Mode) -> Mode:
+    if not value:
+        return default
+    try:
+        return Mode(value.strip().lower())
+    except ValueError:
+        return default
+
+
+def header_flag(value: str | None, default: bool) -> bool:
+    if value is None:
+        return default
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    return default
+
+
+def conversation_id_of(headers: Mapping[str, str], body: Mapping[str, Any]) -> str | None:
+    value = headers.get(CONVERSATION_HEADER)
+    if value and value.strip():
+        return value.strip()
+    user = body.get("user")
+    if isinstance(user, str) and user.strip():
+        return user.strip()
+    metadata = body.get("metadata")
+    if isinstance(metadata, Mapping):
+        cid = metadata.get("conversation_id")
+        if isinstance(cid, str) and cid.strip():
+            return cid.strip()
+    return None
+
+
+_NAME_BAD = re.compile(r"[^a-z0-9-]+")
+
+
+def conversation_object_name(conversation_id: str, prefix: str = "r") -> str:
+    """A DNS-1123 name for the Conversation object: a readable slug plus a hash (ids may be any string)."""
+    digest = hashlib.sha256(conversation_id.encode()).hexdigest()[:10]
+    slug = _NAME_BAD.sub("-", conversation_id.lower()).strip("-")[:40].strip("-")
+    return f"{prefix}-{slug}-{digest}" if slug else f"{prefix}-{digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """A prefill or decode server: its pod name and host:port."""
+
+    name: str
+    endpoint: str
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """What the operator decided for a conversation (from its status)."""
+
+    generation: int
+    decoder: Backend
+    prefill: Backend | None = None
+
+
+@dataclass
+class LoadBook:
+    """Requests and tokens this router has in flight per endpoint (the baselines' least-load signal)."""
+
+    requests: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+
+    def start(self, endpoint: str, tokens: int) -> None:
+        self.requests[endpoint] = self.requests.get(endpoint, 0) + 1
+        self.tokens[endpoint] = self.tokens.get(endpoint, 0) + tokens
+
+    def finish(self, endpoint: str, tokens: int) -> None:
+        self.requests[endpoint] = max(self.requests.get(endpoint, 0) - 1, 0)
+        self.tokens[endpoint] = max(self.tokens.get(endpoint, 0) - tokens, 0)
+
+
+def least_loaded(candidates: Iterable[Backend], book: LoadBook) -> Backend | None:
+    ranked = sorted(
+        (b for b in candidates if b.endpoint),
+        key=lambda b: (book.requests.get(b.endpoint, 0), book.tokens.get(b.endpoint, 0), b.name),
+    )
+    return ranked[0] if ranked else None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnPlan:
+    decoder: Backend
+    #: Prefill server for this turn, or None: the decoder prefills (new tokens only, or everything).
+    prefill: Backend | None
+    #: The placement generation this plan follows (0 in per-turn mode).
+    generation: int = 0
+
+    @property
+    def kv_transfer(self) -> bool:
+        return self.prefill is not None
+
+
+class NoBackend(Exception):
+    """No decoder (or no placement) to send the turn to."""
+
+
+def plan_turn(
+    *,
+    mode: Mode,
+    placement: Placement | None,
+    kv_generation: int | None,
+    prefills: Sequence[Backend],
+    decoders: Sequence[Backend],
+    book: LoadBook,
+) -> TurnPlan:
+    """Where this turn goes. `kv_generation`: the placement generation whose decoder holds this conversation's
+    KV (None: no decoder holds it yet)."""
+    if mode is Mode.PER_TURN:
+        decoder = least_loaded(decoders, book)
+        if decoder is None:
+            raise NoBackend("no ready decoder in the pool")
+        return TurnPlan(decoder, least_loaded(prefills, book), 0)
+    if placement is None:
+        raise NoBackend("conversation not placed")
+    if kv_generation == placement.generation:
+        return TurnPlan(placement.decoder, None, placement.generation)
+    prefill = placement.prefill if placement.prefill is not None and placement.prefill.endpoint else None
+    if prefill is None or (prefills and prefill.endpoint not in {p.endpoint for p in prefills}):
+        prefill = least_loaded(prefills, book)
+    return TurnPlan(placement.decoder, prefill, placement.generation)
+
+
+def new_input_tokens(prompt_tokens: int, previous_context_tokens: int) -> int:
+    """A turn's new input: its prompt minus the context the conversation already had (prompt + output)."""
+    return max(prompt_tokens - previous_context_tokens, 0) if previous_context_tokens else prompt_tokens
+
+
+# ---- turn reports ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Cumulative counters, as `spec.usage` holds them."""
+
+    turns: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    last_turn_time: str | None = None
+    ttfet_s: float | None = None
+
+    def as_patch(self) -> dict[str, Any]:
+        usage: dict[str, Any] = {
+            "turns": self.turns,
+            "inputTokens": self.input_tokens,
+            "outputTokens": self.output_tokens,
+        }
+        if self.last_turn_time is not None:
+            usage["lastTurnTime"] = self.last_turn_time
+        if self.ttfet_s is not None:
+            usage["timeToFirstEffectiveTokenSeconds"] = round(self.ttfet_s, 6)
+        return {"spec": {"usage": usage}}
+
+
+@dataclass
+class _Pending:
+    usage: Usage
+    dirty: bool = False
+    last_flush_s: float | None = None
+    completed: bool = False  # a completion to send (with or after the final usage)
+
+
+class UsageBatcher:
+    """Coalesces usage reports: one patch per conversation per `interval_s` at most, the latest counters win."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._pending: dict[str, _Pending] = {}
+
+    def record(self, name: str, usage: Usage) -> None:
+        entry = self._pending.setdefault(name, _Pending(usage))
+        entry.usage = usage
+        entry.dirty = True
+
+    def complete(self, name: str) -> None:
+        entry = self._pending.setdefault(name, _Pending(Usage()))
+        entry.completed = True
+
+    def due(self, now_s: float, *, force: bool = False) -> list[tuple[str, dict[str, Any]]]:
+        """Patches to send now (merge patches). Completed conversations are flushed at once and forgotten."""
+        out: list[tuple[str, dict[str, Any]]] = []
+        for name in list(self._pending):
+            entry = self._pending[name]
+            ready = force or entry.completed or entry.last_flush_s is None
+            ready = ready or now_s - entry.last_flush_s >= self.interval_s  # type: ignore[operator]
+            if not ready or not (entry.dirty or entry.completed):
+                continue
+            patch: dict[str, Any] = entry.usage.as_patch() if entry.dirty else {"spec": {}}
+            if entry.completed:
+                patch["spec"]["completed"] = True
+                del self._pending[name]
+            else:
+                entry.dirty = False
+                entry.last_flush_s = now_s
+            out.append((name, patch))
+        return out
+
+    def forget(self, name: str) -> None:
+        self._pending.pop(name, None)
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+
+def idle_conversations(last_turn_s: Mapping[str, float], now_s: float, idle_s: float) -> list[str]:
+    """Conversations with no turn for `idle_s`: the router closes them."""
+    return sorted(name for name, t in last_turn_s.items() if now_s - t >= idle_s)

@@ -1,0 +1,420 @@
+"""The router's turn loop: the I/O around the pure decisions of conserve.router.policy.
+
+One `Router` serves every conversation. A turn: find (or create) the conversation's state; in conversation mode
+create the Conversation object on its first turn and wait for the placement (the first turn's prefill starts
+meanwhile on the least-loaded prefill server, so the control plane's latency overlaps the prefill); plan the turn;
+prefill and hand the KV over when the plan says so; stream the decode; record TTFT, time between tokens and, on
+the conversation's first user-visible output, TTFET; queue the cumulative usage for the batched report.
+A decoder that cannot be reached before it sent anything is treated as gone: the router waits for the operator's
+re-placement (a newer placementGeneration) and replays the turn there, KV included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+
+from conserve.core.tokens import estimate_tokens
+from conserve.gpusim.server import prompt_tokens_of
+from conserve.metrics import RouterMetrics
+from conserve.router import backend
+from conserve.router.control import ControlPlane, ConversationFailed
+from conserve.router.policy import (
+    EFFECTIVE_HEADER,
+    END_HEADER,
+    MODE_HEADER,
+    POOL_HEADER,
+    Backend,
+    LoadBook,
+    Mode,
+    NoBackend,
+    Placement,
+    TurnPlan,
+    Usage,
+    UsageBatcher,
+    conversation_id_of,
+    conversation_object_name,
+    header_flag,
+    idle_conversations,
+    least_loaded,
+    new_input_tokens,
+    parse_mode,
+    plan_turn,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    namespace: str = "default"
+    pool: str = "default"
+    mode: Mode = Mode.CONVERSATION
+    usage_interval_s: float = 0.5
+    idle_close_s: float = 600.0
+    placement_timeout_s: float = 120.0
+    early_prefill: bool = True
+    #: Optional hints copied into every Conversation this router creates.
+    idle_timeout_seconds: int | None = None
+
+
+@dataclass
+class ConversationState:
+    conversation_id: str
+    name: str
+    mode: Mode
+    started_s: float
+    created: asyncio.Task[None] | None = None
+    kv_generation: int | None = None  # placement generation whose decoder holds the KV
+    context_tokens: int = 0  # previous turn's prompt plus output
+    turns: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    ttfet_s: float | None = None
+    last_turn_s: float = 0.0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class TurnResult:
+    conversation_id: str | None
+    mode: Mode
+    decoder: Backend
+    prefill: Backend | None
+    generation: int
+    prompt_tokens: int
+    completion_tokens: int = 0
+    ttft_s: float | None = None
+    ttfet_s: float | None = None
+    text: str = ""
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnStarted:
+    """Yielded once the turn's servers are chosen (before its first chunk)."""
+
+    decoder: Backend
+    prefill: Backend | None
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRequest:
+    kind: str  # "chat" or "completions"
+    headers: Mapping[str, str]
+    body: dict[str, Any]
+
+
+class TurnError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Router:
+    def __init__(
+        self,
+        config: RouterConfig,
+        control: ControlPlane,
+        metrics: RouterMetrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.control = control
+        self.metrics = metrics
+        self._clock = clock
+        self._book = LoadBook()
+        self._batcher = UsageBatcher(config.usage_interval_s)
+        self._states: dict[tuple[Mode, str], ConversationState] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._patches = asyncio.Semaphore(8)  # concurrent usage patches, to be gentle with the API server
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
+        connector = aiohttp.TCPConnector(limit=0)
+        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
+        await self.control.start()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._flush_loop()), loop.create_task(self._idle_loop())]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await self.flush(force=True)
+        if self._session is not None:
+            await self._session.close()
+        await self.control.stop()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "Router.start() first"
+        return self._session
+
+    def backends(self, pool: str | None = None) -> tuple[list[Backend], list[Backend]]:
+        return self.control.pool_backends(pool or self.config.pool)
+
+    # ---- one turn -------------------------------------------------------------------------------------------
+    async def turn(self, request: TurnRequest) -> AsyncIterator[dict[str, Any] | TurnStarted | TurnResult]:
+        """Yields the decoder's chunks as they come, then the TurnResult. Raises TurnError before any chunk."""
+        arrival = self._clock()
+        mode = parse_mode(request.headers.get(MODE_HEADER), self.config.mode)
+        pool = request.headers.get(POOL_HEADER) or self.config.pool
+        conv_id = conversation_id_of(request.headers, request.body)
+        prompt_tokens = prompt_tokens_of(request.body, request.kind == "chat")
+        effective = header_flag(request.headers.get(EFFECTIVE_HEADER), True)
+        ending = header_flag(request.headers.get(END_HEADER), False)
+        if conv_id is None:
+            mode = Mode.PER_TURN  # nothing to pin: a one-turn request
+        state = self._state(conv_id, mode, arrival) if conv_id is not None else None
+        lock = state.lock if state is not None else asyncio.Lock()
+        async with lock:
+            async for item in self._turn_locked(request, mode, pool, state, prompt_tokens, effective, arrival):
+                yield item
+            if state is not None and ending:
+                self._close(state)
+
+    def _state(self, conv_id: str, mode: Mode, now: float) -> ConversationState:
+        key = (mode, conv_id)
+        state = self._states.get(key)
+        if state is None:
+            state = ConversationState(conv_id, conversation_object_name(conv_id), mode, now, last_turn_s=now)
+            self._states[key] = state
+        return state
+
+    async def _turn_locked(
+        self,
+        request: TurnRequest,
+        mode: Mode,
+        pool: str,
+        state: ConversationState | None,
+        prompt_tokens: int,
+        effective: bool,
+        arrival: float,
+    ) -> AsyncIterator[dict[str, Any] | TurnStarted | TurnResult]:
+        conv_id = state.conversation_id if state is not None else None
+        early: asyncio.Task[dict[str, Any] | None] | None = None
+        early_backend: Backend | None = None
+        placement: Placement | None = None
+        if mode is Mode.CONVERSATION:
+            assert state is not None
+            if state.created is None:
+                spec: dict[str, Any] = {"pool": pool, "firstTurnInputTokens": max(prompt_tokens, 1)}
+                if self.config.idle_timeout_seconds is not None:
+                    spec["idleTimeoutSeconds"] = self.config.idle_timeout_seconds
+                state.created = asyncio.get_running_loop().create_task(
+                    self.control.create_conversation(state.name, spec)
+                )
+            placement = self.control.placement(state.name)
+            if placement is None or placement.generation != state.kv_generation:
+                if placement is None and self.config.early_prefill:
+                    # Prefill does not depend on the decoder: start it while the operator places.
+                    prefills, _ = self.backends(pool)
+                    early_backend = least_loaded(prefills, self._book)
+                    if early_backend is not None:
+                        early = asyncio.get_running_loop().create_task(
+                            self._prefill(early_backend, request, conv_id, prompt_tokens)
+                        )
+                try:
+                    await state.created
+                    placement = await self.control.wait_placement(
+                        state.name, newer_than=None, timeout_s=self.config.placement_timeout_s
+                    )
+                except (TimeoutError, ConversationFailed) as err:
+                    if early is not None:
+                        early.cancel()
+                    raise TurnError(503, f"conversation {conv_id} not placed: {err}") from err
+                except Exception as err:
+                    if early is not None:
+                        early.cancel()
+                    raise TurnError(502, f"creating conversation {conv_id}: {err}") from err
+
+        attempts = 0
+        failed: set[str] = set()
+        while True:
+            attempts += 1
+            prefills, decoders = self.backends(pool)
+            try:
+                plan = plan_turn(
+                    mode=mode,
+                    placement=placement,
+                    kv_generation=state.kv_generation if state is not None and mode is Mode.CONVERSATION else None,
+                    prefills=prefills,
+                    decoders=[d for d in decoders if d.endpoint not in failed],
+                    book=self._book,
+                )
+            except NoBackend as err:
+                raise TurnError(503, str(err)) from err
+            if early is not None and plan.prefill is not None and early_backend is not None:
+                plan = TurnPlan(plan.decoder, early_backend, plan.generation)
+            try:
+                kv_params: dict[str, Any] | None = None
+                if plan.prefill is not None:
+                    if early is not None:
+                        kv_params = await early
+                        early = None
+                    else:
+                        kv_params = await self._prefill(plan.prefill, request, conv_id, prompt_tokens)
+                    self.metrics.kv_transfers_total.labels(mode=mode.value).inc()
+                async for item in self._decode(
+                    request, mode, plan, state, prompt_tokens, effective, arrival, kv_params
+                ):
+                    yield item
+                return
+            except backend.BackendUnavailable as err:
+                if early is not None:
+                    early.cancel()
+                    early = None
+                self.metrics.backend_errors_total.labels(mode=mode.value).inc()
+                if attempts >= 3:
+                    raise TurnError(502, str(err)) from err
+                log.warning("turn of %s: %s; retrying", conv_id, err)
+                failed.add(plan.decoder.endpoint)
+                if mode is Mode.CONVERSATION and state is not None:
+                    # The pinned decoder is gone: follow the operator's re-placement.
+                    try:
+                        placement = await self.control.wait_placement(
+                            state.name, newer_than=plan.generation, timeout_s=self.config.placement_timeout_s
+                        )
+                    except (TimeoutError, ConversationFailed) as werr:
+                        raise TurnError(503, f"decoder of {conv_id} gone and not re-placed: {werr}") from werr
+                    state.kv_generation = None
+
+    async def _prefill(
+        self, target: Backend, request: TurnRequest, conv_id: str | None, prompt_tokens: int
+    ) -> dict[str, Any] | None:
+        self._book.start(target.endpoint, prompt_tokens)
+        try:
+            return await backend.prefill(self.session, target.endpoint, request.kind, request.body, conv_id)
+        finally:
+            self._book.finish(target.endpoint, prompt_tokens)
+
+    async def _decode(
+        self,
+        request: TurnRequest,
+        mode: Mode,
+        plan: TurnPlan,
+        state: ConversationState | None,
+        prompt_tokens: int,
+        effective: bool,
+        arrival: float,
+        kv_params: dict[str, Any] | None,
+    ) -> AsyncIterator[dict[str, Any] | TurnStarted | TurnResult]:
+        conv_id = state.conversation_id if state is not None else None
+        result = TurnResult(conv_id, mode, plan.decoder, plan.prefill, plan.generation, prompt_tokens)
+        endpoint = plan.decoder.endpoint
+        in_flight = prompt_tokens + int(request.body.get("max_tokens") or 0)
+        self._book.start(endpoint, in_flight)
+        labels = {"mode": mode.value}
+        last_token_s: float | None = None
+        texts: list[str] = []
+        started = False
+        try:
+            async for chunk in backend.stream_decode(
+                self.session, endpoint, request.kind, request.body, conv_id, kv_params
+            ):
+                now = self._clock()
+                usage = chunk.get("usage")
+                if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+                    result.completion_tokens = usage["completion_tokens"]
+                for choice in chunk.get("choices") or []:
+                    if choice.get("finish_reason"):
+                        result.finish_reason = str(choice["finish_reason"])
+                text = backend.chunk_text(chunk)
+                if text:
+                    texts.append(text)
+                    if last_token_s is None:
+                        result.ttft_s = now - arrival
+                        self.metrics.ttft_seconds.labels(**labels).observe(result.ttft_s)
+                        if state is not None and effective and state.ttfet_s is None:
+                            state.ttfet_s = now - state.started_s
+                            result.ttfet_s = state.ttfet_s
+                            self.metrics.ttfet_seconds.labels(**labels).observe(state.ttfet_s)
+                    else:
+                        tokens = max(estimate_tokens(text), 1)
+                        self.metrics.tbt_seconds.labels(**labels).observe((now - last_token_s) / tokens)
+                    last_token_s = now
+                if not started:
+                    started = True
+                    yield TurnStarted(plan.decoder, plan.prefill, plan.generation)
+                yield chunk
+        finally:
+            self._book.finish(endpoint, in_flight)
+        result.text = "".join(texts)
+        if result.completion_tokens == 0:
+            result.completion_tokens = estimate_tokens(result.text)
+        self.metrics.turns_total.labels(**labels).inc()
+        if state is not None:
+            self._account(state, plan, prompt_tokens, result.completion_tokens)
+        yield result
+
+    def _account(self, state: ConversationState, plan: TurnPlan, prompt_tokens: int, output_tokens: int) -> None:
+        state.turns += 1
+        state.input_tokens += new_input_tokens(prompt_tokens, state.context_tokens)
+        state.output_tokens += output_tokens
+        state.context_tokens = prompt_tokens + output_tokens
+        state.last_turn_s = self._clock()
+        if state.mode is Mode.CONVERSATION:
+            state.kv_generation = plan.generation
+            stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            usage = Usage(state.turns, state.input_tokens, state.output_tokens, stamp, state.ttfet_s)
+            self._batcher.record(state.name, usage)
+
+    def _close(self, state: ConversationState) -> None:
+        self._states.pop((state.mode, state.conversation_id), None)
+        if state.mode is Mode.CONVERSATION and state.created is not None:
+            self._batcher.complete(state.name)
+        self.metrics.conversations_closed_total.labels(mode=state.mode.value).inc()
+
+    async def close_conversation(self, conversation_id: str) -> bool:
+        closed = False
+        for mode in Mode:
+            state = self._states.get((mode, conversation_id))
+            if state is not None:
+                async with state.lock:
+                    self._close(state)
+                closed = True
+        return closed
+
+    # ---- background: batched usage reports, idle conversations -----------------------------------------------
+    async def flush(self, *, force: bool = False) -> None:
+        patches = self._batcher.due(self._clock(), force=force)
+        if patches:
+            await asyncio.gather(*(self._patch(name, patch) for name, patch in patches))
+
+    async def _patch(self, name: str, patch: dict[str, Any]) -> None:
+        async with self._patches:
+            try:
+                await self.control.patch_conversation(name, patch)
+                self.metrics.usage_patches_total.inc()
+            except Exception as err:  # the next report carries the same cumulative counters
+                log.warning("usage patch of %s: %s", name, err)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(self.config.usage_interval_s / 2, 0.25))
+            await self.flush()
+
+    async def _idle_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(self.config.idle_close_s / 4, 5.0))
+            now = self._clock()
+            last = {f"{m.value}\0{c}": s.last_turn_s for (m, c), s in self._states.items() if not s.lock.locked()}
+            for key in idle_conversations(last, now, self.config.idle_close_s):
+                mode, _, conv_id = key.partition("\0")
+                state = self._states.get((Mode(mode), conv_id))
+                if state is not None:
+                    self._close(state)

@@ -1,0 +1,155 @@
+"""The router's pure decisions: conversation ids, where a turn goes, least load, batched usage reports."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from conserve.router.control import backends_from_pool_status, placement_from_status
+from conserve.router.policy import (
+    Backend,
+    LoadBook,
+    Mode,
+    NoBackend,
+    Placement,
+    Usage,
+    UsageBatcher,
+    conversation_id_of,
+    conversation_object_name,
+    header_flag,
+    idle_conversations,
+    least_loaded,
+    new_input_tokens,
+    parse_mode,
+    plan_turn,
+)
+
+P1, P2 = Backend("pre-0", "127.0.0.1:1"), Backend("pre-1", "127.0.0.1:2")
+D1, D2 = Backend("dec-0", "127.0.0.1:3"), Backend("dec-1", "127.0.0.1:4")
+
+
+def test_conversation_id_header_then_user_then_metadata() -> None:
+    assert conversation_id_of({"X-Conversation-Id": " c1 "}, {"user": "u"}) == "c1"
+    assert conversation_id_of({}, {"user": "u"}) == "u"
+    assert conversation_id_of({}, {"metadata": {"conversation_id": "m"}}) == "m"
+    assert conversation_id_of({}, {}) is None
+
+
+@pytest.mark.parametrize("cid", ["chat-1", "User@Example.com/ session#9", "x" * 300, "---", "ÄÖ"])
+def test_object_names_are_dns_labels_and_distinct(cid: str) -> None:
+    name = conversation_object_name(cid)
+    assert re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", name) and len(name) <= 63
+    assert name != conversation_object_name(cid + "x")
+
+
+def test_flags_and_modes() -> None:
+    assert header_flag("TRUE", False) and not header_flag("0", True) and header_flag("maybe", True)
+    assert parse_mode("per-turn", Mode.CONVERSATION) is Mode.PER_TURN
+    assert parse_mode("bogus", Mode.CONVERSATION) is Mode.CONVERSATION
+
+
+def test_least_loaded_by_requests_then_tokens_then_name() -> None:
+    book = LoadBook()
+    assert least_loaded([D2, D1], book) == D1
+    book.start(D1.endpoint, 10)
+    assert least_loaded([D1, D2], book) == D2
+    book.start(D2.endpoint, 100)
+    assert least_loaded([D1, D2], book) == D1
+    book.finish(D1.endpoint, 10)
+    book.finish(D1.endpoint, 10)  # never below zero
+    assert book.requests[D1.endpoint] == 0 and least_loaded([], book) is None
+
+
+@pytest.mark.parametrize(
+    ("kv_generation", "placement", "expect_prefill"),
+    [
+        (None, Placement(1, D1, P2), P2),  # first turn: the operator's prefill server, KV moves once
+        (1, Placement(1, D1, P2), None),  # later turn: straight to the decoder
+        (1, Placement(2, D2, None), P1),  # re-placed: the KV moves again, least-loaded prefill
+        (None, Placement(1, D1, Backend("gone", "127.0.0.1:9")), P1),  # operator's prefill not ready
+    ],
+)
+def test_conversation_mode_plan(
+    kv_generation: int | None, placement: Placement, expect_prefill: Backend | None
+) -> None:
+    plan = plan_turn(
+        mode=Mode.CONVERSATION,
+        placement=placement,
+        kv_generation=kv_generation,
+        prefills=[P1, P2],
+        decoders=[D1, D2],
+        book=LoadBook(),
+    )
+    assert plan.decoder == placement.decoder and plan.prefill == expect_prefill
+    assert plan.generation == placement.generation and plan.kv_transfer == (expect_prefill is not None)
+
+
+def test_conversation_mode_without_prefill_servers_prefills_on_the_decoder() -> None:
+    plan = plan_turn(
+        mode=Mode.CONVERSATION,
+        placement=Placement(1, D1),
+        kv_generation=None,
+        prefills=[],
+        decoders=[D1],
+        book=LoadBook(),
+    )
+    assert plan.prefill is None and plan.decoder == D1
+
+
+def test_per_turn_mode_picks_least_loaded_every_turn() -> None:
+    book = LoadBook()
+    book.start(D1.endpoint, 5)
+    book.start(P1.endpoint, 5)
+    plan = plan_turn(
+        mode=Mode.PER_TURN, placement=Placement(1, D1), kv_generation=1, prefills=[P1, P2], decoders=[D1, D2], book=book
+    )
+    assert plan.decoder == D2 and plan.prefill == P2 and plan.kv_transfer
+    with pytest.raises(NoBackend):
+        plan_turn(mode=Mode.PER_TURN, placement=None, kv_generation=None, prefills=[], decoders=[], book=book)
+    with pytest.raises(NoBackend):
+        plan_turn(mode=Mode.CONVERSATION, placement=None, kv_generation=None, prefills=[P1], decoders=[D1], book=book)
+
+
+def test_new_input_tokens() -> None:
+    assert new_input_tokens(1000, 0) == 1000
+    assert new_input_tokens(1300, 1200) == 100
+    assert new_input_tokens(900, 1200) == 0
+
+
+def test_usage_batcher_coalesces_per_interval_and_flushes_completion() -> None:
+    b = UsageBatcher(interval_s=1.0)
+    b.record("a", Usage(1, 100, 10))
+    assert b.due(0.0) == [("a", {"spec": {"usage": {"turns": 1, "inputTokens": 100, "outputTokens": 10}}})]
+    b.record("a", Usage(2, 120, 20))
+    b.record("a", Usage(3, 150, 30, "2026-01-01T00:00:00Z", 0.25))
+    assert b.due(0.5) == []  # within the interval: coalesced
+    ((_name, patch),) = b.due(1.0)
+    assert patch["spec"]["usage"]["turns"] == 3 and patch["spec"]["usage"]["timeToFirstEffectiveTokenSeconds"] == 0.25
+    assert b.due(5.0) == []  # nothing new
+    b.record("a", Usage(4, 160, 40))
+    b.complete("a")
+    ((_name, patch),) = b.due(1.1)  # completion goes out at once, with the latest counters
+    assert patch["spec"]["completed"] is True and patch["spec"]["usage"]["turns"] == 4
+    assert len(b) == 0
+
+
+def test_idle_conversations() -> None:
+    assert idle_conversations({"a": 0.0, "b": 9.0}, 10.0, 5.0) == ["a"]
+
+
+def test_placement_and_pool_backends_from_status() -> None:
+    assert placement_from_status(None) is None
+    assert placement_from_status({"phase": "Pending", "decoder": {"pod": "d", "endpoint": "h:1"}}) is None
+    status = {
+        "phase": "Decoding",
+        "placementGeneration": 3,
+        "decoder": {"pod": "d", "endpoint": "h:1"},
+        "prefill": {"pod": "p", "endpoint": "h:2"},
+    }
+    assert placement_from_status(status) == Placement(3, Backend("d", "h:1"), Backend("p", "h:2"))
+    pool = {
+        "decoders": [{"pod": "d0", "ready": True, "endpoint": "h:1"}, {"pod": "d1", "ready": False, "endpoint": "h:2"}],
+        "prefills": [{"pod": "p0", "ready": True, "endpoint": ""}, {"pod": "p1", "ready": True, "endpoint": "h:3"}],
+    }
+    assert backends_from_pool_status(pool) == ([Backend("p1", "h:3")], [Backend("d0", "h:1")])
