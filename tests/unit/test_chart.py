@@ -260,6 +260,7 @@ def test_service_monitor_and_dashboard_when_enabled() -> None:
     monitors = by_kind(docs, "ServiceMonitor")
     assert set(monitors) == {"conserve-operator", "conserve-extender"}
     assert monitors["conserve-operator"]["spec"]["endpoints"][0]["port"] == "metrics"
+    assert monitors["conserve-operator"]["spec"]["endpoints"][0]["honorLabels"] is True
     assert monitors["conserve-extender"]["spec"]["endpoints"][0]["port"] == "http"
     assert monitors["conserve-extender"]["metadata"]["labels"]["release"] == "prom"
     services = by_kind(docs, "Service")
