@@ -142,6 +142,7 @@ def test_operator_runs_the_documented_command(default_docs: list[Manifest]) -> N
         "--peering=conserve",
         "--metrics-port=9100",
         "--liveness=http://0.0.0.0:8080/healthz",
+        "--energy-source=none",
     ]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"metrics": 9100, "health": 8080}
@@ -255,6 +256,18 @@ def test_single_standalone_operator() -> None:
     assert not by_kind(docs, "ClusterKopfPeering")
 
 
+def test_dcgm_energy_source_gets_endpointslices_in_the_exporters_namespace_only() -> None:
+    docs = render("operator.energy.source=dcgm", "operator.energy.dcgm.service=gpu-operator/nvidia-dcgm-exporter")
+    args = by_kind(docs, "Deployment")["conserve-operator"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--energy-source=dcgm" in args and "--dcgm-service=gpu-operator/nvidia-dcgm-exporter" in args
+    role = by_kind(docs, "Role")["conserve-operator-dcgm-exporter"]
+    assert role["metadata"]["namespace"] == "gpu-operator"
+    assert rules_of(role) == {("discovery.k8s.io", "endpointslices"): {"list"}}
+    binding = by_kind(docs, "RoleBinding")["conserve-operator-dcgm-exporter"]
+    assert binding["subjects"][0]["name"] == "conserve-operator"
+    assert "conserve-operator-dcgm-exporter" not in by_kind(render("operator.energy.source=nvml"), "Role")
+
+
 def test_service_monitor_and_dashboard_when_enabled() -> None:
     docs = render("serviceMonitor.enabled=true", "serviceMonitor.labels.release=prom", "dashboard.enabled=true")
     monitors = by_kind(docs, "ServiceMonitor")
@@ -293,6 +306,8 @@ def test_service_monitor_and_dashboard_when_enabled() -> None:
         (["crds.enabled=maybe"], "at '/crds/enabled': got string, want boolean"),
         (["operator.peering.enabled=false"], "operator.replicas > 1 needs operator.peering.enabled"),
         (["scheduler.replicas=2", "scheduler.leaderElection=false"], "scheduler.replicas > 1 needs"),
+        (["operator.energy.source=dcgm"], "operator.energy.source dcgm needs operator.energy.dcgm.service"),
+        (["operator.energy.source=joulemeter"], "at '/operator/energy/source'"),
     ],
 )
 def test_bad_values_are_refused_with_a_clear_message(sets: list[str], message: str) -> None:
