@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "gpu-sim": "conserve.gpusim.cli",
     "router": "conserve.router.cli",
     "fake-dcgm": "conserve.energy.fakedcgm",
+    "energy": "conserve.controller.energy",
 }
 
 

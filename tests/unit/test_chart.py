@@ -32,14 +32,13 @@ Manifest = dict[str, Any]
 # The documented least-privilege RBAC (charts/conserve/README.md, "RBAC"): ClusterRole component -> rules as
 # (apiGroup, resource) -> verbs. A rule the chart grants that is not here, or a verb more, fails the test.
 OPERATOR_RULES: dict[tuple[str, str], set[str]] = {
-    ("conserve.dev", "conversations"): {"get", "list", "watch", "patch"},
-    ("conserve.dev", "decoderpools"): {"get", "list", "watch", "patch"},
+    ("conserve.dev", "conversations"): {"list", "watch", "patch"},
+    ("conserve.dev", "decoderpools"): {"list", "watch", "patch"},
     ("conserve.dev", "conversations/status"): {"patch"},
     ("conserve.dev", "decoderpools/status"): {"patch"},
-    ("", "pods"): {"get", "list", "watch"},
-    ("", "nodes"): {"get", "list", "watch"},
+    ("", "pods"): {"list", "watch"},
+    ("", "nodes"): {"list", "watch"},
     ("", "events"): {"create"},
-    ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
     ("kopf.dev", "clusterkopfpeerings"): {"list", "watch", "patch"},
 }
 EXTENDER_RULES: dict[tuple[str, str], set[str]] = {

@@ -1,0 +1,206 @@
+"""The operator's energy loop on fakes: a FakeReader for the GPUs, an in-memory API for pools and conversations."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import math
+from typing import Any
+
+import pytest
+
+from conserve.controller.energy import (
+    EnergyAccountant,
+    MemorySink,
+    PoolStatusPatchSink,
+    merge_decoder_energy,
+)
+from conserve.energy import FakeReader, GpuReading, PodRef
+
+Body = dict[str, Any]
+
+
+def _merge(target: Body, patch: Body) -> None:
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+
+
+class FakeKube:
+    """Merge-patch semantics of the API server for status, with resourceVersion preconditions."""
+
+    def __init__(self, objects: dict[str, list[Body]]) -> None:
+        self.objects = objects
+        self.patches: list[tuple[str, str, Body]] = []
+
+    async def list_objects(self, plural: str, namespace: str | None) -> list[Body]:
+        return copy.deepcopy(self.objects.get(plural, []))
+
+    async def patch_status(self, plural: str, namespace: str, name: str, patch: Body) -> Body:
+        for obj in self.objects[plural]:
+            if obj["metadata"]["name"] == name and obj["metadata"]["namespace"] == namespace:
+                wanted = (patch.get("metadata") or {}).get("resourceVersion")
+                if wanted is not None and wanted != obj["metadata"]["resourceVersion"]:
+                    raise RuntimeError("409 Conflict")
+                _merge(obj.setdefault("status", {}), patch.get("status", {}))
+                obj["metadata"]["resourceVersion"] = str(int(obj["metadata"]["resourceVersion"]) + 1)
+                self.patches.append((plural, name, patch))
+                return copy.deepcopy(obj)
+        raise RuntimeError("404")
+
+    def get(self, plural: str, name: str) -> Body:
+        return next(o for o in self.objects[plural] if o["metadata"]["name"] == name)
+
+
+def pool() -> Body:
+    return {
+        "metadata": {"name": "llama", "namespace": "ns", "resourceVersion": "1"},
+        "spec": {},
+        "status": {
+            "decoders": [
+                {
+                    "pod": "dec-0",
+                    "node": "h200-0",
+                    "tier": "bandwidth",
+                    "gpuProduct": "NVIDIA-H200",
+                    "capacityKvTokens": 100_000,
+                    "ready": True,
+                },
+                {
+                    "pod": "dec-1",
+                    "node": "h200-1",
+                    "tier": "bandwidth",
+                    "gpuProduct": "NVIDIA-H200",
+                    "capacityKvTokens": 100_000,
+                    "ready": True,
+                },
+            ],
+            "prefills": [{"pod": "pre-0", "node": "h100-0", "tier": "compute", "gpuProduct": "NVIDIA-H100"}],
+        },
+    }
+
+
+def conversation(name: str, decoder: str, *, turns: int, inputs: int, outputs: int, kv: int) -> Body:
+    return {
+        "metadata": {"name": name, "namespace": "ns", "resourceVersion": "1"},
+        "spec": {
+            "pool": "llama",
+            "firstTurnInputTokens": 1000,
+            "usage": {"turns": turns, "inputTokens": inputs, "outputTokens": outputs},
+        },
+        "status": {
+            "phase": "Decoding",
+            "decoder": {"pod": decoder},
+            "prefill": {"pod": "pre-0"},
+            "reservedKvTokens": kv,
+            "liveKvTokens": 0,
+        },
+    }
+
+
+def gpus() -> list[GpuReading]:
+    return [
+        GpuReading("GPU-a", 0, "NVIDIA H200", "h200-0", 1e9, 400.0, (PodRef("ns", "dec-0", "vllm"),)),
+        GpuReading("GPU-b", 0, "NVIDIA H200", "h200-1", 2e9, 200.0, (PodRef("ns", "dec-1", "vllm"),)),
+        GpuReading("GPU-c", 0, "NVIDIA H100 80GB HBM3", "h100-0", 3e9, 650.0, (PodRef("ns", "pre-0", "vllm"),)),
+        GpuReading("GPU-d", 1, "NVIDIA H100 80GB HBM3", "h100-0", 4e9, 70.0),  # no pod: node-only energy
+    ]
+
+
+def test_a_cycle_attributes_energy_to_conversations_and_decoders() -> None:
+    kube = FakeKube(
+        {
+            "decoderpools": [pool()],
+            "conversations": [
+                conversation("a", "dec-0", turns=0, inputs=0, outputs=0, kv=20_000),
+                conversation("b", "dec-0", turns=0, inputs=0, outputs=0, kv=30_000),
+            ],
+        }
+    )
+    reader, now = FakeReader(gpus()), [0.0]
+    sink = MemorySink()
+    accountant = EnergyAccountant(reader, kube, sink, clock=lambda: now[0])
+    first = asyncio.run(accountant.cycle())
+    assert first.gpu_energy_j == 0  # baselines only
+
+    # 10 s pass; conversation a served a turn of 1000 in + 300 out, b one of 1000 in + 100 out.
+    reader.advance(10.0)
+    now[0] = 10.0
+    kube.get("conversations", "a")["spec"]["usage"] = {"turns": 1, "inputTokens": 1000, "outputTokens": 300}
+    kube.get("conversations", "b")["spec"]["usage"] = {"turns": 1, "inputTokens": 1000, "outputTokens": 100}
+    report = asyncio.run(accountant.cycle())
+
+    # Every GPU's 10 s: 4000 + 2000 + 6500 + 700 J; the unused GPU is on its node only.
+    assert report.gpu_energy_j == pytest.approx(13_200.0)
+    assert report.unmapped_j == pytest.approx(700.0)
+    assert math.isclose(report.attributed_j + report.unattributed_j + report.unmapped_j, report.gpu_energy_j)
+    status_a = kube.get("conversations", "a")["status"]
+    status_b = kube.get("conversations", "b")["status"]
+    # dec-0: 4000 J, idle 70 W x 10 s = 700 J shared by KV (0.2, 0.3 of capacity), 3300 J by tokens (1300:1100).
+    # pre-0: 6500 J, idle 700 J unattributed (prefill holds no KV), 5800 J by first-turn input (1:1).
+    expected_a = 3300 * 1300 / 2400 + 700 * 0.2 + 5800 / 2
+    expected_b = 3300 * 1100 / 2400 + 700 * 0.3 + 5800 / 2
+    assert status_a["energyJoules"] == pytest.approx(expected_a, abs=0.01)
+    assert status_b["energyJoules"] == pytest.approx(expected_b, abs=0.01)
+    assert status_a["energyPerTokenJoules"] == pytest.approx(expected_a / 300, rel=1e-4)
+    # Decoder figures: power now and energy since the first cycle; dec-1 idles (nobody pinned there).
+    assert sink.figures[("ns", "llama", "dec-0")][:2] == (400.0, 4000.0)
+    assert sink.figures[("ns", "llama", "dec-1")][:2] == (200.0, 2000.0)
+    assert sink.figures[("ns", "llama", "pre-0")][:2] == (650.0, 6500.0)
+    # J per output token on dec-0 (its energy over the interval's output tokens); dec-1 gets its tier's figure.
+    assert sink.figures[("ns", "llama", "dec-0")][2] == pytest.approx(4000 / 400)
+    assert accountant.tier_energy_per_token_j("decode") == {"bandwidth": pytest.approx(6000 / 400)}
+    assert sink.figures[("ns", "llama", "dec-1")][2] == pytest.approx(6000 / 400)
+    assert accountant.product_energy_per_token_j("prefill") == {"NVIDIA-H100": pytest.approx(6500 / 2000)}
+
+
+def test_a_restarted_loop_continues_from_status_without_repeating() -> None:
+    kube = FakeKube(
+        {
+            "decoderpools": [pool()],
+            "conversations": [conversation("a", "dec-0", turns=1, inputs=1000, outputs=300, kv=20_000)],
+        }
+    )
+    reader, now = FakeReader(gpus()), [0.0]
+    first = EnergyAccountant(reader, kube, MemorySink(), clock=lambda: now[0])
+    asyncio.run(first.cycle())
+    reader.advance(10.0)
+    now[0] = 10.0
+    asyncio.run(first.cycle())
+    before = kube.get("conversations", "a")["status"]["energyJoules"]
+    assert before > 0
+    # A new operator: the same GPUs and objects. Its first cycle counts nothing (no baseline), and the tokens
+    # already reported are not work again.
+    second = EnergyAccountant(reader, kube, MemorySink(), clock=lambda: now[0])
+    asyncio.run(second.cycle())
+    assert kube.get("conversations", "a")["status"]["energyJoules"] == before
+    reader.advance(10.0)
+    now[0] = 20.0
+    asyncio.run(second.cycle())
+    after = kube.get("conversations", "a")["status"]["energyJoules"]
+    # No new tokens: only its KV share of dec-0 (4000 J, all of it shared by occupancy: 0.2).
+    assert after - before == pytest.approx(4000 * 0.2, abs=0.01)
+
+
+def test_pool_status_sink_writes_only_energy_fields_and_yields_on_conflict() -> None:
+    kube = FakeKube({"decoderpools": [pool()], "conversations": []})
+    sink = PoolStatusPatchSink(kube)
+    sink.set_decoder_energy("ns", "llama", "dec-0", power_watts=300.0, energy_joules=1200.0)
+    sink.set_decoder_energy("ns", "llama", "pre-0", power_watts=600.0, energy_joules=100.0)
+    asyncio.run(sink.flush(kube.objects["decoderpools"]))
+    status = kube.get("decoderpools", "llama")["status"]
+    assert status["decoders"][0] == {**pool()["status"]["decoders"][0], "powerWatts": 300.0, "energyJoules": 1200.0}
+    assert status["decoders"][1] == pool()["status"]["decoders"][1]
+    assert (status["powerWatts"], status["energyJoules"]) == (900.0, 1300.0)
+    stale = pool()  # resourceVersion 1: the object has moved on since
+    asyncio.run(sink.flush([stale]))
+    assert sink.conflicts == 1
+
+
+def test_merge_decoder_energy_is_pure() -> None:
+    decoders: list[Body] = [{"pod": "x", "ready": True}, {"pod": "y"}]
+    merged = merge_decoder_energy(decoders, {"y": (10.0, 20.0)})
+    assert merged == [{"pod": "x", "ready": True}, {"pod": "y", "powerWatts": 10.0, "energyJoules": 20.0}]
+    assert decoders[1] == {"pod": "y"}
