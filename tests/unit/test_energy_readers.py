@@ -15,7 +15,7 @@ from aiohttp import web
 from conserve.core.energy import NVML_ENERGY_COUNTER_WRAP_MJ, DeltaKind, GpuSample, gpu_interval
 from conserve.energy import EnergyReader, FakeReader, GpuReading, NullReader, PodRef
 from conserve.energy.dcgm import DcgmExporterReader, parse_exposition, static_endpoints
-from conserve.energy.fakedcgm import ConstantLoad, FakeDcgmExporter, FakeGpu, make_app
+from conserve.energy.fakedcgm import ConstantLoad, FakeDcgmExporter, FakeGpu, GpuSimLoad, make_app, targets_from_cluster
 from conserve.energy.nvml import NvmlReader, NvmlUnavailableError
 
 DATA = Path(__file__).parent / "data" / "energy"
@@ -207,3 +207,33 @@ def test_a_failing_endpoint_is_a_missing_sample_not_an_error() -> None:
 
     assert asyncio.run(scenario()) == []
     assert "http://127.0.0.1:9/metrics" in reader.last_errors
+
+
+def test_cluster_targets_hand_out_gpu_indices_like_the_device_plugin() -> None:
+    def node(name: str, product: str, gpus: int) -> dict[str, Any]:
+        return {
+            "metadata": {"name": name, "labels": {"nvidia.com/gpu.product": product}},
+            "status": {"allocatable": {"nvidia.com/gpu": str(gpus)}},
+        }
+
+    def pod(name: str, node_name: str, gpus: int) -> dict[str, Any]:
+        limits = {"nvidia.com/gpu": str(gpus)}
+        return {
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": {"nodeName": node_name, "containers": [{"name": "vllm", "resources": {"limits": limits}}]},
+        }
+
+    targets = targets_from_cluster(
+        [pod("dec-b", "h200-0", 1), pod("dec-a", "h200-0", 2), pod("cpu", "cpu-0", 0)],
+        [node("h200-0", "NVIDIA-H200", 4), {"metadata": {"name": "cpu-0", "labels": {}}}],
+    )
+    assert [(t.node, t.gpu_index, t.pod) for t in targets] == [
+        ("h200-0", 0, "dec-a"),
+        ("h200-0", 1, "dec-a"),
+        ("h200-0", 2, "dec-b"),
+        ("h200-0", 3, ""),
+    ]
+    # gpu-sim's modelled power (for the pod's 2 GPUs) maps back onto the same power model.
+    load = GpuSimLoad(gpus_per_pod={"ns/dec-a": 2}, power_w={"ns/dec-a": 2 * 385.0})
+    assert load(targets[0]) == pytest.approx(0.5)
+    assert load(targets[3]) == 0.0
