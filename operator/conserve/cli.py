@@ -18,6 +18,8 @@ from typing import Protocol, cast
 # Subcommand name -> module exposing add_parser(subparsers). Teammates: add yours here.
 SUBCOMMANDS: dict[str, str] = {
     "dev": "conserve.devcluster.cli",
+    "crds": "conserve.api.crdgen",
+    "operator": "conserve.controller.cli",
     "extender": "conserve.extender.cli",
     "gpu-sim": "conserve.gpusim.cli",
     "router": "conserve.router.cli",

@@ -6,7 +6,7 @@
   their ServiceAccount's token (TokenRequest API), and do their job: the real kube-scheduler calls the extender
   and binds a decode pod to a bandwidth-tier node; the operator places a Conversation on a decoder.
 - Its RBAC is least: `kubectl auth can-i --as` each ServiceAccount is refused what it must not do.
-- `helm uninstall` removes everything but the kept CRDs (and the peering object, a hook; see the chart README).
+- `helm uninstall` removes everything but the kept CRDs.
 
 The cluster is shared with the other e2e tests: CRDs already applied by them are adopted into the release
 (Helm's ownership annotations) rather than refused, and are kept on uninstall, so the other tests are unaffected.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -40,8 +39,6 @@ RELEASE = "conserve-e2e"
 CHART_CRDS = (
     "conversations.conserve.dev",
     "decoderpools.conserve.dev",
-    "clusterkopfpeerings.kopf.dev",
-    "kopfpeerings.kopf.dev",
 )
 COMPONENTS = ("operator", "extender", "scheduler")
 BANDWIDTH_PRODUCTS = {"NVIDIA-H200", "NVIDIA-A100-SXM4-80GB", "NVIDIA-H20"}
@@ -62,7 +59,6 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 60.0) 
 class Release:
     cluster: ClusterHandle
     namespace: str
-    peering: str
     helm_env: dict[str, str]
 
     def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -129,14 +125,13 @@ def release(cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory) ->
     for var in ("HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"):
         env[var] = str(home / var.lower())
     with temporary_namespace(cluster, "helm") as namespace:
-        rel = Release(cluster, namespace, f"conserve-e2e-{secrets.token_hex(3)}", env)
+        rel = Release(cluster, namespace, env)
         for crd in CHART_CRDS:
             adopt(cluster, "customresourcedefinition", crd, namespace)
         values = {
             # Land on KWOK's fake nodes (and tolerate the taint KWOK setups usually put on them).
             "nodeSelector": {"type": "kwok"},
             "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}],
-            "operator": {"peering": {"name": rel.peering}},
         }
         values_file = home / "values.yaml"
         values_file.write_text(yaml.safe_dump(values))
@@ -145,7 +140,6 @@ def release(cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory) ->
             yield rel
         finally:
             rel.helm("uninstall", RELEASE, "--wait", "--timeout=60s", check=False)
-            cluster.kubectl("delete", "clusterkopfpeering", rel.peering, "--ignore-not-found", check=False)
 
 
 def test_release_is_deployed_and_every_pod_is_running(release: Release) -> None:
@@ -163,8 +157,6 @@ def test_release_is_deployed_and_every_pod_is_running(release: Release) -> None:
             assert pod["status"]["phase"] == "Running", pod["metadata"]["name"]
             assert pod["spec"]["nodeSelector"]["type"] == "kwok"
             assert pod["spec"]["serviceAccountName"] == release.service_account(component)
-    peering = release.kubectl_json("get", "clusterkopfpeering", release.peering)
-    assert peering["metadata"]["name"] == release.peering
 
 
 # --- RBAC is least: what each ServiceAccount must not do ---------------------------------------------------
@@ -185,7 +177,7 @@ def test_release_is_deployed_and_every_pod_is_running(release: Release) -> None:
         ("operator", "update", "customresourcedefinitions.apiextensions.k8s.io"),
         ("operator", "create", "clusterroles.rbac.authorization.k8s.io"),
         ("operator", "create", "pods:exec"),
-        ("operator", "delete", "clusterkopfpeerings.kopf.dev"),
+        ("operator", "delete", "leases.coordination.k8s.io"),
         ("operator", "impersonate", "serviceaccounts"),
         ("extender", "get", "secrets"),
         ("extender", "patch", "pods"),
@@ -209,7 +201,6 @@ def test_service_account_is_refused(release: Release, component: str, verb: str,
         ("operator", "patch", "decoderpools.conserve.dev:status"),
         ("operator", "list", "pods"),
         ("operator", "create", "events"),
-        ("operator", "patch", "clusterkopfpeerings.kopf.dev"),
         ("extender", "watch", "nodes"),
         ("extender", "watch", "pods"),
         ("scheduler", "create", "pods:binding"),
@@ -220,8 +211,10 @@ def test_service_account_is_granted(release: Release, component: str, verb: str,
     assert release.can_i(component, verb, resource, "--all-namespaces")
 
 
-def test_scheduler_may_renew_only_its_own_lease(release: Release) -> None:
+def test_operator_and_scheduler_may_renew_only_their_own_lease(release: Release) -> None:
     ns = f"--namespace={release.namespace}"
+    assert release.can_i("operator", "update", f"leases.coordination.k8s.io/{RELEASE}-operator", ns)
+    assert not release.can_i("operator", "update", "leases.coordination.k8s.io/conserve-scheduler", ns)
     assert release.can_i("scheduler", "update", "leases.coordination.k8s.io/conserve-scheduler", ns)
     assert not release.can_i("scheduler", "update", "leases.coordination.k8s.io/other", ns)
 

@@ -39,7 +39,6 @@ OPERATOR_RULES: dict[tuple[str, str], set[str]] = {
     ("", "pods"): {"list", "watch"},
     ("", "nodes"): {"list", "watch"},
     ("", "events"): {"create"},
-    ("kopf.dev", "clusterkopfpeerings"): {"list", "watch", "patch"},
 }
 EXTENDER_RULES: dict[tuple[str, str], set[str]] = {
     ("", "nodes"): {"list", "watch"},
@@ -127,9 +126,13 @@ def test_default_render_has_every_component(default_docs: list[Manifest]) -> Non
     assert set(by_kind(default_docs, "Service")) == {"conserve-extender", "conserve-operator-metrics"}
     assert set(by_kind(default_docs, "ServiceAccount")) == set(deployments)
     assert not by_kind(default_docs, "ServiceMonitor"), "the ServiceMonitor is off by default"
-    peering = by_kind(default_docs, "ClusterKopfPeering")
-    assert set(peering) == {"conserve"}
-    assert peering["conserve"]["metadata"]["annotations"]["helm.sh/hook"] == "post-install"
+    lease = by_kind(default_docs, "Role")["conserve-operator-leader-election"]
+    assert lease["rules"][1] == {
+        "apiGroups": ["coordination.k8s.io"],
+        "resources": ["leases"],
+        "resourceNames": ["conserve-operator"],
+        "verbs": ["get", "update", "patch"],
+    }
 
 
 def test_operator_runs_the_documented_command(default_docs: list[Manifest]) -> None:
@@ -138,10 +141,10 @@ def test_operator_runs_the_documented_command(default_docs: list[Manifest]) -> N
     assert container["args"] == [
         "operator",
         "--all-namespaces",
-        "--peering=conserve",
         "--metrics-port=9100",
-        "--liveness=http://0.0.0.0:8080/healthz",
-        "--energy-source=none",
+        "--health-port=8080",
+        "--lease-name=conserve-operator",
+        "--lease-namespace=conserve-system",
     ]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"metrics": 9100, "health": 8080}
@@ -243,16 +246,14 @@ def test_components_can_be_turned_off() -> None:
     docs = render("operator.enabled=false", "scheduler.enabled=false", "crds.enabled=false")
     assert set(by_kind(docs, "Deployment")) == {"conserve-extender"}
     assert not by_kind(docs, "CustomResourceDefinition")
-    assert not by_kind(docs, "ClusterKopfPeering")
     assert set(by_kind(docs, "ClusterRole")) == {"conserve-extender"}
 
 
-def test_single_standalone_operator() -> None:
-    docs = render("operator.replicas=1", "operator.peering.enabled=false")
+def test_single_operator_without_leader_election() -> None:
+    docs = render("operator.replicas=1", "operator.leaderElection.enabled=false")
     args = by_kind(docs, "Deployment")["conserve-operator"]["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--standalone" in args and not any(a.startswith("--peering") for a in args)
-    assert ("kopf.dev", "clusterkopfpeerings") not in rules_of(by_kind(docs, "ClusterRole")["conserve-operator"])
-    assert not by_kind(docs, "ClusterKopfPeering")
+    assert "--no-leader-elect" in args and not any(a.startswith("--lease") for a in args)
+    assert "conserve-operator-leader-election" not in by_kind(docs, "Role")
 
 
 def test_dcgm_energy_source_gets_endpointslices_in_the_exporters_namespace_only() -> None:
@@ -303,7 +304,7 @@ def test_service_monitor_and_dashboard_when_enabled() -> None:
         (["extender.port=70000"], "at '/extender/port': maximum"),
         (["scheduler.image.tag=latest"], "at '/scheduler/image/tag'"),
         (["crds.enabled=maybe"], "at '/crds/enabled': got string, want boolean"),
-        (["operator.peering.enabled=false"], "operator.replicas > 1 needs operator.peering.enabled"),
+        (["operator.leaderElection.enabled=false"], "operator.replicas > 1 needs operator.leaderElection.enabled"),
         (["scheduler.replicas=2", "scheduler.leaderElection=false"], "scheduler.replicas > 1 needs"),
         (["operator.energy.source=dcgm"], "operator.energy.source dcgm needs operator.energy.dcgm.service"),
         (["operator.energy.source=joulemeter"], "at '/operator/energy/source'"),
@@ -390,7 +391,7 @@ def test_each_binding_names_its_own_service_account(default_docs: list[Manifest]
         [subject] = b["subjects"]
         assert subject["kind"] == "ServiceAccount" and subject["namespace"] == "conserve-system"
         refs.setdefault(subject["name"], set()).add(b["roleRef"]["name"])
-    assert refs["conserve-operator"] == {"conserve-operator"}
+    assert refs["conserve-operator"] == {"conserve-operator", "conserve-operator-leader-election"}
     assert refs["conserve-extender"] == {"conserve-extender"}
     assert refs["conserve-scheduler"] == SCHEDULER_CLUSTER_ROLES | {
         "extension-apiserver-authentication-reader",
@@ -436,15 +437,15 @@ def test_rendered_crds_equal_the_generated_ones(default_docs: list[Manifest]) ->
     rendered = by_kind(default_docs, "CustomResourceDefinition")
     sources = source_crds()
     assert sources
-    assert set(sources) | {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"} == set(rendered)
+    assert set(sources) == set(rendered)
     for name, crd in sources.items():
         assert rendered[name]["spec"] == crd["spec"], name
     for crd in rendered.values():
         assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
 
 
-def test_crds_keep_and_kopf_peering_switches() -> None:
-    docs = render("crds.keep=false", "crds.kopfPeering=false")
+def test_crds_keep_switch() -> None:
+    docs = render("crds.keep=false")
     crds = by_kind(docs, "CustomResourceDefinition")
     assert set(crds) == set(source_crds())
     for crd in crds.values():

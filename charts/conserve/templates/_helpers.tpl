@@ -108,3 +108,8 @@ imagePullSecrets:
   {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* The operator's leader-election Lease. */}}
+{{- define "conserve.operatorLease" -}}
+{{- default (include "conserve.componentName" (dict "ctx" . "component" "operator")) .Values.operator.leaderElection.leaseName }}
+{{- end }}
