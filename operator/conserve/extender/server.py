@@ -110,6 +110,8 @@ class ExtenderApp:
         args = parse_args(body)
         result = self.service.prioritize(args)
         self.metrics.request_nodes.labels(verb="prioritize").observe(len(result.root))
+        if log.isEnabledFor(logging.DEBUG) and len(result.root) <= 20:
+            log.debug("extender prioritize %s", {h.Host: h.Score for h in result.root})
         return result.to_json_bytes()
 
     def answer_bind(self, body: bytes) -> bytes:
