@@ -16,7 +16,7 @@ import enum
 
 from pydantic import Field
 
-from conserve.api.common import CamelModel, Condition, NonNegativeInt, StatusModel
+from conserve.api.common import CamelModel, Condition, NonNegativeInt, StatusModel, cel
 
 KIND = "Conversation"
 PLURAL = "conversations"
@@ -37,12 +37,20 @@ class Phase(enum.StrEnum):
 TERMINAL_PHASES = frozenset({Phase.COMPLETED, Phase.FAILED})
 
 
+# Usage counters are cumulative: a report is idempotent, and a lower value is a bug or a stale retry.
+_CUMULATIVE = cel("self >= oldSelf", "is cumulative and cannot decrease")
+
+
 class ConversationUsage(CamelModel):
     """Cumulative usage reported by the data plane. Counters only grow; a lower value is refused."""
 
-    turns: NonNegativeInt = 0
-    input_tokens: NonNegativeInt = Field(0, description="Sum of every turn's new input tokens.")
-    output_tokens: NonNegativeInt = Field(0, description="Sum of every turn's output tokens.")
+    turns: NonNegativeInt = Field(0, description="Turns served so far.", json_schema_extra=_CUMULATIVE)
+    input_tokens: NonNegativeInt = Field(
+        0, description="Sum of every turn's new input tokens (the first included).", json_schema_extra=_CUMULATIVE
+    )
+    output_tokens: NonNegativeInt = Field(
+        0, description="Sum of every turn's output tokens.", json_schema_extra=_CUMULATIVE
+    )
     last_turn_time: str | None = Field(None, description="RFC 3339 time of the latest turn.")
     time_to_first_effective_token_seconds: float | None = Field(
         None, ge=0, description="Measured by the data plane: start of the conversation to first visible output."
@@ -50,9 +58,17 @@ class ConversationUsage(CamelModel):
 
 
 class ConversationSpec(CamelModel):
-    pool: str = Field(min_length=1, max_length=253, description="Name of the DecoderPool in this namespace.")
+    pool: str = Field(
+        min_length=1,
+        max_length=253,
+        description="Name of the DecoderPool in this namespace.",
+        json_schema_extra=cel("self == oldSelf", "is immutable"),
+    )
     first_turn_input_tokens: int = Field(
-        ge=1, le=MAX_INPUT_TOKENS, description="Input length of the first turn in tokens; drives the reservation."
+        ge=1,
+        le=MAX_INPUT_TOKENS,
+        description="Input length of the first turn in tokens; drives the reservation.",
+        json_schema_extra=cel("self == oldSelf", "is immutable"),
     )
     expected_turns: int | None = Field(None, ge=1, le=100_000, description="Hint: turns the client expects.")
     first_effective_token_slo_seconds: float | None = Field(
@@ -62,7 +78,11 @@ class ConversationSpec(CamelModel):
     idle_timeout_seconds: int | None = Field(
         None, ge=1, le=7 * 24 * 3600, description="Release after this long without a turn (default: the pool's)."
     )
-    completed: bool = Field(False, description="Set by the client when the conversation has ended.")
+    completed: bool = Field(
+        False,
+        description="Set by the client when the conversation has ended; its reservation is then released.",
+        json_schema_extra=cel("self || !oldSelf", "cannot be unset once true"),
+    )
     usage: ConversationUsage = Field(default_factory=ConversationUsage)
 
 
@@ -88,6 +108,8 @@ class ConversationStatus(StatusModel):
     placement_generation: int = 0
     placed_at: str | None = None
     completed_at: str | None = None
+    #: Latest turn (or placement): the idle timeout counts from here.
+    last_activity_time: str | None = None
     energy_joules: float | None = None
     energy_per_token_joules: float | None = None
     time_to_first_effective_token_seconds: float | None = None

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from conserve.api.common import CamelModel, Condition, LabelSelector, StatusModel
+from conserve.api.common import NON_EMPTY_SELECTOR, CamelModel, Condition, LabelSelector, StatusModel, cel
+from conserve.core.llm import MODELS, ModelShape, lookup_model
 
 KIND = "DecoderPool"
 PLURAL = "decoderpools"
@@ -27,11 +28,41 @@ class ModelShapeSpec(CamelModel):
     head_dim: int = Field(ge=1)
     bytes_per_element: int = Field(2, ge=1, le=8)
 
+    def to_shape(self, name: str) -> ModelShape:
+        return ModelShape(
+            name,
+            self.parameters,
+            self.layers,
+            self.hidden_size,
+            self.attention_heads,
+            self.kv_heads,
+            self.head_dim,
+            self.bytes_per_element,
+        )
+
 
 class ModelSpec(CamelModel):
-    name: str = Field(min_length=1, max_length=253, description="Model name, e.g. llama-3-8b.")
+    name: str = Field(min_length=1, max_length=253, description=f"Model name; built in: {', '.join(sorted(MODELS))}.")
     kv_bytes_per_token: int | None = Field(None, ge=1, description="Overrides the KV size derived from the shape.")
     shape: ModelShapeSpec | None = Field(None, description="Needed when the name is not in the built-in catalog.")
+
+    def resolved_shape(self) -> ModelShape | None:
+        return self.shape.to_shape(self.name) if self.shape is not None else lookup_model(self.name)
+
+    def resolved_kv_bytes_per_token(self) -> int | None:
+        if self.kv_bytes_per_token is not None:
+            return self.kv_bytes_per_token
+        shape = self.resolved_shape()
+        return shape.kv_bytes_per_token if shape is not None else None
+
+
+def _known_model_rule(field: str) -> str:
+    # CEL twin of lookup_model(): case-insensitive, an organisation prefix and a "meta-" prefix are ignored.
+    checks = []
+    for name in sorted(MODELS):
+        checks.append(f"{field} == '{name}' || {field} == 'meta-{name}'")
+        checks.append(f"{field}.endsWith('/{name}') || {field}.endsWith('/meta-{name}')")
+    return " || ".join(checks)
 
 
 class KvCapacitySpec(CamelModel):
@@ -39,12 +70,29 @@ class KvCapacitySpec(CamelModel):
     gpu_memory_fraction: float = Field(0.9, gt=0, le=1, description="Share of GPU memory the server may use.")
 
 
+_WEIGHT_DEFAULTS = {"kvBalance": 1.0, "kvPack": 0.0, "tier": 1.0, "energy": 0.5, "conversations": 0.25}
+
+
 class WeightsSpec(CamelModel):
-    kv_balance: float = Field(1.0, ge=0, le=100)
-    kv_pack: float = Field(0.0, ge=0, le=100)
-    tier: float = Field(1.0, ge=0, le=100)
-    energy: float = Field(0.5, ge=0, le=100)
-    conversations: float = Field(0.25, ge=0, le=100)
+    # has() guards: the rule also checks the schema's `default: {}` before inner defaults are filled in.
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            " + ".join(f"(has(self.{k}) ? self.{k} : {v})" for k, v in _WEIGHT_DEFAULTS.items()) + " > 0.0",
+            "at least one scorer weight must be positive",
+        )
+    )
+
+    kv_balance: float = Field(_WEIGHT_DEFAULTS["kvBalance"], ge=0, le=100, description="Most free KV left.")
+    kv_pack: float = Field(_WEIGHT_DEFAULTS["kvPack"], ge=0, le=100, description="Tightest fit.")
+    tier: float = Field(_WEIGHT_DEFAULTS["tier"], ge=0, le=100, description="Bandwidth-tier GPU.")
+    energy: float = Field(_WEIGHT_DEFAULTS["energy"], ge=0, le=100, description="Fewest joules per token.")
+    conversations: float = Field(_WEIGHT_DEFAULTS["conversations"], ge=0, le=100, description="Fewest pinned.")
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> WeightsSpec:
+        if self.kv_balance + self.kv_pack + self.tier + self.energy + self.conversations <= 0:
+            raise ValueError("at least one scorer weight must be positive")
+        return self
 
 
 class PlacementSpec(CamelModel):
@@ -58,10 +106,24 @@ class EndpointSpec(CamelModel):
     port: int = Field(8000, ge=1, le=65535, description="Port of the servers' OpenAI-compatible API.")
 
 
+_KV_SIZE_KNOWN = cel(
+    "(has(self.kvCapacity) && has(self.kvCapacity.tokensPerDecoder)) || has(self.model.kvBytesPerToken)"
+    " || has(self.model.shape) || " + _known_model_rule("self.model.name.lowerAscii()"),
+    "unknown model: give model.kvBytesPerToken, model.shape or kvCapacity.tokensPerDecoder",
+    field_path=".model.name",
+)
+
+
 class DecoderPoolSpec(CamelModel):
+    model_config = ConfigDict(json_schema_extra=_KV_SIZE_KNOWN)
+
     model: ModelSpec
-    decoder_selector: LabelSelector = Field(description="Selects the decode pods (namespace of the pool).")
-    prefill_selector: LabelSelector | None = Field(None, description="Selects the prefill pods.")
+    decoder_selector: LabelSelector = Field(
+        description="Selects the decode pods (namespace of the pool).", json_schema_extra=NON_EMPTY_SELECTOR
+    )
+    prefill_selector: LabelSelector | None = Field(
+        None, description="Selects the prefill pods.", json_schema_extra=NON_EMPTY_SELECTOR
+    )
     kv_capacity: KvCapacitySpec = Field(default_factory=KvCapacitySpec)
     placement: PlacementSpec = Field(default_factory=PlacementSpec)
     endpoint: EndpointSpec = Field(default_factory=EndpointSpec)
@@ -69,8 +131,16 @@ class DecoderPoolSpec(CamelModel):
 
     @model_validator(mode="after")
     def _selector_not_empty(self) -> DecoderPoolSpec:
-        if not self.decoder_selector.match_labels and not self.decoder_selector.match_expressions:
+        if self.decoder_selector.empty:
             raise ValueError("decoderSelector must select something (an empty selector would match every pod)")
+        if self.prefill_selector is not None and self.prefill_selector.empty:
+            raise ValueError("prefillSelector must select something (an empty selector would match every pod)")
+        return self
+
+    @model_validator(mode="after")
+    def _kv_size_known(self) -> DecoderPoolSpec:
+        if self.kv_capacity.tokens_per_decoder is None and self.model.resolved_kv_bytes_per_token() is None:
+            raise ValueError("unknown model: give model.kvBytesPerToken, model.shape or kvCapacity.tokensPerDecoder")
         return self
 
 
@@ -99,6 +169,7 @@ class PrefillStatus(StatusModel):
 
 
 class DecoderPoolStatus(StatusModel):
+    #: Written whole by the operator; powerWatts/energyJoules of each entry come from the energy loop.
     decoders: list[DecoderStatus] = Field(default_factory=list)
     prefills: list[PrefillStatus] = Field(default_factory=list)
     ready_decoders: int = 0
@@ -109,6 +180,7 @@ class DecoderPoolStatus(StatusModel):
     pending_conversations: int = 0
     #: "used/total" KV tokens, for the printer column.
     kv_usage: str = ""
+    kv_bytes_per_token: int | None = None
     #: Recent completed conversations' final context / first-turn input, newest last (bounded).
     observed_growth_ratios: list[float] = Field(default_factory=list)
     power_watts: float | None = None

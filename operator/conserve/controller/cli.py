@@ -1,0 +1,83 @@
+"""`conserve operator`: run the Kopf operator (Conversation placement, DecoderPool status, decoder discovery).
+
+RBAC the operator needs (the Helm chart grants exactly these):
+- conserve.dev: conversations, decoderpools: get, list, watch, patch; conversations/status,
+  decoderpools/status: get, patch. (Namespaced Role per watched namespace, or a ClusterRole with --all-namespaces.)
+- core: pods: get, list, watch; nodes (cluster-scoped, ClusterRole): get, list, watch;
+  events: create, patch (core/v1 Events, written by the operator and by Kopf for its own warnings).
+- coordination.k8s.io: leases: get, create, update, patch, in --lease-namespace (leader election).
+- Kopf itself (API discovery only; scanning is off): no extra verbs. No KopfPeering CRDs are needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import sys
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("operator", help="run the ConServe operator (Kopf)")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--namespace", "-n", action="append", dest="namespaces", help="watch this namespace (repeatable)"
+    )
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace (default)")
+    p.add_argument("--metrics-port", type=int, default=9100, help="Prometheus metrics port (0: off; default 9100)")
+    p.add_argument("--health-port", type=int, default=0, help="Kopf liveness endpoint /healthz on this port (0: off)")
+    p.add_argument(
+        "--no-leader-elect",
+        dest="leader_elect",
+        action="store_false",
+        help="run without the Lease (one replica only: tests, development)",
+    )
+    p.add_argument("--lease-name", default="conserve-operator", help="the Lease of leader election")
+    p.add_argument(
+        "--lease-namespace",
+        default=None,
+        help="namespace of the Lease (default: $POD_NAMESPACE, the first --namespace, or default)",
+    )
+    p.add_argument("--identity", default=None, help="this replica's name in the Lease (default: $POD_NAME or host)")
+    p.add_argument("--pool-status-interval", type=float, default=0.5, help="seconds between a pool's status writes")
+    p.add_argument("--idle-sweep-interval", type=float, default=1.0, help="seconds between idle-timeout sweeps")
+    p.add_argument(
+        "--idle-phase-after",
+        type=float,
+        default=60.0,
+        help="seconds without a turn before a conversation shows phase Idle",
+    )
+    p.add_argument("--api-threads", type=int, default=16, help="threads of the Kubernetes client pool")
+    p.add_argument("--verbose", "-v", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not args.verbose:
+        logging.getLogger("kopf").setLevel(logging.WARNING)
+    from conserve.controller.main import OperatorOptions, run_operator
+
+    options = OperatorOptions(
+        namespaces=args.namespaces or None,
+        metrics_port=args.metrics_port,
+        health_port=args.health_port,
+        leader_elect=args.leader_elect,
+        lease_name=args.lease_name,
+        lease_namespace=args.lease_namespace
+        or os.environ.get("POD_NAMESPACE")
+        or (args.namespaces[0] if args.namespaces else "default"),
+        identity=args.identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}-{secrets.token_hex(3)}",
+        pool_status_interval_s=args.pool_status_interval,
+        idle_sweep_interval_s=args.idle_sweep_interval,
+        idle_phase_after_s=args.idle_phase_after,
+        api_threads=args.api_threads,
+    )
+    return asyncio.run(run_operator(options))

@@ -1,0 +1,113 @@
+"""Conversation handler: each watch event is reconciled against the operator's record (level-triggered, so a
+replayed or missed event is harmless).
+
+The data plane reports turns through `spec.usage` (cumulative counters: turns, inputTokens, outputTokens,
+lastTurnTime, timeToFirstEffectiveTokenSeconds); `spec.completed: true` ends the conversation. Deleting it runs
+the finalizer `conserve.dev/release-capacity`, which releases the reservation once.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+
+from conserve.api.conversation import TERMINAL_PHASES, ConversationSpec, ConversationStatus, Phase
+from conserve.controller.engine import PLURAL, Engine
+from conserve.controller.state import FINALIZER, ConvRecord, key_of, parse_time
+
+log = logging.getLogger("conserve.operator")
+__all__ = ["PLURAL", "adopt", "on_event", "record_from_body"]
+
+
+def record_from_body(body: dict[str, Any], spec: ConversationSpec, *, now_s: float, monotonic: float) -> ConvRecord:
+    """A record from an object as the API server has it; its status (written by an earlier run) is adopted."""
+    meta = body["metadata"]
+    status = ConversationStatus.model_validate(body.get("status") or {})
+    record = ConvRecord(
+        namespace=meta["namespace"],
+        name=meta["name"],
+        uid=meta.get("uid", ""),
+        spec=spec,
+        created_at_s=parse_time(meta.get("creationTimestamp")) or now_s,
+        generation=int(meta.get("generation") or 0),
+        phase=status.phase,
+        decoder=status.decoder,
+        prefill=status.prefill,
+        reserved_kv_tokens=status.reserved_kv_tokens,
+        live_kv_tokens=status.live_kv_tokens,
+        turns=status.turns_served,
+        input_tokens=status.input_tokens,
+        output_tokens=status.output_tokens,
+        kv_transfers=status.kv_transfers,
+        placement_generation=status.placement_generation,
+        placed_at=status.placed_at,
+        completed_at=status.completed_at,
+        last_activity_s=parse_time(status.last_activity_time) or parse_time(status.placed_at),
+        ttfet_s=status.time_to_first_effective_token_seconds,
+        conditions={c.type: c for c in status.conditions},
+        finalizers=list(meta.get("finalizers") or []),
+        first_seen_monotonic=monotonic,
+    )
+    record.has_finalizer = FINALIZER in record.finalizers
+    if record.phase not in TERMINAL_PHASES and record.decoder is None:
+        record.phase = Phase.PENDING
+    return record
+
+
+def adopt(engine: Engine, record: ConvRecord) -> None:
+    """Put a placed conversation's reservation back in its pool's ledger (a rebuild never drops one)."""
+    if record.placed and record.decoder is not None:
+        pool = engine.world.pool_of(record)
+        pool.ledger.adopt(record.key, record.decoder.pod, record.reserved_kv_tokens, record.live_kv_tokens)
+
+
+async def on_event(engine: Engine, event_type: str | None, body: dict[str, Any]) -> None:
+    meta = body.get("metadata", {})
+    key = key_of(meta.get("namespace", ""), meta.get("name", ""))
+    world = engine.world
+    if event_type == "DELETED":
+        gone = world.convs.pop(key, None)
+        if gone is not None and not gone.terminal:
+            await engine.release(gone, "Deleted", "the conversation was deleted", write=False)
+        return
+    try:
+        spec = ConversationSpec.model_validate(body.get("spec") or {})
+    except ValidationError as exc:  # the schema refuses these; an old object may still hold one
+        log.warning("conversation %s has an invalid spec: %s", key, exc)
+        return
+    record = world.convs.get(key)
+    if record is None or record.uid != meta.get("uid", record.uid):
+        record = record_from_body(body, spec, now_s=engine.clock.now(), monotonic=engine.clock.monotonic())
+        world.convs[key] = record
+        adopt(engine, record)
+    else:
+        record.spec = spec
+        record.generation = int(meta.get("generation") or record.generation)
+        record.finalizers = list(meta.get("finalizers") or [])
+        record.has_finalizer = FINALIZER in record.finalizers
+    if meta.get("deletionTimestamp"):
+        if not record.terminal:
+            await engine.release(record, "Deleted", "the conversation was deleted", write=False)
+        await engine.remove_finalizer(record)
+        return
+    if record.terminal:
+        await engine.remove_finalizer(record)  # left over when a run stopped between release and this
+        return
+    if spec.completed:
+        await engine.release(record, "Completed", "the client marked the conversation completed")
+        return
+    pool = world.pool_of(record)
+    if record.placed:
+        async with pool.lock:
+            changed = engine.apply_usage(pool, record)
+        if changed:
+            engine.on_pool_changed(pool)
+            await engine.write_status(record)
+        if not record.has_finalizer:
+            await engine.add_finalizer(record)
+        return
+    async with pool.lock:
+        engine.apply_usage(pool, record)  # a turn reported before placement is still counted
+    await engine.admit(record)

@@ -1,0 +1,179 @@
+"""The operator's writes and lists, behind one small Protocol (tests inject a fake; the engine never sees the client).
+
+`KubeClient` runs the official synchronous client on a dedicated thread pool, so no call blocks the event loop
+and Kopf's own executor stays free. Status writes are JSON merge patches of only the fields the operator owns:
+other writers (the energy loop, Kopf) keep theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime as dt
+import functools
+import secrets
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+from conserve.api.common import GROUP, VERSION
+
+T = TypeVar("T")
+Body = dict[str, Any]
+
+
+def k8s(module: str) -> Any:
+    """A `kubernetes` module, untyped on purpose: its generated stubs want model objects where the API takes
+    plain dicts (which is what the operator reads from watch events and writes back)."""
+    import importlib
+
+    return importlib.import_module(f"kubernetes.{module}")
+
+
+class NotFound(Exception):
+    """The object is gone (404)."""
+
+
+class Refused(Exception):
+    """The API server refused the write (409 / 422): e.g. a finalizer added to an object being deleted."""
+
+
+class Kube(Protocol):
+    async def list_objects(self, plural: str, namespace: str | None) -> list[Body]: ...
+    async def list_pods(self, namespace: str | None) -> list[Body]: ...
+    async def list_nodes(self) -> list[Body]: ...
+    async def patch_status(self, plural: str, namespace: str, name: str, patch: Body) -> Body: ...
+    async def patch_object(self, plural: str, namespace: str, name: str, patch: Body) -> Body: ...
+    async def post_event(self, obj: Body, reason: str, message: str, *, warning: bool = False) -> None: ...
+
+
+def utc_now_rfc3339() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class KubeClient:
+    """The real client: `kubernetes` (sync) on a private thread pool."""
+
+    def __init__(self, api_client: Any, *, threads: int = 16, component: str = "conserve-operator") -> None:
+        client = k8s("client")
+        self._api_client = api_client
+        self._custom = client.CustomObjectsApi(api_client)
+        self._core = client.CoreV1Api(api_client)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
+        self._component = component
+
+    @classmethod
+    def from_kubeconfig(cls, kubeconfig: str | None = None, *, threads: int = 16) -> KubeClient:
+        client, config = k8s("client"), k8s("config")
+        configuration = client.Configuration()
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except config.ConfigException:
+            config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+        configuration.connection_pool_maxsize = threads
+        return cls(client.ApiClient(configuration), threads=threads)
+
+    @property
+    def api_client(self) -> Any:
+        return self._api_client
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._api_client.close()
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        api_exception = k8s("client.rest").ApiException
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        except api_exception as exc:
+            if exc.status == 404:
+                raise NotFound(str(exc.reason)) from exc
+            if exc.status in (409, 422):
+                raise Refused(f"{exc.status} {exc.reason}: {exc.body}") from exc
+            raise
+
+    async def list_objects(self, plural: str, namespace: str | None) -> list[Body]:
+        if namespace is None:
+            out: Body = await self._call(self._custom.list_cluster_custom_object, GROUP, VERSION, plural)
+        else:
+            out = await self._call(self._custom.list_namespaced_custom_object, GROUP, VERSION, namespace, plural)
+        return list(out.get("items", []))
+
+    async def list_pods(self, namespace: str | None) -> list[Body]:
+        # Plain dicts (as watch events carry them), not the client's model objects.
+        if namespace is None:
+            resp = await self._call(self._core.list_pod_for_all_namespaces, _preload_content=False)
+        else:
+            resp = await self._call(self._core.list_namespaced_pod, namespace, _preload_content=False)
+        return _items(resp)
+
+    async def list_nodes(self) -> list[Body]:
+        return _items(await self._call(self._core.list_node, _preload_content=False))
+
+    async def patch_status(self, plural: str, namespace: str, name: str, patch: Body) -> Body:
+        result: Body = await self._call(
+            self._custom.patch_namespaced_custom_object_status,
+            GROUP,
+            VERSION,
+            namespace,
+            plural,
+            name,
+            patch,
+            _content_type="application/merge-patch+json",
+        )
+        return result
+
+    async def patch_object(self, plural: str, namespace: str, name: str, patch: Body) -> Body:
+        result: Body = await self._call(
+            self._custom.patch_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            plural,
+            name,
+            patch,
+            _content_type="application/merge-patch+json",
+        )
+        return result
+
+    async def post_event(self, obj: Body, reason: str, message: str, *, warning: bool = False) -> None:
+        meta = obj.get("metadata", {})
+        namespace = meta.get("namespace") or "default"
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta.get('name', 'obj')}.{secrets.token_hex(8)}", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion", f"{GROUP}/{VERSION}"),
+                "kind": obj.get("kind", ""),
+                "name": meta.get("name", ""),
+                "namespace": namespace,
+                "uid": meta.get("uid", ""),
+                "resourceVersion": meta.get("resourceVersion", ""),
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": "Warning" if warning else "Normal",
+            "source": {"component": self._component},
+            "reportingComponent": self._component,
+            "reportingInstance": self._component,
+            "firstTimestamp": now[:19] + "Z",
+            "lastTimestamp": now[:19] + "Z",
+            "eventTime": now,
+            "action": reason,
+            "count": 1,
+        }
+        await self._call(self._core.create_namespaced_event, namespace, event)
+
+
+def _items(resp: Any) -> list[Body]:
+    import json
+
+    data = json.loads(resp.data)
+    kind = data.get("kind", "List").removesuffix("List")
+    items: list[Body] = data.get("items", [])
+    for item in items:
+        item.setdefault("kind", kind)
+        item.setdefault("apiVersion", data.get("apiVersion", "v1"))
+    return items

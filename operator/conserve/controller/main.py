@@ -1,0 +1,79 @@
+"""Run the operator: leader election, metrics endpoint, then Kopf with our registry until stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import kopf
+
+from conserve import metrics
+from conserve.controller.engine import Engine, EngineConfig
+from conserve.controller.kube import KubeClient
+from conserve.controller.leader import LeaderElector
+from conserve.controller.registry import build_registry
+
+log = logging.getLogger("conserve.operator")
+
+
+@dataclass(frozen=True)
+class OperatorOptions:
+    namespaces: list[str] | None = None
+    metrics_port: int = 9100
+    health_port: int = 0
+    leader_elect: bool = True
+    lease_name: str = "conserve-operator"
+    lease_namespace: str = "default"
+    identity: str = "conserve-operator"
+    pool_status_interval_s: float = 0.5
+    idle_sweep_interval_s: float = 1.0
+    idle_phase_after_s: float = 60.0
+    api_threads: int = 16
+
+
+async def run_operator(options: OperatorOptions) -> int:
+    kube = KubeClient.from_kubeconfig(threads=options.api_threads)
+    stop = asyncio.Event()
+    elector: LeaderElector | None = None
+    lost = asyncio.Event()
+    if options.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(options.metrics_port, registry=metrics.REGISTRY)
+    try:
+        if options.leader_elect:
+            elector = LeaderElector(kube.api_client, options.lease_namespace, options.lease_name, options.identity)
+            await elector.acquire()
+            hold = asyncio.create_task(elector.hold(lost))
+            lost_watch = asyncio.create_task(_forward(lost, stop))
+        engine = Engine(
+            kube,
+            EngineConfig(
+                pool_status_interval_s=options.pool_status_interval_s,
+                idle_sweep_interval_s=options.idle_sweep_interval_s,
+                idle_phase_after_s=options.idle_phase_after_s,
+            ),
+        )
+        registry = build_registry(engine, options.namespaces)
+        await kopf.operator(
+            registry=registry,
+            standalone=True,  # leader election is ours (leader.py); no KopfPeering objects
+            clusterwide=options.namespaces is None,
+            namespaces=options.namespaces or (),
+            stop_flag=stop,
+            liveness_endpoint=f"http://0.0.0.0:{options.health_port}/healthz" if options.health_port else None,
+        )
+        if elector is not None:
+            hold.cancel()
+            lost_watch.cancel()
+            if not lost.is_set():
+                await asyncio.to_thread(elector.release)
+        return 1 if lost.is_set() else 0
+    finally:
+        kube.close()
+
+
+async def _forward(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()

@@ -1,0 +1,98 @@
+"""Start of a run: Kopf settings, then the ledger rebuilt from the API server before any decision.
+
+Kopf runs startup handlers before it starts watching, so no placement can happen on a partial ledger: every
+placed conversation's reservation is adopted (even over capacity: the API server holds the truth), the waiting
+ones are queued, decoders that left while no operator ran have their conversations moved, then the queues drain.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import kopf
+from pydantic import ValidationError
+
+from conserve.api.conversation import ConversationSpec
+from conserve.controller import conversation, decoderpool, pods
+from conserve.controller.engine import Engine
+from conserve.controller.state import NodeInfo, PoolRuntime, key_of
+
+log = logging.getLogger("conserve.operator")
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    # Kopf's own per-handler Events would double ours at every watch event: post only its warnings and errors.
+    settings.posting.level = logging.WARNING
+    # Silent watch stalls: ask the server to end each watch, and give up on a stream that says nothing.
+    settings.watching.server_timeout = 270
+    settings.watching.client_timeout = 300
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = 60
+    # Resources and namespaces are fixed at start: no CRD/namespace scanning (and no RBAC for it).
+    settings.scanning.disabled = True
+    # Level-triggered on.event handlers keep no progress; keep Kopf's markers off status regardless.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.conserve.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.conserve.dev")
+
+
+async def rebuild(engine: Engine, namespaces: Sequence[str] | None) -> None:
+    started = time.monotonic()
+    kube = engine.kube
+    world = engine.world
+    scopes: list[str | None] = list(namespaces) if namespaces else [None]
+    for node in await kube.list_nodes():
+        meta = node.get("metadata", {})
+        world.nodes[meta["name"]] = NodeInfo.from_labels(meta["name"], meta.get("labels") or {})
+    for scope in scopes:
+        for pod in await kube.list_pods(scope):
+            info = pods.pod_info(pod)
+            world.pods[key_of(info.namespace, info.name)] = info
+        for body in await kube.list_objects(decoderpool.PLURAL, scope):
+            meta = body["metadata"]
+            decoderpool.load_spec(world.pool(meta["namespace"], meta["name"]), body)
+    for pool in world.pools.values():
+        pods.sync_pool(world, pool)
+    placed = waiting = 0
+    for scope in scopes:
+        for body in await kube.list_objects(conversation.PLURAL, scope):
+            try:
+                spec = ConversationSpec.model_validate(body.get("spec") or {})
+            except ValidationError:
+                continue
+            record = conversation.record_from_body(
+                body, spec, now_s=engine.clock.now(), monotonic=engine.clock.monotonic()
+            )
+            world.convs[record.key] = record
+            if record.placed:
+                conversation.adopt(engine, record)
+                placed += 1
+            elif not record.terminal and not body["metadata"].get("deletionTimestamp"):
+                world.pool_of(record).pending[record.key] = record.pending_item()
+                waiting += 1
+    log.info(
+        "ledger rebuilt: %d pools, %d decoders, %d conversations (%d placed, %d pending) in %.2fs",
+        len(world.pools),
+        sum(len(p.decoders) for p in world.pools.values()),
+        len(world.convs),
+        placed,
+        waiting,
+        time.monotonic() - started,
+    )
+    for pool in list(world.pools.values()):
+        lost = sorted({key[1] for key in _holdings_off_decoders(pool)})
+        if lost:
+            await engine.decoders_lost(pool, lost)
+        engine.on_pool_changed(pool)
+        await engine.drain(pool)
+
+
+def _holdings_off_decoders(pool: PoolRuntime) -> list[tuple[str, str]]:
+    """(conversation, decoder) of holdings on decoders that are gone or not ready."""
+    out = []
+    for key, holding in pool.ledger.holdings.items():
+        decoder = pool.decoders.get(holding.decoder)
+        if decoder is None or not decoder.ready:
+            out.append((key, holding.decoder))
+    return out

@@ -1,0 +1,221 @@
+"""What the operator knows, in memory: pools (each with its ledger and queue), pods, nodes and conversations.
+
+The single writer's view. Every decision is made on it under the pool's asyncio lock, then written to the API
+server; on start it is rebuilt from the API server (startup.py) before any decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from conserve.api.common import Condition, ConditionStatus
+from conserve.api.conversation import TERMINAL_PHASES, ConversationSpec, Endpoint, Phase
+from conserve.api.decoderpool import DecoderPoolSpec
+from conserve.core.gpus import NodeGpu, node_gpu_from_labels
+from conserve.core.ledger import CapacityLedger
+from conserve.core.pending import PendingItem
+
+#: Completed conversations' growth ratios kept per pool (and in its status), newest last.
+GROWTH_HISTORY_LIMIT = 128
+FINALIZER = "conserve.dev/release-capacity"
+
+Key = str  # "namespace/name"
+
+
+def key_of(namespace: str, name: str) -> Key:
+    return f"{namespace}/{name}"
+
+
+def parse_time(value: str | None) -> float | None:
+    """RFC 3339 -> seconds since the epoch, None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def format_time(epoch_s: float) -> str:
+    return dt.datetime.fromtimestamp(epoch_s, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(slots=True)
+class PodInfo:
+    namespace: str
+    name: str
+    labels: dict[str, str]
+    node: str
+    ready: bool
+    ip: str
+    endpoint_annotation: str
+    gpus: int
+    uid: str = ""
+
+
+@dataclass(slots=True)
+class NodeInfo:
+    name: str
+    labels: dict[str, str]
+    gpu: NodeGpu
+
+    @classmethod
+    def from_labels(cls, name: str, labels: Mapping[str, str]) -> NodeInfo:
+        return cls(name, dict(labels), node_gpu_from_labels(labels))
+
+
+@dataclass(slots=True)
+class DecoderInfo:
+    """A decode or prefill server as the pool sees it (static facts; KV occupancy lives in the ledger)."""
+
+    pod: str
+    node: str = ""
+    tier: str = ""
+    gpu_product: str = ""
+    ready: bool = False
+    endpoint: str = ""
+    capacity_kv_tokens: int = 0
+    problem: str = ""  # why it cannot take conversations besides readiness (e.g. unknown GPU memory)
+
+    def endpoint_model(self) -> Endpoint:
+        return Endpoint(
+            pod=self.pod, node=self.node, tier=self.tier, gpu_product=self.gpu_product, endpoint=self.endpoint
+        )
+
+
+@dataclass(slots=True)
+class DecoderEnergy:
+    power_watts: float | None = None
+    energy_joules: float | None = None
+    energy_per_token_j: float | None = None
+
+
+@dataclass(slots=True)
+class ConvRecord:
+    """One conversation: its spec as last seen, and the operator's decision (authoritative while it runs)."""
+
+    namespace: str
+    name: str
+    uid: str
+    spec: ConversationSpec
+    created_at_s: float
+    generation: int = 0
+    phase: Phase = Phase.PENDING
+    decoder: Endpoint | None = None
+    prefill: Endpoint | None = None
+    reserved_kv_tokens: int = 0
+    live_kv_tokens: int = 0
+    turns: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    kv_transfers: int = 0
+    placement_generation: int = 0
+    placed_at: str | None = None
+    completed_at: str | None = None
+    last_activity_s: float | None = None
+    ttfet_s: float | None = None
+    conditions: dict[str, Condition] = field(default_factory=dict)
+    has_finalizer: bool = False
+    finalizers: list[str] = field(default_factory=list)  # as last seen on the object
+    first_seen_monotonic: float = 0.0
+    # Set while a status patch is owed (the decision is made; the API server does not have it yet).
+    dirty: bool = False
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def key(self) -> Key:
+        return key_of(self.namespace, self.name)
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in TERMINAL_PHASES
+
+    @property
+    def placed(self) -> bool:
+        return self.decoder is not None and not self.terminal
+
+    def pending_item(self) -> PendingItem:
+        return PendingItem(self.key, self.spec.priority, self.created_at_s, self.spec.first_turn_input_tokens)
+
+    def set_condition(self, type_: str, status: ConditionStatus, reason: str, message: str, now_s: float) -> bool:
+        """Set a condition; returns True when it changed (lastTransitionTime moves only on a status change)."""
+        old = self.conditions.get(type_)
+        if old is not None and (old.status, old.reason, old.message) == (status, reason, message):
+            return False
+        moved = old is None or old.status != status
+        self.conditions[type_] = Condition(
+            type=type_,
+            status=status,
+            reason=reason,
+            message=message,
+            last_transition_time=format_time(now_s) if moved else old.last_transition_time if old else "",
+            observed_generation=self.generation,
+        )
+        return True
+
+
+@dataclass(slots=True)
+class PoolRuntime:
+    namespace: str
+    name: str
+    spec: DecoderPoolSpec | None = None  # None: the pool does not exist (yet), or its spec is invalid
+    spec_error: str = ""
+    body: dict[str, Any] = field(default_factory=dict)  # latest object seen (for Events and energy fields)
+    generation: int = 0
+    ledger: CapacityLedger = field(default_factory=CapacityLedger)
+    decoders: dict[str, DecoderInfo] = field(default_factory=dict)
+    prefills: dict[str, DecoderInfo] = field(default_factory=dict)
+    prefill_assigned: dict[str, int] = field(default_factory=dict)
+    pending: dict[Key, PendingItem] = field(default_factory=dict)
+    growth_ratios: deque[float] = field(default_factory=lambda: deque(maxlen=GROWTH_HISTORY_LIMIT))
+    energy: dict[str, DecoderEnergy] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    status_dirty: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def key(self) -> Key:
+        return key_of(self.namespace, self.name)
+
+    @property
+    def exists(self) -> bool:
+        return self.spec is not None
+
+
+@dataclass(slots=True)
+class World:
+    pools: dict[Key, PoolRuntime] = field(default_factory=dict)
+    pods: dict[Key, PodInfo] = field(default_factory=dict)
+    nodes: dict[str, NodeInfo] = field(default_factory=dict)
+    convs: dict[Key, ConvRecord] = field(default_factory=dict)
+
+    def pool(self, namespace: str, name: str) -> PoolRuntime:
+        """The pool's runtime, created empty when first referenced (conversations may name it first)."""
+        key = key_of(namespace, name)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = PoolRuntime(namespace, name)
+        return pool
+
+    def pool_of(self, record: ConvRecord) -> PoolRuntime:
+        return self.pool(record.namespace, record.spec.pool)
+
+    def set_decoder_energy(
+        self,
+        namespace: str,
+        pool: str,
+        pod: str,
+        *,
+        power_watts: float | None = None,
+        energy_joules: float | None = None,
+        energy_per_token_j: float | None = None,
+    ) -> None:
+        """Hook for the energy loop (controller/energy.py): the next pool status carries these figures, and
+        placement's energy scorer uses joules per token."""
+        runtime = self.pool(namespace, pool)
+        runtime.energy[pod] = DecoderEnergy(power_watts, energy_joules, energy_per_token_j)
+        runtime.status_dirty.set()

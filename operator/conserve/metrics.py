@@ -1,0 +1,247 @@
+"""Every conserve_* Prometheus metric, in one place, grouped by the component that updates it.
+
+Naming: `conserve_` prefix, base units in the name (seconds, joules, tokens), `_total` on counters. Labels are
+bounded: `namespace` and `pool` (one value per DecoderPool), a fixed set of `result` / `reason` values, and
+`decoder` only on per-decoder series (bounded by the pods of the pools). Never a conversation name.
+
+Teammates append their metrics in their own section below; keep one section per component.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+#: The registry every conserve metric is registered on (the operator serves it on --metrics-port).
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_POOL = ("namespace", "pool")
+
+# --- operator: placement (controller/) ------------------------------------------------------------------------
+
+PLACEMENTS = Counter(
+    "conserve_placements_total",
+    "Placement decisions written. result: placed (first placement), replaced (after a decoder was lost), "
+    "queued (no decoder fits, waits), failed (rejected or lost with nothing that fits).",
+    [*_POOL, "result"],
+    registry=REGISTRY,
+)
+PLACEMENT_LATENCY = Histogram(
+    "conserve_placement_latency_seconds",
+    "Time from the operator first seeing a conversation to its placement written to status (queue wait included).",
+    _POOL,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+    registry=REGISTRY,
+)
+PLACEMENT_DECISION = Histogram(
+    "conserve_placement_decision_seconds",
+    "Time the core takes to decide one placement (filters, scorers, picker), under the pool's lock.",
+    _POOL,
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
+    registry=REGISTRY,
+)
+QUEUE_LENGTH = Gauge(
+    "conserve_pending_conversations", "Conversations waiting for a decoder (phase Pending).", _POOL, registry=REGISTRY
+)
+KV_TRANSFERS = Counter(
+    "conserve_kv_transfers_total",
+    "KV cache transfers: one per first placement (prefill to decoder) and one per move after a decoder loss.",
+    _POOL,
+    registry=REGISTRY,
+)
+RELEASES = Counter(
+    "conserve_releases_total",
+    "Reservations released. reason: Completed, Deleted, IdleTimeout, DecoderLost.",
+    [*_POOL, "reason"],
+    registry=REGISTRY,
+)
+OUTGROWN = Counter(
+    "conserve_reservation_outgrown_total",
+    "Turns that took a conversation past its reservation. result: extended (room on the decoder), "
+    "pinned (no room: kept on its decoder and flagged).",
+    [*_POOL, "result"],
+    registry=REGISTRY,
+)
+STATUS_WRITE_ERRORS = Counter(
+    "conserve_status_write_errors_total",
+    "Status patches that failed after retries. kind: Conversation, DecoderPool.",
+    ["kind"],
+    registry=REGISTRY,
+)
+
+# --- operator: capacity (controller/) -------------------------------------------------------------------------
+
+CAPACITY_KV = Gauge(
+    "conserve_capacity_kv_tokens", "KV capacity of the pool's ready decoders, in tokens.", _POOL, registry=REGISTRY
+)
+RESERVED_KV = Gauge(
+    "conserve_reserved_kv_tokens",
+    "KV tokens held in the pool: per conversation the larger of its reservation and its live context.",
+    _POOL,
+    registry=REGISTRY,
+)
+LIVE_KV = Gauge(
+    "conserve_live_kv_tokens", "Live context of the pool's conversations, in KV tokens.", _POOL, registry=REGISTRY
+)
+READY_DECODERS = Gauge("conserve_ready_decoders", "Ready decoders of the pool.", _POOL, registry=REGISTRY)
+PINNED_CONVERSATIONS = Gauge(
+    "conserve_pinned_conversations", "Conversations holding a reservation in the pool.", _POOL, registry=REGISTRY
+)
+
+
+def forget_pool(namespace: str, pool: str) -> None:
+    """Drop a deleted pool's series so they do not linger."""
+    for gauge in (QUEUE_LENGTH, CAPACITY_KV, RESERVED_KV, LIVE_KV, READY_DECODERS, PINNED_CONVERSATIONS):
+        with contextlib.suppress(KeyError):
+            gauge.remove(namespace, pool)
+
+
+# --- energy (issue 5): append below ---------------------------------------------------------------------------
+
+_DECODER = ("namespace", "pool", "decoder", "role")
+
+GPU_POWER = Gauge(
+    "conserve_gpu_power_watts",
+    "Power of each GPU as its reader reports it (dcgm-exporter, NVML).",
+    ["node", "gpu", "model_name"],
+    registry=REGISTRY,
+)
+GPU_ENERGY = Counter(
+    "conserve_gpu_energy_joules_total",
+    "Energy of each GPU from its counter's deltas (resets and wraps handled, missing samples not invented).",
+    ["node", "gpu"],
+    registry=REGISTRY,
+)
+GPU_INTERVALS = Counter(
+    "conserve_energy_counter_intervals_total",
+    "GPU counter intervals by how they were obtained. kind: normal, wrap, reset, clamped, power (no counter: "
+    "power integrated), missing (no sample this cycle).",
+    ["kind"],
+    registry=REGISTRY,
+)
+DECODER_POWER = Gauge(
+    "conserve_decoder_power_watts",
+    "Power of a serving pod's GPUs. role: decode or prefill.",
+    _DECODER,
+    registry=REGISTRY,
+)
+DECODER_ENERGY = Counter(
+    "conserve_energy_joules_total",
+    "Energy of a serving pod's GPUs. role: decode or prefill.",
+    _DECODER,
+    registry=REGISTRY,
+)
+POOL_POWER = Gauge(
+    "conserve_pool_power_watts",
+    "Power of the pool's serving pods' GPUs (decode and prefill).",
+    _POOL,
+    registry=REGISTRY,
+)
+ATTRIBUTED_ENERGY = Counter(
+    "conserve_attributed_energy_joules_total",
+    "Energy attributed to the pool's conversations (work done, and idle shared by KV held).",
+    _POOL,
+    registry=REGISTRY,
+)
+UNATTRIBUTED_ENERGY = Counter(
+    "conserve_unattributed_energy_joules_total",
+    "Energy of the pool's GPUs not attributed to any conversation (idle capacity nobody holds).",
+    _POOL,
+    registry=REGISTRY,
+)
+CONVERSATION_ENERGY_FINAL = Histogram(
+    "conserve_conversation_energy_joules",
+    "Energy of each conversation when it ended (per-conversation figures are in its status).",
+    _POOL,
+    buckets=(1.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1e3, 5e3, 1e4, 5e4, 1e5, 5e5, 1e6),
+    registry=REGISTRY,
+)
+ENERGY_PER_TOKEN = Gauge(
+    "conserve_energy_per_token_joules",
+    "Measured joules per token by GPU tier: per output token for decode, per input token for prefill.",
+    ["tier", "role"],
+    registry=REGISTRY,
+)
+
+
+# --- router (issue 8): append below ---------------------------------------------------------------------------
+
+#: Latency buckets of the router: from a streamed token (milliseconds) to a queued conversation (minutes).
+ROUTER_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+ROUTER_TBT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class RouterMetrics:
+    """The router's metrics; label `mode` is "conversation" or "per-turn" (the routing mode of the turn).
+
+    Built on a registry so tests can use a fresh one; the router process uses ROUTER (on REGISTRY).
+    """
+
+    ttfet_seconds: Histogram
+    ttft_seconds: Histogram
+    tbt_seconds: Histogram
+    kv_transfers_total: Counter
+    turns_total: Counter
+    backend_errors_total: Counter
+    conversations_closed_total: Counter
+    usage_patches_total: Counter
+
+    @classmethod
+    def on(cls, registry: CollectorRegistry) -> RouterMetrics:
+        mode = ["mode"]
+        return cls(
+            ttfet_seconds=Histogram(
+                "conserve_router_time_to_first_effective_token_seconds",
+                "Start of a conversation (its first request at the router) to its first user-visible token.",
+                mode,
+                buckets=ROUTER_LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            ttft_seconds=Histogram(
+                "conserve_router_time_to_first_token_seconds",
+                "Per turn: the request's arrival at the router to its first streamed token.",
+                mode,
+                buckets=ROUTER_LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            tbt_seconds=Histogram(
+                "conserve_router_time_between_tokens_seconds",
+                "Per turn: time between streamed tokens (a chunk of n tokens counts its gap over n).",
+                mode,
+                buckets=ROUTER_TBT_BUCKETS,
+                registry=registry,
+            ),
+            kv_transfers_total=Counter(
+                "conserve_router_kv_transfers_total",
+                "KV hand-offs from a prefill server to a decoder the router asked for.",
+                mode,
+                registry=registry,
+            ),
+            turns_total=Counter("conserve_router_turns_total", "Turns served.", mode, registry=registry),
+            backend_errors_total=Counter(
+                "conserve_router_backend_errors_total",
+                "Prefill or decode servers that failed before answering (the turn is retried elsewhere).",
+                mode,
+                registry=registry,
+            ),
+            conversations_closed_total=Counter(
+                "conserve_router_conversations_closed_total",
+                "Conversations the router closed (last turn marked, or idle).",
+                mode,
+                registry=registry,
+            ),
+            usage_patches_total=Counter(
+                "conserve_router_usage_patches_total",
+                "Batched spec.usage / spec.completed patches written to Conversation objects.",
+                registry=registry,
+            ),
+        )
+
+
+ROUTER = RouterMetrics.on(REGISTRY)
+
+
+# --- scheduler extender (issue 4): append below ---------------------------------------------------------------
