@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, str] = {
     "extender": "conserve.extender.cli",
     "gpu-sim": "conserve.gpusim.cli",
     "router": "conserve.router.cli",
+    "load": "conserve.load.cli",
     "fake-dcgm": "conserve.energy.fakedcgm",
     "energy": "conserve.controller.energy",
 }

@@ -1,0 +1,1 @@
+"""`conserve load`: replay a workload (a Mooncake slice, Azure, agentic) against the router, and report."""
