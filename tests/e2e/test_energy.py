@@ -1,0 +1,263 @@
+"""Energy on the local control plane: a fake dcgm-exporter for the cluster's GPU nodes, the operator, and the
+energy loop, as real processes. Conversations placed on KWOK decode pods report usage; their energy appears in
+Conversation status, the pool's decoders get power and energy, and /metrics carries the joules."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from kubernetes import client
+
+from conserve.devcluster.cluster import free_port
+from conserve.devcluster.testing import ClusterHandle
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parents[2]
+GROUP, VERSION = "conserve.dev", "v1alpha1"
+PRODUCTS = {"prefill": "NVIDIA-H100-80GB-HBM3", "decode": "NVIDIA-H200"}
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 60.0) -> T:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(0.5)
+
+
+def deployment(name: str, role: str, replicas: int) -> dict[str, Any]:
+    labels = {"app": name, "conserve.dev/role": role}
+    container = {
+        "name": "vllm",
+        "image": "registry.k8s.io/pause:3.10",
+        "resources": {"limits": {"nvidia.com/gpu": "1"}},
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "terminationGracePeriodSeconds": 0,
+                    "nodeSelector": {"nvidia.com/gpu.product": PRODUCTS[role]},
+                    "containers": [container],
+                },
+            },
+        },
+    }
+
+
+POOL = {
+    "apiVersion": f"{GROUP}/{VERSION}",
+    "kind": "DecoderPool",
+    "metadata": {"name": "pool"},
+    "spec": {
+        "model": {"name": "llama-3-8b"},
+        "decoderSelector": {"matchLabels": {"app": "dec"}},
+        "prefillSelector": {"matchLabels": {"app": "pre"}},
+    },
+}
+
+
+def get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text: str = response.read().decode()
+        return text
+
+
+def put_json(url: str, body: dict[str, Any]) -> None:
+    request = urllib.request.Request(url, json.dumps(body).encode(), method="PUT")
+    with urllib.request.urlopen(request, timeout=5):
+        pass
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"^{re.escape(name)}(?:\{{(.*)\}})? (\S+)$", line)
+        if not match:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+@pytest.fixture
+def energy_plane(cluster: ClusterHandle, namespace: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    cluster.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/conversations.conserve.dev",
+        "crd/decoderpools.conserve.dev",
+    )
+    procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def start(name: str, *args: str) -> None:
+        log = tmp_path / f"{name}.log"
+        with log.open("wb") as out:
+            env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "conserve.cli", *args], stdout=out, stderr=subprocess.STDOUT, env=env
+            )
+        procs.append((proc, log))
+
+    dcgm_port, metrics_port = free_port(), free_port()
+    kubeconfig = f"--kubeconfig={cluster.kubeconfig}"
+    try:
+        with cluster.api_client() as api:
+            apps: Any = client.AppsV1Api(api)
+            custom: Any = client.CustomObjectsApi(api)
+            custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "decoderpools", POOL)
+            apps.create_namespaced_deployment(namespace, deployment("pre", "prefill", 1))
+            apps.create_namespaced_deployment(namespace, deployment("dec", "decode", 2))
+            start("operator", "operator", f"--namespace={namespace}", "--no-leader-elect", "--metrics-port=0")
+            start(
+                "fake-dcgm",
+                "fake-dcgm",
+                "--from-cluster",
+                kubeconfig,
+                f"--namespace={namespace}",
+                f"--port={dcgm_port}",
+                "--activity=0.1",
+                "--refresh-seconds=1",
+                "--tick-seconds=0.5",
+            )
+            start(
+                "energy",
+                "energy",
+                kubeconfig,
+                f"--namespace={namespace}",
+                f"--dcgm-url=http://127.0.0.1:{dcgm_port}/metrics",
+                "--energy-interval-seconds=1",
+                f"--metrics-port={metrics_port}",
+            )
+
+            def decoders_ready() -> bool:
+                pool = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "decoderpools", "pool")
+                status: dict[str, Any] = pool.get("status") or {}
+                return status.get("readyDecoders") == 2 and len(status.get("prefills") or []) == 1
+
+            wait_for("the pool's 2 decoders and 1 prefill", decoders_ready, 90)
+            yield {
+                "custom": custom,
+                "namespace": namespace,
+                "dcgm": f"http://127.0.0.1:{dcgm_port}",
+                "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+            }
+    except BaseException:
+        for _, log in procs:
+            sys.stderr.write(f"--- {log.name}\n{log.read_text()[-4000:]}\n")
+        raise
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc, _ in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def test_conversation_energy_reaches_status_and_metrics(energy_plane: dict[str, Any]) -> None:
+    custom, namespace = energy_plane["custom"], energy_plane["namespace"]
+
+    def conv(name: str) -> dict[str, Any]:
+        obj: dict[str, Any] = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "conversations", name)
+        return obj
+
+    for name, tokens in (("chat-a", 2000), ("chat-b", 500)):
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "Conversation",
+            "metadata": {"name": name},
+            "spec": {"pool": "pool", "firstTurnInputTokens": tokens},
+        }
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "conversations", body)
+
+    def decoder_of(name: str) -> str | None:
+        decoder = (conv(name).get("status") or {}).get("decoder") or {}
+        return str(decoder["pod"]) if decoder.get("pod") else None
+
+    placed = {
+        name: wait_for(f"{name} placed", functools.partial(decoder_of, name), 60) for name in ("chat-a", "chat-b")
+    }
+
+    # The decoders work: their GPUs draw half their dynamic range (a bandwidth-bound decode).
+    put_json(energy_plane["dcgm"] + "/load", {f"{namespace}/{pod}": 0.5 for pod in set(placed.values())})
+    usage = {"chat-a": (1, 2000, 400), "chat-b": (1, 500, 100)}
+    for name, (turns, inputs, outputs) in usage.items():
+        patch = {"spec": {"usage": {"turns": turns, "inputTokens": inputs, "outputTokens": outputs}}}
+        custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, "conversations", name, patch)
+
+    def with_energy(name: str) -> dict[str, Any] | None:
+        status: dict[str, Any] = conv(name).get("status") or {}
+        return status if status.get("energyPerTokenJoules") else None
+
+    statuses = {
+        name: wait_for(f"energy in {name}'s status", functools.partial(with_energy, name), 60) for name in usage
+    }
+    for name, status in statuses.items():
+        assert status["energyJoules"] > 0
+        assert status["energyPerTokenJoules"] == pytest.approx(status["energyJoules"] / usage[name][2], rel=0.05)
+
+    # Energy keeps accruing while the conversations hold KV on a drawing GPU.
+    first = statuses["chat-a"]["energyJoules"]
+    wait_for("chat-a's energy to grow", lambda: conv("chat-a")["status"]["energyJoules"] > first + 1, 30)
+
+    def pool_energy() -> dict[str, Any] | None:
+        pool = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "decoderpools", "pool")
+        status = pool.get("status") or {}
+        decoders = status.get("decoders") or []
+        busy = [d for d in decoders if d["pod"] in placed.values()]
+        done = busy and all((d.get("energyJoules") or 0) > 0 and (d.get("powerWatts") or 0) > 300 for d in busy)
+        return status if done and (status.get("energyJoules") or 0) > 0 else None
+
+    pool_status = wait_for("power and energy of the decoders in the pool's status", pool_energy, 60)
+    assert pool_status["powerWatts"] > 0
+
+    def scraped() -> str | None:
+        text = get(energy_plane["metrics"])
+        return text if metric(text, "conserve_attributed_energy_joules_total", namespace=namespace) > 0 else None
+
+    text = wait_for("joules in /metrics", scraped, 30)
+    labels = {"namespace": namespace, "pool": "pool"}
+    assert metric(text, "conserve_unattributed_energy_joules_total", **labels) > 0
+    assert metric(text, "conserve_energy_joules_total", **labels, role="decode") > 0
+    assert metric(text, "conserve_pool_power_watts", **labels) > 0
+    assert metric(text, "conserve_energy_per_token_joules", tier="bandwidth", role="decode") > 0
+    assert metric(text, "conserve_gpu_power_watts", model_name="NVIDIA H200") > 0
+    assert "chat-a" not in text  # no per-conversation label
+
+    # A finished conversation's joules go into the histogram.
+    custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, "conversations", "chat-b", {"spec": {"completed": True}}
+    )
+    wait_for(
+        "the finished conversation in the energy histogram",
+        lambda: metric(get(energy_plane["metrics"]), "conserve_conversation_energy_joules_count", **labels) >= 1,
+        30,
+    )
