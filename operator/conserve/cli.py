@@ -26,6 +26,8 @@ SUBCOMMANDS: dict[str, str] = {
     "load": "conserve.load.cli",
     "fake-dcgm": "conserve.energy.fakedcgm",
     "energy": "conserve.controller.energy",
+    "simulate": "conserve.sim.cli_simulate",
+    "bench": "conserve.sim.cli_bench",
 }
 
 

@@ -22,6 +22,7 @@ Constants and sources:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -143,3 +144,85 @@ def prefill_energy_per_token_j(device: Device, model: ModelShape, tokens: int) -
     if tokens <= 0:
         return 0.0
     return power_w(device, PREFILL_ACTIVITY) * prefill_time_s(device, model, tokens) / tokens
+
+
+# --- runs of decode steps in closed form (the simulator advances a fixed batch many steps at once) ---------
+#
+# While a batch does not change, every step adds one token to each of its `batch_size` sequences, so the
+# context read by step j is C + b x j: both the memory time and the compute time of step j are affine in j, and
+# a step's time (their max plus the overhead) and its energy (idle x time plus the dynamic range times
+# max(compute time, MEMORY_BOUND_ACTIVITY x memory time), which is what `decode_step_activity` x step time
+# reduces to) are maxima of affine functions. Their sums over a run are exact in closed form: the results
+# equal summing `decode_step_time_s` and `power_w(decode_step_activity(...)) x decode_step_time_s` step by step.
+
+
+def _decode_affine_terms(
+    device: Device, model: ModelShape, batch_size: int, batch_context_tokens: int
+) -> tuple[float, float, float, float]:
+    """(memory time at step 0, its slope per step, compute time at step 0, its slope per step)."""
+    bandwidth = device.bandwidth_bytes_per_s * DECODE_MBU
+    flops = device.flops_per_s * DECODE_MFU
+    memory0 = (model.weight_bytes + model.kv_bytes_per_token * batch_context_tokens) / bandwidth
+    memory1 = model.kv_bytes_per_token * batch_size / bandwidth
+    attention_per_token = 4.0 * model.layers * model.hidden_size
+    compute0 = (2.0 * model.parameters * batch_size + attention_per_token * batch_context_tokens) / flops
+    compute1 = attention_per_token * batch_size / flops
+    return memory0, memory1, compute0, compute1
+
+
+def _sum_affine(x0: float, x1: float, lo: int, hi: int) -> float:
+    n = hi - lo
+    return 0.0 if n <= 0 else n * x0 + x1 * (lo + hi - 1) * n / 2.0
+
+
+def _sum_max_affine(a0: float, a1: float, b0: float, b1: float, n: int) -> float:
+    """Sum over j in [0, n) of max(a0 + a1 j, b0 + b1 j)."""
+    if n <= 0:
+        return 0.0
+    d0, d1 = a0 - b0, a1 - b1
+    if d1 == 0.0:
+        return _sum_affine(a0, a1, 0, n) if d0 >= 0 else _sum_affine(b0, b1, 0, n)
+    root = -d0 / d1
+    if d1 > 0:  # a dominates from the root on
+        k = min(max(math.ceil(root), 0), n)
+        return _sum_affine(b0, b1, 0, k) + _sum_affine(a0, a1, k, n)
+    k = min(max(math.floor(root) + 1, 0), n)  # a dominates up to the root
+    return _sum_affine(a0, a1, 0, k) + _sum_affine(b0, b1, k, n)
+
+
+def decode_run_time_s(
+    device: Device, model: ModelShape, batch_size: int, batch_context_tokens: int, steps: int
+) -> float:
+    """Time of `steps` decode steps of a fixed batch whose context starts at `batch_context_tokens`."""
+    if batch_size <= 0 or steps <= 0:
+        return 0.0
+    m0, m1, c0, c1 = _decode_affine_terms(device, model, batch_size, batch_context_tokens)
+    return _sum_max_affine(m0, m1, c0, c1, steps) + STEP_OVERHEAD_S * steps
+
+
+def decode_run_energy_j(
+    device: Device, model: ModelShape, batch_size: int, batch_context_tokens: int, steps: int
+) -> float:
+    """Energy (idle included) of `steps` decode steps of a fixed batch, as `power_w` x step time summed."""
+    if batch_size <= 0 or steps <= 0:
+        return 0.0
+    m0, m1, c0, c1 = _decode_affine_terms(device, model, batch_size, batch_context_tokens)
+    busy = _sum_max_affine(c0, c1, MEMORY_BOUND_ACTIVITY * m0, MEMORY_BOUND_ACTIVITY * m1, steps)
+    total = decode_run_time_s(device, model, batch_size, batch_context_tokens, steps)
+    return device.idle_power_w * total + (device.tdp_w - device.idle_power_w) * busy
+
+
+def decode_steps_within_s(
+    device: Device, model: ModelShape, batch_size: int, batch_context_tokens: int, max_steps: int, budget_s: float
+) -> int:
+    """The most steps (at most `max_steps`) of a fixed batch that complete within `budget_s` seconds."""
+    if batch_size <= 0 or max_steps <= 0 or budget_s <= 0:
+        return 0
+    low, high = 0, max_steps
+    while low < high:
+        mid = (low + high + 1) // 2
+        if decode_run_time_s(device, model, batch_size, batch_context_tokens, mid) <= budget_s:
+            low = mid
+        else:
+            high = mid - 1
+    return low

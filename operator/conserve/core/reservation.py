@@ -52,6 +52,16 @@ def reservation_kv_tokens(
     max_decoder_capacity_kv_tokens: int | None = None,
 ) -> int:
     factor = growth_factor(history, expected_turns)
+    return reservation_for_factor(
+        first_input_tokens, factor, max_decoder_capacity_kv_tokens=max_decoder_capacity_kv_tokens
+    )
+
+
+def reservation_for_factor(
+    first_input_tokens: int, factor: float, *, max_decoder_capacity_kv_tokens: int | None = None
+) -> int:
+    """The reservation for a growth factor already computed by `growth_factor` (callers that place many
+    conversations between two changes of the history compute the factor once)."""
     wanted = max(math.ceil(first_input_tokens * factor), first_input_tokens + MIN_OUTPUT_ALLOWANCE_TOKENS)
     if max_decoder_capacity_kv_tokens is not None and max_decoder_capacity_kv_tokens > 0:
         # Never ask for more than any decoder could give; the input itself must still fit.

@@ -1,0 +1,156 @@
+"""The simulated fleet, read from a small YAML file (see `fleets/default.yaml`).
+
+Tier mapping ON uses the file's `tiered` groups (prefill on compute-tier GPUs, decode on bandwidth-tier GPUs).
+Tier mapping OFF makes the same fleet homogeneous: the same groups, instance counts and tensor-parallel degrees
+(so the same number of GPUs), every GPU replaced by the `homogeneous.gpu` product. "Same fleet" therefore means
+same GPU count, not same price; the default file maps 2 x H100 prefill + 4 x H200 decode to 6 x H100 (the H100
+and the H200 have the same TDP, 700 W, and the same compute; the H200 has more memory and bandwidth).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from conserve.core.gpus import CATALOG, Role, Tier
+from conserve.core.llm import MODELS, ModelShape, kv_capacity_tokens
+from conserve.core.perf import LINKS, Device, Link
+
+
+class FleetError(ValueError):
+    """A fleet file that cannot be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceSpec:
+    name: str
+    role: Role
+    gpu: str
+    tp: int
+    device: Device
+
+    @property
+    def tier(self) -> Tier:
+        return self.device.gpu.tier
+
+
+@dataclass(frozen=True, slots=True)
+class Fleet:
+    name: str
+    model: ModelShape
+    link: Link
+    gpu_memory_fraction: float
+    max_batch_size: int
+    prefill: tuple[InstanceSpec, ...]
+    decode: tuple[InstanceSpec, ...]
+    tiered: bool
+
+    def kv_capacity_tokens(self, instance: InstanceSpec) -> int:
+        return kv_capacity_tokens(
+            gpu_memory_bytes=instance.device.gpu.memory_bytes,
+            gpu_count=instance.tp,
+            model=self.model,
+            memory_fraction=self.gpu_memory_fraction,
+        )
+
+    @property
+    def gpu_count(self) -> int:
+        return sum(i.tp for i in (*self.prefill, *self.decode))
+
+    def describe(self) -> str:
+        def groups(instances: tuple[InstanceSpec, ...]) -> str:
+            counts: dict[tuple[str, int], int] = {}
+            for i in instances:
+                counts[(i.gpu, i.tp)] = counts.get((i.gpu, i.tp), 0) + 1
+            return " + ".join(f"{n}x{gpu}" + (f"(tp{tp})" if tp > 1 else "") for (gpu, tp), n in counts.items())
+
+        return f"prefill {groups(self.prefill)}, decode {groups(self.decode)}, {self.model.name}, {self.link.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class FleetFile:
+    path: str
+    raw: dict[str, Any]
+
+    def build(self, *, tiered: bool) -> Fleet:
+        return build_fleet(self.raw, tiered=tiered, source=self.path)
+
+
+def load_fleet_file(path: Path | None = None) -> FleetFile:
+    if path is None:
+        text = resources.files("conserve.sim").joinpath("fleets/default.yaml").read_text(encoding="utf-8")
+        source = "default.yaml"
+    else:
+        text = path.read_text(encoding="utf-8")
+        source = str(path)
+    raw = yaml.safe_load(text)
+    if not isinstance(raw, dict):
+        raise FleetError(f"{source}: not a mapping")
+    file = FleetFile(source, raw)
+    file.build(tiered=True)  # validate both shapes now
+    file.build(tiered=False)
+    return file
+
+
+def _groups(raw: Any, role: str, source: str) -> list[tuple[str, int, int]]:
+    if not isinstance(raw, list) or not raw:
+        raise FleetError(f"{source}: tiered.{role} must be a non-empty list of groups")
+    out: list[tuple[str, int, int]] = []
+    for g in raw:
+        if not isinstance(g, dict):
+            raise FleetError(f"{source}: tiered.{role}: each group is a mapping with gpu, count, tp")
+        gpu = str(g.get("gpu", "")).upper()
+        count, tp = g.get("count", 1), g.get("tp", 1)
+        if gpu not in CATALOG:
+            raise FleetError(f"{source}: unknown GPU {gpu!r} (known: {', '.join(CATALOG)})")
+        if not isinstance(count, int) or not isinstance(tp, int) or count < 1 or tp < 1:
+            raise FleetError(f"{source}: count and tp must be positive integers")
+        out.append((gpu, count, tp))
+    return out
+
+
+def build_fleet(raw: dict[str, Any], *, tiered: bool, source: str = "<fleet>") -> Fleet:
+    model_name = str(raw.get("model", "llama-3-8b"))
+    if model_name not in MODELS:
+        raise FleetError(f"{source}: unknown model {model_name!r} (known: {', '.join(MODELS)})")
+    link_name = str(raw.get("link", "rdma"))
+    if link_name not in LINKS:
+        raise FleetError(f"{source}: unknown link {link_name!r} (known: {', '.join(LINKS)})")
+    fraction = float(raw.get("gpu_memory_fraction", 0.9))
+    max_batch = int(raw.get("max_batch_size", 256))
+    tiers = raw.get("tiered")
+    if not isinstance(tiers, dict):
+        raise FleetError(f"{source}: missing 'tiered' with prefill and decode groups")
+    homogeneous = raw.get("homogeneous") or {}
+    if not isinstance(homogeneous, dict):
+        raise FleetError(f"{source}: 'homogeneous' must be a mapping with gpu")
+    flat_gpu = str(homogeneous.get("gpu", "H100")).upper()
+    if flat_gpu not in CATALOG:
+        raise FleetError(f"{source}: unknown homogeneous GPU {flat_gpu!r}")
+    model = MODELS[model_name]
+    instances: dict[Role, list[InstanceSpec]] = {Role.PREFILL: [], Role.DECODE: []}
+    for role in (Role.PREFILL, Role.DECODE):
+        for gpu, count, tp in _groups(tiers.get(role.value), role.value, source):
+            product = gpu if tiered else flat_gpu
+            for _ in range(count):
+                index = len(instances[role])
+                name = f"{'p' if role is Role.PREFILL else 'd'}{index}-{product.lower()}"
+                instances[role].append(InstanceSpec(name, role, product, tp, Device(CATALOG[product], tp)))
+    fleet = Fleet(
+        "tiered" if tiered else "homogeneous",
+        model,
+        LINKS[link_name],
+        fraction,
+        max_batch,
+        tuple(instances[Role.PREFILL]),
+        tuple(instances[Role.DECODE]),
+        tiered,
+    )
+    for d in fleet.decode:
+        if fleet.kv_capacity_tokens(d) <= 0:
+            raise FleetError(f"{source}: {model.name} does not fit on decoder {d.name} ({d.gpu} x{d.tp})")
+    return fleet

@@ -1,0 +1,154 @@
+"""Metrics of one simulated run.
+
+- TTFET (time to first effective token): from a conversation's arrival to the first token of its first
+  user-visible turn. For chat (Mooncake, Azure) that is the first turn's TTFT; for the agentic workload it comes
+  after the tool-call turns (their prefills, decodes and tool latencies). Waiting for a placement counts.
+- TTFT per turn: from the turn's arrival to its first token.
+- TBT: a turn's mean time between tokens, (done - first token) / (output - 1), over turns with at least two
+  output tokens; "last turn" is the last turn of each conversation.
+- SLO attainment: share of conversations whose TTFET is within `slo_ttfet_s` and every turn's TBT within
+  `slo_tbt_s`.
+- Throughput: output tokens per second over the run (from 0 to the last completion).
+- Energy: every instance's idle power over the whole run plus its dynamic energy; J per output token and
+  output tokens per J (the decoders' share and the prefill instances' share are reported apart).
+- KV transfers per conversation (prefill-to-decoder moves); decoder KV utilization: time-weighted live KV
+  (running plus pinned; the evictable prefix cache excluded) over capacity, all decoders together.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from conserve.sim.engine import SimResult
+
+#: Default SLOs (conventions of this benchmark, stated rather than sourced): an interactive answer should start
+#: within 2 s and stream at 10 tokens/s or faster (TBT <= 100 ms, faster than reading speed); an agent's first
+#: visible answer, after its tool calls, within 30 s.
+SLO_TTFET_CHAT_S = 2.0
+SLO_TTFET_AGENTIC_S = 30.0
+SLO_TBT_S = 0.1
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(math.ceil(q / 100.0 * len(ordered)), 1)
+    return ordered[rank - 1]
+
+
+@dataclass(frozen=True, slots=True)
+class RunMetrics:
+    workload: str
+    fleet: str
+    policy: str
+    conversations: int
+    turns: int
+    input_tokens: int
+    output_tokens: int
+    prefill_tokens: int  # tokens computed by prefills (re-prefills and recomputes included)
+    ttfet_p50_s: float
+    ttfet_p95_s: float
+    ttfet_p99_s: float
+    ttft_p50_s: float
+    ttft_p95_s: float
+    ttft_p99_s: float
+    tbt_p50_s: float
+    tbt_p95_s: float
+    tbt_p99_s: float
+    last_turn_tbt_p50_s: float
+    last_turn_tbt_p95_s: float
+    slo_attainment: float
+    throughput_tokens_per_s: float
+    energy_j: float
+    prefill_energy_j: float
+    decode_energy_j: float
+    j_per_token: float
+    tokens_per_j: float
+    kv_transfers_per_conversation: float
+    transferred_tokens: int
+    decoder_kv_utilization: float
+    preemptions: int
+    pinned_evictions: int
+    placement_waits: int
+    horizon_s: float
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def compute_metrics(result: SimResult, *, slo_ttfet_s: float, slo_tbt_s: float = SLO_TBT_S) -> RunMetrics:
+    ttfet: list[float] = []
+    ttft: list[float] = []
+    tbt: list[float] = []
+    last_tbt: list[float] = []
+    met = 0
+    for state in result.conversations:
+        visible = state.turns[state.conv.first_visible_turn]
+        conv_ttfet = visible.first_token_s - state.conv.arrival_s
+        ttfet.append(conv_ttfet)
+        ok = conv_ttfet <= slo_ttfet_s
+        for rec in state.turns:
+            ttft.append(rec.ttft_s)
+            value = rec.tbt_s
+            if value is not None:
+                tbt.append(value)
+                ok = ok and value <= slo_tbt_s
+        last = state.turns[-1].tbt_s
+        if last is not None:
+            last_tbt.append(last)
+        met += ok
+    records = [r for s in result.conversations for r in s.turns]
+    output = sum(r.output_tokens for r in records)
+    horizon = max(result.horizon_s, 1e-9)
+    prefill_energy = sum(p.dynamic_energy_j + p.spec.device.idle_power_w * horizon for p in result.prefill)
+    decode_energy = sum(d.dynamic_energy_j + d.spec.device.idle_power_w * horizon for d in result.decoders)
+    energy = prefill_energy + decode_energy
+    capacity = sum(d.capacity for d in result.decoders)
+    n = max(len(result.conversations), 1)
+    return RunMetrics(
+        workload=result.workload,
+        fleet=result.fleet.name,
+        policy=result.policy,
+        conversations=len(result.conversations),
+        turns=len(records),
+        input_tokens=sum(r.input_tokens for r in records),
+        output_tokens=output,
+        prefill_tokens=sum(r.prefill_tokens for r in records),
+        ttfet_p50_s=percentile(ttfet, 50),
+        ttfet_p95_s=percentile(ttfet, 95),
+        ttfet_p99_s=percentile(ttfet, 99),
+        ttft_p50_s=percentile(ttft, 50),
+        ttft_p95_s=percentile(ttft, 95),
+        ttft_p99_s=percentile(ttft, 99),
+        tbt_p50_s=percentile(tbt, 50),
+        tbt_p95_s=percentile(tbt, 95),
+        tbt_p99_s=percentile(tbt, 99),
+        last_turn_tbt_p50_s=percentile(last_tbt, 50),
+        last_turn_tbt_p95_s=percentile(last_tbt, 95),
+        slo_attainment=met / n,
+        throughput_tokens_per_s=output / horizon,
+        energy_j=energy,
+        prefill_energy_j=prefill_energy,
+        decode_energy_j=decode_energy,
+        j_per_token=energy / max(output, 1),
+        tokens_per_j=output / energy if energy > 0 else math.nan,
+        kv_transfers_per_conversation=sum(s.kv_transfers for s in result.conversations) / n,
+        transferred_tokens=sum(r.transferred_tokens for r in records),
+        decoder_kv_utilization=sum(d.kv_token_seconds for d in result.decoders) / (capacity * horizon),
+        preemptions=sum(d.preemptions for d in result.decoders),
+        pinned_evictions=result.pinned_evictions,
+        placement_waits=len(result.pending_waits_s),
+        horizon_s=result.horizon_s,
+    )
+
+
+def ttfet_values(result: SimResult) -> list[float]:
+    return [s.turns[s.conv.first_visible_turn].first_token_s - s.conv.arrival_s for s in result.conversations]
+
+
+def ttft_values(result: SimResult) -> list[float]:
+    return [r.ttft_s for s in result.conversations for r in s.turns]
