@@ -206,11 +206,11 @@ class EnergyAccountant:
         sink: DecoderEnergySink,
         *,
         clock: Callable[[], float] = time.monotonic,
-        namespace: str | None = None,
+        namespaces: Sequence[str] | None = None,
         metrics: EnergyMetricsLike | None = None,
     ) -> None:
         self.reader, self.kube, self.sink, self.clock = reader, kube, sink, clock
-        self.namespace = namespace
+        self.namespaces: list[str | None] = list(namespaces) if namespaces else [None]  # None: every namespace
         self.metrics = metrics
         self._baselines: dict[str, GpuSample | None] = {}
         self._convs: dict[str, _ConvLedger] = {}
@@ -231,8 +231,11 @@ class EnergyAccountant:
     async def cycle(self) -> CycleReport:
         readings = await self.reader.read()
         now_s = self.clock()
-        pools = await self.kube.list_objects("decoderpools", self.namespace)
-        conversations = [conversation_view(b) for b in await self.kube.list_objects("conversations", self.namespace)]
+        pools, conversation_bodies = [], []
+        for namespace in self.namespaces:
+            pools += await self.kube.list_objects("decoderpools", namespace)
+            conversation_bodies += await self.kube.list_objects("conversations", namespace)
+        conversations = [conversation_view(b) for b in conversation_bodies]
         pods = serving_pods(pools)
         intervals, kinds = self._gpu_intervals(readings, now_s)
         per_pod, unmapped_j = self._pod_energy(readings, intervals, pods)
@@ -724,11 +727,16 @@ def build_reader(options: EnergyOptions, api_client: Any | None) -> EnergyReader
 
 
 def start_in_operator(
-    world: DecoderEnergySink, kube: EnergyKube, options: EnergyOptions, api_client: Any | None
+    world: DecoderEnergySink,
+    kube: EnergyKube,
+    options: EnergyOptions,
+    api_client: Any | None,
+    namespaces: Sequence[str] | None = None,
 ) -> tuple[EnergyAccountant, asyncio.Task[None]]:
     """For the operator's startup: the loop as a task, writing decoder figures into the operator's World (the
     pool status writer and placement read them) and conversation energy by merge patch of its two fields."""
-    accountant = EnergyAccountant(build_reader(options, api_client), kube, world, metrics=PrometheusEnergyMetrics())
+    reader = build_reader(options, api_client)
+    accountant = EnergyAccountant(reader, kube, world, namespaces=namespaces, metrics=PrometheusEnergyMetrics())
     return accountant, asyncio.create_task(accountant.run_forever(options.interval_s), name="conserve-energy")
 
 
@@ -763,7 +771,11 @@ async def _main(args: argparse.Namespace) -> int:
     if args.metrics_port:
         start_http_server(args.metrics_port, registry=REGISTRY)
     accountant = EnergyAccountant(
-        reader, kube, PoolStatusPatchSink(kube), namespace=args.namespace, metrics=PrometheusEnergyMetrics()
+        reader,
+        kube,
+        PoolStatusPatchSink(kube),
+        namespaces=[args.namespace] if args.namespace else None,
+        metrics=PrometheusEnergyMetrics(),
     )
     try:
         await accountant.run_forever(options.interval_s)
