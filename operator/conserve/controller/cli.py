@@ -37,6 +37,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     p.add_argument("--lease-name", default="conserve-operator", help="the Lease of leader election")
     p.add_argument(
+        "--lease-duration",
+        type=float,
+        default=15.0,
+        help="seconds a standby waits after the leader's last renewal before taking over",
+    )
+    p.add_argument(
         "--lease-namespace",
         default=None,
         help="namespace of the Lease (default: $POD_NAMESPACE, the first --namespace, or default)",
@@ -79,5 +85,6 @@ def run(args: argparse.Namespace) -> int:
         idle_sweep_interval_s=args.idle_sweep_interval,
         idle_phase_after_s=args.idle_phase_after,
         api_threads=args.api_threads,
+        lease_duration_s=args.lease_duration,
     )
     return asyncio.run(run_operator(options))

@@ -30,6 +30,7 @@ class OperatorOptions:
     idle_sweep_interval_s: float = 1.0
     idle_phase_after_s: float = 60.0
     api_threads: int = 16
+    lease_duration_s: float = 15.0
 
 
 async def run_operator(options: OperatorOptions) -> int:
@@ -43,7 +44,18 @@ async def run_operator(options: OperatorOptions) -> int:
         start_http_server(options.metrics_port, registry=metrics.REGISTRY)
     try:
         if options.leader_elect:
-            elector = LeaderElector(kube.api_client, options.lease_namespace, options.lease_name, options.identity)
+            duration = options.lease_duration_s
+            elector = LeaderElector(
+                kube.api_client,
+                options.lease_namespace,
+                options.lease_name,
+                options.identity,
+                # client-go's ratios (15 s lease, 10 s renew deadline, 2 s retry): the holder gives up before
+                # a standby may take over.
+                lease_duration_s=max(int(duration), 1),
+                renew_s=duration * 2 / 15,
+                renew_deadline_s=duration * 2 / 3,
+            )
             await elector.acquire()
             hold = asyncio.create_task(elector.hold(lost))
             lost_watch = asyncio.create_task(_forward(lost, stop))
