@@ -52,8 +52,8 @@ test-e2e: controlplane ## End-to-end tests against a local control plane (or the
 test: venv controlplane lint ## Everything CI runs: build, lint, the whole test suite
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
-demo: controlplane ## The main job (placeholder: starts the local cluster; the full demo comes later)
-	$(BIN)/conserve dev up
+demo: controlplane ## The main job: cluster, operator, extender, router, gpu-sim pods; a Mooncake slice replayed; report
+	$(BIN)/conserve demo $(DEMO_ARGS)
 
 clean-cluster: venv ## Stop the local cluster and delete its state directory
 	$(BIN)/conserve dev down --purge

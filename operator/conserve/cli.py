@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, str] = {
     "gpu-sim": "conserve.gpusim.cli",
     "router": "conserve.router.cli",
     "load": "conserve.load.cli",
+    "demo": "conserve.load.demo",
     "fake-dcgm": "conserve.energy.fakedcgm",
     "energy": "conserve.controller.energy",
     "simulate": "conserve.sim.cli_simulate",
