@@ -233,7 +233,13 @@ class Engine:
                     pool.pending.pop(item.conversation, None)
                     continue
                 # Cheap skip: nothing can hold it (avoids scoring every decoder for every waiting conversation).
-                if pool.spec is not None and best_free is not None and self.reservation_for(pool, record) > best_free:
+                # Only for conversations already told they wait (a new one still gets its Pending status).
+                if (
+                    pool.spec is not None
+                    and best_free is not None
+                    and "Placed" in record.conditions
+                    and self.reservation_for(pool, record) > best_free
+                ):
                     continue
                 outcome = self.decide(pool, record)
                 if outcome.result != "unchanged":

@@ -1,0 +1,236 @@
+"""The operator's decisions on a fake API (no cluster): bursts, queue order, turns, release once, decoder loss,
+rebuild. The e2e suite runs the same flows against the real control plane."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections import defaultdict
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from conserve import metrics
+from conserve.controller import conversation, decoderpool, pods, startup
+from conserve.controller.engine import Engine, EngineConfig
+from conserve.controller.state import FINALIZER, NodeInfo, PodInfo
+from conserve.controller.status import pool_status_patch
+from conserve.controller.testing import conversation_body, pool_body
+
+NS = "ns"
+T = TypeVar("T")
+
+
+def sync(fn: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
+    """No asyncio plugin in the test environment: run each async test in its own event loop."""
+
+    @functools.wraps(fn)
+    def wrapper() -> None:
+        asyncio.run(fn())
+
+    return wrapper
+
+
+class FakeKube:
+    def __init__(self) -> None:
+        self.status: dict[tuple[str, str], dict[str, Any]] = defaultdict(dict)
+        self.meta: dict[tuple[str, str], dict[str, Any]] = defaultdict(dict)
+        self.events: list[tuple[str, str]] = []
+        self.objects: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.pods: list[dict[str, Any]] = []
+        self.nodes: list[dict[str, Any]] = []
+
+    async def list_objects(self, plural: str, namespace: str | None) -> list[dict[str, Any]]:
+        return self.objects[plural]
+
+    async def list_pods(self, namespace: str | None) -> list[dict[str, Any]]:
+        return self.pods
+
+    async def list_nodes(self) -> list[dict[str, Any]]:
+        return self.nodes
+
+    async def patch_status(self, plural: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        await asyncio.sleep(0)  # let other tasks interleave, as real I/O would
+        self.status[(plural, name)].update(patch["status"])
+        return {}
+
+    async def patch_object(self, plural: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        await asyncio.sleep(0)
+        self.meta[(plural, name)].update(patch["metadata"])
+        return {}
+
+    async def post_event(self, obj: dict[str, Any], reason: str, message: str, *, warning: bool = False) -> None:
+        self.events.append((obj["metadata"]["name"], reason))
+
+
+def h200(name: str) -> dict[str, Any]:
+    labels = {"nvidia.com/gpu.product": "NVIDIA-H200", "nvidia.com/gpu.memory": "143771", "nvidia.com/gpu.count": "8"}
+    return {"metadata": {"name": name, "labels": labels}}
+
+
+def pod(name: str, node: str, ready: bool = True, app: str = "dec") -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": NS, "labels": {"app": app}},
+        "spec": {"nodeName": node, "containers": [{"resources": {"limits": {"nvidia.com/gpu": "1"}}}]},
+        "status": {
+            "phase": "Running",
+            "podIP": "10.0.0.1",
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        },
+    }
+
+
+def conv(name: str, tokens: int, ts: int = 0, **spec: Any) -> dict[str, Any]:
+    body = conversation_body(name, "llama", tokens, **spec)
+    body["metadata"].update(
+        namespace=NS, uid=f"uid-{name}", generation=1, creationTimestamp=f"2026-01-01T00:00:{ts:02d}Z"
+    )
+    return body
+
+
+async def engine_with(decoders: int, tokens: int = 10_000, **pool_spec: Any) -> tuple[Engine, FakeKube]:
+    kube = FakeKube()
+    kube.nodes = [h200("n0")]
+    kube.pods = [pod(f"dec-{i}", "n0") for i in range(decoders)]
+    body = pool_body("llama", tokens_per_decoder=tokens, **pool_spec)
+    body["metadata"].update(namespace=NS, generation=1)
+    kube.objects["decoderpools"] = [body]
+    engine = Engine(kube, EngineConfig())
+    await startup.rebuild(engine, [NS])
+    return engine, kube
+
+
+def held_per_decoder(engine: Engine) -> dict[str, int]:
+    pool = engine.world.pool(NS, "llama")
+    return {name: pool.ledger.reserved_on(name) for name in pool.ledger.decoders}
+
+
+@sync
+async def test_burst_never_oversubscribes() -> None:
+    engine, kube = await engine_with(3)
+    await asyncio.gather(*(conversation.on_event(engine, "ADDED", conv(f"c{i}", 1000)) for i in range(100)))
+    await engine.drain_background()
+    # 9500 usable per decoder, 2000 per conversation: 4 each.
+    assert held_per_decoder(engine) == {"dec-0": 8000, "dec-1": 8000, "dec-2": 8000}
+    phases = [s["phase"] for (plural, _), s in kube.status.items() if plural == "conversations"]
+    assert phases.count("Prefilling") == 12 and phases.count("Pending") == 88
+    assert all(FINALIZER in m["finalizers"] for m in kube.meta.values())
+    assert len(engine.world.pool(NS, "llama").pending) == 88
+
+
+@sync
+async def test_queue_order_priority_then_age() -> None:
+    engine, kube = await engine_with(1)
+    await conversation.on_event(engine, "ADDED", conv("big", 4000))  # 8000 of 9500
+    for name, ts, prio in (("old", 1, 0), ("young", 2, 0), ("vip", 3, 5)):
+        await conversation.on_event(engine, "ADDED", conv(name, 1000, ts=ts, priority=prio))
+    assert kube.status[("conversations", "vip")]["phase"] == "Pending"
+    await conversation.on_event(engine, "MODIFIED", conv("big", 4000, completed=True))
+    # 9500 free: vip and old fit (2000 each), then young too: placed in that order.
+    placed = [n for n, r in kube.events if r == "Placed"]
+    assert placed == ["big", "vip", "old", "young"]
+
+
+@sync
+async def test_release_exactly_once() -> None:
+    engine, kube = await engine_with(1)
+    before = metrics.RELEASES.labels(NS, "llama", "Completed")._value.get()
+    await conversation.on_event(engine, "ADDED", conv("a", 1000))
+    done = conv("a", 1000, completed=True)
+    done["metadata"]["finalizers"] = [FINALIZER]
+    for _ in range(3):
+        await conversation.on_event(engine, "MODIFIED", done)
+    deleting = {**done, "metadata": {**done["metadata"], "deletionTimestamp": "2026-01-01T00:01:00Z"}}
+    await conversation.on_event(engine, "MODIFIED", deleting)
+    await conversation.on_event(engine, "DELETED", deleting)
+    assert metrics.RELEASES.labels(NS, "llama", "Completed")._value.get() - before == 1
+    assert [r for _, r in kube.events].count("Released") == 1
+    assert held_per_decoder(engine) == {"dec-0": 0}
+
+
+@sync
+async def test_turns_extend_then_pin() -> None:
+    engine, kube = await engine_with(1)
+    await conversation.on_event(engine, "ADDED", conv("a", 1000))  # reserves 2000
+    await conversation.on_event(engine, "MODIFIED", conv("a", 1000, usage={"turns": 1, "inputTokens": 3000}))
+    status = kube.status[("conversations", "a")]
+    assert (status["phase"], status["reservedKvTokens"], status["liveKvTokens"]) == ("Decoding", 3750, 3000)
+    await conversation.on_event(engine, "MODIFIED", conv("a", 1000, usage={"turns": 2, "inputTokens": 12000}))
+    status = kube.status[("conversations", "a")]
+    outgrown = [c for c in status["conditions"] if c["type"] == "Outgrown"]
+    assert outgrown[0]["reason"] == "DecoderFull" and status["decoder"]["pod"] == "dec-0"
+    assert held_per_decoder(engine) == {"dec-0": 12000}  # the live context counts; new placements see it
+
+
+@sync
+async def test_decoder_loss_moves_or_fails() -> None:
+    engine, kube = await engine_with(2)
+    for i in range(4):
+        await conversation.on_event(engine, "ADDED", conv(f"c{i}", 1000))
+    pool = engine.world.pool(NS, "llama")
+    on_dec0 = pool.ledger.conversations_on("dec-0")
+    await pods.on_pod_event(engine, "MODIFIED", pod("dec-0", "n0", ready=False))
+    for key in on_dec0:
+        status = kube.status[("conversations", key.split("/")[1])]
+        assert status["placementGeneration"] == 2 and status["kvTransfers"] == 2
+        assert status["decoder"]["pod"] == "dec-1"
+    await pods.on_pod_event(engine, "DELETED", pod("dec-1", "n0"))
+    phases = {s["phase"] for (p, _), s in kube.status.items() if p == "conversations"}
+    assert phases == {"Failed"}
+    assert pool.ledger.holdings == {}
+
+
+@sync
+async def test_rebuild_adopts_even_over_capacity_and_places_nothing_twice() -> None:
+    kube = FakeKube()
+    kube.nodes = [h200("n0")]
+    kube.pods = [pod("dec-0", "n0")]
+    body = pool_body("llama", tokens_per_decoder=10_000)
+    body["metadata"].update(namespace=NS, generation=1)
+    kube.objects["decoderpools"] = [body]
+    placed = conv("old", 1000)
+    placed["status"] = {
+        "phase": "Decoding",
+        "decoder": {"pod": "dec-0"},
+        "reservedKvTokens": 12_000,
+        "placementGeneration": 1,
+        "kvTransfers": 1,
+    }
+    kube.objects["conversations"] = [placed, conv("new", 1000)]
+    engine = Engine(kube, EngineConfig())
+    await startup.rebuild(engine, [NS])
+    assert held_per_decoder(engine) == {"dec-0": 12_000}
+    assert kube.status[("conversations", "new")]["phase"] == "Pending"
+    assert ("conversations", "old") not in kube.status  # adopted as is, not rewritten
+
+
+def test_pool_status_keeps_energy_fields() -> None:
+    engine = Engine(FakeKube(), EngineConfig())
+    world = engine.world
+    world.nodes["n0"] = NodeInfo.from_labels("n0", h200("n0")["metadata"]["labels"])
+    world.pods[f"{NS}/dec-0"] = PodInfo(NS, "dec-0", {"app": "dec"}, "n0", True, "10.0.0.1", "127.0.0.1:9001", 1)
+    pool = world.pool(NS, "llama")
+    body = pool_body("llama")
+    body["metadata"]["namespace"] = NS
+    body["status"] = {"decoders": [{"pod": "dec-0", "powerWatts": 350.0, "energyJoules": 10.0}]}
+    decoderpool.load_spec(pool, body)
+    pods.sync_pool(world, pool)
+    entry = pool_status_patch(pool, 0)["status"]["decoders"][0]
+    assert (entry["powerWatts"], entry["energyJoules"], entry["endpoint"]) == (350.0, 10.0, "127.0.0.1:9001")
+    world.set_decoder_energy(NS, "llama", "dec-0", power_watts=400.0, energy_joules=12.0)
+    status = pool_status_patch(pool, 0)["status"]
+    assert status["decoders"][0]["powerWatts"] == 400.0 and status["powerWatts"] == 400.0
+
+
+def test_capacity_derived_from_gpu_memory() -> None:
+    from conserve.api.decoderpool import DecoderPoolSpec
+
+    spec = DecoderPoolSpec.model_validate(
+        {"model": {"name": "llama-3-8b"}, "decoderSelector": {"matchLabels": {"app": "dec"}}}
+    )
+    node = NodeInfo.from_labels("n0", h200("n0")["metadata"]["labels"])
+    info = pods.decoder_info(PodInfo(NS, "d", {}, "n0", True, "10.0.0.1", "", 1), node, spec)
+    # 143771 MiB x 0.9 = 135.7 GB, less 16.06 GB of weights, over 128 KiB per token: 912,623.
+    assert info.tier == "bandwidth" and info.capacity_kv_tokens == 912_623
+    assert info.endpoint == "10.0.0.1:8000"
+    bare = pods.decoder_info(PodInfo(NS, "d", {}, "n1", True, "", "", 1), None, spec)
+    assert bare.capacity_kv_tokens == 0 and "gpu.memory" in bare.problem
