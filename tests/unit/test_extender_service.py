@@ -71,9 +71,9 @@ def test_preferred_lets_every_tier_through_and_ranks_by_fit() -> None:
     svc = service(TierPolicy.PREFERRED, cached())
     out = svc.filter(by_names(pod("p", "prefill")))
     assert out.result.NodeNames == NAMES
-    scores = {h.Host: h.Score for h in svc.prioritize(by_names(pod("p", "prefill"))).root}
+    scores = {h.Host: h.Score for h in svc.prioritize(by_names(pod("p", "prefill"))).to_wire().root}
     assert min(scores["h100-0"], scores["l40s-0"]) > max(scores["h200-0"], scores["h20-0"])
-    decode = {h.Host: h.Score for h in svc.prioritize(by_names(pod("d", "decode"))).root}
+    decode = {h.Host: h.Score for h in svc.prioritize(by_names(pod("d", "decode"))).to_wire().root}
     assert min(decode["h200-0"], decode["h20-0"]) > max(decode["h100-0"], decode["l40s-0"])
     assert all(0 <= s <= 10 for s in scores.values())
 
@@ -99,7 +99,7 @@ def test_unknown_nodes_in_node_cache_mode() -> None:
     assert out.result.NodeNames == ["h100-0"]
     assert out.result.FailedNodes == {"ghost": UNKNOWN_NODE_MESSAGE}
     assert out.rejected[NodeFilterReason.UNKNOWN_NODE] == 1
-    scores = svc.prioritize(by_names(pod("p", "prefill"), ["h100-0", "ghost"]))
+    scores = svc.prioritize(by_names(pod("p", "prefill"), ["h100-0", "ghost"])).to_wire()
     assert [h.Host for h in scores.root] == ["h100-0", "ghost"] and scores.root[1].Score == 0
     # no cache at all: every named node is unknown
     assert service().filter(by_names(pod("p", "prefill"))).result.NodeNames == []
@@ -118,8 +118,8 @@ def test_pass_through(p: dict[str, Any]) -> None:
     out = svc.filter(by_names(p, [*NAMES, "ghost"]))
     assert out.result.NodeNames == [*NAMES, "ghost"] and not out.result.FailedNodes and not out.rejected
     assert service().filter(full(p)).result.Nodes == NodeList(metadata={}, items=NODES)
-    assert {h.Score for h in svc.prioritize(by_names(p)).root} == {0}
-    assert {h.Score for h in svc.prioritize(full(p)).root} == {0}
+    assert {h.Score for h in svc.prioritize(by_names(p)).to_wire().root} == {0}
+    assert {h.Score for h in svc.prioritize(full(p)).to_wire().root} == {0}
 
 
 def test_all_schedulers_when_no_name_configured() -> None:
@@ -129,7 +129,7 @@ def test_all_schedulers_when_no_name_configured() -> None:
 
 
 def test_prioritize_full_mode_keeps_order_and_scale() -> None:
-    scores = service().prioritize(full(pod("d", "decode")))
+    scores = service().prioritize(full(pod("d", "decode"))).to_wire()
     assert [h.Host for h in scores.root] == NAMES
     assert all(isinstance(h.Score, int) and 0 <= h.Score <= 10 for h in scores.root)
 
@@ -178,3 +178,34 @@ def test_pod_demand_reads_requests_limits_and_init_containers() -> None:
     p["spec"]["initContainers"] = [{"name": "warm", "resources": {"limits": {"nvidia.com/gpu": "4"}}}]
     demand = pod_demand(p)
     assert (demand.gpus, demand.model, demand.role and demand.role.value) == (4, "llama-3-70b", "decode")
+
+
+def test_priorities_fast_encoding_equals_the_wire_model() -> None:
+    from conserve.extender.service import Priorities
+
+    result = Priorities(["a", 'we"ird\\name', "ünï"], [0, 10, 7])
+    assert result.to_json_bytes() == result.to_wire().to_json_bytes()
+    assert json.loads(result.to_json_bytes()) == [
+        {"Host": "a", "Score": 0},
+        {"Host": 'we"ird\\name', "Score": 10},
+        {"Host": "ünï", "Score": 7},
+    ]
+
+
+def test_node_classes_follow_changes_in_the_cache() -> None:
+    # h200-0 and h200-1 share a class; filling h200-0 moves it to another class, whose answer must not leak back.
+    cache = ClusterCache()
+    cache.replace_nodes([node("h200-0", "H200"), node("h200-1", "H200")])
+    cache.replace_pods([])
+    svc = service(cache=cache)
+    assert svc.filter(by_names(pod("d", "decode"), ["h200-0", "h200-1"])).result.NodeNames == ["h200-0", "h200-1"]
+    cache.apply_pod("ADDED", pod("big", "decode", gpus=8, node_name="h200-0", phase="Running"))
+    out = svc.filter(by_names(pod("d", "decode"), ["h200-1", "h200-0"]))
+    assert out.result.NodeNames == ["h200-1"] and set(out.result.FailedNodes or {}) == {"h200-0"}
+    cache.apply_pod("DELETED", pod("big", "decode", gpus=8, node_name="h200-0"))
+    cache.apply_pod("ADDED", pod("big2", "decode", gpus=8, node_name="h200-1", phase="Running"))
+    out = svc.filter(by_names(pod("d", "decode"), ["h200-0", "h200-1"]))
+    assert out.result.NodeNames == ["h200-0"] and set(out.result.FailedNodes or {}) == {"h200-1"}
+    priorities = svc.prioritize(by_names(pod("d", "decode"), ["h200-0", "h200-1"]))
+    scores = dict(zip(priorities.hosts, priorities.scores, strict=True))
+    assert scores["h200-0"] > scores["h200-1"]  # all 8 GPUs free against none

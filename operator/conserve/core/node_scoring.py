@@ -34,7 +34,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from conserve.core.gpus import ROLE_TIER, GpuSpec, NodeGpu, Role
+from conserve.core.gpus import ROLE_TIER, GpuSpec, NodeGpu, Role, Tier
 from conserve.core.llm import MODELS, ModelShape
 from conserve.core.perf import Device, decode_energy_per_token_j, prefill_energy_per_token_j
 from conserve.core.placement import TierPolicy
@@ -65,6 +65,10 @@ class NodeRejection:
     resolvable: bool
 
 
+#: `GpuNode.key`: (id of its NodeGpu, allocatable GPUs, used GPUs, prefill pods, decode pods).
+NodeKey = tuple[int, int, int, int, int]
+
+
 @dataclass(frozen=True, slots=True)
 class GpuNode:
     """One node as the extender sees it: its GPU class, its GPUs and what is bound to it."""
@@ -75,6 +79,15 @@ class GpuNode:
     used_gpus: int = 0
     prefill_pods: int = 0
     decode_pods: int = 0
+    #: Everything but the name (set on construction): nodes with equal keys get equal filter results and, for one
+    #: candidate set, equal scores. Fleets have few distinct keys, which keeps a 5,000-node request cheap.
+    key: NodeKey = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # id(): equal-but-distinct NodeGpu objects only cost a memo miss (adapters intern them); hashing the
+        # dataclass itself would hash its GpuSpec on every lookup. Keys are compared only within one call.
+        key = (id(self.gpu), self.allocatable_gpus, self.used_gpus, self.prefill_pods, self.decode_pods)
+        object.__setattr__(self, "key", key)
 
     @property
     def free_gpus(self) -> int:
@@ -144,24 +157,38 @@ class NodeScoringSettings:
 NodeFilter = Callable[[PodDemand, GpuNode, NodeScoringSettings], NodeRejection | None]
 
 
-def filter_tier(pod: PodDemand, node: GpuNode, settings: NodeScoringSettings) -> NodeRejection | None:
-    if pod.role is None or settings.tier_policy is not TierPolicy.STRICT:
-        return None
-    wanted = ROLE_TIER[pod.role]
-    if node.gpu.tier is None:
+@functools.lru_cache(maxsize=64)
+def _tier_rejection(role: Role, tier: Tier | None) -> NodeRejection:
+    wanted = ROLE_TIER[role]
+    if tier is None:
         return NodeRejection(
             NodeFilterReason.NO_GPU_TIER,
-            f"conserve: {pod.role.value} pod needs a {wanted.value}-tier GPU node, node has no GPU tier "
+            f"conserve: {role.value} pod needs a {wanted.value}-tier GPU node, node has no GPU tier "
             "(strict tier policy)",
             resolvable=False,
         )
-    if node.gpu.tier is not wanted:
-        return NodeRejection(
-            NodeFilterReason.TIER_MISMATCH,
-            f"conserve: {pod.role.value} pod needs a {wanted.value}-tier GPU node, node is {node.gpu.tier.value} "
-            "tier (strict tier policy)",
-            resolvable=False,
-        )
+    return NodeRejection(
+        NodeFilterReason.TIER_MISMATCH,
+        f"conserve: {role.value} pod needs a {wanted.value}-tier GPU node, node is {tier.value} tier "
+        "(strict tier policy)",
+        resolvable=False,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _gpu_rejection(role: Role | None, needed: int) -> NodeRejection:
+    return NodeRejection(
+        NodeFilterReason.INSUFFICIENT_GPU,
+        f"conserve: not enough free nvidia.com/gpu for a {role.value if role else 'GPU'} pod (needs {needed})",
+        resolvable=True,
+    )
+
+
+def filter_tier(pod: PodDemand, node: GpuNode, settings: NodeScoringSettings) -> NodeRejection | None:
+    if pod.role is None or settings.tier_policy is not TierPolicy.STRICT:
+        return None
+    if node.gpu.tier is not ROLE_TIER[pod.role]:
+        return _tier_rejection(pod.role, node.gpu.tier)
     return None
 
 
@@ -169,11 +196,7 @@ def filter_free_gpus(pod: PodDemand, node: GpuNode, _: NodeScoringSettings) -> N
     needed = pod.needed_gpus
     if needed <= 0 or node.free_gpus >= needed:
         return None
-    return NodeRejection(
-        NodeFilterReason.INSUFFICIENT_GPU,
-        f"conserve: not enough free nvidia.com/gpu for a {pod.role.value if pod.role else 'GPU'} pod (needs {needed})",
-        resolvable=True,
-    )
+    return _gpu_rejection(pod.role, needed)
 
 
 NODE_FILTERS: Sequence[tuple[str, NodeFilter]] = (
@@ -193,14 +216,6 @@ def filter_node(pod: PodDemand, node: GpuNode, settings: NodeScoringSettings) ->
     return None
 
 
-def _node_key(node: GpuNode) -> tuple[object, ...]:
-    """Everything but the name: nodes with equal keys get equal filter results (and, for a fixed candidate
-    set, equal scores). Fleets have few distinct keys, which keeps a 5,000-node request cheap."""
-    # id(): equal-but-distinct NodeGpu objects only cost a memo miss; all nodes stay alive for the call. Hashing
-    # the dataclass itself would hash its GpuSpec on every node.
-    return (id(node.gpu), node.allocatable_gpus, node.used_gpus, node.prefill_pods, node.decode_pods)
-
-
 def filter_nodes(
     pod: PodDemand, nodes: Sequence[GpuNode], settings: NodeScoringSettings
 ) -> tuple[list[GpuNode], dict[str, NodeRejection]]:
@@ -209,9 +224,9 @@ def filter_nodes(
         return list(nodes), {}
     fits: list[GpuNode] = []
     rejected: dict[str, NodeRejection] = {}
-    memo: dict[tuple[object, ...], NodeRejection | None] = {}
+    memo: dict[NodeKey, NodeRejection | None] = {}
     for node in nodes:
-        key = _node_key(node)
+        key = node.key
         if key in memo:
             rejection = memo[key]
         else:
@@ -290,15 +305,16 @@ NODE_SCORERS: Mapping[str, NodeScorer] = {
 
 
 def scoring_context(pod: PodDemand, nodes: Sequence[GpuNode], settings: NodeScoringSettings) -> ScoringContext:
+    """Aggregates of the candidate set. Pass one node per distinct key: the result is the same, and cheaper."""
     energies: set[float] = set()
     max_role_pods = 0
-    seen_specs: set[GpuSpec] = set()
+    seen_specs: set[int] = set()
     for node in nodes:
         if pod.role is not None:
             max_role_pods = max(max_role_pods, node.role_pods(pod.role))
         spec = node.gpu.spec
-        if spec is not None and spec not in seen_specs:
-            seen_specs.add(spec)
+        if spec is not None and id(spec) not in seen_specs:
+            seen_specs.add(id(spec))
             energy = _node_energy(pod, node, settings)
             if energy is not None and energy > 0:
                 energies.add(energy)
@@ -308,23 +324,23 @@ def scoring_context(pod: PodDemand, nodes: Sequence[GpuNode], settings: NodeScor
 def score_nodes(pod: PodDemand, nodes: Sequence[GpuNode], settings: NodeScoringSettings) -> dict[str, float]:
     """Weighted mean of the scorers for each node, in [0, 1]. Pods without a role: 0 everywhere."""
     if pod.role is None:
-        return {node.name: 0.0 for node in nodes}
+        return dict.fromkeys((node.name for node in nodes), 0.0)
     weight_by_name = {name: w for name, w in settings.weights.as_dict().items() if w > 0}
     total_weight = sum(weight_by_name.values())
     if total_weight <= 0:
-        return {node.name: 0.0 for node in nodes}
-    context = scoring_context(pod, nodes, settings)
-    scorers = [(NODE_SCORERS[name], w) for name, w in weight_by_name.items()]
-    memo: dict[tuple[object, ...], float] = {}
-    scores: dict[str, float] = {}
+        return dict.fromkeys((node.name for node in nodes), 0.0)
+    # Nodes with equal keys score equally: decide once per distinct key, then fan out by name.
+    distinct: dict[NodeKey, GpuNode] = {}
     for node in nodes:
-        key = _node_key(node)
-        score = memo.get(key)
-        if score is None:
-            weighted = sum(w * scorer(pod, node, context, settings) for scorer, w in scorers)
-            score = memo[key] = min(max(weighted / total_weight, 0.0), 1.0)
-        scores[node.name] = score
-    return scores
+        distinct.setdefault(node.key, node)
+    representatives = list(distinct.values())
+    context = scoring_context(pod, representatives, settings)
+    scorers = [(NODE_SCORERS[name], w) for name, w in weight_by_name.items()]
+    by_key = {
+        key: min(max(sum(w * scorer(pod, node, context, settings) for scorer, w in scorers) / total_weight, 0.0), 1.0)
+        for key, node in distinct.items()
+    }
+    return {node.name: by_key[node.key] for node in nodes}
 
 
 def to_extender_score(score: float, max_priority: int = MAX_EXTENDER_PRIORITY) -> int:

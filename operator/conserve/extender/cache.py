@@ -21,10 +21,12 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from conserve.core.gpus import Role
-from conserve.core.node_scoring import GpuNode
+from conserve.core.node_scoring import GpuNode, NodeKey
 from conserve.extender.objects import NodeUsage, PodUsage, gpu_node, name_of, pod_usage
 
 log = logging.getLogger(__name__)
+
+_MAX_CLASS_IDS = 100_000
 
 
 def _pod_key(pod: Mapping[str, Any]) -> str:
@@ -43,6 +45,9 @@ class ClusterCache:
         self._pods: dict[str, PodUsage] = {}
         self._usage: dict[str, NodeUsage] = {}
         self._view: dict[str, GpuNode] = {}
+        self._class_of: dict[str, int] = {}
+        self._class_ids: dict[NodeKey, int] = {}
+        self._rep_of: dict[int, str] = {}
         self.nodes_synced = threading.Event()
         self.pods_synced = threading.Event()
 
@@ -50,6 +55,22 @@ class ClusterCache:
 
     def get(self, name: str) -> GpuNode | None:
         return self._view.get(name)
+
+    def nodes(self) -> Mapping[str, GpuNode]:
+        """The live name -> node view (read it, do not keep it: entries are replaced as events arrive)."""
+        return self._view
+
+    def classes(self) -> Mapping[str, int]:
+        """The live name -> class view: nodes of one class have equal `GpuNode.key`s, so they decide alike.
+
+        Small ints rather than the key tuples: a request hashes them once per name and per pass, and a tuple
+        hashes its five fields every time.
+        """
+        return self._class_of
+
+    def representatives(self) -> Mapping[int, str]:
+        """Class -> the name of a node last seen in it (check `classes()`: that node may have moved on)."""
+        return self._rep_of
 
     def usage(self, node: str) -> NodeUsage | None:
         return self._usage.get(node)
@@ -79,8 +100,16 @@ class ClusterCache:
         node = self._nodes.get(name)
         if node is None:
             self._view.pop(name, None)
+            self._class_of.pop(name, None)
         else:
-            self._view[name] = gpu_node(node, self._usage.get(name))
+            view = self._view[name] = gpu_node(node, self._usage.get(name))
+            if len(self._class_ids) > _MAX_CLASS_IDS:
+                # Keys seen long ago pile up; renumbering only changes ids, never which nodes share one.
+                self._class_ids = {}
+                self._class_of = {
+                    n: self._class_ids.setdefault(v.key, len(self._class_ids)) for n, v in self._view.items()
+                }
+            self._class_of[name] = self._class_ids.setdefault(view.key, len(self._class_ids))
 
     def apply_node(self, event_type: str, node: Mapping[str, Any]) -> None:
         name = name_of(node)
@@ -98,6 +127,7 @@ class ClusterCache:
             self._nodes = {name: self._slim_node(n) for n in nodes if (name := name_of(n))}
             for name in set(self._view) - set(self._nodes):
                 self._view.pop(name, None)
+                self._class_of.pop(name, None)
             for name in self._nodes:
                 self._refresh(name)
         self.nodes_synced.set()

@@ -109,9 +109,9 @@ class ExtenderApp:
     def answer_prioritize(self, body: bytes) -> bytes:
         args = parse_args(body)
         result = self.service.prioritize(args)
-        self.metrics.request_nodes.labels(verb="prioritize").observe(len(result.root))
-        if log.isEnabledFor(logging.DEBUG) and len(result.root) <= 20:
-            log.debug("extender prioritize %s", {h.Host: h.Score for h in result.root})
+        self.metrics.request_nodes.labels(verb="prioritize").observe(len(result))
+        if log.isEnabledFor(logging.DEBUG) and len(result) <= 20:
+            log.debug("extender prioritize %s", dict(zip(result.hosts, result.scores, strict=True)))
         return result.to_json_bytes()
 
     def answer_bind(self, body: bytes) -> bytes:
