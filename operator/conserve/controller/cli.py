@@ -58,7 +58,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     p.add_argument("--api-threads", type=int, default=16, help="threads of the Kubernetes client pool")
     p.add_argument("--verbose", "-v", action="store_true")
-    p.set_defaults(func=run)
+    from conserve.controller import energy
+
+    energy.add_arguments(p)  # the energy loop runs inside the operator when --energy-source is not none
+    p.set_defaults(func=run, energy_source="none")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if not args.verbose:
         logging.getLogger("kopf").setLevel(logging.WARNING)
+    from conserve.controller.energy import EnergyOptions
     from conserve.controller.main import OperatorOptions, run_operator
 
     options = OperatorOptions(
@@ -86,5 +90,6 @@ def run(args: argparse.Namespace) -> int:
         idle_phase_after_s=args.idle_phase_after,
         api_threads=args.api_threads,
         lease_duration_s=args.lease_duration,
+        energy=EnergyOptions.from_args(args),
     )
     return asyncio.run(run_operator(options))

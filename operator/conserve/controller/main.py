@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import kopf
 
@@ -31,6 +32,7 @@ class OperatorOptions:
     idle_phase_after_s: float = 60.0
     api_threads: int = 16
     lease_duration_s: float = 15.0
+    energy: Any | None = None  # controller.energy.EnergyOptions
 
 
 async def run_operator(options: OperatorOptions) -> int:
@@ -67,7 +69,7 @@ async def run_operator(options: OperatorOptions) -> int:
                 idle_phase_after_s=options.idle_phase_after_s,
             ),
         )
-        registry = build_registry(engine, options.namespaces)
+        registry = build_registry(engine, options.namespaces, options.energy)
         await kopf.operator(
             registry=registry,
             standalone=True,  # leader election is ours (leader.py); no KopfPeering objects

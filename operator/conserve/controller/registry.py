@@ -16,7 +16,10 @@ from conserve.controller.engine import Engine
 log = logging.getLogger("conserve.operator")
 
 
-def build_registry(engine: Engine, namespaces: Sequence[str] | None) -> kopf.OperatorRegistry:
+def build_registry(
+    engine: Engine, namespaces: Sequence[str] | None, energy_options: Any | None = None
+) -> kopf.OperatorRegistry:
+    """`energy_options` (controller.energy.EnergyOptions) starts the energy loop beside the operator."""
     registry = kopf.OperatorRegistry()
     loops: list[asyncio.Task[Any]] = []
 
@@ -30,6 +33,14 @@ def build_registry(engine: Engine, namespaces: Sequence[str] | None) -> kopf.Ope
         await startup.rebuild(engine, namespaces)
         loops.append(asyncio.create_task(decoderpool.status_writer(engine)))
         loops.append(asyncio.create_task(_idle_loop(engine)))
+        if energy_options is not None and energy_options.source != "none":
+            from conserve.controller import energy
+
+            api_client = getattr(engine.kube, "api_client", None)
+            _accountant, task = energy.start_in_operator(
+                engine.world, engine.kube, energy_options, api_client, namespaces
+            )
+            loops.append(task)
 
     @kopf.on.cleanup(registry=registry)
     async def on_cleanup(**_: Any) -> None:

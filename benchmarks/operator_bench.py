@@ -1,0 +1,325 @@
+"""Operator benchmark on the local control plane (not a test): placement latency, throughput, memory.
+
+    .venv/bin/python benchmarks/operator_bench.py [--kubeconfig K] [--out results/operator_bench.json]
+
+Without --kubeconfig it starts its own LocalCluster with the API server's in-flight limits and priority and
+fairness off (load-test settings). Scenarios:
+
+1. latency at 50 and 200 creations/s (open loop, paced): creation (just before the create call) to the status
+   written (the watch event that carries status.decoder), p50/p99; `conserve operator` runs as a subprocess;
+2. throughput: N creations as fast as the client can (same threads), time until every one is placed, against
+   the API server's own ceiling measured in the same run with the same client: create plus status patch of a
+   bare custom object (a Conversation in a namespace no operator watches);
+3. memory: the operator's RSS with 10,000 conversations placed over 1,000 decoder pods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from conserve.controller.kube import k8s
+from conserve.controller.testing import Api, OperatorProcess, conversation_body, install_crds, pod_body, pool_body
+from conserve.devcluster import nodes
+
+GROUP, VERSION, PLURAL = "conserve.dev", "v1alpha1", "conversations"
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+
+
+class PlacementWatch:
+    """Records when each conversation's status first carries a decoder (watch event receipt time)."""
+
+    def __init__(self, api_client: Any, namespace: str) -> None:
+        self.placed: dict[str, float] = {}
+        self._api = k8s("client").CustomObjectsApi(api_client)
+        self._namespace = namespace
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._ready = threading.Event()
+
+    def __enter__(self) -> PlacementWatch:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        watch = k8s("watch").Watch()
+        self._ready.set()
+        while not self._stop.is_set():
+            for event in watch.stream(
+                self._api.list_namespaced_custom_object, GROUP, VERSION, self._namespace, PLURAL, timeout_seconds=5
+            ):
+                obj = event["object"]
+                if (obj.get("status") or {}).get("decoder"):
+                    self.placed.setdefault(obj["metadata"]["name"], time.time())
+                if self._stop.is_set():
+                    return
+
+    def wait(self, names: list[str], timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(n in self.placed for n in names):
+                return True
+            time.sleep(0.05)
+        return False
+
+
+def make_namespace(core: Any, name: str) -> None:
+    core.create_namespace({"metadata": {"name": name}})
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            core.read_namespaced_service_account("default", name)
+            return
+        except Exception:
+            time.sleep(0.1)
+
+
+def setup_pool(api: Api, decoders: int, tokens: int, node_names: list[str], threads: int) -> None:
+    api.create(pool_body("bench", tokens_per_decoder=tokens))
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda i: api.create(pod_body(f"dec-{i}", node_names[i % len(node_names)])), range(decoders)))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = api.get_pool("bench").get("status") or {}
+        if status.get("readyDecoders") == decoders:
+            return
+        time.sleep(0.5)
+    raise TimeoutError("decoders not ready")
+
+
+def paced_creations(api: Api, rate: float, count: int, threads: int, prefix: str) -> dict[str, float]:
+    started: dict[str, float] = {}
+    t0 = time.time() + 0.2
+
+    def one(i: int) -> None:
+        due = t0 + i / rate
+        delay = due - time.time()
+        if delay > 0:
+            time.sleep(delay)
+        name = f"{prefix}-{i:05d}"
+        started[name] = time.time()
+        api.create(conversation_body(name, "bench", 1000))
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, range(count)))
+    return started
+
+
+def scenario_latency(
+    api_client: Any, kubeconfig: Path, rate: float, count: int, nodes_: list[str], work: Path, threads: int
+) -> dict[str, Any]:
+    ns = f"bench-lat-{int(rate)}"
+    core = k8s("client").CoreV1Api(api_client)
+    make_namespace(core, ns)
+    api = Api(api_client, ns)
+    op = OperatorProcess(kubeconfig, ns, work / f"{ns}.log", ["--api-threads", "16"])
+    op.start()
+    try:
+        setup_pool(api, 20, 1_000_000, nodes_, threads)
+        with PlacementWatch(api_client, ns) as watch:
+            started = paced_creations(api, rate, count, threads, "c")
+            achieved = count / (max(started.values()) - min(started.values()))
+            ok = watch.wait(list(started), 120)
+            lat = [watch.placed[n] - t for n, t in started.items() if n in watch.placed]
+        rss = rss_mib(op)
+    finally:
+        op.stop()
+    return {
+        "rate_target_per_s": rate,
+        "rate_achieved_per_s": round(achieved, 1),
+        "conversations": count,
+        "all_placed": ok,
+        "p50_ms": round(quantile(lat, 0.50) * 1000, 1),
+        "p90_ms": round(quantile(lat, 0.90) * 1000, 1),
+        "p99_ms": round(quantile(lat, 0.99) * 1000, 1),
+        "max_ms": round(max(lat) * 1000, 1),
+        "mean_ms": round(statistics.mean(lat) * 1000, 1),
+        "operator_rss_mib": rss,
+    }
+
+
+def scenario_throughput(
+    api_client: Any, kubeconfig: Path, count: int, nodes_: list[str], work: Path, threads: int
+) -> dict[str, Any]:
+    core = k8s("client").CoreV1Api(api_client)
+    custom = k8s("client").CustomObjectsApi(api_client)
+    # The ceiling: create + status patch of a bare object, nobody watching, same client and threads.
+    make_namespace(core, "bench-ceiling")
+
+    def bare(i: int) -> None:
+        body = conversation_body(f"bare-{i:05d}", "none", 1000)
+        custom.create_namespaced_custom_object(GROUP, VERSION, "bench-ceiling", PLURAL, body)
+        custom.patch_namespaced_custom_object_status(
+            GROUP,
+            VERSION,
+            "bench-ceiling",
+            PLURAL,
+            f"bare-{i:05d}",
+            {"status": {"phase": "Prefilling", "decoder": {"pod": "dec-0"}, "reservedKvTokens": 2000}},
+            _content_type="application/merge-patch+json",
+        )
+
+    t0 = time.time()
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(bare, range(count)))
+    ceiling = count / (time.time() - t0)
+
+    ns = "bench-throughput"
+    make_namespace(core, ns)
+    api = Api(api_client, ns)
+    op = OperatorProcess(kubeconfig, ns, work / f"{ns}.log", ["--api-threads", "16"])
+    op.start()
+    try:
+        setup_pool(api, 20, 1_000_000, nodes_, threads)
+        with PlacementWatch(api_client, ns) as watch:
+            names = [f"t-{i:05d}" for i in range(count)]
+            t0 = time.time()
+            with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+                list(pool.map(lambda n: api.create(conversation_body(n, "bench", 1000)), names))
+            created_s = time.time() - t0
+            ok = watch.wait(names, 300)
+            placed_s = max(watch.placed[n] for n in names if n in watch.placed) - t0
+    finally:
+        op.stop()
+    throughput = count / placed_s
+    return {
+        "conversations": count,
+        "client_threads": threads,
+        "ceiling_create_plus_status_per_s": round(ceiling, 1),
+        "creations_per_s": round(count / created_s, 1),
+        "placements_per_s": round(throughput, 1),
+        "ratio_to_ceiling": round(throughput / ceiling, 3),
+        "all_placed": ok,
+    }
+
+
+def scenario_memory(
+    api_client: Any, kubeconfig: Path, conversations: int, decoders: int, nodes_: list[str], work: Path, threads: int
+) -> dict[str, Any]:
+    ns = "bench-memory"
+    core = k8s("client").CoreV1Api(api_client)
+    make_namespace(core, ns)
+    api = Api(api_client, ns)
+    op = OperatorProcess(kubeconfig, ns, work / f"{ns}.log", ["--api-threads", "16"])
+    op.start()
+    try:
+        rss_idle = rss_mib(op)
+        setup_pool(api, decoders, 100_000, nodes_, threads)
+        rss_pods = rss_mib(op)
+        with PlacementWatch(api_client, ns) as watch:
+            names = [f"m-{i:05d}" for i in range(conversations)]
+            t0 = time.time()
+            with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+                list(pool.map(lambda n: api.create(conversation_body(n, "bench", 1000)), names))
+            ok = watch.wait(names, 600)
+            elapsed = time.time() - t0
+        time.sleep(2)
+        rss = rss_mib(op)
+        # A restart rebuilds the ledger from 10,000 statuses: how long, and how much memory then.
+        op.stop()
+        t_restart = time.time()
+        op.start(timeout_s=120)
+        rebuild_s = time.time() - t_restart
+        time.sleep(3)
+        rss_restarted = rss_mib(op)
+    finally:
+        op.stop()
+    return {
+        "conversations": conversations,
+        "decoders": decoders,
+        "all_placed": ok,
+        "seconds_to_place_all": round(elapsed, 1),
+        "operator_rss_mib_idle": rss_idle,
+        "operator_rss_mib_with_decoders": rss_pods,
+        "operator_rss_mib": rss,
+        "restart_to_ready_s": round(rebuild_s, 2),
+        "operator_rss_mib_after_restart": rss_restarted,
+    }
+
+
+def rss_mib(op: OperatorProcess) -> float:
+    assert op.proc is not None
+    for line in Path(f"/proc/{op.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return -1.0
+
+
+@contextmanager
+def cluster(kubeconfig: str | None, work: Path) -> Iterator[Path]:
+    if kubeconfig:
+        yield Path(kubeconfig)
+        return
+    from conserve.devcluster import build
+    from conserve.devcluster.cluster import LocalCluster
+
+    build.build_all()
+    with LocalCluster(work / "cluster", unlimited_inflight=True) as local:
+        names = nodes.apply_gpu_nodes(local.kubeconfig, nodes.load_node_specs())
+        nodes.wait_nodes_ready(local.kubeconfig, names)
+        yield local.kubeconfig
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kubeconfig", default=os.environ.get("CONSERVE_KUBECONFIG"))
+    parser.add_argument("--out", type=Path, default=Path("results/operator_bench.json"))
+    parser.add_argument("--threads", type=int, default=16, help="client threads (creations and the ceiling)")
+    parser.add_argument("--seconds", type=float, default=15.0, help="duration of each latency run")
+    parser.add_argument("--throughput-count", type=int, default=1500)
+    parser.add_argument("--memory-conversations", type=int, default=10_000)
+    parser.add_argument("--memory-decoders", type=int, default=1_000)
+    parser.add_argument("--skip", action="append", default=[], choices=["latency", "throughput", "memory"])
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="conserve-bench-"))
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "work_dir": str(work)}
+    with cluster(args.kubeconfig, work) as kubeconfig:
+        # Room for 1,000 decoder pods: 12 extra fake H200 nodes of 250 pods each.
+        bench_nodes = nodes.make_gpu_nodes("bench-h200", 12, "NVIDIA-H200", 8, 143771, pods="250")
+        node_names = nodes.apply_gpu_nodes(kubeconfig, bench_nodes)
+        nodes.wait_nodes_ready(kubeconfig, node_names)
+        api_client = nodes.new_api_client(kubeconfig, pool_size=args.threads + 4)
+        install_crds(api_client)
+        if "latency" not in args.skip:
+            results["latency"] = [
+                scenario_latency(api_client, kubeconfig, rate, int(rate * args.seconds), node_names, work, args.threads)
+                for rate in (50.0, 200.0)
+            ]
+            print(json.dumps(results["latency"], indent=1), flush=True)
+        if "throughput" not in args.skip:
+            results["throughput"] = scenario_throughput(
+                api_client, kubeconfig, args.throughput_count, node_names, work, args.threads
+            )
+            print(json.dumps(results["throughput"], indent=1), flush=True)
+        if "memory" not in args.skip:
+            results["memory"] = scenario_memory(
+                api_client, kubeconfig, args.memory_conversations, args.memory_decoders, node_names, work, args.threads
+            )
+            print(json.dumps(results["memory"], indent=1), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"written {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
