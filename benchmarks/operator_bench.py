@@ -61,17 +61,26 @@ class PlacementWatch:
         self._stop.set()
 
     def _run(self) -> None:
-        watch = k8s("watch").Watch()
         self._ready.set()
         while not self._stop.is_set():
-            for event in watch.stream(
-                self._api.list_namespaced_custom_object, GROUP, VERSION, self._namespace, PLURAL, timeout_seconds=5
-            ):
-                obj = event["object"]
-                if (obj.get("status") or {}).get("decoder"):
-                    self.placed.setdefault(obj["metadata"]["name"], time.time())
-                if self._stop.is_set():
-                    return
+            watch = k8s("watch").Watch()
+            try:
+                for event in watch.stream(
+                    self._api.list_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    self._namespace,
+                    PLURAL,
+                    timeout_seconds=600,
+                ):
+                    obj = event["object"]
+                    if isinstance(obj, dict) and (obj.get("status") or {}).get("decoder"):
+                        self.placed.setdefault(obj["metadata"]["name"], time.time())
+                    if self._stop.is_set():
+                        watch.stop()
+                        return
+            except Exception as exc:  # a 410/504 on resume: start over with a fresh list
+                print(f"watch restarted: {exc}", file=sys.stderr)
 
     def wait(self, names: list[str], timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -131,7 +140,7 @@ def scenario_latency(
     core = k8s("client").CoreV1Api(api_client)
     make_namespace(core, ns)
     api = Api(api_client, ns)
-    op = OperatorProcess(kubeconfig, ns, work / f"{ns}.log", ["--api-threads", "16"])
+    op = OperatorProcess(kubeconfig, ns, work / f"{ns}.log")
     op.start()
     try:
         setup_pool(api, 20, 1_000_000, nodes_, threads)
@@ -186,7 +195,7 @@ def scenario_throughput(
     ns = "bench-throughput"
     make_namespace(core, ns)
     api = Api(api_client, ns)
-    op = OperatorProcess(kubeconfig, ns, work / f"{ns}.log", ["--api-threads", "16"])
+    op = OperatorProcess(kubeconfig, ns, work / f"{ns}.log")
     op.start()
     try:
         setup_pool(api, 20, 1_000_000, nodes_, threads)
@@ -219,7 +228,7 @@ def scenario_memory(
     core = k8s("client").CoreV1Api(api_client)
     make_namespace(core, ns)
     api = Api(api_client, ns)
-    op = OperatorProcess(kubeconfig, ns, work / f"{ns}.log", ["--api-threads", "16"])
+    op = OperatorProcess(kubeconfig, ns, work / f"{ns}.log")
     op.start()
     try:
         rss_idle = rss_mib(op)

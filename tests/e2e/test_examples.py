@@ -58,3 +58,4 @@ def test_examples_apply_and_place(cluster: ClusterHandle, namespace: str, tmp_pa
             assert refused.returncode != 0 and "cannot decrease" in refused.stderr
         finally:
             op.stop()
+            api.strip_finalizers()

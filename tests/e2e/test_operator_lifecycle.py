@@ -32,10 +32,11 @@ def api(cluster: ClusterHandle, namespace: str, crds: None) -> Iterator[Api]:
 
 
 @pytest.fixture
-def operator(cluster: ClusterHandle, namespace: str, crds: None, tmp_path: Path) -> Iterator[OperatorProcess]:
+def operator(cluster: ClusterHandle, namespace: str, api: Api, tmp_path: Path) -> Iterator[OperatorProcess]:
     op = OperatorProcess(cluster.kubeconfig, namespace, tmp_path / "operator.log", ["--idle-phase-after", "0.5"])
     yield op.start()
     op.stop()
+    api.strip_finalizers()
 
 
 def status(api: Api, name: str) -> dict:  # type: ignore[type-arg]

@@ -34,10 +34,11 @@ def api(cluster: ClusterHandle, namespace: str, crds: None) -> Iterator[Api]:
 
 
 @pytest.fixture
-def operator(cluster: ClusterHandle, namespace: str, crds: None, tmp_path: Path) -> Iterator[OperatorProcess]:
+def operator(cluster: ClusterHandle, namespace: str, api: Api, tmp_path: Path) -> Iterator[OperatorProcess]:
     op = OperatorProcess(cluster.kubeconfig, namespace, tmp_path / "operator.log").start()
     yield op
     op.stop()
+    api.strip_finalizers()
 
 
 def phase(api: Api, name: str) -> str:

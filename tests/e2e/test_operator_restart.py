@@ -86,6 +86,7 @@ def test_killed_mid_burst_and_restarted(api: Api, cluster: ClusterHandle, namesp
         assert len(api.events("Placed")) <= 30  # one per conversation at most (one may be lost with the kill)
     finally:
         op.stop()
+        api.strip_finalizers()
 
 
 def test_two_replicas_one_leader(api: Api, cluster: ClusterHandle, namespace: str, tmp_path: Path) -> None:
@@ -111,3 +112,4 @@ def test_two_replicas_one_leader(api: Api, cluster: ClusterHandle, namespace: st
     finally:
         a.stop()
         b.stop()
+        api.strip_finalizers()

@@ -56,7 +56,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=60.0,
         help="seconds without a turn before a conversation shows phase Idle",
     )
-    p.add_argument("--api-threads", type=int, default=16, help="threads of the Kubernetes client pool")
+    p.add_argument(
+        "--events",
+        choices=["all", "warnings"],
+        default="all",
+        help="Events to post: all (Placed, Released, ... and warnings) or warnings only (fewer writes)",
+    )
+    p.add_argument("--api-threads", type=int, default=64, help="threads (and connections) of the Kubernetes client")
     p.add_argument("--verbose", "-v", action="store_true")
     from conserve.controller import energy
 
@@ -91,5 +97,6 @@ def run(args: argparse.Namespace) -> int:
         api_threads=args.api_threads,
         lease_duration_s=args.lease_duration,
         energy=EnergyOptions.from_args(args),
+        normal_events=args.events == "all",
     )
     return asyncio.run(run_operator(options))

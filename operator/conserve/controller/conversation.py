@@ -82,6 +82,7 @@ async def on_event(engine: Engine, event_type: str | None, body: dict[str, Any])
         record = record_from_body(body, spec, now_s=engine.clock.now(), monotonic=engine.clock.monotonic())
         world.convs[key] = record
         adopt(engine, record)
+        log.debug("seen %s (%s)", key, event_type)
     else:
         record.spec = spec
         record.generation = int(meta.get("generation") or record.generation)

@@ -80,6 +80,8 @@ class EngineConfig:
     #: A Decoding conversation without a turn for this long (or half its idle timeout) shows phase Idle.
     idle_phase_after_s: float = 60.0
     event_concurrency: int = 8
+    #: Post Normal Events (Placed, Released, ...) too; False keeps only Warnings (one write less per placement).
+    normal_events: bool = True
 
 
 @dataclass(slots=True)
@@ -384,6 +386,7 @@ class Engine:
         metrics.PLACEMENTS.labels(*self._labels(pool), outcome.result).inc()
         if outcome.result in ("placed", "replaced"):
             latency = self.clock.monotonic() - record.first_seen_monotonic
+            log.debug("placement of %s written %.1f ms after it was seen", record.key, latency * 1000)
             metrics.PLACEMENT_LATENCY.labels(*self._labels(pool)).observe(latency)
         if outcome.event_reason:
             self.post_event(record, outcome.event_reason, outcome.event_message, warning=outcome.warning)
@@ -436,6 +439,8 @@ class Engine:
         return False
 
     def post_event(self, record: ConvRecord, reason: str, message: str, *, warning: bool = False) -> None:
+        if not warning and not self.config.normal_events:
+            return
         obj = {
             "apiVersion": "conserve.dev/v1alpha1",
             "kind": "Conversation",
@@ -444,6 +449,8 @@ class Engine:
         self.spawn(self._post(obj, reason, message, warning))
 
     def post_pool_event(self, pool: PoolRuntime, reason: str, message: str, *, warning: bool = False) -> None:
+        if not warning and not self.config.normal_events:
+            return
         obj = {
             "apiVersion": "conserve.dev/v1alpha1",
             "kind": "DecoderPool",

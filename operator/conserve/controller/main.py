@@ -30,9 +30,10 @@ class OperatorOptions:
     pool_status_interval_s: float = 0.5
     idle_sweep_interval_s: float = 1.0
     idle_phase_after_s: float = 60.0
-    api_threads: int = 16
+    api_threads: int = 64
     lease_duration_s: float = 15.0
     energy: Any | None = None  # controller.energy.EnergyOptions
+    normal_events: bool = True
 
 
 async def run_operator(options: OperatorOptions) -> int:
@@ -67,6 +68,7 @@ async def run_operator(options: OperatorOptions) -> int:
                 pool_status_interval_s=options.pool_status_interval_s,
                 idle_sweep_interval_s=options.idle_sweep_interval_s,
                 idle_phase_after_s=options.idle_phase_after_s,
+                normal_events=options.normal_events,
             ),
         )
         registry = build_registry(engine, options.namespaces, options.energy)

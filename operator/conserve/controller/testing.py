@@ -116,6 +116,20 @@ class Api:
                 return False
             raise
 
+    def strip_finalizers(self) -> None:
+        """After the operator stopped: let the namespace's conversations go (no operator is left to release)."""
+        for item in self.list_convs():
+            if item["metadata"].get("finalizers"):
+                self.custom.patch_namespaced_custom_object(
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    "conversations",
+                    item["metadata"]["name"],
+                    {"metadata": {"finalizers": None}},
+                    _content_type="application/merge-patch+json",
+                )
+
     def delete_pod(self, name: str) -> None:
         self.core.delete_namespaced_pod(name, self.namespace, grace_period_seconds=0)
 
