@@ -208,6 +208,7 @@ class Decoder:
         self.prefill_s = 0.0
         self.dynamic_energy_j = 0.0
         self.generated_tokens = 0
+        self.decode_steps = 0
         self.prefill_tokens = 0
         self.preemptions = 0
         self.kv_token_seconds = 0.0  # integral of (running + pinned) KV over time
@@ -555,6 +556,7 @@ class Simulator:
         decoder.decode_s += duration
         decoder.dynamic_energy_j += energy - device.idle_power_w * duration
         decoder.generated_tokens += steps * batch
+        decoder.decode_steps += steps
         # KV integral: the running KV grows linearly by batch x steps over the run (the tick counts its start).
         self._kv_tick(decoder)
         decoder.kv_token_seconds += batch * steps / 2.0 * duration
@@ -618,10 +620,12 @@ class Simulator:
             job = decoder.local_queue[0]
             seq = job.seq
             key = seq.state.key
-            held = 0 if job.recompute else decoder.peek_kv(key)
+            held = 0 if job.recompute else min(decoder.peek_kv(key), seq.context)
             if not job.recompute and held < job.cached_tokens:
-                # The prefix is no longer here (evicted): prefill the whole context on the decoder (recompute).
-                job.new_tokens, job.cached_tokens, job.recompute = seq.context, 0, True
+                # Only part of the prefix is here (a turn's last output token has no KV until the next turn's
+                # prefill writes it), or none of it (evicted): prefill what is missing.
+                job.new_tokens, job.cached_tokens = seq.context - held, held
+                job.recompute = held == 0
             need = seq.context - held
             if not decoder.evict_for(need, keep=key):
                 if decoder.running or jobs:
@@ -675,6 +679,14 @@ class Simulator:
             if fit >= 1:
                 steps = min(steps, fit)
                 break
+            if len(decoder.running) == 1:
+                # Preempting the only sequence would only recompute it into the same corner: drop idle pinned
+                # KV instead (the last resort, counted). The up-front check (no conversation outgrows a decoder)
+                # makes room certain once nothing else is held.
+                if not decoder.pinned:
+                    raise AssertionError(f"decoder {decoder.name}: one sequence cannot grow ({decoder.used_tokens})")
+                self.pinned_evictions += decoder.evict_pinned_for(batch * steps)
+                continue
             self._preempt(decoder)
         if not decoder.running:
             if decoder.local_queue and self._start_local_prefill(decoder):

@@ -126,7 +126,11 @@ class ConServe(_Base):
                     name=d.name, node=d.name, tier=d.spec.tier, capacity_kv_tokens=d.capacity, energy_per_token_j=energy
                 )
             )
-        self.max_capacity = max(d.capacity for d in sim.decoders.values())
+        # The largest reservation any decoder can accept: its capacity less the placement's headroom (a
+        # reservation capped at the raw capacity would be refused by `filter_capacity` forever).
+        self.max_capacity = max(
+            d.capacity - int(d.capacity * self.settings.headroom_fraction) for d in sim.decoders.values()
+        )
 
     def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None:
         holding = self.ledger.holding(state.key)

@@ -1,0 +1,223 @@
+"""The simulator: small scenarios with known answers, conservation, capacity, determinism."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conserve.core import perf
+from conserve.core.gpus import CATALOG
+from conserve.core.llm import MODELS
+from conserve.sim.bench import bench, compare, run_one
+from conserve.sim.engine import simulate
+from conserve.sim.fleet import Fleet, FleetError, build_fleet, load_fleet_file
+from conserve.sim.metrics import compute_metrics, percentile
+from conserve.sim.policies import POLICIES, make_policy
+from conserve.sim.workload import Conversation, Turn, Workload, synthesize_agentic
+
+MODEL = MODELS["llama-3-8b"]
+
+
+def fleet(
+    *, prefill: int = 1, decode: int = 1, decode_gpu: str = "H200", memory_fraction: float = 0.9, max_batch: int = 256
+) -> Fleet:
+    raw = {
+        "model": "llama-3-8b",
+        "link": "rdma",
+        "gpu_memory_fraction": memory_fraction,
+        "max_batch_size": max_batch,
+        "tiered": {"prefill": [{"gpu": "H100", "count": prefill}], "decode": [{"gpu": decode_gpu, "count": decode}]},
+        "homogeneous": {"gpu": "H100"},
+    }
+    return build_fleet(raw, tiered=True)
+
+
+def chat(key: str, at: float, *turns: tuple[int, int, int, float]) -> Conversation:
+    """Turns as (input, new, output, not_before)."""
+    return Conversation(key, at, tuple(Turn(i, n, o, t) for i, n, o, t in turns))
+
+
+def test_one_turn_known_answer() -> None:
+    f = fleet()
+    w = Workload("t", (chat("c", 0.0, (1000, 1000, 11, 0.0)),))
+    result = simulate(f, w, make_policy("conserve"))
+    rec = result.conversations[0].turns[0]
+    h100, h200 = perf.Device(CATALOG["H100"]), perf.Device(CATALOG["H200"])
+    prefill = perf.prefill_time_s(h100, MODEL, 1000)
+    transfer = perf.kv_transfer_time_s(MODEL, 1000, f.link)
+    decode = perf.decode_run_time_s(h200, MODEL, 1, 1000, 10)
+    assert rec.first_token_s == pytest.approx(prefill)
+    assert rec.done_s == pytest.approx(prefill + transfer + decode)
+    assert rec.tbt_s == pytest.approx((transfer + decode) / 10)
+    assert result.conversations[0].kv_transfers == 1
+    # energy: the prefill instance's dynamic energy is the prefill at full activity
+    assert result.prefill[0].dynamic_energy_j == pytest.approx((700 - 70) * prefill)
+    energy = perf.decode_run_energy_j(h200, MODEL, 1, 1000, 10) - 70 * decode
+    assert result.decoders[0].dynamic_energy_j == pytest.approx(energy)
+
+
+def test_two_decodes_share_steps() -> None:
+    # Two equal turns that reach the decoder together decode in one batch of two.
+    f = fleet(prefill=2)
+    w = Workload("t", (chat("a", 0.0, (500, 500, 5, 0.0)), chat("b", 0.0, (500, 500, 5, 0.0))))
+    result = simulate(f, w, make_policy("round-robin"))
+    d = result.decoders[0]
+    assert d.decode_steps == 4
+    assert d.generated_tokens == 8
+
+
+TWO_TURNS = Workload("t", (chat("c", 0.0, (2000, 2000, 10, 0.0), (2100, 90, 10, 10.0)),))
+
+
+def test_conserve_pins_and_moves_once() -> None:
+    result = simulate(fleet(decode=2), TWO_TURNS, make_policy("conserve"))
+    state = result.conversations[0]
+    first, second = state.turns
+    assert state.kv_transfers == 1
+    assert second.prefill_instance == ""  # prefilled on the decoder
+    assert second.decoder == first.decoder
+    # 90 new tokens plus the previous turn's last output token, whose KV was never written
+    assert second.prefill_tokens == 91
+    assert second.transferred_tokens == 0
+    h200 = perf.Device(CATALOG["H200"])
+    assert second.ttft_s == pytest.approx(perf.prefill_time_s(h200, MODEL, 91, 2009))
+
+
+def test_per_turn_round_robin_moves_and_reprefills() -> None:
+    result = simulate(fleet(decode=2), TWO_TURNS, make_policy("round-robin"))
+    state = result.conversations[0]
+    first, second = state.turns
+    assert state.kv_transfers == 2
+    assert first.decoder != second.decoder
+    assert second.prefill_tokens == 2100  # the whole context again
+    assert second.transferred_tokens == 2100
+
+
+def test_sticky_reuses_its_cache() -> None:
+    result = simulate(fleet(decode=2), TWO_TURNS, make_policy("sticky"))
+    state = result.conversations[0]
+    assert state.kv_transfers == 1
+    assert state.turns[1].prefill_tokens == 91
+
+
+def test_agentic_ttfet_counts_tool_turns() -> None:
+    conv = Conversation(
+        "ag",
+        0.0,
+        (
+            Turn(1000, 1000, 20, 0.0, 0.0, user_visible=False),
+            Turn(1520, 500, 30, None, 2.0, user_visible=False),
+            Turn(1600, 50, 40, None, 3.0, user_visible=True),
+        ),
+    )
+    result = simulate(fleet(), Workload("agentic", (conv,)), make_policy("conserve"))
+    m = compute_metrics(result, slo_ttfet_s=30.0)
+    turns = result.conversations[0].turns
+    assert m.ttfet_p50_s == pytest.approx(turns[2].first_token_s)
+    assert turns[1].arrival_s == pytest.approx(turns[0].done_s + 2.0)
+    assert turns[2].arrival_s == pytest.approx(turns[1].done_s + 3.0)
+
+
+def test_conserve_waits_for_capacity() -> None:
+    # A tiny decoder (L4: 24 GB, 8B weights) holds one conversation's reservation at a time.
+    f = fleet(decode_gpu="L4", memory_fraction=0.75)
+    cap = f.kv_capacity_tokens(f.decode[0])
+    big = int(cap * 0.5)
+    w = Workload("t", (chat("a", 0.0, (big, big, 50, 0.0)), chat("b", 0.0, (big, big, 50, 0.0))))
+    result = simulate(f, w, make_policy("conserve"))
+    a, b = (s.turns[0] for s in result.conversations)
+    assert len(result.pending_waits_s) == 1
+    assert b.first_token_s > a.done_s  # placed only once a released its reservation
+
+
+def test_too_large_conversation_is_refused() -> None:
+    f = fleet(decode_gpu="L4", memory_fraction=0.75)
+    cap = f.kv_capacity_tokens(f.decode[0])
+    with pytest.raises(ValueError, match="decoder capacity"):
+        simulate(f, Workload("t", (chat("a", 0.0, (cap, cap, 5, 0.0)),)), make_policy("conserve"))
+
+
+def _small_workload(seed: int) -> Workload:
+    return synthesize_agentic(seed, 60.0)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_conservation_and_capacity(policy: str) -> None:
+    # A small, memory-starved fleet so that eviction, preemption and placement waits all happen.
+    f = fleet(decode=2, decode_gpu="L4", memory_fraction=0.85, max_batch=8)
+    w = _small_workload(3)
+    result = simulate(f, w, make_policy(policy), idle_timeout_s=20.0)
+    records = [r for s in result.conversations for r in s.turns]
+    assert len(records) == w.turns  # every turn arrived and finished
+    assert all(r.done_s >= r.first_token_s >= r.arrival_s for r in records)
+    assert all(r.generated_tokens == r.output_tokens for r in records)
+    assert sum(d.generated_tokens for d in result.decoders) + len(records) == sum(r.output_tokens for r in records)
+    # every turn's prompt was prefilled at least once (more after evictions and preemptions)
+    assert all(r.prefill_tokens >= r.new_tokens for r in records)
+    assert sum(d.preemptions for d in result.decoders) > 0  # the starved fleet exercises preemption
+    for d in result.decoders:
+        assert d.peak_kv_tokens <= d.capacity
+        assert d.used_tokens == d.cache_tokens  # nothing running or pinned at the end
+        assert d.pinned_tokens == 0
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    policy=st.sampled_from(sorted(POLICIES)),
+    memory_fraction=st.sampled_from([0.8, 0.9]),
+    max_batch=st.integers(1, 16),
+)
+def test_capacity_and_conservation_property(seed: int, policy: str, memory_fraction: float, max_batch: int) -> None:
+    f = fleet(decode=2, decode_gpu="L4", memory_fraction=memory_fraction, max_batch=max_batch)
+    w = synthesize_agentic(seed, 30.0)
+    try:
+        result = simulate(f, w, make_policy(policy))
+    except ValueError as exc:  # a conversation larger than the tiny decoder: refused up front
+        assert "decoder capacity" in str(exc)
+        return
+    assert sum(len(s.turns) for s in result.conversations) == w.turns
+    assert all(d.peak_kv_tokens <= d.capacity for d in result.decoders)
+    assert sum(d.generated_tokens for d in result.decoders) == sum(
+        t.output_tokens - 1 for c in w.conversations for t in c.turns
+    )
+
+
+def test_determinism() -> None:
+    f = load_fleet_file().build(tiered=True)
+    w = synthesize_agentic(11, 120.0)
+    one = run_one(f, w, "conserve", idle_timeout_s=60.0)[0].metrics
+    two = run_one(f, w, "conserve", idle_timeout_s=60.0)[0].metrics
+    assert one == two
+
+
+def test_bench_compares_against_the_best_baseline(tmp_path: object) -> None:
+    f = load_fleet_file()
+    w = synthesize_agentic(5, 60.0)
+    result = bench([w], f, policies=["conserve", "round-robin", "sticky"], show_progress=False)
+    assert len(result.runs) == 6
+    by_metric = {(c.fleet, c.metric): c for c in compare(result.runs)}
+    c = by_metric[("homogeneous", "p95 TTFET s (reduction)")]
+    baselines = [r.metrics for r in result.runs if r.metrics.fleet == "homogeneous" and r.metrics.policy != "conserve"]
+    assert c.baseline == min(m.ttfet_p95_s for m in baselines)
+    assert c.ratio == pytest.approx(1 - c.conserve / c.baseline)
+    assert ("tiered/homog", "tokens per J, tier mapping (gain)") in by_metric
+
+
+def test_fleet_file() -> None:
+    f = load_fleet_file()
+    tiered, flat = f.build(tiered=True), f.build(tiered=False)
+    assert tiered.gpu_count == flat.gpu_count
+    assert {d.gpu for d in flat.decode} | {p.gpu for p in flat.prefill} == {"H100"}
+    assert all(p.tier.value == "compute" for p in tiered.prefill)
+    assert all(d.tier.value == "bandwidth" for d in tiered.decode)
+    with pytest.raises(FleetError):
+        build_fleet({"model": "nope", "tiered": {}}, tiered=True)
+    with pytest.raises(FleetError):
+        build_fleet({"tiered": {"prefill": [{"gpu": "H100"}], "decode": [{"gpu": "X9"}]}}, tiered=True)
+
+
+def test_percentile() -> None:
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0
+    assert percentile([3.0, 1.0, 2.0, 4.0], 95) == 4.0
