@@ -86,8 +86,9 @@ async def on_event(engine: Engine, event_type: str | None, body: dict[str, Any])
     else:
         record.spec = spec
         record.generation = int(meta.get("generation") or record.generation)
-        record.finalizers = list(meta.get("finalizers") or [])
-        record.has_finalizer = FINALIZER in record.finalizers
+        if not record.finalizer_in_flight:  # else this event predates our finalizer patch
+            record.finalizers = list(meta.get("finalizers") or [])
+            record.has_finalizer = FINALIZER in record.finalizers
     if meta.get("deletionTimestamp"):
         if not record.terminal:
             await engine.release(record, "Deleted", "the conversation was deleted", write=False)

@@ -407,7 +407,11 @@ class Engine:
     async def add_finalizer(self, record: ConvRecord) -> None:
         record.has_finalizer = True
         record.finalizers = [*[f for f in record.finalizers if f != FINALIZER], FINALIZER]
-        await self._patch_finalizers(record, record.finalizers)
+        record.finalizer_in_flight = True
+        try:
+            await self._patch_finalizers(record, record.finalizers)
+        finally:
+            record.finalizer_in_flight = False
 
     async def remove_finalizer(self, record: ConvRecord) -> None:
         if not record.has_finalizer:

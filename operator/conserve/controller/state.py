@@ -122,6 +122,7 @@ class ConvRecord:
     conditions: dict[str, Condition] = field(default_factory=dict)
     has_finalizer: bool = False
     finalizers: list[str] = field(default_factory=list)  # as last seen on the object
+    finalizer_in_flight: bool = False  # our finalizer patch is on its way: events without it are older
     first_seen_monotonic: float = 0.0
     # Set while a status patch is owed (the decision is made; the API server does not have it yet).
     dirty: bool = False
