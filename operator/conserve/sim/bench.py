@@ -33,7 +33,7 @@ from conserve.sim.metrics import (
     compute_metrics,
     ttfet_values,
 )
-from conserve.sim.policies import BASELINES, ConServe, make_policy
+from conserve.sim.policies import BASELINES, CONSERVE_VARIANTS, ConServe, make_policy
 from conserve.sim.workload import Workload
 
 TARGET_TTFET_REDUCTION = 0.51
@@ -60,14 +60,15 @@ class Comparison:
     ratio: float  # the figure the target is stated in (reduction or gain)
     target: float
     met: bool
+    policy: str = ConServe.name  # which conversation-level variant
 
     def line(self) -> str:
         verdict = "MET" if self.met else "missed"
+        head = f"{self.workload:9s} {self.fleet:12s} {self.policy:13s} {self.metric:30s}"
         if math.isnan(self.ratio):
-            return f"{self.workload:9s} {self.fleet:12s} {self.metric:34s} n/a"
+            return f"{head} n/a"
         return (
-            f"{self.workload:9s} {self.fleet:12s} {self.metric:34s} conserve {self.conserve:10.4g}  "
-            f"best baseline ({self.best_baseline}) {self.baseline:10.4g}  ->  {self.ratio:+7.1%} "
+            f"{head} {self.conserve:9.4g} vs {self.baseline:9.4g} {self.best_baseline:30s} {self.ratio:+7.1%} "
             f"(target {self.target:+.1%}: {verdict})"
         )
 
@@ -93,7 +94,7 @@ def run_one(
 ) -> tuple[Run, SimResult]:
     policy = make_policy(policy_name)
     # The idle timeout releases pinned conversations; per-turn policies pin nothing (their cache is evictable).
-    timeout = idle_timeout_s if policy_name == ConServe.name else None
+    timeout = idle_timeout_s if policy_name in CONSERVE_VARIANTS else None
     result = simulate(fleet, workload, policy, idle_timeout_s=timeout, progress=progress)
     slo = slo_ttfet_s if slo_ttfet_s is not None else slo_ttfet_for(workload.name)
     metrics = compute_metrics(result, slo_ttfet_s=slo, slo_tbt_s=SLO_TBT_S)
@@ -107,77 +108,87 @@ def compare(runs: Sequence[Run]) -> list[Comparison]:
     out: list[Comparison] = []
     by_key = {(r.metrics.workload, r.metrics.fleet, r.metrics.policy): r.metrics for r in runs}
     workloads = sorted({r.metrics.workload for r in runs})
+
+    def baselines(w: str, fleet: str) -> list[RunMetrics]:
+        return [m for (ww, ff, p), m in by_key.items() if ww == w and ff == fleet and p in BASELINES]
+
     for w in workloads:
-        for fleet in ("homogeneous", "tiered"):
-            cs = by_key.get((w, fleet, ConServe.name))
-            bases = [m for (ww, ff, p), m in by_key.items() if ww == w and ff == fleet and p != ConServe.name]
-            if cs is None or not bases:
-                continue
-            best = min(bases, key=lambda m: m.ttfet_p95_s)
-            reduction = 1.0 - cs.ttfet_p95_s / best.ttfet_p95_s if best.ttfet_p95_s > 0 else math.nan
-            out.append(
-                Comparison(
-                    w,
-                    fleet,
-                    "p95 TTFET s (reduction)",
-                    cs.ttfet_p95_s,
-                    best.policy,
-                    best.ttfet_p95_s,
-                    reduction,
-                    TARGET_TTFET_REDUCTION,
-                    reduction >= TARGET_TTFET_REDUCTION,
-                )
-            )
-            best = max(bases, key=lambda m: m.tokens_per_j)
-            gain = cs.tokens_per_j / best.tokens_per_j - 1.0
-            out.append(
-                Comparison(
-                    w,
-                    fleet,
-                    "tokens per J (gain)",
-                    cs.tokens_per_j,
-                    best.policy,
-                    best.tokens_per_j,
-                    gain,
-                    TARGET_TOKENS_PER_J_GAIN,
-                    gain >= TARGET_TOKENS_PER_J_GAIN,
-                )
-            )
-            tbt_bases = [m for m in bases if not math.isnan(m.last_turn_tbt_p95_s)]
-            if tbt_bases and not math.isnan(cs.last_turn_tbt_p95_s):
-                best = min(tbt_bases, key=lambda m: m.last_turn_tbt_p95_s)
-                worse = cs.last_turn_tbt_p95_s / best.last_turn_tbt_p95_s - 1.0
+        for variant in CONSERVE_VARIANTS:
+            for fleet in ("homogeneous", "tiered"):
+                cs = by_key.get((w, fleet, variant))
+                bases = baselines(w, fleet)
+                if cs is None or not bases:
+                    continue
+                best = min(bases, key=lambda m: m.ttfet_p95_s)
+                reduction = 1.0 - cs.ttfet_p95_s / best.ttfet_p95_s if best.ttfet_p95_s > 0 else math.nan
                 out.append(
                     Comparison(
                         w,
                         fleet,
-                        "p95 last-turn TBT s (change)",
-                        cs.last_turn_tbt_p95_s,
+                        "p95 TTFET s (reduction)",
+                        cs.ttfet_p95_s,
                         best.policy,
-                        best.last_turn_tbt_p95_s,
-                        worse,
-                        0.0,
-                        worse <= 0.0,
+                        best.ttfet_p95_s,
+                        reduction,
+                        TARGET_TTFET_REDUCTION,
+                        reduction >= TARGET_TTFET_REDUCTION,
+                        variant,
                     )
                 )
-        cs_tiered = by_key.get((w, "tiered", ConServe.name))
-        cs_flat = by_key.get((w, "homogeneous", ConServe.name))
-        if cs_tiered is not None and cs_flat is not None:
+                best = max(bases, key=lambda m: m.tokens_per_j)
+                gain = cs.tokens_per_j / best.tokens_per_j - 1.0
+                out.append(
+                    Comparison(
+                        w,
+                        fleet,
+                        "tokens per J (gain)",
+                        cs.tokens_per_j,
+                        best.policy,
+                        best.tokens_per_j,
+                        gain,
+                        TARGET_TOKENS_PER_J_GAIN,
+                        gain >= TARGET_TOKENS_PER_J_GAIN,
+                        variant,
+                    )
+                )
+                tbt_bases = [m for m in bases if not math.isnan(m.last_turn_tbt_p95_s)]
+                if tbt_bases and not math.isnan(cs.last_turn_tbt_p95_s):
+                    best = min(tbt_bases, key=lambda m: m.last_turn_tbt_p95_s)
+                    worse = cs.last_turn_tbt_p95_s / best.last_turn_tbt_p95_s - 1.0
+                    out.append(
+                        Comparison(
+                            w,
+                            fleet,
+                            "p95 last-turn TBT s (change)",
+                            cs.last_turn_tbt_p95_s,
+                            best.policy,
+                            best.last_turn_tbt_p95_s,
+                            worse,
+                            0.0,
+                            worse <= 0.0,
+                            variant,
+                        )
+                    )
+            cs_tiered = by_key.get((w, "tiered", variant))
+            cs_flat = by_key.get((w, "homogeneous", variant))
+            if cs_tiered is None or cs_flat is None:
+                continue
             gain = cs_tiered.tokens_per_j / cs_flat.tokens_per_j - 1.0
             out.append(
                 Comparison(
                     w,
                     "tiered/homog",
-                    "tokens per J, tier mapping (gain)",
+                    "tokens per J, tier mapping gain",
                     cs_tiered.tokens_per_j,
-                    "conserve on homogeneous",
+                    f"{variant} (homogeneous)",
                     cs_flat.tokens_per_j,
                     gain,
                     TARGET_TIER_GAIN,
                     gain >= TARGET_TIER_GAIN,
+                    variant,
                 )
             )
-            flat_bases = [m for (ww, ff, p), m in by_key.items() if ww == w and ff == "homogeneous" and p != "conserve"]
+            flat_bases = baselines(w, "homogeneous")
             if flat_bases:
                 best = max(flat_bases, key=lambda m: m.tokens_per_j)
                 gain = cs_tiered.tokens_per_j / best.tokens_per_j - 1.0
@@ -186,13 +197,14 @@ def compare(runs: Sequence[Run]) -> list[Comparison]:
                     Comparison(
                         w,
                         "tiered/homog",
-                        "tokens per J vs best homog. baseline",
+                        "tokens per J vs homog. best",
                         cs_tiered.tokens_per_j,
                         f"{best.policy} (homogeneous)",
                         best.tokens_per_j,
                         gain,
                         target,
                         gain >= target,
+                        variant,
                     )
                 )
     return out
@@ -202,7 +214,7 @@ def bench(
     workloads: Sequence[Workload],
     fleet_file: FleetFile,
     *,
-    policies: Sequence[str] = (ConServe.name, *BASELINES),
+    policies: Sequence[str] = (*CONSERVE_VARIANTS, *BASELINES),
     tier_modes: Sequence[bool] = (False, True),
     idle_timeout_s: float | None = None,
     show_progress: bool = True,
@@ -295,11 +307,22 @@ def write_results(result: BenchResult, out: Path, *, meta: dict[str, object]) ->
     with comp_path.open("w", newline="", encoding="utf-8") as f:
         plain = csv.writer(f)
         plain.writerow(
-            ["workload", "fleet", "metric", "conserve", "best_baseline", "baseline", "ratio", "target", "met"]
+            ["workload", "fleet", "policy", "metric", "value", "best_baseline", "baseline", "ratio", "target", "met"]
         )
         for c in result.comparisons:
             plain.writerow(
-                [c.workload, c.fleet, c.metric, c.conserve, c.best_baseline, c.baseline, c.ratio, c.target, c.met]
+                [
+                    c.workload,
+                    c.fleet,
+                    c.policy,
+                    c.metric,
+                    c.conserve,
+                    c.best_baseline,
+                    c.baseline,
+                    c.ratio,
+                    c.target,
+                    c.met,
+                ]
             )
     written.append(comp_path)
     json_path = out / "results.json"
@@ -310,6 +333,7 @@ def write_results(result: BenchResult, out: Path, *, meta: dict[str, object]) ->
             {
                 "workload": c.workload,
                 "fleet": c.fleet,
+                "policy": c.policy,
                 "metric": c.metric,
                 "conserve": c.conserve,
                 "best_baseline": c.best_baseline,

@@ -13,7 +13,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from conserve.sim.policies import BASELINES, POLICIES, ConServe
+from conserve.sim.policies import BASELINES, CONSERVE_VARIANTS, POLICIES, ConServe
 from conserve.sim.workload import TraceError, Workload, load_workload
 
 #: ConServe's idle timeout in the benchmark (seconds): a pinned conversation idle longer than this releases
@@ -40,12 +40,23 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_IDLE_TIMEOUT_S,
         help=f"ConServe releases a conversation idle this long (default {DEFAULT_IDLE_TIMEOUT_S:g}; 0: never)",
     )
+    p.add_argument(
+        "--load-scale",
+        type=float,
+        default=1.0,
+        help="arrivals N times as fast (the same conversations; think and tool times unchanged; default 1)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _load(spec: str, args: argparse.Namespace) -> Workload:
     workload = load_workload(
-        spec, seed=args.seed, duration_s=args.duration_s, strict=args.strict, trace_dir=args.trace_dir
+        spec,
+        seed=args.seed,
+        duration_s=args.duration_s,
+        strict=args.strict,
+        trace_dir=args.trace_dir,
+        load_scale=args.load_scale,
     )
     report = workload.report
     if report is not None and report.skipped:
@@ -140,6 +151,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             "fleet": fleet_file.path,
             "idle_timeout_s": _idle(args),
             "duration_s": args.duration_s,
+            "load_scale": args.load_scale,
         }
         for path in write_results(result, args.out, meta=meta):
             print(f"wrote {path}")
@@ -161,7 +173,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     tiered, flat = fleet_file.build(tiered=True), fleet_file.build(tiered=False)
     print(f"fleet with tier mapping:    {tiered.describe()} ({tiered.gpu_count} GPUs)")
     print(f"fleet without tier mapping: {flat.describe()} ({flat.gpu_count} GPUs)")
-    print(f"policies: conserve vs {', '.join(BASELINES)}; ConServe idle timeout: {_idle(args)} s")
+    print(f"policies: {', '.join(CONSERVE_VARIANTS)} vs {', '.join(BASELINES)}; ConServe idle timeout: {_idle(args)} s")
     started = time.monotonic()
     result = bench(workloads, fleet_file, idle_timeout_s=_idle(args), show_progress=not args.no_progress)
     elapsed = time.monotonic() - started
@@ -175,6 +187,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "fleet": fleet_file.path,
         "idle_timeout_s": _idle(args),
         "duration_s": args.duration_s,
+        "load_scale": args.load_scale,
         "elapsed_s": elapsed,
     }
     for path in write_results(result, out, meta=meta):

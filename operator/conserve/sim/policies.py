@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 from conserve.core.ledger import CapacityLedger
 from conserve.core.pending import PendingItem, order_pending
 from conserve.core.perf import decode_energy_per_token_j
-from conserve.core.placement import DecoderState, PlacementRequest, PlacementSettings, place
+from conserve.core.placement import DecoderState, PlacementRequest, PlacementSettings, PlacementWeights, place
 from conserve.core.reservation import HISTORY_LIMIT, GrowthObservation, growth_factor, reservation_for_factor
 from conserve.sim.engine import ConvState, LocalRoute, RemoteRoute, Route, TurnRecord
 
@@ -189,6 +189,16 @@ class ConServe(_Base):
         return [by_key[i.conversation] for i in order_pending(items)]
 
 
+class ConServePack(ConServe):
+    """ConServe with the packing profile a pool can choose (`kv-pack` on, `kv-balance` off): conversations fill
+    one decoder before the next, so decode batches are larger and fewer weight reads are spent per token."""
+
+    name = "conserve-pack"
+
+    def __init__(self, settings: PlacementSettings | None = None) -> None:
+        super().__init__(settings or PlacementSettings(weights=PlacementWeights(kv_balance=0.0, kv_pack=1.0)))
+
+
 class _PerTurn(_Base):
     """A per-turn policy: pick a decoder, reuse its cached prefix if it has one, else prefill and move all."""
 
@@ -310,9 +320,11 @@ class PerTurnPrediction(_PerTurn):
 
 
 POLICIES: dict[str, type[ConServe] | type[_PerTurn]] = {
-    p.name: p for p in (ConServe, RoundRobin, LeastLoaded, PrefixAware, Sticky, PerTurnPrediction)
+    p.name: p for p in (ConServe, ConServePack, RoundRobin, LeastLoaded, PrefixAware, Sticky, PerTurnPrediction)
 }
-BASELINES = tuple(name for name in POLICIES if name != ConServe.name)
+#: The conversation-level policies (the default profile first) and the per-turn baselines.
+CONSERVE_VARIANTS = (ConServe.name, ConServePack.name)
+BASELINES = tuple(name for name in POLICIES if name not in CONSERVE_VARIANTS)
 
 
 def make_policy(name: str) -> Policy:

@@ -346,6 +346,24 @@ def _clip(conversations: Iterable[Conversation], duration_s: float | None) -> li
     return kept
 
 
+def scale_load(workload: Workload, factor: float) -> Workload:
+    """The same conversations arriving `factor` times as fast: arrival times and trace timestamps divided by
+    `factor`; think times and tool latencies (set by people and tools, not by the load) unchanged."""
+    if factor <= 0:
+        raise ValueError("load factor must be positive")
+    if factor == 1.0:
+        return workload
+
+    def turn(t: Turn) -> Turn:
+        at = None if t.not_before_s is None else t.not_before_s / factor
+        return Turn(t.input_tokens, t.new_tokens, t.output_tokens, at, t.think_s, t.user_visible)
+
+    conversations = tuple(
+        Conversation(c.key, c.arrival_s / factor, tuple(turn(t) for t in c.turns)) for c in workload.conversations
+    )
+    return Workload(f"{workload.name}", conversations, workload.report)
+
+
 # --- by name or path ---------------------------------------------------------------------------------------
 
 
@@ -365,8 +383,19 @@ def load_workload(
     duration_s: float | None = None,
     strict: bool = False,
     trace_dir: Path | None = None,
+    load_scale: float = 1.0,
 ) -> Workload:
-    """`mooncake`, `azure`, `agentic`, or a path to a trace file (.jsonl: Mooncake format, .csv: Azure format)."""
+    """`mooncake`, `azure`, `agentic`, or a path to a trace file (.jsonl: Mooncake format, .csv: Azure format).
+
+    `duration_s` keeps what arrives in the first seconds of the workload; `load_scale` then compresses arrivals
+    (`scale_load`), so the same conversations arrive faster.
+    """
+    return scale_load(
+        _load_workload(spec, seed=seed, duration_s=duration_s, strict=strict, trace_dir=trace_dir), load_scale
+    )
+
+
+def _load_workload(spec: str, *, seed: int, duration_s: float | None, strict: bool, trace_dir: Path | None) -> Workload:
     base = trace_dir or default_trace_dir()
     if spec == "mooncake":
         return load_mooncake(base / MOONCAKE_FILE, strict=strict, duration_s=duration_s)
