@@ -144,12 +144,14 @@ def scenario_latency(
     op.start()
     try:
         setup_pool(api, 20, 1_000_000, nodes_, threads)
+        cpu0 = cpu_s(op)
         with PlacementWatch(api_client, ns) as watch:
             started = paced_creations(api, rate, count, threads, "c")
             achieved = count / (max(started.values()) - min(started.values()))
             ok = watch.wait(list(started), 120)
             lat = [watch.placed[n] - t for n, t in started.items() if n in watch.placed]
         rss = rss_mib(op)
+        cpu_ms = (cpu_s(op) - cpu0) * 1000 / count
     finally:
         op.stop()
     return {
@@ -163,6 +165,8 @@ def scenario_latency(
         "max_ms": round(max(lat) * 1000, 1),
         "mean_ms": round(statistics.mean(lat) * 1000, 1),
         "operator_rss_mib": rss,
+        "operator_cpu_ms_per_conversation": round(cpu_ms, 2),
+        "load_average_1m_after": load_average(),
     }
 
 
@@ -210,6 +214,28 @@ def scenario_throughput(
     finally:
         op.stop()
     throughput = count / placed_s
+
+    # Backlog: the conversations exist before the operator starts (as after an outage); the operator's own pace
+    # of placing them (status + finalizer + Event each) is then not bounded by how fast a client creates.
+    ns = "bench-backlog"
+    make_namespace(core, ns)
+    api = Api(api_client, ns)
+    api.create(pool_body("bench", tokens_per_decoder=1_000_000))
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda i: api.create(pod_body(f"dec-{i}", nodes_[i % len(nodes_)])), range(20)))
+        names = [f"b-{i:05d}" for i in range(count)]
+        list(pool.map(lambda n: api.create(conversation_body(n, "bench", 1000)), names))
+    op = OperatorProcess(kubeconfig, ns, work / f"{ns}.log")
+    with PlacementWatch(api_client, ns) as watch:
+        t0 = time.time()
+        op.start(wait_ready=False)
+        try:
+            backlog_ok = watch.wait(names, 300)
+            backlog_s = max(watch.placed.values()) - t0
+            backlog_span_s = max(watch.placed.values()) - min(watch.placed.values())
+            backlog_cpu = cpu_s(op)
+        finally:
+            op.stop()
     return {
         "conversations": count,
         "client_threads": threads,
@@ -218,6 +244,12 @@ def scenario_throughput(
         "placements_per_s": round(throughput, 1),
         "ratio_to_ceiling": round(throughput / ceiling, 3),
         "all_placed": ok,
+        "backlog_placements_per_s_incl_start": round(count / backlog_s, 1),
+        "backlog_placements_per_s_first_to_last": round(count / backlog_span_s, 1),
+        "backlog_ratio_to_ceiling": round(count / backlog_span_s / ceiling, 3),
+        "backlog_operator_cpu_s": round(backlog_cpu, 2),
+        "backlog_all_placed": backlog_ok,
+        "load_average_1m_after": load_average(),
     }
 
 
@@ -263,6 +295,17 @@ def scenario_memory(
         "restart_to_ready_s": round(rebuild_s, 2),
         "operator_rss_mib_after_restart": rss_restarted,
     }
+
+
+def cpu_s(op: OperatorProcess) -> float:
+    """User + system CPU seconds the operator process has used."""
+    assert op.proc is not None
+    fields = Path(f"/proc/{op.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
 
 
 def rss_mib(op: OperatorProcess) -> float:

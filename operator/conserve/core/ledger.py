@@ -8,7 +8,7 @@ reservations never exceed its capacity (checked on every reserve and extend).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from conserve.core.placement import DecoderState
 
@@ -124,17 +124,30 @@ class CapacityLedger:
         """Decoder states with current reservations, sorted by name (the placement's input)."""
         wanted = sorted(self.decoders) if names is None else sorted(n for n in names if n in self.decoders)
         states = []
+        empty: dict[str, _Holding] = {}
         for name in wanted:
-            members = self._by_decoder.get(name, {}).values()
-            reserved = sum(max(h.reserved_kv_tokens, h.live_kv_tokens) for h in members)
-            live = sum(h.live_kv_tokens for h in members)
+            members = self._by_decoder.get(name, empty)
+            static = self.decoders[name]
+            if not members and not (static.reserved_kv_tokens or static.live_kv_tokens or static.pinned_conversations):
+                states.append(static)  # nothing held: the static view is the snapshot
+                continue
+            reserved = live = 0
+            for h in members.values():
+                reserved += h.reserved_kv_tokens if h.reserved_kv_tokens > h.live_kv_tokens else h.live_kv_tokens
+                live += h.live_kv_tokens
             count = len(members)
+            # The constructor, not dataclasses.replace: replace introspects the fields on every call.
             states.append(
-                replace(
-                    self.decoders[name],
-                    reserved_kv_tokens=reserved,
-                    live_kv_tokens=live,
-                    pinned_conversations=count,
+                DecoderState(
+                    static.name,
+                    static.node,
+                    static.tier,
+                    static.ready,
+                    static.capacity_kv_tokens,
+                    reserved,
+                    live,
+                    count,
+                    static.energy_per_token_j,
                 )
             )
         return states

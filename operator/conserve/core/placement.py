@@ -124,6 +124,37 @@ FILTERS: Sequence[tuple[str, Filter]] = (
 Scorer = Callable[[PlacementRequest, DecoderState, Sequence[DecoderState]], float]
 
 
+class FeasibleSet(tuple[DecoderState, ...]):
+    """The feasible decoders with the aggregates the relative scorers need, computed once per decision rather
+    than once per decoder (which made a decision quadratic in the pool's size: 1,000 decoders, 10^6 steps)."""
+
+    max_pinned: int
+    min_energy_per_token_j: float | None
+
+    def __new__(cls, decoders: Sequence[DecoderState]) -> FeasibleSet:
+        self = super().__new__(cls, decoders)
+        self.max_pinned = max((d.pinned_conversations for d in decoders), default=0)
+        self.min_energy_per_token_j = _lowest_energy(decoders)
+        return self
+
+
+def _lowest_energy(decoders: Sequence[DecoderState]) -> float | None:
+    known = [d.energy_per_token_j for d in decoders if d.energy_per_token_j is not None and d.energy_per_token_j > 0]
+    return min(known) if known else None
+
+
+def _min_energy(feasible: Sequence[DecoderState]) -> float | None:
+    if isinstance(feasible, FeasibleSet):
+        return feasible.min_energy_per_token_j
+    return _lowest_energy(feasible)
+
+
+def _max_pinned(feasible: Sequence[DecoderState]) -> int:
+    if isinstance(feasible, FeasibleSet):
+        return feasible.max_pinned
+    return max((d.pinned_conversations for d in feasible), default=0)
+
+
 def _free_after_fraction(request: PlacementRequest, decoder: DecoderState) -> float:
     if decoder.capacity_kv_tokens <= 0:
         return 0.0
@@ -146,14 +177,14 @@ def score_tier(_: PlacementRequest, decoder: DecoderState, __: Sequence[DecoderS
 
 
 def score_energy(_: PlacementRequest, decoder: DecoderState, feasible: Sequence[DecoderState]) -> float:
-    known = [d.energy_per_token_j for d in feasible if d.energy_per_token_j is not None and d.energy_per_token_j > 0]
-    if decoder.energy_per_token_j is None or decoder.energy_per_token_j <= 0 or not known:
+    best = _min_energy(feasible)
+    if decoder.energy_per_token_j is None or decoder.energy_per_token_j <= 0 or best is None:
         return 0.5
-    return min(known) / decoder.energy_per_token_j
+    return best / decoder.energy_per_token_j
 
 
 def score_conversations(_: PlacementRequest, decoder: DecoderState, feasible: Sequence[DecoderState]) -> float:
-    most = max((d.pinned_conversations for d in feasible), default=0)
+    most = _max_pinned(feasible)
     if most <= 0:
         return 1.0
     return 1.0 - decoder.pinned_conversations / (most + 1)
@@ -174,6 +205,7 @@ def score_decoders(
     """Weighted mean of the scorers for each feasible decoder, in [0, 1]."""
     weight_by_name = {name: w for name, w in weights.as_dict().items() if w > 0}
     total_weight = sum(weight_by_name.values())
+    feasible = feasible if isinstance(feasible, FeasibleSet) else FeasibleSet(feasible)
     scores: dict[str, float] = {}
     for decoder in feasible:
         if total_weight <= 0:
