@@ -18,6 +18,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from conserve.core.gpus import Role
@@ -48,6 +49,7 @@ class ClusterCache:
         self._class_of: dict[str, int] = {}
         self._class_ids: dict[NodeKey, int] = {}
         self._rep_of: dict[int, str] = {}
+        self._members: dict[int, set[str]] = {}
         self.nodes_synced = threading.Event()
         self.pods_synced = threading.Event()
 
@@ -67,6 +69,10 @@ class ClusterCache:
         hashes its five fields every time.
         """
         return self._class_of
+
+    def members(self) -> Mapping[int, AbstractSet[str]]:
+        """The live class -> node names view (a set is changed in place; intersect it, do not iterate it)."""
+        return self._members
 
     def representatives(self) -> Mapping[int, str]:
         """Class -> the name of a node last seen in it (check `classes()`: that node may have moved on)."""
@@ -96,20 +102,42 @@ class ClusterCache:
             "status": {"allocatable": status.get("allocatable") or {}},
         }
 
+    def _set_class(self, name: str, cls: int | None) -> None:
+        """Move a node between classes, keeping a live representative for every class that has members."""
+        old = self._class_of.get(name)
+        if old == cls:
+            return
+        if old is not None:
+            members = self._members.get(old)
+            if members is not None:
+                members.discard(name)
+                if not members:
+                    del self._members[old]
+                    self._rep_of.pop(old, None)
+                elif self._rep_of.get(old) == name:
+                    self._rep_of[old] = next(iter(members))
+        if cls is None:
+            self._class_of.pop(name, None)
+            return
+        self._members.setdefault(cls, set()).add(name)
+        self._class_of[name] = cls
+        self._rep_of.setdefault(cls, name)
+
     def _refresh(self, name: str) -> None:
         node = self._nodes.get(name)
         if node is None:
             self._view.pop(name, None)
-            self._class_of.pop(name, None)
-        else:
-            view = self._view[name] = gpu_node(node, self._usage.get(name))
-            if len(self._class_ids) > _MAX_CLASS_IDS:
-                # Keys seen long ago pile up; renumbering only changes ids, never which nodes share one.
-                self._class_ids = {}
-                self._class_of = {
-                    n: self._class_ids.setdefault(v.key, len(self._class_ids)) for n, v in self._view.items()
-                }
-            self._class_of[name] = self._class_ids.setdefault(view.key, len(self._class_ids))
+            self._set_class(name, None)
+            return
+        view = self._view[name] = gpu_node(node, self._usage.get(name))
+        if len(self._class_ids) > _MAX_CLASS_IDS:
+            # Keys seen long ago pile up: renumber. Readers that mix old and new ids see a class without a
+            # representative and fall back to a scan, never a wrong answer.
+            self._class_ids = {}
+            self._class_of, self._rep_of, self._members = {}, {}, {}
+            for other, other_view in self._view.items():
+                self._set_class(other, self._class_ids.setdefault(other_view.key, len(self._class_ids)))
+        self._set_class(name, self._class_ids.setdefault(view.key, len(self._class_ids)))
 
     def apply_node(self, event_type: str, node: Mapping[str, Any]) -> None:
         name = name_of(node)
@@ -127,7 +155,7 @@ class ClusterCache:
             self._nodes = {name: self._slim_node(n) for n in nodes if (name := name_of(n))}
             for name in set(self._view) - set(self._nodes):
                 self._view.pop(name, None)
-                self._class_of.pop(name, None)
+                self._set_class(name, None)
             for name in self._nodes:
                 self._refresh(name)
         self.nodes_synced.set()

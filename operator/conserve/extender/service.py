@@ -15,12 +15,14 @@ import collections
 import itertools
 import json
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import pydantic
 
 from conserve.api.extender_wire import (
+    MAX_EXTENDER_PRIORITY,
     ExtenderArgs,
     ExtenderBindingArgs,
     ExtenderBindingResult,
@@ -58,6 +60,8 @@ class NodeSource(Protocol):
 
     def representatives(self) -> Mapping[int, str]: ...
 
+    def members(self) -> Mapping[int, AbstractSet[str]]: ...
+
     def usage(self, node: str) -> NodeUsage | None: ...
 
 
@@ -77,7 +81,10 @@ class FilterOutcome:
     summary: str
 
 
+_NO_NAMES: frozenset[str] = frozenset()
 _encode_string = json.encoder.encode_basestring_ascii
+_HOST_PREFIX = '{"Host":'
+_SCORE_SUFFIX = tuple(f',"Score":{score}}}' for score in range(MAX_EXTENDER_PRIORITY + 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +99,10 @@ class Priorities:
         return HostPriorityList([HostPriority(Host=h, Score=s) for h, s in zip(self.hosts, self.scores, strict=True)])
 
     def to_json_bytes(self) -> bytes:
-        """The same bytes as `to_wire().to_json_bytes()`, without building a model per host."""
-        items = ",".join(
-            f'{{"Host":{_encode_string(h)},"Score":{s}}}' for h, s in zip(self.hosts, self.scores, strict=True)
-        )
-        return f"[{items}]".encode()
+        """The same bytes as `to_wire().to_json_bytes()`, without building a model per host (C-level maps)."""
+        hosts = map(_HOST_PREFIX.__add__, map(_encode_string, self.hosts))
+        items = map(str.__add__, hosts, map(_SCORE_SUFFIX.__getitem__, self.scores))
+        return f"[{','.join(items)}]".encode()
 
     def __len__(self) -> int:
         return len(self.hosts)
@@ -151,20 +157,23 @@ class ExtenderService:
         cache = self.cache
         return [gpu_node(item, cache.usage(name_of(item)) if cache is not None else None) for item in items]
 
-    def _by_class(self, names: Sequence[str]) -> tuple[list[int | None], dict[int, GpuNode]]:
-        """Each name's node class in the cache (None: not cached), and one cached node per class.
+    def _by_class(
+        self, names: Sequence[str], *, per_name: bool = True
+    ) -> tuple[list[int | None] | None, dict[int, GpuNode]]:
+        """Each name's node class in the cache (None: not cached; the list only with `per_name`), and one cached
+        node per class present.
 
         Nodes of one class have equal keys and decide alike (`GpuNode.key`), so the core runs once per class and the
-        answer fans out by name: a 5,000-node request costs a few passes over small ints plus the core on a few
-        hundred nodes.
+        answer fans out by name: a 5,000-node request costs a few C-level passes plus the core on a few hundred
+        nodes.
         """
         if self.cache is None:
-            return [None] * len(names), {}
+            return ([None] * len(names) if per_name else None), {}
         class_of = self.cache.classes()
         view = self.cache.nodes()
         rep_of = self.cache.representatives()
-        classes = list(map(class_of.get, names))
-        present = set(classes)
+        classes = list(map(class_of.get, names)) if per_name else None
+        present: set[int | None] = set(classes) if classes is not None else set(map(class_of.get, names))
         present.discard(None)
         reps: dict[int, GpuNode] = {}
         stale: set[int] = set()
@@ -178,7 +187,8 @@ class ExtenderService:
             else:
                 stale.add(cls)
         if stale:
-            for name, cls in zip(names, classes, strict=True):
+            for name in names:
+                cls = class_of.get(name)
                 if cls in stale and (node := view.get(name)) is not None:
                     reps[cls] = node
                     stale.discard(cls)
@@ -196,35 +206,38 @@ class ExtenderService:
             if demand.role is None:
                 result = ExtenderFilterResult(NodeNames=list(names), FailedNodes={})
                 return FilterOutcome(result, {}, summary)
-            classes, reps = self._by_class(names)
-            fits, rejected = filter_nodes(demand, list(reps.values()), scoring)
-            fit_classes = {cls for cls, node in reps.items() if node.name not in rejected}
-            fit_names = [name for name, cls in zip(names, classes, strict=True) if cls in fit_classes]
+            _, reps = self._by_class(names, per_name=False)
+            _, rejected = filter_nodes(demand, list(reps.values()), scoring)
+            # Fan out per class with set operations in C: the cache knows each class's members, and the scheduler
+            # does not care about the order of NodeNames.
+            requested = set(names)
+            members = self.cache.members() if self.cache is not None else {}
+            fit_names: list[str] = []
             failed: dict[str, str] = {}
             unresolvable: dict[str, str] = {}
             counts: collections.Counter[NodeFilterReason] = collections.Counter()
-            if len(fit_names) < len(names):
-                # Comprehensions per outcome: a 5,000-name fan-out in one Python loop with branches costs more.
-                rejection_of = {cls: rejected[node.name] for cls, node in reps.items() if node.name in rejected}
-                resolvable = {cls: r.message for cls, r in rejection_of.items() if r.resolvable}
-                final = {cls: r.message for cls, r in rejection_of.items() if not r.resolvable}
-                if resolvable:
-                    failed = {
-                        name: resolvable[cls] for name, cls in zip(names, classes, strict=True) if cls in resolvable
-                    }
-                if final:
-                    unresolvable = {name: final[cls] for name, cls in zip(names, classes, strict=True) if cls in final}
-                if len(fit_names) + len(failed) + len(unresolvable) < len(names):
-                    unknown = [name for name, cls in zip(names, classes, strict=True) if cls not in reps]
-                    failed.update(dict.fromkeys(unknown, UNKNOWN_NODE_MESSAGE))
-                    counts[NodeFilterReason.UNKNOWN_NODE] = len(unknown)
-                per_class = collections.Counter(classes)
-                for cls, rejection in rejection_of.items():
-                    counts[rejection.reason] += per_class[cls]
+            assigned = 0
+            for cls, node in reps.items():
+                in_request = members.get(cls, _NO_NAMES) & requested
+                assigned += len(in_request)
+                rejection = rejected.get(node.name)
+                if rejection is None:
+                    fit_names.extend(in_request)
+                else:
+                    (failed if rejection.resolvable else unresolvable).update(
+                        dict.fromkeys(in_request, rejection.message)
+                    )
+                    counts[rejection.reason] += len(in_request)
+            if assigned < len(requested):
+                # Not cached, or moved between classes while we looked (a watch event): unknown for this call;
+                # the scheduler retries.
+                unknown = requested.difference(fit_names, failed, unresolvable)
+                failed.update(dict.fromkeys(unknown, UNKNOWN_NODE_MESSAGE))
+                counts[NodeFilterReason.UNKNOWN_NODE] += len(unknown)
             result = ExtenderFilterResult.model_construct(
                 Nodes=None, NodeNames=fit_names, FailedNodes=failed, FailedAndUnresolvableNodes=unresolvable, Error=""
             )
-            return FilterOutcome(result, counts, f"{summary}: {len(fit_names)}/{len(names)} nodes fit")
+            return FilterOutcome(result, counts, f"{summary}: {len(fit_names)}/{len(requested)} nodes fit")
 
         assert args.Nodes is not None
         items = args.Nodes.items or []
@@ -259,6 +272,7 @@ class ExtenderService:
             by_class: dict[int | None, int] = {
                 cls: to_extender_score(rep_scores[node.name]) for cls, node in reps.items()
             }
+            assert classes is not None
             return Priorities(names, list(map(by_class.get, classes, itertools.repeat(0, len(classes)))))
         assert args.Nodes is not None
         items = args.Nodes.items or []
