@@ -406,6 +406,5 @@ def _load_workload(spec: str, *, seed: int, duration_s: float | None, strict: bo
     path = Path(spec)
     if not path.is_file():
         raise TraceError(f"unknown workload {spec!r}: not mooncake, azure, agentic or a trace file")
-    if path.suffix == ".csv":
-        return load_azure(path, strict=strict, duration_s=duration_s)
-    return load_mooncake(path, strict=strict, duration_s=duration_s)
+    loaded = (load_azure if path.suffix == ".csv" else load_mooncake)(path, strict=strict, duration_s=duration_s)
+    return Workload(path.stem, loaded.conversations, loaded.report)  # named after the file
