@@ -188,6 +188,7 @@ class RouterMetrics:
     backend_errors_total: Counter
     conversations_closed_total: Counter
     usage_patches_total: Counter
+    placement_wait_seconds: Histogram
 
     @classmethod
     def on(cls, registry: CollectorRegistry) -> RouterMetrics:
@@ -236,6 +237,17 @@ class RouterMetrics:
             usage_patches_total=Counter(
                 "conserve_router_usage_patches_total",
                 "Batched spec.usage / spec.completed patches written to Conversation objects.",
+                registry=registry,
+            ),
+            placement_wait_seconds=Histogram(
+                "conserve_router_placement_wait_seconds",
+                "Conversation mode, a turn that needs a placement (a new conversation or a re-placement): "
+                'part="total": its arrival (or the decoder\'s loss) to the placement in hand; part="create": the '
+                'Conversation create call alone (the rest of total is the operator\'s decision and the watch '
+                'event); part="exposed": what the turn waited beyond its own prefill, which runs meanwhile '
+                "(what the control plane adds to TTFT).",
+                ["part"],
+                buckets=ROUTER_LATENCY_BUCKETS,
                 registry=registry,
             ),
         )

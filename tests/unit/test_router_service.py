@@ -187,6 +187,11 @@ async def test_every_turn_reaches_the_pinned_decoder_and_kv_moves_once() -> None
         assert final["usage"]["timeToFirstEffectiveTokenSeconds"] > 0
         # Batched: fewer patches than turns.
         assert len([1 for n, _ in h.control.patches if n == name_a]) < 4 + 1
+        # The placement wait is measured once per conversation, in its three parts.
+        for part in ("total", "create", "exposed"):
+            assert h.sample("conserve_router_placement_wait_seconds_count", part=part) == 2
+        total = h.sample("conserve_router_placement_wait_seconds_sum", part="total")
+        assert total >= h.sample("conserve_router_placement_wait_seconds_sum", part="exposed")
 
 
 @run

@@ -135,7 +135,9 @@ async def backends(http: aiohttp.ClientSession, router: str) -> list[dict[str, s
     if text is None:
         return []
     data = json.loads(text)
-    return [*data.get("prefills", []), *data.get("decoders", [])]
+    return [{**b, "role": "prefill"} for b in data.get("prefills", [])] + [
+        {**b, "role": "decode"} for b in data.get("decoders", [])
+    ]
 
 
 async def router_counter(http: aiohttp.ClientSession, router: str, mode: str) -> float | None:
@@ -145,10 +147,13 @@ async def router_counter(http: aiohttp.ClientSession, router: str, mode: str) ->
     return _sample(text, "conserve_router_kv_transfers_total", {"mode": mode}) or 0.0
 
 
-async def energy_j(http: aiohttp.ClientSession, router: str) -> float | None:
-    """Modelled energy so far of every server behind the router (gpu-sim's counter; None if not gpu-sim)."""
+async def energy_j(http: aiohttp.ClientSession, router: str, role: str | None = None) -> float | None:
+    """Modelled energy so far of every server behind the router (gpu-sim's counter; None if not gpu-sim);
+    `role` ("prefill" or "decode"): only those servers."""
     total = 0.0
     servers = await backends(http, router)
+    if role is not None:
+        servers = [b for b in servers if b.get("role") == role]
     for b in servers:
         text = await _get_text(http, f"http://{b['endpoint']}/metrics")
         value = _sample(text, "conserve_gpusim_energy_joules_total") if text else None

@@ -40,6 +40,24 @@ def slice_workload(workload: Workload, start_s: float, duration_s: float | None,
     return Workload(f"{workload.name}[{start_s:g}s+{duration_s if duration_s is not None else 'all'}]", tuple(kept))
 
 
+def histogram_quantile(buckets: Sequence[tuple[float, float]], q: float) -> float | None:
+    """Prometheus' histogram_quantile: `buckets` are (upper bound, cumulative count), +Inf last; linear
+    interpolation inside the bucket (the highest finite bound when the rank falls in +Inf). None: no samples."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = buckets[-1][1] * q / 100.0
+    lower, below = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower
+            if count == below:
+                return bound
+            return lower + (bound - lower) * (rank - below) / (count - below)
+        lower, below = bound, count
+    return lower
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     """Linear interpolation between closest ranks (numpy's default); None for no values."""
     if not values:

@@ -44,7 +44,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from conserve.metrics import REGISTRY, ROUTER
     from conserve.router.app import build_app
-    from conserve.router.control import KubeControlPlane
+    from conserve.router.control import CREATE_THREADS, PATCH_THREADS, KubeControlPlane
     from conserve.router.policy import Mode
     from conserve.router.service import Router, RouterConfig
 
@@ -56,6 +56,8 @@ def _run(args: argparse.Namespace) -> int:
         config.load_kube_config(  # type: ignore[no-untyped-call]
             config_file=args.kubeconfig, client_configuration=configuration
         )
+    # One connection per thread of the control plane's create and patch pools, plus its two watches.
+    configuration.connection_pool_maxsize = CREATE_THREADS + PATCH_THREADS + 2
     api = client.ApiClient(configuration)
     router_config = RouterConfig(
         namespace=args.namespace,

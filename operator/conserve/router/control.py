@@ -3,15 +3,20 @@
 The router creates Conversation objects, reads their placement (`status.decoder`, `status.prefill`,
 `status.placementGeneration`) from a watch cache, patches `spec.usage` / `spec.completed` (merge patches), and
 reads each DecoderPool's ready decoders and prefill servers (with endpoints) from a second watch.
-The Kubernetes client is synchronous: its watches run in threads that hand events to the event loop.
+The Kubernetes client is synchronous: its watches run in threads that hand events to the event loop, and its
+writes run on two thread pools of the router's own: creates (on a new conversation's first-turn path) never
+queue behind usage patches, and neither waits for the event loop's small default executor (cores + 4 threads).
+Size the client's connection pool (`connection_pool_maxsize`) to at least both pools together.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from conserve.api.common import GROUP, VERSION
@@ -112,8 +117,20 @@ class _Waiters:
             self._waiting.pop(name, None)
 
 
+#: Threads of the create pool (a burst of new conversations) and of the usage-patch pool.
+CREATE_THREADS = 32
+PATCH_THREADS = 8
+
+
 class KubeControlPlane:
-    def __init__(self, *, api_client: Any, namespace: str) -> None:
+    def __init__(
+        self,
+        *,
+        api_client: Any,
+        namespace: str,
+        create_threads: int = CREATE_THREADS,
+        patch_threads: int = PATCH_THREADS,
+    ) -> None:
         from kubernetes import client
 
         self._api = client.CustomObjectsApi(api_client)
@@ -125,6 +142,8 @@ class KubeControlPlane:
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._synced = {CONVERSATIONS: threading.Event(), DECODERPOOLS: threading.Event()}
+        self._creates = ThreadPoolExecutor(create_threads, thread_name_prefix="router-create")
+        self._patches = ThreadPoolExecutor(patch_threads, thread_name_prefix="router-patch")
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -137,6 +156,11 @@ class KubeControlPlane:
 
     async def stop(self) -> None:
         self._stop.set()
+        self._creates.shutdown(wait=False, cancel_futures=True)
+        self._patches.shutdown(wait=False, cancel_futures=True)
+
+    async def _call(self, pool: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
 
     # ---- reads from the watch cache ------------------------------------------------------------------------
     def placement(self, name: str) -> Placement | None:
@@ -164,16 +188,29 @@ class KubeControlPlane:
             "spec": spec,
         }
         try:
-            await asyncio.to_thread(
-                self._api.create_namespaced_custom_object, GROUP, VERSION, self._namespace, CONVERSATIONS, body
+            await self._call(
+                self._creates,
+                self._api.create_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                self._namespace,
+                CONVERSATIONS,
+                body,
             )
         except ApiException as err:
             if err.status != 409:  # already there: a router restart, or a client that created it
                 raise
 
     async def patch_conversation(self, name: str, patch: dict[str, Any]) -> None:
-        await asyncio.to_thread(
-            self._api.patch_namespaced_custom_object, GROUP, VERSION, self._namespace, CONVERSATIONS, name, patch
+        await self._call(
+            self._patches,
+            self._api.patch_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self._namespace,
+            CONVERSATIONS,
+            name,
+            patch,
         )
 
     # ---- watches -------------------------------------------------------------------------------------------

@@ -208,6 +208,7 @@ class Router:
         conv_id = state.conversation_id if state is not None else None
         early: asyncio.Task[dict[str, Any] | None] | None = None
         early_backend: Backend | None = None
+        prefill_done: list[float] = []  # when the early prefill finished (its done callback)
         placement: Placement | None = None
         if mode is Mode.CONVERSATION:
             assert state is not None
@@ -215,9 +216,7 @@ class Router:
                 spec: dict[str, Any] = {"pool": pool, "firstTurnInputTokens": max(prompt_tokens, 1)}
                 if self.config.idle_timeout_seconds is not None:
                     spec["idleTimeoutSeconds"] = self.config.idle_timeout_seconds
-                state.created = asyncio.get_running_loop().create_task(
-                    self.control.create_conversation(state.name, spec)
-                )
+                state.created = asyncio.get_running_loop().create_task(self._create(state.name, spec))
             placement = self.control.placement(state.name)
             if placement is None or placement.generation != state.kv_generation:
                 if placement is None and self.config.early_prefill:
@@ -228,11 +227,16 @@ class Router:
                         early = asyncio.get_running_loop().create_task(
                             self._prefill(early_backend, request, conv_id, prompt_tokens)
                         )
+                        early.add_done_callback(lambda _t: prefill_done.append(self._clock()))
                 try:
                     await state.created
                     placement = await self.control.wait_placement(
                         state.name, newer_than=None, timeout_s=self.config.placement_timeout_s
                     )
+                    placed = self._clock()
+                    self.metrics.placement_wait_seconds.labels(part="total").observe(placed - arrival)
+                    exposed_from = prefill_done[0] if prefill_done else (arrival if early is None else placed)
+                    self.metrics.placement_wait_seconds.labels(part="exposed").observe(max(placed - exposed_from, 0.0))
                 except (TimeoutError, ConversationFailed) as err:
                     if early is not None:
                         early.cancel()
@@ -285,13 +289,20 @@ class Router:
                 failed.add(plan.decoder.endpoint)
                 if mode is Mode.CONVERSATION and state is not None:
                     # The pinned decoder is gone: follow the operator's re-placement.
+                    lost = self._clock()
                     try:
                         placement = await self.control.wait_placement(
                             state.name, newer_than=plan.generation, timeout_s=self.config.placement_timeout_s
                         )
+                        self.metrics.placement_wait_seconds.labels(part="total").observe(self._clock() - lost)
                     except (TimeoutError, ConversationFailed) as werr:
                         raise TurnError(503, f"decoder of {conv_id} gone and not re-placed: {werr}") from werr
                     state.kv_generation = None
+
+    async def _create(self, name: str, spec: dict[str, Any]) -> None:
+        started = self._clock()
+        await self.control.create_conversation(name, spec)
+        self.metrics.placement_wait_seconds.labels(part="create").observe(self._clock() - started)
 
     async def _prefill(
         self, target: Backend, request: TurnRequest, conv_id: str | None, prompt_tokens: int
