@@ -43,7 +43,14 @@ from conserve.controller.status import conversation_status_patch
 from conserve.core.gpus import Tier
 from conserve.core.ledger import CapacityError
 from conserve.core.pending import order_pending
-from conserve.core.placement import PlacementRequest, PlacementSettings, PlacementWeights, TierPolicy, place
+from conserve.core.placement import (
+    PlacementRequest,
+    PlacementSettings,
+    PlacementWeights,
+    TierPolicy,
+    largest_placeable_kv_tokens,
+    place,
+)
 from conserve.core.prefill import PrefillState, pick_prefill
 from conserve.core.reservation import GrowthObservation, reservation_kv_tokens
 
@@ -131,7 +138,10 @@ class Engine:
         )
 
     def reservation_for(self, pool: PoolRuntime, record: ConvRecord) -> int:
-        ready_caps = [d.capacity_kv_tokens for d in pool.ledger.decoders.values() if d.ready]
+        assert pool.spec is not None
+        headroom = pool.spec.placement.headroom_fraction
+        ready = [d for d in pool.ledger.decoders.values() if d.ready]
+        ready_caps = [largest_placeable_kv_tokens(d.capacity_kv_tokens, headroom) for d in ready]
         return reservation_kv_tokens(
             record.spec.first_turn_input_tokens,
             observations_from_ratios(list(pool.growth_ratios)),

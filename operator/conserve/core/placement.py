@@ -112,6 +112,14 @@ def filter_capacity(request: PlacementRequest, decoder: DecoderState, settings: 
     return None
 
 
+def largest_placeable_kv_tokens(capacity_kv_tokens: int, headroom_fraction: float) -> int:
+    """The largest reservation `filter_capacity` accepts on an empty decoder of this capacity.
+
+    Callers cap reservations with it: a reservation capped at the raw capacity could never pass the headroom.
+    """
+    return max(capacity_kv_tokens - int(capacity_kv_tokens * headroom_fraction), 0)
+
+
 FILTERS: Sequence[tuple[str, Filter]] = (
     ("ready", filter_ready),
     ("tier", filter_tier),
