@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import gc
 import http.client
 import json
 import random
@@ -71,6 +72,8 @@ def latency(sizes: Sequence[int], calls: int, seed: int = 1) -> None:
         for p in bound:
             p["status"]["phase"] = "Running"
         cache.replace_pods(bound)
+        gc.collect()
+        gc.freeze()  # as `conserve extender` does once its cache has synced
         app = ExtenderApp(ExtenderService(ExtenderSettings(), cache))
         pods = [pod(f"p-{i}", "prefill" if i % 2 else "decode", gpus=rng.choice([1, 1, 2, 8])) for i in range(calls)]
         bodies = [json.dumps({"Pod": p, "Nodes": None, "NodeNames": names}).encode() for p in pods]

@@ -128,3 +128,16 @@ def test_binding_types() -> None:
 def test_wrong_shapes_are_rejected(body: str) -> None:
     with pytest.raises(ValidationError):
         ExtenderArgs.model_validate_json(body)
+
+
+def test_filter_result_fast_encoding_equals_the_plain_one() -> None:
+    odd = 'we"ird\\näme'
+    result = ExtenderFilterResult(
+        NodeNames=["a", odd],
+        FailedNodes={"b": "no GPU", "c": "no GPU", odd: "ünïcode"},
+        FailedAndUnresolvableNodes={},
+        Error='bad "thing"',
+    )
+    plain = json.dumps(result.dump_go(), separators=(",", ":"))
+    assert json.loads(result.to_json_bytes()) == json.loads(plain)
+    assert result.to_json_bytes() == json.dumps(result.dump_go(), separators=(",", ":"), ensure_ascii=True).encode()

@@ -70,6 +70,22 @@ class ExtenderArgs(_Wire):
     NodeNames: list[str] | None = None
 
 
+_encode_string = json.encoder.encode_basestring_ascii
+
+
+def _encode_string_map(values: dict[str, str] | None) -> str:
+    """JSON of a map whose values repeat (a filter's reasons): each distinct value is escaped once; C-level maps."""
+    if values is None:
+        return "null"
+    encoded_value = {value: ":" + _encode_string(value) for value in set(values.values())}
+    items = map(str.__add__, map(_encode_string, values), map(encoded_value.__getitem__, values.values()))
+    return "{" + ",".join(items) + "}"
+
+
+def _encode_string_list(values: list[str] | None) -> str:
+    return "null" if values is None else "[" + ",".join(map(_encode_string, values)) + "]"
+
+
 class ExtenderFilterResult(_Wire):
     Nodes: NodeList | None = None
     NodeNames: list[str] | None = None
@@ -85,6 +101,16 @@ class ExtenderFilterResult(_Wire):
             "FailedAndUnresolvableNodes": self.FailedAndUnresolvableNodes,
             "Error": self.Error,
         }
+
+    def to_json_bytes(self) -> bytes:
+        """What the Go encoder writes (`dump_go`), built faster: a 5,000-node answer repeats a few reasons."""
+        nodes = "null" if self.Nodes is None else json.dumps(self.Nodes.dump_go(), separators=(",", ":"))
+        return (
+            f'{{"Nodes":{nodes},"NodeNames":{_encode_string_list(self.NodeNames)},'
+            f'"FailedNodes":{_encode_string_map(self.FailedNodes)},'
+            f'"FailedAndUnresolvableNodes":{_encode_string_map(self.FailedAndUnresolvableNodes)},'
+            f'"Error":{_encode_string(self.Error)}}}'
+        ).encode()
 
 
 class HostPriority(_Wire):
