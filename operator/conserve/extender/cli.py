@@ -160,7 +160,7 @@ async def _freeze_when_synced(extender: Extender) -> None:
         await asyncio.sleep(0.5)
     gc.collect()
     gc.freeze()
-    log.info("extender cache synced: %d nodes, %d pods", *extender.cache_sizes())
+    log.info("extender ready: %d nodes, %d pods cached", *extender.cache_sizes())
 
 
 async def _serve(extender: Extender, host: str, port: int, max_body_bytes: int) -> int:
