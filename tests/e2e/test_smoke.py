@@ -393,3 +393,24 @@ def test_conserve_scheduler_profile_calls_the_extender_url(api: Any, namespace: 
     for _, args in _RecordingExtender.calls:
         assert args["NodeNames"] and not args.get("Nodes")
         assert args["Pod"]["metadata"]["name"] == "one-gpu"
+
+
+def test_namespace_teardown_frees_gpus_at_once(cluster: ClusterHandle) -> None:
+    """The `namespace` fixture's teardown: pods go at once, so the next test finds every fake GPU free."""
+    from conserve.devcluster.testing import temporary_namespace
+
+    with cluster.api_client() as api_client:
+        core = client.CoreV1Api(api_client)
+        with temporary_namespace(cluster, "teardown") as ns:
+            body: Any = {
+                "metadata": {"name": "hog"},
+                "spec": {
+                    "containers": [
+                        {"name": "c", "image": "registry.invalid/x:1", "resources": {"limits": {GPU_RESOURCE: "8"}}}
+                    ],
+                    "nodeSelector": {GPU_PRODUCT_LABEL: "NVIDIA-H20"},
+                },
+            }
+            core.create_namespaced_pod(ns, body)
+            wait_for("the pod bound", lambda: core.read_namespaced_pod("hog", ns).spec.node_name, 30)
+        assert core.list_namespaced_pod(ns).items == []

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -106,9 +107,11 @@ def namespace_name(test_name: str) -> str:
 
 
 @contextmanager
-def temporary_namespace(cluster: ClusterHandle, test_name: str, timeout_s: float = 30.0) -> Iterator[str]:
-    """Create a namespace, wait for its ``default`` ServiceAccount (pods are refused without it), and
-    delete it afterwards (without waiting for its finalization)."""
+def temporary_namespace(
+    cluster: ClusterHandle, test_name: str, timeout_s: float = 30.0, wait_deleted_s: float = 0.0
+) -> Iterator[str]:
+    """Create a namespace, wait for its ``default`` ServiceAccount (pods are refused without it); afterwards
+    delete it and its pods at once, and wait up to ``wait_deleted_s`` for the rest to be gone (0: no wait)."""
     from kubernetes import client
     from kubernetes.client import ApiException
 
@@ -131,6 +134,28 @@ def temporary_namespace(cluster: ClusterHandle, test_name: str, timeout_s: float
         finally:
             try:
                 core.delete_namespace(name)
+                # The namespace is Terminating now (no new pods can be admitted in it): remove its pods at
+                # once, so the fake GPUs they held are free for the next test, which shares the nodes. The
+                # rest goes with the namespace controller, in the background.
+                core.delete_collection_namespaced_pod(name, grace_period_seconds=0)
             except ApiException as exc:
                 if exc.status != 404:
                     raise
+            if wait_deleted_s > 0:
+                _wait_gone(core, name, wait_deleted_s)
+
+
+def _wait_gone(core: Any, namespace: str, timeout_s: float) -> None:
+    """Wait until the namespace controller has removed everything in it."""
+    from kubernetes.client import ApiException
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            core.read_namespace(namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            raise
+        time.sleep(0.2)
+    warnings.warn(f"namespace {namespace} still terminating after {timeout_s:.0f}s", stacklevel=2)
