@@ -4,7 +4,9 @@
   which the chart's nodeSelector and tolerations values pick).
 - Its RBAC is sufficient: the extender and the operator run here as processes with a kubeconfig holding only
   their ServiceAccount's token (TokenRequest API), and do their job: the real kube-scheduler calls the extender
-  and binds a decode pod to a bandwidth-tier node; the operator places a Conversation on a decoder.
+  and binds a decode pod to a bandwidth-tier node; the operator (every namespace, leader election on its Lease)
+  writes a DecoderPool's status, places a Conversation on a decoder, releases it on `spec.completed`, posts
+  Events and gives its Lease up on stop, with no 403 in its (debug) log.
 - Its RBAC is least: `kubectl auth can-i --as` each ServiceAccount is refused what it must not do.
 - `helm uninstall` removes everything but the kept CRDs.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +32,7 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
+from conserve.controller.testing import Api, conversation_body, pod_body, pool_body
 from conserve.devcluster.testing import ClusterHandle, temporary_namespace
 
 T = TypeVar("T")
@@ -171,6 +175,13 @@ def test_release_is_deployed_and_every_pod_is_running(release: Release) -> None:
         ("operator", "create", "pods"),
         ("operator", "patch", "nodes"),
         ("operator", "delete", "conversations.conserve.dev"),
+        # Verbs the operator README lists but the code never uses (the token test shows it needs none of them).
+        ("operator", "patch", "decoderpools.conserve.dev"),
+        ("operator", "get", "conversations.conserve.dev"),
+        ("operator", "get", "decoderpools.conserve.dev:status"),
+        ("operator", "get", "pods"),
+        ("operator", "get", "nodes"),
+        ("operator", "patch", "events"),
         ("operator", "update", "conversations.conserve.dev:status"),
         ("operator", "patch", "pods:status"),
         ("operator", "create", "conversations.conserve.dev"),
@@ -251,6 +262,12 @@ def processes() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
                 proc.wait()
 
 
+def refusals(log: str) -> list[str]:
+    """Lines of a component's log where the API server refused it (403): the RBAC lacks something it uses.
+    Not a bare "403": log timestamps carry milliseconds (",403")."""
+    return [line for line in log.splitlines() if re.search(r"forbidden|\(403\)", line, re.IGNORECASE)]
+
+
 def _http_get(url: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:
@@ -275,7 +292,7 @@ def test_extender_with_its_token_serves_the_real_scheduler(
     base = f"http://127.0.0.1:{port}"
     # Ready means both watch caches (nodes, pods) listed and watch: the token is enough for them.
     wait_for("the extender's watch caches", lambda: proc.poll() is None and _http_get(f"{base}/readyz")[0] == 200, 60)
-    assert "Forbidden" not in log.read_text() and "403" not in log.read_text(), log.read_text()
+    assert not refusals(log.read_text()), log.read_text()
 
     pod_name = "decode-helm-e2e"
     pod = {
@@ -303,6 +320,86 @@ def test_extender_with_its_token_serves_the_real_scheduler(
     assert 'conserve_extender_requests_total{outcome="ok",verb="filter"}' in metrics, metrics
     cluster.kubectl("delete", "pod", pod_name, f"--namespace={release.namespace}", "--wait=false", check=False)
     assert proc.poll() is None, log.read_text()
+    assert not refusals(log.read_text()), log.read_text()
+
+
+def test_operator_with_its_token_places_and_releases_a_conversation(
+    release: Release, processes: Callable[..., subprocess.Popen[bytes]], namespace: str, tmp_path: Path
+) -> None:
+    """The operator as the chart runs it (every namespace, leader election on a Lease in the release namespace)
+    with nothing but its ServiceAccount's token, on a pool in another namespace: any verb the chart forgot is
+    a 403 in its log (or a step below that never happens)."""
+    kubeconfig = release.token_kubeconfig("operator", tmp_path / "operator.kubeconfig")
+    log = tmp_path / "operator.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("POD_NAME", "POD_NAMESPACE", "KUBERNETES_SERVICE_HOST")}
+    env["KUBECONFIG"] = str(kubeconfig)
+    lease = f"{RELEASE}-operator"  # the chart's default Lease name, the only one its Role lets it renew
+    proc = processes(
+        "operator", "--all-namespaces", f"--lease-namespace={release.namespace}", f"--lease-name={lease}",
+        "--identity=helm-e2e", "--metrics-port=0", "--pool-status-interval=0.2", "--idle-sweep-interval=0.2",
+        "--verbose",  # a refused Event post is logged at DEBUG only
+        log=log, env=env,
+    )  # fmt: skip
+
+    def log_says(text: str) -> bool:
+        assert proc.poll() is None, f"the operator exited {proc.returncode}:\n{log.read_text()}"
+        return text in log.read_text()
+
+    # Leader election (get, create the Lease), then the ledger rebuilt from lists of nodes, pods, pools, conversations.
+    wait_for("the operator's ledger rebuilt", lambda: log_says("ledger rebuilt"), 60)
+    held = release.kubectl_json("get", "lease", lease, f"--namespace={release.namespace}")
+    assert held["spec"]["holderIdentity"] == "helm-e2e"
+
+    with release.cluster.api_client() as client:
+        api = Api(client, namespace)  # the test's own objects, created as cluster admin
+        try:
+            api.create(pool_body("llama", tokens_per_decoder=10_000))
+            api.create(pod_body("dec-0", "kwok-h200-0"))
+            api.create(pod_body("pre-0", "kwok-h100-0", app="dec-prefill"))
+            # The pool status writer (decoderpools/status patch) follows the pod and node watches.
+            wait_for(
+                "the pool status to show its decoder",
+                lambda: api.get_pool("llama").get("status", {}).get("readyDecoders") == 1,
+                60,
+            )
+
+            api.create(conversation_body("c0", "llama", 2000))
+            placed = wait_for(
+                "the conversation to be placed",
+                lambda: (s := api.get_conv("c0").get("status", {})).get("phase") == "Prefilling" and s,
+                60,
+            )
+            assert placed["decoder"]["pod"] == "dec-0" and placed["decoder"]["tier"] == "bandwidth"
+            assert placed["reservedKvTokens"] == 4000
+            wait_for(  # a patch of the Conversation itself, after its status
+                "the operator's finalizer",
+                lambda: "conserve.dev/release-capacity" in (api.get_conv("c0")["metadata"].get("finalizers") or []),
+                30,
+            )
+            wait_for("a Placed event", lambda: api.events("Placed"), 30)
+
+            api.patch_conv("c0", {"completed": True})
+            wait_for("the conversation released", lambda: api.get_conv("c0")["status"]["phase"] == "Completed", 60)
+            assert "conserve.dev/release-capacity" not in (api.get_conv("c0")["metadata"].get("finalizers") or [])
+            wait_for("a Released event", lambda: api.events("Released"), 30)
+            pool = wait_for(
+                "the pool status to show the release",
+                lambda: (s := api.get_pool("llama")["status"]).get("reservedKvTokens") == 0 and s,
+                30,
+            )
+            assert pool["readyDecoders"] == 1
+
+            # A clean stop gives the Lease up (get, patch) and writes owed status.
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0, log.read_text()
+            released = release.kubectl_json("get", "lease", lease, f"--namespace={release.namespace}")
+            assert not released["spec"].get("holderIdentity"), log.read_text()
+            assert not refusals(log.read_text()), log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
+            api.strip_finalizers()
 
 
 # --- helm uninstall ----------------------------------------------------------------------------------------

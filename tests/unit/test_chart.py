@@ -33,7 +33,7 @@ Manifest = dict[str, Any]
 # (apiGroup, resource) -> verbs. A rule the chart grants that is not here, or a verb more, fails the test.
 OPERATOR_RULES: dict[tuple[str, str], set[str]] = {
     ("conserve.dev", "conversations"): {"list", "watch", "patch"},
-    ("conserve.dev", "decoderpools"): {"list", "watch", "patch"},
+    ("conserve.dev", "decoderpools"): {"list", "watch"},
     ("conserve.dev", "conversations/status"): {"patch"},
     ("conserve.dev", "decoderpools/status"): {"patch"},
     ("", "pods"): {"list", "watch"},
@@ -266,6 +266,75 @@ def test_dcgm_energy_source_gets_endpointslices_in_the_exporters_namespace_only(
     binding = by_kind(docs, "RoleBinding")["conserve-operator-dcgm-exporter"]
     assert binding["subjects"][0]["name"] == "conserve-operator"
     assert "conserve-operator-dcgm-exporter" not in by_kind(render("operator.energy.source=nvml"), "Role")
+
+
+def operator_args(docs: Sequence[Manifest]) -> list[str]:
+    args: list[str] = by_kind(docs, "Deployment")["conserve-operator"]["spec"]["template"]["spec"]["containers"][0][
+        "args"
+    ]
+    return args
+
+
+def parse_command(args: Sequence[str]) -> Any:
+    """The container's args parsed by `conserve`'s own parser (the image's entrypoint), as the pod would run them:
+    an unknown flag or a bad value exits (SystemExit), which fails the test."""
+    from conserve.cli import build_parser
+
+    return build_parser(only=args[0]).parse_args(list(args))
+
+
+@pytest.mark.parametrize(
+    ("sets", "expected"),
+    [
+        ([], {"energy_source": "none"}),
+        (
+            [
+                "operator.energy.source=dcgm",
+                "operator.energy.intervalSeconds=5",
+                "operator.energy.dcgm.service=gpu-operator/nvidia-dcgm-exporter",
+                "operator.energy.dcgm.port=9500",
+            ],
+            {
+                "energy_source": "dcgm",
+                "energy_interval_seconds": 5.0,
+                "dcgm_service": "gpu-operator/nvidia-dcgm-exporter",
+                "dcgm_port": 9500,
+                "dcgm_pod_selector": "",
+                "dcgm_url": [],
+            },
+        ),
+        (
+            [
+                "operator.energy.source=dcgm",
+                "operator.energy.dcgm.podSelector=gpu-operator/app=nvidia-dcgm-exporter",
+                "operator.energy.dcgm.urls={http://10.0.0.1:9400/metrics,http://10.0.0.2:9400/metrics}",
+            ],
+            {
+                "energy_source": "dcgm",
+                "energy_interval_seconds": 10.0,
+                "dcgm_pod_selector": "gpu-operator/app=nvidia-dcgm-exporter",
+                "dcgm_url": ["http://10.0.0.1:9400/metrics", "http://10.0.0.2:9400/metrics"],
+                "dcgm_port": 9400,
+            },
+        ),
+        (["operator.energy.source=nvml"], {"energy_source": "nvml", "energy_interval_seconds": 10.0}),
+    ],
+)
+def test_rendered_operator_args_parse_with_the_operators_own_parser(sets: list[str], expected: dict[str, Any]) -> None:
+    args = operator_args(render(*sets))
+    parsed = parse_command(args)
+    assert parsed.command == "operator"
+    assert parsed.namespaces is None and parsed.all_namespaces and parsed.leader_elect
+    assert (parsed.lease_name, parsed.lease_namespace) == ("conserve-operator", "conserve-system")
+    assert (parsed.metrics_port, parsed.health_port) == (9100, 8080)
+    assert {key: getattr(parsed, key) for key in expected} == expected
+    if parsed.energy_source == "none":
+        assert not [a for a in args if a.startswith(("--energy", "--dcgm"))]
+
+
+def test_rendered_operator_args_without_leader_election_parse() -> None:
+    parsed = parse_command(operator_args(render("operator.replicas=1", "operator.leaderElection.enabled=false")))
+    assert not parsed.leader_elect
 
 
 def test_service_monitor_and_dashboard_when_enabled() -> None:
