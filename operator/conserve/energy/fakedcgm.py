@@ -3,7 +3,12 @@
 Each fake GPU (a target: pod, namespace, node, GPU index, product) draws `conserve.core.perf.power_w` of its
 catalog GPU at the activity a load source gives (in [0, 1]: 0 idle, 0.5 a bandwidth-bound decode, 1 a
 compute-bound prefill); its energy counter integrates that power over time on a ticker, in mJ, from a
-deterministic since-boot offset. Served like dcgm-exporter 3.x/4.x with the Kubernetes pod mapping on
+deterministic since-boot offset. A GPU whose pod runs a GPU-server simulator (`conserve gpu-sim`) instead follows
+that simulator's own energy counter (`conserve_gpusim_energy_joules_total`, the pod's share per GPU): the counter
+advances by exactly the joules gpu-sim integrated over its steps, so DCGM-derived figures equal gpu-sim's over any
+window (up to one scrape of lag). Sampling the simulator's power gauge every few seconds and holding it cannot do
+that: a decode server's power changes every step (milliseconds), and the samples alias.
+Served like dcgm-exporter 3.x/4.x with the Kubernetes pod mapping on
 (`gpu`, `UUID`, `pci_bus_id`, `device`, `modelName`, `Hostname`, `DCGM_FI_DRIVER_VERSION`, then `container`,
 `namespace`, `pod` when a pod holds the GPU).
 
@@ -69,6 +74,8 @@ class FakeGpu:
 
 LoadSource = Callable[[FakeGpu], float]
 TargetSource = Callable[[], Sequence[FakeGpu]]
+#: A GPU's cumulative energy (J) as an outside model counts it (a simulator's counter), or None: no such counter.
+CounterSource = Callable[[FakeGpu], float | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +91,7 @@ class _GpuState:
     energy_mj: float
     power_w: float
     activity: float
+    source_j: float | None = None  # the counter source's value at the last tick (None: integrating power)
 
 
 def _boot_energy_mj(gpu: FakeGpu) -> float:
@@ -99,6 +107,8 @@ class FakeDcgmExporter:
     load: LoadSource = field(default_factory=ConstantLoad)
     clock: Callable[[], float] = time.monotonic
     overrides: dict[str, float] = field(default_factory=dict)  # "<ns>/<pod>" or UUID -> activity
+    #: Where a GPU's energy comes from a model's own counter (gpu-sim); an override still wins.
+    counters: CounterSource | None = None
     _states: dict[str, _GpuState] = field(default_factory=dict)
     _last_tick_s: float | None = None
 
@@ -111,19 +121,34 @@ class FakeDcgmExporter:
             value = self.load(gpu)
         return min(max(value, 0.0), 1.0) if math.isfinite(value) else 0.0
 
+    def _overridden(self, gpu: FakeGpu) -> bool:
+        return gpu.uuid in self.overrides or (bool(gpu.pod_key) and gpu.pod_key in self.overrides)
+
     def tick(self) -> list[tuple[FakeGpu, _GpuState]]:
-        """Integrate every GPU's power since the last tick, then take its new load. Returns the GPUs' state."""
+        """Advance every GPU's counter since the last tick, then take its new load. Returns the GPUs' state.
+
+        A GPU with a source counter (and no override) advances by the source's increase since the last tick (a
+        source that went backwards restarted: its new value is what it drew since, the Prometheus rule); the first
+        tick that sees the source only takes it as the baseline. Other GPUs integrate the power held since the
+        last tick."""
         now_s = self.clock()
         elapsed_s = 0.0 if self._last_tick_s is None else max(now_s - self._last_tick_s, 0.0)
         self._last_tick_s = now_s
         out = []
         for gpu in self.targets():
+            source_j = None if self.counters is None or self._overridden(gpu) else self.counters(gpu)
+            if source_j is not None and not (math.isfinite(source_j) and source_j >= 0):
+                source_j = None
             state = self._states.get(gpu.uuid)
             if state is None:
                 state = _GpuState(_boot_energy_mj(gpu), gpu.spec.idle_power_w, 0.0)
                 self._states[gpu.uuid] = state
+            elif source_j is not None and state.source_j is not None:
+                increase_j = source_j - state.source_j if source_j >= state.source_j else source_j
+                state.energy_mj += increase_j * 1000.0
             else:
                 state.energy_mj += state.power_w * elapsed_s * 1000.0  # power held since the last tick
+            state.source_j = source_j
             state.activity = self.activity(gpu)
             state.power_w = power_w(Device(gpu.spec), state.activity)
             out.append((gpu, state))
@@ -269,13 +294,17 @@ def _gpu_request(container: Mapping[str, Any]) -> int:
 
 @dataclass
 class GpuSimLoad:
-    """Load from the GPU-server simulators (`conserve gpu-sim`): each pod's modelled power
-    (`conserve_gpusim_power_watts`, for all its GPUs) turned back into an activity of the same power model.
-    `endpoints` maps "<ns>/<pod>" to the simulator's host:port (the pod's `conserve.dev/endpoint`)."""
+    """Load and energy from the GPU-server simulators (`conserve gpu-sim`): each pod's modelled power
+    (`conserve_gpusim_power_watts`, for all its GPUs) turned back into an activity of the same power model (the
+    power gauge and the utilisation), and each pod's energy counter (`conserve_gpusim_energy_joules_total`, J) split
+    evenly over its GPUs (`counter_j`, the exporter's energy counter). `endpoints` maps "<ns>/<pod>" to the
+    simulator's host:port (the pod's `conserve.dev/endpoint`). A scrape that fails keeps the pod's last values, so
+    the next good one covers the gap exactly once; a pod whose endpoint is gone is forgotten."""
 
     endpoints: dict[str, str] = field(default_factory=dict)
     gpus_per_pod: dict[str, int] = field(default_factory=dict)
     power_w: dict[str, float] = field(default_factory=dict)  # last scraped, per pod
+    energy_j: dict[str, float] = field(default_factory=dict)  # last scraped, per pod (all its GPUs)
 
     def __call__(self, gpu: FakeGpu) -> float:
         watts = self.power_w.get(gpu.pod_key)
@@ -285,19 +314,39 @@ class GpuSimLoad:
         spec = gpu.spec
         return (per_gpu_w - spec.idle_power_w) / max(spec.tdp_w - spec.idle_power_w, 1e-9)
 
+    def counter_j(self, gpu: FakeGpu) -> float | None:
+        """This GPU's share of its pod's simulator energy counter (J), or None when no simulator reports one."""
+        joules = self.energy_j.get(gpu.pod_key)
+        if joules is None:
+            return None
+        return joules / max(self.gpus_per_pod.get(gpu.pod_key, 1), 1)
+
     async def refresh(self, session: Any) -> None:
         from prometheus_client.parser import text_string_to_metric_families
 
-        for key, endpoint in list(self.endpoints.items()):
+        endpoints = dict(self.endpoints)
+        for gone in [k for k in set(self.power_w) | set(self.energy_j) if k not in endpoints]:
+            self.power_w.pop(gone, None)
+            self.energy_j.pop(gone, None)
+        for key, endpoint in endpoints.items():
             try:
                 async with session.get(f"http://{endpoint}/metrics") as response:
+                    response.raise_for_status()
                     text = await response.text()
+                power, energy = None, None
                 for family in text_string_to_metric_families(text):
                     if family.name == "conserve_gpusim_power_watts" and family.samples:
-                        self.power_w[key] = float(sum(s.value for s in family.samples))
-            except Exception as exc:  # a simulator starting or gone: its GPU idles
+                        power = float(sum(s.value for s in family.samples))
+                    elif family.name == "conserve_gpusim_energy_joules":  # a counter: samples end in _total
+                        values = [s.value for s in family.samples if s.name.endswith("_total")]
+                        energy = float(sum(values)) if values else None
+            except Exception as exc:  # a simulator starting, busy or restarting: keep the last values
                 log.debug("gpu-sim %s at %s: %s", key, endpoint, exc)
-                self.power_w.pop(key, None)
+                continue
+            if power is not None:
+                self.power_w[key] = power
+            if energy is not None:
+                self.energy_j[key] = energy
 
 
 class ClusterTargets:
@@ -376,7 +425,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("--namespace", default=None, help="with --from-cluster: only this namespace's pods")
     parser.add_argument("--refresh-seconds", type=float, default=2.0, help="with --from-cluster: re-list this often")
     parser.add_argument("--activity", type=float, default=0.0, help="activity of every GPU without an override")
-    parser.add_argument("--tick-seconds", type=float, default=1.0, help="how often counters integrate power")
+    parser.add_argument(
+        "--tick-seconds",
+        type=float,
+        default=1.0,
+        help="how often counters advance (and, with --from-cluster, gpu-sim is scraped)",
+    )
     parser.set_defaults(func=_run)
 
 
@@ -395,25 +449,31 @@ def _run(args: argparse.Namespace) -> int:
         def load(gpu: FakeGpu) -> float:
             return gpusim(gpu) if gpu.pod_key in gpusim.power_w else baseline(gpu)
 
-        exporter = FakeDcgmExporter(targets=cluster, load=load)
+        exporter = FakeDcgmExporter(targets=cluster, load=load, counters=gpusim.counter_j)
         app = make_app(exporter, tick_s=args.tick_seconds)
 
         async def follow_cluster(app: web.Application) -> Any:
             import aiohttp
 
-            async def run() -> None:
+            async def list_cluster() -> None:
+                while True:
+                    try:
+                        await asyncio.to_thread(cluster.refresh)
+                    except Exception as exc:  # the API server restarting: keep the last targets
+                        log.warning("fake dcgm-exporter: cluster refresh failed: %s", exc)
+                    await asyncio.sleep(args.refresh_seconds)
+
+            async def scrape_gpusim() -> None:
+                # As often as the counters tick: the exporter's counters lag gpu-sim's by at most this.
                 async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
                     while True:
-                        try:
-                            await asyncio.to_thread(cluster.refresh)
-                            await gpusim.refresh(session)
-                        except Exception as exc:  # the API server restarting: keep the last targets
-                            log.warning("fake dcgm-exporter: cluster refresh failed: %s", exc)
-                        await asyncio.sleep(args.refresh_seconds)
+                        await gpusim.refresh(session)
+                        await asyncio.sleep(args.tick_seconds)
 
-            task = asyncio.create_task(run())
+            tasks = [asyncio.create_task(list_cluster()), asyncio.create_task(scrape_gpusim())]
             yield
-            task.cancel()
+            for task in tasks:
+                task.cancel()
 
         app.cleanup_ctx.append(follow_cluster)
         log.info("fake dcgm-exporter for the cluster's GPU nodes on http://%s:%d/metrics", args.host, args.port)

@@ -288,6 +288,9 @@ class Engine:
             energy += power_w(self.device, decode_step_activity(self.device, self.model, len(decoding), context)) * (
                 decode_s
             )
+            # The step's mean power is what the board draws while it runs: the gauge must say so during the step
+            # (scrapes land in the sleep below), not the idle power `_account_idle` set at the top of the loop.
+            self.stats.power_w = energy / step_s if step_s > 0 else self.device.idle_power_w
             # Pace against a running target so sleep overshoot does not accumulate.
             now = self._clock()
             start = max(self._next_real_s, now)
@@ -299,7 +302,6 @@ class Engine:
                 self._in_step = False
             self.stats.energy_j += energy
             self.stats.busy_modelled_s += step_s
-            self.stats.power_w = energy / step_s if step_s > 0 else self.device.idle_power_w
             self._last_energy_real_s = max(self._clock(), self._last_energy_real_s)
             for req, n in chunks:
                 req.computed_tokens += n

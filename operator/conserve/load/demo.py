@@ -30,7 +30,8 @@ large enough to show, and the report prints the offline figures of the same slic
 `--start-s 600` (a quiet window: offline 7.4 s vs 7.7 s) reproduces the small-gain case.
 Speed-up 1 by default: the control plane's latency is real wall time while gpu-sim's is scaled by 1/speedup,
 so at speed-up s every real second of placement wait counts as s modelled seconds against the conversation
-mode (and the fake DCGM exporter integrates power over real time); `--speedup` > 1 is faster but biased so.
+mode (and the fake DCGM exporter's counters follow gpu-sim's modelled joules, which at speed-up s arrive s times
+as fast as a board draws them: the operator clamps deltas above 1.5 x TDP); `--speedup` > 1 is faster but biased so.
 """
 
 from __future__ import annotations
@@ -246,14 +247,16 @@ def _pool_energy_j(kubeconfig: Path, namespace: str, pool: str = "chat") -> floa
 
 
 def _conversation_energy(kubeconfig: Path, namespace: str) -> tuple[float, int, int]:
-    """(sum of Conversation status energyJoules, their output tokens, conversations with energy)."""
+    """(sum of Conversation status energyJoules, their output tokens, conversations with energy). Output tokens
+    are the data plane's `spec.usage.outputTokens`, the denominator of the operator's energyPerTokenJoules."""
     data = json.loads(_kubectl(kubeconfig, "get", "conversations", "-n", namespace, "-o", "json"))
     joules, tokens, count = 0.0, 0, 0
     for item in data.get("items", []):
         status = item.get("status") or {}
         if status.get("energyJoules") is not None:
             joules += float(status["energyJoules"])
-            tokens += int(status.get("outputTokens") or 0)
+            usage = (item.get("spec") or {}).get("usage") or {}
+            tokens += int(usage.get("outputTokens") or status.get("outputTokens") or 0)
             count += 1
     return joules, tokens, count
 
@@ -357,8 +360,8 @@ def _replay(args: argparse.Namespace, router: str, kubeconfig: Path) -> int:
     conv_j, conv_tokens, conv_n = _conversation_energy(kubeconfig, args.namespace)
     if conv_n:
         print(
-            f"Conversation status energy (operator attribution, prefill + decode): {conv_j:.0f} J over {conv_n} "
-            f"conversations, {conv_j / max(conv_tokens, 1):.3f} J per output token"
+            f"Conversation status energy (operator attribution, prefill + decode, without unattributed idle): "
+            f"{conv_j:.0f} J over {conv_n} conversations, {conv_j / max(conv_tokens, 1):.3f} J per output token"
         )
     return 0 if all(s.failed_turns == 0 for s in summaries) else 1
 
