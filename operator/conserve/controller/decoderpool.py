@@ -42,10 +42,14 @@ def load_spec(pool: PoolRuntime, body: dict[str, Any]) -> None:
         pool.growth_ratios.extend(status.observed_growth_ratios)
 
 
-async def resync(engine: Engine, pool: PoolRuntime) -> None:
-    """Re-derive the pool's decoders; move conversations off lost ones; place waiting ones if room grew."""
+async def resync(engine: Engine, pool: PoolRuntime, pod: str | None = None) -> None:
+    """Re-derive the pool's decoders (or one pod's); move conversations off lost ones; place waiting ones if
+    room grew."""
     async with pool.lock:
-        gone, unready, grew = pods.sync_pool(engine.world, pool)
+        if pod is None:
+            gone, unready, grew = pods.sync_pool(engine.world, pool)
+        else:
+            gone, unready, grew = pods.sync_pod(engine.world, pool, pod)
     lost = gone + unready
     if lost:
         log.info("pool %s lost decoders %s", pool.key, lost)
@@ -100,11 +104,23 @@ async def write_pool_status(engine: Engine, pool: PoolRuntime) -> None:
         pool.status_dirty.set()
 
 
+#: A big pool's status is big (about 300 bytes per decoder), and every write goes to every watcher: a pool is
+#: written at most every max(pool_status_interval_s, decoders x this) seconds (1,000 decoders: every 2 s).
+SECONDS_PER_DECODER = 0.002
+
+
 async def status_writer(engine: Engine) -> None:
-    """One loop for every pool: write the pools marked dirty, at most every pool_status_interval_s each."""
+    """One loop for every pool: write the pools marked dirty, each at most once per its interval."""
+    tick = engine.config.pool_status_interval_s
+    last_write: dict[str, float] = {}
     while True:
-        await asyncio.sleep(engine.config.pool_status_interval_s)
-        dirty = [p for p in list(engine.world.pools.values()) if p.status_dirty.is_set()]
-        for pool in dirty:
-            pool.status_dirty.clear()
-        await asyncio.gather(*(write_pool_status(engine, p) for p in dirty))
+        await asyncio.sleep(tick)
+        now = engine.clock.monotonic()
+        due = []
+        for pool in list(engine.world.pools.values()):
+            interval = max(tick, len(pool.decoders) * SECONDS_PER_DECODER)
+            if pool.status_dirty.is_set() and now - last_write.get(pool.key, 0.0) >= interval:
+                pool.status_dirty.clear()
+                last_write[pool.key] = now
+                due.append(pool)
+        await asyncio.gather(*(write_pool_status(engine, p) for p in due))

@@ -151,6 +151,31 @@ def sync_pool(world: World, pool: PoolRuntime) -> tuple[list[str], list[str], bo
     return sorted(gone), sorted(unready), grew
 
 
+def sync_pod(world: World, pool: PoolRuntime, name: str) -> tuple[list[str], list[str], bool]:
+    """`sync_pool` for one pod's change (a pod event costs that pod, not the whole namespace's pods)."""
+    spec = pool.spec
+    if spec is None:
+        return [], [], False
+    pod = world.pods.get(key_of(pool.namespace, name))
+    old = pool.decoders.get(name)
+    pool.prefills.pop(name, None)
+    if pod is not None and spec.decoder_selector.matches(pod.labels):
+        info = decoder_info(pod, world.nodes.get(pod.node), spec)
+        pool.decoders[name] = info
+        energy = pool.energy.get(name)
+        pool.ledger.upsert_decoder(decoder_state(info, energy.energy_per_token_j if energy else None))
+        unready = [name] if old is not None and old.ready and not info.ready else []
+        grew = info.ready and (old is None or not old.ready or old.capacity_kv_tokens < info.capacity_kv_tokens)
+        return [], unready, grew
+    if pod is not None and spec.prefill_selector is not None and spec.prefill_selector.matches(pod.labels):
+        pool.prefills[name] = decoder_info(pod, world.nodes.get(pod.node), spec)
+    if old is None:
+        return [], [], False
+    del pool.decoders[name]
+    pool.ledger.decoders.pop(name, None)  # holdings stay until the engine moves them
+    return [name], [], False
+
+
 def pools_selecting(world: World, namespace: str, *label_sets: dict[str, str]) -> list[PoolRuntime]:
     """The pools of a namespace whose decoder or prefill selector matches any of the label sets."""
     out = []
@@ -194,7 +219,7 @@ async def on_pod_event(engine: Any, event_type: str | None, body: dict[str, Any]
     label_sets = [p.labels for p in (old, new) if p is not None]
     namespace = meta.get("namespace", "")
     for pool in pools_selecting(world, namespace, *label_sets):
-        await resync(engine, pool)
+        await resync(engine, pool, pod=meta.get("name", ""))
 
 
 async def on_node_event(engine: Any, event_type: str | None, body: dict[str, Any]) -> None:

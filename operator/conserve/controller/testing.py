@@ -186,7 +186,10 @@ def install_crds(api_client: Any, directory: Path = crdgen.CRDS_DIR, timeout_s: 
 class OperatorProcess:
     """`conserve operator` as a subprocess: start, wait until its ledger is rebuilt, kill, restart."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, log_path: Path, extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self, kubeconfig: Path, namespace: str, log_path: Path, extra_args: Sequence[str] = (), *, fast: bool = True
+    ) -> None:
+        self.fast = fast  # short sweep and status intervals (tests); False: the command's defaults (benchmarks)
         self.kubeconfig = kubeconfig
         self.namespace = namespace
         self.log_path = log_path
@@ -197,21 +200,10 @@ class OperatorProcess:
     def start(self, *, wait_ready: bool = True, timeout_s: float = 30.0) -> OperatorProcess:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
-        args = [
-            sys.executable,
-            "-m",
-            "conserve.cli",
-            "operator",
-            "--namespace",
-            self.namespace,
-            "--metrics-port",
-            "0",
-            "--idle-sweep-interval",
-            "0.2",
-            "--pool-status-interval",
-            "0.2",
-            *self.extra_args,
-        ]
+        args = [sys.executable, "-m", "conserve.cli", "operator", "--namespace", self.namespace, "--metrics-port", "0"]
+        if self.fast:
+            args += ["--idle-sweep-interval", "0.2", "--pool-status-interval", "0.2"]
+        args += self.extra_args
         if "--lease-name" not in self.extra_args:
             args.append("--no-leader-elect")
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
