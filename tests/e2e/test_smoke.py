@@ -50,8 +50,8 @@ def test_version_is_the_pinned_kubernetes(api: Any) -> None:
     assert info.major == KUBERNETES_VERSION.lstrip("v").split(".")[0]
 
 
-def test_crd_object_created_and_watched(api: Any, namespace: str) -> None:
-    ext = client.ApiextensionsV1Api(api)
+def _ensure_widget_crd(ext: Any) -> bool:
+    """Create the smoke test's Widget CRD if missing; True once it is Established."""
     crd_name = f"widgets.{GROUP}"
     crd = {
         "apiVersion": "apiextensions.k8s.io/v1",
@@ -90,7 +90,12 @@ def test_crd_object_created_and_watched(api: Any, namespace: str) -> None:
         conds = ext.read_custom_resource_definition(crd_name).status.conditions or []
         return any(c.type == "Established" and c.status == "True" for c in conds)
 
-    wait_for("the CRD to be Established", established, 30)
+    return established()
+
+
+def test_crd_object_created_and_watched(api: Any, namespace: str) -> None:
+    ext = client.ApiextensionsV1Api(api)
+    wait_for("the CRD to be Established", lambda: _ensure_widget_crd(ext), 30)
 
     custom = client.CustomObjectsApi(api)
     events: list[tuple[str, str, Any]] = []
@@ -414,3 +419,28 @@ def test_namespace_teardown_frees_gpus_at_once(cluster: ClusterHandle) -> None:
             core.create_namespaced_pod(ns, body)
             wait_for("the pod bound", lambda: core.read_namespaced_pod("hog", ns).spec.node_name, 30)
         assert core.list_namespaced_pod(ns).items == []
+
+
+def test_namespace_teardown_clears_finalizers_left_by_a_stopped_controller(cluster: ClusterHandle) -> None:
+    from conserve.devcluster.testing import temporary_namespace
+
+    with cluster.api_client() as api_client:
+        core, custom = client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
+        ext = client.ApiextensionsV1Api(api_client)
+        wait_for("the smoke CRD (from the CRD test)", lambda: _ensure_widget_crd(ext), 30)
+        with temporary_namespace(cluster, "finalizers") as ns:
+            body = {
+                "apiVersion": f"{GROUP}/v1",
+                "kind": "Widget",
+                "metadata": {"name": "held", "finalizers": ["smoke.conserve.dev/never-removed"]},
+            }
+            custom.create_namespaced_custom_object(GROUP, "v1", ns, "widgets", body)
+
+        def gone() -> bool:
+            try:
+                core.read_namespace(ns)
+            except ApiException as exc:
+                return exc.status == 404
+            return False
+
+        wait_for("the namespace to be deleted completely", gone, 60)

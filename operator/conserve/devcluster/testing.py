@@ -138,11 +138,39 @@ def temporary_namespace(
                 # once, so the fake GPUs they held are free for the next test, which shares the nodes. The
                 # rest goes with the namespace controller, in the background.
                 core.delete_collection_namespaced_pod(name, grace_period_seconds=0)
+                _drop_custom_finalizers(api_client, name)
             except ApiException as exc:
                 if exc.status != 404:
                     raise
             if wait_deleted_s > 0:
                 _wait_gone(core, name, wait_deleted_s)
+
+
+def _drop_custom_finalizers(api_client: Any, namespace: str) -> None:
+    """Clear the finalizers of every custom object left in a deleted test namespace. The controller that
+    set them (an operator the test ran) has stopped by now, so nothing would ever remove them: the
+    namespace would stay Terminating, and its objects would show up in every later test's cluster-wide
+    view (an operator started later would try to act on them)."""
+    from kubernetes import client
+    from kubernetes.client import ApiException
+
+    custom = client.CustomObjectsApi(api_client)
+    for crd in client.ApiextensionsV1Api(api_client).list_custom_resource_definition().items:
+        if crd.spec.scope != "Namespaced":
+            continue
+        group, plural = crd.spec.group, crd.spec.names.plural
+        version = next((v.name for v in crd.spec.versions if v.storage), crd.spec.versions[0].name)
+        try:
+            listed: Any = custom.list_namespaced_custom_object(group, version, namespace, plural)
+            items = listed.get("items", [])
+            for obj in items:
+                if obj["metadata"].get("finalizers"):
+                    custom.patch_namespaced_custom_object(
+                        group, version, namespace, plural, obj["metadata"]["name"], {"metadata": {"finalizers": None}}
+                    )
+        except ApiException as exc:
+            if exc.status not in (404, 409, 422):
+                raise
 
 
 def _wait_gone(core: Any, namespace: str, timeout_s: float) -> None:
