@@ -140,3 +140,33 @@ def test_bad_references_are_reported(api: Api, operator: OperatorProcess) -> Non
     api.create(pod_body("late-0", "kwok-a100-0", app="late"))
     wait_for(lambda: phase(api, "orphan") == "Prefilling", what="orphan placed once its pool exists")
     assert operator.proc is not None and operator.proc.poll() is None
+
+
+def test_metrics_endpoint(api: Api, cluster: ClusterHandle, namespace: str, tmp_path: Path) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    op = OperatorProcess(cluster.kubeconfig, namespace, tmp_path / "op.log", ["--metrics-port", str(port)]).start()
+    try:
+        make_fleet(api, decoders=1)
+        api.create(conversation_body("m", "llama", 1000))
+        wait_for(lambda: phase(api, "m") == "Prefilling")
+
+        labels = f'namespace="{namespace}",pool="llama"'
+
+        def scrape() -> str:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            return text if f"conserve_reserved_kv_tokens{{{labels}}} 2000.0" in text else ""
+
+        text = wait_for(scrape, what="pool gauges")
+        assert f'conserve_placements_total{{{labels},result="placed"}} 1.0' in text
+        assert f"conserve_reserved_kv_tokens{{{labels}}} 2000.0" in text
+        assert f"conserve_kv_transfers_total{{{labels}}} 1.0" in text
+        assert f"conserve_placement_latency_seconds_count{{{labels}}} 1.0" in text
+        assert f"conserve_pending_conversations{{{labels}}} 0.0" in text
+    finally:
+        op.stop()
+        api.strip_finalizers()
