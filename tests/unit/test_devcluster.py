@@ -74,7 +74,7 @@ def test_scheduler_configs_keep_the_extender_off_the_default_profile(tmp_path: P
     assert [p["schedulerName"] for p in conserve["profiles"]] == [c.scheduler_name] == ["conserve-scheduler"]
     (ext,) = conserve["extenders"]
     assert ext["urlPrefix"] == "http://127.0.0.1:9999/"
-    assert (ext["filterVerb"], ext["prioritizeVerb"], ext["weight"]) == ("filter", "prioritize", 1)
+    assert (ext["filterVerb"], ext["prioritizeVerb"], ext["weight"]) == ("filter", "prioritize", 5)
     assert ext["nodeCacheCapable"] is True and ext["ignorable"] is False and ext["httpTimeout"] == "5s"
     assert ext["managedResources"] == [{"name": "nvidia.com/gpu", "ignoredByScheduler": False}]
     assert c.extender_port == 9999

@@ -410,7 +410,7 @@ class LocalCluster:
                     "urlPrefix": self.extender_url,
                     "filterVerb": "filter",
                     "prioritizeVerb": "prioritize",
-                    "weight": 1,
+                    "weight": 5,  # as deploy/scheduler: ranks the right tier above the default spreading (weight 2)
                     "nodeCacheCapable": True,
                     "ignorable": False,
                     "httpTimeout": "5s",
