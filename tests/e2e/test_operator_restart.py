@@ -90,7 +90,7 @@ def test_killed_mid_burst_and_restarted(api: Api, cluster: ClusterHandle, namesp
 
 
 def test_two_replicas_one_leader(api: Api, cluster: ClusterHandle, namespace: str, tmp_path: Path) -> None:
-    lease = ["--lease-name", "conserve-operator", "--lease-namespace", namespace, "--lease-duration", "3"]
+    lease = ["--lease-name", "conserve-operator", "--lease-namespace", namespace, "--lease-duration", "5"]
     a = OperatorProcess(cluster.kubeconfig, namespace, tmp_path / "a.log", [*lease, "--identity", "a"]).start()
     b = OperatorProcess(cluster.kubeconfig, namespace, tmp_path / "b.log", [*lease, "--identity", "b"])
     b.start(wait_ready=False)
@@ -100,14 +100,14 @@ def test_two_replicas_one_leader(api: Api, cluster: ClusterHandle, namespace: st
         for i in range(6):
             api.create(conversation_body(f"c{i}", "llama", 1000))
         wait_for(lambda: sum((c.get("status") or {}).get("phase") == "Prefilling" for c in api.list_convs()) == 6)
-        assert "ledger rebuilt" not in b.log_text()
+        assert "ledger rebuilt" not in b.log_text(), b.log_text()[-2000:] + a.log_text()[-2000:]
         a.kill(signal.SIGKILL)  # no clean release: b takes over when the lease expires
         b.wait_log("ledger rebuilt", timeout_s=20)
         api.create(conversation_body("after", "llama", 1000))
         wait_for(lambda: (api.get_conv("after").get("status") or {}).get("phase") == "Prefilling")
         convs = api.list_convs()
-        assert {c["status"]["placementGeneration"] for c in convs} == {1}
-        assert len(api.events("Placed")) == 7
+        assert {c["status"]["placementGeneration"] for c in convs} == {1}, [c["status"] for c in convs]
+        assert len(api.events("Placed")) == 7, [(e.involved_object.name, e.reporting_instance) for e in api.events()]
         check_no_oversubscription(api)
     finally:
         a.stop()

@@ -83,7 +83,7 @@ async def on_event(engine: Engine, event_type: str | None, body: dict[str, Any])
 
 
 async def write_pool_status(engine: Engine, pool: PoolRuntime) -> None:
-    if not pool.body:
+    if not pool.body or engine.fenced:
         return
     patch = pool_status_patch(pool, len(pool.pending))
     status = patch["status"]

@@ -110,6 +110,8 @@ class Engine:
         self.world = World()
         self._events = asyncio.Semaphore(self.config.event_concurrency)
         self._background: set[asyncio.Task[Any]] = set()
+        #: Set when this replica lost its Lease: from then on nothing is written (Kopf takes a moment to stop).
+        self.fenced = False
         #: Called with a pool whenever its status should be rewritten (decoderpool.py installs the writer).
         self.on_pool_changed: Callable[[PoolRuntime], None] = lambda pool: pool.status_dirty.set()
 
@@ -438,6 +440,8 @@ class Engine:
     async def _retry(self, call: Callable[[], Awaitable[Any]]) -> bool:
         delay = 0.05
         for attempt in range(self.config.write_retries):
+            if self.fenced:
+                return False
             try:
                 await call()
                 return True
@@ -477,6 +481,8 @@ class Engine:
         self.spawn(self._post(obj, reason, message, warning))
 
     async def _post(self, obj: dict[str, Any], reason: str, message: str, warning: bool) -> None:
+        if self.fenced:
+            return
         async with self._events:
             try:
                 await self.kube.post_event(obj, reason, message, warning=warning)

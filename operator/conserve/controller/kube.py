@@ -19,6 +19,7 @@ from conserve.api.common import GROUP, VERSION
 
 T = TypeVar("T")
 Body = dict[str, Any]
+LIST_PAGE = 500
 
 
 @functools.cache
@@ -93,23 +94,34 @@ class KubeClient:
                 raise Refused(f"{exc.status} {exc.reason}: {exc.body}") from exc
             raise
 
+    # Lists come in pages: one response with 10,000 conversations would be a peak of hundreds of MB in Python
+    # (the text, then its parse), and the process keeps that high-water mark.
+    async def _paged(self, fn: Callable[..., Any], *args: Any) -> list[Body]:
+        items: list[Body] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"limit": LIST_PAGE, "_preload_content": False}
+            if token:
+                kwargs["_continue"] = token
+            page = _page(await self._call(fn, *args, **kwargs))
+            items.extend(page["items"])
+            token = page["continue"]
+            if not token:
+                return items
+
     async def list_objects(self, plural: str, namespace: str | None) -> list[Body]:
         if namespace is None:
-            out: Body = await self._call(self._custom.list_cluster_custom_object, GROUP, VERSION, plural)
-        else:
-            out = await self._call(self._custom.list_namespaced_custom_object, GROUP, VERSION, namespace, plural)
-        return list(out.get("items", []))
+            return await self._paged(self._custom.list_cluster_custom_object, GROUP, VERSION, plural)
+        return await self._paged(self._custom.list_namespaced_custom_object, GROUP, VERSION, namespace, plural)
 
     async def list_pods(self, namespace: str | None) -> list[Body]:
         # Plain dicts (as watch events carry them), not the client's model objects.
         if namespace is None:
-            resp = await self._call(self._core.list_pod_for_all_namespaces, _preload_content=False)
-        else:
-            resp = await self._call(self._core.list_namespaced_pod, namespace, _preload_content=False)
-        return _items(resp)
+            return await self._paged(self._core.list_pod_for_all_namespaces)
+        return await self._paged(self._core.list_namespaced_pod, namespace)
 
     async def list_nodes(self) -> list[Body]:
-        return _items(await self._call(self._core.list_node, _preload_content=False))
+        return await self._paged(self._core.list_node)
 
     # Writes skip the client's parsing of the object the API server sends back: nothing here reads it, and at
     # hundreds of writes per second the parsing costs more CPU than the request.
@@ -183,7 +195,9 @@ def _discarding(fn: Callable[..., Any]) -> Callable[..., None]:
     return call
 
 
-def _items(resp: Any) -> list[Body]:
+def _page(resp: Any) -> dict[str, Any]:
+    """One page of a list: its items (with kind and apiVersion, as watch events have them) and the continue
+    token; managedFields are dropped (the operator never reads them; they are a third of each object)."""
     import json
 
     data = json.loads(resp.data)
@@ -192,4 +206,5 @@ def _items(resp: Any) -> list[Body]:
     for item in items:
         item.setdefault("kind", kind)
         item.setdefault("apiVersion", data.get("apiVersion", "v1"))
-    return items
+        item.get("metadata", {}).pop("managedFields", None)
+    return {"items": items, "continue": (data.get("metadata") or {}).get("continue")}

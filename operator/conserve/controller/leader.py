@@ -111,22 +111,44 @@ class LeaderElector:
             await asyncio.sleep(self.renew_s)
 
     async def hold(self, lost: asyncio.Event) -> None:
-        """Renew until a renewal has failed for renew_deadline_s; then set `lost`."""
-        last_ok = asyncio.get_running_loop().time()
-        while True:
-            await asyncio.sleep(self.renew_s)
-            try:
-                ok = await asyncio.to_thread(self._try_acquire_or_renew)
-            except Exception as exc:
-                log.warning("leader election: renewal failed: %s", exc)
-                ok = False
-            now = asyncio.get_running_loop().time()
-            if ok:
-                last_ok = now
-            elif now - last_ok > self.renew_deadline_s or await asyncio.to_thread(self._held_by_other):
-                log.error("leader election: lost lease %s/%s; stopping", self.namespace, self.name)
-                lost.set()
-                return
+        """Renew every renew_s; set `lost` once no renewal has succeeded for renew_deadline_s, measured from the
+        start of the last good one (the renewTime it wrote) by a watchdog that does not wait on a slow API call,
+        or as soon as another replica holds the Lease."""
+        loop = asyncio.get_running_loop()
+        last_ok = loop.time()
+
+        async def renew_forever() -> None:
+            nonlocal last_ok
+            while True:
+                started = loop.time()
+                try:
+                    ok = await asyncio.to_thread(self._try_acquire_or_renew)
+                except Exception as exc:
+                    log.warning("leader election: renewal failed: %s", exc)
+                    ok = False
+                if ok:
+                    last_ok = max(last_ok, started)
+                elif await asyncio.to_thread(self._held_by_other):
+                    log.error("leader election: lease %s/%s taken by another replica", self.namespace, self.name)
+                    lost.set()
+                    return
+                await asyncio.sleep(self.renew_s)
+
+        renewer = asyncio.create_task(renew_forever())
+        try:
+            while not lost.is_set():
+                if loop.time() - last_ok > self.renew_deadline_s:
+                    log.error(
+                        "leader election: no renewal of %s/%s for %.1fs; stopping",
+                        self.namespace,
+                        self.name,
+                        self.renew_deadline_s,
+                    )
+                    lost.set()
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            renewer.cancel()
 
     def _held_by_other(self) -> bool:
         try:

@@ -61,7 +61,6 @@ async def run_operator(options: OperatorOptions) -> int:
             )
             await elector.acquire()
             hold = asyncio.create_task(elector.hold(lost))
-            lost_watch = asyncio.create_task(_forward(lost, stop))
         engine = Engine(
             kube,
             EngineConfig(
@@ -71,6 +70,8 @@ async def run_operator(options: OperatorOptions) -> int:
                 normal_events=options.normal_events,
             ),
         )
+        if elector is not None:
+            lost_watch = asyncio.create_task(_fence(lost, stop, engine))
         registry = build_registry(engine, options.namespaces, options.energy)
         await kopf.operator(
             registry=registry,
@@ -90,6 +91,8 @@ async def run_operator(options: OperatorOptions) -> int:
         kube.close()
 
 
-async def _forward(source: asyncio.Event, target: asyncio.Event) -> None:
-    await source.wait()
-    target.set()
+async def _fence(lost: asyncio.Event, stop: asyncio.Event, engine: Engine) -> None:
+    """Leadership lost: no more writes at once, then stop Kopf (the process exits 1 and restarts as a standby)."""
+    await lost.wait()
+    engine.fenced = True
+    stop.set()
