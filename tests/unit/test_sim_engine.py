@@ -20,9 +20,16 @@ MODEL = MODELS["llama-3-8b"]
 
 
 def fleet(
-    *, prefill: int = 1, decode: int = 1, decode_gpu: str = "H200", memory_fraction: float = 0.9, max_batch: int = 256
+    *,
+    prefill: int = 1,
+    decode: int = 1,
+    decode_gpu: str = "H200",
+    memory_fraction: float = 0.9,
+    max_batch: int = 256,
+    host_kv_gb: float = 125.0,
 ) -> Fleet:
     raw = {
+        "host_kv_gb_per_gpu": host_kv_gb,
         "model": "llama-3-8b",
         "link": "rdma",
         "gpu_memory_fraction": memory_fraction,
@@ -129,6 +136,56 @@ def test_conserve_waits_for_capacity() -> None:
     a, b = (s.turns[0] for s in result.conversations)
     assert len(result.pending_waits_s) == 1
     assert b.first_token_s > a.done_s  # placed only once a released its reservation
+
+
+def _idle_then_new(f: Fleet) -> Workload:
+    big = int(f.kv_capacity_tokens(f.decode[0]) * 0.5)
+    a = chat("a", 0.0, (big, big, 50, 0.0), (big + 60, 10, 10, 30.0))
+    b = chat("b", 5.0, (big, big, 50, 0.0))
+    return Workload("t", (a, b))
+
+
+def test_conserve_offloads_idle_kv_to_host_and_reloads_it() -> None:
+    # a idles between its turns; b arrives and no decoder's GPU reservations can take it: a's KV goes to host
+    # memory (a keeps its pin), b is placed at once, a's next turn reloads its KV over PCIe on the same decoder.
+    f = fleet(decode_gpu="L4", memory_fraction=0.75)
+    w = _idle_then_new(f)
+    result = simulate(f, w, make_policy("conserve"))
+    a, b = result.conversations
+    assert result.offloads == 1 and result.reloads == 1 and result.pinned_evictions == 0
+    assert result.pending_waits_s == []
+    assert b.turns[0].first_token_s < 30.0
+    second = a.turns[1]
+    held = a.turns[0].input_tokens + a.turns[0].output_tokens - 1  # the last output token has no KV yet
+    assert a.kv_transfers == 1 and second.decoder == a.turns[0].decoder and second.prefill_instance == ""
+    assert second.reload_tokens == held
+    assert second.reload_s == pytest.approx(held * MODEL.kv_bytes_per_token / 50e9)  # PCIe Gen5 x16, 50 GB/s
+    l4 = perf.Device(CATALOG["L4"])
+    expected = second.reload_s + perf.prefill_time_s(l4, MODEL, 11, held)
+    assert second.ttft_s == pytest.approx(expected)  # the reload is charged to that turn's TTFT
+    for d in result.decoders:
+        assert d.host_tokens == 0 and not d.host_pinned  # released at the end
+
+
+@pytest.mark.parametrize(("policy", "host_gb"), [("conserve-no-offload", 125.0), ("conserve", 0.0)])
+def test_without_host_tier_the_new_conversation_waits(policy: str, host_gb: float) -> None:
+    f = fleet(decode_gpu="L4", memory_fraction=0.75, host_kv_gb=host_gb)
+    result = simulate(f, _idle_then_new(f), make_policy(policy))
+    a, b = result.conversations
+    assert result.offloads == 0 and result.reloads == 0
+    assert len(result.pending_waits_s) == 1 and b.turns[0].first_token_s > a.turns[1].done_s
+
+
+def test_per_turn_prefix_cache_spills_to_host() -> None:
+    # Sticky keeps a's turns on one decoder; b's admission evicts a's cached prefix, which spills to host memory
+    # and comes back over PCIe for a's next turn (the same host tier ConServe gets).
+    f = fleet(decode_gpu="L4", memory_fraction=0.75)
+    w = _idle_then_new(f)
+    result = simulate(f, w, make_policy("sticky"))
+    second = result.conversations[0].turns[1]
+    assert second.reload_tokens > 0 and second.prefill_instance == ""
+    off = simulate(fleet(decode_gpu="L4", memory_fraction=0.75, host_kv_gb=0.0), w, make_policy("sticky"))
+    assert off.conversations[0].turns[1].reload_tokens == 0
 
 
 def test_too_large_conversation_is_refused() -> None:

@@ -22,6 +22,7 @@ class _Holding:
     decoder: str
     reserved_kv_tokens: int
     live_kv_tokens: int = 0
+    offloaded: bool = False  # its KV is in the decoder node's host memory (`conserve.core.offload`)
 
 
 @dataclass(slots=True)
@@ -100,6 +101,9 @@ class CapacityLedger:
             return False
         if kv_tokens <= holding.reserved_kv_tokens:
             return True
+        if holding.offloaded:
+            holding.reserved_kv_tokens = kv_tokens  # host-resident: no GPU capacity to check until it reloads
+            return True
         capacity = self.decoders[holding.decoder].capacity_kv_tokens if holding.decoder in self.decoders else 0
         used_by_others = self.reserved_on(holding.decoder) - max(holding.reserved_kv_tokens, holding.live_kv_tokens)
         if used_by_others + kv_tokens > capacity:
@@ -107,15 +111,39 @@ class CapacityLedger:
         holding.reserved_kv_tokens = kv_tokens
         return True
 
+    def set_offloaded(self, conversation: str, offloaded: bool) -> bool:
+        """Mark a conversation's KV as moved to its decoder's host memory (True) or back on the GPU (False).
+
+        An offloaded conversation keeps its pin and its reservation, but counts against no GPU capacity
+        (`reserved_on`, `snapshot`). Marking one resident again does not check capacity (like `adopt`: the
+        KV exists and must come back); the caller makes room first (`conserve.core.offload`). Returns False
+        when the conversation holds nothing.
+        """
+        holding = self.holdings.get(conversation)
+        if holding is None:
+            return False
+        holding.offloaded = offloaded
+        return True
+
+    def is_offloaded(self, conversation: str) -> bool:
+        holding = self.holdings.get(conversation)
+        return holding is not None and holding.offloaded
+
+    def offloaded_on(self, decoder: str) -> int:
+        """Live KV tokens of a decoder's conversations that sit in its host memory."""
+        members = self._by_decoder.get(decoder, {})
+        return sum(h.live_kv_tokens for h in members.values() if h.offloaded)
+
     def holding(self, conversation: str) -> tuple[str, int, int] | None:
         h = self.holdings.get(conversation)
         return None if h is None else (h.decoder, h.reserved_kv_tokens, h.live_kv_tokens)
 
     # --- views ------------------------------------------------------------------------------------------
     def reserved_on(self, decoder: str) -> int:
-        """KV tokens held on a decoder: each conversation counts the larger of its reservation and live size."""
+        """GPU KV tokens held on a decoder: each resident (not offloaded) conversation counts the larger of its
+        reservation and live size."""
         members = self._by_decoder.get(decoder, {})
-        return sum(max(h.reserved_kv_tokens, h.live_kv_tokens) for h in members.values())
+        return sum(max(h.reserved_kv_tokens, h.live_kv_tokens) for h in members.values() if not h.offloaded)
 
     def conversations_on(self, decoder: str) -> list[str]:
         return sorted(self._by_decoder.get(decoder, {}))
@@ -133,6 +161,8 @@ class CapacityLedger:
                 continue
             reserved = live = 0
             for h in members.values():
+                if h.offloaded:
+                    continue
                 reserved += h.reserved_kv_tokens if h.reserved_kv_tokens > h.live_kv_tokens else h.live_kv_tokens
                 live += h.live_kv_tokens
             count = len(members)

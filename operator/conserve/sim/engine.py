@@ -24,6 +24,14 @@ operator's energy prior and the GPU-server simulator use):
   KV fits; when growing sequences run out of memory, the cache is evicted and then the most recently admitted
   running sequence is preempted by recompute (vLLM's default): its KV is dropped and its whole context is
   prefilled again on the decoder before it continues. Memory never exceeds capacity (tested).
+- **Host KV tier** (`conserve.core.offload`): each decoder has `host_capacity` tokens of its node's DRAM. A
+  pinned idle conversation's KV moves there under GPU pressure (the policy's rules, least recently active
+  first, only once its asynchronous write-back is done) and keeps its pin; its next turn reloads it over PCIe
+  (`pcie_transfer_time_s`) on the same decoder, as part of the decoder-side prefill iteration of its new tokens
+  (so the reload stalls the decode batch: conservative, vLLM loads asynchronously). Per-turn policies' prefix
+  caches spill to the same host tier (LRU) instead of being dropped, and a turn that finds its prefix there
+  reloads it the same way. When the host is full, pinned KV falls back to the drop-and-recompute rule. The
+  GPU draws only idle power during a reload; PCIe transfer energy is not modelled.
 - **Energy**: every instance draws idle power (`GpuSpec.idle_power_w`) for the whole run (the fleet is
   provisioned whether busy or not) plus the dynamic part of `power_w` while it works.
 """
@@ -37,6 +45,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from conserve.core.offload import IdleKv, choose_offload_victims, host_kv_capacity_tokens, pcie_transfer_time_s
 from conserve.core.perf import (
     PREFILL_ACTIVITY,
     decode_run_energy_j,
@@ -73,6 +82,8 @@ class TurnRecord:
     done_s: float = -1.0
     generated_tokens: int = 0
     preemptions: int = 0
+    reload_tokens: int = 0  # KV reloaded from host memory over PCIe for this turn
+    reload_s: float = 0.0
 
     @property
     def ttft_s(self) -> float:
@@ -124,6 +135,7 @@ class LocalJob:
     new_tokens: int
     cached_tokens: int
     recompute: bool = False
+    reload_tokens: int = 0  # part of cached_tokens that comes back from host memory first
 
 
 @dataclass(slots=True)
@@ -180,10 +192,15 @@ class PrefillInstance:
 
 
 class Decoder:
-    def __init__(self, spec: InstanceSpec, capacity: int, max_batch: int) -> None:
+    def __init__(self, spec: InstanceSpec, capacity: int, max_batch: int, host_capacity: int = 0) -> None:
         self.spec = spec
         self.name = spec.name
         self.capacity = capacity
+        self.host_capacity = host_capacity
+        self.host_pinned: OrderedDict[str, int] = OrderedDict()  # offloaded pinned conversations (not evictable)
+        self.host_cache: OrderedDict[str, int] = OrderedDict()  # spilled prefix cache (LRU)
+        self.host_tokens = 0
+        self.pinned_at: dict[str, float] = {}  # when each pinned conversation's last turn ended
         self.max_batch = max_batch
         self.running: list[Seq] = []
         self.running_tokens = 0
@@ -242,9 +259,48 @@ class Decoder:
                 kept = size
                 continue
             self.cache_tokens -= size
+            self.spill_to_host(victim, size)
         if kept is not None and keep is not None:
             self.cache[keep] = kept
         return self.free_tokens() >= tokens
+
+    def spill_to_host(self, key: str, size: int) -> None:
+        """A prefix-cache entry evicted from the GPU goes to the host cache (LRU there too) when it can fit."""
+        old = self.host_cache.pop(key, None)
+        if old is not None:
+            self.host_tokens -= old
+        if size > self.host_capacity - sum(self.host_pinned.values()):
+            return
+        while self.host_capacity - self.host_tokens < size and self.host_cache:
+            self.host_tokens -= self.host_cache.popitem(last=False)[1]
+        if self.host_capacity - self.host_tokens >= size:
+            self.host_cache[key] = size
+            self.host_tokens += size
+
+    def host_free_tokens(self) -> int:
+        """Host room for pinned KV (the host prefix cache of per-turn policies gives way to it)."""
+        return self.host_capacity - sum(self.host_pinned.values())
+
+    def offload_pinned(self, key: str) -> int:
+        """Move an idle pinned conversation's KV to host memory; returns its size."""
+        size = self.pinned.pop(key)
+        self.pinned_tokens -= size
+        while self.host_capacity - self.host_tokens < size and self.host_cache:
+            self.host_tokens -= self.host_cache.popitem(last=False)[1]
+        if self.host_capacity - self.host_tokens < size:
+            raise AssertionError(f"decoder {self.name}: host memory cannot take {size} KV tokens")
+        self.host_pinned[key] = size
+        self.host_tokens += size
+        return size
+
+    def peek_host(self, key: str) -> int:
+        return self.host_pinned.get(key, 0) or self.host_cache.get(key, 0)
+
+    def drop_host(self, key: str) -> None:
+        for where in (self.host_pinned, self.host_cache):
+            size = where.pop(key, None)
+            if size is not None:
+                self.host_tokens -= size
 
     def evict_pinned_for(self, tokens: int, keep: str | None = None) -> int:
         """Last resort of a decoder that cannot run anything: drop idle pinned KV, oldest pin first.
@@ -259,6 +315,7 @@ class Decoder:
             if key == keep:
                 continue
             self.pinned_tokens -= self.pinned.pop(key)
+            self.pinned_at.pop(key, None)
             dropped += 1
         return dropped
 
@@ -266,7 +323,10 @@ class Decoder:
         return self.pinned.get(key, 0) or self.cache.get(key, 0)
 
     def take_kv(self, key: str) -> int:
-        """Remove a conversation's pinned or cached KV (it becomes a running sequence's); 0 when absent."""
+        """Remove a conversation's pinned or cached KV (it becomes a running sequence's); 0 when absent on the GPU.
+        A copy in host memory is dropped too (reloaded, or superseded)."""
+        self.drop_host(key)
+        self.pinned_at.pop(key, None)
         if key in self.pinned:
             tokens = self.pinned.pop(key)
             self.pinned_tokens -= tokens
@@ -278,7 +338,7 @@ class Decoder:
         return 0
 
     def holds(self, key: str) -> bool:
-        return key in self.pinned or key in self.cache
+        return key in self.pinned or key in self.cache or key in self.host_pinned or key in self.host_cache
 
     def load_tokens(self) -> int:
         """KV of the sequences running or waiting here (what a least-loaded policy balances)."""
@@ -305,6 +365,8 @@ class SimResult:
     horizon_s: float
     pending_waits_s: list[float]
     pinned_evictions: int = 0
+    offloads: int = 0
+    reloads: int = 0
 
 
 class Simulator:
@@ -324,7 +386,16 @@ class Simulator:
         self.idle_timeout_s = idle_timeout_s
         self.progress = progress
         self.prefill = {p.name: PrefillInstance(p) for p in fleet.prefill}
-        self.decoders = {d.name: Decoder(d, fleet.kv_capacity_tokens(d), fleet.max_batch_size) for d in fleet.decode}
+        host_on = getattr(policy, "host_offload", True)
+        self.decoders = {
+            d.name: Decoder(
+                d,
+                fleet.kv_capacity_tokens(d),
+                fleet.max_batch_size,
+                host_kv_capacity_tokens(fleet.model, d.tp, fleet.host_kv_bytes_per_gpu) if host_on else 0,
+            )
+            for d in fleet.decode
+        }
         self.states = [ConvState(c) for c in workload.conversations]
         self.by_key = {s.key: s for s in self.states}
         self.events: list[tuple[float, int, int, object]] = []
@@ -334,6 +405,8 @@ class Simulator:
         self.pending_waits_s: list[float] = []
         self.turns_done = 0
         self.pinned_evictions = 0
+        self.offloads = 0
+        self.reloads = 0
         largest = max(c.final_context_tokens for c in workload.conversations) if workload.conversations else 0
         smallest = min(d.capacity for d in self.decoders.values())
         if largest > smallest:
@@ -392,6 +465,8 @@ class Simulator:
             self.now,
             self.pending_waits_s,
             self.pinned_evictions,
+            self.offloads,
+            self.reloads,
         )
 
     # turns ------------------------------------------------------------------------------------------------
@@ -453,6 +528,7 @@ class Simulator:
         if keep == "pin":
             decoder.pinned[state.key] = kv
             decoder.pinned_tokens += kv
+            decoder.pinned_at[state.key] = self.now
         else:
             old = decoder.cache.pop(state.key, None)
             if old is not None:
@@ -479,6 +555,9 @@ class Simulator:
             if state.key in freed.pinned:
                 self._kv_tick(freed)
                 freed.pinned_tokens -= freed.pinned.pop(state.key)
+            freed.pinned_at.pop(state.key, None)
+            if state.key in freed.host_pinned:
+                freed.drop_host(state.key)
         self.policy.release(state)
         if not state.finished:
             # Released for idleness before its last turn: its next turn starts it again from scratch.
@@ -487,6 +566,45 @@ class Simulator:
         self.retry_pending()
         if freed is not None and freed.state == "idle":
             self._push(self.now, _POKE, freed)
+
+    # host offload -----------------------------------------------------------------------------------------
+    def idle_candidates(self, decoder: Decoder, gpu_kv: Callable[[str, int], int] | None = None) -> list[IdleKv]:
+        """The decoder's pinned conversations with no turn in progress, as offload candidates."""
+        out: list[IdleKv] = []
+        for key, size in decoder.pinned.items():
+            state = self.by_key[key]
+            if state.turns and state.turns[-1].done_s < 0:
+                continue  # its next turn has arrived: it is about to run
+            last = decoder.pinned_at.get(key, 0.0)
+            ready = last + pcie_transfer_time_s(self.model, size)
+            out.append(IdleKv(key, size if gpu_kv is None else gpu_kv(key, size), size, last, ready))
+        return out
+
+    def offload(self, decoder: Decoder, key: str) -> None:
+        """Move an idle pinned conversation's KV to its decoder's host memory (it keeps its pin)."""
+        self._kv_tick(decoder)
+        decoder.offload_pinned(key)
+        decoder.pinned_at.pop(key, None)
+        self.offloads += 1
+        self.policy.kv_offloaded(self.by_key[key])
+
+    def _offload_for(self, decoder: Decoder, tokens: int) -> bool:
+        """Physical pressure: offload idle pinned KV (least recently active first) until `tokens` fit."""
+        need = tokens - decoder.free_tokens()
+        if need <= 0:
+            return True
+        victims = choose_offload_victims(self.idle_candidates(decoder), need, decoder.host_free_tokens(), self.now)
+        for key in victims:
+            self.offload(decoder, key)
+        return decoder.free_tokens() >= tokens
+
+    def _local_duration(self, decoder: Decoder, job: LocalJob) -> tuple[float, float]:
+        """(reload seconds, prefill seconds) of a decoder-side prefill job."""
+        device = decoder.spec.device
+        return (
+            pcie_transfer_time_s(self.model, job.reload_tokens),
+            prefill_time_s(device, self.model, job.new_tokens, job.cached_tokens),
+        )
 
     # prefill instances ------------------------------------------------------------------------------------
     def _prefill_start(self, instance: PrefillInstance) -> None:
@@ -572,10 +690,11 @@ class Simulator:
         device = decoder.spec.device
         jobs = decoder.prefill_batch
         decoder.prefill_batch = []
-        duration = sum(prefill_time_s(device, self.model, j.new_tokens, j.cached_tokens) for j in jobs)
+        parts = [self._local_duration(decoder, j) for j in jobs]
+        compute = sum(p for _, p in parts)
         self._kv_tick(decoder)
-        decoder.prefill_s += duration
-        decoder.dynamic_energy_j += (power_w(device, PREFILL_ACTIVITY) - device.idle_power_w) * duration
+        decoder.prefill_s += compute + sum(r for r, _ in parts)
+        decoder.dynamic_energy_j += (power_w(device, PREFILL_ACTIVITY) - device.idle_power_w) * compute
         for job in jobs:
             seq = job.seq
             decoder.inflight_tokens -= seq.context
@@ -614,25 +733,31 @@ class Simulator:
 
     def _start_local_prefill(self, decoder: Decoder) -> bool:
         jobs: list[LocalJob] = []
-        device = decoder.spec.device
         self._kv_tick(decoder)
         while decoder.local_queue and len(decoder.running) + len(jobs) < decoder.max_batch:
             job = decoder.local_queue[0]
             seq = job.seq
             key = seq.state.key
-            held = 0 if job.recompute else min(decoder.peek_kv(key), seq.context)
+            gpu_held = 0 if job.recompute else min(decoder.peek_kv(key), seq.context)
+            host_held = 0 if job.recompute or gpu_held else min(decoder.peek_host(key), seq.context)
+            held = gpu_held or host_held
             if not job.recompute and held < job.cached_tokens:
                 # Only part of the prefix is here (a turn's last output token has no KV until the next turn's
                 # prefill writes it), or none of it (evicted): prefill what is missing.
                 job.new_tokens, job.cached_tokens = seq.context - held, held
                 job.recompute = held == 0
-            need = seq.context - held
-            if not decoder.evict_for(need, keep=key):
+            need = seq.context - gpu_held
+            if not decoder.evict_for(need, keep=key) and not self._offload_for(decoder, need):
                 if decoder.running or jobs:
                     break
                 self.pinned_evictions += decoder.evict_pinned_for(need, keep=key)
                 if decoder.free_tokens() < need:
                     break
+            if not job.recompute and host_held and decoder.peek_host(key):
+                job.reload_tokens = host_held
+                seq.record.reload_tokens += host_held
+                seq.record.reload_s += pcie_transfer_time_s(self.model, host_held)
+                self.reloads += 1
             decoder.take_kv(key)
             decoder.local_queue.popleft()
             decoder.inflight_tokens += seq.context
@@ -640,7 +765,7 @@ class Simulator:
             jobs.append(job)
         if not jobs:
             return False
-        duration = sum(prefill_time_s(device, self.model, j.new_tokens, j.cached_tokens) for j in jobs)
+        duration = sum(sum(self._local_duration(decoder, j)) for j in jobs)
         decoder.prefill_batch = jobs
         decoder.state = "prefill"
         decoder.version += 1
@@ -652,7 +777,7 @@ class Simulator:
         while decoder.join_queue and len(decoder.running) < decoder.max_batch:
             seq = decoder.join_queue[0]
             decoder.take_kv(seq.state.key)  # an older copy of this conversation's KV is superseded
-            if not decoder.evict_for(seq.context):
+            if not decoder.evict_for(seq.context) and not self._offload_for(decoder, seq.context):
                 if decoder.running:
                     break
                 self.pinned_evictions += decoder.evict_pinned_for(seq.context)
@@ -675,6 +800,9 @@ class Simulator:
             fit = decoder.free_tokens() // batch
             if fit < steps and decoder.cache:
                 decoder.evict_for(batch * steps)
+                fit = decoder.free_tokens() // batch
+            if fit < steps and decoder.pinned:
+                self._offload_for(decoder, batch * steps)
                 fit = decoder.free_tokens() // batch
             if fit >= 1:
                 steps = min(steps, fit)

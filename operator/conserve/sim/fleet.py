@@ -18,6 +18,7 @@ import yaml
 
 from conserve.core.gpus import CATALOG, Role, Tier
 from conserve.core.llm import MODELS, ModelShape, kv_capacity_tokens
+from conserve.core.offload import HOST_KV_BYTES_PER_GPU
 from conserve.core.perf import LINKS, Device, Link
 
 
@@ -48,6 +49,8 @@ class Fleet:
     prefill: tuple[InstanceSpec, ...]
     decode: tuple[InstanceSpec, ...]
     tiered: bool
+    #: Host DRAM per GPU given to KV offload (`conserve.core.offload.HOST_KV_BYTES_PER_GPU`); 0 turns it off.
+    host_kv_bytes_per_gpu: float = HOST_KV_BYTES_PER_GPU
 
     def kv_capacity_tokens(self, instance: InstanceSpec) -> int:
         return kv_capacity_tokens(
@@ -122,6 +125,9 @@ def build_fleet(raw: dict[str, Any], *, tiered: bool, source: str = "<fleet>") -
         raise FleetError(f"{source}: unknown link {link_name!r} (known: {', '.join(LINKS)})")
     fraction = float(raw.get("gpu_memory_fraction", 0.9))
     max_batch = int(raw.get("max_batch_size", 256))
+    host_gb = float(raw.get("host_kv_gb_per_gpu", HOST_KV_BYTES_PER_GPU / 1e9))
+    if host_gb < 0:
+        raise FleetError(f"{source}: host_kv_gb_per_gpu must be >= 0")
     tiers = raw.get("tiered")
     if not isinstance(tiers, dict):
         raise FleetError(f"{source}: missing 'tiered' with prefill and decode groups")
@@ -149,6 +155,7 @@ def build_fleet(raw: dict[str, Any], *, tiered: bool, source: str = "<fleet>") -
         tuple(instances[Role.PREFILL]),
         tuple(instances[Role.DECODE]),
         tiered,
+        host_gb * 1e9,
     )
     for d in fleet.decode:
         if fleet.kv_capacity_tokens(d) <= 0:

@@ -30,6 +30,14 @@ decoder: that is the cost a per-turn policy pays when a turn moves.
   predicted output is the mean of the outputs observed so far (prior: 256 tokens until 10 are seen).
 
 Prefill instances for the baselines other than round-robin: least queued work first, ties by name.
+
+**Host KV tier** (`conserve.core.offload`): ConServe offloads idle pinned conversations to their decoder's host
+memory under pressure (a new conversation that no decoder's GPU reservations can take; an offloaded
+conversation's next turn that needs its GPU reservation back; a decoder out of memory), least recently active
+first; the ledger then counts only resident conversations against GPU capacity. `conserve-no-offload` is
+ConServe without the host tier (the behaviour before it). The per-turn baselines get the same host tier for
+their prefix caches (GPU evictions spill there, LRU), as vLLM's CPU offloading would give them: apples to
+apples.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from conserve.core.ledger import CapacityLedger
+from conserve.core.offload import DecoderOffloadView, choose_offload_victims, plan_placement_offload
 from conserve.core.pending import PendingItem, order_pending
 from conserve.core.perf import decode_energy_per_token_j
 from conserve.core.placement import DecoderState, PlacementRequest, PlacementSettings, PlacementWeights, place
@@ -68,11 +77,15 @@ class Policy(Protocol):
 
     def release(self, state: ConvState) -> None: ...
 
+    def kv_offloaded(self, state: ConvState) -> None: ...
+
     def order_pending(self, states: Sequence[ConvState]) -> list[ConvState]: ...
 
 
 class _Base:
     name = "base"
+    #: Whether this policy's decoders get the fleet's host KV tier.
+    host_offload = True
 
     def __init__(self) -> None:
         self._sim: Simulator | None = None
@@ -95,6 +108,9 @@ class _Base:
         return None
 
     def release(self, state: ConvState) -> None:
+        return None
+
+    def kv_offloaded(self, state: ConvState) -> None:
         return None
 
     def order_pending(self, states: Sequence[ConvState]) -> list[ConvState]:
@@ -136,6 +152,8 @@ class ConServe(_Base):
         holding = self.ledger.holding(state.key)
         if holding is not None:
             decoder, reserved, _ = holding
+            if self.ledger.is_offloaded(state.key):
+                self._make_resident(state.key, decoder, max(reserved, record.input_tokens), now)
             if record.input_tokens > reserved:
                 self.ledger.try_extend(state.key, record.input_tokens)
             self.ledger.update_live(state.key, record.input_tokens)
@@ -151,7 +169,11 @@ class ConServe(_Base):
             self._snapshot = self.ledger.snapshot()
         headroom = self.settings.headroom_fraction
         if all(reservation > d.free_kv_tokens - int(d.capacity_kv_tokens * headroom) for d in self._snapshot):
-            return None  # what `place` would answer (NoCapacity), without scoring: a shortcut for long queues
+            # No decoder's GPU reservations can take it: offload idle conversations to host memory if that
+            # makes room (`plan_placement_offload`), else wait (what `place` would answer: NoCapacity).
+            if not self._offload_to_place(reservation, now):
+                return None
+            self._snapshot = self.ledger.snapshot()
         decision = place(PlacementRequest(state.key, reservation), self._snapshot, self.settings)
         if decision.decoder is None:
             return None
@@ -162,6 +184,53 @@ class ConServe(_Base):
 
     def retain(self, state: ConvState, decoder: str) -> Retain:
         return "pin"
+
+    # host offload (the rules are `conserve.core.offload`'s) ------------------------------------------------
+    def _gpu_kv(self, key: str, live: int) -> int:
+        holding = self.ledger.holding(key)
+        return live if holding is None else max(holding[1], holding[2])
+
+    def _offload(self, decoder: Decoder, victims: Sequence[str]) -> None:
+        for key in victims:
+            self.sim.offload(decoder, key)  # calls kv_offloaded, which marks the ledger
+
+    def _offload_to_place(self, reservation: int, now: float) -> bool:
+        if not self.host_offload:
+            return False
+        views = []
+        for name in self.ledger.decoders:
+            d = self.sim.decoders.get(name)
+            if d is None or d.host_capacity <= 0 or not d.pinned:
+                continue
+            views.append(
+                DecoderOffloadView(
+                    name,
+                    d.capacity,
+                    self.ledger.reserved_on(name),
+                    d.host_free_tokens(),
+                    tuple(self.sim.idle_candidates(d, self._gpu_kv)),
+                )
+            )
+        plan = plan_placement_offload(views, reservation, self.settings.headroom_fraction, now)
+        if plan is None or not plan.victims:
+            return False
+        self._offload(self.sim.decoders[plan.decoder], plan.victims)
+        return True
+
+    def _make_resident(self, key: str, name: str, need: int, now: float) -> None:
+        """An offloaded conversation's next turn: its GPU reservation comes back on its own decoder, others'
+        idle KV making room when needed (least recently active first)."""
+        decoder = self.sim.decoders[name]
+        room = decoder.capacity - self.ledger.reserved_on(name)
+        if need > room:
+            candidates = self.sim.idle_candidates(decoder, self._gpu_kv)
+            self._offload(decoder, choose_offload_victims(candidates, need - room, decoder.host_free_tokens(), now))
+        self.ledger.set_offloaded(key, False)
+        self._snapshot = None
+
+    def kv_offloaded(self, state: ConvState) -> None:
+        self.ledger.set_offloaded(state.key, True)
+        self._snapshot = None
 
     def turn_done(self, state: ConvState, record: TurnRecord, now: float) -> None:
         live = record.input_tokens + record.output_tokens
@@ -187,6 +256,13 @@ class ConServe(_Base):
         by_key = {s.key: s for s in states}
         items = [PendingItem(s.key, 0, s.turns[-1].arrival_s, 0) for s in states]
         return [by_key[i.conversation] for i in order_pending(items)]
+
+
+class ConServeNoOffload(ConServe):
+    """ConServe without the host KV tier: idle pinned KV stays on the GPU (the behaviour before offload)."""
+
+    name = "conserve-no-offload"
+    host_offload = False
 
 
 class ConServePack(ConServe):
@@ -320,10 +396,20 @@ class PerTurnPrediction(_PerTurn):
 
 
 POLICIES: dict[str, type[ConServe] | type[_PerTurn]] = {
-    p.name: p for p in (ConServe, ConServePack, RoundRobin, LeastLoaded, PrefixAware, Sticky, PerTurnPrediction)
+    p.name: p
+    for p in (
+        ConServe,
+        ConServePack,
+        ConServeNoOffload,
+        RoundRobin,
+        LeastLoaded,
+        PrefixAware,
+        Sticky,
+        PerTurnPrediction,
+    )
 }
 #: The conversation-level policies (the default profile first) and the per-turn baselines.
-CONSERVE_VARIANTS = (ConServe.name, ConServePack.name)
+CONSERVE_VARIANTS = (ConServe.name, ConServePack.name, ConServeNoOffload.name)
 BASELINES = tuple(name for name in POLICIES if name not in CONSERVE_VARIANTS)
 
 
