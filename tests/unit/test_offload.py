@@ -74,7 +74,9 @@ def test_plan_placement_offload_least_disruption() -> None:
 def test_plan_is_pure_and_deterministic() -> None:
     views = [DecoderOffloadView(n, 1000, 990, 10**6, (IdleKv(f"{n}1", 100, 100, 1.0),)) for n in ("z", "y", "x")]
     plans = {plan_placement_offload(views, 50, 0.0, 5.0) for _ in range(3)}
-    assert len(plans) == 1 and next(iter(plans)).decoder == "x"  # equal cost: ties by name
+    assert len(plans) == 1
+    plan = next(iter(plans))
+    assert plan is not None and plan.decoder == "x"  # equal cost: ties by name
 
 
 def test_ledger_offloaded_holdings_free_gpu_capacity() -> None:

@@ -258,6 +258,8 @@ TABLE_COLUMNS: tuple[tuple[str, str, int, str, float], ...] = (
     ("xfer/conv", "kv_transfers_per_conversation", 9, ".2f", 1.0),
     ("KVutil", "decoder_kv_utilization", 6, ".1%", 1.0),
     ("preempt", "preemptions", 7, "d", 1.0),
+    ("offload", "offloads", 7, "d", 1.0),
+    ("reload", "reloads", 6, "d", 1.0),
     ("waits", "placement_waits", 6, "d", 1.0),
 )
 

@@ -73,6 +73,8 @@ class RunMetrics:
     decoder_kv_utilization: float
     preemptions: int
     pinned_evictions: int
+    offloads: int  # idle pinned conversations moved to host memory
+    reloads: int  # turns whose KV came back from host memory over PCIe (any policy)
     placement_waits: int
     horizon_s: float
 
@@ -141,6 +143,8 @@ def compute_metrics(result: SimResult, *, slo_ttfet_s: float, slo_tbt_s: float =
         decoder_kv_utilization=sum(d.kv_token_seconds for d in result.decoders) / (capacity * horizon),
         preemptions=sum(d.preemptions for d in result.decoders),
         pinned_evictions=result.pinned_evictions,
+        offloads=result.offloads,
+        reloads=result.reloads,
         placement_waits=len(result.pending_waits_s),
         horizon_s=result.horizon_s,
     )
