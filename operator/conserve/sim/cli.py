@@ -13,14 +13,16 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from conserve.api.decoderpool import DecoderPoolSpec
 from conserve.sim.policies import BASELINES, CONSERVE_VARIANTS, POLICIES, ConServe
 from conserve.sim.workload import TraceError, Workload, load_workload
 
 #: ConServe's idle timeout in the benchmark (seconds): a pinned conversation idle longer than this releases
-#: its KV; its next turn is placed again (counted as another KV transfer). 120 s is the median gap between
-#: turns the Mooncake trace's README states ("about two minutes"); `--idle-timeout-s 0` turns it off (only a
-#: completed conversation releases).
-DEFAULT_IDLE_TIMEOUT_S = 120.0
+#: its KV; its next turn is placed again (counted as another KV transfer). It is the product's own default, the
+#: DecoderPool's `defaultIdleTimeoutSeconds` (one source of truth), so the benchmark measures what a user gets.
+#: Idle pinned KV under GPU pressure goes to host memory first (`core.offload`), which is what makes a long
+#: timeout affordable. `--idle-timeout-s 0` turns it off (only a completed conversation releases).
+DEFAULT_IDLE_TIMEOUT_S = float(DecoderPoolSpec.model_fields["default_idle_timeout_seconds"].default)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
