@@ -107,6 +107,8 @@ def test_two_replicas_one_leader(api: Api, cluster: ClusterHandle, namespace: st
         wait_for(lambda: (api.get_conv("after").get("status") or {}).get("phase") == "Prefilling")
         convs = api.list_convs()
         assert {c["status"]["placementGeneration"] for c in convs} == {1}, [c["status"] for c in convs]
+        # The Event follows the status patch: wait for it rather than race it.
+        wait_for(lambda: len(api.events("Placed")) >= 7)
         assert len(api.events("Placed")) == 7, [(e.involved_object.name, e.reporting_instance) for e in api.events()]
         check_no_oversubscription(api)
     finally:
