@@ -71,10 +71,17 @@ def build_registry(
     return registry
 
 
+TRIM_EVERY_S = 30.0
+
+
 async def _idle_loop(engine: Engine) -> None:
+    last_trim = engine.clock.monotonic()
     while True:
         await asyncio.sleep(engine.config.idle_sweep_interval_s)
         try:
             await engine.sweep_idle()
         except Exception:  # a bad sweep must not end the loop
             log.exception("idle sweep failed")
+        if engine.clock.monotonic() - last_trim >= TRIM_EVERY_S:
+            last_trim = engine.clock.monotonic()
+            startup.release_free_memory(collect=False)  # no full GC here: it would pause placements
