@@ -485,6 +485,8 @@ class Engine:
             return
         async with self._events:
             try:
-                await self.kube.post_event(obj, reason, message, warning=warning)
-            except Exception as exc:  # an Event is best effort: never fail a decision for it
+                # Transient failures (timeouts, 429, 5xx under load) are retried like status writes; a refusal
+                # (403 into a terminating namespace, say) is not. Still best effort: never fail a decision for it.
+                await self._retry(lambda: self.kube.post_event(obj, reason, message, warning=warning))
+            except Exception as exc:
                 log.debug("event not posted: %s", exc)
