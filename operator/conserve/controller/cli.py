@@ -1,12 +1,13 @@
 """`conserve operator`: run the Kopf operator (Conversation placement, DecoderPool status, decoder discovery).
 
-RBAC the operator needs (the Helm chart grants exactly these):
-- conserve.dev: conversations, decoderpools: get, list, watch, patch; conversations/status,
-  decoderpools/status: get, patch. (Namespaced Role per watched namespace, or a ClusterRole with --all-namespaces.)
-- core: pods: get, list, watch; nodes (cluster-scoped, ClusterRole): get, list, watch;
-  events: create, patch (core/v1 Events, written by the operator and by Kopf for its own warnings).
-- coordination.k8s.io: leases: get, create, update, patch, in --lease-namespace (leader election).
-- Kopf itself (API discovery only; scanning is off): no extra verbs. No KopfPeering CRDs are needed.
+RBAC the operator needs (the Helm chart grants exactly these; tests/e2e/test_helm.py runs the operator with
+that ServiceAccount's token):
+- conserve.dev: conversations: list, watch, patch (its finalizer); decoderpools: list, watch;
+  conversations/status, decoderpools/status: patch. (A Role per watched namespace, or a ClusterRole with
+  --all-namespaces.)
+- core: pods: list, watch; nodes (cluster-scoped, ClusterRole): list, watch; events: create.
+- coordination.k8s.io: leases: create, and get, update, patch on its own Lease in --lease-namespace.
+- Kopf itself (scanning is off, no peering): nothing more.
 """
 
 from __future__ import annotations
