@@ -360,7 +360,10 @@ def _json_default(value: object) -> object:
 
 
 def write_plots(runs: Sequence[Run], out: Path) -> list[Path]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:  # the container image leaves the plotting extra out
+        raise SystemExit("conserve bench: PNG plots need matplotlib: pip install 'conserve[bench]'") from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
