@@ -240,8 +240,11 @@ def test_conversation_energy_reaches_status_and_metrics(energy_plane: dict[str, 
     assert pool_status["powerWatts"] > 0
 
     def scraped() -> str | None:
+        # Attribution and the tier's J per token come from different cycles' windows: wait for both.
         text = get(energy_plane["metrics"])
-        return text if metric(text, "conserve_attributed_energy_joules_total", namespace=namespace) > 0 else None
+        attributed = metric(text, "conserve_attributed_energy_joules_total", namespace=namespace) > 0
+        per_token = metric(text, "conserve_energy_per_token_joules", tier="bandwidth", role="decode") > 0
+        return text if attributed and per_token else None
 
     text = wait_for("joules in /metrics", scraped, 30)
     labels = {"namespace": namespace, "pool": "pool"}
