@@ -311,6 +311,10 @@ def _replay(args: argparse.Namespace, router: str, kubeconfig: Path) -> int:
     dcgm: dict[str, float | None] = {}
     decode_sim: dict[str, float | None] = {}
     settle_s = args.energy_interval + 2.0  # one energy cycle and a pool status write after the servers drain
+    # The first mode needs a baseline reading: wait (bounded) for the energy loop's first write to the pool.
+    deadline = time.monotonic() + 6 * settle_s
+    while _pool_energy_j(kubeconfig, args.namespace) is None and time.monotonic() < deadline:
+        time.sleep(1.0)
     for mode in modes:
         pool0 = _pool_energy_j(kubeconfig, args.namespace)
         _, dec0 = asyncio.run(_gpusim_energy(router))
