@@ -11,24 +11,11 @@ from conserve.controller.testing import (
     Api,
     OperatorProcess,
     conversation_body,
-    install_crds,
     pod_body,
     pool_body,
     wait_for,
 )
 from conserve.devcluster.testing import ClusterHandle
-
-
-@pytest.fixture(scope="module")
-def crds(cluster: ClusterHandle) -> None:
-    with cluster.api_client() as client:
-        install_crds(client)
-
-
-@pytest.fixture
-def api(cluster: ClusterHandle, namespace: str, crds: None) -> Iterator[Api]:
-    with cluster.api_client() as client:
-        yield Api(client, namespace)
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from conserve.controller.testing import (
     Api,
     OperatorProcess,
     conversation_body,
-    install_crds,
     pod_body,
     pool_body,
     wait_for,
@@ -23,12 +22,6 @@ from conserve.devcluster.testing import ClusterHandle
 
 CAPACITY = 10_000
 USABLE = int(CAPACITY * 0.95)
-
-
-@pytest.fixture(scope="module")
-def crds(cluster: ClusterHandle) -> None:
-    with cluster.api_client() as client:
-        install_crds(client)
 
 
 @pytest.fixture

@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from conserve.controller.kube import k8s
-from conserve.controller.testing import Api, conversation_body, install_crds, pool_body
+from conserve.controller.testing import Api, conversation_body, pool_body
 from conserve.devcluster.testing import ClusterHandle
-
-
-@pytest.fixture(scope="module")
-def crds(cluster: ClusterHandle) -> None:
-    with cluster.api_client() as client:
-        install_crds(client)
-
-
-@pytest.fixture
-def api(cluster: ClusterHandle, namespace: str, crds: None) -> Iterator[Api]:
-    with cluster.api_client() as client:
-        yield Api(client, namespace)
 
 
 def refusal(call: Any) -> str:
