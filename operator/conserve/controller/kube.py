@@ -126,22 +126,16 @@ class KubeClient:
     # Writes skip the client's parsing of the object the API server sends back: nothing here reads it, and at
     # hundreds of writes per second the parsing costs more CPU than the request.
     async def patch_status(self, plural: str, namespace: str, name: str, patch: Body) -> Body:
-        await self._call(
-            _discarding(self._custom.patch_namespaced_custom_object_status),
-            GROUP,
-            VERSION,
-            namespace,
-            plural,
-            name,
-            patch,
-            _content_type="application/merge-patch+json",
-            _preload_content=False,
+        return await self._merge_patch(
+            self._custom.patch_namespaced_custom_object_status, plural, namespace, name, patch
         )
-        return {}
 
     async def patch_object(self, plural: str, namespace: str, name: str, patch: Body) -> Body:
+        return await self._merge_patch(self._custom.patch_namespaced_custom_object, plural, namespace, name, patch)
+
+    async def _merge_patch(self, fn: Callable[..., Any], plural: str, namespace: str, name: str, patch: Body) -> Body:
         await self._call(
-            _discarding(self._custom.patch_namespaced_custom_object),
+            _discarding(fn),
             GROUP,
             VERSION,
             namespace,
