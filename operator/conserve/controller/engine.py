@@ -484,9 +484,6 @@ class Engine:
         if self.fenced:
             return
         async with self._events:
-            try:
-                # Transient failures (timeouts, 429, 5xx under load) are retried like status writes; a refusal
-                # (403 into a terminating namespace, say) is not. Still best effort: never fail a decision for it.
-                await self._retry(lambda: self.kube.post_event(obj, reason, message, warning=warning))
-            except Exception as exc:
-                log.debug("event not posted: %s", exc)
+            # Transient failures (timeouts, 429, 5xx under load) are retried like status writes; a refusal (403
+            # into a terminating namespace, say) is not. `_retry` never raises: an Event never fails a decision.
+            await self._retry(lambda: self.kube.post_event(obj, reason, message, warning=warning))
