@@ -96,26 +96,43 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         e, s = self._engine, self._engine.stats
-        model = {"model_name": self._config.model}
-        labels = ["model_name"]
+        # vLLM 0.32's names and label sets (engine index, served model name); counters end in _total.
+        values = ["0", self._config.model]
+        labels = ["engine", "model_name"]
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             g = GaugeMetricFamily(name, doc, labels=labels)
-            g.add_metric([model["model_name"]], value)
+            g.add_metric(values, value)
             return g
 
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             c = CounterMetricFamily(name, doc, labels=labels)
-            c.add_metric([model["model_name"]], value)
+            c.add_metric(values, value)
             return c
 
         yield gauge("vllm:num_requests_running", "Requests in the running batch.", e.num_running)
         yield gauge("vllm:num_requests_waiting", "Requests waiting for admission.", e.num_waiting)
-        yield gauge("vllm:gpu_cache_usage_perc", "KV cache usage, 0 to 1 (vLLM V0 name).", e.kv_usage_fraction)
         yield gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0 to 1.", e.kv_usage_fraction)
         yield counter("vllm:prompt_tokens", "Prompt tokens processed.", s.prompt_tokens_total)
+        by_source = CounterMetricFamily(
+            "vllm:prompt_tokens_by_source",
+            "Prompt tokens by where their KV came from.",
+            labels=[*labels, "source"],
+        )
+        transferred = s.external_kv_prompt_tokens_total
+        computed = max(s.prompt_tokens_total - s.prefix_cache_hit_tokens_total - transferred, 0)
+        by_source.add_metric([*values, "local_compute"], computed)
+        by_source.add_metric([*values, "local_cache_hit"], s.prefix_cache_hit_tokens_total)
+        by_source.add_metric([*values, "external_kv_transfer"], transferred)
+        yield by_source
         yield counter("vllm:generation_tokens", "Tokens generated.", s.generation_tokens_total)
-        yield counter("vllm:request_success", "Requests finished.", s.requests_finished_total)
+        success = CounterMetricFamily("vllm:request_success", "Requests finished.", labels=[*labels, "finished_reason"])
+        success.add_metric([*values, "length"], s.requests_finished_total)  # gpu-sim always runs to max_tokens
+        yield success
+        yield counter("vllm:num_preemptions", "Preemptions (gpu-sim never preempts).", 0)
+        yield counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prompt_tokens_total
+        )
         yield counter(
             "vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache.", s.prefix_cache_hit_tokens_total
         )
