@@ -34,6 +34,7 @@ def ensure_model() -> Path:
         if target.exists():  # another process built it meanwhile
             shutil.rmtree(staging)
         else:
+            staging.chmod(0o755)  # mkdtemp made it private; the servers may run as another user
             staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -44,6 +44,9 @@ class VllmServerConfig:
     max_model_len: int = DEFAULT_MAX_MODEL_LEN
     #: VLLM_CPU_OMP_THREADS_BIND: a core list ("0", "1", "0-3") or "auto"; one core per instance on small hosts.
     cpu_bind: str = "auto"
+    #: float32, not bfloat16: with bf16 on an AMX CPU, vLLM's attention kernel takes its AMX path, and a decoder
+    #: whose first forward is one token after a NIXL load has never had AMX enabled by oneDNN: SIGILL (measured).
+    dtype: str = "float32"
     #: Seconds the decoder keeps a finished request's KV blocks for the prefill side to pull back (multi-turn).
     start_timeout_s: float = 300.0
 
@@ -66,7 +69,7 @@ def command(config: VllmServerConfig) -> list[str]:
         "--max-model-len",
         str(config.max_model_len),
         "--dtype",
-        "bfloat16",
+        config.dtype,
         "-O0",
         "--kv-cache-memory-bytes",
         str(config.kv_cache_bytes),

@@ -1,11 +1,12 @@
 """The HTTP face of the GPU-server simulator: what a vLLM OpenAI-compatible server answers.
 
 Endpoints: POST /v1/chat/completions and /v1/completions (streaming SSE and not), GET /v1/models, /health,
-/metrics (vllm:-named metrics plus the modelled power and energy), GET /conserve/stats (JSON, for tests).
+/metrics (vLLM 0.32's metric names and labels, plus the modelled power and energy), GET /conserve/stats (JSON).
 
 vLLM disaggregated prefill (NixlConnector protocol): a request to a prefill server with
 `kv_transfer_params: {"do_remote_decode": true}` (and max_tokens 1) is answered with `kv_transfer_params`
-`{"do_remote_prefill": true, "remote_block_ids": [...], "remote_engine_id", "remote_host", "remote_port"}`; a
+`{"do_remote_prefill": true, "remote_block_ids": [[...]], "remote_engine_id", "remote_request_id", "remote_host",
+"remote_port", ...}` (the same fields as vLLM 0.32's NixlConnector; tests/unit/data/vllm holds a real one); a
 decode server given those pulls the KV (modelled transfer time) instead of prefilling.
 
 Every request may carry `X-Conversation-Id`: the decode server's prefix cache is keyed by it (a stand-in for
@@ -274,10 +275,8 @@ class GpuSimServer:
         remote_decode = bool(kv_params.get("do_remote_decode"))
         remote_tokens = 0
         if kv_params.get("do_remote_prefill"):
-            blocks = kv_params.get("remote_block_ids")
-            remote_tokens = prompt_tokens
-            if isinstance(blocks, list) and blocks:
-                remote_tokens = min(prompt_tokens, len(blocks) * BLOCK_TOKENS)
+            blocks = _block_count(kv_params.get("remote_block_ids"))
+            remote_tokens = min(prompt_tokens, blocks * BLOCK_TOKENS) if blocks else prompt_tokens
         if remote_decode:
             max_tokens = 1  # a prefill for a remote decoder produces only the first token
         sim = SimRequest(
@@ -296,14 +295,22 @@ class GpuSimServer:
         model = str(body.get("model") or self.config.model)
         out_params: dict[str, Any] | None = None
         if remote_decode:
+            # The fields (and their order) of vLLM 0.32's NixlConnector prefill response; one KV cache group.
             out_params = {
                 "do_remote_prefill": True,
                 "do_remote_decode": False,
-                "remote_block_ids": remote_block_ids(prompt_tokens),
+                "remote_block_ids": [remote_block_ids(prompt_tokens)],
                 "remote_engine_id": self.engine_id,
+                "remote_request_id": rid,
                 "remote_host": self.config.host,
                 "remote_port": self.port,
                 "tp_size": self.config.gpu_count,
+                "dcp_size": 1,
+                "pp_size": 1,
+                "remote_num_tokens": prompt_tokens,
+                "remote_blocks_expiry_time": None,
+                "transfer_mode": "pull",
+                "remote_prefill_cached_tokens": 0,
             }
         headers = {SERVER_HEADER: self.config.name or f"{self.config.host}:{self.port}"}
         usage_base = {"prompt_tokens": prompt_tokens}
@@ -363,6 +370,14 @@ class GpuSimServer:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+def _block_count(blocks: Any) -> int:
+    """Blocks in `remote_block_ids`: vLLM lists them per KV cache group (a list of lists); a flat list is one group."""
+    if not isinstance(blocks, list):
+        return 0
+    groups = [g for g in blocks if isinstance(g, list)]
+    return max((len(g) for g in groups), default=0) if groups else len(blocks)
 
 
 def _error(status: int, message: str) -> web.Response:
