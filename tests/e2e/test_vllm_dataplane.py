@@ -256,9 +256,11 @@ def test_turn_one_moves_kv_by_nixl_and_later_turns_hit_the_decoders_cache(plane:
             assert headers["x-conserve-decoder"] == plane.decoder_pod
             if turn == 0:
                 # Prefilled on the prefill server; the decoder got the KV by transfer and computed none of it.
+                # (The decoder computes only the prompt's last token, whose logits start the decode.)
                 assert pre.local_compute >= 600, (api, pre)
+                assert dec.local_compute <= 1, (api, dec)
+                assert dec.external_kv_transfer == dec.prompt_tokens - dec.local_compute, (api, dec)
                 assert dec.external_kv_transfer >= 5 * BLOCK_TOKENS, (api, dec)
-                assert dec.local_compute == 0, (api, dec)
             else:
                 # The pinned decoder alone: it reuses the conversation's blocks and computes only the new tail.
                 assert pre.prompt_tokens == 0, (api, turn, pre)
@@ -285,7 +287,7 @@ def test_per_turn_mode_moves_the_kv_on_every_turn(plane: Plane) -> None:
         # Every turn is prefilled remotely and its KV pulled by the decoder; the decoder computes nothing itself.
         assert pre.prompt_tokens > 0, (turn, pre)
         assert dec.external_kv_transfer >= BLOCK_TOKENS, (turn, dec)
-        assert dec.local_compute == 0, (turn, dec)
+        assert dec.local_compute <= 1, (turn, dec)
         messages += [{"role": "assistant", "content": text}, {"role": "user", "content": words(300, seed=turn)}]
 
 

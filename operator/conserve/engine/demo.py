@@ -11,6 +11,7 @@ prefill server served it, the client's TTFT, and where the turn's prompt KV came
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ PRODUCTS = {"prefill": "NVIDIA-H100-80GB-HBM3", "decode": "NVIDIA-H200"}
 TINY_SHAPE = {"parameters": 800000, "layers": 2, "hiddenSize": 128, "attentionHeads": 4, "kvHeads": 2, "headDim": 32}
 
 
-def manifests(namespace: str) -> list[dict[str, Any]]:
+def manifests(namespace: str, model: str = TINY_MODEL_NAME) -> list[dict[str, Any]]:
     def deployment(name: str, role: str) -> dict[str, Any]:
         return {
             "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": namespace},
@@ -43,7 +44,7 @@ def manifests(namespace: str) -> list[dict[str, Any]]:
                 "replicas": 1, "selector": {"matchLabels": {"app": name}},
                 "template": {
                     "metadata": {"labels": {"app": name, "conserve.dev/role": role},
-                                 "annotations": {"conserve.dev/model": TINY_MODEL_NAME}},
+                                 "annotations": {"conserve.dev/model": model}},
                     "spec": {
                         "terminationGracePeriodSeconds": 0,
                         "nodeSelector": {"nvidia.com/gpu.product": PRODUCTS[role]},
@@ -56,7 +57,7 @@ def manifests(namespace: str) -> list[dict[str, Any]]:
 
     pool = {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "DecoderPool", "metadata": {"name": "chat", "namespace": namespace},
-        "spec": {"model": {"name": TINY_MODEL_NAME, "shape": TINY_SHAPE},
+        "spec": {"model": {"name": model, **({"shape": TINY_SHAPE} if model == TINY_MODEL_NAME else {})},
                  "decoderSelector": {"matchLabels": {"app": "decode"}},
                  "prefillSelector": {"matchLabels": {"app": "prefill"}}},
     }  # fmt: skip
@@ -175,59 +176,57 @@ def _backends(router: str) -> dict[str, Any] | None:
     return data if data.get("prefills") and data.get("decoders") else None
 
 
-def run(args: argparse.Namespace) -> int:
-    """The body of `conserve demo --engine vllm` (its arguments are the demo's)."""
-    from conserve.engine.install import missing_reason
+@dataclass(frozen=True, slots=True)
+class Stack:
+    router: str  # base URL
+    backends: dict[str, Any]
+    kubeconfig: Path
+    model: str
+    ready_s: float  # pods created -> both servers ready behind the router
+
+
+@contextlib.contextmanager
+def stack(
+    *, engine: str, state_dir: Path, kubeconfig: Path | None, namespace: str, router_port: int, logs: Path, keep: bool
+) -> Iterator[Stack]:
+    """Cluster (unless ``kubeconfig``), operator, one prefill and one decode pod behind real vLLM (``engine``
+    "vllm") or gpu-sim ("gpu-sim", model llama-3-8b), and the router; everything stopped on exit."""
     from conserve.load.demo import _conserve, _kubectl
 
-    reason = missing_reason()
-    if reason:
-        print(reason, file=sys.stderr)
-        return 1
-    args.logs.mkdir(parents=True, exist_ok=True)
-    started_cluster = args.kubeconfig is None
+    logs.mkdir(parents=True, exist_ok=True)
+    started_cluster = kubeconfig is None
     if started_cluster:
         print("cluster: conserve dev up ...", flush=True)
-        subprocess.run(_conserve("dev", "up", f"--state-dir={args.state_dir}", "--free-ports"), check=True)
-    kubeconfig: Path = args.state_dir.resolve() / "kubeconfig" if started_cluster else args.kubeconfig
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-    engines = (args.logs / "engines").resolve()
+        subprocess.run(_conserve("dev", "up", f"--state-dir={state_dir}", "--free-ports"), check=True)
+    kube: Path = state_dir.resolve() / "kubeconfig" if kubeconfig is None else kubeconfig
+    env = {**os.environ, "KUBECONFIG": str(kube)}
+    engines = (logs / "engines").resolve()
     procs: list[subprocess.Popen[bytes]] = []
+    model = TINY_MODEL_NAME if engine == "vllm" else "llama-3-8b"
 
     def start(name: str, *cmd: str) -> None:
-        with (args.logs / f"{name}.log").open("wb") as out:
+        with (logs / f"{name}.log").open("wb") as out:
             procs.append(
                 subprocess.Popen(_conserve(*cmd), stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             )
 
     try:
-        _kubectl(kubeconfig, "apply", "--server-side", "-f", str(REPO_CRDS))
-        _kubectl(kubeconfig, "wait", "--for=condition=Established", "--timeout=60s", "crd/decoderpools.conserve.dev")
-        subprocess.run(
-            ["kubectl", f"--kubeconfig={kubeconfig}", "create", "namespace", args.namespace], capture_output=True
-        )
-        kc = f"--kubeconfig={kubeconfig}"
-        start("operator", "operator", f"--namespace={args.namespace}", "--no-leader-elect", "--metrics-port=0")
-        start("engines", "engine", "pods", kc, f"--namespace={args.namespace}", f"--work-dir={engines}")
-        start("router", "router", kc, f"--namespace={args.namespace}", "--pool=chat", f"--port={args.router_port}")
+        _kubectl(kube, "apply", "--server-side", "-f", str(REPO_CRDS))
+        _kubectl(kube, "wait", "--for=condition=Established", "--timeout=60s", "crd/decoderpools.conserve.dev")
+        subprocess.run(["kubectl", f"--kubeconfig={kube}", "create", "namespace", namespace], capture_output=True)
+        kc = f"--kubeconfig={kube}"
+        start("operator", "operator", f"--namespace={namespace}", "--no-leader-elect", "--metrics-port=0")
+        if engine == "vllm":
+            start("engines", "engine", "pods", kc, f"--namespace={namespace}", f"--work-dir={engines}")
+        else:
+            start("gpusim", "gpu-sim", "pods", kc, f"--namespace={namespace}", "--stream-interval=1")
+        start("router", "router", kc, f"--namespace={namespace}", "--pool=chat", f"--port={router_port}")
         t0 = time.monotonic()
-        items = manifests(args.namespace)
-        _kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
-        router = f"http://127.0.0.1:{args.router_port}"
-        backends = _wait("a real vLLM prefill server and decoder behind the router", lambda: _backends(router), 900)
-        print(f"engines: prefill and decode vLLM servers ready in {time.monotonic() - t0:.0f} s", flush=True)
-        print(_kubectl(kubeconfig, "get", "pods", "-n", args.namespace, "-o", "wide"), flush=True)
-        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-        rows = run_conversations(router, backends, modes, args.vllm_conversations, args.vllm_turns)
-        print(report(rows), flush=True)
-        convs = json.loads(_kubectl(kubeconfig, "get", "conversations", "-n", args.namespace, "-o", "json"))
-        for item in convs.get("items", []):
-            status = item.get("status") or {}
-            print(
-                f"Conversation {item['metadata']['name']}: decoder {(status.get('decoder') or {}).get('pod')}, "
-                f"KV transfers {status.get('kvTransfers')}, turns served {status.get('turnsServed')}"
-            )
-        return 0
+        items = manifests(namespace, model)
+        _kubectl(kube, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+        router = f"http://127.0.0.1:{router_port}"
+        backends = _wait(f"a {engine} prefill server and decoder behind the router", lambda: _backends(router), 900)
+        yield Stack(router, backends, kube, model, time.monotonic() - t0)
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -238,5 +237,38 @@ def run(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         kill_leftovers(engines)
-        if started_cluster and not args.keep:
-            subprocess.run(_conserve("dev", "down", f"--state-dir={args.state_dir}"), check=False)
+        if started_cluster and not keep:
+            subprocess.run(_conserve("dev", "down", f"--state-dir={state_dir}"), check=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The body of `conserve demo --engine vllm` (its arguments are the demo's)."""
+    from conserve.engine.install import missing_reason
+    from conserve.load.demo import _kubectl
+
+    reason = missing_reason()
+    if reason:
+        print(reason, file=sys.stderr)
+        return 1
+    with stack(
+        engine="vllm",
+        state_dir=args.state_dir,
+        kubeconfig=args.kubeconfig,
+        namespace=args.namespace,
+        router_port=args.router_port,
+        logs=args.logs,
+        keep=args.keep,
+    ) as s:
+        print(f"engines: prefill and decode vLLM servers ready in {s.ready_s:.0f} s", flush=True)
+        print(_kubectl(s.kubeconfig, "get", "pods", "-n", args.namespace, "-o", "wide"), flush=True)
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        rows = run_conversations(s.router, s.backends, modes, args.vllm_conversations, args.vllm_turns)
+        print(report(rows), flush=True)
+        convs = json.loads(_kubectl(s.kubeconfig, "get", "conversations", "-n", args.namespace, "-o", "json"))
+        for item in convs.get("items", []):
+            status = item.get("status") or {}
+            print(
+                f"Conversation {item['metadata']['name']}: decoder {(status.get('decoder') or {}).get('pod')}, "
+                f"KV transfers {status.get('kvTransfers')}, turns served {status.get('turnsServed')}"
+            )
+    return 0
