@@ -30,7 +30,7 @@ from conserve.engine.install import missing_reason
 from conserve.engine.metrics import TokenSources, scrape, token_sources
 from conserve.engine.server import kill_leftovers
 
-pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(2400)]
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
@@ -163,7 +163,7 @@ def plane(cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory) -> I
                 backends = wait_for(
                     "1 prefill and 1 decoder (real vLLM) ready behind the router",
                     lambda: _backends(url, procs),
-                    timeout_s=600,
+                    timeout_s=1200,
                 )
                 router = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
                 yield Plane(

@@ -32,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     pods.add_argument("--model-name", default="tiny-llama", help="served model name for pods without one")
     pods.add_argument("--work-dir", type=Path, default=None, help="servers' logs, TMPDIR and caches")
     pods.add_argument("--kv-cache-bytes", type=int, default=256 * 1024 * 1024, help="KV cache per server")
-    pods.add_argument("--start-timeout-s", type=float, default=300.0)
+    pods.add_argument("--start-timeout-s", type=float, default=600.0)
     pods.add_argument("--log-level", default="INFO")
     pods.set_defaults(func=_pods)
 

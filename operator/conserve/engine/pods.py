@@ -27,7 +27,7 @@ class EnginePodsConfig:
     work_dir: Path
     default_model_name: str
     kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES
-    start_timeout_s: float = 300.0
+    start_timeout_s: float = 600.0
 
 
 def cpu_bind_for(role: str, cpus: int) -> str:

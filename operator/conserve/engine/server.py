@@ -48,7 +48,7 @@ class VllmServerConfig:
     #: whose first forward is one token after a NIXL load has never had AMX enabled by oneDNN: SIGILL (measured).
     dtype: str = "float32"
     #: Seconds the decoder keeps a finished request's KV blocks for the prefill side to pull back (multi-turn).
-    start_timeout_s: float = 300.0
+    start_timeout_s: float = 600.0
 
 
 def command(config: VllmServerConfig) -> list[str]:
