@@ -27,7 +27,7 @@ from kubernetes import client
 from conserve.devcluster.cluster import free_port
 from conserve.devcluster.testing import ClusterHandle, temporary_namespace
 from conserve.engine.install import missing_reason
-from conserve.engine.metrics import TokenSources, scrape, token_sources
+from conserve.engine.metrics import TokenSources, healthy, scrape, token_sources
 from conserve.engine.server import kill_leftovers
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(2400)]
@@ -206,8 +206,10 @@ def _backends(url: str, procs: list[tuple[subprocess.Popen[bytes], Path]]) -> di
             data: dict[str, Any] = json.loads(resp.read())
     except OSError:
         return None
+    servers = [*data.get("prefills", []), *data.get("decoders", [])]
     ready = len(data.get("prefills", [])) == 1 and len(data.get("decoders", [])) == 1
-    return data if ready else None
+    # The operator lists a pod (at its pod IP) before the runner's server is up and annotated.
+    return data if ready and all(healthy(s["endpoint"]) for s in servers) else None
 
 
 def chat_turn(

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from conserve.engine.metrics import TokenSources, scrape, token_sources
+from conserve.engine.metrics import TokenSources, healthy, scrape, token_sources
 from conserve.engine.model import TINY_MODEL_NAME
 from conserve.engine.server import kill_leftovers
 
@@ -173,7 +173,10 @@ def _backends(router: str) -> dict[str, Any] | None:
             data: dict[str, Any] = json.loads(resp.read())
     except OSError:
         return None
-    return data if data.get("prefills") and data.get("decoders") else None
+    servers = [*data.get("prefills", []), *data.get("decoders", [])]
+    # The operator lists a pod (at its pod IP) before the runner's server is up and annotated.
+    ready = data.get("prefills") and data.get("decoders") and all(healthy(s["endpoint"]) for s in servers)
+    return data if ready else None
 
 
 @dataclass(frozen=True, slots=True)

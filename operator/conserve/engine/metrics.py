@@ -56,3 +56,12 @@ def token_sources(exposition: str) -> TokenSources:
 def scrape(endpoint: str, timeout_s: float = 10.0) -> str:
     with urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=timeout_s) as resp:
         return str(resp.read().decode())
+
+
+def healthy(endpoint: str, timeout_s: float = 2.0) -> bool:
+    """The server answers /health with 200 (a pod's endpoint is listed before its server is up)."""
+    try:
+        with urllib.request.urlopen(f"http://{endpoint}/health", timeout=timeout_s) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
