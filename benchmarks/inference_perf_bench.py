@@ -110,9 +110,10 @@ def pick(summary: dict[str, Any], metric: str) -> dict[str, float]:
         if isinstance(node, dict):
             for key, value in node.items():
                 if key == metric and isinstance(value, dict):
-                    for q in ("p50", "p90", "mean"):
-                        if isinstance(value.get(q), int | float):
-                            found.setdefault(q, float(value[q]))
+                    for q, names in (("p50", ("median", "p50")), ("p90", ("p90",)), ("mean", ("mean",))):
+                        for name in names:
+                            if isinstance(value.get(name), int | float):
+                                found.setdefault(q, float(value[name]))
                 else:
                     walk(value)
 
@@ -178,13 +179,16 @@ def main() -> int:
     rows = [bench_one(e.strip(), args, venv, tokenizer) for e in args.engines.split(",") if e.strip()]
 
     def ms(d: dict[str, float], q: str) -> str:
-        return f"{d[q] * 1000:.0f}" if q in d else "-"
+        return f"{d[q] * 1000:.1f}" if q in d else "-"
 
-    print(f"{'engine':<9}{'turns':>6}{'TTFT p50':>10}{'p90':>7}{'ITL p50':>9}{'p90':>7}   router TTFT / TBT mean (ms)")
+    print("inference-perf (client) TTFT and ITL p50 / p90 / mean, and the router's own means over the same turns, ms")
+    print(f"{'engine':<9}{'turns':>6}{'TTFT p50':>10}{'p90':>7}{'mean':>7}{'ITL p50':>9}{'p90':>7}{'mean':>7}"
+          "   router TTFT / TBT mean")  # fmt: skip
     for r in rows:
+        ttft, itl = r["client_ttft"], r["client_itl"]
         print(
-            f"{r['engine']:<9}{r['turns']:>6.0f}{ms(r['client_ttft'], 'p50'):>10}{ms(r['client_ttft'], 'p90'):>7}"
-            f"{ms(r['client_itl'], 'p50'):>9}{ms(r['client_itl'], 'p90'):>7}"
+            f"{r['engine']:<9}{r['turns']:>6.0f}{ms(ttft, 'p50'):>10}{ms(ttft, 'p90'):>7}{ms(ttft, 'mean'):>7}"
+            f"{ms(itl, 'p50'):>9}{ms(itl, 'p90'):>7}{ms(itl, 'mean'):>7}"
             f"   {r['router_ttft_mean'] * 1000:.0f} / {r['router_itl_mean'] * 1000:.1f}"
             f"   (servers ready in {r['ready_s']:.0f} s, run {r['wall_s']:.0f} s)"
         )
