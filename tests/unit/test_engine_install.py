@@ -50,7 +50,7 @@ def test_servers_get_their_own_core_side_channel_and_temporary_folders(tmp_path:
         work_dir=tmp_path / "w",
         cpu_bind=cpu_bind_for("decode", 2),
     )
-    cmd, env = command(config), environment(config)
+    cmd, env = command(config), environment(config, tmp_path / "t")
     assert '"kv_role": "kv_consumer"' in cmd[cmd.index("--kv-transfer-config") + 1]
     assert cmd[cmd.index("--kv-cache-memory-bytes") + 1] == str(256 * 1024 * 1024)
     assert env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5601" and env["VLLM_CPU_OMP_THREADS_BIND"] == "1"

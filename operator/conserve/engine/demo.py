@@ -197,6 +197,8 @@ def stack(
     from conserve.load.demo import _conserve, _kubectl
 
     logs.mkdir(parents=True, exist_ok=True)
+    # SIGTERM unwinds like Ctrl-C, so the servers, their process groups and the cluster are stopped below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started_cluster = kubeconfig is None
     if started_cluster:
         print("cluster: conserve dev up ...", flush=True)

@@ -2,7 +2,7 @@
 
 Prefill servers are NIXL KV producers, decode servers consumers, both with CPU buffers (UCX over TCP on
 127.0.0.1); each instance gets its own NIXL side-channel port. Every server runs in its own process group (its
-engine core and workers are children) with its TMPDIR and VLLM_CACHE_ROOT in a folder of its own, so stopping it
+engine core and workers are children) with a TMPDIR and a VLLM_CACHE_ROOT of its own, so stopping it
 kills the whole group and leaves nothing in /tmp; the group id is written to ``<work_dir>/pgid`` so a test can
 still kill it if the parent died. The KV size is always given: otherwise the CPU worker takes most of the RAM.
 """
@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -78,8 +80,7 @@ def command(config: VllmServerConfig) -> list[str]:
     ]
 
 
-def environment(config: VllmServerConfig) -> dict[str, str]:
-    tmp = config.work_dir / "tmp"
+def environment(config: VllmServerConfig, tmp: Path) -> dict[str, str]:
     return {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -102,6 +103,7 @@ class VllmServer:
         self.config = config
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_s: float | None = None  # seconds from launch to healthy
+        self.tmp: Path | None = None
 
     @property
     def endpoint(self) -> str:
@@ -118,13 +120,16 @@ class VllmServer:
             return ""
 
     def launch(self) -> None:
-        (self.config.work_dir / "tmp").mkdir(parents=True, exist_ok=True)
+        self.config.work_dir.mkdir(parents=True, exist_ok=True)
+        # vLLM puts its ZeroMQ IPC sockets in TMPDIR, and a socket path may not exceed 107 bytes: a short folder
+        # of this server's own under the system's temporary directory, removed on stop.
+        self.tmp = Path(tempfile.mkdtemp(prefix="cv-"))
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 command(self.config),
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=environment(self.config),
+                env=environment(self.config, self.tmp),
                 cwd=self.config.work_dir,
                 start_new_session=True,
             )
@@ -169,6 +174,8 @@ class VllmServer:
             self.proc.wait(timeout=5)
         with contextlib.suppress(OSError):
             (self.config.work_dir / "pgid").unlink()
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> VllmServer:
         self.start()
