@@ -45,6 +45,10 @@ def loss(rows: Sequence[Measurement], params: PerfParams) -> float:
     return sum(sum(v) / len(v) for v in per_phase.values())
 
 
+def _toward(centroid: Sequence[float], worst: Sequence[float], t: float) -> list[float]:
+    return [c + t * (w - c) for c, w in zip(centroid, worst, strict=True)]
+
+
 def nelder_mead(
     f: Callable[[list[float]], float], start: list[float], step: float = 0.5, iterations: int = 1500
 ) -> list[float]:
@@ -55,20 +59,17 @@ def nelder_mead(
         order = sorted(range(n + 1), key=lambda i: scores[i])
         simplex, scores = [simplex[i] for i in order], [scores[i] for i in order]
         centroid = [sum(p[j] for p in simplex[:-1]) / n for j in range(n)]
-
-        def toward(t: float) -> list[float]:
-            return [c + t * (w - c) for c, w in zip(centroid, simplex[-1], strict=True)]
-
-        reflected = toward(-1.0)
+        worst = simplex[-1]
+        reflected = _toward(centroid, worst, -1.0)
         r = f(reflected)
         if r < scores[0]:
-            expanded = toward(-2.0)
+            expanded = _toward(centroid, worst, -2.0)
             e = f(expanded)
             simplex[-1], scores[-1] = (expanded, e) if e < r else (reflected, r)
         elif r < scores[-2]:
             simplex[-1], scores[-1] = reflected, r
         else:
-            contracted = toward(0.5)
+            contracted = _toward(centroid, worst, 0.5)
             c = f(contracted)
             if c < scores[-1]:
                 simplex[-1], scores[-1] = contracted, c

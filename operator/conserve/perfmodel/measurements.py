@@ -89,8 +89,15 @@ def load_shapes(path: Path) -> dict[str, ModelShape]:
                 parameters = float(ints["layers"] * per_layer + 2 * vocab * hidden)
             name = row["name"].strip().lower()
             shapes[name] = ModelShape(
-                name, parameters, ints["layers"], hidden, heads, ints["kv_heads"], head_dim,
-                ffn_size=ffn, vocab_size=vocab,
+                name,
+                parameters,
+                ints["layers"],
+                hidden,
+                heads,
+                ints["kv_heads"],
+                head_dim,
+                ffn_size=ffn,
+                vocab_size=vocab,
             )
     return shapes
 
@@ -111,34 +118,33 @@ def _model(name: str, shapes: Mapping[str, ModelShape], where: str) -> ModelShap
     return found
 
 
+def _measurement(row: Mapping[str, str], where: str, line: int, shapes: Mapping[str, ModelShape]) -> Measurement:
+    gpu = lookup_product(row["gpu"])
+    if gpu is None:
+        raise MeasurementError(f"{where}: field 'gpu': unknown GPU {row['gpu']!r} (see core/gpus.py CATALOG)")
+
+    def num(key: str, required: bool = False, integer: bool = False) -> float | None:
+        return _number(row, key, where, integer=integer, required=required)
+
+    tp, batch = int(num("tp", True, True) or 0), int(num("batch", True, True) or 0)
+    if tp < 1 or batch < 1:
+        raise MeasurementError(f"{where}: fields 'tp' and 'batch' must be at least 1")
+    prompt = int(num("prompt_tokens", integer=True) or 0)
+    context = int(num("context_tokens", integer=True) or prompt)
+    prefill, decode = num("prefill_ms"), num("decode_step_ms")
+    if prefill is None and decode is None:
+        raise MeasurementError(f"{where}: fields 'prefill_ms' and 'decode_step_ms' are both empty")
+    if prefill is not None and prompt < 1:
+        raise MeasurementError(f"{where}: field 'prompt_tokens' must be at least 1 with a prefill time")
+    model = _model(row["model"], shapes, where)
+    power = (num("power_limit_w"), num("prefill_power_w"), num("mean_power_w"))
+    return Measurement(model, gpu, tp, batch, prompt, context, prefill, decode, *power, line=line)
+
+
 def load_measurements(path: Path, shapes: Mapping[str, ModelShape]) -> list[Measurement]:
-    rows: list[Measurement] = []
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise MeasurementError(f"{path}: missing column(s) {', '.join(missing)}")
-        for line, row in enumerate(reader, start=2):
-            where = f"{path}:{line}"
-            gpu = lookup_product(row["gpu"])
-            if gpu is None:
-                raise MeasurementError(f"{where}: field 'gpu': unknown GPU {row['gpu']!r} (see core/gpus.py CATALOG)")
-
-            def num(key: str, required: bool = False, integer: bool = False) -> float | None:
-                return _number(row, key, where, integer=integer, required=required)
-
-            tp, batch = int(num("tp", True, True) or 0), int(num("batch", True, True) or 0)
-            if tp < 1 or batch < 1:
-                raise MeasurementError(f"{where}: fields 'tp' and 'batch' must be at least 1")
-            prompt = int(num("prompt_tokens", integer=True) or 0)
-            context = int(num("context_tokens", integer=True) or prompt)
-            prefill, decode = num("prefill_ms"), num("decode_step_ms")
-            if prefill is None and decode is None:
-                raise MeasurementError(f"{where}: fields 'prefill_ms' and 'decode_step_ms' are both empty")
-            if prefill is not None and prompt < 1:
-                raise MeasurementError(f"{where}: field 'prompt_tokens' must be at least 1 with a prefill time")
-            rows.append(Measurement(
-                _model(row["model"], shapes, where), gpu, tp, batch, prompt, context, prefill, decode,
-                num("power_limit_w"), num("prefill_power_w"), num("mean_power_w"), line,
-            ))
-    return rows
+        return [_measurement(row, f"{path}:{line}", line, shapes) for line, row in enumerate(reader, start=2)]
