@@ -199,3 +199,9 @@ def test_bandwidth_tier_decodes_cheaper_per_token() -> None:
     assert perf.decode_energy_per_token_j(H200, LLAMA8, 32, 2048) < perf.decode_energy_per_token_j(
         H100, LLAMA8, 32, 2048
     )
+
+
+def test_decode_power_is_between_idle_and_the_limit() -> None:
+    watts = perf.decode_power_w(H200, LLAMA8, 16, 32768)
+    assert watts == pytest.approx(perf.power_w(H200, perf.decode_step_activity(H200, LLAMA8, 16, 32768)))
+    assert 70.0 < watts < 700.0

@@ -284,6 +284,11 @@ def decode_step_activity(
     return min(max(c0, params.memory_bound_activity * m0) / step, 1.0)
 
 
+def decode_power_w(device: Device, model: ModelShape, batch_size: int, batch_context_tokens: int) -> float:
+    """Board power of the whole group during a decode step."""
+    return power_w(device, decode_step_activity(device, model, batch_size, batch_context_tokens))
+
+
 def power_w(device: Device, activity: float) -> float:
     """Board power of the group at an activity level in [0, 1]: idle plus its dynamic range times activity."""
     clipped = min(max(activity, 0.0), 1.0)
