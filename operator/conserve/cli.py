@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, str] = {
     "simulate": "conserve.sim.cli_simulate",
     "bench": "conserve.sim.cli_bench",
     "engine": "conserve.engine.cli",
+    "perf-model": "conserve.perfmodel.cli",
 }
 
 
