@@ -11,7 +11,8 @@
 - ``trace_dir`` (session): the real traces kept in the repository (``operator/conserve/sim/traces``); a test
   that uses it fails, never skips, when they are missing.
 
-Tests under tests/unit are marked ``unit`` and tests under tests/e2e ``e2e`` automatically.
+Tests under tests/unit are marked ``unit``, under tests/e2e ``e2e`` and under tests/packaging ``packaging``
+automatically.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.e2e)
         elif "unit" in parts:
             item.add_marker(pytest.mark.unit)
+        elif "packaging" in parts:
+            item.add_marker(pytest.mark.packaging)
 
 
 REPO = Path(__file__).resolve().parents[1]
