@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import resource
 import secrets
 import shutil
 import subprocess
@@ -110,15 +111,37 @@ def crds(cluster: ClusterHandle) -> None:
         install_crds(client)
 
 
+def runtime_options() -> list[list[str]]:
+    """`podman run` options to try, in order: podman's defaults, then what a sandboxed VM needs, where crun refuses
+    a hybrid cgroup layout ("cgroups in hybrid mode not supported") and, without CAP_SYS_RESOURCE, no rlimit may
+    exceed those podman's conmon runs with (open files: this process's hard limit; processes: 32768)."""
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    nproc = min(resource.getrlimit(resource.RLIMIT_NPROC)[1], 32768)
+    return [[], ["--runtime=runc", f"--ulimit=nofile={nofile}:{nofile}", f"--ulimit=nproc={nproc}:{nproc}"]]
+
+
+@dataclass(frozen=True)
+class Image:
+    name: str
+    run_options: list[str]  # what this host's podman needs to start a container at all
+
+
 @pytest.fixture(scope="session")
-def image(cluster: ClusterHandle) -> str:
-    """The image the chart runs by default (`conserve:<appVersion>`), present in the local container storage."""
+def image(cluster: ClusterHandle) -> Image:
+    """The image the chart runs by default (`conserve:<appVersion>`), present in the local container storage,
+    with the `podman run` options that start a container here."""
     if shutil.which("podman") is None:
         _missing("podman is not installed (apt-get install -y podman)")
     name = render_chart(cluster, "default", {}).image
     if podman("image", "exists", name, check=False).returncode != 0:
         _missing(f"the image {name} is not in the local container storage")
-    return name
+    errors = []
+    for options in runtime_options():
+        proc = podman("run", "--rm", "--network=none", *options, name, "--help", check=False)
+        if proc.returncode == 0:
+            return Image(name, options)
+        errors.append(f"podman run {' '.join(options)}: exit {proc.returncode}: {proc.stderr.strip()}")
+    raise AssertionError("no container starts from the image here:\n" + "\n".join(errors))
 
 
 @dataclass
@@ -126,6 +149,7 @@ class Release:
     """The chart's RBAC for the operator and the extender applied in a namespace, and values to render with."""
 
     cluster: ClusterHandle
+    image: Image
     rendered: Rendered
     api_server: str
     cluster_ca: bytes
@@ -161,7 +185,7 @@ class Release:
         name = f"conserve-image-{component}-{secrets.token_hex(3)}"
         mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
         args = [
-            "run", "--detach", f"--name={name}", "--network=host", "--read-only",
+            "run", "--detach", f"--name={name}", *self.image.run_options, "--network=host", "--read-only",
             f"--user={pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}",
             *(f"--cap-drop={cap}" for cap in security["capabilities"]["drop"]),
             "--security-opt=no-new-privileges",
@@ -170,7 +194,7 @@ class Release:
             f"--env=KUBERNETES_SERVICE_HOST={host.hostname}", f"--env=KUBERNETES_SERVICE_PORT={host.port}",
         ]  # fmt: skip
         args += [f"--env={k}={v}" for k, v in (env or {}).items()]
-        podman(*args, self.rendered.image, *container["args"])
+        podman(*args, self.image.name, *container["args"])
         self.containers.append(name)
         return name
 
@@ -188,7 +212,7 @@ def _cluster_endpoint(cluster: ClusterHandle) -> tuple[str, bytes]:
 
 @pytest.fixture(scope="module")
 def release(
-    cluster: ClusterHandle, image: str, crds: None, tmp_path_factory: pytest.TempPathFactory
+    cluster: ClusterHandle, image: Image, crds: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Release]:
     """The chart rendered for a fresh namespace, with ports free on this host and the local cluster's extender
     URL and scheduler name; its operator and extender RBAC applied (removed afterwards)."""
@@ -201,10 +225,10 @@ def release(
             "scheduler": {"name": cluster.scheduler_name},
         }
         rendered = render_chart(cluster, namespace, values)
-        assert rendered.image == image
+        assert rendered.image == image.name
         manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": rendered.rbac})
         cluster.kubectl("apply", "-f", "-", input=manifest)
-        rel = Release(cluster, rendered, server, ca, tmp_path_factory.mktemp("image-release"))
+        rel = Release(cluster, image, rendered, server, ca, tmp_path_factory.mktemp("image-release"))
         try:
             yield rel
         finally:
@@ -252,15 +276,17 @@ def stop(container: str) -> int:
     return int(podman("inspect", "--format={{.State.ExitCode}}", container).stdout.strip())
 
 
-def test_image_runs_conserve_as_the_charts_non_root_user(image: str, release: Release) -> None:
-    config = json.loads(podman("image", "inspect", image).stdout)[0]["Config"]
+def test_image_runs_conserve_as_the_charts_non_root_user(image: Image, release: Release) -> None:
+    config = json.loads(podman("image", "inspect", image.name).stdout)[0]["Config"]
     assert config["Entrypoint"] == ["conserve"]
     pod = release.rendered.pod_spec("operator")["securityContext"]
     assert config["User"] == f"{pod['runAsUser']}:{pod['runAsGroup']}"
 
 
-def test_help_in_a_read_only_container(image: str) -> None:
-    proc = podman("run", "--rm", "--read-only", "--network=none", "--cap-drop=ALL", image, "--help")
+def test_help_in_a_read_only_container(image: Image) -> None:
+    proc = podman(
+        "run", "--rm", *image.run_options, "--read-only", "--network=none", "--cap-drop=ALL", image.name, "--help"
+    )
     for command in ("operator", "extender", "router", "gpu-sim"):
         assert command in proc.stdout, proc.stdout
 
