@@ -45,7 +45,12 @@ if [ -f "$HOST_CA" ]; then
 fi
 
 BUILD_START=$SECONDS
-"${BUILDAH[@]}" bud --network=host --layers --build-arg BASE_IMAGE="$BASE_IMAGE" "${VOLUMES[@]}" \
+PREVIOUS=$("${BUILDAH[@]}" images --quiet --no-trunc "$IMAGE" 2>/dev/null | head -1 || true)
+"${BUILDAH[@]}" bud --network=host --build-arg BASE_IMAGE="$BASE_IMAGE" "${VOLUMES[@]}" \
   --tag "$IMAGE" --file Dockerfile .
+# The image this build replaced, now untagged: removed, so rebuilds do not fill the disk.
+if [ -n "$PREVIOUS" ] && [ "$PREVIOUS" != "$("${BUILDAH[@]}" images --quiet --no-trunc "$IMAGE" | head -1)" ]; then
+  "${BUILDAH[@]}" rmi "$PREVIOUS" >/dev/null 2>&1 || true
+fi
 SIZE=$("${BUILDAH[@]}" images --format '{{.Size}}' "$IMAGE" | head -1)
 echo "image $IMAGE: built in $((SECONDS - BUILD_START))s on $BASE_IMAGE (total $((SECONDS - START))s); size $SIZE"

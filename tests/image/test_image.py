@@ -39,6 +39,7 @@ import pytest
 import yaml
 
 from conserve.controller.testing import Api, conversation_body, install_crds, pod_body, pool_body, wait_for
+from conserve.devcluster import build
 from conserve.devcluster.cluster import free_port
 from conserve.devcluster.testing import ClusterHandle, temporary_namespace
 
@@ -85,9 +86,9 @@ class Rendered:
         return container
 
 
-def render_chart(cluster: ClusterHandle, namespace: str, values: dict[str, Any]) -> Rendered:
+def render_chart(namespace: str, values: dict[str, Any]) -> Rendered:
     proc = subprocess.run(
-        [str(cluster.helm), "template", RELEASE, str(CHART), f"--namespace={namespace}", "--values=-"],
+        [str(build.binaries().helm), "template", RELEASE, str(CHART), f"--namespace={namespace}", "--values=-"],
         input=json.dumps(values),
         capture_output=True,
         text=True,
@@ -127,12 +128,14 @@ class Image:
 
 
 @pytest.fixture(scope="session")
-def image(cluster: ClusterHandle) -> Image:
+def image() -> Image:
     """The image the chart runs by default (`conserve:<appVersion>`), present in the local container storage,
     with the `podman run` options that start a container here."""
     if shutil.which("podman") is None:
         _missing("podman is not installed (apt-get install -y podman)")
-    name = render_chart(cluster, "default", {}).image
+    if not build.part("helm").is_built():
+        build.build_part(build.part("helm"))
+    name = render_chart("default", {}).image
     if podman("image", "exists", name, check=False).returncode != 0:
         _missing(f"the image {name} is not in the local container storage")
     errors = []
@@ -224,7 +227,7 @@ def release(
             "extender": {"port": cluster.extender_port},
             "scheduler": {"name": cluster.scheduler_name},
         }
-        rendered = render_chart(cluster, namespace, values)
+        rendered = render_chart(namespace, values)
         assert rendered.image == image.name
         manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": rendered.rbac})
         cluster.kubectl("apply", "-f", "-", input=manifest)
