@@ -116,8 +116,12 @@ def runtime_options() -> list[list[str]]:
     """`podman run` options to try, in order: podman's defaults, then what a sandboxed VM needs, where crun refuses
     a hybrid cgroup layout ("cgroups in hybrid mode not supported") and, without CAP_SYS_RESOURCE, no rlimit may
     exceed those podman's conmon runs with (open files: this process's hard limit; processes: 32768)."""
-    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    nproc = min(resource.getrlimit(resource.RLIMIT_NPROC)[1], 32768)
+
+    def hard(limit: int, cap: int) -> int:
+        value = resource.getrlimit(limit)[1]
+        return cap if value == resource.RLIM_INFINITY else min(value, cap)
+
+    nofile, nproc = hard(resource.RLIMIT_NOFILE, 1 << 20), hard(resource.RLIMIT_NPROC, 32768)
     return [[], ["--runtime=runc", f"--ulimit=nofile={nofile}:{nofile}", f"--ulimit=nproc={nproc}:{nproc}"]]
 
 
@@ -240,7 +244,7 @@ def release(
             cluster.kubectl("delete", "--ignore-not-found", "--wait=false", "-f", "-", input=manifest, check=False)
 
 
-# --- the tests
+# --- what the tests look at, and the tests
 
 
 def http_get(url: str) -> tuple[int, str]:
