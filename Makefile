@@ -58,5 +58,12 @@ test: venv controlplane lint ## Everything CI runs: build, lint, the whole test 
 demo: controlplane ## The main job: cluster, operator, extender, router, gpu-sim pods; a Mooncake slice replayed; report
 	$(BIN)/conserve demo $(DEMO_ARGS)
 
+.PHONY: image test-image
+image: ## Build the container image conserve:<version> with buildah on a Debian-package base: no Docker engine (root)
+	deploy/image/build.sh
+
+test-image: venv controlplane ## The image's tests (after `make image`): operator and extender run from it, as the chart runs them
+	$(BIN)/pytest -q -m image $(PYTEST_ARGS)
+
 clean-cluster: venv ## Stop the local cluster and delete its state directory
 	$(BIN)/conserve dev down --purge
