@@ -15,8 +15,9 @@ from conserve.core.gpus import lookup_product
 from conserve.core.llm import lookup_model
 from conserve.core.perf import LINKS, Device
 from conserve.energy.dcgm import parse_exposition
-from conserve.energy.fakedcgm import FakeDcgmExporter, FakeGpu, GpuSimLoad
 from conserve.gpusim.engine import Engine, Role, SimRequest
+from conserve.gpusim.fakedcgm import FakeDcgmExporter, FakeGpu
+from conserve.gpusim.fakedcgm_cluster import GpuSimLoad
 from conserve.gpusim.server import GpuSimConfig, GpuSimServer
 
 H200 = "NVIDIA-H200"

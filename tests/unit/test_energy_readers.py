@@ -15,8 +15,9 @@ from aiohttp import web
 from conserve.core.energy import NVML_ENERGY_COUNTER_WRAP_MJ, DeltaKind, GpuSample, gpu_interval
 from conserve.energy import EnergyReader, FakeReader, GpuReading, NullReader, PodRef
 from conserve.energy.dcgm import DcgmExporterReader, parse_exposition, static_endpoints
-from conserve.energy.fakedcgm import ConstantLoad, FakeDcgmExporter, FakeGpu, GpuSimLoad, make_app, targets_from_cluster
 from conserve.energy.nvml import NvmlReader, NvmlUnavailableError
+from conserve.gpusim.fakedcgm import ConstantLoad, FakeDcgmExporter, FakeGpu, make_app
+from conserve.gpusim.fakedcgm_cluster import GpuSimLoad, targets_from_cluster
 
 DATA = Path(__file__).parent / "data" / "energy"
 

@@ -187,8 +187,16 @@ class OperatorProcess:
     """`conserve operator` as a subprocess: start, wait until its ledger is rebuilt, kill, restart."""
 
     def __init__(
-        self, kubeconfig: Path, namespace: str, log_path: Path, extra_args: Sequence[str] = (), *, fast: bool = True
+        self,
+        kubeconfig: Path,
+        namespace: str,
+        log_path: Path,
+        extra_args: Sequence[str] = (),
+        *,
+        fast: bool = True,
+        entry: Sequence[str] = ("-m", "conserve.cli"),
     ) -> None:
+        self.entry = list(entry)  # what the interpreter runs before `operator ...` (a benchmark's launcher)
         self.fast = fast  # short sweep and status intervals (tests); False: the command's defaults (benchmarks)
         self.kubeconfig = kubeconfig
         self.namespace = namespace
@@ -200,7 +208,7 @@ class OperatorProcess:
     def start(self, *, wait_ready: bool = True, timeout_s: float = 30.0) -> OperatorProcess:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
-        args = [sys.executable, "-m", "conserve.cli", "operator", "--namespace", self.namespace, "--metrics-port", "0"]
+        args = [sys.executable, *self.entry, "operator", "--namespace", self.namespace, "--metrics-port", "0"]
         if self.fast:
             args += ["--idle-sweep-interval", "0.2", "--pool-status-interval", "0.2"]
         args += self.extra_args

@@ -36,6 +36,10 @@ from conserve.gpusim.engine import BLOCK_TOKENS, Engine, RequestRejected, Role, 
 CONVERSATION_HEADER = "X-Conversation-Id"
 SERVER_HEADER = "X-Conserve-Server"
 DEFAULT_MAX_TOKENS = 16
+#: The simulator's modelled power (W) and energy counter (J; exposed with `_total`), which the fake DCGM
+#: exporter (`conserve.gpusim.fakedcgm_cluster`) follows.
+POWER_METRIC = "conserve_gpusim_power_watts"
+ENERGY_METRIC = "conserve_gpusim_energy_joules"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,12 +124,12 @@ class _EngineCollector(Collector):
             "vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache.", s.prefix_cache_hit_tokens_total
         )
         g = GaugeMetricFamily(
-            "conserve_gpusim_power_watts", "Modelled board power of this server's GPUs.", labels=["gpu", "role"]
+            POWER_METRIC, "Modelled board power of this server's GPUs.", labels=["gpu", "role"]
         )
         g.add_metric([self._config.gpu, self._config.role.value], s.power_w)
         yield g
         c = CounterMetricFamily(
-            "conserve_gpusim_energy_joules", "Modelled energy drawn (modelled time).", labels=["gpu", "role"]
+            ENERGY_METRIC, "Modelled energy drawn (modelled time).", labels=["gpu", "role"]
         )
         c.add_metric([self._config.gpu, self._config.role.value], e.energy_j_now())
         yield c

@@ -3,9 +3,10 @@
 The router creates Conversation objects, reads their placement (`status.decoder`, `status.prefill`,
 `status.placementGeneration`) from a watch cache, patches `spec.usage` / `spec.completed` (merge patches), and
 reads each DecoderPool's ready decoders and prefill servers (with endpoints) from a second watch.
-The Kubernetes client is synchronous: its watches run in threads that hand events to the event loop, and its
-writes run on two thread pools of the router's own: creates (on a new conversation's first-turn path) never
-queue behind usage patches, and neither waits for the event loop's small default executor (cores + 4 threads).
+The Kubernetes client is synchronous: its watches are `conserve.kube.Informer`s (threads that hand events to
+the event loop), and its writes run on two thread pools of the router's own: creates (on a new conversation's
+first-turn path) never queue behind usage patches, and neither waits for the event loop's small default
+executor (cores + 4 threads).
 Size the client's connection pool (`connection_pool_maxsize`) to at least both pools together.
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
@@ -22,6 +22,8 @@ from typing import Any, Protocol
 from conserve.api.common import GROUP, VERSION
 from conserve.api.conversation import PLURAL as CONVERSATIONS
 from conserve.api.decoderpool import PLURAL as DECODERPOOLS
+from conserve.kube import ApiError, Informer
+from conserve.kube.clients import CustomObjectsApi
 from conserve.router.policy import Backend, Placement
 
 log = logging.getLogger(__name__)
@@ -131,31 +133,37 @@ class KubeControlPlane:
         create_threads: int = CREATE_THREADS,
         patch_threads: int = PATCH_THREADS,
     ) -> None:
-        from kubernetes import client
-
-        self._api = client.CustomObjectsApi(api_client)
+        self._api = CustomObjectsApi(api_client)
         self._namespace = namespace
         self._statuses: dict[str, dict[str, Any]] = {}
         self._pools: dict[str, tuple[list[Backend], list[Backend]]] = {}
         self._waiters = _Waiters()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._synced = {CONVERSATIONS: threading.Event(), DECODERPOOLS: threading.Event()}
+        self._informers: list[Informer] = []
         self._creates = ThreadPoolExecutor(create_threads, thread_name_prefix="router-create")
         self._patches = ThreadPoolExecutor(patch_threads, thread_name_prefix="router-patch")
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         for plural in (CONVERSATIONS, DECODERPOOLS):
-            t = threading.Thread(target=self._watch, args=(plural,), name=f"router-watch-{plural}", daemon=True)
-            t.start()
-            self._threads.append(t)
-        for event in self._synced.values():
-            await asyncio.to_thread(event.wait, 30.0)
+            informer = Informer(
+                self._api.list_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                self._namespace,
+                plural,
+                name=f"router-{plural}",
+                on_replace=functools.partial(self._replace, plural),
+                on_event=functools.partial(self._apply, plural),
+                loop=loop,
+            )
+            informer.start()
+            self._informers.append(informer)
+        for informer in self._informers:
+            await informer.wait_synced(30.0)
 
     async def stop(self) -> None:
-        self._stop.set()
+        for informer in self._informers:
+            informer.stop()
         self._creates.shutdown(wait=False, cancel_futures=True)
         self._patches.shutdown(wait=False, cancel_futures=True)
 
@@ -179,8 +187,6 @@ class KubeControlPlane:
 
     # ---- writes --------------------------------------------------------------------------------------------
     async def create_conversation(self, name: str, spec: dict[str, Any]) -> None:
-        from kubernetes.client.exceptions import ApiException
-
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "Conversation",
@@ -197,7 +203,7 @@ class KubeControlPlane:
                 CONVERSATIONS,
                 body,
             )
-        except ApiException as err:
+        except ApiError as err:
             if err.status != 409:  # already there: a router restart, or a client that created it
                 raise
 
@@ -213,42 +219,14 @@ class KubeControlPlane:
             patch,
         )
 
-    # ---- watches -------------------------------------------------------------------------------------------
-    def _watch(self, plural: str) -> None:
-        from kubernetes import watch
-
-        while not self._stop.is_set():
-            try:
-                listing: Any = self._api.list_namespaced_custom_object(GROUP, VERSION, self._namespace, plural)
-                for item in listing.get("items", []):
-                    self._deliver(plural, "ADDED", item)
-                self._synced[plural].set()
-                version = listing.get("metadata", {}).get("resourceVersion")
-                watch_class: Any = watch.Watch  # untyped upstream
-                w = watch_class()
-                for event in w.stream(
-                    self._api.list_namespaced_custom_object,
-                    GROUP,
-                    VERSION,
-                    self._namespace,
-                    plural,
-                    resource_version=version,
-                    timeout_seconds=300,
-                ):
-                    if self._stop.is_set():
-                        w.stop()
-                        return
-                    self._deliver(plural, str(event["type"]), event["object"])
-            except Exception as err:  # expired resource version, API server restart: list again
-                if self._stop.is_set():
-                    return
-                log.info("%s watch restarting: %s", plural, err)
-                self._stop.wait(1.0)
-
-    def _deliver(self, plural: str, kind: str, obj: dict[str, Any]) -> None:
-        if self._loop is None:
-            return
-        self._loop.call_soon_threadsafe(self._apply, plural, kind, obj)
+    # ---- watches: the informers call these on the event loop ------------------------------------------------
+    def _replace(self, plural: str, items: list[dict[str, Any]]) -> None:
+        names = {str((item.get("metadata") or {}).get("name", "")) for item in items}
+        known = self._pools if plural == DECODERPOOLS else self._statuses
+        for gone in set(known) - names:  # deleted while the watch was down
+            self._apply(plural, "DELETED", {"metadata": {"name": gone}})
+        for item in items:
+            self._apply(plural, "ADDED", item)
 
     def _apply(self, plural: str, kind: str, obj: dict[str, Any]) -> None:
         name = str((obj.get("metadata") or {}).get("name", ""))
