@@ -16,8 +16,9 @@ from typing import Any
 from kubernetes_asyncio import client, config, watch
 
 from conserve.api.common import GROUP, VERSION
+from conserve.api.conversation import ConversationStatus
 from conserve.controller.kube import NotFound, Refused
-from conserve.router.control import _failure, _Waiters, placement_from_status
+from conserve.router.control import _failure, _Waiters, parse_status, placement_of
 from conserve.router.policy import Placement
 
 Body = dict[str, Any]
@@ -61,7 +62,7 @@ class AsyncKubeClient:
             if exc.status == 404:
                 raise NotFound(404, str(exc.reason)) from exc
             if exc.status in (409, 422):
-                raise Refused(exc.status, f"{exc.reason}: {exc.body}") from exc
+                raise Refused(exc.status, f"{exc.reason}: {exc.body!r}") from exc
             raise
         data: bytes = await response.read()
         response.release()
@@ -162,7 +163,7 @@ class AsyncControlPlane:
     def __init__(self, api_client: Any, namespace: str) -> None:
         self._api = client.CustomObjectsApi(api_client)
         self._namespace = namespace
-        self._statuses: dict[str, Body] = {}
+        self._statuses: dict[str, ConversationStatus] = {}
         self._waiters = _Waiters()
         self._synced = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -201,9 +202,8 @@ class AsyncControlPlane:
         if kind == "DELETED":
             self._statuses.pop(name, None)
             return
-        status = obj.get("status") or {}
-        self._statuses[name] = status
-        self._waiters.offer(name, placement_from_status(status), _failure(status))
+        status = self._statuses[name] = parse_status(ConversationStatus, obj.get("status"))
+        self._waiters.offer(name, placement_of(status), _failure(status))
 
     async def create_conversation(self, name: str, spec: Body) -> None:
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Conversation", "metadata": {"name": name}, "spec": spec}
@@ -212,7 +212,7 @@ class AsyncControlPlane:
     async def wait_placement(self, name: str, *, newer_than: int | None, timeout_s: float) -> Placement:
         fut = self._waiters.add(name, newer_than)
         status = self._statuses.get(name)
-        self._waiters.offer(name, placement_from_status(status), _failure(status))
+        self._waiters.offer(name, placement_of(status) if status else None, _failure(status))
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
         finally:
@@ -224,7 +224,7 @@ def run_operator_on_asyncio_client(argv: list[str]) -> int:
     from conserve import cli
     from conserve.controller import main
 
-    main.KubeClient = AsyncKubeClient  # type: ignore[misc, assignment]
+    setattr(main, "KubeClient", AsyncKubeClient)  # noqa: B010 - the one swap this launcher exists for
     return cli.main(argv)
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 from conserve.api.decoderpool import DecoderPoolSpec
+from conserve.api.labels import ANNOTATION_ENDPOINT
 from conserve.controller.state import DecoderInfo, NodeInfo, PodInfo, PoolRuntime, World, key_of
 from conserve.core.gpus import RESOURCE_GPU, Tier
 from conserve.core.llm import kv_capacity_tokens
 from conserve.core.placement import DecoderState
 
-ENDPOINT_ANNOTATION = "conserve.dev/endpoint"
+ENDPOINT_ANNOTATION = ANNOTATION_ENDPOINT
 
 
 def pod_info(body: dict[str, Any]) -> PodInfo:

@@ -17,9 +17,8 @@ from typing import Any
 
 from aiohttp import web
 
-from conserve.core.gpus import LABEL_GPU_PRODUCT, RESOURCE_GPU
+from conserve.api.labels import ANNOTATION_ENDPOINT, LABEL_GPU_PRODUCT, RESOURCE_GPU
 from conserve.gpusim.fakedcgm import ConstantLoad, FakeDcgmExporter, FakeGpu, make_app
-from conserve.gpusim.pods import ANNOTATION_ENDPOINT
 from conserve.gpusim.server import ENERGY_METRIC, POWER_METRIC
 from conserve.kube import new_api_client
 from conserve.kube.clients import CoreV1Api

@@ -17,7 +17,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from conserve.core.gpus import LABEL_GPU_PRODUCT, RESOURCE_GPU
+from conserve.api.labels import (
+    ANNOTATION_ENDPOINT,
+    ANNOTATION_KWOK_NODE,
+    ANNOTATION_MODEL,
+    LABEL_GPU_PRODUCT,
+    LABEL_ROLE,
+    POD_FINISHED_PHASES,
+    RESOURCE_GPU,
+)
 from conserve.gpusim.engine import Role
 from conserve.gpusim.server import GpuSimConfig, GpuSimServer
 from conserve.kube import ApiError, Informer, annotations_patch
@@ -25,10 +33,7 @@ from conserve.kube.clients import CoreV1Api
 
 log = logging.getLogger(__name__)
 
-LABEL_ROLE = "conserve.dev/role"
-ANNOTATION_ENDPOINT = "conserve.dev/endpoint"
-ANNOTATION_MODEL = "conserve.dev/model"
-KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+__all__ = ["ANNOTATION_ENDPOINT", "LABEL_ROLE", "PodRunner", "PodSpecView", "view_pod", "wants_server"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +79,7 @@ def view_pod(pod: Mapping[str, Any]) -> PodSpecView:
         model=annotations.get(ANNOTATION_MODEL),
         endpoint=annotations.get(ANNOTATION_ENDPOINT),
         terminating=meta.get("deletionTimestamp") is not None,
-        finished=status.get("phase") in ("Succeeded", "Failed"),
+        finished=status.get("phase") in POD_FINISHED_PHASES,
     )
 
 
@@ -83,7 +88,7 @@ def wants_server(pod: PodSpecView, node_annotations: Mapping[str, str] | None, a
         return False
     if any_node:
         return True
-    return node_annotations is not None and node_annotations.get(KWOK_NODE_ANNOTATION) == "fake"
+    return node_annotations is not None and node_annotations.get(ANNOTATION_KWOK_NODE) == "fake"
 
 
 @dataclass

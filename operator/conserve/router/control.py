@@ -17,19 +17,22 @@ import functools
 import logging
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+from pydantic import ValidationError
 
 from conserve.api.common import GROUP, VERSION
 from conserve.api.conversation import PLURAL as CONVERSATIONS
+from conserve.api.conversation import TERMINAL_PHASES, ConversationStatus, Phase
 from conserve.api.decoderpool import PLURAL as DECODERPOOLS
+from conserve.api.decoderpool import DecoderPoolStatus
+from conserve.api.labels import LABEL_MANAGED_BY, ROUTER_MANAGER
 from conserve.kube import ApiError, Informer
 from conserve.kube.clients import CustomObjectsApi
 from conserve.router.policy import Backend, Placement
 
 log = logging.getLogger(__name__)
-
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-ROUTER_MANAGER = "conserve-router"
+S = TypeVar("S", ConversationStatus, DecoderPoolStatus)
 
 
 class ConversationFailed(Exception):
@@ -52,36 +55,37 @@ class ControlPlane(Protocol):
     def pool_backends(self, pool: str) -> tuple[list[Backend], list[Backend]]: ...
 
 
-def placement_from_status(status: Mapping[str, Any] | None) -> Placement | None:
+def parse_status(model: type[S], status: Mapping[str, Any] | None) -> S:
+    """A status body through its api model; a malformed one reads as empty (logged), never an exception."""
+    try:
+        return model.model_validate(status or {})
+    except ValidationError as err:
+        log.warning("ignoring a malformed %s: %s", model.__name__, err)
+        return model()
+
+
+def placement_of(status: ConversationStatus) -> Placement | None:
     """The placement a Conversation's status gives, or None while it has no decoder with an endpoint."""
-    if not status:
+    if status.phase is Phase.PENDING or status.phase in TERMINAL_PHASES:
         return None
-    if status.get("phase") in ("Pending", "Failed", "Completed"):
+    decoder = status.decoder
+    if decoder is None or not decoder.endpoint:
         return None
-    decoder = status.get("decoder") or {}
-    endpoint = str(decoder.get("endpoint") or "")
-    if not endpoint:
-        return None
-    prefill_raw = status.get("prefill") or {}
-    prefill = None
-    if prefill_raw.get("endpoint"):
-        prefill = Backend(str(prefill_raw.get("pod", "")), str(prefill_raw["endpoint"]))
-    generation = int(status.get("placementGeneration") or 1)
-    return Placement(generation, Backend(str(decoder.get("pod", "")), endpoint), prefill)
+    prefill = status.prefill
+    prefill_backend = Backend(prefill.pod, prefill.endpoint) if prefill and prefill.endpoint else None
+    return Placement(status.placement_generation or 1, Backend(decoder.pod, decoder.endpoint), prefill_backend)
+
+
+def placement_from_status(status: Mapping[str, Any] | None) -> Placement | None:
+    """`placement_of` a raw status body."""
+    return placement_of(parse_status(ConversationStatus, status)) if status else None
 
 
 def backends_from_pool_status(status: Mapping[str, Any] | None) -> tuple[list[Backend], list[Backend]]:
     """(ready prefill servers, ready decoders) of a DecoderPool status, those with an endpoint."""
-    status = status or {}
-
-    def ready(items: Any) -> list[Backend]:
-        out = []
-        for item in items or []:
-            if item.get("ready") and item.get("endpoint"):
-                out.append(Backend(str(item.get("pod", "")), str(item["endpoint"])))
-        return out
-
-    return ready(status.get("prefills")), ready(status.get("decoders"))
+    pool = parse_status(DecoderPoolStatus, status)
+    prefills = [Backend(p.pod, p.endpoint) for p in pool.prefills if p.ready and p.endpoint]
+    return prefills, [Backend(d.pod, d.endpoint) for d in pool.decoders if d.ready and d.endpoint]
 
 
 class _Waiters:
@@ -135,7 +139,7 @@ class KubeControlPlane:
     ) -> None:
         self._api = CustomObjectsApi(api_client)
         self._namespace = namespace
-        self._statuses: dict[str, dict[str, Any]] = {}
+        self._statuses: dict[str, ConversationStatus] = {}
         self._pools: dict[str, tuple[list[Backend], list[Backend]]] = {}
         self._waiters = _Waiters()
         self._informers: list[Informer] = []
@@ -172,7 +176,8 @@ class KubeControlPlane:
 
     # ---- reads from the watch cache ------------------------------------------------------------------------
     def placement(self, name: str) -> Placement | None:
-        return placement_from_status(self._statuses.get(name))
+        status = self._statuses.get(name)
+        return placement_of(status) if status is not None else None
 
     def pool_backends(self, pool: str) -> tuple[list[Backend], list[Backend]]:
         return self._pools.get(pool, ([], []))
@@ -243,11 +248,11 @@ class KubeControlPlane:
             self._statuses.pop(name, None)
             self._waiters.offer(name, None, "conversation deleted")
             return
-        self._statuses[name] = status
-        self._waiters.offer(name, placement_from_status(status), _failure(status))
+        parsed = self._statuses[name] = parse_status(ConversationStatus, status)
+        self._waiters.offer(name, placement_of(parsed), _failure(parsed))
 
 
-def _failure(status: Mapping[str, Any] | None) -> str | None:
-    if status and status.get("phase") in ("Failed", "Completed"):
-        return f"conversation is {status['phase']}"
+def _failure(status: ConversationStatus | None) -> str | None:
+    if status is not None and status.phase in TERMINAL_PHASES:
+        return f"conversation is {status.phase}"
     return None
