@@ -14,12 +14,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from kubernetes import client
@@ -27,22 +26,11 @@ from kubernetes import client
 from conserve.core.tokens import filler_text
 from conserve.devcluster.cluster import free_port
 from conserve.devcluster.testing import ClusterHandle
+from conserve.testkit import wait_for
 
-T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION = "conserve.dev", "v1alpha1"
 PRODUCTS = {"prefill": "NVIDIA-H100-80GB-HBM3", "decode": "NVIDIA-H200"}
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.25)
 
 
 def deployment(name: str, role: str, replicas: int) -> dict[str, Any]:

@@ -10,32 +10,20 @@ from __future__ import annotations
 import http.server
 import json
 import threading
-import time
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import pytest
-from kubernetes import client, watch
+from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from conserve.devcluster.build import KUBERNETES_VERSION
 from conserve.devcluster.nodes import GPU_PRODUCT_LABEL, GPU_RESOURCE
 from conserve.devcluster.testing import ClusterHandle
-
-T = TypeVar("T")
+from conserve.kube import Informer
+from conserve.testkit import wait_for
 
 GROUP = "smoke.conserve.dev"
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.2)
 
 
 @pytest.fixture
@@ -99,28 +87,30 @@ def test_crd_object_created_and_watched(api: Any, namespace: str) -> None:
 
     custom = client.CustomObjectsApi(api)
     events: list[tuple[str, str, Any]] = []
-    started = threading.Event()
-
-    def watcher() -> None:
-        w = watch.Watch()
-        started.set()
-        for ev in w.stream(custom.list_namespaced_custom_object, GROUP, "v1", namespace, "widgets", timeout_seconds=30):
-            obj = ev["object"]
-            events.append((ev["type"], obj["metadata"]["name"], obj.get("spec", {}).get("size")))
-            if ev["type"] == "MODIFIED":
-                w.stop()
-
-    thread = threading.Thread(target=watcher, daemon=True)
-    thread.start()
-    started.wait()
-    time.sleep(0.5)  # let the watch open before the create, so the event comes from the watch itself
-    body = {"apiVersion": f"{GROUP}/v1", "kind": "Widget", "metadata": {"name": "w1"}, "spec": {"size": 3}}
-    created = custom.create_namespaced_custom_object(GROUP, "v1", namespace, "widgets", body)
-    assert created["metadata"]["uid"]
-    custom.patch_namespaced_custom_object(GROUP, "v1", namespace, "widgets", "w1", {"spec": {"size": 5}})
-    thread.join(35)
-    assert ("ADDED", "w1", 3) in events
-    assert ("MODIFIED", "w1", 5) in events
+    informer = Informer(
+        custom.list_namespaced_custom_object,
+        GROUP,
+        "v1",
+        namespace,
+        "widgets",
+        name="widgets",
+        on_replace=lambda items: None,
+        on_event=lambda kind, obj: events.append((kind, obj["metadata"]["name"], obj.get("spec", {}).get("size"))),
+        watch_timeout_s=30,
+    )
+    informer.start()
+    try:
+        assert informer.synced.wait(30), "the widgets were never listed"
+        # The watch starts from the listing's resourceVersion: it sees every change made after the listing,
+        # however late its request opens.
+        body = {"apiVersion": f"{GROUP}/v1", "kind": "Widget", "metadata": {"name": "w1"}, "spec": {"size": 3}}
+        created = custom.create_namespaced_custom_object(GROUP, "v1", namespace, "widgets", body)
+        assert created["metadata"]["uid"]
+        custom.patch_namespaced_custom_object(GROUP, "v1", namespace, "widgets", "w1", {"spec": {"size": 5}})
+        wait_for("the watch to bring the update", lambda: ("MODIFIED", "w1", 5) in events, 30)
+    finally:
+        informer.stop()
+    assert events[0] == ("ADDED", "w1", 3)
     # The schema is enforced by the real API server: a wrong type is refused.
     with pytest.raises(ApiException) as err:
         bad = {**body, "metadata": {"name": "w2"}, "spec": {"size": "big"}}

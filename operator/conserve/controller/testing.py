@@ -16,48 +16,36 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from conserve import testkit
 from conserve.api import crdgen
 from conserve.api.common import GROUP, VERSION
 from conserve.controller.kube import k8s
+from conserve.testkit.builders import ConversationBuilder, PodBuilder, PoolBuilder
 
 T = TypeVar("T")
 
 
 def pool_body(name: str, *, app: str = "dec", tokens_per_decoder: int | None = 100_000, **spec: Any) -> dict[str, Any]:
-    body_spec: dict[str, Any] = {
-        "model": {"name": "llama-3-8b"},
-        "decoderSelector": {"matchLabels": {"app": app}},
-        "prefillSelector": {"matchLabels": {"app": f"{app}-prefill"}},
-    }
+    pool = PoolBuilder(name).decoders(app).prefills(f"{app}-prefill")
     if tokens_per_decoder is not None:
-        body_spec["kvCapacity"] = {"tokensPerDecoder": tokens_per_decoder}
-    body_spec.update(spec)
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "DecoderPool", "metadata": {"name": name}, "spec": body_spec}
+        pool.kv_tokens(tokens_per_decoder)
+    return pool.spec(**spec).build(validate=False)
 
 
 def pod_body(
     name: str, node: str, *, app: str = "dec", gpus: int = 1, annotations: dict[str, str] | None = None
 ) -> dict[str, Any]:
     """A bare pod bound to a KWOK node (no scheduler involved); KWOK marks it Running and Ready."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "labels": {"app": app}, "annotations": annotations or {}},
-        "spec": {
-            "nodeName": node,
-            "tolerations": [{"operator": "Exists"}],
-            "containers": [{"name": "server", "image": "fake", "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}],
-        },
-    }
+    pod = PodBuilder(name).on(node).app(app).gpus(gpus)
+    for key, value in (annotations or {}).items():
+        pod.annotate(key, value)
+    body = pod.build()
+    body["metadata"].setdefault("annotations", {})
+    return body
 
 
 def conversation_body(name: str, pool: str, first_turn_input_tokens: int, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "Conversation",
-        "metadata": {"name": name},
-        "spec": {"pool": pool, "firstTurnInputTokens": first_turn_input_tokens, **spec},
-    }
+    return ConversationBuilder(name, pool).tokens(first_turn_input_tokens).spec(**spec).build(validate=False)
 
 
 class Api:
@@ -139,18 +127,8 @@ class Api:
 
 
 def wait_for(predicate: Callable[[], T], timeout_s: float = 15.0, interval_s: float = 0.1, what: str = "") -> T:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while True:
-        try:
-            last = predicate()
-        except Exception as exc:  # a transient 404 while an object appears
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last  # type: ignore[no-any-return]
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what or predicate}: last={last!r}")
-        time.sleep(interval_s)
+    """`conserve.testkit.wait_for`, predicate first (the operator tests' order), any exception counting as not yet."""
+    return testkit.wait_for(what or repr(predicate), predicate, timeout_s, interval_s, tolerate=(Exception,))
 
 
 def install_crds(api_client: Any, directory: Path = crdgen.CRDS_DIR, timeout_s: float = 30.0) -> None:
