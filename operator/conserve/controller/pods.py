@@ -10,6 +10,7 @@ data plane that fronts pods) or else podIP:spec.endpoint.port.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from conserve.api.decoderpool import DecoderPoolSpec
@@ -18,6 +19,8 @@ from conserve.controller.state import DecoderInfo, NodeInfo, PodInfo, PoolRuntim
 from conserve.core.gpus import RESOURCE_GPU, Tier
 from conserve.core.llm import kv_capacity_tokens
 from conserve.core.placement import DecoderState
+
+log = logging.getLogger("conserve.operator")
 
 ENDPOINT_ANNOTATION = ANNOTATION_ENDPOINT
 
@@ -199,12 +202,28 @@ def pod_key(pod: PodInfo) -> str:
     return key_of(pod.namespace, pod.name)
 
 
+async def resync(engine: Any, pool: PoolRuntime, pod: str | None = None) -> None:
+    """Re-derive the pool's decoders (or one pod's); move conversations off lost ones; place waiting ones if
+    room grew."""
+    async with pool.lock:
+        if pod is None:
+            gone, unready, grew = sync_pool(engine.world, pool)
+        else:
+            gone, unready, grew = sync_pod(engine.world, pool, pod)
+    lost = gone + unready
+    if lost:
+        log.info("pool %s lost decoders %s", pool.key, lost)
+        engine.post_pool_event(pool, "DecoderLost", f"decoders gone or not ready: {', '.join(lost)}", warning=True)
+        await engine.decoders_lost(pool, lost)
+    engine.on_pool_changed(pool)
+    if grew or lost:
+        await engine.drain(pool)
+
+
 # --- watch handlers -------------------------------------------------------------------------------------------
 
 
 async def on_pod_event(engine: Any, event_type: str | None, body: dict[str, Any]) -> None:
-    from conserve.controller.decoderpool import resync
-
     world: World = engine.world
     meta = body.get("metadata", {})
     key = key_of(meta.get("namespace", ""), meta.get("name", ""))
@@ -224,8 +243,6 @@ async def on_pod_event(engine: Any, event_type: str | None, body: dict[str, Any]
 
 
 async def on_node_event(engine: Any, event_type: str | None, body: dict[str, Any]) -> None:
-    from conserve.controller.decoderpool import resync
-
     world: World = engine.world
     meta = body.get("metadata", {})
     name = meta.get("name", "")
