@@ -15,8 +15,10 @@ from typing import Any
 
 from kubernetes_asyncio import client, config, watch
 
+from conserve import cli
 from conserve.api.common import GROUP, VERSION
 from conserve.api.conversation import ConversationStatus
+from conserve.controller import main
 from conserve.controller.kube import NotFound, Refused
 from conserve.router.control import _failure, _Waiters, parse_status, placement_of
 from conserve.router.policy import Placement
@@ -221,9 +223,6 @@ class AsyncControlPlane:
 
 def run_operator_on_asyncio_client(argv: list[str]) -> int:
     """`conserve ARGV` with the operator's client swapped for `AsyncKubeClient`."""
-    from conserve import cli
-    from conserve.controller import main
-
     setattr(main, "KubeClient", AsyncKubeClient)  # noqa: B010 - the one swap this launcher exists for
     return cli.main(argv)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from conserve import metrics
 from conserve.extender.metrics import ExtenderMetrics
@@ -21,7 +23,8 @@ def test_metric_names() -> None:
     assert naming_violations(ExtenderMetrics().registry) == []
     gpusim = GpuSimServer(GpuSimConfig(role=Role.DECODE))
     own = [f for f in gpusim.registry.collect() if f.name.startswith("conserve_")]  # vllm:* mimic vLLM's names
-    assert own and naming_violations([_Fixed(own)]) == []
+    assert own
+    assert naming_violations([_Fixed(own)]) == []
     names = {f.name for f in metrics.REGISTRY.collect()}
     for wanted in (
         "conserve_placements",
@@ -49,7 +52,8 @@ def test_a_wrong_name_or_unit_is_caught(make: object, reason: str) -> None:
     registry = fresh_registry()
     make(registry)  # type: ignore[operator]
     problems = naming_violations(registry)
-    assert len(problems) == 1 and reason in problems[0], problems
+    assert len(problems) == 1, problems
+    assert reason in problems[0]
 
 
 def test_forget_pool_drops_series() -> None:
@@ -59,11 +63,11 @@ def test_forget_pool_drops_series() -> None:
     assert not [s for s in samples if s.name == "conserve_pending_conversations"]
 
 
-class _Fixed:
+class _Fixed(Collector):
     """A collector of already collected families."""
 
-    def __init__(self, families: list[object]) -> None:
+    def __init__(self, families: list[Metric]) -> None:
         self._families = families
 
-    def collect(self) -> list[object]:
+    def collect(self) -> list[Metric]:
         return self._families

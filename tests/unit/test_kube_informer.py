@@ -95,7 +95,8 @@ def test_lists_watches_follows_bookmarks_and_relists_on_gone_and_failure() -> No
     watches = [c for c in api.calls if c.get("watch")]
     assert [c["resource_version"] for c in watches] == ["10", "15", "20", "30", "31"]
     assert all(c["allow_watch_bookmarks"] and c["label_selector"] == "conserve.dev/role" for c in watches)
-    assert informer.synced.is_set() and informer.lists == 3
+    assert informer.synced.is_set()
+    assert informer.lists == 3
 
 
 def test_events_reach_the_event_loop_thread() -> None:
@@ -138,4 +139,5 @@ def test_backoff_doubles_up_to_its_cap_and_resets() -> None:
 @pytest.mark.parametrize(("status", "kind"), [(404, NotFound), (409, Refused), (410, Gone), (422, Refused)])
 def test_api_errors_map_to_named_exceptions(status: int, kind: type[Exception]) -> None:
     error = translate(ApiError(status=status, reason="nope"))
-    assert isinstance(error, kind) and error.status == status
+    assert isinstance(error, kind)
+    assert error.status == status

@@ -63,7 +63,8 @@ def test_builders_refuse_what_the_crd_refuses() -> None:
     pool = PoolBuilder("p").decoders("dec").kv_tokens(50_000).build()
     assert pool["spec"]["decoderSelector"] == {"matchLabels": {"app": "dec"}}
     pod = PodBuilder("d0").on("n0").app("dec").role("decode").gpus(2).endpoint("127.0.0.1:9").running().build()
-    assert pod["spec"]["nodeName"] == "n0" and pod["status"]["phase"] == "Running"
+    assert pod["spec"]["nodeName"] == "n0"
+    assert pod["status"]["phase"] == "Running"
     assert pod["metadata"]["labels"] == {"app": "dec", "conserve.dev/role": "decode"}
     assert pod["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "2"}
 

@@ -11,6 +11,7 @@ data plane that fronts pods) or else podIP:spec.endpoint.port.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 from conserve.api.decoderpool import DecoderPoolSpec
@@ -99,8 +100,6 @@ def decoder_info(pod: PodInfo, node: NodeInfo | None, spec: DecoderPoolSpec) -> 
 
 def _with_kv_bytes(shape: Any, kv_bytes: int) -> Any:
     # An explicit kvBytesPerToken wins over the shape's: scale bytes per element to match it.
-    from dataclasses import replace
-
     per_element_units = 2 * shape.layers * shape.kv_heads * shape.head_dim
     return replace(shape, bytes_per_element=max(kv_bytes // per_element_units, 1))
 
@@ -121,21 +120,10 @@ def sync_pool(world: World, pool: PoolRuntime) -> tuple[list[str], list[str], bo
 
     Returns (decoders gone, decoders now unready, whether capacity may have grown). Call under the pool's lock.
     """
-    spec = pool.spec
     gone: list[str] = []
     unready: list[str] = []
     grew = False
-    new_decoders: dict[str, DecoderInfo] = {}
-    new_prefills: dict[str, DecoderInfo] = {}
-    if spec is not None:
-        for pod in world.pods.values():
-            if pod.namespace != pool.namespace:
-                continue
-            node = world.nodes.get(pod.node)
-            if spec.decoder_selector.matches(pod.labels):
-                new_decoders[pod.name] = decoder_info(pod, node, spec)
-            elif spec.prefill_selector is not None and spec.prefill_selector.matches(pod.labels):
-                new_prefills[pod.name] = decoder_info(pod, node, spec)
+    new_decoders, new_prefills = _selected(world, pool)
     for name, old in pool.decoders.items():
         if name not in new_decoders:
             gone.append(name)
@@ -153,6 +141,24 @@ def sync_pool(world: World, pool: PoolRuntime) -> tuple[list[str], list[str], bo
     pool.decoders = new_decoders
     pool.prefills = new_prefills
     return sorted(gone), sorted(unready), grew
+
+
+def _selected(world: World, pool: PoolRuntime) -> tuple[dict[str, DecoderInfo], dict[str, DecoderInfo]]:
+    """The pool's decoders and prefill servers among the pods known, by pod name."""
+    decoders: dict[str, DecoderInfo] = {}
+    prefills: dict[str, DecoderInfo] = {}
+    spec = pool.spec
+    if spec is None:
+        return decoders, prefills
+    for pod in world.pods.values():
+        if pod.namespace != pool.namespace:
+            continue
+        node = world.nodes.get(pod.node)
+        if spec.decoder_selector.matches(pod.labels):
+            decoders[pod.name] = decoder_info(pod, node, spec)
+        elif spec.prefill_selector is not None and spec.prefill_selector.matches(pod.labels):
+            prefills[pod.name] = decoder_info(pod, node, spec)
+    return decoders, prefills
 
 
 def sync_pod(world: World, pool: PoolRuntime, name: str) -> tuple[list[str], list[str], bool]:

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
 from conserve import testkit
 from conserve.api import crdgen
 from conserve.api.common import GROUP, VERSION
@@ -133,8 +135,6 @@ def wait_for(predicate: Callable[[], T], timeout_s: float = 15.0, interval_s: fl
 
 def install_crds(api_client: Any, directory: Path = crdgen.CRDS_DIR, timeout_s: float = 30.0) -> None:
     """Create or update the CRDs and wait until they are Established (idempotent)."""
-    import yaml
-
     client = k8s("client")
     ext = client.ApiextensionsV1Api(api_client)
     names = []

@@ -121,7 +121,7 @@ def make_gpu_nodes(
 
 def new_api_client(kubeconfig: Path | str, pool_size: int = 16) -> Any:
     """A ``kubernetes.client.ApiClient`` for the given kubeconfig (imported lazily: the CLI stays light)."""
-    from conserve.kube import new_api_client as factory
+    from conserve.kube import new_api_client as factory  # noqa: PLC0415 the devcluster CLI imports this module; the client loads on use
 
     return factory(kubeconfig, pool_size=pool_size)
 
@@ -129,8 +129,8 @@ def new_api_client(kubeconfig: Path | str, pool_size: int = 16) -> Any:
 def apply_gpu_nodes(kubeconfig: Path | str, nodes: Iterable[GpuNodeSpec], parallelism: int = 8) -> list[str]:
     """Create (or update) the nodes; returns their names. Works on any cluster with KWOK managing
     ``kwok.x-k8s.io/node=fake`` nodes."""
-    from conserve.kube import ApiError
-    from conserve.kube.clients import CoreV1Api
+    from conserve.kube import ApiError  # noqa: PLC0415 the devcluster CLI imports this module; the client loads on use
+    from conserve.kube.clients import CoreV1Api  # noqa: PLC0415 the devcluster CLI imports this module; the client loads on use
 
     specs = list(nodes)
     api_client = new_api_client(kubeconfig, pool_size=max(parallelism, 4))
@@ -156,8 +156,8 @@ def apply_gpu_nodes(kubeconfig: Path | str, nodes: Iterable[GpuNodeSpec], parall
 
 
 def delete_gpu_nodes(kubeconfig: Path | str, names: Iterable[str], parallelism: int = 8) -> None:
-    from conserve.kube import ApiError
-    from conserve.kube.clients import CoreV1Api
+    from conserve.kube import ApiError  # noqa: PLC0415 the devcluster CLI imports this module; the client loads on use
+    from conserve.kube.clients import CoreV1Api  # noqa: PLC0415 the devcluster CLI imports this module; the client loads on use
 
     api_client = new_api_client(kubeconfig, pool_size=max(parallelism, 4))
     core = CoreV1Api(api_client)
@@ -178,7 +178,7 @@ def delete_gpu_nodes(kubeconfig: Path | str, names: Iterable[str], parallelism: 
 
 def wait_nodes_ready(kubeconfig: Path | str, names: Sequence[str], timeout_s: float = 60.0) -> None:
     """Block until every named node reports Ready (KWOK has taken it over)."""
-    from conserve.kube.clients import CoreV1Api
+    from conserve.kube.clients import CoreV1Api  # noqa: PLC0415 the devcluster CLI imports this module; the client loads on use
 
     api_client = new_api_client(kubeconfig)
     core = CoreV1Api(api_client)

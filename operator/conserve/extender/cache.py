@@ -97,7 +97,8 @@ class ClusterCache:
         """Keep what `gpu_node` reads: labels and allocatable (a full Node is several KiB)."""
         meta = node.get("metadata") if isinstance(node.get("metadata"), dict) else {}
         status = node.get("status") if isinstance(node.get("status"), dict) else {}
-        assert isinstance(meta, dict) and isinstance(status, dict)
+        assert isinstance(meta, dict)
+        assert isinstance(status, dict)
         return {
             "metadata": {"name": meta.get("name"), "labels": meta.get("labels") or {}},
             "status": {"allocatable": status.get("allocatable") or {}},

@@ -201,6 +201,21 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def _set_overrides(exporter: FakeDcgmExporter, body: object) -> None:
+    """Apply a PUT /load body (key -> activity, `null` removes one), all or nothing."""
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text="expected a JSON object of key -> activity")
+    for key, value in body.items():
+        if value is not None and not (isinstance(value, int | float) and math.isfinite(value)):
+            raise web.HTTPBadRequest(text=f"activity of {key!r} must be a number or null")
+    exporter.tick()  # close the interval at the old load before the new one applies
+    for key, value in body.items():
+        if value is None:
+            exporter.overrides.pop(str(key), None)
+        else:
+            exporter.overrides[str(key)] = float(value)
+
+
 def make_app(exporter: FakeDcgmExporter, *, tick_s: float = 1.0) -> web.Application:
     """GET /metrics, GET /health, PUT /load (activity overrides; `null` removes one)."""
 
@@ -211,17 +226,7 @@ def make_app(exporter: FakeDcgmExporter, *, tick_s: float = 1.0) -> web.Applicat
         return web.Response(text="OK")
 
     async def set_load(request: web.Request) -> web.Response:
-        body = await request.json()
-        if not isinstance(body, dict):
-            raise web.HTTPBadRequest(text="expected a JSON object of key -> activity")
-        exporter.tick()  # close the interval at the old load before the new one applies
-        for key, value in body.items():
-            if value is None:
-                exporter.overrides.pop(str(key), None)
-            elif isinstance(value, int | float) and math.isfinite(value):
-                exporter.overrides[str(key)] = float(value)
-            else:
-                raise web.HTTPBadRequest(text=f"activity of {key!r} must be a number or null")
+        _set_overrides(exporter, await request.json())
         return web.json_response(exporter.overrides)
 
     async def ticker(app: web.Application) -> Any:

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import yaml
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from conserve.api.labels import ANNOTATION_ENDPOINT, LABEL_GPU_PRODUCT, RESOURCE_GPU
 from conserve.gpusim.fakedcgm import ConstantLoad, FakeDcgmExporter, FakeGpu, make_app
@@ -99,8 +102,6 @@ class GpuSimLoad:
         return joules / max(self.gpus_per_pod.get(gpu.pod_key, 1), 1)
 
     async def refresh(self, session: Any) -> None:
-        from prometheus_client.parser import text_string_to_metric_families
-
         endpoints = dict(self.endpoints)
         for gone in [k for k in set(self.power_w) | set(self.energy_j) if k not in endpoints]:
             self.power_w.pop(gone, None)
@@ -117,7 +118,7 @@ class GpuSimLoad:
                     elif family.name == ENERGY_METRIC:  # a counter: samples end in _total
                         values = [s.value for s in family.samples if s.name.endswith("_total")]
                         energy = float(sum(values)) if values else None
-            except Exception as exc:  # a simulator starting, busy or restarting: keep the last values
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # starting, busy, restarting: keep values
                 log.debug("gpu-sim %s at %s: %s", key, endpoint, exc)
                 continue
             if power is not None:
@@ -162,8 +163,6 @@ class ClusterTargets:
 
 
 def load_targets(path: Path) -> list[FakeGpu]:
-    import yaml
-
     items = yaml.safe_load(path.read_text()) or []
     if not isinstance(items, list):
         raise ValueError(f"{path}: expected a list of targets")
@@ -225,13 +224,11 @@ def _run(args: argparse.Namespace) -> int:
         app = make_app(exporter, tick_s=args.tick_seconds)
 
         async def follow_cluster(app: web.Application) -> Any:
-            import aiohttp
-
             async def list_cluster() -> None:
                 while True:
                     try:
                         await asyncio.to_thread(cluster.refresh)
-                    except Exception as exc:  # the API server restarting: keep the last targets
+                    except Exception as exc:  # noqa: BLE001 any failure (API server restarting, reset connection): keep the last targets
                         log.warning("fake dcgm-exporter: cluster refresh failed: %s", exc)
                     await asyncio.sleep(args.refresh_seconds)
 

@@ -141,7 +141,7 @@ class PodRunner:
                 kind, pod = await queue.get()
                 try:
                     await self._reconcile(kind, pod)
-                except Exception:
+                except Exception:  # one pod's failure is logged; the others keep their servers
                     log.exception("reconciling pod %s", (pod.get("metadata") or {}).get("name"))
         finally:
             informer.stop()
@@ -182,7 +182,8 @@ class PodRunner:
             return
         running = self._running.get(pod.uid)
         if running is None:
-            assert pod.role is not None and node is not None
+            assert pod.role is not None
+            assert node is not None
             product = node["labels"].get(LABEL_GPU_PRODUCT, "") or self._base.gpu
             config = replace(
                 self._base,

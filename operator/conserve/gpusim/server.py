@@ -124,14 +124,10 @@ class _EngineCollector(Collector):
         yield counter(
             "vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache.", s.prefix_cache_hit_tokens_total
         )
-        g = GaugeMetricFamily(
-            POWER_METRIC, "Modelled board power of this server's GPUs.", labels=["gpu", "role"]
-        )
+        g = GaugeMetricFamily(POWER_METRIC, "Modelled board power of this server's GPUs.", labels=["gpu", "role"])
         g.add_metric([self._config.gpu, self._config.role.value], s.power_w)
         yield g
-        c = CounterMetricFamily(
-            ENERGY_METRIC, "Modelled energy drawn (modelled time).", labels=["gpu", "role"]
-        )
+        c = CounterMetricFamily(ENERGY_METRIC, "Modelled energy drawn (modelled time).", labels=["gpu", "role"])
         c.add_metric([self._config.gpu, self._config.role.value], e.energy_j_now())
         yield c
         yield counter(

@@ -95,7 +95,7 @@ class Informer:
                     version = self._watch(version)
             except Gone as exc:
                 log.info("%s: watch expired (%s); re-listing", self.name, exc)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 an informer outlives any failure: log, back off, re-list
                 if self._stopped.is_set():
                     return
                 delay = self._backoff.next_delay_s()
