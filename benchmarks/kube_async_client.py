@@ -7,9 +7,7 @@ wait on `kubernetes_asyncio` (aiohttp, no threads), written to the same contract
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
-import secrets
 import sys
 from typing import Any
 
@@ -20,6 +18,7 @@ from conserve.api.common import GROUP, VERSION
 from conserve.api.conversation import ConversationStatus
 from conserve.controller import main
 from conserve.controller.kube import NotFound, Refused
+from conserve.kube.events import event_body
 from conserve.router.control import _failure, _Waiters, parse_status, placement_of
 from conserve.router.policy import Placement
 
@@ -104,59 +103,19 @@ class AsyncKubeClient:
         return await self._paged(client.CoreV1Api, "list_node")
 
     async def patch_status(self, plural: str, namespace: str, name: str, patch: Body) -> Body:
-        await self._raw(
-            client.CustomObjectsApi,
-            "patch_namespaced_custom_object_status",
-            GROUP,
-            VERSION,
-            namespace,
-            plural,
-            name,
-            patch,
-            _content_type=MERGE,
-        )
-        return {}
+        return await self._merge_patch("patch_namespaced_custom_object_status", plural, namespace, name, patch)
 
     async def patch_object(self, plural: str, namespace: str, name: str, patch: Body) -> Body:
-        await self._raw(
-            client.CustomObjectsApi,
-            "patch_namespaced_custom_object",
-            GROUP,
-            VERSION,
-            namespace,
-            plural,
-            name,
-            patch,
-            _content_type=MERGE,
-        )
+        return await self._merge_patch("patch_namespaced_custom_object", plural, namespace, name, patch)
+
+    async def _merge_patch(self, method: str, plural: str, namespace: str, name: str, patch: Body) -> Body:
+        args = (GROUP, VERSION, namespace, plural, name, patch)
+        await self._raw(client.CustomObjectsApi, method, *args, _content_type=MERGE)
         return {}
 
     async def post_event(self, obj: Body, reason: str, message: str, *, warning: bool = False) -> None:
-        meta = obj.get("metadata", {})
-        namespace = meta.get("namespace") or "default"
-        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        event = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"name": f"{meta.get('name', 'obj')}.{secrets.token_hex(8)}", "namespace": namespace},
-            "involvedObject": {
-                "apiVersion": obj.get("apiVersion", f"{GROUP}/{VERSION}"),
-                "kind": obj.get("kind", ""),
-                "name": meta.get("name", ""),
-                "namespace": namespace,
-                "uid": meta.get("uid", ""),
-            },
-            "reason": reason,
-            "message": message[:1024],
-            "type": "Warning" if warning else "Normal",
-            "source": {"component": "conserve-operator"},
-            "reportingComponent": "conserve-operator",
-            "reportingInstance": "conserve-operator",
-            "eventTime": now,
-            "action": reason,
-            "count": 1,
-        }
-        await self._raw(client.CoreV1Api, "create_namespaced_event", namespace, event)
+        event = event_body(obj, reason, message, warning=warning, component="conserve-operator")
+        await self._raw(client.CoreV1Api, "create_namespaced_event", event["metadata"]["namespace"], event)
 
 
 class AsyncControlPlane:

@@ -40,6 +40,13 @@ HERE = Path(__file__).resolve().parent
 CLIENTS = ("threads", "asyncio")
 
 
+def fresh_namespace(kubeconfig: Path, ns: str, threads: int) -> Api:
+    """A new namespace, and the set-up client's calls in it."""
+    setup_client = new_api_client(kubeconfig, pool_size=threads + 4)
+    make_namespace(CoreV1Api(setup_client), ns)
+    return Api(setup_client, ns)
+
+
 async def _placement_waits(plane: Any, prefix: str, count: int, concurrency: int) -> tuple[list[float], float]:
     await plane.start()
     gate = asyncio.Semaphore(concurrency)
@@ -65,9 +72,7 @@ def placement_wait(
     kind: str, kubeconfig: Path, node_names: list[str], work: Path, tag: str, args: Any
 ) -> dict[str, Any]:
     ns = f"kb-wait-{kind}-{tag}"
-    setup_client = new_api_client(kubeconfig, pool_size=args.threads + 4)
-    make_namespace(CoreV1Api(setup_client), ns)
-    api = Api(setup_client, ns)
+    api = fresh_namespace(kubeconfig, ns, args.threads)
     op = OperatorProcess(kubeconfig, ns, work / f"{ns}.log", fast=False).start()
     try:
         setup_pool(api, 20, 1_000_000, node_names, args.threads)
@@ -104,9 +109,7 @@ def operator_throughput(
     kind: str, kubeconfig: Path, node_names: list[str], work: Path, tag: str, args: Any
 ) -> dict[str, Any]:
     ns = f"kb-op-{kind}-{tag}"
-    setup_client = new_api_client(kubeconfig, pool_size=args.threads + 4)
-    make_namespace(CoreV1Api(setup_client), ns)
-    api = Api(setup_client, ns)
+    api = fresh_namespace(kubeconfig, ns, args.threads)
     api.create(pool_body("bench", tokens_per_decoder=1_000_000))
     names = [f"b-{i:05d}" for i in range(args.count)]
     with concurrent.futures.ThreadPoolExecutor(args.threads) as pool:
@@ -114,7 +117,7 @@ def operator_throughput(
         list(pool.map(lambda n: api.create(conversation_body(n, "bench", 1000)), names))
     entry = ("-m", "conserve.cli") if kind == "threads" else (str(HERE / "kube_async_client.py"),)
     op = OperatorProcess(kubeconfig, ns, work / f"{ns}.log", fast=False, entry=entry)
-    with PlacementWatch(setup_client, ns) as watch:
+    with PlacementWatch(api.custom.api_client, ns) as watch:
         op.start(wait_ready=False)
         try:
             ok = watch.wait(names, 300)

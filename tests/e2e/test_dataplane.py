@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import signal
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +23,7 @@ from conserve.core.tokens import filler_text
 from conserve.devcluster.cluster import free_port
 from conserve.devcluster.testing import ClusterHandle
 from conserve.testkit import wait_for
+from conserve.testkit.processes import ConserveProcesses
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION = "conserve.dev", "v1alpha1"
@@ -137,68 +134,36 @@ class DataPlane:
 
 
 @pytest.fixture
-def dataplane(cluster: ClusterHandle, namespace: str, tmp_path: Path) -> Iterator[DataPlane]:
-    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-    cluster.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/conversations.conserve.dev",
-        "crd/decoderpools.conserve.dev",
-    )
-    procs: list[tuple[subprocess.Popen[bytes], Path]] = []
-
-    def start(name: str, *args: str) -> None:
-        log = tmp_path / f"{name}.log"
-        with log.open("wb") as out:
-            # Kopf (the operator) reads KUBECONFIG from its environment.
-            env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "conserve.cli", *args], stdout=out, stderr=subprocess.STDOUT, env=env
-            )
-        procs.append((proc, log))
-
+def dataplane(cluster: ClusterHandle, namespace: str, conserve_processes: ConserveProcesses) -> Iterator[DataPlane]:
     kubeconfig = f"--kubeconfig={cluster.kubeconfig}"
     router_port = free_port()
-    try:
-        with cluster.api_client() as api:
-            core, apps, custom = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
-            custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "decoderpools", POOL)
-            apps.create_namespaced_deployment(namespace, deployment("pre", "prefill", 1))  # type: ignore[arg-type]
-            apps.create_namespaced_deployment(namespace, deployment("dec", "decode", 2))  # type: ignore[arg-type]
-            start("operator", "operator", f"--namespace={namespace}", "--no-leader-elect", "--metrics-port=0")
-            start("gpusim", "gpu-sim", "pods", kubeconfig, f"--namespace={namespace}", "--time-scale=0.02")
-            start(
-                "router",
-                "router",
-                kubeconfig,
-                f"--namespace={namespace}",
-                "--pool=pool",
-                f"--port={router_port}",
-                "--usage-interval=0.3",
-            )
-            plane = DataPlane(cluster, namespace, f"http://127.0.0.1:{router_port}", custom, core)
-            wait_for(
-                "1 prefill and 2 decoders ready behind the router",
-                lambda: (
-                    len(plane.backends().get("prefills", [])) == 1 and len(plane.backends().get("decoders", [])) == 2
-                ),
-                timeout_s=90,
-            )
-            yield plane
-    except BaseException:
-        for _, log in procs:
-            sys.stderr.write(f"--- {log.name}\n{log.read_text()[-4000:]}\n")
-        raise
-    finally:
-        for proc, _ in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc, _ in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with cluster.api_client() as api:
+        core, apps, custom = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "decoderpools", POOL)
+        apps.create_namespaced_deployment(namespace, deployment("pre", "prefill", 1))  # type: ignore[arg-type]
+        apps.create_namespaced_deployment(namespace, deployment("dec", "decode", 2))  # type: ignore[arg-type]
+        conserve_processes.start(
+            "operator", "operator", f"--namespace={namespace}", "--no-leader-elect", "--metrics-port=0"
+        )
+        conserve_processes.start(
+            "gpusim", "gpu-sim", "pods", kubeconfig, f"--namespace={namespace}", "--time-scale=0.02"
+        )
+        conserve_processes.start(
+            "router",
+            "router",
+            kubeconfig,
+            f"--namespace={namespace}",
+            "--pool=pool",
+            f"--port={router_port}",
+            "--usage-interval=0.3",
+        )
+        plane = DataPlane(cluster, namespace, f"http://127.0.0.1:{router_port}", custom, core)
+        wait_for(
+            "1 prefill and 2 decoders ready behind the router",
+            lambda: len(plane.backends().get("prefills", [])) == 1 and len(plane.backends().get("decoders", [])) == 2,
+            timeout_s=90,
+        )
+        yield plane
 
 
 def test_every_turn_follows_the_placement_and_reports_reach_status(dataplane: DataPlane) -> None:

@@ -12,7 +12,6 @@ import concurrent.futures
 import datetime as dt
 import functools
 import json
-import secrets
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -20,6 +19,7 @@ from conserve.api.common import GROUP, VERSION
 from conserve.kube import ApiError, NotFound, Refused, new_api_client
 from conserve.kube.clients import k8s
 from conserve.kube.errors import translate
+from conserve.kube.events import event_body
 
 T = TypeVar("T")
 Body = dict[str, Any]
@@ -129,33 +129,8 @@ class KubeClient:
         return {}
 
     async def post_event(self, obj: Body, reason: str, message: str, *, warning: bool = False) -> None:
-        meta = obj.get("metadata", {})
-        namespace = meta.get("namespace") or "default"
-        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        event = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"name": f"{meta.get('name', 'obj')}.{secrets.token_hex(8)}", "namespace": namespace},
-            "involvedObject": {
-                "apiVersion": obj.get("apiVersion", f"{GROUP}/{VERSION}"),
-                "kind": obj.get("kind", ""),
-                "name": meta.get("name", ""),
-                "namespace": namespace,
-                "uid": meta.get("uid", ""),
-                "resourceVersion": meta.get("resourceVersion", ""),
-            },
-            "reason": reason,
-            "message": message[:1024],
-            "type": "Warning" if warning else "Normal",
-            "source": {"component": self._component},
-            "reportingComponent": self._component,
-            "reportingInstance": self._component,
-            "firstTimestamp": now[:19] + "Z",
-            "lastTimestamp": now[:19] + "Z",
-            "eventTime": now,
-            "action": reason,
-            "count": 1,
-        }
+        event = event_body(obj, reason, message, warning=warning, component=self._component)
+        namespace = event["metadata"]["namespace"]
         await self._call(_discarding(self._core.create_namespaced_event), namespace, event, _preload_content=False)
 
 

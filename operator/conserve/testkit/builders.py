@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 from typing import Any, Self
 
+from pydantic import BaseModel
+
 from conserve.api.common import API_VERSION
 from conserve.api.conversation import KIND as CONVERSATION
 from conserve.api.conversation import ConversationSpec
@@ -42,6 +44,13 @@ class _Builder:
         self._spec.update(fields)
         return self
 
+    def _custom_object(self, kind: str, model: type[BaseModel] | None) -> Body:
+        """The object; its spec checked by `model` first (a ValidationError names the field and the reason)."""
+        if model is not None:
+            model.model_validate(self._spec)
+        metadata, spec = copy.deepcopy(self._metadata), copy.deepcopy(self._spec)
+        return {"apiVersion": API_VERSION, "kind": kind, "metadata": metadata, "spec": spec}
+
 
 class ConversationBuilder(_Builder):
     def __init__(self, name: str, pool: str = "pool") -> None:
@@ -61,15 +70,7 @@ class ConversationBuilder(_Builder):
         return self.spec(completed=True)
 
     def build(self, *, validate: bool = True) -> Body:
-        if validate:
-            ConversationSpec.model_validate(self._spec)
-        spec = copy.deepcopy(self._spec)
-        return {
-            "apiVersion": API_VERSION,
-            "kind": CONVERSATION,
-            "metadata": copy.deepcopy(self._metadata),
-            "spec": spec,
-        }
+        return self._custom_object(CONVERSATION, ConversationSpec if validate else None)
 
 
 class PoolBuilder(_Builder):
@@ -87,15 +88,7 @@ class PoolBuilder(_Builder):
         return self.spec(kvCapacity={"tokensPerDecoder": tokens_per_decoder})
 
     def build(self, *, validate: bool = True) -> Body:
-        if validate:
-            DecoderPoolSpec.model_validate(self._spec)
-        spec = copy.deepcopy(self._spec)
-        return {
-            "apiVersion": API_VERSION,
-            "kind": "DecoderPool",
-            "metadata": copy.deepcopy(self._metadata),
-            "spec": spec,
-        }
+        return self._custom_object("DecoderPool", DecoderPoolSpec if validate else None)
 
 
 class PodBuilder(_Builder):
