@@ -141,3 +141,21 @@ def test_api_errors_map_to_named_exceptions(status: int, kind: type[Exception]) 
     error = translate(ApiError(status=status, reason="nope"))
     assert isinstance(error, kind)
     assert error.status == status
+
+
+def test_a_watch_request_refused_as_gone_relists_without_backing_off() -> None:
+    class CountingBackoff(Backoff):
+        delays = 0
+
+        def next_delay_s(self) -> float:
+            self.delays += 1
+            return 0.0
+
+    api = ScriptedApi([Listing([], "1"), ApiError(status=410, reason="Gone"), Listing([obj("a", "2")], "2")])
+    listings: list[int] = []
+    backoff = CountingBackoff()
+    informer = Informer(api, name="x", on_replace=lambda i: listings.append(len(i)), on_event=print, backoff=backoff)
+    api.informer = informer
+    informer.run()
+    assert listings == [0, 1]
+    assert backoff.delays == 0

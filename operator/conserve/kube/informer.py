@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from conserve.kube.errors import Gone, from_watch_error
+from conserve.kube.errors import Gone, from_watch_error, status_of
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,8 @@ class Informer:
             except Exception as exc:  # noqa: BLE001 an informer outlives any failure: log, back off, re-list
                 if self._stopped.is_set():
                     return
+                if status_of(exc) == 410:  # the watch request itself refused as too old
+                    continue
                 delay = self._backoff.next_delay_s()
                 log.warning("%s: list/watch failed (%s); re-listing in %.1fs", self.name, exc, delay)
                 self._stopped.wait(delay)
