@@ -22,7 +22,8 @@ from kubernetes import client
 from conserve.core.tokens import filler_text
 from conserve.devcluster.cluster import free_port
 from conserve.devcluster.testing import ClusterHandle
-from conserve.testkit import wait_for
+from conserve.testkit import PoolBuilder, wait_for
+from conserve.testkit.builders import serving_deployment
 from conserve.testkit.processes import ConserveProcesses
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,42 +32,10 @@ PRODUCTS = {"prefill": "NVIDIA-H100-80GB-HBM3", "decode": "NVIDIA-H200"}
 
 
 def deployment(name: str, role: str, replicas: int) -> dict[str, Any]:
-    labels = {"app": name, "conserve.dev/role": role}
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "terminationGracePeriodSeconds": 0,
-                    "nodeSelector": {"nvidia.com/gpu.product": PRODUCTS[role]},
-                    "containers": [
-                        {
-                            "name": "vllm",
-                            "image": "registry.k8s.io/pause:3.10",
-                            "resources": {"limits": {"nvidia.com/gpu": "1"}},
-                        }
-                    ],
-                },
-            },
-        },
-    }
+    return serving_deployment(name, role, replicas, PRODUCTS[role])
 
 
-POOL = {
-    "apiVersion": f"{GROUP}/{VERSION}",
-    "kind": "DecoderPool",
-    "metadata": {"name": "pool"},
-    "spec": {
-        "model": {"name": "llama-3-8b"},
-        "decoderSelector": {"matchLabels": {"app": "dec"}},
-        "prefillSelector": {"matchLabels": {"app": "pre"}},
-    },
-}
+POOL = PoolBuilder("pool").decoders("dec").prefills("pre").build()
 
 
 @dataclass

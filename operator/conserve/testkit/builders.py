@@ -17,7 +17,7 @@ from conserve.api.common import API_VERSION
 from conserve.api.conversation import KIND as CONVERSATION
 from conserve.api.conversation import ConversationSpec
 from conserve.api.decoderpool import DecoderPoolSpec
-from conserve.api.labels import ANNOTATION_ENDPOINT, ANNOTATION_MODEL, LABEL_ROLE, RESOURCE_GPU
+from conserve.api.labels import ANNOTATION_ENDPOINT, ANNOTATION_MODEL, LABEL_GPU_PRODUCT, LABEL_ROLE, RESOURCE_GPU
 
 Body = dict[str, Any]
 
@@ -139,3 +139,21 @@ class PodBuilder(_Builder):
         if self._status is not None:
             body["status"] = copy.deepcopy(self._status)
         return body
+
+
+def serving_deployment(name: str, role: str, replicas: int, gpu_product: str) -> Body:
+    """A Deployment of `replicas` one-GPU serving pods (`app: name`, role label) on nodes of one GPU product; the
+    gpu-sim pod runner serves them on KWOK nodes (the image is never pulled)."""
+    labels = {"app": name, LABEL_ROLE: role}
+    container = {"name": "vllm", "image": "registry.k8s.io/pause:3.10", "resources": {"limits": {RESOURCE_GPU: "1"}}}
+    pod_spec = {"terminationGracePeriodSeconds": 0, "nodeSelector": {LABEL_GPU_PRODUCT: gpu_product}}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": labels}, "spec": {**pod_spec, "containers": [container]}},
+        },
+    }
