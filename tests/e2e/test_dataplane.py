@@ -28,13 +28,6 @@ from conserve.testkit.processes import ConserveProcesses
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION = "conserve.dev", "v1alpha1"
-PRODUCTS = {"prefill": "NVIDIA-H100-80GB-HBM3", "decode": "NVIDIA-H200"}
-
-
-def deployment(name: str, role: str, replicas: int) -> dict[str, Any]:
-    return serving_deployment(name, role, replicas, PRODUCTS[role])
-
-
 POOL = PoolBuilder("pool").decoders("dec").prefills("pre").build()
 
 
@@ -109,8 +102,8 @@ def dataplane(cluster: ClusterHandle, namespace: str, conserve_processes: Conser
     with cluster.api_client() as api:
         core, apps, custom = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
         custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "decoderpools", POOL)
-        apps.create_namespaced_deployment(namespace, deployment("pre", "prefill", 1))  # type: ignore[arg-type]
-        apps.create_namespaced_deployment(namespace, deployment("dec", "decode", 2))  # type: ignore[arg-type]
+        apps.create_namespaced_deployment(namespace, serving_deployment("pre", "prefill", 1))  # type: ignore[arg-type]
+        apps.create_namespaced_deployment(namespace, serving_deployment("dec", "decode", 2))  # type: ignore[arg-type]
         conserve_processes.start(
             "operator", "operator", f"--namespace={namespace}", "--no-leader-elect", "--metrics-port=0"
         )

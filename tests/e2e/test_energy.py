@@ -23,13 +23,6 @@ from conserve.testkit.processes import ConserveProcesses
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION = "conserve.dev", "v1alpha1"
-PRODUCTS = {"prefill": "NVIDIA-H100-80GB-HBM3", "decode": "NVIDIA-H200"}
-
-
-def deployment(name: str, role: str, replicas: int) -> dict[str, Any]:
-    return serving_deployment(name, role, replicas, PRODUCTS[role])
-
-
 POOL = PoolBuilder("pool").decoders("dec").prefills("pre").build()
 
 
@@ -68,8 +61,8 @@ def energy_plane(
         apps: Any = client.AppsV1Api(api)
         custom: Any = client.CustomObjectsApi(api)
         custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "decoderpools", POOL)
-        apps.create_namespaced_deployment(namespace, deployment("pre", "prefill", 1))
-        apps.create_namespaced_deployment(namespace, deployment("dec", "decode", 2))
+        apps.create_namespaced_deployment(namespace, serving_deployment("pre", "prefill", 1))
+        apps.create_namespaced_deployment(namespace, serving_deployment("dec", "decode", 2))
         conserve_processes.start(
             "operator", "operator", f"--namespace={namespace}", "--no-leader-elect", "--metrics-port=0"
         )

@@ -141,9 +141,14 @@ class PodBuilder(_Builder):
         return body
 
 
-def serving_deployment(name: str, role: str, replicas: int, gpu_product: str) -> Body:
-    """A Deployment of `replicas` one-GPU serving pods (`app: name`, role label) on nodes of one GPU product; the
-    gpu-sim pod runner serves them on KWOK nodes (the image is never pulled)."""
+#: The devcluster's GPU product of each serving role: prefill on the compute tier, decode on the bandwidth tier.
+ROLE_PRODUCTS = {"prefill": "NVIDIA-H100-80GB-HBM3", "decode": "NVIDIA-H200"}
+
+
+def serving_deployment(name: str, role: str, replicas: int, gpu_product: str | None = None) -> Body:
+    """A Deployment of `replicas` one-GPU serving pods (`app: name`, role label) on nodes of one GPU product (the
+    role's in `ROLE_PRODUCTS` by default); the gpu-sim pod runner serves them on KWOK nodes (no image pulled)."""
+    gpu_product = gpu_product or ROLE_PRODUCTS[role]
     labels = {"app": name, LABEL_ROLE: role}
     container = {"name": "vllm", "image": "registry.k8s.io/pause:3.10", "resources": {"limits": {RESOURCE_GPU: "1"}}}
     pod_spec = {"terminationGracePeriodSeconds": 0, "nodeSelector": {LABEL_GPU_PRODUCT: gpu_product}}
