@@ -148,7 +148,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="conserve-kube-bench-"))
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "placement_wait": [], "operator_throughput": []}
     with cluster(args.kubeconfig, work) as kubeconfig:
-        bench_nodes = nodes.make_gpu_nodes("kb-h200", 2, "NVIDIA-H200", 8, 143771, pods="250")
+        bench_nodes = nodes.make_gpu_nodes("kb-h200", 10, "NVIDIA-H200", 8, 143771, pods="250")
         node_names = nodes.apply_gpu_nodes(kubeconfig, bench_nodes)
         nodes.wait_nodes_ready(kubeconfig, node_names)
         with new_api_client(kubeconfig) as api_client:
