@@ -12,6 +12,13 @@ is the bottleneck, in one run on one local control plane:
 
     .venv/bin/pip install kubernetes_asyncio   # the contender only; ConServe does not depend on it
     .venv/bin/python benchmarks/kube_client_bench.py [--kubeconfig K] [--rounds 1] [--out results/kube_client.json]
+
+One run (--count 300 --concurrency 32 --rounds 1; 2 cores shared with other jobs, load average 17-19):
+    placement wait   threads  p50 5778 ms  p99 10323 ms  2.5 placed/s
+                     asyncio  p50 4630 ms  p99  8118 ms  6.4 placed/s   (asyncio/threads: 0.80, 0.79, 2.56)
+    operator backlog threads  8.1 placed/s;  asyncio 8.1 placed/s          (1.00)
+Each scenario ran once, threads first (on a freshly started cluster): more rounds (--rounds 3 alternates them)
+on a quiet machine before reading much into the router's figures.
 """
 
 from __future__ import annotations
