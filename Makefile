@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv controlplane up down status lint test test-unit test-e2e demo clean-cluster
+.PHONY: help venv controlplane up down status lint test test-unit test-packaging test-e2e demo clean-cluster
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -48,6 +48,9 @@ lint: venv ## ruff (rules and format), mypy (strict: package, tests, benchmarks)
 
 test-unit: venv ## Unit tests only (no cluster)
 	$(BIN)/pytest -q -m unit $(PYTEST_ARGS)
+
+test-packaging: controlplane ## The Helm chart rendered by helm (built from Go) and the wheel installed apart; no cluster
+	$(BIN)/pytest -q -m packaging $(PYTEST_ARGS)
 
 test-e2e: controlplane ## End-to-end tests against a local control plane (or the cluster named by CONSERVE_KUBECONFIG)
 	$(BIN)/pytest -q -m e2e $(PYTEST_ARGS)

@@ -72,3 +72,62 @@ def test_scale_load(tmp_path: Path) -> None:
     assert faster.turns == workload.turns
     with pytest.raises(ValueError):
         scale_load(workload, 0.0)
+
+
+# --- bad input: a clear message on stderr and a non-zero exit, in both commands ------------------------------
+
+
+def _run(command: str, workload: Path, out: Path) -> int:
+    return main([command, "--workload", str(workload), "--no-progress", "--out", str(out)])
+
+
+@pytest.mark.parametrize("command", ["simulate", "bench"])
+def test_missing_trace_says_file_not_found(command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "gone.jsonl"
+    assert _run(command, missing, tmp_path / "out") == 2
+    assert f"{missing}: file not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["simulate", "bench"])
+def test_trace_dir_without_the_named_trace_says_file_not_found(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main([command, "--workload", "mooncake", "--trace-dir", str(tmp_path), "--no-progress"])
+    assert code == 2
+    assert f"{tmp_path / 'mooncake' / 'conversation_trace.jsonl'}: file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["simulate", "bench"])
+def test_csv_not_in_azure_format_names_the_suffix_rule_and_missing_columns(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "requests.csv"
+    path.write_text("arrival,input,GeneratedTokens\n0,100,10\n")
+    assert _run(command, path, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "read as an Azure trace (CSV) because its name ends in .csv" in err
+    assert "lacks the column(s) TIMESTAMP, ContextTokens " in err
+
+
+@pytest.mark.parametrize("command", ["simulate", "bench"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_trace_with_every_line_malformed_stops(
+    command: str, suffix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / f"broken{suffix}"
+    header = "TIMESTAMP,ContextTokens,GeneratedTokens\n" if suffix == ".csv" else ""
+    path.write_text(header + "not a request\nnor this\n")
+    assert _run(command, path, tmp_path / "out") == 2
+    captured = capsys.readouterr()
+    assert f"{path}: read as " in captured.err
+    assert "none of its 2 non-empty line(s) is a usable request (line " in captured.err
+    assert "nan" not in captured.out.lower()  # no table of nothing
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["simulate", "bench"])
+def test_window_with_no_conversation_stops(command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--workload", str(_trace(tmp_path)), "--duration-s", "0", "--no-progress", "--out", str(tmp_path / "o")]
+    assert main([command, *args]) == 2
+    assert "has no conversation in its first 0 s" in capsys.readouterr().err

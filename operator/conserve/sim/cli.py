@@ -34,7 +34,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--trace-dir",
         type=Path,
         default=None,
-        help="where mooncake/ and azure/ traces live (default: ../shared/data/traces beside the repository)",
+        help="folder holding mooncake/ and azure/ traces (default: the traces shipped in the package)",
     )
     p.add_argument(
         "--idle-timeout-s",
@@ -67,6 +67,9 @@ def _load(spec: str, args: argparse.Namespace) -> Workload:
             print(f"  line {line_no}: {why}", file=sys.stderr)
         if len(report.skipped) > 20:
             print(f"  ... and {len(report.skipped) - 20} more", file=sys.stderr)
+    if not workload.conversations:
+        window = "" if args.duration_s is None else f" in its first {args.duration_s:g} s"
+        raise TraceError(f"workload {workload.name} has no conversation{window}: nothing to simulate")
     return workload
 
 

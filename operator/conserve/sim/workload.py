@@ -41,12 +41,23 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TextIO
 
 MOONCAKE_BLOCK_TOKENS = 512
+AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 
 
 class TraceError(ValueError):
     """A malformed trace line under strict parsing (or an unreadable trace)."""
+
+
+class TraceFormatError(TraceError):
+    """A whole file is not in the expected format (no usable header, or not one usable line); `detail` says how,
+    without the path, so a caller that chose the format can say why it did."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        super().__init__(f"{path}: {detail}")
+        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +110,27 @@ class Workload:
     @property
     def turns(self) -> int:
         return sum(len(c.turns) for c in self.conversations)
+
+
+def _open_trace(path: Path, newline: str | None = None) -> TextIO:
+    """The trace opened for reading; a missing file is a `TraceError` that names it."""
+    if not path.exists():
+        raise TraceError(f"{path}: file not found")
+    if not path.is_file():
+        raise TraceError(f"{path}: not a file")
+    return path.open(encoding="utf-8", errors="replace", newline=newline)
+
+
+def _refuse_unusable(report: ParseReport | None) -> None:
+    """A trace without one usable request replays nothing: say so rather than report statistics of nothing."""
+    if report is None:
+        return
+    if not report.skipped:
+        raise TraceFormatError(report.path, "it holds no request")
+    line_no, why = report.skipped[0]
+    raise TraceFormatError(
+        report.path, f"none of its {len(report.skipped)} non-empty line(s) is a usable request (line {line_no}: {why})"
+    )
 
 
 def _bad(report: ParseReport, line_no: int, why: str, strict: bool) -> None:
@@ -211,8 +243,10 @@ def recover_conversations(requests: Sequence[_Request], *, name_prefix: str = "m
 
 
 def load_mooncake(path: Path, *, strict: bool = False, duration_s: float | None = None) -> Workload:
-    with path.open(encoding="utf-8") as f:
+    with _open_trace(path) as f:
         requests, report = parse_mooncake_lines(f, path=str(path), strict=strict)
+    if not requests:
+        _refuse_unusable(report)
     conversations = recover_conversations(requests)
     return Workload("mooncake", tuple(_clip(conversations, duration_s)), report)
 
@@ -236,9 +270,13 @@ def parse_azure_lines(lines: Iterable[str], *, path: str = "<azure>", strict: bo
         report.lines = line_no
         if header is None:
             header = [c.strip() for c in row]
-            missing = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"} - set(header)
+            missing = [c for c in AZURE_COLUMNS if c not in header]
             if missing:
-                raise TraceError(f"{path}:1: header lacks {sorted(missing)}")
+                raise TraceFormatError(
+                    path,
+                    f"its first line lacks the column(s) {', '.join(missing)} "
+                    f"(it has: {', '.join(header) or 'nothing'}; an Azure trace has {', '.join(AZURE_COLUMNS)})",
+                )
             continue
         if not row or all(not c.strip() for c in row):
             continue
@@ -263,8 +301,10 @@ def parse_azure_lines(lines: Iterable[str], *, path: str = "<azure>", strict: bo
 
 
 def load_azure(path: Path, *, strict: bool = False, duration_s: float | None = None) -> Workload:
-    with path.open(encoding="utf-8", newline="") as f:
+    with _open_trace(path, newline="") as f:
         workload = parse_azure_lines(f, path=str(path), strict=strict)
+    if not workload.conversations:
+        _refuse_unusable(workload.report)
     return Workload(workload.name, tuple(_clip(workload.conversations, duration_s)), workload.report)
 
 
@@ -368,8 +408,9 @@ def scale_load(workload: Workload, factor: float) -> Workload:
 
 
 def default_trace_dir() -> Path:
-    """`../shared/data/traces` beside the repository checkout (the CLI takes `--trace-dir` to point elsewhere)."""
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "traces"
+    """The traces shipped with the package (`conserve/sim/traces`, package data: the same folder in a source
+    checkout and in an installed wheel; its README says where each trace comes from). `--trace-dir` replaces it."""
+    return Path(__file__).resolve().with_name("traces")
 
 
 MOONCAKE_FILE = "mooncake/conversation_trace.jsonl"
@@ -404,7 +445,16 @@ def _load_workload(spec: str, *, seed: int, duration_s: float | None, strict: bo
     if spec == "agentic":
         return synthesize_agentic(seed, duration_s if duration_s is not None else 3600.0)
     path = Path(spec)
-    if not path.is_file():
-        raise TraceError(f"unknown workload {spec!r}: not mooncake, azure, agentic or a trace file")
-    loaded = (load_azure if path.suffix == ".csv" else load_mooncake)(path, strict=strict, duration_s=duration_s)
+    if not path.exists():
+        if path.suffix or len(path.parts) > 1:
+            raise TraceError(f"{path}: file not found")
+        raise TraceError(f"unknown workload {spec!r}: not mooncake, azure or agentic, and {path}: file not found")
+    # The format follows the name: there is no reliable way to tell a CSV from JSON lines by a damaged first line.
+    as_azure = path.suffix.lower() == ".csv"
+    why = "its name ends in .csv" if as_azure else "its name does not end in .csv"
+    try:
+        loaded = (load_azure if as_azure else load_mooncake)(path, strict=strict, duration_s=duration_s)
+    except TraceFormatError as exc:
+        kind = "an Azure trace (CSV)" if as_azure else "a Mooncake trace (JSON lines)"
+        raise TraceError(f"{path}: read as {kind} because {why}; {exc.detail}") from exc
     return Workload(path.stem, loaded.conversations, loaded.report)  # named after the file

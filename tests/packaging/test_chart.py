@@ -1,7 +1,8 @@
 """The Helm chart (charts/conserve): lint, render with good and bad values, least-privilege RBAC, CRD drift.
 
 Runs the helm binary built with the local control plane (conserve.devcluster.build, cached by version; a first
-run builds it from its Go module). Every test renders with `helm template`: no cluster is needed.
+run builds it from its Go module, minutes on two cores): so these are `packaging` tests, not `unit` ones. Every
+test renders with `helm template`: no cluster is needed.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import yaml
 
 from conserve.core.gpus import Tier, node_gpu_from_labels
 from conserve.devcluster import build
-
-pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "conserve"
