@@ -38,8 +38,11 @@ down: venv ## Stop the local cluster; fails if any of its processes is left
 status: venv ## Show the local cluster's processes
 	$(BIN)/conserve dev status
 
-lint: venv ## ruff, mypy (strict) and the import contracts
-	$(BIN)/ruff check operator tests
+LINT_PATHS := operator tests benchmarks charts/conserve/hack
+
+lint: venv ## ruff (rules and format), mypy (strict: package, tests, benchmarks) and the import contracts
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
