@@ -43,9 +43,10 @@ def test_simulate_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "line 4: not JSON" in captured.err
     assert "conserve" in captured.out and "round-robin" in captured.out
     payload = json.loads((out / "results.json").read_text())
-    assert len(payload["runs"]) == 16  # 8 policies x 2 fleets
+    assert len(payload["runs"]) == 24  # 12 policies (3 ConServe variants, 9 baselines) x 2 fleets
+    assert payload["meta"]["signals"] == {"tiny": {"end_of_conversation": False}}
     assert all(r["turns"] == 3 for r in payload["runs"])
-    for name in ("runs.csv", "comparison.csv", "ttfet_cdf_tiny.png", "energy_per_token_tiny.png"):
+    for name in ("runs.csv", "comparison.csv", "report.md", "ttfet_cdf_tiny.png", "summary_tiny.png", "energy_per_token_tiny.png"):
         assert (out / name).stat().st_size > 0
 
 

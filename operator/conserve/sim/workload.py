@@ -91,10 +91,30 @@ class ParseReport:
 
 
 @dataclass(frozen=True, slots=True)
+class Signals:
+    """What the workload tells the serving system besides the prompts (the same for every policy).
+
+    `end_of_conversation`: the client says when a conversation is over (the agentic workload: an agent knows
+    when its task is done, as the Conversation API's `spec.completed` lets it say). Mooncake and Azure traces
+    carry no such signal: a conversation there ends, for every policy, when it has been idle for the idle
+    timeout.
+    """
+
+    end_of_conversation: bool = False
+
+    def as_dict(self) -> dict[str, bool]:
+        return {"end_of_conversation": self.end_of_conversation}
+
+
+NO_SIGNALS = Signals()
+
+
+@dataclass(frozen=True, slots=True)
 class Workload:
     name: str
     conversations: tuple[Conversation, ...]
     report: ParseReport | None = None
+    signals: Signals = NO_SIGNALS
 
     @property
     def turns(self) -> int:
@@ -330,7 +350,7 @@ def synthesize_agentic(seed: int, duration_s: float, params: AgenticParams | Non
             think = rng.lognormvariate(math.log(p.user_think_median_s), p.user_think_sigma)
         conversations.append(Conversation(f"ag-{index:05d}", t, tuple(turns)))
         index += 1
-    return Workload("agentic", tuple(conversations))
+    return Workload("agentic", tuple(conversations), signals=Signals(end_of_conversation=True))
 
 
 def _clip(conversations: Iterable[Conversation], duration_s: float | None) -> list[Conversation]:
@@ -361,7 +381,7 @@ def scale_load(workload: Workload, factor: float) -> Workload:
     conversations = tuple(
         Conversation(c.key, c.arrival_s / factor, tuple(turn(t) for t in c.turns)) for c in workload.conversations
     )
-    return Workload(f"{workload.name}", conversations, workload.report)
+    return Workload(workload.name, conversations, workload.report, workload.signals)
 
 
 # --- by name or path ---------------------------------------------------------------------------------------
