@@ -46,7 +46,14 @@ def test_simulate_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert len(payload["runs"]) == 24  # 12 policies (3 ConServe variants, 9 baselines) x 2 fleets
     assert payload["meta"]["signals"] == {"tiny": {"end_of_conversation": False}}
     assert all(r["turns"] == 3 for r in payload["runs"])
-    for name in ("runs.csv", "comparison.csv", "report.md", "ttfet_cdf_tiny.png", "summary_tiny.png", "energy_per_token_tiny.png"):
+    for name in (
+        "runs.csv",
+        "comparison.csv",
+        "report.md",
+        "ttfet_cdf_tiny.png",
+        "summary_tiny.png",
+        "energy_per_token_tiny.png",
+    ):
         assert (out / name).stat().st_size > 0
 
 

@@ -17,12 +17,9 @@ a benchmark, not a test):
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Never
 
 from tqdm import tqdm

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from conserve.api.decoderpool import DecoderPoolSpec
 from conserve.sim.fleet import Fleet
-from conserve.sim.policies import BASELINES, CONSERVE_VARIANTS, POLICIES, ConServe
+from conserve.sim.policies import POLICIES, ConServe
 from conserve.sim.workload import TraceError, Workload, load_workload
 
 #: The idle timeout in the benchmark (seconds), the same for every policy: a conversation idle longer than this
@@ -136,15 +136,16 @@ def _idle(args: argparse.Namespace) -> float | None:
 
 def _fleet_settings(fleet: Fleet) -> str:
     return (
-        f"host KV {fleet.host_kv_bytes_per_gpu / 1e9:g} GB/GPU, chunk {fleet.chunk_tokens} tokens, prefill prefix "
-        f"cache {'on' if fleet.prefill_prefix_cache else 'off'}, shared KV store {fleet.shared_kv_store_bytes / 1e9:g} GB"
+        f"host KV {fleet.host_kv_bytes_per_gpu / 1e9:g} GB/GPU, chunk {fleet.chunk_tokens} tokens, "
+        f"prefill prefix cache {'on' if fleet.prefill_prefix_cache else 'off'}, "
+        f"shared KV store {fleet.shared_kv_store_bytes / 1e9:g} GB"
     )
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from conserve.sim.bench import bench
-    from conserve.sim.output import format_comparisons, format_table, write_results
     from conserve.sim.fleet import FleetError, load_fleet_file
+    from conserve.sim.output import format_comparisons, format_table, write_results
 
     names = args.policy or [ConServe.name]
     if "all" in names:
@@ -228,7 +229,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"signals of {name}: end of conversation {'yes' if sig['end_of_conversation'] else 'no'}")
     started = time.monotonic()
     result = bench(
-        workloads, fleet_file, policies=names, fleets=fleets, idle_timeout_s=_idle(args), show_progress=not args.no_progress
+        workloads,
+        fleet_file,
+        policies=names,
+        fleets=fleets,
+        idle_timeout_s=_idle(args),
+        show_progress=not args.no_progress,
     )
     elapsed = time.monotonic() - started
     print(format_table(result.runs))

@@ -21,7 +21,6 @@ from conserve.core.llm import MODELS, ModelShape, kv_capacity_tokens
 from conserve.core.offload import HOST_KV_BYTES_PER_GPU
 from conserve.core.perf import LINKS, Device, Link
 
-
 DEFAULT_CHUNK_TOKENS = 8192
 
 

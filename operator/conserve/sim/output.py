@@ -13,7 +13,6 @@ from conserve.sim.bench import BenchResult, Comparison, Run
 from conserve.sim.metrics import RunMetrics
 from conserve.sim.report import write_plots, write_report
 
-
 #: (title, RunMetrics field, width, format, scale)
 TABLE_COLUMNS: tuple[tuple[str, str, int, str, float], ...] = (
     ("policy", "policy", 21, "s", 1.0),
@@ -65,7 +64,8 @@ def format_table(runs: Sequence[Run]) -> str:
 
 def format_comparisons(comparisons: Sequence[Comparison]) -> str:
     return "\n".join(
-        ["", "== ConServe vs the best per-turn baseline and vs per-turn-prediction (same fleet, workload, load)"] + [c.line() for c in comparisons]
+        ["", "== ConServe vs the best per-turn baseline and vs per-turn-prediction (same fleet, workload, load)"]
+        + [c.line() for c in comparisons]
     )
 
 

@@ -32,7 +32,7 @@ from conserve.core.pending import PendingItem, order_pending
 from conserve.core.perf import decode_energy_per_token_j
 from conserve.core.placement import DecoderState, PlacementRequest, PlacementSettings, PlacementWeights, place
 from conserve.core.reservation import HISTORY_LIMIT, GrowthObservation, growth_factor, reservation_for_factor
-from conserve.sim.baselines import PER_TURN_BASELINES
+from conserve.sim.baselines import PER_TURN_BASELINES, PerTurn
 from conserve.sim.policy_base import PolicyBase as _Base
 from conserve.sim.records import ConvState, LocalRoute, Policy, RemoteRoute, Retain, Route, SimView, TurnRecord
 
@@ -203,7 +203,11 @@ class ConServePack(ConServe):
         super().__init__(settings or PlacementSettings(weights=PlacementWeights(kv_balance=0.0, kv_pack=1.0)))
 
 
-POLICIES: dict[str, type[_Base]] = {p.name: p for p in (ConServe, ConServePack, ConServeNoOffload, *PER_TURN_BASELINES)}
+_CONSERVE: tuple[type[ConServe], ...] = (ConServe, ConServePack, ConServeNoOffload)
+POLICIES: dict[str, type[ConServe] | type[PerTurn]] = {
+    **{p.name: p for p in _CONSERVE},
+    **{p.name: p for p in PER_TURN_BASELINES},
+}
 #: The conversation-level policies (the default profile first) and the per-turn baselines.
 CONSERVE_VARIANTS = (ConServe.name, ConServePack.name, ConServeNoOffload.name)
 BASELINES = tuple(name for name in POLICIES if name not in CONSERVE_VARIANTS)

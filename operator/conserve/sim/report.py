@@ -54,9 +54,11 @@ def _scenarios(runs: Sequence[Run]) -> list[tuple[str, str]]:
 
 def why(cs: RunMetrics, other: RunMetrics) -> list[str]:
     """The measured differences that explain a TTFET or energy gap between ConServe and another policy."""
+    ttfet = _change(cs.ttfet_p95_s, other.ttfet_p95_s)
+    energy = _change(cs.tokens_per_j, other.tokens_per_j)
     facts = [
-        f"p95 TTFET {cs.ttfet_p95_s:.2f} s vs {other.ttfet_p95_s:.2f} s ({_change(cs.ttfet_p95_s, other.ttfet_p95_s)}), "
-        f"tokens/J {cs.tokens_per_j:.3f} vs {other.tokens_per_j:.3f} ({_change(cs.tokens_per_j, other.tokens_per_j)})."
+        f"p95 TTFET {cs.ttfet_p95_s:.2f} s vs {other.ttfet_p95_s:.2f} s ({ttfet}), "
+        f"tokens/J {cs.tokens_per_j:.3f} vs {other.tokens_per_j:.3f} ({energy})."
     ]
     facts.append(
         f"Re-prefilled tokens {cs.reprefilled_tokens / 1e6:.2f} M vs {other.reprefilled_tokens / 1e6:.2f} M; "
