@@ -6,9 +6,11 @@ ends when a sequence finishes, when memory runs out, or at the first step bounda
 With prompts to prefill (a pinned or cached conversation's later turn, a recompute after preemption) it runs
 mixed iterations, as vLLM's chunked prefill does: each takes at most `chunk_tokens` prompt tokens (first come
 first served) and one decode step of the running batch, so a long prompt no longer stalls the batch for its
-whole prefill. A mixed iteration lasts the prefill time of its chunks plus the decode step (the two share the
-GPU; adding them is the conservative end) plus any host reload of a prompt's cached prefix before its first
-chunk. Prompt chunks draw prefill power; the decode step its own.
+whole prefill. A mixed iteration is one fused batch (vLLM's chunked prefill, Sarathi-Serve): the decode step's
+weight and KV reads overlap the chunks' compute, so it lasts the longer of the two (the decode step's own
+FLOPs, at most a few percent of a full chunk's, are not added), plus any host reload of a prompt's cached
+prefix before its first chunk. Prompt chunks draw prefill power (full activity); a decode step that outlasts
+them draws its own power as well.
 """
 
 from __future__ import annotations
@@ -86,13 +88,15 @@ class DecoderLoop:
         decoder.kv_token_seconds += decoder.live_tokens() * (self.now - decoder.last_kv_t)
         decoder.last_kv_t = self.now
 
-    def _account_decode(self, decoder: Decoder, steps: int, batch: int, context: int) -> float:
-        """Advance the running batch `steps` steps; returns their duration."""
+    def _account_decode(self, decoder: Decoder, steps: int, batch: int, context: int, *, charge: bool = True) -> float:
+        """Advance the running batch `steps` steps; returns their duration. `charge=False`: the steps rode in a
+        fused iteration whose prompt chunks already account for its time and power."""
         device = decoder.spec.device
         duration = decode_run_time_s(device, self.model, batch, context, steps)
-        energy = decode_run_energy_j(device, self.model, batch, context, steps)
-        decoder.decode_s += duration
-        decoder.dynamic_energy_j += energy - device.idle_power_w * duration
+        if charge:
+            energy = decode_run_energy_j(device, self.model, batch, context, steps)
+            decoder.decode_s += duration
+            decoder.dynamic_energy_j += energy - device.idle_power_w * duration
         decoder.generated_tokens += steps * batch
         decoder.decode_steps += steps
         # KV integral: the running KV grows linearly by batch x steps over the run (the tick counts its start).
@@ -126,7 +130,8 @@ class DecoderLoop:
         decoder.prefill_s += compute + reload
         decoder.dynamic_energy_j += (power_w(device, PREFILL_ACTIVITY) - device.idle_power_w) * compute
         if decoder.iteration_decodes:
-            self._account_decode(decoder, 1, decoder.run_batch, decoder.run_context)
+            step = decode_run_time_s(device, self.model, decoder.run_batch, decoder.run_context, 1)
+            self._account_decode(decoder, 1, decoder.run_batch, decoder.run_context, charge=step > compute)
         for job, take in decoder.iteration:
             if not job.reloaded and job.reload_tokens:
                 self.transfer_energy_j += pcie_transfer_energy_j(self.model, job.reload_tokens)
@@ -225,7 +230,8 @@ class DecoderLoop:
         if decoder.iteration_decodes:
             decoder.run_batch = len(decoder.running)
             decoder.run_context = decoder.running_tokens
-            duration += decode_run_time_s(decoder.spec.device, self.model, decoder.run_batch, decoder.run_context, 1)
+            step = decode_run_time_s(decoder.spec.device, self.model, decoder.run_batch, decoder.run_context, 1)
+            duration = reload + max(compute, step)
         decoder.state = "prefill"
         decoder.version += 1
         self._push(self.now + duration, DECODER_WAKE, (decoder, decoder.version))
