@@ -239,9 +239,17 @@ class Simulator(DecoderLoop):
             return
         waiting = self.policy.order_pending(self.pending)
         self.pending = []
+        # A refusal changes nothing, and a policy that cannot place a first turn cannot place a larger one
+        # either until something is placed: skip those (only saves work; the outcome is the same).
+        refused_at: int | None = None
         for state in waiting:
             record = state.turns[-1]
-            if not self._route(state, record, first_try=False):
+            if refused_at is not None and record.input_tokens >= refused_at:
+                self.pending.append(state)
+            elif self._route(state, record, first_try=False):
+                refused_at = None
+            else:
+                refused_at = record.input_tokens
                 self.pending.append(state)
 
     def _turn_done(self, decoder: Decoder, seq: Seq) -> None:
