@@ -123,6 +123,10 @@ class Simulator(DecoderLoop):
         self.reloads = 0
         self.transfer_energy_j = 0.0
         self.released: set[str] = set()
+        # idle_candidates per (decoder, gpu_kv given), valid while `epoch` stands: every event, release and
+        # offload moves it on (a policy may ask for candidates many times while nothing changes)
+        self.epoch = 0
+        self._candidates: dict[tuple[str, bool], tuple[int, list[IdleKv]]] = {}
         largest = max(c.final_context_tokens for c in workload.conversations) if workload.conversations else 0
         smallest = min(d.capacity for d in self.decoders.values())
         if largest > smallest:
@@ -142,6 +146,7 @@ class Simulator(DecoderLoop):
         while self.events:
             t, _, kind, payload = heapq.heappop(self.events)
             self.now = t
+            self.epoch += 1
             if kind == _ARRIVE:
                 self._turn_arrives(payload)
             elif kind == _PREFILL_DONE:
@@ -260,6 +265,7 @@ class Simulator(DecoderLoop):
         if self.progress is not None:
             self.progress(1)
         kv = seq.context
+        self.epoch += 1
         state.decoder = decoder.name
         state.kv_tokens = kv
         if self.policy.retain(state, decoder.name) == "pin":
@@ -307,6 +313,7 @@ class Simulator(DecoderLoop):
         if self.store is not None:
             self.store.drop(key)
         freed = self.decoders.get(state.decoder or "")
+        self.epoch += 1
         self.policy.release(state)
         if not state.finished:
             # Released for idleness before its last turn: its next turn starts it again from scratch.
@@ -319,6 +326,9 @@ class Simulator(DecoderLoop):
     # host offload -----------------------------------------------------------------------------------------
     def idle_candidates(self, decoder: Decoder, gpu_kv: Callable[[str, int], int] | None = None) -> list[IdleKv]:
         """The decoder's pinned conversations with no turn in progress, as offload candidates."""
+        cached = self._candidates.get((decoder.name, gpu_kv is None))
+        if cached is not None and cached[0] == self.epoch:
+            return list(cached[1])
         out: list[IdleKv] = []
         for key, size in decoder.pinned.items():
             state = self.by_key[key]
@@ -327,11 +337,13 @@ class Simulator(DecoderLoop):
             last = decoder.pinned_at.get(key, 0.0)
             ready = last + pcie_transfer_time_s(self.model, size)
             out.append(IdleKv(key, size if gpu_kv is None else gpu_kv(key, size), size, last, ready))
-        return out
+        self._candidates[(decoder.name, gpu_kv is None)] = (self.epoch, out)
+        return list(out)
 
     def offload(self, decoder: Decoder, key: str) -> None:
         """Move an idle pinned conversation's KV to its decoder's host memory (it keeps its pin)."""
         self._kv_tick(decoder)
+        self.epoch += 1
         size = decoder.offload_pinned(key)
         decoder.pinned_at.pop(key, None)
         self.offloads += 1
@@ -343,6 +355,7 @@ class Simulator(DecoderLoop):
         need = tokens - decoder.free_tokens()
         if need <= 0:
             return True
+        self.epoch += 1  # the decoder loop may have dropped or pinned KV within this event
         victims = choose_offload_victims(self.idle_candidates(decoder), need, decoder.host_free_tokens(), self.now)
         for key in victims:
             self.offload(decoder, key)
