@@ -28,6 +28,11 @@ from conserve.sim.workload import TraceError, Workload, load_workload
 DEFAULT_IDLE_TIMEOUT_S = float(DecoderPoolSpec.model_fields["default_idle_timeout_seconds"].default)
 
 
+#: What `conserve bench` replays unless `--duration-s` says otherwise: the first 20 minutes of each workload,
+#: so the default run (ten policies, two fleets, two workloads) takes a few minutes on two cores.
+BENCH_DEFAULT_DURATION_S = 1200.0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fleet", type=Path, default=None, help="fleet YAML (default: the packaged fleets/default.yaml)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic workloads (default 0)")
@@ -198,6 +203,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from conserve.sim.sweeps import parse_loads, sweep_fleets
 
     specs = args.workload or ["mooncake", "agentic"]
+    if args.duration_s is None:
+        args.duration_s = BENCH_DEFAULT_DURATION_S
     names = args.policy or list(DEFAULT_POLICIES)
     if "all" in names:
         names = list(POLICIES)
