@@ -80,3 +80,25 @@ def test_scale_load(tmp_path: Path) -> None:
     assert faster.turns == workload.turns
     with pytest.raises(ValueError):
         scale_load(workload, 0.0)
+
+
+def test_bench_sweeps_loads_and_fleets(tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    args = ["bench", "--workload", str(_trace(tmp_path)), "--policy", "conserve", "--policy", "sticky"]
+    code = main([*args, "--sweep-load", "0.5,2", "--sweep-fleets", "--out", str(out), "--no-progress"])
+    assert code == 0
+    payload = json.loads((out / "results.json").read_text())
+    fleets = payload["meta"]["fleets"]
+    # equal GPU count and equal decode TDP: 4 x H100 decode (2800 W) = 7 x H20 or A100 (400 W each)
+    assert {"tiered", "homogeneous", "decode-h100x4", "decode-h20x4", "decode-h20x7-eqTDP"} <= set(fleets)
+    assert {"decode-a100x7-eqTDP", "decode-h200x4"} <= set(fleets) and "decode-h200x4-eqTDP" not in fleets
+    assert {r["workload"] for r in payload["runs"]} == {"tiny@0.5x", "tiny@2x"}
+    assert len(payload["runs"]) == 2 * 2 * len(fleets)
+    assert (out / "load_sweep_tiny_tiered.png").stat().st_size > 0
+    assert "## What every policy knows" in (out / "report.md").read_text()
+
+
+def test_bench_refuses_a_bad_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["bench", "--workload", str(_trace(tmp_path)), "--sweep-load", "1,fast", "--no-progress"])
+    assert code == 2
+    assert "--sweep-load: 'fast' is not a number" in capsys.readouterr().err
