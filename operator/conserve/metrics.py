@@ -243,7 +243,7 @@ class RouterMetrics:
                 "conserve_router_placement_wait_seconds",
                 "Conversation mode, a turn that needs a placement (a new conversation or a re-placement): "
                 'part="total": its arrival (or the decoder\'s loss) to the placement in hand; part="create": the '
-                'Conversation create call alone (the rest of total is the operator\'s decision and the watch '
+                "Conversation create call alone (the rest of total is the operator's decision and the watch "
                 'event); part="exposed": what the turn waited beyond its own prefill, which runs meanwhile '
                 "(what the control plane adds to TTFT).",
                 ["part"],

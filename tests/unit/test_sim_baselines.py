@@ -52,7 +52,7 @@ def load(sim: Simulator, decoder: Decoder, tokens: int, sequences: int = 1) -> N
 
 def test_llmd_prefills_on_the_decoder_when_little_is_uncached() -> None:
     sim, state, record = bound(LlmdPdDecider())
-    d0, d1 = sim.decoders.values()
+    _, d1 = sim.decoders.values()
     cache(d1, "c", 3009)  # the previous turn's context: all but 91 of the prompt's tokens
     route = sim.policy.route(state, record, 10.0)
     assert route == LocalRoute(d1.name)  # prefix scorer picks d1; 91 uncached < nonCachedTokens (256)
@@ -60,7 +60,7 @@ def test_llmd_prefills_on_the_decoder_when_little_is_uncached() -> None:
 
 def test_llmd_disaggregates_when_much_is_uncached() -> None:
     sim, state, record = bound(LlmdPdDecider())
-    d0, d1 = sim.decoders.values()
+    _, d1 = sim.decoders.values()
     cache(d1, "c", 1000)  # 2100 tokens missing there
     route = sim.policy.route(state, record, 10.0)
     assert isinstance(route, RemoteRoute) and route.decoder == d1.name and route.new_tokens == 3100
@@ -79,7 +79,7 @@ def test_llmd_session_affinity_breaks_a_tie() -> None:
 def test_vllm_proxy_pulls_the_previous_turns_kv_back() -> None:
     policy = VllmMultiturnProxy()
     sim, state, record = bound(policy)
-    d0, d1 = sim.decoders.values()
+    d0, _ = sim.decoders.values()
     cache(d0, "c", 3009)
     policy.turn_done(state, TurnRecord("c", 0, 0.0, 3000, 3000, 10, True, decoder=d0.name), 5.0)
     route = policy.route(state, record, 10.0)
