@@ -111,7 +111,10 @@ def test_dynamo_cost_trades_cached_blocks_against_decode_load() -> None:
     cache(d1, "c", 3009)
     assert policy.pick_decoder(state, record, 10.0) == d1.name
     assert policy.route(state, record, 10.0) == LocalRoute(d1.name)  # 91 uncached < max_local_prefill_length
-    load(sim, d1, 4000)  # 250 decode blocks there outweigh the 188 prefill blocks it saves
+    # d1 saves the cached 3009 tokens twice (no prefill blocks, no new decode blocks): 376 blocks of cost
+    load(sim, d1, 5900)
+    assert policy.pick_decoder(state, record, 10.0) == d1.name
+    load(sim, d1, 200)  # now its active blocks outweigh what the cache saves
     assert policy.pick_decoder(state, record, 10.0) == d0.name
     route = policy.route(state, record, 10.0)
     assert isinstance(route, RemoteRoute) and route.decoder == d0.name

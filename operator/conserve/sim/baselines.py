@@ -24,7 +24,8 @@ same signals, idle timeout, host tier and prefill-side caches (the engine applie
   (`pkg/plugins/scorer/session_affinity.go`: 1 for the decoder of the conversation's previous turn; weight 1).
   Then the prefix-based P/D decider (`pkg/plugins/profile/prefix_based_pd_decider.go`) prefills remotely only
   when the chosen decoder lacks at least `nonCachedTokens` of the prompt (we set 256; llm-d's default 0 means
-  always), else on the decoder.
+  always), else on the decoder. The prefill instance is picked by the prefill profile's prefix and load
+  scorers (its own cached prefix when the fleet gives prefill instances a prefix cache).
 - `vllm-multiturn-proxy`: vLLM's multi-turn disaggregated proxy
   (`examples/online_serving/disaggregated_serving/disagg_proxy_multiturn.py`): prefill and decode instances
   round-robin; every turn is prefilled on a prefill instance, which first pulls the previous turn's KV back
@@ -34,8 +35,9 @@ same signals, idle timeout, host tier and prefill-side caches (the engine applie
   unless that decoder is overloaded (running and waiting KV above 90% of its capacity, or 128 waiting
   requests: llm-d's load-aware threshold), then moves to the least-loaded decoder, which becomes its home.
 - `dynamo-kv-router`: NVIDIA Dynamo's KV router (`lib/llm/src/kv_router/scheduler.rs`, documented in
-  `docs/router/kv_cache_routing.md`): the decoder of least cost = overlap_score_weight (1.0) x prefill blocks
-  (prompt blocks not cached there) + decode blocks (active KV blocks there), 16-token blocks; the prefill
+  `docs/router/kv_cache_routing.md`): the decoder of least cost = overlap_score_weight (1.0) x potential prefill
+  blocks (the prompt's blocks not cached there, plus prompts queued there) + potential decode blocks (active KV
+  blocks there plus the prompt's uncached blocks), 16-token blocks; the prefill
   instance by the same cost over the prefill pool (its own cached prefix, its queued prompt blocks). With
   conditional disaggregation a prompt whose uncached part is under 1000 tokens
   (`max_local_prefill_length`) is prefilled on the decoder.
@@ -231,6 +233,16 @@ class LlmdPdDecider(PerTurn):
         self.last_decoder[state.key] = best.name
         return best.name
 
+    def pick_prefill(self, record: TurnRecord, now: float) -> str:
+        def score(name: str) -> float:
+            p = self.sim.prefill[name]
+            waiting = min(len(p.queue), self.QUEUE_THRESHOLD)
+            load = 0.5 * (1.0 - waiting / self.QUEUE_THRESHOLD)
+            prefix = min(p.holds(record.conversation), record.input_tokens) / max(record.input_tokens, 1)
+            return self.PREFIX_WEIGHT * prefix + self.LOAD_WEIGHT * load - p.load_s(now) * 1e-9  # ties: less work
+
+        return max(sorted(self.sim.prefill), key=score)
+
     def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None:
         name = self.pick_decoder(state, record, now)
         non_cached = record.input_tokens - held_tokens(self.sim.decoders[name], state.key, record.input_tokens)
@@ -273,8 +285,12 @@ class DynamoKvRouter(PerTurn):
     MAX_LOCAL_PREFILL_TOKENS = 1000
 
     def cost(self, decoder: Decoder, key: str, prompt: int) -> float:
-        prefill_blocks = (prompt - held_tokens(decoder, key, prompt)) / self.BLOCK_TOKENS
-        decode_blocks = decoder.load_tokens() / self.BLOCK_TOKENS
+        """Potential blocks if the request went there: the prefill still to do there (the prompt's uncached part
+        plus prompts queued there) and the active blocks plus what the request adds (its uncached part)."""
+        uncached = prompt - held_tokens(decoder, key, prompt)
+        pending = sum(j.left_tokens for j in decoder.local_queue) + sum(j.left_tokens for j in decoder.prefill_batch)
+        prefill_blocks = (uncached + pending) / self.BLOCK_TOKENS
+        decode_blocks = (decoder.load_tokens() + uncached) / self.BLOCK_TOKENS
         return self.OVERLAP_SCORE_WEIGHT * prefill_blocks + decode_blocks
 
     def pick_decoder(self, state: ConvState, record: TurnRecord, now: float) -> str:
