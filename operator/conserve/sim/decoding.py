@@ -25,9 +25,8 @@ from conserve.core.perf import (
     decode_run_time_s,
     decode_steps_within_s,
     power_w,
-    prefill_time_s,
 )
-from conserve.sim.instances import Decoder
+from conserve.sim.instances import Decoder, iteration_prefill_s
 from conserve.sim.records import LocalJob, Seq
 from conserve.sim.transfer import pcie_transfer_energy_j
 
@@ -118,8 +117,8 @@ class DecoderLoop:
         """(reload seconds, prefill seconds) of the running mixed iteration's prompt chunks."""
         device = decoder.spec.device
         reload = sum(pcie_transfer_time_s(self.model, j.reload_tokens) for j, _ in decoder.iteration if not j.reloaded)
-        compute = sum(
-            prefill_time_s(device, self.model, take, j.cached_tokens + j.done_tokens) for j, take in decoder.iteration
+        compute = iteration_prefill_s(
+            device, self.model, [(take, j.cached_tokens + j.done_tokens) for j, take in decoder.iteration]
         )
         return reload, compute
 

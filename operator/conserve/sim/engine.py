@@ -5,9 +5,10 @@ operator's energy prior and the GPU-server simulator use):
 
 - **Prefill instances** (`conserve.sim.instances`) batch prompts with chunked prefill: iterations of at most
   the fleet's `chunk_tokens`, first come first served; a chunk of n tokens over c cached ones takes
-  `prefill_time_s` (compute-bound, at PREFILL_MFU) and draws `power_w(PREFILL_ACTIVITY)`. Optional for every
-  policy alike (fleet settings): a prefix cache on each prefill instance, and a shared KV store (Mooncake's
-  KVCache pool) that decoders write every finished turn to and prefill instances read prefixes from.
+  `prefill_time_s` (an iteration pays the per-step overhead once) and draws `power_w(PREFILL_ACTIVITY)`.
+  Optional for every policy alike (fleet settings): a prefix cache on each prefill instance, and a shared KV
+  store (Mooncake's KVCache pool) that decoders write every finished turn to and prefill instances read
+  prefixes from.
 - **KV transfer** from a prefill instance to a decoder takes `kv_transfer_time_s` over the fleet's link (no
   contention). The first token reaches the user when the KV has arrived at the decoder: TTFT and TTFET include
   the transfer. NIC, store and PCIe energy are counted (`conserve.sim.transfer`).
@@ -40,10 +41,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from conserve.core.offload import IdleKv, choose_offload_victims, host_kv_capacity_tokens, pcie_transfer_time_s
-from conserve.core.perf import PREFILL_ACTIVITY, kv_transfer_time_s, power_w, prefill_time_s
+from conserve.core.perf import PREFILL_ACTIVITY, kv_transfer_time_s, power_w
 from conserve.sim.decoding import DECODER_WAKE, POKE, DecoderLoop
 from conserve.sim.fleet import Fleet
-from conserve.sim.instances import Decoder, PrefillInstance, SharedKvStore
+from conserve.sim.instances import Decoder, PrefillInstance, SharedKvStore, iteration_prefill_s
 from conserve.sim.records import ConvState, LocalJob, LocalRoute, Policy, PrefillJob, Seq, TurnRecord
 from conserve.sim.transfer import link_transfer_energy_j, pcie_transfer_energy_j
 from conserve.sim.workload import Workload
@@ -378,22 +379,25 @@ class Simulator(DecoderLoop):
                 break
             instance.iteration.append((job, take))
             budget -= take
-        duration = sum(self._chunk_time_s(instance, job, take) for job, take in instance.iteration)
+        loads = sum(job.load_s for job, _ in instance.iteration if not job.started)
+        compute = iteration_prefill_s(
+            instance.spec.device,
+            self.model,
+            [(take, j.cached_tokens + j.done_tokens) for j, take in instance.iteration],
+        )
+        instance.iteration_s = (loads, compute)
+        duration = loads + compute
         instance.busy = True
         instance.busy_until = self.now + duration
         self._push(instance.busy_until, _PREFILL_DONE, instance)
 
-    def _chunk_time_s(self, instance: PrefillInstance, job: PrefillJob, take: int) -> float:
-        load = 0.0 if job.started else job.load_s
-        return load + prefill_time_s(instance.spec.device, self.model, take, job.cached_tokens + job.done_tokens)
-
     def _prefill_done(self, instance: PrefillInstance) -> None:
         device = instance.spec.device
         instance.iterations += 1
+        loads, compute = instance.iteration_s
+        instance.busy_s += loads + compute
+        instance.dynamic_energy_j += (power_w(device, PREFILL_ACTIVITY) - device.idle_power_w) * compute
         for job, take in instance.iteration:
-            compute = prefill_time_s(device, self.model, take, job.cached_tokens + job.done_tokens)
-            instance.busy_s += compute + (0.0 if job.started else job.load_s)
-            instance.dynamic_energy_j += (power_w(device, PREFILL_ACTIVITY) - device.idle_power_w) * compute
             job.started = True
             job.done_tokens += take
             instance.tokens += take

@@ -16,9 +16,16 @@ import itertools
 from collections import OrderedDict, deque
 
 from conserve.core.llm import ModelShape
-from conserve.core.perf import prefill_time_s
+from conserve.core.perf import CALIBRATED, Device, prefill_time_s
 from conserve.sim.fleet import InstanceSpec
 from conserve.sim.records import LocalJob, PrefillJob, Seq
+
+
+def iteration_prefill_s(device: Device, model: ModelShape, chunks: list[tuple[int, int]]) -> float:
+    """One iteration prefilling several prompts' chunks, each (new tokens, cached context): the chunks' compute
+    adds up, the engine's per-step overhead (`prefill_step_overhead_s`) is paid once for the iteration."""
+    times = [prefill_time_s(device, model, n, c) for n, c in chunks if n > 0]
+    return sum(times) - CALIBRATED.prefill_step_overhead_s * max(len(times) - 1, 0)
 
 
 class PrefillInstance:
@@ -35,6 +42,7 @@ class PrefillInstance:
         self.busy = False
         self.iteration: list[tuple[PrefillJob, int]] = []  # (job, chunk tokens) of the running iteration
         self.busy_until = 0.0
+        self.iteration_s = (0.0, 0.0)  # (prefix loads, prompt compute) of the running iteration
         self.cache_capacity = cache_capacity
         self.cache: OrderedDict[str, int] = OrderedDict()  # prefix cache (LRU), when the fleet enables it
         self.cache_tokens = 0
