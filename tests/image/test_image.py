@@ -187,7 +187,8 @@ class Release:
         pod, container = self.rendered.pod_spec(component), self.rendered.container(component)
         security = container["securityContext"]
         assert pod["securityContext"]["runAsNonRoot"] is True
-        assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+        assert security["readOnlyRootFilesystem"] is True
+        assert security["allowPrivilegeEscalation"] is False
         host = urlparse(self.api_server)
         name = f"conserve-image-{component}-{secrets.token_hex(3)}"
         mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
@@ -368,7 +369,8 @@ def test_operator_from_the_image_places_and_releases_a_conversation(
                 lambda: (s := api.get_conv("c0").get("status", {})).get("phase") == "Prefilling" and s,
                 60, 0.2, "the conversation placed",
             )  # fmt: skip
-            assert placed["decoder"]["pod"] == "dec-0" and placed["decoder"]["tier"] == "bandwidth"
+            assert placed["decoder"]["pod"] == "dec-0"
+            assert placed["decoder"]["tier"] == "bandwidth"
             assert placed["reservedKvTokens"] == 4000
             api.patch_conv("c0", {"completed": True})
             wait_for(lambda: api.get_conv("c0")["status"]["phase"] == "Completed", 60, 0.2, "the release")

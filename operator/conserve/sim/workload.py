@@ -102,10 +102,30 @@ class ParseReport:
 
 
 @dataclass(frozen=True, slots=True)
+class Signals:
+    """What the workload tells the serving system besides the prompts (the same for every policy).
+
+    `end_of_conversation`: the client says when a conversation is over (the agentic workload: an agent knows
+    when its task is done, as the Conversation API's `spec.completed` lets it say). Mooncake and Azure traces
+    carry no such signal: a conversation there ends, for every policy, when it has been idle for the idle
+    timeout.
+    """
+
+    end_of_conversation: bool = False
+
+    def as_dict(self) -> dict[str, bool]:
+        return {"end_of_conversation": self.end_of_conversation}
+
+
+NO_SIGNALS = Signals()
+
+
+@dataclass(frozen=True, slots=True)
 class Workload:
     name: str
     conversations: tuple[Conversation, ...]
     report: ParseReport | None = None
+    signals: Signals = NO_SIGNALS
 
     @property
     def turns(self) -> int:
@@ -313,9 +333,27 @@ def load_azure(path: Path, *, strict: bool = False, duration_s: float | None = N
 
 @dataclass(frozen=True, slots=True)
 class AgenticParams:
-    """Distributions of the synthetic agentic workload (log-normal by median and sigma of the log)."""
+    """Distributions of the synthetic agentic workload (log-normal by median and sigma of the log).
 
-    conversations_per_s: float = 0.5
+    Where each value comes from (none is fitted to a trace, none was changed after seeing a result):
+    - `conversations_per_s` = 2.0: the load level. At the first value (0.5/s) the default fleet's decoders held
+      1.4% of their KV capacity and ran batches of a few sequences, far below how a provisioned fleet runs;
+      2/s is the lowest round rate at which decode batches reach tens of sequences. `--load-scale` and
+      `--sweep-load` move it (2x is 4/s).
+    - System/task prompt 3,000 tokens (sigma 0.5): the order of published coding-agent system prompts with
+      tool schemas (a few thousand tokens). A convention.
+    - 2-6 tool calls of ~120 output tokens (a JSON function call), tool results ~800 tokens (sigma 1.0: a file
+      excerpt, a search page; long-tailed), tool latency ~1.5 s (sigma 0.8: a shell command or an HTTP call).
+      Conventions describing a coding/search agent.
+    - Answers ~350 tokens, up to 3 follow-ups of ~60-token user messages after ~30 s of reading/thinking
+      (sigma 0.8): conventions for interactive chat, of the order of the Mooncake trace's output lengths.
+    - Contexts stop growing at 120,000 tokens (below Llama-3's 128k window).
+    - The workload carries an end-of-conversation signal: an agent knows when its task is done.
+    No public agentic trace with tool-call turns was available to this benchmark offline; when one is, it can
+    be replayed as a Mooncake-format file (`--workload PATH`).
+    """
+
+    conversations_per_s: float = 2.0
     system_prompt_median_tokens: float = 3000.0
     system_prompt_sigma: float = 0.5
     tool_turns_min: int = 2
@@ -370,7 +408,7 @@ def synthesize_agentic(seed: int, duration_s: float, params: AgenticParams | Non
             think = rng.lognormvariate(math.log(p.user_think_median_s), p.user_think_sigma)
         conversations.append(Conversation(f"ag-{index:05d}", t, tuple(turns)))
         index += 1
-    return Workload("agentic", tuple(conversations))
+    return Workload("agentic", tuple(conversations), signals=Signals(end_of_conversation=True))
 
 
 def _clip(conversations: Iterable[Conversation], duration_s: float | None) -> list[Conversation]:
@@ -401,7 +439,7 @@ def scale_load(workload: Workload, factor: float) -> Workload:
     conversations = tuple(
         Conversation(c.key, c.arrival_s / factor, tuple(turn(t) for t in c.turns)) for c in workload.conversations
     )
-    return Workload(f"{workload.name}", conversations, workload.report)
+    return Workload(workload.name, conversations, workload.report, workload.signals)
 
 
 # --- by name or path ---------------------------------------------------------------------------------------
