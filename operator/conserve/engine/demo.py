@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from conserve.engine.install import missing_reason
 from conserve.engine.metrics import TokenSources, healthy, scrape, token_sources
 from conserve.engine.model import TINY_MODEL_NAME
 from conserve.engine.server import kill_leftovers
+from conserve.load.demo import _conserve, _kubectl
 
 GROUP, VERSION = "conserve.dev", "v1alpha1"
 REPO_CRDS = Path(__file__).resolve().parents[3] / "crds"
@@ -194,8 +196,6 @@ def stack(
 ) -> Iterator[Stack]:
     """Cluster (unless ``kubeconfig``), operator, one prefill and one decode pod behind real vLLM (``engine``
     "vllm") or gpu-sim ("gpu-sim", model llama-3-8b), and the router; everything stopped on exit."""
-    from conserve.load.demo import _conserve, _kubectl
-
     logs.mkdir(parents=True, exist_ok=True)
     # SIGTERM unwinds like Ctrl-C, so the servers, their process groups and the cluster are stopped below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -248,9 +248,6 @@ def stack(
 
 def run(args: argparse.Namespace) -> int:
     """The body of `conserve demo --engine vllm` (its arguments are the demo's)."""
-    from conserve.engine.install import missing_reason
-    from conserve.load.demo import _kubectl
-
     reason = missing_reason()
     if reason:
         print(reason, file=sys.stderr)
