@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -29,7 +30,6 @@ from conserve.engine.install import missing_reason
 from conserve.engine.metrics import TokenSources, healthy, scrape, token_sources
 from conserve.engine.model import TINY_MODEL_NAME
 from conserve.engine.server import kill_leftovers
-from conserve.load.demo import _conserve, _kubectl
 
 GROUP, VERSION = "conserve.dev", "v1alpha1"
 REPO_CRDS = Path(__file__).resolve().parents[3] / "crds"
@@ -64,6 +64,18 @@ def manifests(namespace: str, model: str = TINY_MODEL_NAME) -> list[dict[str, An
                  "prefillSelector": {"matchLabels": {"app": "prefill"}}},
     }  # fmt: skip
     return [pool, deployment("prefill", "prefill"), deployment("decode", "decode")]
+
+
+def _conserve(*args: str) -> list[str]:
+    return [sys.executable, "-m", "conserve.cli", *args]
+
+
+def _kubectl(kubeconfig: Path, *args: str, input: str | None = None) -> str:
+    exe = shutil.which("kubectl") or "kubectl"
+    done = subprocess.run(
+        [exe, f"--kubeconfig={kubeconfig}", *args], check=True, capture_output=True, text=True, input=input
+    )
+    return done.stdout
 
 
 @dataclass(frozen=True, slots=True)
