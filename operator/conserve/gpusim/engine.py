@@ -93,6 +93,8 @@ class EngineStats:
     prefix_cache_hit_tokens_total: int = 0
     kv_transfers_received_total: int = 0
     kv_transfer_tokens_received_total: int = 0
+    #: Prompt tokens whose KV is to come from a prefill server, counted on admission (as vLLM counts them).
+    external_kv_prompt_tokens_total: int = 0
     energy_j: float = 0.0
     power_w: float = 0.0
     busy_modelled_s: float = 0.0
@@ -236,6 +238,7 @@ class Engine:
             req.computed_tokens = reuse
             self.stats.prefix_cache_hit_tokens_total += reuse
             self.stats.prompt_tokens_total += req.prompt_tokens
+            self.stats.external_kv_prompt_tokens_total += min(req.remote_kv_tokens, req.prompt_tokens)
             self._running.append(req)
             if req.remote_kv_tokens > 0:
                 req.ready = False

@@ -15,7 +15,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from conserve.api.labels import (
     ANNOTATION_ENDPOINT,
@@ -91,9 +91,52 @@ def wants_server(pod: PodSpecView, node_annotations: Mapping[str, str] | None, a
     return node_annotations is not None and node_annotations.get(ANNOTATION_KWOK_NODE) == "fake"
 
 
+class PodServer(Protocol):
+    """A serving process fronting one pod: gpu-sim here, a real vLLM under `conserve engine pods`."""
+
+    async def start(self) -> str:
+        """Start serving; returns the endpoint (host:port)."""
+        ...
+
+    async def stop(self) -> None: ...
+
+
+#: Makes the server of a pod, given the pod and its node's GPU product.
+ServerFactory = Callable[[PodSpecView, str], PodServer]
+
+
+class _GpuSimPodServer:
+    def __init__(self, config: GpuSimConfig) -> None:
+        self._server = GpuSimServer(config)
+        self._host = config.host
+
+    async def start(self) -> str:
+        return f"{self._host}:{await self._server.start()}"
+
+    async def stop(self) -> None:
+        await self._server.stop()
+
+
+def gpusim_factory(base: GpuSimConfig) -> ServerFactory:
+    def make(pod: PodSpecView, product: str) -> PodServer:
+        assert pod.role is not None
+        config = replace(
+            base,
+            role=pod.role,
+            gpu=product or base.gpu,
+            gpu_count=pod.gpu_count,
+            model=pod.model or base.model,
+            port=0,
+            name=pod.name,
+        )
+        return _GpuSimPodServer(config)
+
+    return make
+
+
 @dataclass
 class _Running:
-    server: GpuSimServer
+    server: PodServer
     endpoint: str
 
 
@@ -109,10 +152,11 @@ class PodRunner:
         base: GpuSimConfig,
         any_node: bool = False,
         on_change: Callable[[], None] | None = None,
+        server_factory: ServerFactory | None = None,
     ) -> None:
         self._core = CoreV1Api(api_client)
         self._namespace = namespace
-        self._base = base
+        self._make_server = server_factory or gpusim_factory(base)
         self._any_node = any_node
         self._running: dict[str, _Running] = {}  # pod uid -> server
         self._nodes: dict[str, dict[str, Any]] = {}  # node name -> {"labels": ..., "annotations": ...}
@@ -184,22 +228,12 @@ class PodRunner:
         if running is None:
             assert pod.role is not None
             assert node is not None
-            product = node["labels"].get(LABEL_GPU_PRODUCT, "") or self._base.gpu
-            config = replace(
-                self._base,
-                role=pod.role,
-                gpu=product,
-                gpu_count=pod.gpu_count,
-                model=pod.model or self._base.model,
-                port=0,
-                name=pod.name,
-            )
-            server = GpuSimServer(config)
-            port = await server.start()
-            running = _Running(server, f"{config.host}:{port}")
+            product = str(node["labels"].get(LABEL_GPU_PRODUCT, ""))
+            server = self._make_server(pod, product)
+            running = _Running(server, await server.start())
             self._running[pod.uid] = running
             log.info(
-                "pod %s/%s (%s on %s): gpu-sim at %s", pod.namespace, pod.name, pod.role, product, running.endpoint
+                "pod %s/%s (%s on %s): serving at %s", pod.namespace, pod.name, pod.role, product, running.endpoint
             )
             if self._on_change is not None:
                 self._on_change()
@@ -214,6 +248,6 @@ class PodRunner:
         running = self._running.pop(uid, None)
         if running is not None:
             await running.server.stop()
-            log.info("stopped gpu-sim at %s", running.endpoint)
+            log.info("stopped the server at %s", running.endpoint)
             if self._on_change is not None:
                 self._on_change()

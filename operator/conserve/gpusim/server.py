@@ -1,11 +1,12 @@
 """The HTTP face of the GPU-server simulator: what a vLLM OpenAI-compatible server answers.
 
 Endpoints: POST /v1/chat/completions and /v1/completions (streaming SSE and not), GET /v1/models, /health,
-/metrics (vllm:-named metrics plus the modelled power and energy), GET /conserve/stats (JSON, for tests).
+/metrics (vLLM 0.32's metric names and labels, plus the modelled power and energy), GET /conserve/stats (JSON).
 
 vLLM disaggregated prefill (NixlConnector protocol): a request to a prefill server with
 `kv_transfer_params: {"do_remote_decode": true}` (and max_tokens 1) is answered with `kv_transfer_params`
-`{"do_remote_prefill": true, "remote_block_ids": [...], "remote_engine_id", "remote_host", "remote_port"}`; a
+`{"do_remote_prefill": true, "remote_block_ids": [[...]], "remote_engine_id", "remote_request_id", "remote_host",
+"remote_port", ...}` (the same fields as vLLM 0.32's NixlConnector; tests/unit/data/vllm holds a real one); a
 decode server given those pulls the KV (modelled transfer time) instead of prefilling.
 
 Every request may carry `X-Conversation-Id`: the decode server's prefix cache is keyed by it (a stand-in for
@@ -101,26 +102,43 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         e, s = self._engine, self._engine.stats
-        model = {"model_name": self._config.model}
-        labels = ["model_name"]
+        # vLLM 0.32's names and label sets (engine index, served model name); counters end in _total.
+        values = ["0", self._config.model]
+        labels = ["engine", "model_name"]
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             g = GaugeMetricFamily(name, doc, labels=labels)
-            g.add_metric([model["model_name"]], value)
+            g.add_metric(values, value)
             return g
 
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             c = CounterMetricFamily(name, doc, labels=labels)
-            c.add_metric([model["model_name"]], value)
+            c.add_metric(values, value)
             return c
 
         yield gauge("vllm:num_requests_running", "Requests in the running batch.", e.num_running)
         yield gauge("vllm:num_requests_waiting", "Requests waiting for admission.", e.num_waiting)
-        yield gauge("vllm:gpu_cache_usage_perc", "KV cache usage, 0 to 1 (vLLM V0 name).", e.kv_usage_fraction)
         yield gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0 to 1.", e.kv_usage_fraction)
         yield counter("vllm:prompt_tokens", "Prompt tokens processed.", s.prompt_tokens_total)
+        by_source = CounterMetricFamily(
+            "vllm:prompt_tokens_by_source",
+            "Prompt tokens by where their KV came from.",
+            labels=[*labels, "source"],
+        )
+        transferred = s.external_kv_prompt_tokens_total
+        computed = max(s.prompt_tokens_total - s.prefix_cache_hit_tokens_total - transferred, 0)
+        by_source.add_metric([*values, "local_compute"], computed)
+        by_source.add_metric([*values, "local_cache_hit"], s.prefix_cache_hit_tokens_total)
+        by_source.add_metric([*values, "external_kv_transfer"], transferred)
+        yield by_source
         yield counter("vllm:generation_tokens", "Tokens generated.", s.generation_tokens_total)
-        yield counter("vllm:request_success", "Requests finished.", s.requests_finished_total)
+        success = CounterMetricFamily("vllm:request_success", "Requests finished.", labels=[*labels, "finished_reason"])
+        success.add_metric([*values, "length"], s.requests_finished_total)  # gpu-sim always runs to max_tokens
+        yield success
+        yield counter("vllm:num_preemptions", "Preemptions (gpu-sim never preempts).", 0)
+        yield counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prompt_tokens_total
+        )
         yield counter(
             "vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache.", s.prefix_cache_hit_tokens_total
         )
@@ -239,10 +257,8 @@ class GpuSimServer:
         remote_decode = bool(kv_params.get("do_remote_decode"))
         remote_tokens = 0
         if kv_params.get("do_remote_prefill"):
-            blocks = kv_params.get("remote_block_ids")
-            remote_tokens = prompt_tokens
-            if isinstance(blocks, list) and blocks:
-                remote_tokens = min(prompt_tokens, len(blocks) * BLOCK_TOKENS)
+            blocks = _block_count(kv_params.get("remote_block_ids"))
+            remote_tokens = min(prompt_tokens, blocks * BLOCK_TOKENS) if blocks else prompt_tokens
         if remote_decode:
             max_tokens = 1  # a prefill for a remote decoder produces only the first token
         sim = SimRequest(
@@ -261,14 +277,22 @@ class GpuSimServer:
         model = str(body.get("model") or self.config.model)
         out_params: dict[str, Any] | None = None
         if remote_decode:
+            # The fields (and their order) of vLLM 0.32's NixlConnector prefill response; one KV cache group.
             out_params = {
                 "do_remote_prefill": True,
                 "do_remote_decode": False,
-                "remote_block_ids": remote_block_ids(prompt_tokens),
+                "remote_block_ids": [remote_block_ids(prompt_tokens)],
                 "remote_engine_id": self.engine_id,
+                "remote_request_id": rid,
                 "remote_host": self.config.host,
                 "remote_port": self.port,
                 "tp_size": self.config.gpu_count,
+                "dcp_size": 1,
+                "pp_size": 1,
+                "remote_num_tokens": prompt_tokens,
+                "remote_blocks_expiry_time": None,
+                "transfer_mode": "pull",
+                "remote_prefill_cached_tokens": 0,
             }
         headers = {SERVER_HEADER: self.config.name or f"{self.config.host}:{self.port}"}
         usage_base = {"prompt_tokens": prompt_tokens}
@@ -328,6 +352,14 @@ class GpuSimServer:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+def _block_count(blocks: Any) -> int:
+    """Blocks in `remote_block_ids`: vLLM lists them per KV cache group (a list of lists); a flat list is one group."""
+    if not isinstance(blocks, list):
+        return 0
+    groups = [g for g in blocks if isinstance(g, list)]
+    return max((len(g) for g in groups), default=0) if groups else len(blocks)
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -78,6 +78,14 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--dcgm-port", type=int, default=0, help="fake DCGM exporter port (0: a free one)")
     p.add_argument("--keep", action="store_true", help="leave the cluster and the demo processes' pods up")
     p.add_argument("--logs", type=Path, default=Path(".demo-logs"))
+    p.add_argument(
+        "--engine",
+        choices=["gpu-sim", "vllm"],
+        default="gpu-sim",
+        help="vllm: real vLLM CPU servers with the tiny local model (needs `make engine`), a few conversations",
+    )
+    p.add_argument("--vllm-conversations", type=int, default=2, help="--engine vllm: conversations per mode")
+    p.add_argument("--vllm-turns", type=int, default=3, help="--engine vllm: turns per conversation")
     p.set_defaults(func=_run)
 
 
@@ -120,6 +128,10 @@ def _manifests(namespace: str, prefill: int, decoders: int) -> list[dict[str, An
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        from conserve.engine.demo import run
+
+        return run(args)
     args.logs.mkdir(parents=True, exist_ok=True)
     started_cluster = False
     if args.kubeconfig is None:
