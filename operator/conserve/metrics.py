@@ -90,6 +90,27 @@ PINNED_CONVERSATIONS = Gauge(
     "conserve_pinned_conversations", "Conversations holding a reservation in the pool.", _POOL, registry=REGISTRY
 )
 
+# --- KV lifecycle (issue 13) ---------------------------------------------------------------------------------
+KV_LIFECYCLE = Counter(
+    "conserve_kv_lifecycle_transitions",
+    "KV lifecycle transitions of pinned conversations. transition: offloaded, reloaded, dropped, reprefilled; "
+    "reason: RoomNeeded, ResidentTtl, HostTtl, HostFull, Turn.",
+    [*_POOL, "transition", "reason"],
+    registry=REGISTRY,
+)
+KV_STATE_CONVERSATIONS = Gauge(
+    "conserve_kv_state_conversations",
+    "Pinned conversations per KV state (Active, Idle, Offloaded, Dropped).",
+    [*_POOL, "state"],
+    registry=REGISTRY,
+)
+KV_STATE_TOKENS = Gauge(
+    "conserve_kv_state_kv_tokens",
+    "Live KV tokens of pinned conversations per KV state (Idle: on GPUs, evictable; Offloaded: host memory).",
+    [*_POOL, "state"],
+    registry=REGISTRY,
+)
+
 
 def forget_pool(namespace: str, pool: str) -> None:
     """Drop a deleted pool's series so they do not linger."""
@@ -243,7 +264,7 @@ class RouterMetrics:
                 "conserve_router_placement_wait_seconds",
                 "Conversation mode, a turn that needs a placement (a new conversation or a re-placement): "
                 'part="total": its arrival (or the decoder\'s loss) to the placement in hand; part="create": the '
-                'Conversation create call alone (the rest of total is the operator\'s decision and the watch '
+                "Conversation create call alone (the rest of total is the operator's decision and the watch "
                 'event); part="exposed": what the turn waited beyond its own prefill, which runs meanwhile '
                 "(what the control plane adds to TTFT).",
                 ["part"],

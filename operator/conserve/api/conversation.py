@@ -113,5 +113,10 @@ class ConversationStatus(StatusModel):
     energy_joules: float | None = None
     energy_per_token_joules: float | None = None
     time_to_first_effective_token_seconds: float | None = None
+    #: KV lifecycle on the pinned decoder: Active, Idle (resident, evictable), Offloaded (host memory), Dropped.
+    kv_state: str | None = None
+    offloads: int = 0
+    reloads: int = 0
+    reprefills: int = 0
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None

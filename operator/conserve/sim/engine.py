@@ -588,6 +588,12 @@ class Simulator:
         self.offloads += 1
         self.policy.kv_offloaded(self.by_key[key])
 
+    def drop_pinned(self, decoder: Decoder, key: str) -> None:
+        """Discard an idle pinned conversation's GPU KV (its policy dropped it; its next turn recomputes it)."""
+        self._kv_tick(decoder)
+        decoder.pinned_tokens -= decoder.pinned.pop(key)
+        decoder.pinned_at.pop(key, None)
+
     def _offload_for(self, decoder: Decoder, tokens: int) -> bool:
         """Physical pressure: offload idle pinned KV (least recently active first) until `tokens` fit."""
         need = tokens - decoder.free_tokens()
