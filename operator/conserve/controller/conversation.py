@@ -135,6 +135,8 @@ async def on_event(engine: Engine, event_type: str | None, body: dict[str, Any])
             await engine.write_status(record)
         if not record.has_finalizer:
             await engine.add_finalizer(record)
+        if changed:
+            await engine.drain(pool)  # a turn's end makes its KV idle, so reclaimable: waiting ones may fit
         return
     async with pool.lock:
         engine.apply_usage(pool, record)  # a turn reported before placement is still counted

@@ -251,7 +251,7 @@ class Engine:
             metrics.RELEASES.labels(*self._labels(pool), reason).inc()
 
     async def _after_release(
-        self, pool: PoolRuntime, record: ConvRecord, message: str, held: bool, write: bool
+        self, pool: PoolRuntime, record: ConvRecord, message: str, held: bool, write: bool, *, drain: bool = True
     ) -> None:
         if write:
             await self.write_status(record)
@@ -259,9 +259,10 @@ class Engine:
             self.post_event(record, "Released", f"{message}; capacity released")
             await self.remove_finalizer(record)
             self.on_pool_changed(pool)
-            await self.drain(pool)
         elif record.has_finalizer:
             await self.remove_finalizer(record)
+        if drain:  # after every release, held or not, as the simulator retries its queue
+            await self.drain(pool)
 
     async def decoders_lost(self, pool: PoolRuntime, pods: Iterable[str]) -> None:
         """Move every conversation of the lost decoders to another decoder, or fail it."""
@@ -297,10 +298,10 @@ class Engine:
         decisions = pool.scheduler.usage_observed(
             record.key, record.live_kv_tokens, record.last_activity_s, turns=record.turns
         )
-        view = pool.scheduler.conversations.get(record.key)
-        if record.placed and view is not None:
-            record.kv_state = view.kv_state
         outcomes = self.apply(pool, decisions)
+        view = pool.scheduler.conversations.get(record.key)
+        if record.placed and view is not None:  # after the decisions: a reload ends with the turn, idle
+            record.kv_state = view.kv_state
         for outcome in outcomes:  # other conversations' KV moved to make room: their status says so
             if outcome.record is not record:
                 self.spawn(self.write_status(outcome.record))
@@ -324,7 +325,9 @@ class Engine:
             if outcomes:
                 self.on_pool_changed(pool)
             for record, message in ended:
-                await self._after_release(pool, record, message, True, True)
+                await self._after_release(pool, record, message, True, True, drain=False)
+            if decisions:
+                await self.drain(pool)  # room freed (released, offloaded, dropped): once for the whole sweep
         to_write: list[ConvRecord] = []
         for record in list(self.world.convs.values()):
             if record.phase is not Phase.DECODING or record.last_activity_s is None:

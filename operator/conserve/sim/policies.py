@@ -162,8 +162,9 @@ class ConServe(_Base):
             host_kv_tokens_per_decoder=host if self.host_offload else 0,
             writeback_s_per_kv_token=pcie_transfer_time_s(sim.model, 1),
         )
-        idle_timeout = sim.idle_timeout_s if sim.idle_timeout_s is not None else float("inf")
-        self.bind_pool(decoders, prefills, idle_timeout_s=idle_timeout, lifecycle=lifecycle)
+        # The simulator owns the idle timeout (its idle checks call `release`): the scheduler's sweep must not
+        # release behind its back (the simulated KV would stay pinned).
+        self.bind_pool(decoders, prefills, idle_timeout_s=float("inf"), lifecycle=lifecycle)
 
     def bind_pool(
         self,
@@ -206,6 +207,8 @@ class ConServe(_Base):
     def turn_done(self, state: ConvState, record: TurnRecord, now: float) -> None:
         live = record.input_tokens + record.output_tokens
         self._apply(self.scheduler.usage_observed(state.key, live, now, turns=record.index + 1))
+        if self.scheduler.pending and self._sim is not None:
+            self.sim.retry_pending()  # its KV is idle now, so reclaimable: waiting ones may fit (as the operator)
 
     def release(self, state: ConvState) -> None:
         reason = Reason.COMPLETED if state.finished else Reason.IDLE_TIMEOUT
