@@ -1,14 +1,14 @@
 """Placement policies: ConServe (conversation level) and the per-turn baselines.
 
-**ConServe** calls the operator's core: `reservation_kv_tokens` sizes a conversation's reservation from its first
-turn's input (and the growth of completed conversations), `place` picks the decoder from a `CapacityLedger`
-snapshot, the ledger records it. The first turn is prefilled on the least-loaded prefill instance (the compute
-tier when tiers are mapped) and its KV moves once to the decoder; the conversation is pinned there: later
-turns' new tokens are prefilled on the decoder itself, nothing moves, and its KV stays (not evictable) between
-turns until the conversation is released (the client marks it completed after its last turn, as the
-Conversation API's `spec.completed` does, or it stays idle past the idle timeout). A conversation that no
-decoder can hold waits, in `order_pending` order, until a release frees capacity. Live KV beyond the
-reservation is reported to the ledger (`update_live`, `try_extend`), so later placements see it.
+**ConServe** runs the operator's own scheduler (`conserve.core.scheduler.PoolScheduler`, the object the
+operator's engine calls): reservation sizing, placement, queue order, outgrowth, prefill choice and the KV
+lifecycle are the core's (see operator/conserve/core/README.md). The first turn is prefilled on the prefill
+server the scheduler picks and its KV moves once to the decoder; the conversation is pinned there: later turns'
+new tokens are prefilled on the decoder itself and nothing moves. Between turns its KV is idle (reclaimable),
+then offloaded to the decoder's host memory, then dropped, as `conserve.core.lifecycle` rules; the pin
+outlives residency. It is released when the client marks it completed after its last turn, or when it stays
+idle past the idle timeout (the simulator's idle checks). A conversation that no decoder can hold, even by
+reclaiming idle KV, waits in the scheduler's queue.
 
 **Per-turn baselines** place every turn on its own and have no capacity model: a turn is admitted wherever it
 is sent and waits there for memory. When the chosen decoder still holds the conversation's KV (in its prefix
@@ -31,13 +31,11 @@ decoder: that is the cost a per-turn policy pays when a turn moves.
 
 Prefill instances for the baselines other than round-robin: least queued work first, ties by name.
 
-**Host KV tier** (`conserve.core.offload`): ConServe offloads idle pinned conversations to their decoder's host
-memory under pressure (a new conversation that no decoder's GPU reservations can take; an offloaded
-conversation's next turn that needs its GPU reservation back; a decoder out of memory), least recently active
-first; the ledger then counts only resident conversations against GPU capacity. `conserve-no-offload` is
-ConServe without the host tier (the behaviour before it). The per-turn baselines get the same host tier for
-their prefix caches (GPU evictions spill there, LRU), as vLLM's CPU offloading would give them: apples to
-apples.
+**KV lifecycle** (`conserve.core.lifecycle`): ConServe's idle pinned conversations go to their decoder's host
+memory (or are dropped) when room is needed or after the resident TTL; `conserve-no-offload` is ConServe with
+the lifecycle off (idle KV stays resident until release: the behaviour before it). The per-turn baselines get
+the same host tier for their prefix caches (GPU evictions spill there, LRU), as vLLM's CPU offloading would give
+them: apples to apples.
 """
 
 from __future__ import annotations
