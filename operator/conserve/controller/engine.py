@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from conserve import metrics
-from conserve.api.conversation import Phase
+from conserve.api.conversation import Endpoint, Phase
 from conserve.api.decoderpool import DecoderPoolSpec
 from conserve.controller.kube import Kube, NotFound, Refused
 from conserve.controller.state import (
@@ -295,6 +295,7 @@ class Engine:
         if record.turns > 0 and record.phase in (Phase.PREFILLING, Phase.IDLE):
             record.phase = Phase.DECODING
         record.dirty = True
+        self._follow_prefill(pool, record)
         decisions = pool.scheduler.usage_observed(
             record.key, record.live_kv_tokens, record.last_activity_s, turns=record.turns
         )
@@ -306,6 +307,17 @@ class Engine:
             if outcome.record is not record:
                 self.spawn(self.write_status(outcome.record))
         return True
+
+    def _follow_prefill(self, pool: PoolRuntime, record: ConvRecord) -> None:
+        """The router reports the prefill server that ran the first turn (its early prefill may start before the
+        placement names one): status.prefill follows it, so energy attribution charges the server that worked."""
+        used = record.spec.usage.prefill_pod
+        if not used or (record.prefill is not None and record.prefill.pod == used):
+            return
+        chosen = record.prefill.pod if record.prefill is not None else None
+        info = pool.prefills.get(used)
+        record.prefill = info.endpoint_model() if info is not None else Endpoint(pod=used)
+        pool.scheduler.prefill_reported(chosen, used)
 
     async def sweep_idle(self) -> None:
         """Each pool's timers (idle timeout, resident and host TTLs); phase Idle shown before the timeout."""

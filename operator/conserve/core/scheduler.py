@@ -239,6 +239,13 @@ class PoolScheduler:
             Decision(key, verdict, reason, message, decision.decoder, reservation, prefill, KvState.ACTIVE),
         ]
 
+    def prefill_reported(self, chosen: str | None, used: str) -> None:
+        """The data plane ran a first turn on another prefill server than the one chosen: count it there."""
+        if chosen in self.prefills and self.prefills[chosen].assigned > 0:
+            self.prefills[chosen] = replace(self.prefills[chosen], assigned=self.prefills[chosen].assigned - 1)
+        if used in self.prefills:
+            self.prefills[used] = replace(self.prefills[used], assigned=self.prefills[used].assigned + 1)
+
     def _pick_prefill(self) -> str | None:
         name = pick_prefill(list(self.prefills.values()))
         if name is not None:
