@@ -93,8 +93,8 @@ PINNED_CONVERSATIONS = Gauge(
 # --- KV lifecycle (issue 13) ---------------------------------------------------------------------------------
 KV_LIFECYCLE = Counter(
     "conserve_kv_lifecycle_transitions",
-    "KV lifecycle transitions of pinned conversations. transition: offloaded, reloaded, dropped, reprefilled; "
-    "reason: RoomNeeded, ResidentTtl, HostTtl, HostFull, Turn.",
+    "KV lifecycle transitions of pinned conversations. transition: idled, offloaded, reloaded, dropped, "
+    "reprefilled; reason: ActiveWindow, RoomNeeded, ResidentTtl, HostTtl, HostFull, Turn.",
     [*_POOL, "transition", "reason"],
     registry=REGISTRY,
 )

@@ -78,7 +78,10 @@ def test_idle_kv_is_reclaimed_offloaded_reloaded_and_shown() -> None:
         clock.t += 10
         await conversation.on_event(engine, "MODIFIED", turn("a", 4000, 1, 4000, 200, clock.t))
         clock.t += 5
-        await conversation.on_event(engine, "ADDED", body("b", 4000))  # only a's idle KV makes room
+        await conversation.on_event(engine, "ADDED", body("b", 4000))  # only a's KV could make room
+        assert kube.status[("conversations", "b")]["phase"] == "Pending"  # a's next turn may come soon
+        clock.t += 5  # a's active window (the pool's 10 s limit: no gaps observed yet) has passed
+        await engine.sweep_idle()
         await engine.drain_background()
         a, b = kube.status[("conversations", "a")], kube.status[("conversations", "b")]
         assert b["phase"] == "Prefilling" and b["decoder"]["pod"] == "dec-0"  # placed at once, not queued
@@ -94,11 +97,12 @@ def test_idle_kv_is_reclaimed_offloaded_reloaded_and_shown() -> None:
         # b's turn ends (idle), then a's next turn: a comes back to its decoder, b's KV goes to the host
         clock.t += 10
         await conversation.on_event(engine, "MODIFIED", turn("b", 4000, 1, 4000, 100, clock.t))
-        clock.t += 20
+        clock.t += 30
+        await engine.sweep_idle()  # b idle
         await conversation.on_event(engine, "MODIFIED", turn("a", 4000, 2, 4300, 400, clock.t))
         await engine.drain_background()
         a, b = kube.status[("conversations", "a")], kube.status[("conversations", "b")]
-        assert (a["kvState"], a["reloads"], a["decoder"]["pod"]) == ("Idle", 1, "dec-0")
+        assert (a["kvState"], a["reloads"], a["decoder"]["pod"]) == ("Active", 1, "dec-0")  # its window again
         assert (b["kvState"], b["offloads"]) == ("Offloaded", 1)
         assert transitions("reloaded", "Turn") - reloads_before == 1
 
@@ -111,7 +115,7 @@ def test_idle_kv_is_reclaimed_offloaded_reloaded_and_shown() -> None:
         restarted, _, _ = await engine_with(kube)
         views = restarted.world.pool(NS, "llama").scheduler.conversations
         assert {k: (v.kv_state.value, v.offloads, v.reloads) for k, v in views.items()} == {
-            f"{NS}/a": ("Idle", 1, 1),
+            f"{NS}/a": ("Active", 1, 1),
             f"{NS}/b": ("Offloaded", 1, 0),
         }
 
@@ -125,14 +129,18 @@ def test_without_host_room_idle_kv_is_dropped_then_prefilled_again() -> None:
         clock.t += 10
         await conversation.on_event(engine, "MODIFIED", turn("a", 4000, 1, 4000, 200, clock.t))
         await conversation.on_event(engine, "ADDED", body("b", 4000))
+        clock.t += 30
+        await engine.sweep_idle()
         await engine.drain_background()
         assert kube.status[("conversations", "a")]["kvState"] == "Dropped"
         clock.t += 10
         await conversation.on_event(engine, "MODIFIED", turn("b", 4000, 1, 4000, 100, clock.t))
-        await conversation.on_event(engine, "MODIFIED", turn("a", 4000, 2, 4300, 400, clock.t + 1))
+        clock.t += 30
+        await engine.sweep_idle()
+        await conversation.on_event(engine, "MODIFIED", turn("a", 4000, 2, 4300, 400, clock.t))
         await engine.drain_background()
         a = kube.status[("conversations", "a")]
-        assert (a["reprefills"], a["decoder"]["pod"], a["kvState"]) == (1, "dec-0", "Idle")
+        assert (a["reprefills"], a["decoder"]["pod"], a["kvState"]) == (1, "dec-0", "Active")
 
     asyncio.run(run())
 
@@ -143,7 +151,10 @@ def test_resident_ttl_offloads_and_host_ttl_drops() -> None:
         await conversation.on_event(engine, "ADDED", body("a", 1000))
         clock.t += 5
         await conversation.on_event(engine, "MODIFIED", turn("a", 1000, 1, 1000, 100, clock.t))
-        clock.t += 59
+        clock.t += 30
+        await engine.sweep_idle()
+        assert kube.status[("conversations", "a")]["kvState"] == "Idle"  # past the active window, resident
+        clock.t += 29
         await engine.sweep_idle()
         assert kube.status[("conversations", "a")]["kvState"] == "Idle"
         clock.t += 1  # the resident TTL (the pool's limit: no gaps observed yet)

@@ -318,13 +318,16 @@ def test_idle_kv_is_reclaimable_by_admission() -> None:
     first = scheduler.admit(ConversationRequest("a", 4000), 0.0)
     assert first[-1].verdict is Verdict.PLACED
     assert scheduler.admit(ConversationRequest("b", 4000), 1.0)[-1].verdict is Verdict.QUEUED  # a is active
-    scheduler.usage_observed("a", 4200, 2.0, turns=1)  # a's turn ended: idle, resident, evictable
-    decisions = scheduler.drain(3.0)
+    scheduler.usage_observed("a", 4200, 2.0, turns=1)  # a's turn ended: active for the window, then idle
+    assert scheduler.drain(3.0) == []
+    assert [d.verdict for d in scheduler.sweep(12.0)] == [Verdict.IDLED]
+    decisions = scheduler.drain(12.0)
     assert [(d.conversation, d.verdict) for d in decisions] == [("a", Verdict.OFFLOADED), ("b", Verdict.PLACED)]
     assert scheduler.conversations["a"].kv_state is KvState.OFFLOADED
     # a's next turn: it comes back to its pinned decoder (b, idle by then, goes to host memory to make room)
-    scheduler.usage_observed("b", 4100, 4.0, turns=1)
-    back = scheduler.usage_observed("a", 4500, 5.0, turns=2)
+    scheduler.usage_observed("b", 4100, 40.0, turns=1)
+    scheduler.sweep(70.0)
+    back = scheduler.usage_observed("a", 4500, 71.0, turns=2)
     assert [(d.conversation, d.verdict) for d in back][-1] == ("a", Verdict.RELOADED)
     assert ("b", Verdict.OFFLOADED) in [(d.conversation, d.verdict) for d in back]
     assert scheduler.ledger.holding("a")[0] == "dec-0"  # type: ignore[index]

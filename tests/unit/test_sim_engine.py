@@ -141,7 +141,7 @@ def test_conserve_waits_for_capacity() -> None:
 def _idle_then_new(f: Fleet) -> Workload:
     big = int(f.kv_capacity_tokens(f.decode[0]) * 0.5)
     a = chat("a", 0.0, (big, big, 50, 0.0), (big + 60, 10, 10, 30.0))
-    b = chat("b", 5.0, (big, big, 50, 0.0))
+    b = chat("b", 15.0, (big, big, 50, 0.0))  # after a's active window (10 s), before its next turn
     return Workload("t", (a, b))
 
 

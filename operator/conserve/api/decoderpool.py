@@ -114,6 +114,12 @@ class KvLifecycleSpec(CamelModel):
         description="Host-memory KV tokens per decoder (default: 125 GB per decoder GPU over the model's KV size; "
         "0: no host tier, reclaimed KV is dropped).",
     )
+    max_active_window_seconds: int = Field(
+        10,
+        ge=0,
+        le=3600,
+        description="Upper bound of the window after a turn during which its KV is not reclaimable (0: none).",
+    )
     max_resident_ttl_seconds: int = Field(
         300, ge=1, le=7 * 24 * 3600, description="Upper bound of an idle conversation's stay on the GPU."
     )
@@ -212,6 +218,7 @@ class DecoderPoolStatus(StatusModel):
     dropped_conversations: int = 0
     #: Gaps between turns the lifecycle's TTLs derive from, and the TTLs in force (seconds).
     observed_turn_gaps_seconds: list[float] = Field(default_factory=list)
+    active_window_seconds: float | None = None
     resident_ttl_seconds: float | None = None
     host_ttl_seconds: float | None = None
     #: "used/total" KV tokens, for the printer column.

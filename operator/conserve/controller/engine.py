@@ -39,7 +39,7 @@ from conserve.core.scheduler import SchedulerSettings
 log = logging.getLogger("conserve.operator")
 
 PLURAL = "conversations"
-_LIFECYCLE = (Verdict.OFFLOADED, Verdict.RELOADED, Verdict.DROPPED, Verdict.REPREFILLED)
+_LIFECYCLE = (Verdict.IDLED, Verdict.OFFLOADED, Verdict.RELOADED, Verdict.DROPPED, Verdict.REPREFILLED)
 
 
 class Clock(Protocol):
@@ -94,6 +94,7 @@ def scheduler_settings(spec: DecoderPoolSpec, host_kv_tokens_per_decoder: int = 
         lifecycle=LifecycleSettings(
             enabled=lc.enabled,
             host_kv_tokens_per_decoder=host_kv_tokens_per_decoder,
+            max_active_window_s=float(lc.max_active_window_seconds),
             max_resident_ttl_s=float(lc.max_resident_ttl_seconds),
             max_host_ttl_s=float(lc.max_host_ttl_seconds),
         ),

@@ -111,6 +111,7 @@ def pool_status_patch(pool: PoolRuntime, pending: int) -> dict[str, Any]:
         "offloadedConversations": offloaded,
         "droppedConversations": dropped,
         "observedTurnGapsSeconds": [round(g, 3) for g in scheduler.gaps.gaps_s],
+        "activeWindowSeconds": round(scheduler.gaps.active_window_s(scheduler.settings.lifecycle), 3),
         "residentTtlSeconds": round(scheduler.gaps.resident_ttl_s(scheduler.settings.lifecycle), 3),
         "hostTtlSeconds": round(scheduler.gaps.host_ttl_s(scheduler.settings.lifecycle), 3),
         "kvUsage": f"{reserved}/{capacity}",

@@ -16,6 +16,7 @@ class Verdict(enum.StrEnum):
     RELEASED = "released"  # its hold on the pool ended
     EXTENDED = "extended"  # its reservation grew in place
     OUTGROWN = "outgrown"  # it outgrew its reservation and its decoder has no room: kept pinned
+    IDLED = "idled"  # its active window passed: its KV stays on the GPU but is reclaimable
     OFFLOADED = "offloaded"  # its KV moved to its decoder's host memory
     RELOADED = "reloaded"  # its KV came back from host memory for a turn
     DROPPED = "dropped"  # its KV was discarded (host TTL or host pressure)
@@ -39,6 +40,7 @@ class Reason(enum.StrEnum):
     IDLE_TIMEOUT = "IdleTimeout"
     EXTENDED = "Extended"
     DECODER_FULL = "DecoderFull"
+    ACTIVE_WINDOW = "ActiveWindow"
     ROOM_NEEDED = "RoomNeeded"
     RESIDENT_TTL = "ResidentTtl"
     HOST_TTL = "HostTtl"

@@ -1,8 +1,9 @@
 """The KV lifecycle of a pinned conversation: states, settings and the TTLs derived from observed gaps.
 
 A pinned conversation's KV is in one of four states (`KvState`):
-- **active**: a turn is in flight (from placement until its turn is reported; in the simulator from a turn's
-  arrival to its end). Its reservation counts against the decoder's GPU capacity and is never evicted.
+- **active**: a turn is in flight or expected soon: from placement until its first turn is reported, and for
+  the active window after each turn (in the simulator also from a turn's arrival to its end). Its reservation
+  counts against the decoder's GPU capacity and is never evicted.
 - **idle** (resident): its KV is still on the decoder's GPU, but evictable: placement and admission count it
   as reclaimable room. It is offloaded when room is needed or after the resident TTL.
 - **offloaded**: its KV sits in the decoder node's host memory (vLLM's OffloadingConnector, LMCache's CPU
@@ -11,7 +12,9 @@ A pinned conversation's KV is in one of four states (`KvState`):
 The pin (decoder affinity) outlives residency: the next turn always goes back to its decoder; only the
 conversation's release (completed, deleted, idle past its idle timeout) ends the pin.
 
-TTLs: observe, do not predict. The resident TTL is the median of the inter-turn gaps observed in the pool (half
+TTLs: observe, do not predict. The active window is the 10th percentile of the inter-turn gaps observed in the
+pool (a tenth of next turns, tool loops and quick replies, come back before their KV becomes evictable); the
+resident TTL is the median of the inter-turn gaps observed in the pool (half
 of next turns find their KV still on the GPU), the host TTL the 90th percentile (nine in ten find it at least
 in host memory); each bounded by the pool's limits. Until MIN_GAP_OBSERVATIONS gaps are seen, the limits
 themselves are used.
@@ -26,11 +29,13 @@ from dataclasses import dataclass, field
 
 from conserve.core.reservation import quantile
 
+ACTIVE_WINDOW_QUANTILE = 0.1
 RESIDENT_TTL_QUANTILE = 0.5
 HOST_TTL_QUANTILE = 0.9
 MIN_GAP_OBSERVATIONS = 10
 GAP_HISTORY_LIMIT = 256
 #: Upper bounds when the pool sets none (the DecoderPool defaults use the same numbers).
+DEFAULT_MAX_ACTIVE_WINDOW_S = 10.0
 DEFAULT_MAX_RESIDENT_TTL_S = 300.0
 DEFAULT_MAX_HOST_TTL_S = 1800.0
 
@@ -47,6 +52,7 @@ class LifecycleSettings:
     enabled: bool = True
     #: Host KV tokens per decoder (0: no host tier: reclaimed KV is dropped instead of offloaded).
     host_kv_tokens_per_decoder: int = 0
+    max_active_window_s: float = DEFAULT_MAX_ACTIVE_WINDOW_S
     max_resident_ttl_s: float = DEFAULT_MAX_RESIDENT_TTL_S
     max_host_ttl_s: float = DEFAULT_MAX_HOST_TTL_S
     #: Seconds to write one KV token back to host memory (its host copy is complete this long after its turn).
@@ -75,6 +81,10 @@ class GapHistory:
         if self._sorted is None:
             self._sorted = sorted(self.gaps_s)
         return quantile(self._sorted, q)
+
+    def active_window_s(self, settings: LifecycleSettings) -> float:
+        observed = self._quantile(ACTIVE_WINDOW_QUANTILE)
+        return settings.max_active_window_s if observed is None else min(observed, settings.max_active_window_s)
 
     def resident_ttl_s(self, settings: LifecycleSettings) -> float:
         observed = self._quantile(RESIDENT_TTL_QUANTILE)

@@ -318,7 +318,9 @@ class PoolScheduler:
         if view.kv_state in (KvState.OFFLOADED, KvState.DROPPED):
             out.extend(self._make_resident(view, decoder, max(reserved, live_kv_tokens), now_s))
         view.last_activity_s = now_s
-        view.kv_state = KvState.IDLE if turn_ended else KvState.ACTIVE
+        # A turn just ended: the next one may come soon (active window), then its KV is idle (reclaimable).
+        window = self.gaps.active_window_s(self.settings.lifecycle)
+        view.kv_state = KvState.IDLE if turn_ended and window <= 0 else KvState.ACTIVE
         if live_kv_tokens > reserved:
             target = math.ceil(live_kv_tokens * EXTEND_FACTOR)
             if self.ledger.try_extend(key, target) or self.ledger.try_extend(key, live_kv_tokens):
@@ -558,6 +560,7 @@ class PoolScheduler:
         """Timers: release past the idle timeout; offload idle KV past the resident TTL; drop host copies past
         the host TTL. Conversations in key order (deterministic)."""
         lc = self.settings.lifecycle
+        window = self.gaps.active_window_s(lc)
         resident_ttl = self.gaps.resident_ttl_s(lc)
         host_ttl = self.gaps.host_ttl_s(lc)
         out: list[Decision] = []
@@ -575,6 +578,19 @@ class PoolScheduler:
                 continue
             if not lc.enabled:
                 continue
+            if view.kv_state is KvState.ACTIVE and view.turns > 0 and idle_for >= window:
+                view.kv_state = KvState.IDLE  # a turn reported, none since for the active window
+                self._changed()
+                out.append(
+                    Decision(
+                        key,
+                        Verdict.IDLED,
+                        Reason.ACTIVE_WINDOW,
+                        "no turn for the active window",
+                        holding[0],
+                        kv_state=KvState.IDLE,
+                    )
+                )
             if view.kv_state is KvState.IDLE and idle_for >= resident_ttl:
                 out.extend(self._offload_one(holding[0], view, now_s))
             elif view.kv_state is KvState.OFFLOADED and idle_for >= resident_ttl + host_ttl:
