@@ -378,8 +378,12 @@ class Simulator:
         *,
         idle_timeout_s: float | None = None,
         progress: Callable[[int], None] | None = None,
+        end_signal: bool = True,
     ) -> None:
         self.fleet = fleet
+        #: False: no client says a conversation ended (chat clients cannot): after its last turn it is released
+        #: only by the idle timeout (at once when there is none: the policy holds nothing an end would free).
+        self.end_signal = end_signal
         self.model = fleet.model
         self.workload = workload
         self.policy = policy
@@ -450,6 +454,10 @@ class Simulator:
                 assert isinstance(payload, Decoder)
                 if payload.state == "idle":
                     self._decoder_boundary(payload)
+        if not self.end_signal:
+            # The work ended with the last turn; the idle timeouts that followed only end pins (they must not
+            # charge a policy that keeps pins with idle power the others are not charged).
+            self.now = max((r.done_s for s in self.states for r in s.turns), default=self.now)
         unfinished = [s.key for s in self.states if not s.finished]
         if unfinished:
             raise AssertionError(f"{len(unfinished)} conversations never finished, e.g. {unfinished[:3]}")
@@ -537,7 +545,10 @@ class Simulator:
             decoder.cache_tokens += kv
         self.policy.turn_done(state, record, self.now)
         if state.next_index >= len(state.conv.turns):
-            self._release(state)
+            if self.end_signal or self.idle_timeout_s is None:
+                self._release(state)
+            else:
+                self._push(self.now + self.idle_timeout_s, _IDLE_CHECK, (state, len(state.turns)))
             return
         nxt = state.conv.turns[state.next_index]
         at = max(nxt.not_before_s or 0.0, self.now + nxt.think_s)
@@ -856,8 +867,11 @@ def simulate(
     *,
     idle_timeout_s: float | None = None,
     progress: Callable[[int], None] | None = None,
+    end_signal: bool = True,
 ) -> SimResult:
-    return Simulator(fleet, workload, policy, idle_timeout_s=idle_timeout_s, progress=progress).run()
+    return Simulator(
+        fleet, workload, policy, idle_timeout_s=idle_timeout_s, progress=progress, end_signal=end_signal
+    ).run()
 
 
 def all_records(result: SimResult) -> Iterable[TurnRecord]:

@@ -192,8 +192,13 @@ class ConServe(_Base):
         placed = next((d for d in decisions if d.placed and d.conversation == state.key), None)
         if placed is None or placed.decoder is None:
             return None
-        prefill = placed.prefill or self.least_loaded_prefill(now)
-        return RemoteRoute(prefill, placed.decoder, record.input_tokens)
+        # The router's early prefill (on by default) starts the first turn on its least-loaded prefill server
+        # before the placement arrives, and reports the one it used: the scheduler counts it there.
+        if self._sim is None:  # driven without a simulator (the equivalence test): no data plane to report
+            return RemoteRoute(placed.prefill or "", placed.decoder, record.input_tokens)
+        used = self.least_loaded_prefill(now)
+        self.scheduler.prefill_reported(placed.prefill, used)
+        return RemoteRoute(used, placed.decoder, record.input_tokens)
 
     @staticmethod
     def request(state: ConvState, record: TurnRecord) -> ConversationRequest:
@@ -250,7 +255,10 @@ class ConServe(_Base):
                 if decoder is None:
                     continue
                 if d.verdict is Verdict.OFFLOADED and d.conversation in decoder.pinned:
-                    self.sim.offload(decoder, d.conversation)
+                    if decoder.pinned[d.conversation] <= decoder.host_free_tokens():
+                        self.sim.offload(decoder, d.conversation)
+                    else:  # a reloading turn's host copy is still there until its prefill starts: no room
+                        self.sim.drop_pinned(decoder, d.conversation)
                 elif d.verdict is Verdict.DROPPED:
                     decoder.drop_host(d.conversation)
                     if d.conversation in decoder.pinned:
