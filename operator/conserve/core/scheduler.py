@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 from conserve.core.decisions import ConversationRequest, Decision, Reason, Verdict
 from conserve.core.ledger import CapacityError, CapacityLedger
-from conserve.core.lifecycle import GapHistory, KvState, LifecycleSettings, Resident, plan_reclaim
+from conserve.core.lifecycle import GapHistory, KvState, LifecycleSettings
 from conserve.core.pending import PendingItem, order_pending
 from conserve.core.placement import (
     DecoderState,
@@ -30,6 +30,7 @@ from conserve.core.placement import (
 )
 from conserve.core.prefill import PrefillState, pick_prefill
 from conserve.core.reservation import GrowthObservation, growth_factor, reservation_for_factor
+from conserve.core.residency import ConversationView, DecoderLifecycle, Residency
 
 #: A reservation outgrown by a turn is extended in place to this multiple of the live context (room for the
 #: next turn without extending again), or failing that to the live context itself.
@@ -45,33 +46,6 @@ class SchedulerSettings:
     reject_when_full: bool = False  # DecoderPool placement.whenFull: Reject
     default_idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
-
-
-@dataclass(slots=True)
-class ConversationView:
-    """The scheduler's record of one conversation (its reservation and decoder are in the ledger)."""
-
-    request: ConversationRequest
-    last_activity_s: float | None = None
-    turns: int = 0
-    live_kv_tokens: int = 0
-    kv_state: KvState = KvState.ACTIVE
-    offloads: int = 0
-    reloads: int = 0
-    reprefills: int = 0
-    told_waiting: bool = False  # a QUEUED decision was handed out (drain may skip it cheaply from then on)
-
-
-@dataclass(frozen=True, slots=True)
-class DecoderLifecycle:
-    """A decoder's conversations per KV state, with their live KV tokens (for status and metrics)."""
-
-    active: int = 0
-    idle: int = 0
-    idle_kv_tokens: int = 0
-    offloaded: int = 0
-    offloaded_kv_tokens: int = 0
-    dropped: int = 0
 
 
 def observations_from_ratios(ratios: Iterable[float]) -> list[GrowthObservation]:
@@ -94,10 +68,12 @@ class PoolScheduler:
         self.problem: tuple[Reason, str] | None = None
         self._factors: dict[int | None, float] = {}  # growth factor per expected-turns hint, until history moves
         self._snapshot: list[DecoderState] | None = None  # the ledger's snapshot, until the ledger changes
+        self.kv = Residency(self.ledger, self.conversations, self.settings.lifecycle, self._changed)
 
     # --- configuration and the decoder table -------------------------------------------------------------
     def configure(self, settings: SchedulerSettings) -> None:
         self.settings = settings
+        self.kv.settings = settings.lifecycle
         self.problem = None
         self._changed()
 
@@ -290,7 +266,7 @@ class PoolScheduler:
         best = 0
         for d in self.snapshot():
             if d.ready:
-                room = d.free_kv_tokens - int(d.capacity_kv_tokens * headroom) + self._reclaimable_on(d.name)
+                room = d.free_kv_tokens - int(d.capacity_kv_tokens * headroom) + self.kv.reclaimable_on(d.name)
                 best = max(best, room)
         return best
 
@@ -316,7 +292,7 @@ class PoolScheduler:
             return out
         decoder, reserved, _ = holding
         if view.kv_state in (KvState.OFFLOADED, KvState.DROPPED):
-            out.extend(self._make_resident(view, decoder, max(reserved, live_kv_tokens), now_s))
+            out.extend(self.kv.make_resident(view, decoder, max(reserved, live_kv_tokens), now_s))
         view.last_activity_s = now_s
         # A turn just ended: the next one may come soon (active window), then its KV is idle (reclaimable).
         window = self.gaps.active_window_s(self.settings.lifecycle)
@@ -359,26 +335,9 @@ class PoolScheduler:
             return []
         out: list[Decision] = []
         if view.kv_state in (KvState.OFFLOADED, KvState.DROPPED):
-            out = self._make_resident(view, holding[0], max(holding[1], view.live_kv_tokens), now_s)
+            out = self.kv.make_resident(view, holding[0], max(holding[1], view.live_kv_tokens), now_s)
         view.kv_state = KvState.ACTIVE
         self._changed()
-        return out
-
-    def _make_resident(self, view: ConversationView, decoder: str, need: int, now_s: float) -> list[Decision]:
-        key = view.request.key
-        out: list[Decision] = []
-        capacity = self.ledger.decoders[decoder].capacity_kv_tokens if decoder in self.ledger.decoders else 0
-        short = need - (capacity - self.ledger.reserved_on(decoder))
-        if short > 0:
-            out.extend(self._reclaim_on(decoder, short, now_s, exclude=key))
-        if view.kv_state is KvState.OFFLOADED:
-            view.reloads += 1
-            verdict, message = Verdict.RELOADED, "KV reloaded from host memory for a turn"
-        else:
-            view.reprefills += 1
-            verdict, message = Verdict.REPREFILLED, "KV was dropped: the turn prefilled the context again"
-        self.ledger.set_offloaded(key, False)
-        out.append(Decision(key, verdict, Reason.TURN, message, decoder, kv_state=KvState.ACTIVE))
         return out
 
     def kv_offloaded(self, key: str) -> None:
@@ -446,99 +405,6 @@ class PoolScheduler:
             ),
         ]
 
-    # --- the KV lifecycle --------------------------------------------------------------------------------
-    def _residents(self, decoder: str, state: KvState, exclude: str = "") -> list[Resident]:
-        out = []
-        for key in self.ledger.conversations_on(decoder):
-            view = self.conversations.get(key)
-            if view is None or view.kv_state is not state or key == exclude:
-                continue
-            held = self.ledger.holding(key)
-            assert held is not None
-            out.append(Resident(key, max(held[1], held[2]), max(held[2], 1), view.last_activity_s or 0.0))
-        return out
-
-    def _reclaimable_on(self, decoder: str) -> int:
-        if not self.settings.lifecycle.enabled:
-            return 0
-        return sum(r.gpu_kv_tokens for r in self._residents(decoder, KvState.IDLE))
-
-    def lifecycle_on(self, decoder: str) -> DecoderLifecycle:
-        counts = {state: 0 for state in KvState}
-        tokens = {state: 0 for state in KvState}
-        for key in self.ledger.conversations_on(decoder):
-            view = self.conversations.get(key)
-            held = self.ledger.holding(key)
-            if view is None or held is None:
-                continue
-            counts[view.kv_state] += 1
-            tokens[view.kv_state] += held[2]
-        return DecoderLifecycle(
-            counts[KvState.ACTIVE],
-            counts[KvState.IDLE],
-            tokens[KvState.IDLE],
-            counts[KvState.OFFLOADED],
-            tokens[KvState.OFFLOADED],
-            counts[KvState.DROPPED],
-        )
-
-    def host_used_on(self, decoder: str) -> int:
-        return sum(r.host_kv_tokens for r in self._residents(decoder, KvState.OFFLOADED))
-
-    def _reclaim_on(self, decoder: str, need: int, now_s: float, exclude: str = "") -> list[Decision]:
-        lc = self.settings.lifecycle
-        if not lc.enabled:
-            return []
-        plan = plan_reclaim(
-            self._residents(decoder, KvState.IDLE, exclude),
-            self._residents(decoder, KvState.OFFLOADED, exclude),
-            need,
-            lc.host_kv_tokens_per_decoder,
-            self.host_used_on(decoder),
-            now_s,
-            lc.writeback_s_per_kv_token,
-        )
-        if plan is None:
-            return []
-        return self._apply_reclaim(decoder, plan.offload, plan.drop, Reason.ROOM_NEEDED)
-
-    def _apply_reclaim(
-        self, decoder: str, offload: Sequence[str], drop: Sequence[str], reason: Reason
-    ) -> list[Decision]:
-        out: list[Decision] = []
-        for key in drop:  # host room first: drops come before the offloads they make room for
-            view = self.conversations[key]
-            why = Reason.HOST_FULL if view.kv_state is KvState.OFFLOADED else reason
-            view.kv_state = KvState.DROPPED
-            self.ledger.set_offloaded(key, True)
-            out.append(
-                Decision(
-                    key,
-                    Verdict.DROPPED,
-                    why,
-                    "KV discarded; the next turn prefills it again",
-                    decoder,
-                    kv_state=KvState.DROPPED,
-                )
-            )
-        for key in offload:
-            view = self.conversations[key]
-            view.kv_state = KvState.OFFLOADED
-            view.offloads += 1
-            self.ledger.set_offloaded(key, True)
-            out.append(
-                Decision(
-                    key,
-                    Verdict.OFFLOADED,
-                    reason,
-                    "KV moved to the decoder's host memory",
-                    decoder,
-                    kv_state=KvState.OFFLOADED,
-                )
-            )
-        self._changed()
-        return out
-
     def _reclaim_for_placement(self, reservation: int, now_s: float) -> list[Decision]:
         """No decoder's reservations can take a new conversation: reclaim idle KV on the one decoder where that
         frees the room with the least reclaimed (least disruption), ties by name."""
@@ -550,11 +416,11 @@ class PoolScheduler:
             if not d.ready:
                 continue
             need = reservation - (d.free_kv_tokens - int(d.capacity_kv_tokens * headroom))
-            if 0 < need <= self._reclaimable_on(d.name) and (best is None or (need, d.name) < best):
+            if 0 < need <= self.kv.reclaimable_on(d.name) and (best is None or (need, d.name) < best):
                 best = (need, d.name)
         if best is None:
             return []
-        return self._reclaim_on(best[1], best[0], now_s)
+        return self.kv.reclaim_on(best[1], best[0], now_s)
 
     def sweep(self, now_s: float) -> list[Decision]:
         """Timers: release past the idle timeout; offload idle KV past the resident TTL; drop host copies past
@@ -592,24 +458,13 @@ class PoolScheduler:
                     )
                 )
             if view.kv_state is KvState.IDLE and idle_for >= resident_ttl:
-                out.extend(self._offload_one(holding[0], view, now_s))
+                out.extend(self.kv.offload_one(holding[0], view, now_s))
             elif view.kv_state is KvState.OFFLOADED and idle_for >= resident_ttl + host_ttl:
-                out.extend(self._apply_reclaim(holding[0], (), (key,), Reason.HOST_TTL))
+                out.extend(self.kv.apply_reclaim(holding[0], (), (key,), Reason.HOST_TTL))
         return out
 
-    def _offload_one(self, decoder: str, view: ConversationView, now_s: float) -> list[Decision]:
-        held = self.ledger.holding(view.request.key)
-        assert held is not None
-        me = Resident(view.request.key, max(held[1], held[2]), max(held[2], 1), view.last_activity_s or 0.0)
-        plan = plan_reclaim(
-            [me],
-            self._residents(decoder, KvState.OFFLOADED),
-            1,
-            self.settings.lifecycle.host_kv_tokens_per_decoder,
-            self.host_used_on(decoder),
-            now_s,
-            self.settings.lifecycle.writeback_s_per_kv_token,
-        )
-        if plan is None or (not plan.offload and not plan.drop):
-            return []
-        return self._apply_reclaim(decoder, plan.offload, plan.drop, Reason.RESIDENT_TTL)
+    def lifecycle_on(self, decoder: str) -> DecoderLifecycle:
+        return self.kv.lifecycle_on(decoder)
+
+    def host_used_on(self, decoder: str) -> int:
+        return self.kv.host_used_on(decoder)
