@@ -90,6 +90,27 @@ PINNED_CONVERSATIONS = Gauge(
     "conserve_pinned_conversations", "Conversations holding a reservation in the pool.", _POOL, registry=REGISTRY
 )
 
+# --- KV lifecycle (issue 13) ---------------------------------------------------------------------------------
+KV_LIFECYCLE = Counter(
+    "conserve_kv_lifecycle_transitions",
+    "KV lifecycle transitions of pinned conversations. transition: idled, offloaded, reloaded, dropped, "
+    "reprefilled; reason: ActiveWindow, RoomNeeded, ResidentTtl, HostTtl, HostFull, Turn.",
+    [*_POOL, "transition", "reason"],
+    registry=REGISTRY,
+)
+KV_STATE_CONVERSATIONS = Gauge(
+    "conserve_kv_state_conversations",
+    "Pinned conversations per KV state (Active, Idle, Offloaded, Dropped).",
+    [*_POOL, "state"],
+    registry=REGISTRY,
+)
+KV_STATE_TOKENS = Gauge(
+    "conserve_kv_state_kv_tokens",
+    "Live KV tokens of pinned conversations per KV state (Idle: on GPUs, evictable; Offloaded: host memory).",
+    [*_POOL, "state"],
+    registry=REGISTRY,
+)
+
 
 def forget_pool(namespace: str, pool: str) -> None:
     """Drop a deleted pool's series so they do not linger."""

@@ -51,6 +51,10 @@ CREATE_CASES = [
         "spec.placement.weights",
     ),
     (pool(kvCapacity={"gpuMemoryFraction": 0}), "spec.kvCapacity.gpuMemoryFraction"),
+    (pool(kvLifecycle={"maxResidentTtlSeconds": 0}), "spec.kvLifecycle.maxResidentTtlSeconds"),
+    (pool(kvLifecycle={"maxHostTtlSeconds": -5}), "spec.kvLifecycle.maxHostTtlSeconds"),
+    (pool(kvLifecycle={"hostKvTokensPerDecoder": -1}), "spec.kvLifecycle.hostKvTokensPerDecoder"),
+    (pool(kvLifecycle={"maxActiveWindowSeconds": 7200}), "spec.kvLifecycle.maxActiveWindowSeconds"),
 ]
 
 

@@ -42,6 +42,8 @@ def test_conversation_spec_refused(spec: dict[str, Any], field: str) -> None:
             {"decoderSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}},
             "values must be non-empty",
         ),
+        ({"kvLifecycle": {"maxResidentTtlSeconds": 0}}, "kvLifecycle.maxResidentTtlSeconds"),
+        ({"kvLifecycle": {"hostKvTokensPerDecoder": -1}}, "kvLifecycle.hostKvTokensPerDecoder"),
     ],
 )
 def test_pool_spec_refused(patch: dict[str, Any], message: str) -> None:

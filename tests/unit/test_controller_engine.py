@@ -136,12 +136,12 @@ async def test_decoder_loss_moves_or_fails() -> None:
         await conversation.on_event(engine, "ADDED", conv(f"c{i}", 1000))
     pool = engine.world.pool(NS, "llama")
     on_dec0 = pool.ledger.conversations_on("dec-0")
-    await pods.on_pod_event(engine, "MODIFIED", pod("dec-0", "n0", ready=False))
+    await decoderpool.on_pod_event(engine, "MODIFIED", pod("dec-0", "n0", ready=False))
     for key in on_dec0:
         status = kube.status[("conversations", key.split("/")[1])]
         assert status["placementGeneration"] == 2 and status["kvTransfers"] == 2
         assert status["decoder"]["pod"] == "dec-1"
-    await pods.on_pod_event(engine, "DELETED", pod("dec-1", "n0"))
+    await decoderpool.on_pod_event(engine, "DELETED", pod("dec-1", "n0"))
     phases = {s["phase"] for (p, _), s in kube.status.items() if p == "conversations"}
     assert phases == {"Failed"}
     assert pool.ledger.holdings == {}

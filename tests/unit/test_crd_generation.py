@@ -59,7 +59,7 @@ def test_printer_columns_and_names() -> None:
     assert conv["names"]["shortNames"] == ["conv"] and dp["names"]["shortNames"] == ["dp"]
     conv_cols = [c["name"] for c in conv["versions"][0]["additionalPrinterColumns"] if not c.get("priority")]
     dp_cols = [c["name"] for c in dp["versions"][0]["additionalPrinterColumns"] if not c.get("priority")]
-    assert conv_cols == ["Phase", "Decoder", "Tier", "Reservation", "Turns", "Age"]
+    assert conv_cols == ["Phase", "Decoder", "Tier", "Reservation", "Turns", "KV", "Age"]
     assert dp_cols == ["Ready", "KV", "Conversations", "Age"]
     assert conv["versions"][0]["subresources"] == {"status": {}}
 

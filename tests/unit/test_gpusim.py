@@ -124,6 +124,36 @@ async def test_decoder_keeps_conversation_kv_for_the_next_turn() -> None:
         await engine.stop()
 
 
+@run
+async def test_host_kv_tier_offloads_evicted_kv_and_reloads_it_over_pcie() -> None:
+    # GPU room for one conversation: b's admission evicts a's KV, which goes to host memory (not dropped); a's
+    # next turn reloads it over PCIe and prefills only its new tokens. Without a host tier, a prefills again.
+    for host, reloaded in ((10_000, True), (0, False)):
+        engine = Engine(
+            role=Role.DECODE,
+            device=Device(CATALOG["H100"]),
+            model=MODEL,
+            kv_capacity_tokens=5_000,
+            link=LINKS["rdma"],
+            time_scale=0.01,
+            host_kv_capacity_tokens=host,
+        )
+        engine.start()
+        try:
+            for rid, conv, prompt in (("a1", "a", 3000), ("b1", "b", 3000), ("a2", "a", 3100)):
+                req = SimRequest(rid, prompt_tokens=prompt, max_tokens=20, conversation_id=conv)
+                engine.submit(req)
+                await _drain(req)
+            assert (req.cached_tokens == 3020) is reloaded
+            assert (engine.stats.kv_reloads_total, engine.stats.kv_reload_tokens_total) == (
+                (1, 3020) if reloaded else (0, 0)
+            )
+            assert engine.stats.kv_offloads_total == (2 if reloaded else 0)  # a, then b for a's second turn
+            assert engine.host_kv_tokens <= host
+        finally:
+            await engine.stop()
+
+
 async def _sse_tokens(resp: aiohttp.ClientResponse) -> tuple[int, dict[str, Any] | None]:
     text, usage = "", None
     async for raw in resp.content:

@@ -55,6 +55,12 @@ class ConversationUsage(CamelModel):
     time_to_first_effective_token_seconds: float | None = Field(
         None, ge=0, description="Measured by the data plane: start of the conversation to first visible output."
     )
+    prefill_pod: str | None = Field(
+        None,
+        max_length=253,
+        description="The prefill server that ran the first turn, as the data plane used it (its early prefill may "
+        "start before placement). status.prefill follows it, and so does the attribution of prefill energy.",
+    )
 
 
 class ConversationSpec(CamelModel):
@@ -113,5 +119,10 @@ class ConversationStatus(StatusModel):
     energy_joules: float | None = None
     energy_per_token_joules: float | None = None
     time_to_first_effective_token_seconds: float | None = None
+    #: KV lifecycle on the pinned decoder: Active, Idle (resident, evictable), Offloaded (host memory), Dropped.
+    kv_state: str | None = None
+    offloads: int = 0
+    reloads: int = 0
+    reprefills: int = 0
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None

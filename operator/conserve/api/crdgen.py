@@ -208,6 +208,7 @@ def conversation_crd() -> dict[str, Any]:
             _column("Tier", ".status.decoder.tier", "string", "GPU tier of the decoder's node."),
             _column("Reservation", ".status.reservedKvTokens", "integer", "KV tokens reserved on the decoder."),
             _column("Turns", ".status.turnsServed", "integer", "Turns served."),
+            _column("KV", ".status.kvState", "string", "Where its KV is: Active, Idle, Offloaded, Dropped."),
             _column("Pool", ".spec.pool", "string", "The DecoderPool.", priority=1),
             _column("Node", ".status.decoder.node", "string", "Node of the decoder.", priority=1),
             _column("Live", ".status.liveKvTokens", "integer", "Context size in KV tokens.", priority=1),
@@ -229,6 +230,8 @@ def decoderpool_crd() -> dict[str, Any]:
             _column("KV", ".status.kvUsage", "string", "Reserved/total KV tokens of the ready decoders."),
             _column("Conversations", ".status.conversations", "integer", "Conversations pinned in the pool."),
             _column("Pending", ".status.pendingConversations", "integer", "Conversations waiting.", priority=1),
+            _column("Idle", ".status.idleConversations", "integer", "Idle conversations resident on GPUs.", priority=1),
+            _column("Offloaded", ".status.offloadedConversations", "integer", "KV in host memory.", priority=1),
             _column("Model", ".spec.model.name", "string", "The served model.", priority=1),
         ],
     )

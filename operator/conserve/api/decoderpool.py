@@ -102,6 +102,32 @@ class PlacementSpec(CamelModel):
     weights: WeightsSpec = Field(default_factory=WeightsSpec)
 
 
+class KvLifecycleSpec(CamelModel):
+    """Idle conversations' KV: resident (evictable) on the GPU, then in the decoder node's host memory, then
+    dropped. The TTLs are derived from the pool's observed gaps between turns, bounded by these limits."""
+
+    enabled: bool = Field(True, description="Offload and drop idle conversations' KV (false: it stays resident).")
+    host_kv_tokens_per_decoder: int | None = Field(
+        None,
+        ge=0,
+        le=1_000_000_000,
+        description="Host-memory KV tokens per decoder (default: 125 GB per decoder GPU over the model's KV size; "
+        "0: no host tier, reclaimed KV is dropped).",
+    )
+    max_active_window_seconds: int = Field(
+        10,
+        ge=0,
+        le=3600,
+        description="Upper bound of the window after a turn during which its KV is not reclaimable (0: none).",
+    )
+    max_resident_ttl_seconds: int = Field(
+        300, ge=1, le=7 * 24 * 3600, description="Upper bound of an idle conversation's stay on the GPU."
+    )
+    max_host_ttl_seconds: int = Field(
+        1800, ge=1, le=7 * 24 * 3600, description="Upper bound of an offloaded conversation's stay in host memory."
+    )
+
+
 class EndpointSpec(CamelModel):
     port: int = Field(8000, ge=1, le=65535, description="Port of the servers' OpenAI-compatible API.")
 
@@ -127,6 +153,7 @@ class DecoderPoolSpec(CamelModel):
     kv_capacity: KvCapacitySpec = Field(default_factory=KvCapacitySpec)
     placement: PlacementSpec = Field(default_factory=PlacementSpec)
     endpoint: EndpointSpec = Field(default_factory=EndpointSpec)
+    kv_lifecycle: KvLifecycleSpec = Field(default_factory=KvLifecycleSpec)
     default_idle_timeout_seconds: int = Field(1800, ge=1, le=7 * 24 * 3600)
 
     @model_validator(mode="after")
@@ -155,6 +182,14 @@ class DecoderStatus(StatusModel):
     reserved_kv_tokens: int = 0
     live_kv_tokens: int = 0
     conversations: int = 0
+    #: KV lifecycle: conversations (and their live KV tokens) per state.
+    active_conversations: int = 0
+    idle_conversations: int = 0
+    idle_kv_tokens: int = 0
+    offloaded_conversations: int = 0
+    offloaded_kv_tokens: int = 0
+    dropped_conversations: int = 0
+    host_capacity_kv_tokens: int = 0
     power_watts: float | None = None
     energy_joules: float | None = None
 
@@ -178,6 +213,14 @@ class DecoderPoolStatus(StatusModel):
     live_kv_tokens: int = 0
     conversations: int = 0
     pending_conversations: int = 0
+    idle_conversations: int = 0
+    offloaded_conversations: int = 0
+    dropped_conversations: int = 0
+    #: Gaps between turns the lifecycle's TTLs derive from, and the TTLs in force (seconds).
+    observed_turn_gaps_seconds: list[float] = Field(default_factory=list)
+    active_window_seconds: float | None = None
+    resident_ttl_seconds: float | None = None
+    host_ttl_seconds: float | None = None
     #: "used/total" KV tokens, for the printer column.
     kv_usage: str = ""
     kv_bytes_per_token: int | None = None

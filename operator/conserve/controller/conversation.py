@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from conserve.api.conversation import TERMINAL_PHASES, ConversationSpec, ConversationStatus, Phase
 from conserve.controller.engine import PLURAL, Engine
 from conserve.controller.state import FINALIZER, ConvRecord, key_of, parse_time
+from conserve.core.lifecycle import KvState
 
 log = logging.getLogger("conserve.operator")
 __all__ = ["PLURAL", "adopt", "on_event", "record_from_body"]
@@ -46,6 +47,10 @@ def record_from_body(body: dict[str, Any], spec: ConversationSpec, *, now_s: flo
         completed_at=status.completed_at,
         last_activity_s=parse_time(status.last_activity_time) or parse_time(status.placed_at),
         ttfet_s=status.time_to_first_effective_token_seconds,
+        kv_state=_kv_state(status.kv_state),
+        offloads=status.offloads,
+        reloads=status.reloads,
+        reprefills=status.reprefills,
         conditions={c.type: c for c in status.conditions},
         finalizers=list(meta.get("finalizers") or []),
         first_seen_monotonic=monotonic,
@@ -56,11 +61,32 @@ def record_from_body(body: dict[str, Any], spec: ConversationSpec, *, now_s: flo
     return record
 
 
+def _kv_state(value: str | None) -> KvState | None:
+    try:
+        return KvState(value) if value else None
+    except ValueError:
+        return None
+
+
 def adopt(engine: Engine, record: ConvRecord) -> None:
-    """Put a placed conversation's reservation back in its pool's ledger (a rebuild never drops one)."""
+    """Put a conversation back in its pool's scheduler as the API server has it (a rebuild never drops one):
+    a placed one keeps its reservation and KV state, a waiting one is queued."""
+    scheduler = engine.world.pool_of(record).scheduler
     if record.placed and record.decoder is not None:
-        pool = engine.world.pool_of(record)
-        pool.ledger.adopt(record.key, record.decoder.pod, record.reserved_kv_tokens, record.live_kv_tokens)
+        scheduler.adopt(
+            record.request(),
+            record.decoder.pod,
+            record.reserved_kv_tokens,
+            record.live_kv_tokens,
+            last_activity_s=record.last_activity_s,
+            turns=record.turns,
+            kv_state=record.kv_state or KvState.ACTIVE,
+            counts=(record.offloads, record.reloads, record.reprefills),
+        )
+    elif not record.terminal:
+        scheduler.adopt(
+            record.request(), None, 0, record.live_kv_tokens, last_activity_s=record.last_activity_s, turns=record.turns
+        )
 
 
 async def on_event(engine: Engine, event_type: str | None, body: dict[str, Any]) -> None:
@@ -109,6 +135,8 @@ async def on_event(engine: Engine, event_type: str | None, body: dict[str, Any])
             await engine.write_status(record)
         if not record.has_finalizer:
             await engine.add_finalizer(record)
+        if changed:
+            await engine.drain(pool)  # a turn's end makes its KV idle, so reclaimable: waiting ones may fit
         return
     async with pool.lock:
         engine.apply_usage(pool, record)  # a turn reported before placement is still counted

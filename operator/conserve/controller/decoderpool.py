@@ -17,13 +17,12 @@ from pydantic import ValidationError
 from conserve import metrics
 from conserve.api.decoderpool import DecoderPoolSpec, DecoderPoolStatus
 from conserve.controller import pods
-from conserve.controller.engine import Engine
+from conserve.controller.engine import Engine, scheduler_settings
 from conserve.controller.kube import NotFound
-from conserve.controller.state import PoolRuntime
+from conserve.controller.state import NodeInfo, PoolRuntime, World, key_of
 from conserve.controller.status import pool_status_patch
-
-# Pod and node events resync pools too: the resync lives beside them (pods.py), so neither module imports the other.
-resync = pods.resync
+from conserve.core.lifecycle import KvState
+from conserve.core.offload import HOST_KV_BYTES_PER_GPU
 
 log = logging.getLogger("conserve.operator")
 PLURAL = "decoderpools"
@@ -37,12 +36,42 @@ def load_spec(pool: PoolRuntime, body: dict[str, Any]) -> None:
     try:
         pool.spec = DecoderPoolSpec.model_validate(body.get("spec") or {})
         pool.spec_error = ""
+        pool.scheduler.configure(scheduler_settings(pool.spec, host_kv_tokens_per_decoder(pool.spec)))
     except ValidationError as exc:
         pool.spec = None
         pool.spec_error = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())[:1000]
     if first_sight:
         status = DecoderPoolStatus.model_validate(body.get("status") or {})
-        pool.growth_ratios.extend(status.observed_growth_ratios)
+        for ratio in status.observed_growth_ratios:
+            pool.scheduler.record_growth(ratio)
+        pool.scheduler.gaps.extend(status.observed_turn_gaps_seconds)
+
+
+def host_kv_tokens_per_decoder(spec: DecoderPoolSpec) -> int:
+    """Declared, or derived: the host memory given to KV per decoder GPU (core.offload) over the model's KV size."""
+    declared = spec.kv_lifecycle.host_kv_tokens_per_decoder
+    if declared is not None:
+        return declared
+    kv_bytes = spec.model.resolved_kv_bytes_per_token()
+    return int(HOST_KV_BYTES_PER_GPU // kv_bytes) if kv_bytes else 0
+
+
+async def resync(engine: Engine, pool: PoolRuntime, pod: str | None = None) -> None:
+    """Re-derive the pool's decoders (or one pod's); move conversations off lost ones; place waiting ones if
+    room grew."""
+    async with pool.lock:
+        if pod is None:
+            gone, unready, grew = pods.sync_pool(engine.world, pool)
+        else:
+            gone, unready, grew = pods.sync_pod(engine.world, pool, pod)
+    lost = gone + unready
+    if lost:
+        log.info("pool %s lost decoders %s", pool.key, lost)
+        engine.post_pool_event(pool, "DecoderLost", f"decoders gone or not ready: {', '.join(lost)}", warning=True)
+        await engine.decoders_lost(pool, lost)
+    engine.on_pool_changed(pool)
+    if grew or lost:
+        await engine.drain(pool)
 
 
 async def on_event(engine: Engine, event_type: str | None, body: dict[str, Any]) -> None:
@@ -79,6 +108,10 @@ async def write_pool_status(engine: Engine, pool: PoolRuntime) -> None:
     metrics.READY_DECODERS.labels(*labels).set(status["readyDecoders"])
     metrics.PINNED_CONVERSATIONS.labels(*labels).set(status["conversations"])
     metrics.QUEUE_LENGTH.labels(*labels).set(len(pool.pending))
+    for state, key in ((KvState.IDLE, "idle"), (KvState.OFFLOADED, "offloaded")):
+        metrics.KV_STATE_CONVERSATIONS.labels(*labels, state.value).set(status[f"{key}Conversations"])
+        metrics.KV_STATE_TOKENS.labels(*labels, state.value).set(sum(d[f"{key}KvTokens"] for d in status["decoders"]))
+    metrics.KV_STATE_CONVERSATIONS.labels(*labels, KvState.DROPPED.value).set(status["droppedConversations"])
     try:
         await engine.kube.patch_status(PLURAL, pool.namespace, pool.name, patch)
     except NotFound:
@@ -109,3 +142,45 @@ async def status_writer(engine: Engine) -> None:
                 last_write[pool.key] = now
                 due.append(pool)
         await asyncio.gather(*(write_pool_status(engine, p) for p in due))
+
+
+# --- watch handlers of pods and nodes (here, not in pods.py: they resync pools, and pods.py stays a leaf) ------
+
+
+async def on_pod_event(engine: Engine, event_type: str | None, body: dict[str, Any]) -> None:
+    world: World = engine.world
+    meta = body.get("metadata", {})
+    key = key_of(meta.get("namespace", ""), meta.get("name", ""))
+    old = world.pods.get(key)
+    if event_type == "DELETED":
+        world.pods.pop(key, None)
+        new = None
+    else:
+        new = pods.pod_info(body)
+        if old is not None and old == new:
+            return
+        world.pods[key] = new
+    label_sets = [p.labels for p in (old, new) if p is not None]
+    namespace = meta.get("namespace", "")
+    for pool in pods.pools_selecting(world, namespace, *label_sets):
+        await resync(engine, pool, pod=meta.get("name", ""))
+
+
+async def on_node_event(engine: Engine, event_type: str | None, body: dict[str, Any]) -> None:
+    world: World = engine.world
+    meta = body.get("metadata", {})
+    name = meta.get("name", "")
+    old = world.nodes.get(name)
+    if event_type == "DELETED":
+        world.nodes.pop(name, None)
+    else:
+        node = NodeInfo.from_labels(name, meta.get("labels") or {})
+        if old is not None and old.labels == node.labels:
+            return
+        world.nodes[name] = node
+    affected: dict[str, PoolRuntime] = {}
+    for pod in pods.pods_on_node(world, name):
+        for pool in pods.pools_selecting(world, pod.namespace, pod.labels):
+            affected[pool.key] = pool
+    for pool in affected.values():
+        await resync(engine, pool)

@@ -1,35 +1,26 @@
-"""The operator's decisions: place, queue, follow turns, release, move off a lost decoder.
+"""The operator's decisions, made by each pool's scheduler (`conserve.core.scheduler`), and their writes.
 
-Every decision is made under the pool's asyncio lock on the in-memory ledger (the single writer's view), so a
-burst of concurrent creations can never oversubscribe a decoder; the API writes happen after the lock is left
-(a decision is reserved first, written second: the ledger is never behind the API server). The handler modules
-(conversation.py, decoderpool.py, pods.py) translate watch events into these calls.
-
-Rules (documented in the README of examples/ too):
-- Queue: Pending conversations wait in priority order, then age (core.pending). When capacity frees, every
-  waiting conversation that now fits is placed, in that order (best-effort FIFO: a small one may pass a large
-  one that still does not fit).
-- Outgrown reservation: when a turn takes the live context past the reservation, the reservation is extended
-  in place to 1.25 x the live context (or, failing that, to the live context) when the decoder has room;
-  otherwise the conversation stays pinned (moving KV costs more than it saves), the `Outgrown` condition says
-  so, and the decoder takes no new conversation until it drains.
-- Decoder lost (pod deleted, unready or terminating): its conversations are re-placed in priority order with a
-  reservation of max(reservation, live context), each move counted as one more KV transfer and a new
-  placementGeneration; a conversation that fits nowhere is Failed with reason DecoderLost.
+Every decision is made under the pool's asyncio lock by the pool's `PoolScheduler` (the same object the
+simulator runs), so a burst of concurrent creations can never oversubscribe a decoder; the API writes happen
+after the lock is left (a decision is reserved first, written second: the scheduler is never behind the API
+server). This module turns the scheduler's typed decisions into records, then into writes: status patches,
+finalizers, Events, metrics, retries and fencing. The handler modules (conversation.py, decoderpool.py) turn
+watch events into these calls. The rules themselves (queue order, outgrowth, decoder loss, KV lifecycle) are
+the core's: see operator/conserve/core/README.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from conserve import metrics
-from conserve.api.conversation import Phase
+from conserve.api.conversation import Endpoint, Phase
+from conserve.api.decoderpool import DecoderPoolSpec
 from conserve.controller.kube import Kube, NotFound, Refused
 from conserve.controller.state import (
     FINALIZER,
@@ -40,30 +31,15 @@ from conserve.controller.state import (
     parse_time,
 )
 from conserve.controller.status import conversation_status_patch
-from conserve.core.gpus import Tier
-from conserve.core.ledger import CapacityError
-from conserve.core.pending import order_pending
-from conserve.core.placement import (
-    PlacementRequest,
-    PlacementSettings,
-    PlacementWeights,
-    TierPolicy,
-    largest_placeable_kv_tokens,
-    place,
-)
-from conserve.core.prefill import PrefillState, pick_prefill
-from conserve.core.reservation import GrowthObservation, reservation_kv_tokens
+from conserve.core.decisions import Decision, Reason, Verdict
+from conserve.core.lifecycle import LifecycleSettings
+from conserve.core.placement import PlacementSettings, PlacementWeights, TierPolicy
+from conserve.core.scheduler import SchedulerSettings
 
 log = logging.getLogger("conserve.operator")
 
 PLURAL = "conversations"
-EXTEND_FACTOR = 1.25
-
-
-def observations_from_ratios(ratios: Iterable[float]) -> list[GrowthObservation]:
-    """The pool status keeps growth history as ratios (final context / first input); the core wants pairs."""
-    scale = 1_000_000
-    return [GrowthObservation(scale, max(round(r * scale), 0)) for r in ratios]
+_LIFECYCLE = (Verdict.IDLED, Verdict.OFFLOADED, Verdict.RELOADED, Verdict.DROPPED, Verdict.REPREFILLED)
 
 
 class Clock(Protocol):
@@ -96,10 +72,33 @@ class Outcome:
     """What a decision changed, to be written after the pool's lock is left."""
 
     record: ConvRecord
-    result: str  # placed, replaced, queued, failed, unchanged
+    result: Verdict
     event_reason: str = ""
     event_message: str = ""
     warning: bool = False
+
+
+def scheduler_settings(spec: DecoderPoolSpec, host_kv_tokens_per_decoder: int = 0) -> SchedulerSettings:
+    """The pool's spec as the scheduler's settings (the simulator builds the same from its defaults)."""
+    p = spec.placement
+    w = p.weights
+    lc = spec.kv_lifecycle
+    return SchedulerSettings(
+        placement=PlacementSettings(
+            headroom_fraction=p.headroom_fraction,
+            tier_policy=TierPolicy(p.tier_policy),
+            weights=PlacementWeights(w.kv_balance, w.kv_pack, w.tier, w.energy, w.conversations),
+        ),
+        reject_when_full=p.when_full == "Reject",
+        default_idle_timeout_s=float(spec.default_idle_timeout_seconds),
+        lifecycle=LifecycleSettings(
+            enabled=lc.enabled,
+            host_kv_tokens_per_decoder=host_kv_tokens_per_decoder,
+            max_active_window_s=float(lc.max_active_window_seconds),
+            max_resident_ttl_s=float(lc.max_resident_ttl_seconds),
+            max_host_ttl_s=float(lc.max_host_ttl_seconds),
+        ),
+    )
 
 
 class Engine:
@@ -128,101 +127,76 @@ class Engine:
     def _labels(self, pool: PoolRuntime) -> tuple[str, str]:
         return (pool.namespace, pool.name)
 
-    @staticmethod
-    def settings(pool: PoolRuntime) -> PlacementSettings:
-        assert pool.spec is not None
-        p = pool.spec.placement
-        w = p.weights
-        return PlacementSettings(
-            headroom_fraction=p.headroom_fraction,
-            tier_policy=TierPolicy(p.tier_policy),
-            weights=PlacementWeights(w.kv_balance, w.kv_pack, w.tier, w.energy, w.conversations),
-        )
+    # --- decisions to records (call under pool.lock) ----------------------------------------------------------
+    def apply(self, pool: PoolRuntime, decisions: Iterable[Decision]) -> list[Outcome]:
+        """Fold the scheduler's decisions into the records; the outcomes say what to write."""
+        out: list[Outcome] = []
+        for decision in decisions:
+            record = self.world.convs.get(decision.conversation)
+            if record is None:
+                continue
+            outcome = self._apply_one(pool, record, decision)
+            if outcome is not None:
+                out.append(outcome)
+        return out
 
-    def reservation_for(self, pool: PoolRuntime, record: ConvRecord) -> int:
-        assert pool.spec is not None
-        headroom = pool.spec.placement.headroom_fraction
-        ready = [d for d in pool.ledger.decoders.values() if d.ready]
-        ready_caps = [largest_placeable_kv_tokens(d.capacity_kv_tokens, headroom) for d in ready]
-        return reservation_kv_tokens(
-            record.spec.first_turn_input_tokens,
-            observations_from_ratios(list(pool.growth_ratios)),
-            expected_turns=record.spec.expected_turns,
-            max_decoder_capacity_kv_tokens=max(ready_caps, default=None),
-        )
-
-    # --- decisions (call under pool.lock) -------------------------------------------------------------------
-    def decide(self, pool: PoolRuntime, record: ConvRecord, *, replacing: bool = False) -> Outcome:
+    def _apply_one(self, pool: PoolRuntime, record: ConvRecord, d: Decision) -> Outcome | None:
         now = self.clock.now()
-        if pool.spec is None:
-            reason = "InvalidPool" if pool.spec_error else "PoolNotFound"
-            message = pool.spec_error or f"DecoderPool {pool.name!r} not found in namespace {pool.namespace}"
-            return self._wait_or_fail(pool, record, reason, message, replacing)
-        reservation = max(record.reserved_kv_tokens, record.live_kv_tokens) if replacing else 0
-        reservation = max(reservation, self.reservation_for(pool, record))
-        started = time.perf_counter()
-        decision = place(PlacementRequest(record.key, reservation), pool.ledger.snapshot(), self.settings(pool))
-        metrics.PLACEMENT_DECISION.labels(*self._labels(pool)).observe(time.perf_counter() - started)
-        if decision.decoder is None:
-            if decision.reason == "NoCapacity" and pool.spec.placement.when_full == "Reject" and not replacing:
-                return self._fail(pool, record, "NoCapacity", decision.message)
-            return self._wait_or_fail(pool, record, decision.reason, decision.message, replacing)
-        try:
-            pool.ledger.reserve(record.key, decision.decoder, reservation, live_kv_tokens=record.live_kv_tokens)
-        except CapacityError as exc:  # the filters and the ledger disagree: never oversubscribe
-            return self._wait_or_fail(pool, record, "NoCapacity", str(exc), replacing)
-        pool.pending.pop(record.key, None)
-        info = pool.decoders[decision.decoder]
-        record.decoder = info.endpoint_model()
-        record.reserved_kv_tokens = reservation
-        record.placement_generation += 1
-        record.kv_transfers += 1
-        if not replacing:
-            record.prefill = self._pick_prefill(pool)
-            record.phase = Phase.PREFILLING
-            record.placed_at = format_time(now)
-            record.last_activity_s = record.last_activity_s or now
-        record.dirty = True
-        reason = "Replaced" if replacing else "Placed"
-        message = f"{decision.message}; {reservation} KV tokens reserved"
-        record.set_condition("Placed", "True", reason, message, now)
-        metrics.KV_TRANSFERS.labels(*self._labels(pool)).inc()
-        return Outcome(record, "replaced" if replacing else "placed", reason, message)
-
-    def _pick_prefill(self, pool: PoolRuntime) -> Any:
-        states = [
-            PrefillState(p.pod, Tier(p.tier) if p.tier else None, p.ready, pool.prefill_assigned.get(p.pod, 0))
-            for p in pool.prefills.values()
-        ]
-        name = pick_prefill(states)
-        if name is None:
+        labels = self._labels(pool)
+        if d.placed:
+            replacing = d.verdict is Verdict.REPLACED
+            assert d.decoder is not None
+            record.decoder = pool.decoders[d.decoder].endpoint_model()
+            record.reserved_kv_tokens = d.reserved_kv_tokens
+            record.placement_generation += 1
+            record.kv_transfers += 1
+            record.kv_state = d.kv_state
+            if not replacing:
+                record.prefill = pool.prefills[d.prefill].endpoint_model() if d.prefill in pool.prefills else None
+                record.phase = Phase.PREFILLING
+                record.placed_at = format_time(now)
+                record.last_activity_s = record.last_activity_s or now
+            record.dirty = True
+            record.set_condition("Placed", "True", d.reason.value, d.message, now)
+            metrics.KV_TRANSFERS.labels(*labels).inc()
+            return Outcome(record, d.verdict, d.reason.value, d.message)
+        if d.verdict is Verdict.QUEUED:
+            record.phase = Phase.PENDING
+            if not record.set_condition("Placed", "False", d.reason.value, d.message, now):
+                return Outcome(record, Verdict.UNCHANGED)
+            record.dirty = True
+            return Outcome(record, Verdict.QUEUED, d.reason.value, d.message)
+        if d.verdict is Verdict.FAILED:
+            record.phase = Phase.FAILED
+            record.decoder = None
+            record.reserved_kv_tokens = 0
+            record.kv_state = None
+            record.completed_at = format_time(now)
+            record.set_condition("Placed", "False", d.reason.value, d.message, now)
+            record.dirty = True
+            return Outcome(record, Verdict.FAILED, d.reason.value, d.message, warning=True)
+        if d.verdict is Verdict.EXTENDED:
+            record.reserved_kv_tokens = d.reserved_kv_tokens
+            metrics.OUTGROWN.labels(*labels, "extended").inc()
+            if "Outgrown" in record.conditions:
+                record.set_condition("Outgrown", "False", d.reason.value, d.message, now)
+            record.dirty = True
             return None
-        pool.prefill_assigned[name] = pool.prefill_assigned.get(name, 0) + 1
-        return pool.prefills[name].endpoint_model()
-
-    def _wait_or_fail(
-        self, pool: PoolRuntime, record: ConvRecord, reason: str, message: str, replacing: bool
-    ) -> Outcome:
-        if replacing:
-            return self._fail(pool, record, "DecoderLost", f"its decoder was lost and {message}")
-        pool.pending[record.key] = record.pending_item()
-        record.phase = Phase.PENDING
-        changed = record.set_condition("Placed", "False", reason, message, self.clock.now())
-        if not changed:
-            return Outcome(record, "unchanged")
-        record.dirty = True
-        return Outcome(record, "queued", reason, message)
-
-    def _fail(self, pool: PoolRuntime, record: ConvRecord, reason: str, message: str) -> Outcome:
-        pool.pending.pop(record.key, None)
-        pool.ledger.release(record.key)
-        record.phase = Phase.FAILED
-        record.decoder = None
-        record.reserved_kv_tokens = 0
-        record.completed_at = format_time(self.clock.now())
-        record.set_condition("Placed", "False", reason, message, self.clock.now())
-        record.dirty = True
-        return Outcome(record, "failed", reason, message, warning=True)
+        if d.verdict is Verdict.OUTGROWN:
+            metrics.OUTGROWN.labels(*labels, "pinned").inc()
+            if record.set_condition("Outgrown", "True", d.reason.value, d.message, now):
+                self.post_event(record, "Outgrown", d.message, warning=True)
+            record.dirty = True
+            return None
+        if d.verdict in _LIFECYCLE:
+            view = pool.scheduler.conversations.get(record.key)
+            record.kv_state = d.kv_state
+            if view is not None:
+                record.offloads, record.reloads, record.reprefills = view.offloads, view.reloads, view.reprefills
+            metrics.KV_LIFECYCLE.labels(*labels, d.verdict.value, d.reason.value).inc()
+            record.dirty = True
+            return Outcome(record, d.verdict)
+        return None
 
     # --- flows ----------------------------------------------------------------------------------------------
     async def admit(self, record: ConvRecord) -> None:
@@ -231,89 +205,78 @@ class Engine:
         async with pool.lock:
             if record.placed or record.terminal:
                 return
-            outcome = self.decide(pool, record)
-        await self.commit([outcome], pool)
+            self._sync_problem(pool)
+            started = time.perf_counter()
+            decisions = pool.scheduler.admit(record.request(), self.clock.now())
+            metrics.PLACEMENT_DECISION.labels(*self._labels(pool)).observe(time.perf_counter() - started)
+            outcomes = self.apply(pool, decisions)
+        await self.commit(outcomes, pool)
+
+    def _sync_problem(self, pool: PoolRuntime) -> None:
+        if pool.spec is None:
+            reason = Reason.INVALID_POOL if pool.spec_error else Reason.POOL_NOT_FOUND
+            message = pool.spec_error or f"DecoderPool {pool.name!r} not found in namespace {pool.namespace}"
+            pool.scheduler.set_problem(reason, message)
 
     async def drain(self, pool: PoolRuntime) -> None:
         """Place the waiting conversations that fit now, in queue order."""
-        outcomes: list[Outcome] = []
         async with pool.lock:
             if not pool.pending:
                 return
-            best_free = self._best_free(pool)
-            for item in order_pending(pool.pending.values()):
-                record = self.world.convs.get(item.conversation)
+            for key in list(pool.pending):
+                record = self.world.convs.get(key)
                 if record is None or record.placed or record.terminal:
-                    pool.pending.pop(item.conversation, None)
-                    continue
-                # Cheap skip: nothing can hold it (avoids scoring every decoder for every waiting conversation).
-                # Only for conversations already told they wait (a new one still gets its Pending status).
-                if (
-                    pool.spec is not None
-                    and best_free is not None
-                    and "Placed" in record.conditions
-                    and self.reservation_for(pool, record) > best_free
-                ):
-                    continue
-                outcome = self.decide(pool, record)
-                if outcome.result != "unchanged":
-                    outcomes.append(outcome)
-                if outcome.result == "placed":
-                    best_free = self._best_free(pool)
+                    pool.pending.pop(key, None)
+            self._sync_problem(pool)
+            outcomes = [
+                o for o in self.apply(pool, pool.scheduler.drain(self.clock.now())) if o.result is not Verdict.UNCHANGED
+            ]
         await self.commit(outcomes, pool)
 
-    def _best_free(self, pool: PoolRuntime) -> int | None:
-        if pool.spec is None:
-            return None
-        headroom = pool.spec.placement.headroom_fraction
-        frees = [d.free_kv_tokens - int(d.capacity_kv_tokens * headroom) for d in pool.ledger.snapshot() if d.ready]
-        return max(frees, default=0)
-
     async def release(self, record: ConvRecord, reason: str, message: str, *, write: bool = True) -> None:
-        """End a conversation's hold on capacity (exactly once: the ledger says whether it held anything)."""
+        """End a conversation's hold on capacity (exactly once: the scheduler says whether it held anything)."""
         pool = self.world.pool_of(record)
         async with pool.lock:
-            pool.pending.pop(record.key, None)
-            held = pool.ledger.release(record.key)
-            if not record.terminal:
-                now = self.clock.now()
-                record.phase = Phase.COMPLETED
-                record.completed_at = format_time(now)
-                record.set_condition("Ended", "True", reason, message, now)
-                record.dirty = True
-            if held:
-                metrics.RELEASES.labels(*self._labels(pool), reason).inc()
-                if record.turns > 0:
-                    pool.growth_ratios.append(
-                        round(max(record.live_kv_tokens, 1) / record.spec.first_turn_input_tokens, 4)
-                    )
+            released = pool.scheduler.release(record.key, Reason(reason), message)
+            self._ended(pool, record, reason, message, released is not None)
+        await self._after_release(pool, record, message, released is not None, write)
+
+    def _ended(self, pool: PoolRuntime, record: ConvRecord, reason: str, message: str, held: bool) -> None:
+        if not record.terminal:
+            now = self.clock.now()
+            record.phase = Phase.COMPLETED
+            record.completed_at = format_time(now)
+            record.set_condition("Ended", "True", reason, message, now)
+            record.dirty = True
+        if held:
+            metrics.RELEASES.labels(*self._labels(pool), reason).inc()
+
+    async def _after_release(
+        self, pool: PoolRuntime, record: ConvRecord, message: str, held: bool, write: bool, *, drain: bool = True
+    ) -> None:
         if write:
             await self.write_status(record)
         if held:
             self.post_event(record, "Released", f"{message}; capacity released")
             await self.remove_finalizer(record)
             self.on_pool_changed(pool)
-            await self.drain(pool)
         elif record.has_finalizer:
             await self.remove_finalizer(record)
+        if drain:  # after every release, held or not, as the simulator retries its queue
+            await self.drain(pool)
 
     async def decoders_lost(self, pool: PoolRuntime, pods: Iterable[str]) -> None:
         """Move every conversation of the lost decoders to another decoder, or fail it."""
-        outcomes: list[Outcome] = []
         async with pool.lock:
-            orphans: list[ConvRecord] = []
-            for pod in pods:
-                for key in pool.ledger.conversations_on(pod):
-                    pool.ledger.release(key)
-                    record = self.world.convs.get(key)
-                    if record is not None:
-                        metrics.RELEASES.labels(*self._labels(pool), "DecoderLost").inc()
-                        orphans.append(record)
-            for record in sorted(orphans, key=lambda r: (-r.spec.priority, r.created_at_s, r.key)):
-                outcomes.append(self.decide(pool, record, replacing=True))
+            lost = list(pods)
+            for pod in lost:
+                for _ in pool.ledger.conversations_on(pod):
+                    metrics.RELEASES.labels(*self._labels(pool), "DecoderLost").inc()
+            self._sync_problem(pool)
+            outcomes = self.apply(pool, pool.scheduler.decoders_lost(lost, self.clock.now()))
         await self.commit(outcomes, pool)
         for outcome in outcomes:
-            if outcome.result == "failed":
+            if outcome.result is Verdict.FAILED:
                 await self.remove_finalizer(outcome.record)
 
     def apply_usage(self, pool: PoolRuntime, record: ConvRecord) -> bool:
@@ -333,50 +296,62 @@ class Engine:
         if record.turns > 0 and record.phase in (Phase.PREFILLING, Phase.IDLE):
             record.phase = Phase.DECODING
         record.dirty = True
-        if not record.placed:
-            return True
-        if record.live_kv_tokens > record.reserved_kv_tokens:
-            target = math.ceil(record.live_kv_tokens * EXTEND_FACTOR)
-            if pool.ledger.try_extend(record.key, target) or pool.ledger.try_extend(record.key, record.live_kv_tokens):
-                held = pool.ledger.holding(record.key)
-                record.reserved_kv_tokens = held[1] if held else record.reserved_kv_tokens
-                metrics.OUTGROWN.labels(*self._labels(pool), "extended").inc()
-                if "Outgrown" in record.conditions:
-                    record.set_condition("Outgrown", "False", "Extended", "reservation extended in place", now)
-            else:
-                metrics.OUTGROWN.labels(*self._labels(pool), "pinned").inc()
-                if record.set_condition(
-                    "Outgrown",
-                    "True",
-                    "DecoderFull",
-                    f"live context {record.live_kv_tokens} exceeds the reservation {record.reserved_kv_tokens} "
-                    "and the decoder has no room to extend it; kept pinned",
-                    now,
-                ):
-                    self.post_event(record, "Outgrown", record.conditions["Outgrown"].message, warning=True)
-        pool.ledger.update_live(record.key, record.live_kv_tokens)
+        self._follow_prefill(pool, record)
+        decisions = pool.scheduler.usage_observed(
+            record.key, record.live_kv_tokens, record.last_activity_s, turns=record.turns
+        )
+        outcomes = self.apply(pool, decisions)
+        view = pool.scheduler.conversations.get(record.key)
+        if record.placed and view is not None:  # after the decisions: a reload ends with the turn, idle
+            record.kv_state = view.kv_state
+        for outcome in outcomes:  # other conversations' KV moved to make room: their status says so
+            if outcome.record is not record:
+                self.spawn(self.write_status(outcome.record))
         return True
 
+    def _follow_prefill(self, pool: PoolRuntime, record: ConvRecord) -> None:
+        """The router reports the prefill server that ran the first turn (its early prefill may start before the
+        placement names one): status.prefill follows it, so energy attribution charges the server that worked."""
+        used = record.spec.usage.prefill_pod
+        if not used or (record.prefill is not None and record.prefill.pod == used):
+            return
+        chosen = record.prefill.pod if record.prefill is not None else None
+        info = pool.prefills.get(used)
+        record.prefill = info.endpoint_model() if info is not None else Endpoint(pod=used)
+        pool.scheduler.prefill_reported(chosen, used)
+
     async def sweep_idle(self) -> None:
-        """Release conversations idle past their timeout; show phase Idle before that."""
+        """Each pool's timers (idle timeout, resident and host TTLs); phase Idle shown before the timeout."""
         now = self.clock.now()
-        to_release: list[tuple[ConvRecord, int]] = []
+        for pool in list(self.world.pools.values()):
+            async with pool.lock:
+                decisions = pool.scheduler.sweep(now)
+                released = [d for d in decisions if d.verdict is Verdict.RELEASED]
+                outcomes = self.apply(pool, [d for d in decisions if d.verdict is not Verdict.RELEASED])
+                ended: list[tuple[ConvRecord, str]] = []
+                for d in released:
+                    record = self.world.convs.get(d.conversation)
+                    if record is not None:
+                        self._ended(pool, record, d.reason.value, d.message, True)
+                        ended.append((record, d.message))
+            await asyncio.gather(*(self.write_status(o.record) for o in outcomes))
+            if outcomes:
+                self.on_pool_changed(pool)
+            for record, message in ended:
+                await self._after_release(pool, record, message, True, True, drain=False)
+            if decisions:
+                await self.drain(pool)  # room freed (released, offloaded, dropped): once for the whole sweep
         to_write: list[ConvRecord] = []
         for record in list(self.world.convs.values()):
-            if not record.placed or record.last_activity_s is None:
+            if record.phase is not Phase.DECODING or record.last_activity_s is None:
                 continue
             pool = self.world.pool_of(record)
             default = pool.spec.default_idle_timeout_seconds if pool.spec is not None else 1800
             timeout = record.spec.idle_timeout_seconds or default
-            idle_for = now - record.last_activity_s
-            if idle_for >= timeout:
-                to_release.append((record, timeout))
-            elif record.phase is Phase.DECODING and idle_for >= min(self.config.idle_phase_after_s, timeout / 2):
+            if now - record.last_activity_s >= min(self.config.idle_phase_after_s, timeout / 2):
                 record.phase = Phase.IDLE
                 record.dirty = True
                 to_write.append(record)
-        for record, timeout in to_release:
-            await self.release(record, "IdleTimeout", f"no turn for {timeout}s")
         await asyncio.gather(*(self.write_status(r) for r in to_write))
 
     # --- writes ---------------------------------------------------------------------------------------------
@@ -389,14 +364,17 @@ class Engine:
 
     async def _commit_one(self, outcome: Outcome, pool: PoolRuntime) -> None:
         record = outcome.record
-        if outcome.result == "unchanged":
+        if outcome.result is Verdict.UNCHANGED:
             return
+        placed = outcome.result in (Verdict.PLACED, Verdict.REPLACED)
         writes = [self.write_status(record)]
-        if outcome.result in ("placed", "replaced") and not record.has_finalizer:
+        if placed and not record.has_finalizer:
             writes.append(self.add_finalizer(record))
         await asyncio.gather(*writes)
-        metrics.PLACEMENTS.labels(*self._labels(pool), outcome.result).inc()
-        if outcome.result in ("placed", "replaced"):
+        if outcome.result in _LIFECYCLE:
+            return
+        metrics.PLACEMENTS.labels(*self._labels(pool), outcome.result.value).inc()
+        if placed:
             latency = self.clock.monotonic() - record.first_seen_monotonic
             log.debug("placement of %s written %.1f ms after it was seen", record.key, latency * 1000)
             metrics.PLACEMENT_LATENCY.labels(*self._labels(pool)).observe(latency)

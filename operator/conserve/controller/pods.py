@@ -20,6 +20,7 @@ from conserve.controller.state import DecoderInfo, NodeInfo, PodInfo, PoolRuntim
 from conserve.core.gpus import RESOURCE_GPU, Tier
 from conserve.core.llm import kv_capacity_tokens
 from conserve.core.placement import DecoderState
+from conserve.core.prefill import PrefillState
 
 log = logging.getLogger("conserve.operator")
 
@@ -104,15 +105,19 @@ def _with_kv_bytes(shape: Any, kv_bytes: int) -> Any:
     return replace(shape, bytes_per_element=max(kv_bytes // per_element_units, 1))
 
 
-def decoder_state(info: DecoderInfo, energy_per_token_j: float | None) -> DecoderState:
+def decoder_state(info: DecoderInfo) -> DecoderState:
+    """The decoder as the scheduler's table holds it (its measured J/token is kept there, not here)."""
     return DecoderState(
         name=info.pod,
         node=info.node,
         tier=Tier(info.tier) if info.tier else None,
         ready=info.ready and not info.problem,
         capacity_kv_tokens=info.capacity_kv_tokens,
-        energy_per_token_j=energy_per_token_j,
     )
+
+
+def prefill_states(pool: PoolRuntime) -> list[PrefillState]:
+    return [PrefillState(p.pod, Tier(p.tier) if p.tier else None, p.ready) for p in pool.prefills.values()]
 
 
 def sync_pool(world: World, pool: PoolRuntime) -> tuple[list[str], list[str], bool]:
@@ -134,12 +139,12 @@ def sync_pool(world: World, pool: PoolRuntime) -> tuple[list[str], list[str], bo
         was_smaller = old_info is None or not old_info.ready or old_info.capacity_kv_tokens < info.capacity_kv_tokens
         if info.ready and was_smaller:
             grew = True
-        energy = pool.energy.get(name)
-        pool.ledger.upsert_decoder(decoder_state(info, energy.energy_per_token_j if energy else None))
+        pool.scheduler.decoder_changed(decoder_state(info))
     for name in gone:
-        pool.ledger.decoders.pop(name, None)  # holdings stay until the engine moves them
+        pool.scheduler.decoder_removed(name)  # holdings stay until the engine moves them
     pool.decoders = new_decoders
     pool.prefills = new_prefills
+    pool.scheduler.set_prefills(prefill_states(pool))
     return sorted(gone), sorted(unready), grew
 
 
@@ -172,17 +177,18 @@ def sync_pod(world: World, pool: PoolRuntime, name: str) -> tuple[list[str], lis
     if pod is not None and spec.decoder_selector.matches(pod.labels):
         info = decoder_info(pod, world.nodes.get(pod.node), spec)
         pool.decoders[name] = info
-        energy = pool.energy.get(name)
-        pool.ledger.upsert_decoder(decoder_state(info, energy.energy_per_token_j if energy else None))
+        pool.scheduler.decoder_changed(decoder_state(info))
+        pool.scheduler.set_prefills(prefill_states(pool))
         unready = [name] if old is not None and old.ready and not info.ready else []
         grew = info.ready and (old is None or not old.ready or old.capacity_kv_tokens < info.capacity_kv_tokens)
         return [], unready, grew
     if pod is not None and spec.prefill_selector is not None and spec.prefill_selector.matches(pod.labels):
         pool.prefills[name] = decoder_info(pod, world.nodes.get(pod.node), spec)
+    pool.scheduler.set_prefills(prefill_states(pool))
     if old is None:
         return [], [], False
     del pool.decoders[name]
-    pool.ledger.decoders.pop(name, None)  # holdings stay until the engine moves them
+    pool.scheduler.decoder_removed(name)  # holdings stay until the engine moves them
     return [name], [], False
 
 
@@ -206,63 +212,3 @@ def pods_on_node(world: World, node: str) -> list[PodInfo]:
 
 def pod_key(pod: PodInfo) -> str:
     return key_of(pod.namespace, pod.name)
-
-
-async def resync(engine: Any, pool: PoolRuntime, pod: str | None = None) -> None:
-    """Re-derive the pool's decoders (or one pod's); move conversations off lost ones; place waiting ones if
-    room grew."""
-    async with pool.lock:
-        if pod is None:
-            gone, unready, grew = sync_pool(engine.world, pool)
-        else:
-            gone, unready, grew = sync_pod(engine.world, pool, pod)
-    lost = gone + unready
-    if lost:
-        log.info("pool %s lost decoders %s", pool.key, lost)
-        engine.post_pool_event(pool, "DecoderLost", f"decoders gone or not ready: {', '.join(lost)}", warning=True)
-        await engine.decoders_lost(pool, lost)
-    engine.on_pool_changed(pool)
-    if grew or lost:
-        await engine.drain(pool)
-
-
-# --- watch handlers -------------------------------------------------------------------------------------------
-
-
-async def on_pod_event(engine: Any, event_type: str | None, body: dict[str, Any]) -> None:
-    world: World = engine.world
-    meta = body.get("metadata", {})
-    key = key_of(meta.get("namespace", ""), meta.get("name", ""))
-    old = world.pods.get(key)
-    if event_type == "DELETED":
-        world.pods.pop(key, None)
-        new = None
-    else:
-        new = pod_info(body)
-        if old is not None and old == new:
-            return
-        world.pods[key] = new
-    label_sets = [p.labels for p in (old, new) if p is not None]
-    namespace = meta.get("namespace", "")
-    for pool in pools_selecting(world, namespace, *label_sets):
-        await resync(engine, pool, pod=meta.get("name", ""))
-
-
-async def on_node_event(engine: Any, event_type: str | None, body: dict[str, Any]) -> None:
-    world: World = engine.world
-    meta = body.get("metadata", {})
-    name = meta.get("name", "")
-    old = world.nodes.get(name)
-    if event_type == "DELETED":
-        world.nodes.pop(name, None)
-    else:
-        node = NodeInfo.from_labels(name, meta.get("labels") or {})
-        if old is not None and old.labels == node.labels:
-            return
-        world.nodes[name] = node
-    affected: dict[str, PoolRuntime] = {}
-    for pod in pods_on_node(world, name):
-        for pool in pools_selecting(world, pod.namespace, pod.labels):
-            affected[pool.key] = pool
-    for pool in affected.values():
-        await resync(engine, pool)

@@ -10,7 +10,7 @@ from typing import Any
 import kopf
 
 from conserve.api.common import GROUP, VERSION
-from conserve.controller import conversation, decoderpool, pods, startup
+from conserve.controller import conversation, decoderpool, startup
 from conserve.controller.engine import Engine
 
 log = logging.getLogger("conserve.operator")
@@ -62,11 +62,11 @@ def build_registry(
 
     @kopf.on.event("", "v1", "pods", registry=registry)
     async def on_pod(event: kopf.RawEvent, **_: Any) -> None:
-        await pods.on_pod_event(engine, event.get("type"), dict(event["object"]))
+        await decoderpool.on_pod_event(engine, event.get("type"), dict(event["object"]))
 
     @kopf.on.event("", "v1", "nodes", registry=registry)
     async def on_node(event: kopf.RawEvent, **_: Any) -> None:
-        await pods.on_node_event(engine, event.get("type"), dict(event["object"]))
+        await decoderpool.on_node_event(engine, event.get("type"), dict(event["object"]))
 
     return registry
 

@@ -72,7 +72,7 @@ async def rebuild(engine: Engine, namespaces: Sequence[str] | None) -> None:
                 conversation.adopt(engine, record)
                 placed += 1
             elif not record.terminal and not body["metadata"].get("deletionTimestamp"):
-                world.pool_of(record).pending[record.key] = record.pending_item()
+                conversation.adopt(engine, record)
                 waiting += 1
     log.info(
         "ledger rebuilt: %d pools, %d decoders, %d conversations (%d placed, %d pending) in %.2fs",

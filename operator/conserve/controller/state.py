@@ -16,12 +16,13 @@ from typing import Any
 from conserve.api.common import Condition, ConditionStatus
 from conserve.api.conversation import TERMINAL_PHASES, ConversationSpec, Endpoint, Phase
 from conserve.api.decoderpool import DecoderPoolSpec
+from conserve.core.decisions import ConversationRequest
 from conserve.core.gpus import NodeGpu, node_gpu_from_labels
 from conserve.core.ledger import CapacityLedger
+from conserve.core.lifecycle import KvState
 from conserve.core.pending import PendingItem
+from conserve.core.scheduler import PoolScheduler
 
-#: Completed conversations' growth ratios kept per pool (and in its status), newest last.
-GROWTH_HISTORY_LIMIT = 128
 FINALIZER = "conserve.dev/release-capacity"
 
 Key = str  # "namespace/name"
@@ -119,6 +120,10 @@ class ConvRecord:
     completed_at: str | None = None
     last_activity_s: float | None = None
     ttfet_s: float | None = None
+    kv_state: KvState | None = None  # None until placed
+    offloads: int = 0
+    reloads: int = 0
+    reprefills: int = 0
     conditions: dict[str, Condition] = field(default_factory=dict)
     has_finalizer: bool = False
     finalizers: list[str] = field(default_factory=list)  # as last seen on the object
@@ -140,8 +145,16 @@ class ConvRecord:
     def placed(self) -> bool:
         return self.decoder is not None and not self.terminal
 
-    def pending_item(self) -> PendingItem:
-        return PendingItem(self.key, self.spec.priority, self.created_at_s, self.spec.first_turn_input_tokens)
+    def request(self) -> ConversationRequest:
+        """What the pool's scheduler knows of this conversation's start."""
+        return ConversationRequest(
+            self.key,
+            self.spec.first_turn_input_tokens,
+            self.spec.priority,
+            self.created_at_s,
+            self.spec.expected_turns,
+            self.spec.idle_timeout_seconds,
+        )
 
     def set_condition(self, type_: str, status: ConditionStatus, reason: str, message: str, now_s: float) -> bool:
         """Set a condition; returns True when it changed (lastTransitionTime moves only on a status change)."""
@@ -168,12 +181,11 @@ class PoolRuntime:
     spec_error: str = ""
     body: dict[str, Any] = field(default_factory=dict)  # latest object seen (for Events and energy fields)
     generation: int = 0
-    ledger: CapacityLedger = field(default_factory=CapacityLedger)
+    #: Every decision of the pool (decoder table, reservations, queue, growth history, lifecycle).
+    scheduler: PoolScheduler = field(default_factory=PoolScheduler)
     decoders: dict[str, DecoderInfo] = field(default_factory=dict)
     prefills: dict[str, DecoderInfo] = field(default_factory=dict)
-    prefill_assigned: dict[str, int] = field(default_factory=dict)
-    pending: dict[Key, PendingItem] = field(default_factory=dict)
-    growth_ratios: deque[float] = field(default_factory=lambda: deque(maxlen=GROWTH_HISTORY_LIMIT))
+    #: Measured power and energy per decoder for the status (J/token goes to the scheduler's decoder table).
     energy: dict[str, DecoderEnergy] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     status_dirty: asyncio.Event = field(default_factory=asyncio.Event)
@@ -185,6 +197,18 @@ class PoolRuntime:
     @property
     def exists(self) -> bool:
         return self.spec is not None
+
+    @property
+    def ledger(self) -> CapacityLedger:
+        return self.scheduler.ledger
+
+    @property
+    def pending(self) -> dict[Key, PendingItem]:
+        return self.scheduler.pending
+
+    @property
+    def growth_ratios(self) -> deque[float]:
+        return self.scheduler.growth_ratios
 
 
 @dataclass(slots=True)
@@ -219,4 +243,5 @@ class World:
         placement's energy scorer uses joules per token."""
         runtime = self.pool(namespace, pool)
         runtime.energy[pod] = DecoderEnergy(power_watts, energy_joules, energy_per_token_j)
+        runtime.scheduler.energy_measured(pod, energy_per_token_j)
         runtime.status_dirty.set()

@@ -26,6 +26,10 @@ def conversation_status_patch(record: ConvRecord) -> dict[str, Any]:
         "completedAt": record.completed_at,
         "lastActivityTime": format_time(record.last_activity_s) if record.last_activity_s else None,
         "timeToFirstEffectiveTokenSeconds": record.ttfet_s,
+        "kvState": record.kv_state.value if record.kv_state is not None and record.placed else None,
+        "offloads": record.offloads,
+        "reloads": record.reloads,
+        "reprefills": record.reprefills,
         "conditions": [c.model_dump(mode="json", by_alias=True) for c in record.conditions.values()],
         "observedGeneration": record.generation,
     }
@@ -37,7 +41,9 @@ def pool_status_patch(pool: PoolRuntime, pending: int) -> dict[str, Any]:
     snapshot = {d.name: d for d in pool.ledger.snapshot()}
     previous = {d.get("pod"): d for d in (pool.body.get("status") or {}).get("decoders") or [] if isinstance(d, dict)}
     decoders = []
-    capacity = reserved = live = conversations = ready = 0
+    capacity = reserved = live = conversations = ready = idle = offloaded = dropped = 0
+    scheduler = pool.scheduler
+    host_capacity = scheduler.settings.lifecycle.host_kv_tokens_per_decoder
     power_total: float | None = None
     energy_total: float | None = None
     for name in sorted(pool.decoders):
@@ -47,6 +53,8 @@ def pool_status_patch(pool: PoolRuntime, pending: int) -> dict[str, Any]:
         old = previous.get(name, {})
         power = energy.power_watts if energy and energy.power_watts is not None else old.get("powerWatts")
         joules = energy.energy_joules if energy and energy.energy_joules is not None else old.get("energyJoules")
+        lc = scheduler.lifecycle_on(name)
+        idle, offloaded, dropped = idle + lc.idle, offloaded + lc.offloaded, dropped + lc.dropped
         entry: dict[str, Any] = {
             "pod": name,
             "node": info.node,
@@ -58,6 +66,13 @@ def pool_status_patch(pool: PoolRuntime, pending: int) -> dict[str, Any]:
             "reservedKvTokens": state.reserved_kv_tokens if state else 0,
             "liveKvTokens": state.live_kv_tokens if state else 0,
             "conversations": state.pinned_conversations if state else 0,
+            "activeConversations": lc.active,
+            "idleConversations": lc.idle,
+            "idleKvTokens": lc.idle_kv_tokens,
+            "offloadedConversations": lc.offloaded,
+            "offloadedKvTokens": lc.offloaded_kv_tokens,
+            "droppedConversations": lc.dropped,
+            "hostCapacityKvTokens": host_capacity,
             "powerWatts": power,
             "energyJoules": joules,
         }
@@ -92,6 +107,13 @@ def pool_status_patch(pool: PoolRuntime, pending: int) -> dict[str, Any]:
         "liveKvTokens": live,
         "conversations": conversations,
         "pendingConversations": pending,
+        "idleConversations": idle,
+        "offloadedConversations": offloaded,
+        "droppedConversations": dropped,
+        "observedTurnGapsSeconds": [round(g, 3) for g in scheduler.gaps.gaps_s],
+        "activeWindowSeconds": round(scheduler.gaps.active_window_s(scheduler.settings.lifecycle), 3),
+        "residentTtlSeconds": round(scheduler.gaps.resident_ttl_s(scheduler.settings.lifecycle), 3),
+        "hostTtlSeconds": round(scheduler.gaps.host_ttl_s(scheduler.settings.lifecycle), 3),
         "kvUsage": f"{reserved}/{capacity}",
         "kvBytesPerToken": pool.spec.model.resolved_kv_bytes_per_token() if pool.spec else None,
         "observedGrowthRatios": list(pool.growth_ratios),

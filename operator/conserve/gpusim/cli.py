@@ -30,6 +30,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--name", default="", help="name reported in the X-Conserve-Server header")
     p.add_argument("--kv-capacity-tokens", type=int, default=None, help="override the derived KV capacity")
+    p.add_argument(
+        "--host-kv-capacity-tokens",
+        type=int,
+        default=None,
+        help="host-memory KV tier of a decode server (default: 125 GB per GPU over the model's KV size; 0: none)",
+    )
     p.set_defaults(func=_run_server)
     sub = p.add_subparsers(dest="gpusim_command", metavar="pods")
     pods = sub.add_parser("pods", help="run a simulator for every conserve.dev/role pod on a KWOK node")
@@ -67,6 +73,7 @@ def _run_server(args: argparse.Namespace) -> int:
         name=args.name,
         stream_interval=args.stream_interval,
         kv_capacity_tokens=args.kv_capacity_tokens,
+        host_kv_capacity_tokens=args.host_kv_capacity_tokens,
     )
 
     async def main() -> None:

@@ -10,6 +10,11 @@ One asyncio task plays the scheduler loop of a vLLM server on one GPU (or a tens
   transfer time over `link`, asynchronously, as NIXL does) and skips its prefill;
 - a decode server keeps each finished conversation's KV as a prefix cache entry (keyed by conversation id), so
   the next turn on the same decoder prefills only its new tokens. A prefill server frees KV after handing it off.
+- host KV tier (`host_kv_capacity_tokens`, 0: none), as vLLM's OffloadingConnector (`--kv-offloading-size`) or
+  LMCache's CPU backend keep it: an entry evicted from GPU memory is offloaded to host memory (least recently
+  used entries there are dropped when it is full); a turn whose KV is in host memory reloads it over PCIe
+  (`pcie_transfer_time_s`, asynchronously like a KV pull) instead of prefilling it again. The offload copy
+  itself costs no GPU time (the write-back is asynchronous after the turn).
 
 Time: the engine advances a modelled clock; real time = modelled time x `time_scale` (0.1 runs ten times faster
 than the modelled GPU). Energy is integrated over modelled time (joules the modelled GPU would draw).
@@ -28,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from conserve.core.llm import ModelShape
+from conserve.core.offload import pcie_transfer_time_s
 from conserve.core.perf import (
     PREFILL_ACTIVITY,
     Device,
@@ -95,6 +101,11 @@ class EngineStats:
     kv_transfer_tokens_received_total: int = 0
     #: Prompt tokens whose KV is to come from a prefill server, counted on admission (as vLLM counts them).
     external_kv_prompt_tokens_total: int = 0
+    kv_offloads_total: int = 0  # GPU prefix-cache entries moved to host memory
+    kv_offload_tokens_total: int = 0
+    kv_reloads_total: int = 0  # host entries brought back for a turn
+    kv_reload_tokens_total: int = 0
+    kv_host_drops_total: int = 0  # host entries dropped for room (their next turn prefills again)
     energy_j: float = 0.0
     power_w: float = 0.0
     busy_modelled_s: float = 0.0
@@ -119,6 +130,7 @@ class Engine:
         prefill_chunk_tokens: int = 8192,
         stream_interval: int = 1,
         clock: Callable[[], float] = time.monotonic,
+        host_kv_capacity_tokens: int = 0,
     ) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be > 0")
@@ -136,6 +148,8 @@ class Engine:
         self._waiting: deque[SimRequest] = deque()
         self._running: list[SimRequest] = []
         self._prefix_cache: OrderedDict[str, int] = OrderedDict()  # conversation id -> cached tokens
+        self.host_kv_capacity_tokens = max(host_kv_capacity_tokens, 0)
+        self._host_cache: OrderedDict[str, int] = OrderedDict()  # offloaded KV in host memory (LRU)
         self._wake = asyncio.Event()
         self._next_real_s = clock()
         self._last_energy_real_s = clock()
@@ -165,6 +179,25 @@ class Engine:
 
     def cached_tokens_of(self, conversation_id: str) -> int:
         return self._prefix_cache.get(conversation_id, 0)
+
+    def host_tokens_of(self, conversation_id: str) -> int:
+        return self._host_cache.get(conversation_id, 0)
+
+    @property
+    def host_kv_tokens(self) -> int:
+        return sum(self._host_cache.values())
+
+    def _offload(self, conversation_id: str, tokens: int) -> None:
+        """A GPU entry leaves for host memory (oldest host entries dropped to make room), if it can fit at all."""
+        if tokens > self.host_kv_capacity_tokens:
+            return
+        self._host_cache.pop(conversation_id, None)
+        while self.host_kv_tokens + tokens > self.host_kv_capacity_tokens and self._host_cache:
+            self._host_cache.popitem(last=False)
+            self.stats.kv_host_drops_total += 1
+        self._host_cache[conversation_id] = tokens
+        self.stats.kv_offloads_total += 1
+        self.stats.kv_offload_tokens_total += tokens
 
     def next_request_id(self) -> str:
         return f"{self.role.value}-{next(self._ids)}"
@@ -227,12 +260,18 @@ class Engine:
                 victim = next((c for c in self._prefix_cache if c != req.conversation_id), None)
                 if victim is None:
                     break
-                free += self._prefix_cache.pop(victim)
+                size = self._prefix_cache.pop(victim)
+                free += size
+                self._offload(victim, size)
             if free < need:
                 return  # head-of-line blocking, as vLLM's FCFS scheduler
             self._waiting.popleft()
+            reload = 0
             if req.conversation_id is not None:
                 self._prefix_cache.pop(req.conversation_id, None)
+                host = self._host_cache.pop(req.conversation_id, 0)
+                if reuse == 0 and req.remote_kv_tokens == 0 and host:
+                    reload = min(host, max(req.prompt_tokens - 1, 0))
             req.reserved_kv_tokens = need
             req.cached_tokens = reuse
             req.computed_tokens = reuse
@@ -240,7 +279,12 @@ class Engine:
             self.stats.prompt_tokens_total += req.prompt_tokens
             self.stats.external_kv_prompt_tokens_total += min(req.remote_kv_tokens, req.prompt_tokens)
             self._running.append(req)
-            if req.remote_kv_tokens > 0:
+            if reload > 0:
+                req.ready = False
+                task = asyncio.get_running_loop().create_task(self._reload_kv(req, reload))
+                self._transfers.add(task)
+                task.add_done_callback(self._transfers.discard)
+            elif req.remote_kv_tokens > 0:
                 req.ready = False
                 task = asyncio.get_running_loop().create_task(self._pull_kv(req))
                 self._transfers.add(task)
@@ -253,6 +297,16 @@ class Engine:
         req.ready = True
         self.stats.kv_transfers_received_total += 1
         self.stats.kv_transfer_tokens_received_total += tokens
+        self._wake.set()
+
+    async def _reload_kv(self, req: SimRequest, tokens: int) -> None:
+        """Host memory to GPU over PCIe; the reloaded prefix then counts as cached."""
+        await asyncio.sleep(pcie_transfer_time_s(self.model, tokens) * self.time_scale)
+        req.computed_tokens = max(req.computed_tokens, tokens)
+        req.cached_tokens = max(req.cached_tokens, tokens)
+        req.ready = True
+        self.stats.kv_reloads_total += 1
+        self.stats.kv_reload_tokens_total += tokens
         self._wake.set()
 
     def _plan_step(self) -> tuple[list[tuple[SimRequest, int]], list[SimRequest]]:

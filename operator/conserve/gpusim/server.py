@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 from conserve.api.openai_wire import prompt_tokens_of
 from conserve.core.gpus import GpuSpec, lookup_product
 from conserve.core.llm import ModelShape, kv_capacity_tokens, lookup_model
+from conserve.core.offload import host_kv_capacity_tokens
 from conserve.core.perf import LINKS, Device
 from conserve.core.tokens import FILLER_TOKEN
 from conserve.gpusim.engine import BLOCK_TOKENS, Engine, RequestRejected, Role, SimRequest, remote_block_ids
@@ -59,6 +60,8 @@ class GpuSimConfig:
     stream_interval: int = 1
     max_batch: int = 256
     kv_capacity_tokens: int | None = None  # None: derived from the GPU memory and the model
+    #: Host-memory KV of a decode server (None: 125 GB per GPU over the model's KV size, core.offload; 0: none).
+    host_kv_capacity_tokens: int | None = None
 
 
 def resolve(config: GpuSimConfig) -> tuple[GpuSpec, ModelShape]:
@@ -81,6 +84,9 @@ def build_engine(config: GpuSimConfig) -> Engine:
             model=model,
             memory_fraction=config.memory_fraction,
         )
+    host = config.host_kv_capacity_tokens
+    if host is None:
+        host = host_kv_capacity_tokens(model, config.gpu_count) if config.role is not Role.PREFILL else 0
     return Engine(
         role=config.role,
         device=Device(gpu, config.gpu_count),
@@ -90,6 +96,7 @@ def build_engine(config: GpuSimConfig) -> Engine:
         time_scale=config.time_scale,
         max_batch=config.max_batch,
         stream_interval=config.stream_interval,
+        host_kv_capacity_tokens=host,
     )
 
 
@@ -154,6 +161,11 @@ class _EngineCollector(Collector):
             s.kv_transfers_received_total,
         )
         yield gauge("conserve_gpusim_kv_capacity_tokens", "KV capacity in tokens.", e.kv_capacity_tokens)
+        yield gauge("conserve_gpusim_host_kv_capacity_tokens", "Host-memory KV capacity.", e.host_kv_capacity_tokens)
+        yield gauge("conserve_gpusim_host_kv_tokens", "KV tokens offloaded to host memory.", e.host_kv_tokens)
+        yield counter("conserve_gpusim_kv_offloads", "KV entries offloaded to host memory.", s.kv_offloads_total)
+        yield counter("conserve_gpusim_kv_reloads", "KV entries reloaded from host memory.", s.kv_reloads_total)
+        yield counter("conserve_gpusim_kv_host_drops", "Host KV entries dropped for room.", s.kv_host_drops_total)
 
 
 def _max_tokens(body: dict[str, Any]) -> int:

@@ -192,6 +192,7 @@ class Usage:
     output_tokens: int = 0
     last_turn_time: str | None = None
     ttfet_s: float | None = None
+    prefill_pod: str | None = None  # the prefill server that actually ran the first turn
 
     def as_patch(self) -> dict[str, Any]:
         usage: dict[str, Any] = {
@@ -203,6 +204,8 @@ class Usage:
             usage["lastTurnTime"] = self.last_turn_time
         if self.ttfet_s is not None:
             usage["timeToFirstEffectiveTokenSeconds"] = round(self.ttfet_s, 6)
+        if self.prefill_pod:
+            usage["prefillPod"] = self.prefill_pod
         return {"spec": {"usage": usage}}
 
 

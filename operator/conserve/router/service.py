@@ -80,6 +80,7 @@ class ConversationState:
     output_tokens: int = 0
     ttfet_s: float | None = None
     last_turn_s: float = 0.0
+    prefill_pod: str | None = None  # who ran the first turn's prefill (reported: the operator's status follows)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -380,8 +381,10 @@ class Router:
         state.last_turn_s = self._clock()
         if state.mode is Mode.CONVERSATION:
             state.kv_generation = plan.generation
+            if state.prefill_pod is None and plan.prefill is not None:
+                state.prefill_pod = plan.prefill.name
             stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            usage = Usage(state.turns, state.input_tokens, state.output_tokens, stamp, state.ttfet_s)
+            usage = Usage(state.turns, state.input_tokens, state.output_tokens, stamp, state.ttfet_s, state.prefill_pod)
             self._batcher.record(state.name, usage)
 
     def _close(self, state: ConversationState) -> None:

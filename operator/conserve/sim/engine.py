@@ -77,8 +77,13 @@ class Simulator(DecoderLoop):
         *,
         idle_timeout_s: float | None = None,
         progress: Callable[[int], None] | None = None,
+        end_signal: bool = True,
     ) -> None:
         self.fleet = fleet
+        #: Whether clients say a conversation ended: the workload's signal, which `end_signal=False` withholds
+        #: (chat clients cannot say it): after its last turn a conversation is then released only by the idle
+        #: timeout (at once when there is none: the policy holds nothing an end would free).
+        self.end_signal = end_signal and workload.signals.end_of_conversation
         self.model = fleet.model
         self.workload = workload
         self.policy = policy
@@ -285,7 +290,7 @@ class Simulator(DecoderLoop):
         self.policy.turn_done(state, record, self.now)
         if state.next_index >= len(state.conv.turns):
             state.finished = True
-            if self.workload.signals.end_of_conversation:
+            if self.end_signal:
                 self._release(state)
             elif self.idle_timeout_s is not None:
                 self._push(self.now + self.idle_timeout_s, _IDLE_CHECK, (state, len(state.turns)))
@@ -350,6 +355,13 @@ class Simulator(DecoderLoop):
         self.offloads += 1
         self.transfer_energy_j += pcie_transfer_energy_j(self.model, size)
         self.policy.kv_offloaded(self.by_key[key])
+
+    def drop_pinned(self, decoder: Decoder, key: str) -> None:
+        """Discard an idle pinned conversation's GPU KV (its policy dropped it; its next turn recomputes it)."""
+        self._kv_tick(decoder)
+        self.epoch += 1
+        decoder.pinned_tokens -= decoder.pinned.pop(key)
+        decoder.pinned_at.pop(key, None)
 
     def _offload_for(self, decoder: Decoder, tokens: int) -> bool:
         """Physical pressure: offload idle pinned KV (least recently active first) until `tokens` fit."""
@@ -424,8 +436,11 @@ def simulate(
     *,
     idle_timeout_s: float | None = None,
     progress: Callable[[int], None] | None = None,
+    end_signal: bool = True,
 ) -> SimResult:
-    return Simulator(fleet, workload, policy, idle_timeout_s=idle_timeout_s, progress=progress).run()
+    return Simulator(
+        fleet, workload, policy, idle_timeout_s=idle_timeout_s, progress=progress, end_signal=end_signal
+    ).run()
 
 
 def all_records(result: SimResult) -> Iterable[TurnRecord]:

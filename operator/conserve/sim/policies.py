@@ -1,24 +1,22 @@
 """Placement policies: ConServe (conversation level) and the per-turn baselines.
 
-**ConServe** calls the operator's core: `reservation_kv_tokens` sizes a conversation's reservation from its first
-turn's input (and the growth of completed conversations), `place` picks the decoder from a `CapacityLedger`
-snapshot, the ledger records it. The first turn is prefilled on the least-loaded prefill instance (the compute
-tier when tiers are mapped) and its KV moves once to the decoder; the conversation is pinned there: later
-turns' new tokens are prefilled on the decoder itself, nothing moves, and its KV stays (not evictable) between
-turns until the conversation is released (the engine releases it for every policy alike: after its last turn
-when the workload carries an end signal, as the Conversation API's `spec.completed` does, else once it has
-been idle for the idle timeout). A conversation that no
-decoder can hold waits, in `order_pending` order, until a release frees capacity. Live KV beyond the
-reservation is reported to the ledger (`update_live`, `try_extend`), so later placements see it.
+**ConServe** runs the operator's own scheduler (`conserve.core.scheduler.PoolScheduler`, the object the
+operator's engine calls): reservation sizing, placement, queue order, outgrowth, prefill choice and the KV
+lifecycle are the core's (see operator/conserve/core/README.md). The first turn is prefilled on the prefill
+server the scheduler picks and its KV moves once to the decoder; the conversation is pinned there: later turns'
+new tokens are prefilled on the decoder itself and nothing moves. Between turns its KV is idle (reclaimable),
+then offloaded to the decoder's host memory, then dropped, as `conserve.core.lifecycle` rules; the pin
+outlives residency. It is released when the client marks it completed after its last turn, or when it stays
+idle past the idle timeout (the simulator's idle checks). A conversation that no decoder can hold, even by
+reclaiming idle KV, waits in the scheduler's queue.
 
 **Per-turn baselines** are in `conserve.sim.baselines`; this module's `POLICIES` names them all.
 
-**Host KV tier** (`conserve.core.offload`): ConServe offloads idle pinned conversations to their decoder's host
-memory under pressure (a new conversation that no decoder's GPU reservations can take; an offloaded
-conversation's next turn that needs its GPU reservation back; a decoder out of memory), least recently active
-first; the ledger then counts only resident conversations against GPU capacity. `conserve-no-offload` is
-ConServe without the host tier (the behaviour before it). The per-turn baselines get the same host tier for
-their prefix caches (GPU evictions spill there, LRU), as vLLM's CPU offloading would give them.
+**KV lifecycle** (`conserve.core.lifecycle`): ConServe's idle pinned conversations go to their decoder's host
+memory (or are dropped) when room is needed or after the resident TTL; `conserve-no-offload` is ConServe with
+the lifecycle off (idle KV stays resident until release: the behaviour before it). The per-turn baselines get
+the same host tier for their prefix caches (GPU evictions spill there, LRU), as vLLM's CPU offloading would give
+them: apples to apples.
 """
 
 from __future__ import annotations
@@ -26,18 +24,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from conserve.core.ledger import CapacityLedger
-from conserve.core.offload import DecoderOffloadView, choose_offload_victims, plan_placement_offload
-from conserve.core.pending import PendingItem, order_pending
+from conserve.core.decisions import ConversationRequest, Decision, Reason, Verdict
+from conserve.core.lifecycle import LifecycleSettings
+from conserve.core.offload import pcie_transfer_time_s
 from conserve.core.perf import decode_energy_per_token_j
-from conserve.core.placement import DecoderState, PlacementRequest, PlacementSettings, PlacementWeights, place
-from conserve.core.reservation import HISTORY_LIMIT, GrowthObservation, growth_factor, reservation_for_factor
+from conserve.core.placement import DecoderState, PlacementSettings, PlacementWeights
+from conserve.core.prefill import PrefillState
+from conserve.core.scheduler import PoolScheduler, SchedulerSettings
 from conserve.sim.baselines import PER_TURN_BASELINES, PerTurn
 from conserve.sim.policy_base import PolicyBase as _Base
 from conserve.sim.records import ConvState, LocalRoute, Policy, RemoteRoute, Retain, Route, SimView, TurnRecord
 
 if TYPE_CHECKING:
-    from conserve.sim.instances import Decoder
+    pass
 
 #: Reference operating point of the energy prior given to the placement (the extender's node scoring uses the
 #: same point): a decode batch of 32 sequences of 2048 tokens.
@@ -46,144 +45,154 @@ ENERGY_PRIOR_CONTEXT_TOKENS = 2048
 
 
 class ConServe(_Base):
-    """Conversation-level placement through the operator's core."""
+    """Conversation-level placement: the operator's `PoolScheduler`, driven by the simulator's events.
+
+    Events in: a first turn (admit), a later turn's arrival (turn_started), a turn's end (usage observed), the
+    conversation's release, memory pressure the simulator resolved itself (kv_offloaded), and the timers
+    (sweep, at most once per simulated second like the operator's sweep). Decisions out are applied to the
+    simulated decoders (offload, drop); placement and queue order are the scheduler's own.
+    """
 
     name = "conserve"
+    SWEEP_INTERVAL_S = 1.0
 
     def __init__(self, settings: PlacementSettings | None = None) -> None:
         super().__init__()
-        self.settings = settings or PlacementSettings()
-        self.ledger = CapacityLedger()
-        self.history: list[GrowthObservation] = []
-        self.first_input: dict[str, int] = {}
-        self._snapshot: list[DecoderState] | None = None  # the ledger's snapshot, until the ledger changes
-        self._factor: float | None = None  # growth_factor(history), until the history changes
+        self.placement = settings or PlacementSettings()
+        self.scheduler = PoolScheduler(SchedulerSettings(placement=self.placement))
+        self._applying = False
+        self._last_sweep_s = float("-inf")
+
+    @property
+    def settings(self) -> PlacementSettings:
+        return self.placement
 
     def bind(self, sim: SimView) -> None:
         super().bind(sim)
-        for d in sim.decoders.values():
-            energy = decode_energy_per_token_j(
-                d.spec.device, sim.model, ENERGY_PRIOR_BATCH, ENERGY_PRIOR_CONTEXT_TOKENS
+        decoders = [
+            DecoderState(
+                name=d.name,
+                node=d.name,
+                tier=d.spec.tier,
+                capacity_kv_tokens=d.capacity,
+                energy_per_token_j=decode_energy_per_token_j(
+                    d.spec.device, sim.model, ENERGY_PRIOR_BATCH, ENERGY_PRIOR_CONTEXT_TOKENS
+                ),
             )
-            self.ledger.upsert_decoder(
-                DecoderState(
-                    name=d.name, node=d.name, tier=d.spec.tier, capacity_kv_tokens=d.capacity, energy_per_token_j=energy
-                )
-            )
-        # The largest reservation any decoder can accept: its capacity less the placement's headroom (a
-        # reservation capped at the raw capacity would be refused by `filter_capacity` forever).
-        self.max_capacity = max(
-            d.capacity - int(d.capacity * self.settings.headroom_fraction) for d in sim.decoders.values()
+            for d in sim.decoders.values()
+        ]
+        prefills = [PrefillState(p.name, p.spec.tier) for p in sim.prefill.values()]
+        host = min((d.host_capacity for d in sim.decoders.values()), default=0)
+        lifecycle = LifecycleSettings(
+            enabled=self.host_offload,
+            host_kv_tokens_per_decoder=host if self.host_offload else 0,
+            writeback_s_per_kv_token=pcie_transfer_time_s(sim.model, 1),
         )
+        # The simulator owns the idle timeout (its idle checks call `release`): the scheduler's sweep must not
+        # release behind its back (the simulated KV would stay pinned).
+        self.bind_pool(decoders, prefills, idle_timeout_s=float("inf"), lifecycle=lifecycle)
 
-    def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None:
-        holding = self.ledger.holding(state.key)
-        if holding is not None:
-            decoder, reserved, _ = holding
-            if self.ledger.is_offloaded(state.key):
-                self._make_resident(state.key, decoder, max(reserved, record.input_tokens), now)
-            if record.input_tokens > reserved:
-                self.ledger.try_extend(state.key, record.input_tokens)
-            self.ledger.update_live(state.key, record.input_tokens)
-            self._snapshot = None
-            return LocalRoute(decoder)
-        # reservation_kv_tokens(input, history), with the history's growth factor computed once per change.
-        if self._factor is None:
-            self._factor = growth_factor(self.history)
-        reservation = reservation_for_factor(
-            record.input_tokens, self._factor, max_decoder_capacity_kv_tokens=self.max_capacity
+    def bind_pool(
+        self,
+        decoders: Sequence[DecoderState],
+        prefills: Sequence[PrefillState],
+        *,
+        idle_timeout_s: float,
+        lifecycle: LifecycleSettings,
+    ) -> None:
+        """The pool as the scheduler sees it (the simulator's fleet, or a test's table)."""
+        self.scheduler.configure(
+            SchedulerSettings(placement=self.placement, default_idle_timeout_s=idle_timeout_s, lifecycle=lifecycle)
         )
-        if self._snapshot is None:
-            self._snapshot = self.ledger.snapshot()
-        headroom = self.settings.headroom_fraction
-        if all(reservation > d.free_kv_tokens - int(d.capacity_kv_tokens * headroom) for d in self._snapshot):
-            # No decoder's GPU reservations can take it: offload idle conversations to host memory if that
-            # makes room (`plan_placement_offload`), else wait (what `place` would answer: NoCapacity).
-            if not self._offload_to_place(reservation, now):
-                return None
-            self._snapshot = self.ledger.snapshot()
-        decision = place(PlacementRequest(state.key, reservation), self._snapshot, self.settings)
-        if decision.decoder is None:
+        for d in decoders:
+            self.scheduler.decoder_changed(d)
+        self.scheduler.set_prefills(prefills)
+
+    # events ----------------------------------------------------------------------------------------------
+    def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None:
+        self.sweep(now)
+        holding = self.scheduler.ledger.holding(state.key)
+        if holding is not None:
+            self._apply(self.scheduler.turn_started(state.key, now))
+            return LocalRoute(holding[0])
+        decisions = self.scheduler.admit(self.request(state, record), now)
+        self._apply(decisions)
+        placed = next((d for d in decisions if d.placed and d.conversation == state.key), None)
+        if placed is None or placed.decoder is None:
             return None
-        self.ledger.reserve(state.key, decision.decoder, reservation, live_kv_tokens=record.input_tokens)
-        self._snapshot = None
-        self.first_input[state.key] = record.input_tokens
-        return RemoteRoute(self.least_loaded_prefill(now), decision.decoder, record.input_tokens)
+        # The router's early prefill (on by default) starts the first turn on its least-loaded prefill server
+        # before the placement arrives, and reports the one it used: the scheduler counts it there.
+        if self._sim is None:  # driven without a simulator (the equivalence test): no data plane to report
+            return RemoteRoute(placed.prefill or "", placed.decoder, record.input_tokens)
+        used = self.least_loaded_prefill(now)
+        self.scheduler.prefill_reported(placed.prefill, used)
+        return RemoteRoute(used, placed.decoder, record.input_tokens)
+
+    @staticmethod
+    def request(state: ConvState, record: TurnRecord) -> ConversationRequest:
+        return ConversationRequest(state.key, record.input_tokens, 0, state.turns[0].arrival_s)
 
     def retain(self, state: ConvState, decoder: str) -> Retain:
         return "pin"
 
-    # host offload (the rules are `conserve.core.offload`'s) ------------------------------------------------
-    def _gpu_kv(self, key: str, live: int) -> int:
-        holding = self.ledger.holding(key)
-        return live if holding is None else max(holding[1], holding[2])
-
-    def _offload(self, decoder: Decoder, victims: Sequence[str]) -> None:
-        for key in victims:
-            self.sim.offload(decoder, key)  # calls kv_offloaded, which marks the ledger
-
-    def _offload_to_place(self, reservation: int, now: float) -> bool:
-        if not self.host_offload:
-            return False
-        views = []
-        for name in self.ledger.decoders:
-            d = self.sim.decoders.get(name)
-            if d is None or d.host_capacity <= 0 or not d.pinned:
-                continue
-            views.append(
-                DecoderOffloadView(
-                    name,
-                    d.capacity,
-                    self.ledger.reserved_on(name),
-                    d.host_free_tokens(),
-                    tuple(self.sim.idle_candidates(d, self._gpu_kv)),
-                )
-            )
-        plan = plan_placement_offload(views, reservation, self.settings.headroom_fraction, now)
-        if plan is None or not plan.victims:
-            return False
-        self._offload(self.sim.decoders[plan.decoder], plan.victims)
-        return True
-
-    def _make_resident(self, key: str, name: str, need: int, now: float) -> None:
-        """An offloaded conversation's next turn: its GPU reservation comes back on its own decoder, others'
-        idle KV making room when needed (least recently active first)."""
-        decoder = self.sim.decoders[name]
-        room = decoder.capacity - self.ledger.reserved_on(name)
-        if need > room:
-            candidates = self.sim.idle_candidates(decoder, self._gpu_kv)
-            self._offload(decoder, choose_offload_victims(candidates, need - room, decoder.host_free_tokens(), now))
-        self.ledger.set_offloaded(key, False)
-        self._snapshot = None
-
-    def kv_offloaded(self, state: ConvState) -> None:
-        self.ledger.set_offloaded(state.key, True)
-        self._snapshot = None
-
     def turn_done(self, state: ConvState, record: TurnRecord, now: float) -> None:
         live = record.input_tokens + record.output_tokens
-        holding = self.ledger.holding(state.key)
-        if holding is not None and live > holding[1]:
-            self.ledger.try_extend(state.key, live)
-        self.ledger.update_live(state.key, live)
-        self._snapshot = None
+        self._apply(self.scheduler.usage_observed(state.key, live, now, turns=record.index + 1))
+        if self.scheduler.pending and self._sim is not None:
+            self.sim.retry_pending()  # its KV is idle now, so reclaimable: waiting ones may fit (as the operator)
 
     def release(self, state: ConvState) -> None:
-        holding = self.ledger.holding(state.key)
-        if holding is None:
-            return
-        self.ledger.release(state.key)
-        self._snapshot = None
-        first = self.first_input.pop(state.key, 0)
-        if first > 0 and state.finished:
-            self.history.append(GrowthObservation(first, max(holding[2], first)))
-            del self.history[:-HISTORY_LIMIT]
-            self._factor = None
+        reason = Reason.COMPLETED if state.finished else Reason.IDLE_TIMEOUT
+        self.scheduler.release(state.key, reason)
+
+    def kv_offloaded(self, state: ConvState) -> None:
+        if not self._applying:  # the simulator's own memory pressure moved it
+            self.scheduler.kv_offloaded(state.key)
 
     def order_pending(self, states: Sequence[ConvState]) -> list[ConvState]:
-        by_key = {s.key: s for s in states}
-        items = [PendingItem(s.key, 0, s.turns[-1].arrival_s, 0) for s in states]
-        return [by_key[i.conversation] for i in order_pending(items)]
+        position = {key: i for i, key in enumerate(self.scheduler.queue())}
+        return sorted(states, key=lambda s: (position.get(s.key, len(position)), s.key))
+
+    def sweep(self, now: float) -> list[Decision]:
+        """The scheduler's timers (resident and host TTLs, idle timeout), at most once per simulated second."""
+        if now - self._last_sweep_s < self.SWEEP_INTERVAL_S:
+            return []
+        self._last_sweep_s = now
+        decisions = self.scheduler.sweep(now)
+        self._apply(decisions)
+        return decisions
+
+    def decoder_lost(self, name: str, now: float) -> list[Decision]:
+        """A decoder leaves (the operator: pod deleted or unready); its conversations move or fail."""
+        self.scheduler.decoder_removed(name)
+        decisions = [*self.scheduler.decoders_lost([name], now), *self.scheduler.drain(now)]
+        self._apply(decisions)
+        return decisions
+
+    def energy_measured(self, decoder: str, energy_per_token_j: float) -> None:
+        self.scheduler.energy_measured(decoder, energy_per_token_j)
+
+    # decisions applied to the simulated decoders -----------------------------------------------------------
+    def _apply(self, decisions: Sequence[Decision]) -> None:
+        if self._sim is None:
+            return
+        self._applying = True
+        try:
+            for d in decisions:
+                decoder = self.sim.decoders.get(d.decoder or "")
+                if decoder is None:
+                    continue
+                if d.verdict is Verdict.OFFLOADED and d.conversation in decoder.pinned:
+                    if decoder.pinned[d.conversation] <= decoder.host_free_tokens():
+                        self.sim.offload(decoder, d.conversation)
+                    else:  # a reloading turn's host copy is still there until its prefill starts: no room
+                        self.sim.drop_pinned(decoder, d.conversation)
+                elif d.verdict is Verdict.DROPPED:
+                    decoder.drop_host(d.conversation)
+                    if d.conversation in decoder.pinned:
+                        self.sim.drop_pinned(decoder, d.conversation)
+        finally:
+            self._applying = False
 
 
 class ConServeNoOffload(ConServe):

@@ -158,7 +158,8 @@ Retain = Literal["pin", "cache"]
 
 
 class SimView(Protocol):
-    """What a policy may read of the running simulation, and the one action it may ask for (offload)."""
+    """What a policy may read of the running simulation, and the actions it may ask for: offload or drop an idle
+    pinned conversation's KV (the scheduler's lifecycle decisions), and a retry of waiting conversations."""
 
     @property
     def model(self) -> ModelShape: ...
@@ -172,6 +173,10 @@ class SimView(Protocol):
     def idle_candidates(self, decoder: Decoder, gpu_kv: Callable[[str, int], int] | None = None) -> list[IdleKv]: ...
 
     def offload(self, decoder: Decoder, key: str) -> None: ...
+
+    def drop_pinned(self, decoder: Decoder, key: str) -> None: ...
+
+    def retry_pending(self) -> None: ...
 
 
 class Policy(Protocol):

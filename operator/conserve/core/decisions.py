@@ -1,0 +1,76 @@
+"""What the pool scheduler (`conserve.core.scheduler`) takes in and hands out: typed, no strings to compare."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from conserve.core.lifecycle import KvState
+
+
+class Verdict(enum.StrEnum):
+    PLACED = "placed"  # a new conversation got a decoder (and a prefill server)
+    REPLACED = "replaced"  # moved off a lost decoder
+    QUEUED = "queued"  # waits for capacity (or for its pool)
+    FAILED = "failed"  # cannot be served (see the reason)
+    RELEASED = "released"  # its hold on the pool ended
+    EXTENDED = "extended"  # its reservation grew in place
+    OUTGROWN = "outgrown"  # it outgrew its reservation and its decoder has no room: kept pinned
+    IDLED = "idled"  # its active window passed: its KV stays on the GPU but is reclaimable
+    OFFLOADED = "offloaded"  # its KV moved to its decoder's host memory
+    RELOADED = "reloaded"  # its KV came back from host memory for a turn
+    DROPPED = "dropped"  # its KV was discarded (host TTL or host pressure)
+    REPREFILLED = "reprefilled"  # a turn after a drop: its context was prefilled again
+    UNCHANGED = "unchanged"
+
+
+class Reason(enum.StrEnum):
+    """Condition and Event reasons (the strings users see)."""
+
+    PLACED = "Placed"
+    REPLACED = "Replaced"
+    NO_CAPACITY = "NoCapacity"
+    NO_READY_DECODER = "NoReadyDecoder"
+    NO_DECODER = "NoDecoder"
+    POOL_NOT_FOUND = "PoolNotFound"
+    INVALID_POOL = "InvalidPool"
+    DECODER_LOST = "DecoderLost"
+    COMPLETED = "Completed"
+    DELETED = "Deleted"
+    IDLE_TIMEOUT = "IdleTimeout"
+    EXTENDED = "Extended"
+    DECODER_FULL = "DecoderFull"
+    ACTIVE_WINDOW = "ActiveWindow"
+    ROOM_NEEDED = "RoomNeeded"
+    RESIDENT_TTL = "ResidentTtl"
+    HOST_TTL = "HostTtl"
+    HOST_FULL = "HostFull"
+    TURN = "Turn"
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationRequest:
+    """What is known of a conversation when it starts."""
+
+    key: str  # "namespace/name" (the simulator: its conversation id)
+    first_input_tokens: int
+    priority: int = 0
+    created_at_s: float = 0.0
+    expected_turns: int | None = None
+    idle_timeout_s: float | None = None  # None: the pool's default
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    conversation: str
+    verdict: Verdict
+    reason: Reason
+    message: str = ""
+    decoder: str | None = None
+    reserved_kv_tokens: int = 0
+    prefill: str | None = None  # set on a placement when the pool has a ready prefill server
+    kv_state: KvState | None = None
+
+    @property
+    def placed(self) -> bool:
+        return self.verdict in (Verdict.PLACED, Verdict.REPLACED)

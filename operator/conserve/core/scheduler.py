@@ -1,0 +1,470 @@
+"""One pool's scheduler: every decision about its conversations, in one pure object (no I/O, no clock).
+
+The operator (controller/engine.py) and the simulator's ConServe policy (sim/policies.py) drive this same
+class: events in (a conversation created, usage observed, completed or idle, a decoder added, changed or lost,
+energy measured, a sweep at time `now_s`), typed `Decision`s out. The caller applies the decisions (the
+operator writes status, finalizers and Events; the simulator moves simulated KV). Time is always passed in.
+
+Where each rule lives (see core/README.md): reservation sizing `core.reservation`; placement filters and
+scorers `core.placement`; queue order `core.pending`; prefill choice `core.prefill`; KV lifecycle states and
+TTLs `core.lifecycle`; capacity bookkeeping `core.ledger`; the flow between them here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+from conserve.core.decisions import ConversationRequest, Decision, Reason, Verdict
+from conserve.core.ledger import CapacityError, CapacityLedger
+from conserve.core.lifecycle import GapHistory, KvState, LifecycleSettings
+from conserve.core.pending import PendingItem, order_pending
+from conserve.core.placement import (
+    DecoderState,
+    PlacementRequest,
+    PlacementSettings,
+    largest_placeable_kv_tokens,
+    place,
+)
+from conserve.core.prefill import PrefillState, pick_prefill
+from conserve.core.reservation import GrowthObservation, growth_factor, reservation_for_factor
+from conserve.core.residency import ConversationView, DecoderLifecycle, Residency
+
+#: A reservation outgrown by a turn is extended in place to this multiple of the live context (room for the
+#: next turn without extending again), or failing that to the live context itself.
+EXTEND_FACTOR = 1.25
+#: Completed conversations' growth ratios kept per pool (and in its status), newest last.
+GROWTH_HISTORY_LIMIT = 128
+DEFAULT_IDLE_TIMEOUT_S = 1800.0
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerSettings:
+    placement: PlacementSettings = field(default_factory=PlacementSettings)
+    reject_when_full: bool = False  # DecoderPool placement.whenFull: Reject
+    default_idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
+
+
+def observations_from_ratios(ratios: Iterable[float]) -> list[GrowthObservation]:
+    """Growth history is kept as ratios (final context / first input); the core's sizing wants pairs."""
+    scale = 1_000_000
+    return [GrowthObservation(scale, max(round(r * scale), 0)) for r in ratios]
+
+
+class PoolScheduler:
+    def __init__(self, settings: SchedulerSettings | None = None) -> None:
+        self.settings = settings or SchedulerSettings()
+        #: The decoder table (capacity, tier, readiness, measured J/token) and every reservation: one place.
+        self.ledger = CapacityLedger()
+        self.conversations: dict[str, ConversationView] = {}
+        self.pending: dict[str, PendingItem] = {}
+        self.growth_ratios: deque[float] = deque(maxlen=GROWTH_HISTORY_LIMIT)
+        self.gaps = GapHistory()
+        self.prefills: dict[str, PrefillState] = {}
+        #: Why the pool cannot place at all (no spec, invalid spec); None when it can.
+        self.problem: tuple[Reason, str] | None = None
+        self._factors: dict[int | None, float] = {}  # growth factor per expected-turns hint, until history moves
+        self._snapshot: list[DecoderState] | None = None  # the ledger's snapshot, until the ledger changes
+        self.kv = Residency(self.ledger, self.conversations, self.settings.lifecycle, self._changed)
+
+    # --- configuration and the decoder table -------------------------------------------------------------
+    def configure(self, settings: SchedulerSettings) -> None:
+        self.settings = settings
+        self.kv.settings = settings.lifecycle
+        self.problem = None
+        self._changed()
+
+    def set_problem(self, reason: Reason, message: str) -> None:
+        self.problem = (reason, message)
+
+    def decoder_changed(self, state: DecoderState) -> None:
+        """Add or refresh a decoder; a measured J/token already known is kept when the new view has none."""
+        old = self.ledger.decoders.get(state.name)
+        if state.energy_per_token_j is None and old is not None and old.energy_per_token_j is not None:
+            state = replace(state, energy_per_token_j=old.energy_per_token_j)
+        self.ledger.upsert_decoder(state)
+        self._changed()
+
+    def decoder_removed(self, name: str) -> None:
+        """Forget a decoder; its conversations keep their holdings until `decoders_lost` moves them."""
+        self.ledger.decoders.pop(name, None)
+        self._changed()
+
+    def energy_measured(self, decoder: str, energy_per_token_j: float | None) -> None:
+        """A measured J/token (decode) for a decoder: the energy scorer uses it from the next decision on."""
+        old = self.ledger.decoders.get(decoder)
+        if old is not None and energy_per_token_j is not None and old.energy_per_token_j != energy_per_token_j:
+            self.ledger.upsert_decoder(replace(old, energy_per_token_j=energy_per_token_j))
+            self._changed()
+
+    def set_prefills(self, prefills: Sequence[PrefillState]) -> None:
+        """The pool's prefill servers (each one's count of first turns is kept across refreshes)."""
+        self.prefills = {
+            p.name: replace(p, assigned=self.prefills[p.name].assigned if p.name in self.prefills else 0)
+            for p in prefills
+        }
+
+    def _changed(self) -> None:
+        self._snapshot = None
+
+    def snapshot(self) -> list[DecoderState]:
+        if self._snapshot is None:
+            self._snapshot = self.ledger.snapshot()
+        return self._snapshot
+
+    # --- sizing ------------------------------------------------------------------------------------------
+    def reservation_for(self, request: ConversationRequest) -> int:
+        headroom = self.settings.placement.headroom_fraction
+        caps = [
+            largest_placeable_kv_tokens(d.capacity_kv_tokens, headroom)
+            for d in self.ledger.decoders.values()
+            if d.ready
+        ]
+        hint = request.expected_turns
+        factor = self._factors.get(hint)
+        if factor is None:
+            factor = self._factors[hint] = growth_factor(observations_from_ratios(self.growth_ratios), hint)
+        return reservation_for_factor(
+            request.first_input_tokens, factor, max_decoder_capacity_kv_tokens=max(caps, default=None)
+        )
+
+    def record_growth(self, ratio: float) -> None:
+        self.growth_ratios.append(ratio)
+        self._factors.clear()
+
+    # --- conversations -----------------------------------------------------------------------------------
+    def adopt(
+        self,
+        request: ConversationRequest,
+        decoder: str | None,
+        reserved_kv_tokens: int,
+        live_kv_tokens: int,
+        *,
+        last_activity_s: float | None,
+        turns: int = 0,
+        kv_state: KvState = KvState.ACTIVE,
+        counts: tuple[int, int, int] = (0, 0, 0),
+    ) -> None:
+        """A conversation as the API server holds it (rebuild on start): placed ones keep their reservation,
+        even over capacity (the truth lives in the API server); others wait in the queue."""
+        view = ConversationView(request, last_activity_s, turns, live_kv_tokens, kv_state, *counts)
+        self.conversations[request.key] = view
+        if decoder is None:
+            self.pending[request.key] = self._pending_item(request)
+            return
+        self.ledger.adopt(request.key, decoder, reserved_kv_tokens, live_kv_tokens)
+        if kv_state in (KvState.OFFLOADED, KvState.DROPPED):
+            self.ledger.set_offloaded(request.key, True)
+        self._changed()
+
+    def _pending_item(self, request: ConversationRequest) -> PendingItem:
+        return PendingItem(request.key, request.priority, request.created_at_s, request.first_input_tokens)
+
+    def queue(self) -> list[str]:
+        """The waiting conversations, in the order they get capacity."""
+        return [i.conversation for i in order_pending(self.pending.values())]
+
+    def admit(self, request: ConversationRequest, now_s: float) -> list[Decision]:
+        """A conversation not placed yet: place it now, or queue (or fail) it. Reclaims idle KV if needed."""
+        view = self.conversations.get(request.key)
+        if view is None:
+            view = self.conversations[request.key] = ConversationView(request)
+        else:
+            view.request = request
+        if self.ledger.holding(request.key) is not None:
+            return []
+        return self._decide(view, now_s, replacing=False)
+
+    def _decide(self, view: ConversationView, now_s: float, *, replacing: bool) -> list[Decision]:
+        request = view.request
+        key = request.key
+        if self.problem is not None:
+            return [self._wait_or_fail(view, self.problem[0], self.problem[1], replacing)]
+        reservation = self.reservation_for(request)
+        if replacing:
+            held = self.ledger.holding(key)
+            reservation = max(reservation, view.live_kv_tokens, held[1] if held else 0)
+        decision = place(PlacementRequest(key, reservation), self.snapshot(), self.settings.placement)
+        reclaimed: list[Decision] = []
+        if decision.decoder is None and decision.reason == "NoCapacity":
+            reclaimed = self._reclaim_for_placement(reservation, now_s)
+            if reclaimed:
+                decision = place(PlacementRequest(key, reservation), self.snapshot(), self.settings.placement)
+        if decision.decoder is None:
+            reason = Reason(decision.reason)
+            if reason is Reason.NO_CAPACITY and self.settings.reject_when_full and not replacing:
+                return [*reclaimed, self._fail(view, reason, decision.message)]
+            return [*reclaimed, self._wait_or_fail(view, reason, decision.message, replacing)]
+        try:
+            self.ledger.reserve(key, decision.decoder, reservation, live_kv_tokens=view.live_kv_tokens)
+        except CapacityError as exc:  # the filters and the ledger disagree: never oversubscribe
+            return [*reclaimed, self._wait_or_fail(view, Reason.NO_CAPACITY, str(exc), replacing)]
+        self._changed()
+        self.pending.pop(key, None)
+        view.kv_state = KvState.ACTIVE
+        prefill = None if replacing else self._pick_prefill()
+        if not replacing and view.last_activity_s is None:
+            view.last_activity_s = now_s
+        verdict, reason = (Verdict.REPLACED, Reason.REPLACED) if replacing else (Verdict.PLACED, Reason.PLACED)
+        message = f"{decision.message}; {reservation} KV tokens reserved"
+        return [
+            *reclaimed,
+            Decision(key, verdict, reason, message, decision.decoder, reservation, prefill, KvState.ACTIVE),
+        ]
+
+    def prefill_reported(self, chosen: str | None, used: str) -> None:
+        """The data plane ran a first turn on another prefill server than the one chosen: count it there."""
+        if chosen in self.prefills and self.prefills[chosen].assigned > 0:
+            self.prefills[chosen] = replace(self.prefills[chosen], assigned=self.prefills[chosen].assigned - 1)
+        if used in self.prefills:
+            self.prefills[used] = replace(self.prefills[used], assigned=self.prefills[used].assigned + 1)
+
+    def _pick_prefill(self) -> str | None:
+        name = pick_prefill(list(self.prefills.values()))
+        if name is not None:
+            self.prefills[name] = replace(self.prefills[name], assigned=self.prefills[name].assigned + 1)
+        return name
+
+    def _wait_or_fail(self, view: ConversationView, reason: Reason, message: str, replacing: bool) -> Decision:
+        if replacing:
+            return self._fail(view, Reason.DECODER_LOST, f"its decoder was lost and {message}")
+        self.pending[view.request.key] = self._pending_item(view.request)
+        view.told_waiting = True
+        return Decision(view.request.key, Verdict.QUEUED, reason, message)
+
+    def _fail(self, view: ConversationView, reason: Reason, message: str) -> Decision:
+        key = view.request.key
+        self.pending.pop(key, None)
+        self.ledger.release(key)
+        self.conversations.pop(key, None)
+        self._changed()
+        return Decision(key, Verdict.FAILED, reason, message)
+
+    def drain(self, now_s: float) -> list[Decision]:
+        """Place the waiting conversations that fit now, in queue order (a small one may pass a large one)."""
+        out: list[Decision] = []
+        best = self._best_room()
+        for item in order_pending(self.pending.values()):
+            view = self.conversations.get(item.conversation)
+            if view is None:
+                self.pending.pop(item.conversation, None)
+                continue
+            if view.told_waiting and self.problem is None and self.reservation_for(view.request) > best:
+                continue  # cheap skip: nothing can hold it, even by reclaiming idle KV
+            decisions = self._decide(view, now_s, replacing=False)
+            out.extend(decisions)
+            if any(d.placed for d in decisions):
+                best = self._best_room()
+        return out
+
+    def _best_room(self) -> int:
+        """The largest reservation any ready decoder could take now, idle KV reclaimed included."""
+        headroom = self.settings.placement.headroom_fraction
+        best = 0
+        for d in self.snapshot():
+            if d.ready:
+                room = d.free_kv_tokens - int(d.capacity_kv_tokens * headroom) + self.kv.reclaimable_on(d.name)
+                best = max(best, room)
+        return best
+
+    def usage_observed(
+        self, key: str, live_kv_tokens: int, now_s: float, *, turns: int | None = None, turn_ended: bool = True
+    ) -> list[Decision]:
+        """A turn's report (the operator: spec.usage after a turn; the simulator: a turn's start and end).
+
+        An offloaded or dropped conversation's KV is back on its decoder (reloaded, or prefilled again); a
+        reservation the live context outgrew is extended in place when the decoder has room."""
+        view = self.conversations.get(key)
+        if view is None:
+            return []
+        out: list[Decision] = []
+        if turns is not None and turns > view.turns and view.turns > 0 and view.last_activity_s is not None:
+            self.gaps.observe(now_s - view.last_activity_s)  # turn end to turn end, as the operator sees it
+        if turns is not None:
+            view.turns = max(view.turns, turns)
+        view.live_kv_tokens = live_kv_tokens
+        holding = self.ledger.holding(key)
+        if holding is None:
+            view.last_activity_s = now_s
+            return out
+        decoder, reserved, _ = holding
+        if view.kv_state in (KvState.OFFLOADED, KvState.DROPPED):
+            out.extend(self.kv.make_resident(view, decoder, max(reserved, live_kv_tokens), now_s))
+        view.last_activity_s = now_s
+        # A turn just ended: the next one may come soon (active window), then its KV is idle (reclaimable).
+        window = self.gaps.active_window_s(self.settings.lifecycle)
+        view.kv_state = KvState.IDLE if turn_ended and window <= 0 else KvState.ACTIVE
+        if live_kv_tokens > reserved:
+            target = math.ceil(live_kv_tokens * EXTEND_FACTOR)
+            if self.ledger.try_extend(key, target) or self.ledger.try_extend(key, live_kv_tokens):
+                held = self.ledger.holding(key)
+                out.append(
+                    Decision(
+                        key,
+                        Verdict.EXTENDED,
+                        Reason.EXTENDED,
+                        "reservation extended in place",
+                        decoder,
+                        held[1] if held else reserved,
+                        kv_state=view.kv_state,
+                    )
+                )
+            else:
+                message = (
+                    f"live context {live_kv_tokens} exceeds the reservation {reserved} and the decoder has "
+                    "no room to extend it; kept pinned"
+                )
+                out.append(
+                    Decision(
+                        key, Verdict.OUTGROWN, Reason.DECODER_FULL, message, decoder, reserved, kv_state=view.kv_state
+                    )
+                )
+        self.ledger.update_live(key, live_kv_tokens)
+        self._changed()
+        return out
+
+    def turn_started(self, key: str, now_s: float) -> list[Decision]:
+        """A turn of a pinned conversation arrives (the simulator knows; the operator learns at its report):
+        it is active, and KV offloaded or dropped comes back to its decoder, others' idle KV making room."""
+        view = self.conversations.get(key)
+        holding = self.ledger.holding(key)
+        if view is None or holding is None:
+            return []
+        out: list[Decision] = []
+        if view.kv_state in (KvState.OFFLOADED, KvState.DROPPED):
+            out = self.kv.make_resident(view, holding[0], max(holding[1], view.live_kv_tokens), now_s)
+        view.kv_state = KvState.ACTIVE
+        self._changed()
+        return out
+
+    def kv_offloaded(self, key: str) -> None:
+        """The data plane moved a conversation's KV to host memory on its own (the simulator's memory pressure)."""
+        view = self.conversations.get(key)
+        if view is not None and self.ledger.set_offloaded(key, True):
+            view.kv_state = KvState.OFFLOADED
+            view.offloads += 1
+            self._changed()
+
+    def release(self, key: str, reason: Reason, message: str = "") -> Decision | None:
+        """End a conversation's hold (completed, deleted, idle timeout). None when it held nothing (idempotent)."""
+        self.pending.pop(key, None)
+        view = self.conversations.pop(key, None)
+        holding = self.ledger.holding(key)
+        if holding is None:
+            return None
+        self.ledger.release(key)
+        self._changed()
+        if view is not None and view.turns > 0:
+            first = max(view.request.first_input_tokens, 1)
+            self.record_growth(round(max(view.live_kv_tokens, 1) / first, 4))
+        return Decision(key, Verdict.RELEASED, reason, message, holding[0], holding[1])
+
+    def decoders_lost(self, names: Iterable[str], now_s: float) -> list[Decision]:
+        """Move every conversation of the lost decoders elsewhere (priority, then age), or fail it."""
+        orphans: list[ConversationView] = []
+        for name in names:
+            for key in self.ledger.conversations_on(name):
+                view = self.conversations.get(key)
+                if view is not None:
+                    orphans.append(view)
+        order = sorted(orphans, key=lambda v: (-v.request.priority, v.request.created_at_s, v.request.key))
+        held = {v.request.key: self.ledger.holding(v.request.key) for v in order}
+        for view in order:
+            self.ledger.release(view.request.key)
+        self._changed()
+        out: list[Decision] = []
+        for view in order:  # re-placed with max(reservation, live): the KV moves once more
+            h = held[view.request.key]
+            out.extend(self._replace(view, h[1] if h else 0, now_s))
+        return out
+
+    def _replace(self, view: ConversationView, reserved: int, now_s: float) -> list[Decision]:
+        key = view.request.key
+        reservation = max(self.reservation_for(view.request), reserved, view.live_kv_tokens)
+        if self.problem is not None:
+            return [self._fail(view, Reason.DECODER_LOST, f"its decoder was lost and {self.problem[1]}")]
+        decision = place(PlacementRequest(key, reservation), self.snapshot(), self.settings.placement)
+        reclaimed: list[Decision] = []
+        if decision.decoder is None and decision.reason == "NoCapacity":
+            reclaimed = self._reclaim_for_placement(reservation, now_s)
+            if reclaimed:
+                decision = place(PlacementRequest(key, reservation), self.snapshot(), self.settings.placement)
+        if decision.decoder is None:
+            return [*reclaimed, self._fail(view, Reason.DECODER_LOST, f"its decoder was lost and {decision.message}")]
+        self.ledger.reserve(key, decision.decoder, reservation, live_kv_tokens=view.live_kv_tokens)
+        self._changed()
+        view.kv_state = KvState.ACTIVE  # its KV moves (prefilled again or transferred) to the new decoder
+        message = f"{decision.message}; {reservation} KV tokens reserved"
+        return [
+            *reclaimed,
+            Decision(
+                key, Verdict.REPLACED, Reason.REPLACED, message, decision.decoder, reservation, None, KvState.ACTIVE
+            ),
+        ]
+
+    def _reclaim_for_placement(self, reservation: int, now_s: float) -> list[Decision]:
+        """No decoder's reservations can take a new conversation: reclaim idle KV on the one decoder where that
+        frees the room with the least reclaimed (least disruption), ties by name."""
+        if not self.settings.lifecycle.enabled:
+            return []
+        headroom = self.settings.placement.headroom_fraction
+        best: tuple[int, str] | None = None
+        for d in self.snapshot():
+            if not d.ready:
+                continue
+            need = reservation - (d.free_kv_tokens - int(d.capacity_kv_tokens * headroom))
+            if 0 < need <= self.kv.reclaimable_on(d.name) and (best is None or (need, d.name) < best):
+                best = (need, d.name)
+        if best is None:
+            return []
+        return self.kv.reclaim_on(best[1], best[0], now_s)
+
+    def sweep(self, now_s: float) -> list[Decision]:
+        """Timers: release past the idle timeout; offload idle KV past the resident TTL; drop host copies past
+        the host TTL. Conversations in key order (deterministic)."""
+        lc = self.settings.lifecycle
+        window = self.gaps.active_window_s(lc)
+        resident_ttl = self.gaps.resident_ttl_s(lc)
+        host_ttl = self.gaps.host_ttl_s(lc)
+        out: list[Decision] = []
+        for key in sorted(self.conversations):
+            view = self.conversations[key]
+            holding = self.ledger.holding(key)
+            if holding is None or view.last_activity_s is None:
+                continue
+            idle_for = now_s - view.last_activity_s
+            timeout = view.request.idle_timeout_s or self.settings.default_idle_timeout_s
+            if idle_for >= timeout:
+                released = self.release(key, Reason.IDLE_TIMEOUT, f"no turn for {timeout:g}s")
+                if released is not None:
+                    out.append(released)
+                continue
+            if not lc.enabled:
+                continue
+            if view.kv_state is KvState.ACTIVE and view.turns > 0 and idle_for >= window:
+                view.kv_state = KvState.IDLE  # a turn reported, none since for the active window
+                self._changed()
+                out.append(
+                    Decision(
+                        key,
+                        Verdict.IDLED,
+                        Reason.ACTIVE_WINDOW,
+                        "no turn for the active window",
+                        holding[0],
+                        kv_state=KvState.IDLE,
+                    )
+                )
+            if view.kv_state is KvState.IDLE and idle_for >= resident_ttl:
+                out.extend(self.kv.offload_one(holding[0], view, now_s))
+            elif view.kv_state is KvState.OFFLOADED and idle_for >= resident_ttl + host_ttl:
+                out.extend(self.kv.apply_reclaim(holding[0], (), (key,), Reason.HOST_TTL))
+        return out
+
+    def lifecycle_on(self, decoder: str) -> DecoderLifecycle:
+        return self.kv.lifecycle_on(decoder)
+
+    def host_used_on(self, decoder: str) -> int:
+        return self.kv.host_used_on(decoder)
