@@ -1,4 +1,4 @@
-"""Issue 13's benchmark: the Mooncake trace with NO end signal for any policy (a chat client cannot say a
+"""The KV-lifecycle benchmark: the Mooncake trace with NO end signal for any policy (a chat client cannot say a
 conversation ended), ConServe in the operator's default configuration against the per-turn baselines.
 
 ConServe's pins end only by the DecoderPool's default idle timeout (1,800 s); its idle KV follows the default
@@ -6,7 +6,7 @@ lifecycle (active window, resident TTL, host TTL from observed gaps, bounded by 
 of host memory per GPU). `conserve-no-offload` (the lifecycle off: what the operator ran before) is shown for
 reference. One run of each, on the packaged tiered fleet; p95/p99 TTFET and output tokens per joule.
 
-    .venv/bin/python benchmarks/kv_lifecycle_bench.py --trace-dir ../shared/data/traces [--duration-s N]
+    .venv/bin/python benchmarks/kv_lifecycle_bench.py [--trace-dir DIR] [--duration-s N]
 """
 
 from __future__ import annotations

@@ -48,6 +48,10 @@ COUNTED = frozenset(
         "releases",
         "requests",
         "transfers",
+        "transitions",  # conserve_kv_lifecycle_transitions_total: KV state changes
+        "offloads",  # conserve_gpusim_kv_offloads_total: KV entries moved to host memory
+        "reloads",  # conserve_gpusim_kv_reloads_total: KV entries brought back from host memory
+        "drops",  # conserve_gpusim_kv_host_drops_total: host KV entries dropped
         "turns",
         "closed",  # conserve_router_conversations_closed_total: conversations closed
         "outgrown",  # conserve_reservation_outgrown_total: reservations outgrown
