@@ -257,3 +257,31 @@ ROUTER = RouterMetrics.on(REGISTRY)
 
 
 # --- scheduler extender (issue 4): append below ---------------------------------------------------------------
+
+# --- operator: API writes and Events (controller/kube.py, controller/events.py) -------------------------------
+
+API_WRITES = Counter(
+    "conserve_api_writes_total",
+    "Writes the operator sent to the API server. resource: conversations, conversations/status, "
+    "decoderpools/status, events, leases; verb: patch, create, update.",
+    ["resource", "verb"],
+    registry=REGISTRY,
+)
+EVENTS_AGGREGATED = Counter(
+    "conserve_events_aggregated_total",
+    "Normal Events not posted on their own but counted into their window's summary Event.",
+    ["reason"],
+    registry=REGISTRY,
+)
+OBSERVED_KV_USAGE = Gauge(
+    "conserve_observed_kv_usage_ratio",
+    "A decoder's KV cache usage as its engine reports it (vllm:kv_cache_usage_perc), 0 to 1.",
+    [*_POOL, "decoder"],
+    registry=REGISTRY,
+)
+OBSERVED_REQUESTS_RUNNING = Gauge(
+    "conserve_observed_requests_running",
+    "Requests in a decoder's running batch as its engine reports it (vllm:num_requests_running).",
+    [*_POOL, "decoder"],
+    registry=REGISTRY,
+)

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from conserve import metrics
 from conserve.api.conversation import Phase
 from conserve.controller.kube import Kube, NotFound, Refused
+from conserve.controller.occupancy import with_observed
 from conserve.controller.state import (
     FINALIZER,
     ConvRecord,
@@ -44,6 +45,7 @@ from conserve.core.gpus import Tier
 from conserve.core.ledger import CapacityError
 from conserve.core.pending import order_pending
 from conserve.core.placement import (
+    DecoderState,
     PlacementRequest,
     PlacementSettings,
     PlacementWeights,
@@ -89,6 +91,8 @@ class EngineConfig:
     event_concurrency: int = 8
     #: Post Normal Events (Placed, Released, ...) too; False keeps only Warnings (one write less per placement).
     normal_events: bool = True
+    #: An engine's occupancy reading older than this is ignored (a decoder that stopped answering).
+    observed_max_age_s: float = 10.0
 
 
 @dataclass(slots=True)
@@ -151,6 +155,14 @@ class Engine:
             max_decoder_capacity_kv_tokens=max(ready_caps, default=None),
         )
 
+    def placement_view(self, pool: PoolRuntime) -> list[DecoderState]:
+        """The ledger's decoders with the engines' observed occupancy folded in (the larger wins; see
+        controller/occupancy.py for why)."""
+        if not pool.observed:
+            return pool.ledger.snapshot()
+        max_age = self.config.observed_max_age_s
+        return with_observed(pool.ledger.snapshot(), pool.observed, self.clock.monotonic(), max_age)
+
     # --- decisions (call under pool.lock) -------------------------------------------------------------------
     def decide(self, pool: PoolRuntime, record: ConvRecord, *, replacing: bool = False) -> Outcome:
         now = self.clock.now()
@@ -161,7 +173,7 @@ class Engine:
         reservation = max(record.reserved_kv_tokens, record.live_kv_tokens) if replacing else 0
         reservation = max(reservation, self.reservation_for(pool, record))
         started = time.perf_counter()
-        decision = place(PlacementRequest(record.key, reservation), pool.ledger.snapshot(), self.settings(pool))
+        decision = place(PlacementRequest(record.key, reservation), self.placement_view(pool), self.settings(pool))
         metrics.PLACEMENT_DECISION.labels(*self._labels(pool)).observe(time.perf_counter() - started)
         if decision.decoder is None:
             if decision.reason == "NoCapacity" and pool.spec.placement.when_full == "Reject" and not replacing:
@@ -266,7 +278,7 @@ class Engine:
         if pool.spec is None:
             return None
         headroom = pool.spec.placement.headroom_fraction
-        frees = [d.free_kv_tokens - int(d.capacity_kv_tokens * headroom) for d in pool.ledger.snapshot() if d.ready]
+        frees = [d.free_kv_tokens - int(d.capacity_kv_tokens * headroom) for d in self.placement_view(pool) if d.ready]
         return max(frees, default=0)
 
     async def release(self, record: ConvRecord, reason: str, message: str, *, write: bool = True) -> None:
@@ -391,10 +403,8 @@ class Engine:
         record = outcome.record
         if outcome.result == "unchanged":
             return
-        writes = [self.write_status(record)]
-        if outcome.result in ("placed", "replaced") and not record.has_finalizer:
-            writes.append(self.add_finalizer(record))
-        await asyncio.gather(*writes)
+        # One write per placement: no finalizer (a delete is released from the watch, or by the rebuild on start).
+        await self.write_status(record)
         metrics.PLACEMENTS.labels(*self._labels(pool), outcome.result).inc()
         if outcome.result in ("placed", "replaced"):
             latency = self.clock.monotonic() - record.first_seen_monotonic
@@ -416,16 +426,8 @@ class Engine:
                 record.dirty = True
                 metrics.STATUS_WRITE_ERRORS.labels("Conversation").inc()
 
-    async def add_finalizer(self, record: ConvRecord) -> None:
-        record.has_finalizer = True
-        record.finalizers = [*[f for f in record.finalizers if f != FINALIZER], FINALIZER]
-        record.finalizer_in_flight = True
-        try:
-            await self._patch_finalizers(record, record.finalizers)
-        finally:
-            record.finalizer_in_flight = False
-
     async def remove_finalizer(self, record: ConvRecord) -> None:
+        """Remove the finalizer earlier versions added (this one adds none: one write per placement)."""
         if not record.has_finalizer:
             return
         record.has_finalizer = False

@@ -15,6 +15,7 @@ import secrets
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
+from conserve import metrics
 from conserve.api.common import GROUP, VERSION
 
 T = TypeVar("T")
@@ -126,12 +127,14 @@ class KubeClient:
     # Writes skip the client's parsing of the object the API server sends back: nothing here reads it, and at
     # hundreds of writes per second the parsing costs more CPU than the request.
     async def patch_status(self, plural: str, namespace: str, name: str, patch: Body) -> Body:
-        return await self._merge_patch(
-            self._custom.patch_namespaced_custom_object_status, plural, namespace, name, patch
-        )
+        await self._merge_patch(self._custom.patch_namespaced_custom_object_status, plural, namespace, name, patch)
+        metrics.API_WRITES.labels(f"{plural}/status", "patch").inc()
+        return {}
 
     async def patch_object(self, plural: str, namespace: str, name: str, patch: Body) -> Body:
-        return await self._merge_patch(self._custom.patch_namespaced_custom_object, plural, namespace, name, patch)
+        await self._merge_patch(self._custom.patch_namespaced_custom_object, plural, namespace, name, patch)
+        metrics.API_WRITES.labels(plural, "patch").inc()
+        return {}
 
     async def _merge_patch(self, fn: Callable[..., Any], plural: str, namespace: str, name: str, patch: Body) -> Body:
         await self._call(
@@ -176,6 +179,7 @@ class KubeClient:
             "count": 1,
         }
         await self._call(_discarding(self._core.create_namespaced_event), namespace, event, _preload_content=False)
+        metrics.API_WRITES.labels("events", "create").inc()
 
 
 def _discarding(fn: Callable[..., Any]) -> Callable[..., None]:

@@ -16,6 +16,7 @@ from typing import Any
 from conserve.api.common import Condition, ConditionStatus
 from conserve.api.conversation import TERMINAL_PHASES, ConversationSpec, Endpoint, Phase
 from conserve.api.decoderpool import DecoderPoolSpec
+from conserve.controller.occupancy import ObservedOccupancy
 from conserve.core.gpus import NodeGpu, node_gpu_from_labels
 from conserve.core.ledger import CapacityLedger
 from conserve.core.pending import PendingItem
@@ -175,6 +176,8 @@ class PoolRuntime:
     pending: dict[Key, PendingItem] = field(default_factory=dict)
     growth_ratios: deque[float] = field(default_factory=lambda: deque(maxlen=GROWTH_HISTORY_LIMIT))
     energy: dict[str, DecoderEnergy] = field(default_factory=dict)
+    #: Decoders' KV occupancy as their engines report it (controller/occupancy.py), by pod.
+    observed: dict[str, ObservedOccupancy] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     status_dirty: asyncio.Event = field(default_factory=asyncio.Event)
 

@@ -1,0 +1,187 @@
+"""Observed KV occupancy: the decoders' own metrics, scraped, beside the ledger's reservations.
+
+Every `interval_s` the operator GETs each ready decoder's Prometheus `/metrics` and reads
+`vllm:kv_cache_usage_perc` (a fraction, 0 to 1, despite the name; `vllm:gpu_cache_usage_perc`, vLLM V0's and
+the GPU simulator's older name, is accepted too) and `vllm:num_requests_running`. The result goes to the engine
+through one hook, `observe_occupancy` (re-point it when the scheduler object owns the pool's decisions).
+
+Which source wins when they disagree: **the larger**. A decoder's used KV for placement is
+max(reservations, live KV reported in usage, observed KV):
+- observed below the reservations does not free anything: a reservation is a promise of room for the
+  conversation's growth (its next turns' KV does not exist yet, so the engine cannot see it); trusting the
+  lower figure would place a newcomer into room a pinned conversation is about to need;
+- observed above the ledger is KV that exists and that the ledger does not know of (usage is reported at most
+  every 30 s per conversation, prefix caches, requests from outside ConServe, recompute after preemption);
+  ignoring it would place onto a decoder that is already full, and the engine would preempt.
+An observation older than `max_age_s` (a decoder that stopped answering) is ignored: the ledger alone decides.
+`vllm:num_requests_running` is exported (metric) but not used by placement: it counts in-flight requests, not
+the conversations pinned to the decoder between turns, which is what the ledger holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from conserve import metrics
+from conserve.core.placement import DecoderState
+
+log = logging.getLogger("conserve.operator")
+
+KV_USAGE_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+RUNNING_METRIC = "vllm:num_requests_running"
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedOccupancy:
+    kv_used_fraction: float
+    requests_running: int
+    at_s: float  # monotonic time of the scrape
+
+
+def parse_metrics(text: str) -> tuple[float, int] | None:
+    """(KV used fraction, requests running) from a Prometheus text exposition; None when it has no KV usage or
+    does not parse. Several series (one per model) combine as the largest fraction and the sum of running."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    usage: dict[str, list[float]] = {name: [] for name in KV_USAGE_METRICS}
+    running = 0.0
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in usage:
+                    usage[sample.name].append(sample.value)
+                elif sample.name == RUNNING_METRIC:
+                    running += sample.value
+    except ValueError:
+        return None
+    for name in KV_USAGE_METRICS:  # the real vLLM name wins when both are there
+        if usage[name]:
+            return min(max(max(usage[name]), 0.0), 1.0), int(running)
+    return None
+
+
+def with_observed(
+    states: Iterable[DecoderState], observed: Mapping[str, ObservedOccupancy], now_s: float, max_age_s: float
+) -> list[DecoderState]:
+    """The placement's decoder states with fresh observed occupancy folded in: live KV = max(ledger's live,
+    observed); reservations unchanged (so free = capacity - max(reserved, live, observed))."""
+    out = []
+    for state in states:
+        seen = observed.get(state.name)
+        if seen is not None and now_s - seen.at_s <= max_age_s:
+            tokens = round(seen.kv_used_fraction * state.capacity_kv_tokens)
+            if tokens > state.live_kv_tokens:
+                state = dataclasses.replace(state, live_kv_tokens=tokens)
+        out.append(state)
+    return out
+
+
+Fetch = Callable[[str], Any]  # endpoint "host:port" -> awaitable metrics text
+
+
+class OccupancyScraper:
+    """Scrapes the ready decoders of the pools this replica decides for; hands each reading to `observe`."""
+
+    def __init__(
+        self,
+        decoders: Callable[[], list[tuple[str, str, str, str]]],
+        observe: Callable[[str, str, str, ObservedOccupancy], None],
+        *,
+        interval_s: float = 2.0,
+        timeout_s: float = 1.0,
+        concurrency: int = 32,
+        fetch: Fetch | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`decoders()` lists (namespace, pool, pod, endpoint); `observe(namespace, pool, pod, reading)`."""
+        self.decoders, self.observe = decoders, observe
+        self.interval_s, self.timeout_s = interval_s, timeout_s
+        self._limit = asyncio.Semaphore(concurrency)
+        self._fetch = fetch
+        self._clock = clock
+        self._session: Any = None
+
+    async def _get(self, endpoint: str) -> str:
+        if self._fetch is not None:
+            return str(await self._fetch(endpoint))
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        async with self._session.get(f"http://{endpoint}/metrics") as resp:
+            resp.raise_for_status()
+            return str(await resp.text())
+
+    async def scrape_once(self) -> int:
+        """One round over every decoder; returns how many readings were delivered."""
+
+        async def one(namespace: str, pool: str, pod: str, endpoint: str) -> bool:
+            async with self._limit:
+                try:
+                    text = await asyncio.wait_for(self._get(endpoint), self.timeout_s)
+                except Exception as exc:  # unreachable or slow: its last reading ages out
+                    log.debug("occupancy of %s/%s (%s) not read: %s", namespace, pod, endpoint, exc)
+                    return False
+            parsed = parse_metrics(text)
+            if parsed is None:
+                return False
+            fraction, running = parsed
+            self.observe(namespace, pool, pod, ObservedOccupancy(fraction, running, self._clock()))
+            metrics.OBSERVED_KV_USAGE.labels(namespace, pool, pod).set(fraction)
+            metrics.OBSERVED_REQUESTS_RUNNING.labels(namespace, pool, pod).set(running)
+            return True
+
+        results = await asyncio.gather(*(one(*d) for d in self.decoders() if d[3]))
+        return sum(results)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self.interval_s)
+                try:
+                    await self.scrape_once()
+                except Exception:
+                    log.exception("occupancy scrape failed")
+        finally:
+            if self._session is not None:
+                await self._session.close()
+
+
+def engine_hook(engine: Any, *, drain_on_drop: float = 0.05) -> Callable[[str, str, str, ObservedOccupancy], None]:
+    """The hook that hands a reading to the operator's engine: kept per decoder on the pool (placement folds it
+    in, `with_observed`); a drop in observed usage may have made room, so the pool's queue drains."""
+
+    def observe(namespace: str, pool_name: str, pod: str, reading: ObservedOccupancy) -> None:
+        pool = engine.world.pools.get(f"{namespace}/{pool_name}")
+        if pool is None:
+            return
+        previous = pool.observed.get(pod)
+        pool.observed[pod] = reading
+        if (
+            previous is not None
+            and pool.pending
+            and reading.kv_used_fraction < previous.kv_used_fraction - drain_on_drop
+        ):
+            engine.spawn(engine.drain(pool))
+
+    return observe
+
+
+def engine_decoders(engine: Any) -> Callable[[], list[tuple[str, str, str, str]]]:
+    """The ready decoders (namespace, pool, pod, endpoint) of the pools the engine decides for."""
+
+    def decoders() -> list[tuple[str, str, str, str]]:
+        return [
+            (pool.namespace, pool.name, info.pod, info.endpoint)
+            for pool in list(engine.world.pools.values())
+            for info in pool.decoders.values()
+            if info.ready and info.endpoint
+        ]
+
+    return decoders
