@@ -56,16 +56,19 @@ def utc_now_rfc3339() -> str:
 class KubeClient:
     """The real client: `kubernetes` (sync) on a private thread pool."""
 
-    def __init__(self, api_client: Any, *, threads: int = 16, component: str = "conserve-operator") -> None:
+    def __init__(
+        self, api_client: Any, *, threads: int = 16, component: str = "conserve-operator", instance: str = ""
+    ) -> None:
         client = k8s("client")
         self._api_client = api_client
         self._custom = client.CustomObjectsApi(api_client)
         self._core = client.CoreV1Api(api_client)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
         self._component = component
+        self._instance = instance or component  # the replica (its Lease identity) in each Event it posts
 
     @classmethod
-    def from_kubeconfig(cls, kubeconfig: str | None = None, *, threads: int = 16) -> KubeClient:
+    def from_kubeconfig(cls, kubeconfig: str | None = None, *, threads: int = 16, instance: str = "") -> KubeClient:
         client, config = k8s("client"), k8s("config")
         configuration = client.Configuration()
         try:
@@ -73,7 +76,7 @@ class KubeClient:
         except config.ConfigException:
             config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
         configuration.connection_pool_maxsize = threads
-        return cls(client.ApiClient(configuration), threads=threads)
+        return cls(client.ApiClient(configuration), threads=threads, instance=instance)
 
     @property
     def api_client(self) -> Any:
@@ -171,7 +174,7 @@ class KubeClient:
             "type": "Warning" if warning else "Normal",
             "source": {"component": self._component},
             "reportingComponent": self._component,
-            "reportingInstance": self._component,
+            "reportingInstance": self._instance,
             "firstTimestamp": now[:19] + "Z",
             "lastTimestamp": now[:19] + "Z",
             "eventTime": now,

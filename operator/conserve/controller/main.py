@@ -49,7 +49,7 @@ class OperatorOptions:
 
 
 async def run_operator(options: OperatorOptions) -> int:
-    client = KubeClient.from_kubeconfig(threads=options.api_threads)
+    client = KubeClient.from_kubeconfig(threads=options.api_threads, instance=options.identity)
     kube: Kube = client
     background: list[Callable[[], Coroutine[Any, Any, None]]] = []
     if options.normal_events and options.event_window_s > 0:
