@@ -6,8 +6,9 @@ from __future__ import annotations
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.e2e
 SHARDS = 4
 LEASE_S = 5.0
 CAPACITY = 10_000
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -63,6 +65,18 @@ def placed(api: Api) -> dict[str, dict[str, object]]:
     }
 
 
+def wait_value(read: Callable[[], T], good: Callable[[T], bool], timeout_s: float = 15.0, what: str = "") -> T:
+    """Read until the value is good; the last value read."""
+    box: list[T] = []
+
+    def check() -> bool:
+        box[:] = [read()]
+        return good(box[0])
+
+    wait_for(check, timeout_s=timeout_s, what=what)
+    return box[0]
+
+
 def placed_by(api: Api) -> dict[str, list[str]]:
     """Conversation -> the replicas whose Placed Event names it."""
     out: dict[str, list[str]] = defaultdict(list)
@@ -89,17 +103,18 @@ def test_replicas_lead_disjoint_pools_and_a_dead_ones_pools_move(
         op.start(wait_ready=False)
     try:
         # Each replica leads its fair share: two shards each, disjoint, all four led.
-        holders = wait_for(
-            lambda: (h := shard_holders(api, namespace)) if sorted(h.values()) == ["a", "a", "b", "b"] else None,
+        holders = wait_value(
+            lambda: shard_holders(api, namespace),
+            lambda h: sorted(h.values()) == ["a", "a", "b", "b"],
             timeout_s=60,
             what="two shards per replica",
         )
-        for shard, pool in pools.items():
+        for pool in pools.values():
             for i in range(3):
                 api.create(conversation_body(f"{pool}-c{i}", pool, 1000))
         wait_for(lambda: len(placed(api)) == 12, timeout_s=60, what="12 placed")
         # Each conversation placed once, by the replica leading its pool's shard.
-        deciders = wait_for(lambda: (d := placed_by(api)) if len(d) == 12 else None, what="12 Placed Events")
+        deciders = wait_value(lambda: placed_by(api), lambda d: len(d) == 12, what="12 Placed Events")
         for name, ident in deciders.items():
             assert ident == [holders[s] for s, pool in pools.items() if name.startswith(f"{pool}-")], (name, ident)
 
@@ -128,7 +143,7 @@ def test_replicas_lead_disjoint_pools_and_a_dead_ones_pools_move(
             assert decoder == f"dec-{shard}", (name, decoder)
             per_decoder[decoder] += int(s["reservedKvTokens"])  # type: ignore[call-overload]
         assert all(v <= CAPACITY * 0.95 for v in per_decoder.values()), dict(per_decoder)
-        deciders = wait_for(lambda: (d := placed_by(api)) if len(d) == 14 else None, what="14 Placed Events")
+        deciders = wait_value(lambda: placed_by(api), lambda d: len(d) == 14, what="14 Placed Events")
         assert all(len(ident) == 1 for ident in deciders.values()), deciders
         assert {deciders[f"{pool}-late"][0] for pool in orphaned} == {"b"}
     finally:

@@ -49,6 +49,8 @@ class ShardSet:
     shards: int
     held: set[int] = field(default_factory=set)
     ready: dict[int, asyncio.Event] = field(default_factory=dict)
+    #: Writes on their way to the API server, by shard (a shard is handed back once its writes have landed).
+    inflight: dict[int, int] = field(default_factory=dict)
 
     def owns(self, namespace: str, pool: str) -> bool:
         return shard_of(namespace, pool, self.shards) in self.held
@@ -197,7 +199,12 @@ class ShardLeases:
     async def _hand_back(self, shard: int) -> None:
         log.info("shards: handing shard %d back (above this replica's share)", shard)
         await self._lose(shard)
-        await asyncio.sleep(min(self.renew_s, 1.0))  # writes already in flight land before another takes over
+        # Writes already sent land before another replica can take over and list the shard (else it could list
+        # a conversation as unplaced whose placement is still on its way, and place it twice).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.renew_deadline_s
+        while self.set.inflight.get(shard, 0) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
         await asyncio.to_thread(self._shards[shard].release)
 
     async def _lose(self, shard: int) -> None:
@@ -237,15 +244,21 @@ class ShardFencedKube:
         self.pool_of_conversation = pool_of_conversation
         self.dropped = 0
 
-    def _allowed(self, plural: str, namespace: str, name: str) -> bool:
-        if plural.startswith("decoderpools"):
-            ok = self.set.owns(namespace, name)
-        else:
-            pool = self.pool_of_conversation(namespace, name)
-            ok = pool is not None and self.set.owns(namespace, pool)
-        if not ok:
+    def _shard(self, plural: str, namespace: str, name: str) -> int | None:
+        """The shard of the object's pool when this replica holds it, else None (the write is dropped)."""
+        pool = name if plural.startswith("decoderpools") else self.pool_of_conversation(namespace, name)
+        shard = shard_of(namespace, pool, self.set.shards) if pool is not None else None
+        if shard is None or shard not in self.set.held:
             self.dropped += 1
-        return ok
+            return None
+        return shard
+
+    async def _fenced(self, shard: int, call: Awaitable[Any]) -> Any:
+        self.set.inflight[shard] = self.set.inflight.get(shard, 0) + 1
+        try:
+            return await call
+        finally:
+            self.set.inflight[shard] -= 1
 
     async def list_objects(self, plural: str, namespace: str | None) -> list[dict[str, Any]]:
         return list(await self.inner.list_objects(plural, namespace))
@@ -257,20 +270,23 @@ class ShardFencedKube:
         return list(await self.inner.list_nodes())
 
     async def patch_status(self, plural: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        if not self._allowed(plural, namespace, name):
+        shard = self._shard(plural, namespace, name)
+        if shard is None:
             return {}
-        return dict(await self.inner.patch_status(plural, namespace, name, patch))
+        return dict(await self._fenced(shard, self.inner.patch_status(plural, namespace, name, patch)))
 
     async def patch_object(self, plural: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        if not self._allowed(plural, namespace, name):
+        shard = self._shard(plural, namespace, name)
+        if shard is None:
             return {}
-        return dict(await self.inner.patch_object(plural, namespace, name, patch))
+        return dict(await self._fenced(shard, self.inner.patch_object(plural, namespace, name, patch)))
 
     async def post_event(self, obj: dict[str, Any], reason: str, message: str, *, warning: bool = False) -> None:
         meta = obj.get("metadata", {})
         plural = "decoderpools" if obj.get("kind") == "DecoderPool" else "conversations"
-        if self._allowed(plural, meta.get("namespace", ""), meta.get("name", "")):
-            await self.inner.post_event(obj, reason, message, warning=warning)
+        shard = self._shard(plural, meta.get("namespace", ""), meta.get("name", ""))
+        if shard is not None:
+            await self._fenced(shard, self.inner.post_event(obj, reason, message, warning=warning))
 
     def __getattr__(self, name: str) -> Any:  # api_client and other extras of the real client
         return getattr(self.inner, name)
