@@ -176,3 +176,17 @@ async def test_writes_for_pools_of_shards_not_held_are_dropped() -> None:
     await fenced.post_event({"kind": "Conversation", "metadata": {"namespace": NS, "name": "b"}}, "Placed", "m")
     assert inner.writes == [("conversations/status", "a")]
     assert not await shard_set.wait_owned(NS, "pool-b")
+
+
+def test_the_router_sends_a_conversations_usage_once_per_interval_and_at_its_end() -> None:
+    from conserve.router.policy import USAGE_INTERVAL_S, Usage, UsageBatcher
+
+    batcher = UsageBatcher(USAGE_INTERVAL_S)
+    sent = []
+    for second in range(120):  # a turn every second for two minutes, flushed on the router's tick
+        batcher.record("c", Usage(second + 1, 10 * (second + 1), 5 * (second + 1), "", None))
+        sent += batcher.due(float(second))
+    batcher.complete("c")
+    sent += batcher.due(120.0)
+    assert len(sent) == 120 // USAGE_INTERVAL_S + 1  # one per interval, one at the end
+    assert sent[-1][1]["spec"]["completed"] is True and sent[-1][1]["spec"]["usage"]["turns"] == 120
