@@ -96,8 +96,14 @@ def apiserver_writes(api_client: Any) -> dict[str, float]:
     """Cumulative writes the API server has served, by resource[/subresource] (creates of conversations apart)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    resp = api_client.call_api("/metrics", "GET", auth_settings=["BearerToken"], _preload_content=False)
-    text = resp[0].data.decode()
+    cfg = api_client.configuration
+    headers = {}
+    for setting in cfg.auth_settings().values():  # a bearer token, when the kubeconfig has one (else client certs)
+        headers[setting["key"]] = setting["value"]
+    resp = api_client.rest_client.request("GET", f"{cfg.host}/metrics", headers=headers)
+    text = resp.read().decode()
+    if resp.status != 200:
+        raise RuntimeError(f"API server /metrics: {resp.status} {text[:200]}")
     out: dict[str, float] = defaultdict(float)
     for family in text_string_to_metric_families(text):
         if family.name != "apiserver_request":
