@@ -149,8 +149,12 @@ class OccupancyScraper:
                 except Exception:
                     log.exception("occupancy scrape failed")
         finally:
-            if self._session is not None:
-                await self._session.close()
+            await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 def engine_hook(engine: Any, *, drain_on_drop: float = 0.05) -> Callable[[str, str, str, ObservedOccupancy], None]:
