@@ -11,8 +11,9 @@ from test_controller_engine import NS, FakeKube, conv, engine_with, held_per_dec
 
 from conserve.controller import conversation
 from conserve.controller.events import AggregatingKube, EventWindows
-from conserve.controller.occupancy import ObservedOccupancy, engine_hook, parse_metrics, with_observed
+from conserve.controller.occupancy import engine_hook, parse_metrics
 from conserve.controller.shards import ShardFencedKube, ShardSet, fair_share, shard_of
+from conserve.core.occupancy import ObservedOccupancy, with_observed
 from conserve.core.placement import DecoderState
 
 pytestmark = pytest.mark.unit

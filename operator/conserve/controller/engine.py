@@ -31,7 +31,6 @@ from typing import Any, Protocol
 from conserve import metrics
 from conserve.api.conversation import Phase
 from conserve.controller.kube import Kube, NotFound, Refused
-from conserve.controller.occupancy import with_observed
 from conserve.controller.state import (
     FINALIZER,
     ConvRecord,
@@ -43,6 +42,7 @@ from conserve.controller.state import (
 from conserve.controller.status import conversation_status_patch
 from conserve.core.gpus import Tier
 from conserve.core.ledger import CapacityError
+from conserve.core.occupancy import with_observed
 from conserve.core.pending import order_pending
 from conserve.core.placement import (
     DecoderState,

@@ -5,15 +5,9 @@ Every `interval_s` the operator GETs each ready decoder's Prometheus `/metrics` 
 the GPU simulator's older name, is accepted too) and `vllm:num_requests_running`. The result goes to the engine
 through one hook, `observe_occupancy` (re-point it when the scheduler object owns the pool's decisions).
 
-Which source wins when they disagree: **the larger**. A decoder's used KV for placement is
-max(reservations, live KV reported in usage, observed KV):
-- observed below the reservations does not free anything: a reservation is a promise of room for the
-  conversation's growth (its next turns' KV does not exist yet, so the engine cannot see it); trusting the
-  lower figure would place a newcomer into room a pinned conversation is about to need;
-- observed above the ledger is KV that exists and that the ledger does not know of (usage is reported at most
-  every 30 s per conversation, prefix caches, requests from outside ConServe, recompute after preemption);
-  ignoring it would place onto a decoder that is already full, and the engine would preempt.
-An observation older than `max_age_s` (a decoder that stopped answering) is ignored: the ledger alone decides.
+Which source wins when they disagree: **the larger** (the rule and why: `core/occupancy.py`). Usage is reported
+at most every 30 s per conversation now, so observed KV above the ledger is common between reports; observed KV
+below the reservations frees nothing (reservations are room promised to coming turns).
 `vllm:num_requests_running` is exported (metric) but not used by placement: it counts in-flight requests, not
 the conversations pinned to the decoder between turns, which is what the ledger holds.
 """
@@ -21,27 +15,18 @@ the conversations pinned to the decoder between turns, which is what the ledger 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from conserve import metrics
-from conserve.core.placement import DecoderState
+from conserve.core.occupancy import ObservedOccupancy
 
 log = logging.getLogger("conserve.operator")
 
 KV_USAGE_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 RUNNING_METRIC = "vllm:num_requests_running"
-
-
-@dataclass(frozen=True, slots=True)
-class ObservedOccupancy:
-    kv_used_fraction: float
-    requests_running: int
-    at_s: float  # monotonic time of the scrape
 
 
 def parse_metrics(text: str) -> tuple[float, int] | None:
@@ -64,22 +49,6 @@ def parse_metrics(text: str) -> tuple[float, int] | None:
         if usage[name]:
             return min(max(max(usage[name]), 0.0), 1.0), int(running)
     return None
-
-
-def with_observed(
-    states: Iterable[DecoderState], observed: Mapping[str, ObservedOccupancy], now_s: float, max_age_s: float
-) -> list[DecoderState]:
-    """The placement's decoder states with fresh observed occupancy folded in: live KV = max(ledger's live,
-    observed); reservations unchanged (so free = capacity - max(reserved, live, observed))."""
-    out = []
-    for state in states:
-        seen = observed.get(state.name)
-        if seen is not None and now_s - seen.at_s <= max_age_s:
-            tokens = round(seen.kv_used_fraction * state.capacity_kv_tokens)
-            if tokens > state.live_kv_tokens:
-                state = dataclasses.replace(state, live_kv_tokens=tokens)
-        out.append(state)
-    return out
 
 
 Fetch = Callable[[str], Any]  # endpoint "host:port" -> awaitable metrics text

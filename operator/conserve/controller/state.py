@@ -16,9 +16,9 @@ from typing import Any
 from conserve.api.common import Condition, ConditionStatus
 from conserve.api.conversation import TERMINAL_PHASES, ConversationSpec, Endpoint, Phase
 from conserve.api.decoderpool import DecoderPoolSpec
-from conserve.controller.occupancy import ObservedOccupancy
 from conserve.core.gpus import NodeGpu, node_gpu_from_labels
 from conserve.core.ledger import CapacityLedger
+from conserve.core.occupancy import ObservedOccupancy
 from conserve.core.pending import PendingItem
 
 #: Completed conversations' growth ratios kept per pool (and in its status), newest last.
