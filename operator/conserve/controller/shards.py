@@ -122,7 +122,10 @@ class ShardLeases:
         """Join (member Lease, one renew period so replicas started together see each other), then keep this
         replica's share of shards, for as long as the operator runs."""
         loop = asyncio.get_running_loop()
-        await asyncio.to_thread(self._member._try_acquire_or_renew)
+        try:
+            await asyncio.to_thread(self._member._try_acquire_or_renew)
+        except Exception as exc:  # retried in the loop
+            log.warning("shards: joining failed: %s", exc)
         await asyncio.sleep(self.renew_s)
         watchdog = asyncio.create_task(self._watchdog())
         offset = shard_of("", self.identity, self.set.shards)  # replicas try shards in different orders
