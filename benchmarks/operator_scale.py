@@ -94,7 +94,7 @@ def make_namespace(core: Any, name: str) -> None:
 
 def apiserver_writes(api_client: Any) -> dict[str, float]:
     """Cumulative writes the API server has served, by resource[/subresource] (creates of conversations apart)."""
-    from prometheus_client.parser import text_string_to_metric_families
+    import re
 
     cfg = api_client.configuration
     headers = {}
@@ -105,19 +105,19 @@ def apiserver_writes(api_client: Any) -> dict[str, float]:
     if resp.status != 200:
         raise RuntimeError(f"API server /metrics: {resp.status} {text[:200]}")
     out: dict[str, float] = defaultdict(float)
-    for family in text_string_to_metric_families(text):
-        if family.name != "apiserver_request":
+    for line in text.splitlines():
+        if not line.startswith("apiserver_request_total{"):
             continue
-        for sample in family.samples:
-            labels = sample.labels
-            if not sample.name.endswith("_total") or labels.get("verb") not in WRITE_VERBS:
-                continue
-            resource = labels.get("resource", "")
-            if labels.get("subresource"):
-                resource += "/" + labels["subresource"]
-            if resource == "conversations" and labels.get("verb") == "POST":
-                resource = "conversations(create)"
-            out[resource] += sample.value
+        body, _, value = line.rpartition("} ")
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', body))
+        if labels.get("verb") not in WRITE_VERBS:
+            continue
+        resource = labels.get("resource", "")
+        if labels.get("subresource"):
+            resource += "/" + labels["subresource"]
+        if resource == "conversations" and labels.get("verb") == "POST":
+            resource = "conversations(create)"
+        out[resource] += float(value.split()[0])
     return dict(out)
 
 
