@@ -1,5 +1,6 @@
-"""Operator replicas sharded by pool on the real control plane: each leads a disjoint set of DecoderPools; a
-replica killed hands its pools to the other within the Lease duration, and nothing is placed twice."""
+"""The operator at scale on the real control plane: no finalizer (a delete while the operator is down still
+releases), and replicas sharded by pool (each leads a disjoint set of DecoderPools; a replica killed hands its
+pools to the other within the Lease duration, and nothing is placed twice)."""
 
 from __future__ import annotations
 
@@ -149,3 +150,24 @@ def test_replicas_lead_disjoint_pools_and_a_dead_ones_pools_move(
     finally:
         for op in replicas.values():
             op.stop()
+
+
+def test_a_delete_while_the_operator_is_down_releases_capacity(
+    api: Api, cluster: ClusterHandle, namespace: str, tmp_path: Path
+) -> None:
+    api.create(pool_body("llama", tokens_per_decoder=CAPACITY))
+    api.create(pod_body("dec-0", "kwok-h200-0"))
+    op = OperatorProcess(cluster.kubeconfig, namespace, tmp_path / "operator.log").start()
+    try:
+        api.create(conversation_body("big", "llama", 4000))  # 8,000 of 9,500 usable
+        wait_for(lambda: (api.get_conv("big").get("status") or {}).get("phase") == "Prefilling", what="big placed")
+        api.create(conversation_body("next", "llama", 1000))
+        wait_for(lambda: (api.get_conv("next").get("status") or {}).get("phase") == "Pending", what="next waits")
+        assert not api.get_conv("big")["metadata"].get("finalizers")  # the placement was its only write
+        op.stop()
+        api.delete_conv("big")
+        wait_for(lambda: not api.conv_exists("big"), what="big gone at once (nothing holds it)")
+        op.start()  # the rebuild does not find it: its capacity is free, and the waiting one gets it
+        wait_for(lambda: (api.get_conv("next").get("status") or {}).get("phase") == "Prefilling", what="next placed")
+    finally:
+        op.stop()
