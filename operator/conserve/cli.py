@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, str] = {
     "energy": "conserve.controller.energy",
     "simulate": "conserve.sim.cli_simulate",
     "bench": "conserve.sim.cli_bench",
+    "perf-model": "conserve.perfmodel.cli",
 }
 
 

@@ -11,6 +11,9 @@ memory, board power):
 - B200: NVIDIA DGX B200 / HGX B200 datasheet, per GPU (2250 TFLOP/s, 8 TB/s, 180 GB, 1000 W).
 - A10G / A10: NVIDIA A10 datasheet (125 TFLOP/s, 600 GB/s, 24 GB, 150 W).
 - H100 PCIe 80GB: NVIDIA H100 datasheet, PCIe form factor (756 TFLOP/s, 2.0 TB/s, 80 GB, 350 W).
+Tensor-parallel link, per GPU and per direction (the same datasheets): NVLink 4 on H100 SXM, H200 and H20
+900 GB/s bidirectional (450 GB/s each way); NVLink 3 on A100 SXM 600 GB/s (300); NVLink 5 on B200 1.8 TB/s (900);
+the PCIe parts (H100 PCIe: Gen5 x16, 64 GB/s each way; L40S, L4, A10: Gen4 x16, 32 GB/s each way).
 Idle power is about 10-15% of TDP on data-centre parts (measured idle draw reported by nvidia-smi on idle
 H100/A100 boards is 60-90 W); we use 0.1 x TDP, documented here as a modelling constant.
 """
@@ -67,6 +70,8 @@ class GpuSpec:
     memory_bandwidth_bytes_per_s: float
     memory_bytes: float
     tdp_w: float
+    tp_link: str = "nvlink"  # the link between the GPUs of one node: "nvlink" or "pcie"
+    tp_link_bytes_per_s: float = 450e9  # per GPU, per direction
 
     @property
     def idle_power_w(self) -> float:
@@ -90,21 +95,23 @@ def classify_tier(spec: GpuSpec) -> Tier:
     return Tier.COMPUTE if spec.flop_per_byte >= TIER_RIDGE_FLOP_PER_BYTE else Tier.BANDWIDTH
 
 
-def _spec(product: str, tflops: float, tbps: float, mem_gb: float, tdp_w: float) -> GpuSpec:
-    return GpuSpec(product, tflops * TERA, tbps * TERA, mem_gb * GB, tdp_w)
+def _spec(
+    product: str, tflops: float, tbps: float, mem_gb: float, tdp_w: float, link: str, link_gbps: float
+) -> GpuSpec:
+    return GpuSpec(product, tflops * TERA, tbps * TERA, mem_gb * GB, tdp_w, link, link_gbps * GB)
 
 
 #: Canonical catalog, keyed by a short name.
 CATALOG: Mapping[str, GpuSpec] = {
-    "H100": _spec("H100", 989, 3.35, 80, 700),
-    "H100-PCIE": _spec("H100-PCIE", 756, 2.0, 80, 350),
-    "H200": _spec("H200", 989, 4.8, 141, 700),
-    "A100": _spec("A100", 312, 2.039, 80, 400),
-    "L40S": _spec("L40S", 362, 0.864, 48, 350),
-    "H20": _spec("H20", 148, 4.0, 96, 400),
-    "L4": _spec("L4", 121, 0.30, 24, 72),
-    "B200": _spec("B200", 2250, 8.0, 180, 1000),
-    "A10": _spec("A10", 125, 0.6, 24, 150),
+    "H100": _spec("H100", 989, 3.35, 80, 700, "nvlink", 450),
+    "H100-PCIE": _spec("H100-PCIE", 756, 2.0, 80, 350, "pcie", 64),
+    "H200": _spec("H200", 989, 4.8, 141, 700, "nvlink", 450),
+    "A100": _spec("A100", 312, 2.039, 80, 400, "nvlink", 300),
+    "L40S": _spec("L40S", 362, 0.864, 48, 350, "pcie", 32),
+    "H20": _spec("H20", 148, 4.0, 96, 400, "nvlink", 450),
+    "L4": _spec("L4", 121, 0.30, 24, 72, "pcie", 32),
+    "B200": _spec("B200", 2250, 8.0, 180, 1000, "nvlink", 900),
+    "A10": _spec("A10", 125, 0.6, 24, 150, "pcie", 32),
 }
 
 # GFD product strings look like "NVIDIA-H100-80GB-HBM3", "NVIDIA-H200", "NVIDIA-A100-SXM4-80GB", "NVIDIA-L40S",

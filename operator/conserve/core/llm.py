@@ -22,6 +22,8 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     bytes_per_element: int = BF16_BYTES
+    ffn_size: int = 0  # MLP intermediate size (informative; 0 when not declared)
+    vocab_size: int = 0  # (informative; 0 when not declared)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -31,6 +33,12 @@ class ModelShape:
     @property
     def weight_bytes(self) -> float:
         return self.parameters * self.bytes_per_element
+
+    def kv_bytes_per_token_per_gpu(self, gpu_count: int) -> int:
+        """KV bytes one GPU of a tensor-parallel group holds per token: KV heads split over the GPUs, each GPU
+        keeping at least one (heads are replicated when there are fewer KV heads than GPUs, as in vLLM)."""
+        heads_per_gpu = -(-self.kv_heads // max(gpu_count, 1))
+        return 2 * self.layers * heads_per_gpu * self.head_dim * self.bytes_per_element
 
 
 MODELS: Mapping[str, ModelShape] = {
