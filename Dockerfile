@@ -4,8 +4,12 @@
 #   docker run --rm conserve:0.1.0 operator --help      # the Kopf operator
 #   docker run --rm conserve:0.1.0 extender --help      # the kube-scheduler extender
 # The Helm chart (charts/conserve) runs it as `conserve operator ...` and `conserve extender ...`.
+#
+# BASE_IMAGE: any Debian-like image with Python 3.11 (`python`, venv, groupadd/useradd). Where Docker Hub cannot
+# be reached, `make image` builds one from Debian packages and passes it here (deploy/image/README.md).
+ARG BASE_IMAGE=python:3.11-slim
 
-FROM python:3.11-slim AS build
+FROM ${BASE_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 # Only what the package needs to build; see .dockerignore.
@@ -17,7 +21,7 @@ RUN python -m venv /opt/conserve \
  && /opt/conserve/bin/pip wheel --no-deps --wheel-dir /wheels . \
  && /opt/conserve/bin/pip install /wheels/conserve-*.whl
 
-FROM python:3.11-slim
+FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="conserve" \
       org.opencontainers.image.description="ConServe: conversation-level disaggregated LLM serving on Kubernetes" \
       org.opencontainers.image.licenses="Apache-2.0"

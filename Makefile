@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv controlplane up down status lint test test-unit test-e2e demo clean-cluster
+.PHONY: help venv controlplane up down status lint test test-unit test-packaging test-e2e demo clean-cluster
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -38,13 +38,19 @@ down: venv ## Stop the local cluster; fails if any of its processes is left
 status: venv ## Show the local cluster's processes
 	$(BIN)/conserve dev status
 
-lint: venv ## ruff, mypy (strict) and the import contracts
-	$(BIN)/ruff check operator tests
+LINT_PATHS := operator tests benchmarks charts/conserve/hack
+
+lint: venv ## ruff (rules and format), mypy (strict: package, tests, benchmarks) and the import contracts
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
 test-unit: venv ## Unit tests only (no cluster)
 	$(BIN)/pytest -q -m unit $(PYTEST_ARGS)
+
+test-packaging: controlplane ## The Helm chart rendered by helm (built from Go) and the wheel installed apart; no cluster
+	$(BIN)/pytest -q -m packaging $(PYTEST_ARGS)
 
 test-e2e: controlplane ## End-to-end tests against a local control plane (or the cluster named by CONSERVE_KUBECONFIG)
 	$(BIN)/pytest -q -m e2e $(PYTEST_ARGS)
@@ -54,6 +60,13 @@ test: venv controlplane lint ## Everything CI runs: build, lint, the whole test 
 
 demo: controlplane ## The main job: cluster, operator, extender, router, gpu-sim pods; a Mooncake slice replayed; report
 	$(BIN)/conserve demo $(DEMO_ARGS)
+
+.PHONY: image test-image
+image: ## Build the container image conserve:<version> with buildah on a Debian-package base: no Docker engine (root)
+	deploy/image/build.sh
+
+test-image: venv controlplane ## The image's tests (after `make image`): operator and extender run from it, as the chart runs them
+	$(BIN)/pytest -q -m image $(PYTEST_ARGS)
 
 clean-cluster: venv ## Stop the local cluster and delete its state directory
 	$(BIN)/conserve dev down --purge

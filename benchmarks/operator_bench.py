@@ -34,12 +34,16 @@ from conserve.devcluster import nodes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from operator_scale import (
-    PlacementWatch,
+    PlacementWatch as PlacementWatch,
+)
+from operator_scale import (
     apiserver_writes,
-    make_namespace,
     operator_writes,
     scenario_replicas,
     usage_writes_per_turn,
+)
+from operator_scale import (
+    make_namespace as make_namespace,
 )
 
 GROUP, VERSION, PLURAL = "conserve.dev", "v1alpha1", "conversations"

@@ -239,7 +239,7 @@ def scenario_replicas(
         share = math.ceil(shards / replicas)
         while time.monotonic() < deadline:
             held = shard_holders(api_client, ns, "bench")
-            per = defaultdict(int)
+            per: dict[str, int] = defaultdict(int)
             for holder in held.values():
                 per[holder] += 1
             if len(held) == shards and all(held.values()) and len(per) == replicas and max(per.values()) <= share:
@@ -248,17 +248,17 @@ def scenario_replicas(
         else:
             raise TimeoutError(f"shards not balanced over {replicas} replicas: {held}")
         names = [f"r-{i:05d}" for i in range(count)]
-        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda i: api.create(conversation_body(names[i], pools[i % shards], 1000)), range(count)))
+        with concurrent.futures.ThreadPoolExecutor(threads) as executor:
+            list(executor.map(lambda i: api.create(conversation_body(names[i], pools[i % shards], 1000)), range(count)))
         deadline = time.monotonic() + 300
         while phase_counts(api).get("Pending", 0) < count and time.monotonic() < deadline:
             time.sleep(0.5)
         before = apiserver_writes(api_client)
         with PlacementWatch(api_client, ns) as watch:
             t0 = time.time()
-            with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            with concurrent.futures.ThreadPoolExecutor(threads) as executor:
                 list(
-                    pool.map(
+                    executor.map(
                         lambda j: api.create(
                             pod_body(f"dec-{j}", nodes_[j % len(nodes_)], app=f"dec-{j // decoders_per_pool}")
                         ),

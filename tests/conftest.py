@@ -8,8 +8,11 @@
   ``extender_url``, ``extender_port``, ``gpu_node_names``, ``apply_gpu_nodes(specs)``, ``helm``, ``local``.
   If it cannot be built or started, the tests that use it fail; they are never skipped.
 - ``namespace`` (per test): a fresh namespace, deleted afterwards.
+- ``trace_dir`` (session): the real traces kept in the repository (``operator/conserve/sim/traces``); a test
+  that uses it fails, never skips, when they are missing.
 
-Tests under tests/unit are marked ``unit`` and tests under tests/e2e ``e2e`` automatically.
+Tests under tests/unit are marked ``unit``, under tests/e2e ``e2e`` and under tests/packaging ``packaging``
+automatically.
 """
 
 from __future__ import annotations
@@ -30,6 +33,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.e2e)
         elif "unit" in parts:
             item.add_marker(pytest.mark.unit)
+        elif "packaging" in parts:
+            item.add_marker(pytest.mark.packaging)
+
+
+REPO = Path(__file__).resolve().parents[1]
+TRACE_FILES = ("mooncake/conversation_trace.jsonl", "azure/AzureLLMInferenceTrace_conv.csv")
+
+
+@pytest.fixture(scope="session")
+def trace_dir() -> Path:
+    path = REPO / "operator" / "conserve" / "sim" / "traces"
+    missing = [str(path / name) for name in TRACE_FILES if not (path / name).is_file()]
+    if missing:
+        pytest.fail(f"trace data missing from the repository: {', '.join(missing)}")
+    return path
 
 
 @pytest.fixture(scope="session")

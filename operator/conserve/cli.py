@@ -25,7 +25,7 @@ SUBCOMMANDS: dict[str, str] = {
     "router": "conserve.router.cli",
     "load": "conserve.load.cli",
     "demo": "conserve.load.demo",
-    "fake-dcgm": "conserve.energy.fakedcgm",
+    "fake-dcgm": "conserve.gpusim.fakedcgm_cluster",
     "energy": "conserve.controller.energy",
     "simulate": "conserve.sim.cli_simulate",
     "bench": "conserve.sim.cli_bench",

@@ -98,7 +98,7 @@ def forget_pool(namespace: str, pool: str) -> None:
             gauge.remove(namespace, pool)
 
 
-# --- energy (issue 5): append below ---------------------------------------------------------------------------
+# --- energy: per decoder, pool and conversation, from DCGM or NVML -------------------------------------------
 
 _DECODER = ("namespace", "pool", "decoder", "role")
 
@@ -166,7 +166,7 @@ ENERGY_PER_TOKEN = Gauge(
 )
 
 
-# --- router (issue 8): append below ---------------------------------------------------------------------------
+# --- router: the data plane's front door -------------------------------------------------------------------
 
 #: Latency buckets of the router: from a streamed token (milliseconds) to a queued conversation (minutes).
 ROUTER_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
@@ -243,7 +243,7 @@ class RouterMetrics:
                 "conserve_router_placement_wait_seconds",
                 "Conversation mode, a turn that needs a placement (a new conversation or a re-placement): "
                 'part="total": its arrival (or the decoder\'s loss) to the placement in hand; part="create": the '
-                'Conversation create call alone (the rest of total is the operator\'s decision and the watch '
+                "Conversation create call alone (the rest of total is the operator's decision and the watch "
                 'event); part="exposed": what the turn waited beyond its own prefill, which runs meanwhile '
                 "(what the control plane adds to TTFT).",
                 ["part"],
@@ -255,8 +255,6 @@ class RouterMetrics:
 
 ROUTER = RouterMetrics.on(REGISTRY)
 
-
-# --- scheduler extender (issue 4): append below ---------------------------------------------------------------
 
 # --- operator: API writes and Events (controller/kube.py, controller/events.py) -------------------------------
 
@@ -285,3 +283,5 @@ OBSERVED_REQUESTS_RUNNING = Gauge(
     [*_POOL, "decoder"],
     registry=REGISTRY,
 )
+
+# --- scheduler extender: filter and prioritize calls of kube-scheduler ---------------------------------------

@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from kubernetes import client
@@ -27,61 +22,13 @@ from kubernetes import client
 from conserve.core.tokens import filler_text
 from conserve.devcluster.cluster import free_port
 from conserve.devcluster.testing import ClusterHandle
+from conserve.testkit import PoolBuilder, wait_for
+from conserve.testkit.builders import serving_deployment
+from conserve.testkit.processes import ConserveProcesses
 
-T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION = "conserve.dev", "v1alpha1"
-PRODUCTS = {"prefill": "NVIDIA-H100-80GB-HBM3", "decode": "NVIDIA-H200"}
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.25)
-
-
-def deployment(name: str, role: str, replicas: int) -> dict[str, Any]:
-    labels = {"app": name, "conserve.dev/role": role}
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "terminationGracePeriodSeconds": 0,
-                    "nodeSelector": {"nvidia.com/gpu.product": PRODUCTS[role]},
-                    "containers": [
-                        {
-                            "name": "vllm",
-                            "image": "registry.k8s.io/pause:3.10",
-                            "resources": {"limits": {"nvidia.com/gpu": "1"}},
-                        }
-                    ],
-                },
-            },
-        },
-    }
-
-
-POOL = {
-    "apiVersion": f"{GROUP}/{VERSION}",
-    "kind": "DecoderPool",
-    "metadata": {"name": "pool"},
-    "spec": {
-        "model": {"name": "llama-3-8b"},
-        "decoderSelector": {"matchLabels": {"app": "dec"}},
-        "prefillSelector": {"matchLabels": {"app": "pre"}},
-    },
-}
+POOL = PoolBuilder("pool").decoders("dec").prefills("pre").build()
 
 
 @dataclass
@@ -149,68 +96,36 @@ class DataPlane:
 
 
 @pytest.fixture
-def dataplane(cluster: ClusterHandle, namespace: str, tmp_path: Path) -> Iterator[DataPlane]:
-    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-    cluster.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/conversations.conserve.dev",
-        "crd/decoderpools.conserve.dev",
-    )
-    procs: list[tuple[subprocess.Popen[bytes], Path]] = []
-
-    def start(name: str, *args: str) -> None:
-        log = tmp_path / f"{name}.log"
-        with log.open("wb") as out:
-            # Kopf (the operator) reads KUBECONFIG from its environment.
-            env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "conserve.cli", *args], stdout=out, stderr=subprocess.STDOUT, env=env
-            )
-        procs.append((proc, log))
-
+def dataplane(cluster: ClusterHandle, namespace: str, conserve_processes: ConserveProcesses) -> Iterator[DataPlane]:
     kubeconfig = f"--kubeconfig={cluster.kubeconfig}"
     router_port = free_port()
-    try:
-        with cluster.api_client() as api:
-            core, apps, custom = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
-            custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "decoderpools", POOL)
-            apps.create_namespaced_deployment(namespace, deployment("pre", "prefill", 1))  # type: ignore[arg-type]
-            apps.create_namespaced_deployment(namespace, deployment("dec", "decode", 2))  # type: ignore[arg-type]
-            start("operator", "operator", f"--namespace={namespace}", "--no-leader-elect", "--metrics-port=0")
-            start("gpusim", "gpu-sim", "pods", kubeconfig, f"--namespace={namespace}", "--time-scale=0.02")
-            start(
-                "router",
-                "router",
-                kubeconfig,
-                f"--namespace={namespace}",
-                "--pool=pool",
-                f"--port={router_port}",
-                "--usage-interval=0.3",
-            )
-            plane = DataPlane(cluster, namespace, f"http://127.0.0.1:{router_port}", custom, core)
-            wait_for(
-                "1 prefill and 2 decoders ready behind the router",
-                lambda: (
-                    len(plane.backends().get("prefills", [])) == 1 and len(plane.backends().get("decoders", [])) == 2
-                ),
-                timeout_s=90,
-            )
-            yield plane
-    except BaseException:
-        for _, log in procs:
-            sys.stderr.write(f"--- {log.name}\n{log.read_text()[-4000:]}\n")
-        raise
-    finally:
-        for proc, _ in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc, _ in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with cluster.api_client() as api:
+        core, apps, custom = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "decoderpools", POOL)
+        apps.create_namespaced_deployment(namespace, serving_deployment("pre", "prefill", 1))  # type: ignore[arg-type]
+        apps.create_namespaced_deployment(namespace, serving_deployment("dec", "decode", 2))  # type: ignore[arg-type]
+        conserve_processes.start(
+            "operator", "operator", f"--namespace={namespace}", "--no-leader-elect", "--metrics-port=0"
+        )
+        conserve_processes.start(
+            "gpusim", "gpu-sim", "pods", kubeconfig, f"--namespace={namespace}", "--time-scale=0.02"
+        )
+        conserve_processes.start(
+            "router",
+            "router",
+            kubeconfig,
+            f"--namespace={namespace}",
+            "--pool=pool",
+            f"--port={router_port}",
+            "--usage-interval=0.3",
+        )
+        plane = DataPlane(cluster, namespace, f"http://127.0.0.1:{router_port}", custom, core)
+        wait_for(
+            "1 prefill and 2 decoders ready behind the router",
+            lambda: len(plane.backends().get("prefills", [])) == 1 and len(plane.backends().get("decoders", [])) == 2,
+            timeout_s=90,
+        )
+        yield plane
 
 
 def test_every_turn_follows_the_placement_and_reports_reach_status(dataplane: DataPlane) -> None:

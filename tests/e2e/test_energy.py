@@ -6,76 +6,24 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from kubernetes import client
 
 from conserve.devcluster.cluster import free_port
 from conserve.devcluster.testing import ClusterHandle
+from conserve.testkit import PoolBuilder, wait_for
+from conserve.testkit.builders import serving_deployment
+from conserve.testkit.processes import ConserveProcesses
 
-T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION = "conserve.dev", "v1alpha1"
-PRODUCTS = {"prefill": "NVIDIA-H100-80GB-HBM3", "decode": "NVIDIA-H200"}
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.5)
-
-
-def deployment(name: str, role: str, replicas: int) -> dict[str, Any]:
-    labels = {"app": name, "conserve.dev/role": role}
-    container = {
-        "name": "vllm",
-        "image": "registry.k8s.io/pause:3.10",
-        "resources": {"limits": {"nvidia.com/gpu": "1"}},
-    }
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "terminationGracePeriodSeconds": 0,
-                    "nodeSelector": {"nvidia.com/gpu.product": PRODUCTS[role]},
-                    "containers": [container],
-                },
-            },
-        },
-    }
-
-
-POOL = {
-    "apiVersion": f"{GROUP}/{VERSION}",
-    "kind": "DecoderPool",
-    "metadata": {"name": "pool"},
-    "spec": {
-        "model": {"name": "llama-3-8b"},
-        "decoderSelector": {"matchLabels": {"app": "dec"}},
-        "prefillSelector": {"matchLabels": {"app": "pre"}},
-    },
-}
+POOL = PoolBuilder("pool").decoders("dec").prefills("pre").build()
 
 
 def get(url: str) -> str:
@@ -104,82 +52,53 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 @pytest.fixture
-def energy_plane(cluster: ClusterHandle, namespace: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-    cluster.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/conversations.conserve.dev",
-        "crd/decoderpools.conserve.dev",
-    )
-    procs: list[tuple[subprocess.Popen[bytes], Path]] = []
-
-    def start(name: str, *args: str) -> None:
-        log = tmp_path / f"{name}.log"
-        with log.open("wb") as out:
-            env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "conserve.cli", *args], stdout=out, stderr=subprocess.STDOUT, env=env
-            )
-        procs.append((proc, log))
-
+def energy_plane(
+    cluster: ClusterHandle, namespace: str, conserve_processes: ConserveProcesses
+) -> Iterator[dict[str, Any]]:
     dcgm_port, metrics_port = free_port(), free_port()
     kubeconfig = f"--kubeconfig={cluster.kubeconfig}"
-    try:
-        with cluster.api_client() as api:
-            apps: Any = client.AppsV1Api(api)
-            custom: Any = client.CustomObjectsApi(api)
-            custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "decoderpools", POOL)
-            apps.create_namespaced_deployment(namespace, deployment("pre", "prefill", 1))
-            apps.create_namespaced_deployment(namespace, deployment("dec", "decode", 2))
-            start("operator", "operator", f"--namespace={namespace}", "--no-leader-elect", "--metrics-port=0")
-            start(
-                "fake-dcgm",
-                "fake-dcgm",
-                "--from-cluster",
-                kubeconfig,
-                f"--namespace={namespace}",
-                f"--port={dcgm_port}",
-                "--activity=0.1",
-                "--refresh-seconds=1",
-                "--tick-seconds=0.5",
-            )
-            start(
-                "energy",
-                "energy",
-                kubeconfig,
-                f"--namespace={namespace}",
-                f"--dcgm-url=http://127.0.0.1:{dcgm_port}/metrics",
-                "--energy-interval-seconds=1",
-                f"--metrics-port={metrics_port}",
-            )
+    with cluster.api_client() as api:
+        apps: Any = client.AppsV1Api(api)
+        custom: Any = client.CustomObjectsApi(api)
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "decoderpools", POOL)
+        apps.create_namespaced_deployment(namespace, serving_deployment("pre", "prefill", 1))
+        apps.create_namespaced_deployment(namespace, serving_deployment("dec", "decode", 2))
+        conserve_processes.start(
+            "operator", "operator", f"--namespace={namespace}", "--no-leader-elect", "--metrics-port=0"
+        )
+        conserve_processes.start(
+            "fake-dcgm",
+            "fake-dcgm",
+            "--from-cluster",
+            kubeconfig,
+            f"--namespace={namespace}",
+            f"--port={dcgm_port}",
+            "--activity=0.1",
+            "--refresh-seconds=1",
+            "--tick-seconds=0.5",
+        )
+        conserve_processes.start(
+            "energy",
+            "energy",
+            kubeconfig,
+            f"--namespace={namespace}",
+            f"--dcgm-url=http://127.0.0.1:{dcgm_port}/metrics",
+            "--energy-interval-seconds=1",
+            f"--metrics-port={metrics_port}",
+        )
 
-            def decoders_ready() -> bool:
-                pool = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "decoderpools", "pool")
-                status: dict[str, Any] = pool.get("status") or {}
-                return status.get("readyDecoders") == 2 and len(status.get("prefills") or []) == 1
+        def decoders_ready() -> bool:
+            pool = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "decoderpools", "pool")
+            status: dict[str, Any] = pool.get("status") or {}
+            return status.get("readyDecoders") == 2 and len(status.get("prefills") or []) == 1
 
-            wait_for("the pool's 2 decoders and 1 prefill", decoders_ready, 90)
-            yield {
-                "custom": custom,
-                "namespace": namespace,
-                "dcgm": f"http://127.0.0.1:{dcgm_port}",
-                "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
-            }
-    except BaseException:
-        for _, log in procs:
-            sys.stderr.write(f"--- {log.name}\n{log.read_text()[-4000:]}\n")
-        raise
-    finally:
-        for proc, _ in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc, _ in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        wait_for("the pool's 2 decoders and 1 prefill", decoders_ready, 90)
+        yield {
+            "custom": custom,
+            "namespace": namespace,
+            "dcgm": f"http://127.0.0.1:{dcgm_port}",
+            "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+        }
 
 
 def test_conversation_energy_reaches_status_and_metrics(energy_plane: dict[str, Any]) -> None:

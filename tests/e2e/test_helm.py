@@ -22,20 +22,18 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
 
 from conserve.controller.testing import Api, conversation_body, pod_body, pool_body
 from conserve.devcluster.testing import ClusterHandle, temporary_namespace
-
-T = TypeVar("T")
+from conserve.testkit import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "conserve"
@@ -46,17 +44,6 @@ CHART_CRDS = (
 )
 COMPONENTS = ("operator", "extender", "scheduler")
 BANDWIDTH_PRODUCTS = {"NVIDIA-H200", "NVIDIA-A100-SXM4-80GB", "NVIDIA-H20"}
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.25)
 
 
 @dataclass

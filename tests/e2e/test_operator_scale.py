@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import pytest
 
+from conserve.controller.kube import k8s
 from conserve.controller.shards import shard_of
 from conserve.controller.testing import Api, OperatorProcess, conversation_body, pod_body, pool_body, wait_for
 from conserve.devcluster.testing import ClusterHandle
@@ -43,9 +44,7 @@ def pools_one_per_shard(namespace: str) -> dict[int, str]:
 
 
 def shard_holders(api: Api, namespace: str) -> dict[int, str]:
-    from kubernetes import client
-
-    leases = client.CoordinationV1Api(api.core.api_client).list_namespaced_lease(namespace).items
+    leases = k8s("client").CoordinationV1Api(api.core.api_client).list_namespaced_lease(namespace).items
     now = time.time()
     out = {}
     for lease in leases:

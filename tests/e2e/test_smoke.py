@@ -7,35 +7,27 @@ to fake GPU nodes), KWOK (node and pod status), RBAC (a real token is denied wha
 
 from __future__ import annotations
 
+import base64
 import http.server
 import json
 import threading
-import time
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import pytest
-from kubernetes import client, watch
-from kubernetes.client.rest import ApiException
+from kubernetes import client as typed_client
 
 from conserve.devcluster.build import KUBERNETES_VERSION
 from conserve.devcluster.nodes import GPU_PRODUCT_LABEL, GPU_RESOURCE
-from conserve.devcluster.testing import ClusterHandle
+from conserve.devcluster.testing import ClusterHandle, temporary_namespace
+from conserve.kube import ApiError as ApiException
+from conserve.kube import Informer
+from conserve.testkit import wait_for
 
-T = TypeVar("T")
+# Plain dicts in and out: the client's stubs want its model classes.
+client: Any = typed_client
 
 GROUP = "smoke.conserve.dev"
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.2)
 
 
 @pytest.fixture
@@ -99,31 +91,33 @@ def test_crd_object_created_and_watched(api: Any, namespace: str) -> None:
 
     custom = client.CustomObjectsApi(api)
     events: list[tuple[str, str, Any]] = []
-    started = threading.Event()
-
-    def watcher() -> None:
-        w = watch.Watch()
-        started.set()
-        for ev in w.stream(custom.list_namespaced_custom_object, GROUP, "v1", namespace, "widgets", timeout_seconds=30):
-            obj = ev["object"]
-            events.append((ev["type"], obj["metadata"]["name"], obj.get("spec", {}).get("size")))
-            if ev["type"] == "MODIFIED":
-                w.stop()
-
-    thread = threading.Thread(target=watcher, daemon=True)
-    thread.start()
-    started.wait()
-    time.sleep(0.5)  # let the watch open before the create, so the event comes from the watch itself
-    body = {"apiVersion": f"{GROUP}/v1", "kind": "Widget", "metadata": {"name": "w1"}, "spec": {"size": 3}}
-    created = custom.create_namespaced_custom_object(GROUP, "v1", namespace, "widgets", body)
-    assert created["metadata"]["uid"]
-    custom.patch_namespaced_custom_object(GROUP, "v1", namespace, "widgets", "w1", {"spec": {"size": 5}})
-    thread.join(35)
-    assert ("ADDED", "w1", 3) in events
-    assert ("MODIFIED", "w1", 5) in events
+    informer = Informer(
+        custom.list_namespaced_custom_object,
+        GROUP,
+        "v1",
+        namespace,
+        "widgets",
+        name="widgets",
+        on_replace=lambda items: None,
+        on_event=lambda kind, obj: events.append((kind, obj["metadata"]["name"], obj.get("spec", {}).get("size"))),
+        watch_timeout_s=30,
+    )
+    informer.start()
+    try:
+        assert informer.synced.wait(30), "the widgets were never listed"
+        # The watch starts from the listing's resourceVersion: it sees every change made after the listing,
+        # however late its request opens.
+        body = {"apiVersion": f"{GROUP}/v1", "kind": "Widget", "metadata": {"name": "w1"}, "spec": {"size": 3}}
+        created = custom.create_namespaced_custom_object(GROUP, "v1", namespace, "widgets", body)
+        assert created["metadata"]["uid"]
+        custom.patch_namespaced_custom_object(GROUP, "v1", namespace, "widgets", "w1", {"spec": {"size": 5}})
+        wait_for("the watch to bring the update", lambda: ("MODIFIED", "w1", 5) in events, 30)
+    finally:
+        informer.stop()
+    assert events[0] == ("ADDED", "w1", 3)
     # The schema is enforced by the real API server: a wrong type is refused.
+    bad = {**body, "metadata": {"name": "w2"}, "spec": {"size": "big"}}
     with pytest.raises(ApiException) as err:
-        bad = {**body, "metadata": {"name": "w2"}, "spec": {"size": "big"}}
         custom.create_namespaced_custom_object(GROUP, "v1", namespace, "widgets", bad)
     assert err.value.status == 422
 
@@ -187,7 +181,8 @@ def test_deployment_scheduled_onto_fake_gpu_nodes_and_running(api: Any, namespac
         assert p.metadata.owner_references[0].name == rs.metadata.name
         assert p.spec.scheduler_name == cluster.default_scheduler_name
         ready = [c for c in p.status.conditions or [] if c.type == "Ready"]
-        assert ready and ready[0].status == "True"
+        assert ready
+        assert ready[0].status == "True"
         node = core.read_node(p.spec.node_name)
         assert node.metadata.labels[GPU_PRODUCT_LABEL] == "NVIDIA-H200"
         assert node.status.allocatable[GPU_RESOURCE] == "8"
@@ -322,8 +317,6 @@ def test_controller_manager_fills_service_account_token_secret(api: Any, namespa
         data = core.read_namespaced_secret("legacy-token", namespace).data or {}
         return data.get("token")
 
-    import base64
-
     token = base64.b64decode(wait_for("the token controller to fill the Secret", filled, 30)).decode()
     with _client_with_token(api, token) as as_sa:
         who = client.AuthenticationV1Api(as_sa).create_self_subject_review({})
@@ -393,17 +386,17 @@ def test_conserve_scheduler_profile_calls_the_extender_url(api: Any, namespace: 
         server.shutdown()
         server.server_close()
     verbs = [verb for verb, _ in _RecordingExtender.calls]
-    assert "filter" in verbs and "prioritize" in verbs
+    assert "filter" in verbs
+    assert "prioritize" in verbs
     # nodeCacheCapable: node names only; managedResources: only the pod asking for nvidia.com/gpu is sent.
     for _, args in _RecordingExtender.calls:
-        assert args["NodeNames"] and not args.get("Nodes")
+        assert args["NodeNames"]
+        assert not args.get("Nodes")
         assert args["Pod"]["metadata"]["name"] == "one-gpu"
 
 
 def test_namespace_teardown_frees_gpus_at_once(cluster: ClusterHandle) -> None:
     """The `namespace` fixture's teardown: pods go at once, so the next test finds every fake GPU free."""
-    from conserve.devcluster.testing import temporary_namespace
-
     with cluster.api_client() as api_client:
         core = client.CoreV1Api(api_client)
         with temporary_namespace(cluster, "teardown") as ns:
@@ -422,8 +415,6 @@ def test_namespace_teardown_frees_gpus_at_once(cluster: ClusterHandle) -> None:
 
 
 def test_namespace_teardown_clears_finalizers_left_by_a_stopped_controller(cluster: ClusterHandle) -> None:
-    from conserve.devcluster.testing import temporary_namespace
-
     with cluster.api_client() as api_client:
         core, custom = client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
         ext = client.ApiextensionsV1Api(api_client)
@@ -440,7 +431,7 @@ def test_namespace_teardown_clears_finalizers_left_by_a_stopped_controller(clust
             try:
                 core.read_namespace(ns)
             except ApiException as exc:
-                return exc.status == 404
+                return bool(exc.status == 404)
             return False
 
         wait_for("the namespace to be deleted completely", gone, 60)

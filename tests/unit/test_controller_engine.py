@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections import defaultdict
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -15,6 +14,7 @@ from conserve.controller.engine import Engine, EngineConfig
 from conserve.controller.state import FINALIZER, NodeInfo, PodInfo
 from conserve.controller.status import pool_status_patch
 from conserve.controller.testing import conversation_body, pool_body
+from conserve.testkit import FakeKube
 
 NS = "ns"
 T = TypeVar("T")
@@ -28,38 +28,6 @@ def sync(fn: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
         asyncio.run(fn())
 
     return wrapper
-
-
-class FakeKube:
-    def __init__(self) -> None:
-        self.status: dict[tuple[str, str], dict[str, Any]] = defaultdict(dict)
-        self.meta: dict[tuple[str, str], dict[str, Any]] = defaultdict(dict)
-        self.events: list[tuple[str, str]] = []
-        self.objects: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        self.pods: list[dict[str, Any]] = []
-        self.nodes: list[dict[str, Any]] = []
-
-    async def list_objects(self, plural: str, namespace: str | None) -> list[dict[str, Any]]:
-        return self.objects[plural]
-
-    async def list_pods(self, namespace: str | None) -> list[dict[str, Any]]:
-        return self.pods
-
-    async def list_nodes(self) -> list[dict[str, Any]]:
-        return self.nodes
-
-    async def patch_status(self, plural: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        await asyncio.sleep(0)  # let other tasks interleave, as real I/O would
-        self.status[(plural, name)].update(patch["status"])
-        return {}
-
-    async def patch_object(self, plural: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        await asyncio.sleep(0)
-        self.meta[(plural, name)].update(patch["metadata"])
-        return {}
-
-    async def post_event(self, obj: dict[str, Any], reason: str, message: str, *, warning: bool = False) -> None:
-        self.events.append((obj["metadata"]["name"], reason))
 
 
 def h200(name: str) -> dict[str, Any]:

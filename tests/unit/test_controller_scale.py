@@ -4,19 +4,69 @@ without a finalizer, observed occupancy folded into placement, shards fencing wr
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-from test_controller_engine import NS, FakeKube, conv, engine_with, held_per_decoder, sync
 
-from conserve.controller import conversation
+from conserve.controller import conversation, startup
+from conserve.controller.engine import Engine, EngineConfig
 from conserve.controller.events import AggregatingKube, EventWindows
-from conserve.controller.occupancy import engine_hook, parse_metrics
+from conserve.controller.occupancy import OccupancyScraper, engine_hook, parse_metrics
 from conserve.controller.shards import ShardFencedKube, ShardSet, fair_share, shard_of
+from conserve.controller.testing import conversation_body, pool_body
 from conserve.core.occupancy import ObservedOccupancy, with_observed
 from conserve.core.placement import DecoderState
+from conserve.gpusim.engine import Role, SimRequest
+from conserve.gpusim.server import GpuSimConfig, GpuSimServer
+from conserve.router.policy import USAGE_INTERVAL_S, Usage, UsageBatcher
+from conserve.testkit import FakeKube
 
 pytestmark = pytest.mark.unit
+NS = "ns"
+
+
+def sync(fn: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
+    """No asyncio plugin in the test environment: run each async test in its own event loop."""
+
+    @functools.wraps(fn)
+    def wrapper() -> None:
+        asyncio.run(fn())
+
+    return wrapper
+
+
+def conv(name: str, tokens: int) -> dict[str, Any]:
+    body = conversation_body(name, "llama", tokens)
+    body["metadata"].update(namespace=NS, uid=f"uid-{name}", generation=1, creationTimestamp="2026-01-01T00:00:00Z")
+    return body
+
+
+async def engine_with(decoders: int, tokens: int = 10_000) -> tuple[Engine, FakeKube]:
+    """A pool of H200 decoders of `tokens` KV each (9,500 usable), its ledger rebuilt from the fake API."""
+    kube = FakeKube()
+    labels = {"nvidia.com/gpu.product": "NVIDIA-H200", "nvidia.com/gpu.memory": "143771", "nvidia.com/gpu.count": "8"}
+    kube.nodes = [{"metadata": {"name": "n0", "labels": labels}}]
+    kube.pods = [
+        {
+            "metadata": {"name": f"dec-{i}", "namespace": NS, "labels": {"app": "dec"}},
+            "spec": {"nodeName": "n0", "containers": [{"resources": {"limits": {"nvidia.com/gpu": "1"}}}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
+        }
+        for i in range(decoders)
+    ]
+    body = pool_body("llama", tokens_per_decoder=tokens)
+    body["metadata"].update(namespace=NS, generation=1)
+    kube.objects["decoderpools"] = [body]
+    engine = Engine(kube, EngineConfig())
+    await startup.rebuild(engine, [NS])
+    return engine, kube
+
+
+def held_per_decoder(engine: Engine) -> dict[str, int]:
+    pool = engine.world.pool(NS, "llama")
+    return {name: pool.ledger.reserved_on(name) for name in pool.ledger.decoders}
 
 
 class CountingKube(FakeKube):
@@ -45,7 +95,7 @@ class Clock:
         return self.t
 
 
-async def counted_engine(decoders: int, window_s: float = 10.0) -> tuple[Any, CountingKube, Clock]:
+async def counted_engine(decoders: int, window_s: float = 10.0) -> tuple[Engine, CountingKube, Clock]:
     engine, plain = await engine_with(decoders)
     counting = CountingKube()
     counting.objects, counting.pods, counting.nodes = plain.objects, plain.pods, plain.nodes
@@ -63,10 +113,13 @@ async def test_a_placement_is_one_api_write_and_normal_events_are_aggregated() -
     assert sorted(conv_writes) == sorted(("conversations/status", f"c{i}") for i in range(12))  # no finalizer
     events = [w for w in kube.writes if w[0] == "events"]
     assert len(events) == 1  # the first Placed of the window; 11 counted
-    assert await engine.kube.flush() == 0  # the window is still open
+    aggregator = engine.kube
+    assert isinstance(aggregator, AggregatingKube)
+    assert await aggregator.flush() == 0  # the window is still open
     clock.t += 10
-    assert await engine.kube.flush() == 1
-    assert len(kube.events) == 2 and kube.events[-1][1] == "Placed"
+    assert await aggregator.flush() == 1
+    assert len(kube.events) == 2
+    assert kube.events[-1][1] == "Placed"
 
 
 @sync
@@ -93,7 +146,8 @@ def test_event_windows_per_reason_with_a_summary_naming_the_count() -> None:
     assert windows.offer(obj("late"), "Placed", "m", 12.0)
     summaries = windows.due(12.0)
     assert [(s.reason, s.obj["metadata"]["name"]) for s in summaries] == [("Placed", "p6")]
-    assert "7 more Conversation Placed Events" in summaries[0].message and "p0, p1" in summaries[0].message
+    assert "7 more Conversation Placed Events" in summaries[0].message
+    assert "p0, p1" in summaries[0].message
     with pytest.raises(ValueError, match="window_s"):
         EventWindows(0)
 
@@ -180,8 +234,6 @@ async def test_writes_for_pools_of_shards_not_held_are_dropped() -> None:
 
 
 def test_the_router_sends_a_conversations_usage_once_per_interval_and_at_its_end() -> None:
-    from conserve.router.policy import USAGE_INTERVAL_S, Usage, UsageBatcher
-
     batcher = UsageBatcher(USAGE_INTERVAL_S)
     sent = []
     for second in range(120):  # a turn every second for two minutes, flushed on the router's tick
@@ -190,17 +242,14 @@ def test_the_router_sends_a_conversations_usage_once_per_interval_and_at_its_end
     batcher.complete("c")
     sent += batcher.due(120.0)
     assert len(sent) == 120 // USAGE_INTERVAL_S + 1  # one per interval, one at the end
-    assert sent[-1][1]["spec"]["completed"] is True and sent[-1][1]["spec"]["usage"]["turns"] == 120
+    assert sent[-1][1]["spec"]["completed"] is True
+    assert sent[-1][1]["spec"]["usage"]["turns"] == 120
 
 
 @sync
 async def test_the_scraper_reads_a_simulated_engines_kv_usage_over_http() -> None:
     """The adapter against the GPU simulator's real /metrics (localhost): a conversation's KV, kept for its
     next turn, shows as usage; an unreachable decoder gives no reading."""
-    from conserve.controller.occupancy import OccupancyScraper
-    from conserve.gpusim.engine import Role, SimRequest
-    from conserve.gpusim.server import GpuSimConfig, GpuSimServer
-
     server = GpuSimServer(GpuSimConfig(role=Role.DECODE, port=0, time_scale=0.01, kv_capacity_tokens=10_000))
     port = await server.start()
     readings: dict[str, ObservedOccupancy] = {}

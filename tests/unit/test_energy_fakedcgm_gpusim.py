@@ -15,8 +15,9 @@ from conserve.core.gpus import lookup_product
 from conserve.core.llm import lookup_model
 from conserve.core.perf import LINKS, Device
 from conserve.energy.dcgm import parse_exposition
-from conserve.energy.fakedcgm import FakeDcgmExporter, FakeGpu, GpuSimLoad
 from conserve.gpusim.engine import Engine, Role, SimRequest
+from conserve.gpusim.fakedcgm import FakeDcgmExporter, FakeGpu
+from conserve.gpusim.fakedcgm_cluster import GpuSimLoad
 from conserve.gpusim.server import GpuSimConfig, GpuSimServer
 
 H200 = "NVIDIA-H200"
@@ -66,7 +67,8 @@ def test_the_exporter_counter_follows_the_simulator_counter_exactly() -> None:
 def test_gpusim_power_gauge_reads_the_step_power_while_a_step_runs() -> None:
     """The gauge the fake exporter turns into DCGM_FI_DEV_POWER_USAGE: a busy decoder is not at idle power."""
     spec, model = lookup_product(H200), lookup_model("llama-3-8b")
-    assert spec is not None and model is not None
+    assert spec is not None
+    assert model is not None
 
     async def scenario() -> list[float]:
         engine = Engine(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import math
 from typing import Any
 
@@ -16,42 +15,9 @@ from conserve.controller.energy import (
     merge_decoder_energy,
 )
 from conserve.energy import FakeReader, GpuReading, PodRef
+from conserve.testkit import FakeKube
 
 Body = dict[str, Any]
-
-
-def _merge(target: Body, patch: Body) -> None:
-    for key, value in patch.items():
-        if isinstance(value, dict) and isinstance(target.get(key), dict):
-            _merge(target[key], value)
-        else:
-            target[key] = copy.deepcopy(value)
-
-
-class FakeKube:
-    """Merge-patch semantics of the API server for status, with resourceVersion preconditions."""
-
-    def __init__(self, objects: dict[str, list[Body]]) -> None:
-        self.objects = objects
-        self.patches: list[tuple[str, str, Body]] = []
-
-    async def list_objects(self, plural: str, namespace: str | None) -> list[Body]:
-        return copy.deepcopy(self.objects.get(plural, []))
-
-    async def patch_status(self, plural: str, namespace: str, name: str, patch: Body) -> Body:
-        for obj in self.objects[plural]:
-            if obj["metadata"]["name"] == name and obj["metadata"]["namespace"] == namespace:
-                wanted = (patch.get("metadata") or {}).get("resourceVersion")
-                if wanted is not None and wanted != obj["metadata"]["resourceVersion"]:
-                    raise RuntimeError("409 Conflict")
-                _merge(obj.setdefault("status", {}), patch.get("status", {}))
-                obj["metadata"]["resourceVersion"] = str(int(obj["metadata"]["resourceVersion"]) + 1)
-                self.patches.append((plural, name, patch))
-                return copy.deepcopy(obj)
-        raise RuntimeError("404")
-
-    def get(self, plural: str, name: str) -> Body:
-        return next(o for o in self.objects[plural] if o["metadata"]["name"] == name)
 
 
 def pool() -> Body:

@@ -15,8 +15,9 @@ from aiohttp import web
 from conserve.core.energy import NVML_ENERGY_COUNTER_WRAP_MJ, DeltaKind, GpuSample, gpu_interval
 from conserve.energy import EnergyReader, FakeReader, GpuReading, NullReader, PodRef
 from conserve.energy.dcgm import DcgmExporterReader, parse_exposition, static_endpoints
-from conserve.energy.fakedcgm import ConstantLoad, FakeDcgmExporter, FakeGpu, GpuSimLoad, make_app, targets_from_cluster
 from conserve.energy.nvml import NvmlReader, NvmlUnavailableError
+from conserve.gpusim.fakedcgm import ConstantLoad, FakeDcgmExporter, FakeGpu, make_app
+from conserve.gpusim.fakedcgm_cluster import GpuSimLoad, targets_from_cluster
 
 DATA = Path(__file__).parent / "data" / "energy"
 
@@ -104,7 +105,8 @@ def test_nvml_without_an_energy_counter_falls_back_to_power(monkeypatch: pytest.
     board.patch(monkeypatch)
     reader = NvmlReader(hostname="node-b")
     reading = asyncio.run(reader.read())[0]
-    assert reading.energy_mj is None and reading.power_w == 250.0
+    assert reading.energy_mj is None
+    assert reading.power_w == 250.0
     totals, kinds = _accumulate(reader, 3)
     assert totals[reading.key] == pytest.approx(500.0)
     assert kinds[reading.key] == [DeltaKind.POWER, DeltaKind.POWER]
@@ -125,7 +127,8 @@ def test_dcgm_3x_page_with_pod_mapping() -> None:
     busy, idle = readings
     assert busy.uuid == "GPU-0f5a1c2e-8d0b-3a1e-5b7c-0e4c6f0a9d11"
     assert (busy.gpu_index, busy.hostname, busy.product) == (0, "gpu-node-h100-0", "NVIDIA H100 80GB HBM3")
-    assert busy.energy_mj == 88451320977 and busy.power_w == pytest.approx(612.459)
+    assert busy.energy_mj == 88451320977
+    assert busy.power_w == pytest.approx(612.459)
     assert busy.pods == (PodRef("serving", "prefill-0", "vllm"),)
     assert (idle.gpu_index, idle.pods) == (1, ())
     assert idle.power_w == pytest.approx(71.388)
@@ -142,17 +145,19 @@ def test_dcgm_4x_page_with_a_shared_gpu_counts_it_once() -> None:
 def test_dcgm_mig_instances_are_one_gpu() -> None:
     readings = parse_exposition((DATA / "dcgm-exporter-3.3.0-a100-mig.prom").read_text())
     assert len(readings) == 1
-    assert readings[0].energy_mj == 257858316 and readings[0].product == "NVIDIA A100-SXM4-80GB"
+    assert readings[0].energy_mj == 257858316
+    assert readings[0].product == "NVIDIA A100-SXM4-80GB"
 
 
 def test_dcgm_garbage_is_refused() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="could not convert"):
         parse_exposition('DCGM_FI_DEV_POWER_USAGE{gpu="0" 12\n')
 
 
 def test_null_and_fake_readers_follow_the_protocol() -> None:
     fake = FakeReader([GpuReading("GPU-1", 0, "NVIDIA H200", "n", energy_mj=1000.0, power_w=200.0)])
-    assert isinstance(fake, EnergyReader) and isinstance(NullReader(), EnergyReader)
+    assert isinstance(fake, EnergyReader)
+    assert isinstance(NullReader(), EnergyReader)
     assert asyncio.run(NullReader().read()) == []
     fake.advance(2.0)
     assert asyncio.run(fake.read())[0].energy_mj == pytest.approx(401_000.0)
@@ -186,11 +191,13 @@ def test_fake_dcgm_server_power_follows_load_and_scrapes_like_dcgm_exporter() ->
     first, second, third = asyncio.run(scenario())
     by_node = {r.hostname: r for r in third}
     h200, h100 = by_node["kwok-h200-0"], by_node["kwok-h100-0"]
-    assert h200.pods == (PodRef("ns", "decode-0", "vllm"),) and h200.product == "NVIDIA H200"
+    assert h200.pods == (PodRef("ns", "decode-0", "vllm"),)
+    assert h200.product == "NVIDIA H200"
     assert h200.power_w == pytest.approx(700.0)  # TDP at activity 1
     assert h100.power_w == pytest.approx(70.0)  # idle: 10% of TDP
     before = {r.hostname: r.energy_mj for r in second}
-    assert h200.energy_mj is not None and h100.energy_mj is not None
+    assert h200.energy_mj is not None
+    assert h100.energy_mj is not None
     assert h200.energy_mj - (before["kwok-h200-0"] or 0) == pytest.approx(7_000_000, abs=1)  # 700 W x 10 s in mJ
     assert h100.energy_mj - (before["kwok-h100-0"] or 0) == pytest.approx(700_000, abs=1)
     assert {r.uuid for r in first} == {g.uuid for g in gpus}

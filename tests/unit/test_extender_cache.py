@@ -15,9 +15,11 @@ def test_pods_update_free_gpus_and_role_counts() -> None:
     cache = ClusterCache()
     cache.replace_nodes([node("h200-0", "H200")])
     cache.replace_pods([pod("a", "decode", gpus=2, node_name="h200-0", phase="Running")])
-    assert cache.nodes_synced.is_set() and cache.pods_synced.is_set()
+    assert cache.nodes_synced.is_set()
+    assert cache.pods_synced.is_set()
     view = cache.get("h200-0")
-    assert view is not None and view.gpu.tier is Tier.BANDWIDTH
+    assert view is not None
+    assert view.gpu.tier is Tier.BANDWIDTH
     assert (view.allocatable_gpus, view.used_gpus, view.decode_pods, view.free_gpus) == (8, 2, 1, 6)
 
     pending = pod("b", "prefill", gpus=3)
@@ -25,14 +27,17 @@ def test_pods_update_free_gpus_and_role_counts() -> None:
     assert cache.get("h200-0").used_gpus == 2  # type: ignore[union-attr]
     cache.apply_pod("MODIFIED", {**pending, "spec": {**pending["spec"], "nodeName": "h200-0"}})
     view = cache.get("h200-0")
-    assert view is not None and (view.used_gpus, view.prefill_pods) == (5, 1)
+    assert view is not None
+    assert (view.used_gpus, view.prefill_pods) == (5, 1)
     done = pod("b", "prefill", gpus=3, node_name="h200-0", phase="Succeeded")
     cache.apply_pod("MODIFIED", done)
     assert cache.get("h200-0").used_gpus == 2  # type: ignore[union-attr]
     cache.apply_pod("DELETED", pod("a", "decode", gpus=2, node_name="h200-0"))
     view = cache.get("h200-0")
-    assert view is not None and (view.used_gpus, view.decode_pods) == (0, 0)
-    assert cache.usage("h200-0") is None and cache.pod_count == 0
+    assert view is not None
+    assert (view.used_gpus, view.decode_pods) == (0, 0)
+    assert cache.usage("h200-0") is None
+    assert cache.pod_count == 0
 
 
 def test_pods_on_nodes_not_yet_seen_count_once_the_node_arrives() -> None:
@@ -46,7 +51,8 @@ def test_pods_on_nodes_not_yet_seen_count_once_the_node_arrives() -> None:
     cache.apply_node("MODIFIED", relabelled)
     assert cache.get("h100-0").gpu.tier is Tier.BANDWIDTH  # type: ignore[union-attr]
     cache.apply_node("DELETED", relabelled)
-    assert cache.get("h100-0") is None and cache.node_count == 0
+    assert cache.get("h100-0") is None
+    assert cache.node_count == 0
 
 
 def test_relist_replaces_state() -> None:
@@ -56,11 +62,15 @@ def test_relist_replaces_state() -> None:
     cache.replace_nodes([node("b", "H200")])
     cache.replace_pods([])
     assert cache.get("a") is None
-    assert cache.get("b") is not None and cache.get("b").used_gpus == 0  # type: ignore[union-attr]
+    b = cache.get("b")
+    assert b is not None
+    assert b.used_gpus == 0
 
 
 def test_nodes_with_equal_gpu_labels_share_their_gpu_object() -> None:
     cache = ClusterCache()
     cache.replace_nodes([node("a", "H200"), node("b", "H200")])
     a, b = cache.get("a"), cache.get("b")
-    assert a is not None and b is not None and a.gpu is b.gpu
+    assert a is not None
+    assert b is not None
+    assert a.gpu is b.gpu

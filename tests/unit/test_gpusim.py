@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -124,8 +125,6 @@ async def test_decoder_keeps_conversation_kv_for_the_next_turn() -> None:
 
 
 async def _sse_tokens(resp: aiohttp.ClientResponse) -> tuple[int, dict[str, Any] | None]:
-    import json
-
     text, usage = "", None
     async for raw in resp.content:
         line = raw.strip()
@@ -155,7 +154,8 @@ async def test_disaggregated_prefill_protocol_and_metrics() -> None:
                 assert resp.status == 200
                 data = await resp.json()
             params = data["kv_transfer_params"]
-            assert params["do_remote_prefill"] is True and params["remote_port"] == pport
+            assert params["do_remote_prefill"] is True
+            assert params["remote_port"] == pport
             assert data["usage"]["prompt_tokens"] == 3000
             body = {
                 "model": "llama-3-8b",
@@ -169,7 +169,9 @@ async def test_disaggregated_prefill_protocol_and_metrics() -> None:
             async with http.post(f"http://127.0.0.1:{dport}/v1/chat/completions", json=body, headers=headers) as resp:
                 assert resp.headers["X-Conserve-Server"] == "dec-0"
                 tokens, usage = await _sse_tokens(resp)
-            assert tokens == 30 and usage is not None and usage["completion_tokens"] == 30
+            assert tokens == 30
+            assert usage is not None
+            assert usage["completion_tokens"] == 30
             async with http.get(f"http://127.0.0.1:{dport}/metrics") as resp:
                 metrics = await resp.text()
             async with http.get(f"http://127.0.0.1:{dport}/conserve/stats") as resp:
@@ -177,7 +179,8 @@ async def test_disaggregated_prefill_protocol_and_metrics() -> None:
     finally:
         await prefill.stop()
         await decode.stop()
-    assert stats["kvTransfersReceived"] == 1 and stats["conversationTurns"] == {"c1": 1}
+    assert stats["kvTransfersReceived"] == 1
+    assert stats["conversationTurns"] == {"c1": 1}
     for name in (
         "vllm:num_requests_running",
         "vllm:num_requests_waiting",
@@ -204,13 +207,16 @@ def _pod(**overrides: Any) -> dict[str, Any]:
 
 def test_pod_view_and_which_pods_get_a_simulator() -> None:
     view = view_pod(_pod())
-    assert view.role is Role.DECODE and view.gpu_count == 2 and view.node == "kwok-h200-0"
+    assert view.role is Role.DECODE
+    assert view.gpu_count == 2
+    assert view.node == "kwok-h200-0"
     kwok = {"kwok.x-k8s.io/node": "fake"}
     assert wants_server(view, kwok, any_node=False)
     assert not wants_server(view, {}, any_node=False)
     assert wants_server(view, {}, any_node=True)
     unbound = view_pod(_pod(spec={"containers": []}))
-    assert not wants_server(unbound, kwok, any_node=True) and unbound.gpu_count == 1
+    assert not wants_server(unbound, kwok, any_node=True)
+    assert unbound.gpu_count == 1
     gone = view_pod(
         _pod(
             metadata={
@@ -221,5 +227,6 @@ def test_pod_view_and_which_pods_get_a_simulator() -> None:
             }
         )
     )
-    assert gone.role is Role.PREFILL and not wants_server(gone, kwok, any_node=False)
+    assert gone.role is Role.PREFILL
+    assert not wants_server(gone, kwok, any_node=False)
     assert view_pod(_pod(metadata={"labels": {"conserve.dev/role": "other"}})).role is None

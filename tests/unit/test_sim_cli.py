@@ -43,9 +43,17 @@ def test_simulate_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "line 4: not JSON" in captured.err
     assert "conserve" in captured.out and "round-robin" in captured.out
     payload = json.loads((out / "results.json").read_text())
-    assert len(payload["runs"]) == 16  # 8 policies x 2 fleets
+    assert len(payload["runs"]) == 24  # 12 policies (3 ConServe variants, 9 baselines) x 2 fleets
+    assert payload["meta"]["signals"] == {"tiny": {"end_of_conversation": False}}
     assert all(r["turns"] == 3 for r in payload["runs"])
-    for name in ("runs.csv", "comparison.csv", "ttfet_cdf_tiny.png", "energy_per_token_tiny.png"):
+    for name in (
+        "runs.csv",
+        "comparison.csv",
+        "report.md",
+        "ttfet_cdf_tiny.png",
+        "summary_tiny.png",
+        "energy_per_token_tiny.png",
+    ):
         assert (out / name).stat().st_size > 0
 
 
@@ -72,3 +80,84 @@ def test_scale_load(tmp_path: Path) -> None:
     assert faster.turns == workload.turns
     with pytest.raises(ValueError):
         scale_load(workload, 0.0)
+
+
+# --- bad input: a clear message on stderr and a non-zero exit, in both commands ------------------------------
+
+
+def _run(command: str, workload: Path, out: Path) -> int:
+    return main([command, "--workload", str(workload), "--no-progress", "--out", str(out)])
+
+
+@pytest.mark.parametrize("command", ["simulate", "bench"])
+def test_missing_trace_says_file_not_found(command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "gone.jsonl"
+    assert _run(command, missing, tmp_path / "out") == 2
+    assert f"{missing}: file not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["simulate", "bench"])
+def test_trace_dir_without_the_named_trace_says_file_not_found(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main([command, "--workload", "mooncake", "--trace-dir", str(tmp_path), "--no-progress"])
+    assert code == 2
+    assert f"{tmp_path / 'mooncake' / 'conversation_trace.jsonl'}: file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["simulate", "bench"])
+def test_csv_not_in_azure_format_names_the_suffix_rule_and_missing_columns(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "requests.csv"
+    path.write_text("arrival,input,GeneratedTokens\n0,100,10\n")
+    assert _run(command, path, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "read as an Azure trace (CSV) because its name ends in .csv" in err
+    assert "lacks the column(s) TIMESTAMP, ContextTokens " in err
+
+
+@pytest.mark.parametrize("command", ["simulate", "bench"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_trace_with_every_line_malformed_stops(
+    command: str, suffix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / f"broken{suffix}"
+    header = "TIMESTAMP,ContextTokens,GeneratedTokens\n" if suffix == ".csv" else ""
+    path.write_text(header + "not a request\nnor this\n")
+    assert _run(command, path, tmp_path / "out") == 2
+    captured = capsys.readouterr()
+    assert f"{path}: read as " in captured.err
+    assert "none of its 2 non-empty line(s) is a usable request (line " in captured.err
+    assert "nan" not in captured.out.lower()  # no table of nothing
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["simulate", "bench"])
+def test_window_with_no_conversation_stops(command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--workload", str(_trace(tmp_path)), "--duration-s", "0", "--no-progress", "--out", str(tmp_path / "o")]
+    assert main([command, *args]) == 2
+    assert "has no conversation in its first 0 s" in capsys.readouterr().err
+
+
+def test_bench_sweeps_loads_and_fleets(tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    args = ["bench", "--workload", str(_trace(tmp_path)), "--policy", "conserve", "--policy", "sticky"]
+    code = main([*args, "--sweep-load", "0.5,2", "--sweep-fleets", "--out", str(out), "--no-progress"])
+    assert code == 0
+    payload = json.loads((out / "results.json").read_text())
+    fleets = payload["meta"]["fleets"]
+    # equal GPU count and equal decode TDP: 4 x H100 decode (2800 W) = 7 x H20 or A100 (400 W each)
+    assert {"tiered", "homogeneous", "decode-h100x4", "decode-h20x4", "decode-h20x7-eqTDP"} <= set(fleets)
+    assert {"decode-a100x7-eqTDP", "decode-h200x4"} <= set(fleets) and "decode-h200x4-eqTDP" not in fleets
+    assert {r["workload"] for r in payload["runs"]} == {"tiny@0.5x", "tiny@2x"}
+    assert len(payload["runs"]) == 2 * 2 * len(fleets)
+    assert (out / "load_sweep_tiny_tiered.png").stat().st_size > 0
+    assert "## What every policy knows" in (out / "report.md").read_text()
+
+
+def test_bench_refuses_a_bad_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["bench", "--workload", str(_trace(tmp_path)), "--sweep-load", "1,fast", "--no-progress"])
+    assert code == 2
+    assert "--sweep-load: 'fast' is not a number" in capsys.readouterr().err

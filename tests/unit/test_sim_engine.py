@@ -14,9 +14,10 @@ from conserve.sim.engine import simulate
 from conserve.sim.fleet import Fleet, FleetError, build_fleet, load_fleet_file
 from conserve.sim.metrics import compute_metrics, percentile
 from conserve.sim.policies import POLICIES, make_policy
-from conserve.sim.workload import Conversation, Turn, Workload, synthesize_agentic
+from conserve.sim.workload import Conversation, Signals, Turn, Workload, synthesize_agentic
 
 MODEL = MODELS["llama-3-8b"]
+ENDS = Signals(end_of_conversation=True)  # the client says when a conversation is over
 
 
 def fleet(
@@ -54,9 +55,12 @@ def test_one_turn_known_answer() -> None:
     prefill = perf.prefill_time_s(h100, MODEL, 1000)
     transfer = perf.kv_transfer_time_s(MODEL, 1000, f.link)
     decode = perf.decode_run_time_s(h200, MODEL, 1, 1000, 10)
-    assert rec.first_token_s == pytest.approx(prefill)
+    # The first token reaches the user once the KV has arrived at the decoder: TTFT includes the transfer.
+    assert rec.first_token_s == pytest.approx(prefill + transfer)
     assert rec.done_s == pytest.approx(prefill + transfer + decode)
-    assert rec.tbt_s == pytest.approx((transfer + decode) / 10)
+    assert rec.tbt_s == pytest.approx(decode / 10)
+    # the transfer's NIC energy is counted: two ends at NIC_ACTIVE_POWER_W for the transfer time
+    assert result.transfer_energy_j == pytest.approx(2 * 25.0 * transfer)
     assert result.conversations[0].kv_transfers == 1
     # energy: the prefill instance's dynamic energy is the prefill at full activity
     assert result.prefill[0].dynamic_energy_j == pytest.approx((700 - 70) * prefill)
@@ -131,18 +135,33 @@ def test_conserve_waits_for_capacity() -> None:
     f = fleet(decode_gpu="L4", memory_fraction=0.75)
     cap = f.kv_capacity_tokens(f.decode[0])
     big = int(cap * 0.5)
-    w = Workload("t", (chat("a", 0.0, (big, big, 50, 0.0)), chat("b", 0.0, (big, big, 50, 0.0))))
+    w = Workload("t", (chat("a", 0.0, (big, big, 50, 0.0)), chat("b", 0.0, (big, big, 50, 0.0))), signals=ENDS)
     result = simulate(f, w, make_policy("conserve"))
     a, b = (s.turns[0] for s in result.conversations)
     assert len(result.pending_waits_s) == 1
     assert b.first_token_s > a.done_s  # placed only once a released its reservation
 
 
+def test_without_an_end_signal_release_waits_for_the_idle_timeout() -> None:
+    # Equal information: a trace without an end signal (Mooncake, Azure) does not tell ConServe that a is over;
+    # a is released, for every policy alike, once idle for the timeout, and only then can b be placed.
+    f = fleet(decode_gpu="L4", memory_fraction=0.75, host_kv_gb=0.0)
+    big = int(f.kv_capacity_tokens(f.decode[0]) * 0.5)
+    w = Workload("t", (chat("a", 0.0, (big, big, 50, 0.0)), chat("b", 0.0, (big, big, 50, 0.0))))
+    result = simulate(f, w, make_policy("conserve"), idle_timeout_s=60.0)
+    a, b = (s.turns[0] for s in result.conversations)
+    assert b.arrival_s + 60.0 < b.first_token_s and a.done_s + 60.0 <= b.first_token_s
+    assert result.horizon_s == pytest.approx(b.done_s)  # the trailing idle check does not lengthen the run
+    # and the per-turn policies' caches drop the KV at the same moment
+    sticky = simulate(f, w, make_policy("sticky"), idle_timeout_s=60.0)
+    assert all(not d.cache and d.cache_tokens == 0 for d in sticky.decoders)
+
+
 def _idle_then_new(f: Fleet) -> Workload:
     big = int(f.kv_capacity_tokens(f.decode[0]) * 0.5)
     a = chat("a", 0.0, (big, big, 50, 0.0), (big + 60, 10, 10, 30.0))
     b = chat("b", 5.0, (big, big, 50, 0.0))
-    return Workload("t", (a, b))
+    return Workload("t", (a, b), signals=ENDS)
 
 
 def test_conserve_offloads_idle_kv_to_host_and_reloads_it() -> None:

@@ -1,13 +1,16 @@
-"""Trace parsing and conversation recovery (synthetic fixtures, plus the real shared traces)."""
+"""Trace parsing and conversation recovery (synthetic fixtures, plus the real traces kept in the repository)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
 from conserve.sim.workload import (
+    AZURE_FILE,
+    MOONCAKE_FILE,
     AgenticParams,
     TraceError,
     default_trace_dir,
@@ -114,12 +117,11 @@ def test_duration_clips_turns(tmp_path: Path) -> None:
     assert workload.turns == 4  # A's turns at 0 and 60 s, B, the request at 61 s
 
 
-# --- the real shared traces (beside the repository; these fail, never skip, when the files are missing) ------
+# --- the real traces kept in the repository (the `trace_dir` fixture fails, never skips, when they are missing) --
 
 
-def test_real_mooncake_trace() -> None:
-    assert (default_trace_dir() / "mooncake" / "conversation_trace.jsonl").is_file()
-    workload = load_workload("mooncake")
+def test_real_mooncake_trace(trace_dir: Path) -> None:
+    workload = load_workload("mooncake", trace_dir=trace_dir)
     assert workload.report is not None and not workload.report.skipped
     assert workload.turns == 12_031
     follow_ups = workload.turns - len(workload.conversations)
@@ -128,7 +130,75 @@ def test_real_mooncake_trace() -> None:
     assert 10 < new[len(new) // 2] < 100  # "a median of a few dozen new tokens per follow-up turn"
 
 
-def test_real_azure_trace() -> None:
-    workload = load_workload("azure")
+def test_real_azure_trace(trace_dir: Path) -> None:
+    workload = load_workload("azure", trace_dir=trace_dir)
+    assert workload.report is not None and not workload.report.skipped
     assert workload.turns == 19_366
     assert 3000 < workload.conversations[-1].arrival_s < 3700
+
+
+@pytest.mark.parametrize("name", [MOONCAKE_FILE, AZURE_FILE])
+def test_default_lookup_finds_the_traces_shipped_with_the_package(trace_dir: Path, name: str) -> None:
+    # No --trace-dir: the installed package's own copy, which must be the repository's file.
+    found = default_trace_dir() / name
+    assert found.is_file(), f"the package does not ship {name} (package data?)"
+    assert hashlib.sha256(found.read_bytes()).digest() == hashlib.sha256((trace_dir / name).read_bytes()).digest()
+
+
+def test_each_trace_ships_with_its_license_and_attribution(trace_dir: Path) -> None:
+    assert "Apache License" in (trace_dir / "mooncake" / "LICENSE-APACHE").read_text()
+    cc_by = (trace_dir / "azure" / "LICENSE-CC-BY-4.0").read_text(encoding="utf-8-sig")
+    assert "Attribution 4.0 International" in cc_by
+    readme = (trace_dir / "README.md").read_text()
+    for needed in ("github.com/kvcache-ai/Mooncake", "github.com/Azure/AzurePublicDataset", "Splitwise", "ISCA 2024"):
+        assert needed in readme
+
+
+def test_trace_dir_overrides_the_shipped_traces(tmp_path: Path) -> None:
+    (tmp_path / "mooncake").mkdir()
+    (tmp_path / MOONCAKE_FILE).write_text("\n".join(MOONCAKE) + "\n")
+    assert load_workload("mooncake", trace_dir=tmp_path).turns == 6
+    with pytest.raises(TraceError, match=r"AzureLLMInferenceTrace_conv\.csv: file not found"):
+        load_workload("azure", trace_dir=tmp_path)
+
+
+AZURE_HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+
+
+# --- bad input: each message names the file and says what is wrong -----------------------------------------
+
+
+def test_missing_trace_file_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "trace.jsonl"
+    with pytest.raises(TraceError) as exc:
+        load_workload(str(missing))
+    assert str(exc.value) == f"{missing}: file not found"
+
+
+def test_csv_not_in_azure_format_says_why_it_was_read_as_azure(tmp_path: Path) -> None:
+    path = tmp_path / "mine.csv"
+    path.write_text("time,prompt_tokens,GeneratedTokens\n1,2,3\n")
+    with pytest.raises(TraceError) as exc:
+        load_workload(str(path))
+    message = str(exc.value)
+    assert message.startswith(f"{path}: read as an Azure trace (CSV) because its name ends in .csv")
+    assert "lacks the column(s) TIMESTAMP, ContextTokens" in message
+    assert "it has: time, prompt_tokens, GeneratedTokens" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "reason"),
+    [
+        ("all-bad.jsonl", '{not json\n{"timestamp": 1}\n\n[1, 2]\n', "none of its 3 non-empty line(s)"),
+        ("all-bad.csv", f"{AZURE_HEADER}yesterday,1,2\n2023-11-16 18:15:46,0,5\n", "none of its 2"),
+        ("empty.jsonl", "\n\n", "it holds no request"),
+        ("header-only.csv", AZURE_HEADER, "it holds no request"),
+    ],
+)
+def test_a_trace_without_one_usable_request_is_refused(tmp_path: Path, name: str, text: str, reason: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(TraceError) as exc:
+        load_workload(str(path))
+    assert str(exc.value).startswith(f"{path}: read as ")
+    assert reason in str(exc.value)

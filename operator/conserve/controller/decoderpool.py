@@ -22,6 +22,9 @@ from conserve.controller.kube import NotFound
 from conserve.controller.state import PoolRuntime
 from conserve.controller.status import pool_status_patch
 
+# Pod and node events resync pools too: the resync lives beside them (pods.py), so neither module imports the other.
+resync = pods.resync
+
 log = logging.getLogger("conserve.operator")
 PLURAL = "decoderpools"
 
@@ -40,24 +43,6 @@ def load_spec(pool: PoolRuntime, body: dict[str, Any]) -> None:
     if first_sight:
         status = DecoderPoolStatus.model_validate(body.get("status") or {})
         pool.growth_ratios.extend(status.observed_growth_ratios)
-
-
-async def resync(engine: Engine, pool: PoolRuntime, pod: str | None = None) -> None:
-    """Re-derive the pool's decoders (or one pod's); move conversations off lost ones; place waiting ones if
-    room grew."""
-    async with pool.lock:
-        if pod is None:
-            gone, unready, grew = pods.sync_pool(engine.world, pool)
-        else:
-            gone, unready, grew = pods.sync_pod(engine.world, pool, pod)
-    lost = gone + unready
-    if lost:
-        log.info("pool %s lost decoders %s", pool.key, lost)
-        engine.post_pool_event(pool, "DecoderLost", f"decoders gone or not ready: {', '.join(lost)}", warning=True)
-        await engine.decoders_lost(pool, lost)
-    engine.on_pool_changed(pool)
-    if grew or lost:
-        await engine.drain(pool)
 
 
 async def on_event(engine: Engine, event_type: str | None, body: dict[str, Any]) -> None:

@@ -134,7 +134,7 @@ class AggregatingKube:
         for summary in summaries:
             try:
                 await self.inner.post_event(summary.obj, summary.reason, summary.message)
-            except Exception as exc:  # an Event never fails the operator
+            except Exception as exc:  # noqa: BLE001 an Event never fails the operator
                 log.debug("summary Event %s not posted: %s", summary.reason, exc)
         return len(summaries)
 

@@ -11,33 +11,23 @@ import asyncio
 import concurrent.futures
 import datetime as dt
 import functools
-import secrets
+import json
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from conserve import metrics
 from conserve.api.common import GROUP, VERSION
+from conserve.kube import ApiError, NotFound, Refused, new_api_client
+from conserve.kube.clients import k8s
+from conserve.kube.errors import translate
+from conserve.kube.events import event_body
 
 T = TypeVar("T")
 Body = dict[str, Any]
 LIST_PAGE = 500
 
 
-@functools.cache
-def k8s(module: str) -> Any:
-    """A `kubernetes` module, untyped on purpose: its generated stubs want model objects where the API takes
-    plain dicts (which is what the operator reads from watch events and writes back)."""
-    import importlib
-
-    return importlib.import_module(f"kubernetes.{module}")
-
-
-class NotFound(Exception):
-    """The object is gone (404)."""
-
-
-class Refused(Exception):
-    """The API server refused the write (409 / 422): e.g. a finalizer added to an object being deleted."""
+__all__ = ["Kube", "KubeClient", "NotFound", "Refused", "k8s"]
 
 
 class Kube(Protocol):
@@ -69,14 +59,7 @@ class KubeClient:
 
     @classmethod
     def from_kubeconfig(cls, kubeconfig: str | None = None, *, threads: int = 16, instance: str = "") -> KubeClient:
-        client, config = k8s("client"), k8s("config")
-        configuration = client.Configuration()
-        try:
-            config.load_incluster_config(client_configuration=configuration)
-        except config.ConfigException:
-            config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-        configuration.connection_pool_maxsize = threads
-        return cls(client.ApiClient(configuration), threads=threads, instance=instance)
+        return cls(new_api_client(kubeconfig, pool_size=threads), threads=threads, instance=instance)
 
     @property
     def api_client(self) -> Any:
@@ -87,15 +70,13 @@ class KubeClient:
         self._api_client.close()
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        api_exception = k8s("client.rest").ApiException
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
-        except api_exception as exc:
-            if exc.status == 404:
-                raise NotFound(str(exc.reason)) from exc
-            if exc.status in (409, 422):
-                raise Refused(f"{exc.status} {exc.reason}: {exc.body}") from exc
+        except ApiError as exc:
+            error = translate(exc)
+            if isinstance(error, NotFound | Refused):
+                raise error from exc
             raise
 
     # Lists come in pages: one response with 10,000 conversations would be a peak of hundreds of MB in Python
@@ -154,33 +135,9 @@ class KubeClient:
         return {}
 
     async def post_event(self, obj: Body, reason: str, message: str, *, warning: bool = False) -> None:
-        meta = obj.get("metadata", {})
-        namespace = meta.get("namespace") or "default"
-        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        event = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"name": f"{meta.get('name', 'obj')}.{secrets.token_hex(8)}", "namespace": namespace},
-            "involvedObject": {
-                "apiVersion": obj.get("apiVersion", f"{GROUP}/{VERSION}"),
-                "kind": obj.get("kind", ""),
-                "name": meta.get("name", ""),
-                "namespace": namespace,
-                "uid": meta.get("uid", ""),
-                "resourceVersion": meta.get("resourceVersion", ""),
-            },
-            "reason": reason,
-            "message": message[:1024],
-            "type": "Warning" if warning else "Normal",
-            "source": {"component": self._component},
-            "reportingComponent": self._component,
-            "reportingInstance": self._instance,
-            "firstTimestamp": now[:19] + "Z",
-            "lastTimestamp": now[:19] + "Z",
-            "eventTime": now,
-            "action": reason,
-            "count": 1,
-        }
+        event = event_body(obj, reason, message, warning=warning, component=self._component)
+        event["reportingInstance"] = self._instance  # which replica decided
+        namespace = event["metadata"]["namespace"]
         await self._call(_discarding(self._core.create_namespaced_event), namespace, event, _preload_content=False)
         metrics.API_WRITES.labels("events", "create").inc()
 
@@ -199,8 +156,6 @@ def _discarding(fn: Callable[..., Any]) -> Callable[..., None]:
 def _page(resp: Any) -> dict[str, Any]:
     """One page of a list: its items (with kind and apiVersion, as watch events have them) and the continue
     token; managedFields are dropped (the operator never reads them; they are a third of each object)."""
-    import json
-
     data = json.loads(resp.data)
     kind = data.get("kind", "List").removesuffix("List")
     items: list[Body] = data.get("items", [])

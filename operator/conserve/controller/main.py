@@ -48,7 +48,7 @@ class OperatorOptions:
     occupancy_interval_s: float = 2.0
 
 
-async def run_operator(options: OperatorOptions) -> int:
+async def run_operator(options: OperatorOptions) -> int:  # noqa: C901 the wiring of options, one branch each
     client = KubeClient.from_kubeconfig(threads=options.api_threads, instance=options.identity)
     kube: Kube = client
     background: list[Callable[[], Coroutine[Any, Any, None]]] = []

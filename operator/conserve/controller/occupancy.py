@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from conserve import metrics
 from conserve.core.occupancy import ObservedOccupancy
 
@@ -32,8 +34,6 @@ RUNNING_METRIC = "vllm:num_requests_running"
 def parse_metrics(text: str) -> tuple[float, int] | None:
     """(KV used fraction, requests running) from a Prometheus text exposition; None when it has no KV usage or
     does not parse. Several series (one per model) combine as the largest fraction and the sum of running."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     usage: dict[str, list[float]] = {name: [] for name in KV_USAGE_METRICS}
     running = 0.0
     try:
@@ -79,7 +79,7 @@ class OccupancyScraper:
     async def _get(self, endpoint: str) -> str:
         if self._fetch is not None:
             return str(await self._fetch(endpoint))
-        import aiohttp
+        import aiohttp  # noqa: PLC0415 the client loads on first scrape
 
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
@@ -94,7 +94,7 @@ class OccupancyScraper:
             async with self._limit:
                 try:
                     text = await asyncio.wait_for(self._get(endpoint), self.timeout_s)
-                except Exception as exc:  # unreachable or slow: its last reading ages out
+                except Exception as exc:  # noqa: BLE001 unreachable or slow: ages out
                     log.debug("occupancy of %s/%s (%s) not read: %s", namespace, pod, endpoint, exc)
                     return False
             parsed = parse_metrics(text)

@@ -10,15 +10,20 @@ data plane that fronts pods) or else podIP:spec.endpoint.port.
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
 from typing import Any
 
 from conserve.api.decoderpool import DecoderPoolSpec
+from conserve.api.labels import ANNOTATION_ENDPOINT
 from conserve.controller.state import DecoderInfo, NodeInfo, PodInfo, PoolRuntime, World, key_of
 from conserve.core.gpus import RESOURCE_GPU, Tier
 from conserve.core.llm import kv_capacity_tokens
 from conserve.core.placement import DecoderState
 
-ENDPOINT_ANNOTATION = "conserve.dev/endpoint"
+log = logging.getLogger("conserve.operator")
+
+ENDPOINT_ANNOTATION = ANNOTATION_ENDPOINT
 
 
 def pod_info(body: dict[str, Any]) -> PodInfo:
@@ -95,8 +100,6 @@ def decoder_info(pod: PodInfo, node: NodeInfo | None, spec: DecoderPoolSpec) -> 
 
 def _with_kv_bytes(shape: Any, kv_bytes: int) -> Any:
     # An explicit kvBytesPerToken wins over the shape's: scale bytes per element to match it.
-    from dataclasses import replace
-
     per_element_units = 2 * shape.layers * shape.kv_heads * shape.head_dim
     return replace(shape, bytes_per_element=max(kv_bytes // per_element_units, 1))
 
@@ -117,21 +120,10 @@ def sync_pool(world: World, pool: PoolRuntime) -> tuple[list[str], list[str], bo
 
     Returns (decoders gone, decoders now unready, whether capacity may have grown). Call under the pool's lock.
     """
-    spec = pool.spec
     gone: list[str] = []
     unready: list[str] = []
     grew = False
-    new_decoders: dict[str, DecoderInfo] = {}
-    new_prefills: dict[str, DecoderInfo] = {}
-    if spec is not None:
-        for pod in world.pods.values():
-            if pod.namespace != pool.namespace:
-                continue
-            node = world.nodes.get(pod.node)
-            if spec.decoder_selector.matches(pod.labels):
-                new_decoders[pod.name] = decoder_info(pod, node, spec)
-            elif spec.prefill_selector is not None and spec.prefill_selector.matches(pod.labels):
-                new_prefills[pod.name] = decoder_info(pod, node, spec)
+    new_decoders, new_prefills = _selected(world, pool)
     for name, old in pool.decoders.items():
         if name not in new_decoders:
             gone.append(name)
@@ -149,6 +141,24 @@ def sync_pool(world: World, pool: PoolRuntime) -> tuple[list[str], list[str], bo
     pool.decoders = new_decoders
     pool.prefills = new_prefills
     return sorted(gone), sorted(unready), grew
+
+
+def _selected(world: World, pool: PoolRuntime) -> tuple[dict[str, DecoderInfo], dict[str, DecoderInfo]]:
+    """The pool's decoders and prefill servers among the pods known, by pod name."""
+    decoders: dict[str, DecoderInfo] = {}
+    prefills: dict[str, DecoderInfo] = {}
+    spec = pool.spec
+    if spec is None:
+        return decoders, prefills
+    for pod in world.pods.values():
+        if pod.namespace != pool.namespace:
+            continue
+        node = world.nodes.get(pod.node)
+        if spec.decoder_selector.matches(pod.labels):
+            decoders[pod.name] = decoder_info(pod, node, spec)
+        elif spec.prefill_selector is not None and spec.prefill_selector.matches(pod.labels):
+            prefills[pod.name] = decoder_info(pod, node, spec)
+    return decoders, prefills
 
 
 def sync_pod(world: World, pool: PoolRuntime, name: str) -> tuple[list[str], list[str], bool]:
@@ -198,12 +208,28 @@ def pod_key(pod: PodInfo) -> str:
     return key_of(pod.namespace, pod.name)
 
 
+async def resync(engine: Any, pool: PoolRuntime, pod: str | None = None) -> None:
+    """Re-derive the pool's decoders (or one pod's); move conversations off lost ones; place waiting ones if
+    room grew."""
+    async with pool.lock:
+        if pod is None:
+            gone, unready, grew = sync_pool(engine.world, pool)
+        else:
+            gone, unready, grew = sync_pod(engine.world, pool, pod)
+    lost = gone + unready
+    if lost:
+        log.info("pool %s lost decoders %s", pool.key, lost)
+        engine.post_pool_event(pool, "DecoderLost", f"decoders gone or not ready: {', '.join(lost)}", warning=True)
+        await engine.decoders_lost(pool, lost)
+    engine.on_pool_changed(pool)
+    if grew or lost:
+        await engine.drain(pool)
+
+
 # --- watch handlers -------------------------------------------------------------------------------------------
 
 
 async def on_pod_event(engine: Any, event_type: str | None, body: dict[str, Any]) -> None:
-    from conserve.controller.decoderpool import resync
-
     world: World = engine.world
     meta = body.get("metadata", {})
     key = key_of(meta.get("namespace", ""), meta.get("name", ""))
@@ -223,8 +249,6 @@ async def on_pod_event(engine: Any, event_type: str | None, body: dict[str, Any]
 
 
 async def on_node_event(engine: Any, event_type: str | None, body: dict[str, Any]) -> None:
-    from conserve.controller.decoderpool import resync
-
     world: World = engine.world
     meta = body.get("metadata", {})
     name = meta.get("name", "")

@@ -17,7 +17,7 @@ from conserve.controller.shards import Sharding
 log = logging.getLogger("conserve.operator")
 
 
-def build_registry(
+def build_registry(  # noqa: C901 one handler per resource
     engine: Engine,
     namespaces: Sequence[str] | None,
     energy_options: Any | None = None,
@@ -108,7 +108,7 @@ async def _vanished_loop(engine: Engine, namespaces: Sequence[str] | None, inter
         await asyncio.sleep(interval_s)
         try:
             await conversation.release_vanished(engine, scopes)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 the sweep runs again
             log.warning("sweep for deleted conversations failed: %s", exc)
 
 

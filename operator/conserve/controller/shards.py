@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from conserve.controller import startup
 from conserve.controller.kube import k8s
 from conserve.controller.leader import LeaderElector
 
@@ -124,7 +125,7 @@ class ShardLeases:
         loop = asyncio.get_running_loop()
         try:
             await asyncio.to_thread(self._member._try_acquire_or_renew)
-        except Exception as exc:  # retried in the loop
+        except Exception as exc:  # noqa: BLE001 a missed renewal: the watchdog decides
             log.warning("shards: joining failed: %s", exc)
         await asyncio.sleep(self.renew_s)
         watchdog = asyncio.create_task(self._watchdog())
@@ -134,7 +135,7 @@ class ShardLeases:
                 try:
                     await asyncio.to_thread(self._member._try_acquire_or_renew)
                     members = await asyncio.to_thread(self._live_members)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 a missed renewal: the watchdog decides
                     log.warning("shards: member renewal failed: %s", exc)
                     members = 0
                 for shard in sorted(self.set.held):
@@ -157,7 +158,7 @@ class ShardLeases:
     async def _renew(self, shard: int, started: float) -> None:
         try:
             ok = await asyncio.to_thread(self._shards[shard]._try_acquire_or_renew)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 a missed renewal: the watchdog decides
             log.warning("shards: renewal of shard %d failed: %s", shard, exc)
             return
         if ok:
@@ -169,7 +170,7 @@ class ShardLeases:
     async def _try_take(self, shard: int, started: float) -> None:
         try:
             ok = await asyncio.to_thread(self._shards[shard]._try_acquire_or_renew)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 a missed renewal: the watchdog decides
             log.warning("shards: acquiring shard %d failed: %s", shard, exc)
             return
         if not ok:
@@ -308,8 +309,6 @@ class Sharding:
     leases: ShardLeases | None = None
 
     async def start(self, engine: Any, namespaces: Sequence[str] | None) -> None:
-        from conserve.controller import startup
-
         n = self.shard_set.shards
 
         def in_shard(shard: int) -> Callable[[str, str], bool]:

@@ -16,48 +16,38 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
+from conserve import testkit
 from conserve.api import crdgen
 from conserve.api.common import GROUP, VERSION
 from conserve.controller.kube import k8s
+from conserve.testkit.builders import ConversationBuilder, PodBuilder, PoolBuilder
 
 T = TypeVar("T")
 
 
 def pool_body(name: str, *, app: str = "dec", tokens_per_decoder: int | None = 100_000, **spec: Any) -> dict[str, Any]:
-    body_spec: dict[str, Any] = {
-        "model": {"name": "llama-3-8b"},
-        "decoderSelector": {"matchLabels": {"app": app}},
-        "prefillSelector": {"matchLabels": {"app": f"{app}-prefill"}},
-    }
+    pool = PoolBuilder(name).decoders(app).prefills(f"{app}-prefill")
     if tokens_per_decoder is not None:
-        body_spec["kvCapacity"] = {"tokensPerDecoder": tokens_per_decoder}
-    body_spec.update(spec)
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "DecoderPool", "metadata": {"name": name}, "spec": body_spec}
+        pool.kv_tokens(tokens_per_decoder)
+    return pool.spec(**spec).build(validate=False)
 
 
 def pod_body(
     name: str, node: str, *, app: str = "dec", gpus: int = 1, annotations: dict[str, str] | None = None
 ) -> dict[str, Any]:
     """A bare pod bound to a KWOK node (no scheduler involved); KWOK marks it Running and Ready."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "labels": {"app": app}, "annotations": annotations or {}},
-        "spec": {
-            "nodeName": node,
-            "tolerations": [{"operator": "Exists"}],
-            "containers": [{"name": "server", "image": "fake", "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}],
-        },
-    }
+    pod = PodBuilder(name).on(node).app(app).gpus(gpus)
+    for key, value in (annotations or {}).items():
+        pod.annotate(key, value)
+    body = pod.build()
+    body["metadata"].setdefault("annotations", {})
+    return body
 
 
 def conversation_body(name: str, pool: str, first_turn_input_tokens: int, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "Conversation",
-        "metadata": {"name": name},
-        "spec": {"pool": pool, "firstTurnInputTokens": first_turn_input_tokens, **spec},
-    }
+    return ConversationBuilder(name, pool).tokens(first_turn_input_tokens).spec(**spec).build(validate=False)
 
 
 class Api:
@@ -139,24 +129,12 @@ class Api:
 
 
 def wait_for(predicate: Callable[[], T], timeout_s: float = 15.0, interval_s: float = 0.1, what: str = "") -> T:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while True:
-        try:
-            last = predicate()
-        except Exception as exc:  # a transient 404 while an object appears
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last  # type: ignore[no-any-return]
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what or predicate}: last={last!r}")
-        time.sleep(interval_s)
+    """`conserve.testkit.wait_for`, predicate first (the operator tests' order), any exception counting as not yet."""
+    return testkit.wait_for(what or repr(predicate), predicate, timeout_s, interval_s, tolerate=(Exception,))
 
 
 def install_crds(api_client: Any, directory: Path = crdgen.CRDS_DIR, timeout_s: float = 30.0) -> None:
     """Create or update the CRDs and wait until they are Established (idempotent)."""
-    import yaml
-
     client = k8s("client")
     ext = client.ApiextensionsV1Api(api_client)
     names = []
@@ -187,8 +165,16 @@ class OperatorProcess:
     """`conserve operator` as a subprocess: start, wait until its ledger is rebuilt, kill, restart."""
 
     def __init__(
-        self, kubeconfig: Path, namespace: str, log_path: Path, extra_args: Sequence[str] = (), *, fast: bool = True
+        self,
+        kubeconfig: Path,
+        namespace: str,
+        log_path: Path,
+        extra_args: Sequence[str] = (),
+        *,
+        fast: bool = True,
+        entry: Sequence[str] = ("-m", "conserve.cli"),
     ) -> None:
+        self.entry = list(entry)  # what the interpreter runs before `operator ...` (a benchmark's launcher)
         self.fast = fast  # short sweep and status intervals (tests); False: the command's defaults (benchmarks)
         self.kubeconfig = kubeconfig
         self.namespace = namespace
@@ -200,7 +186,7 @@ class OperatorProcess:
     def start(self, *, wait_ready: bool = True, timeout_s: float = 30.0) -> OperatorProcess:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
-        args = [sys.executable, "-m", "conserve.cli", "operator", "--namespace", self.namespace, "--metrics-port", "0"]
+        args = [sys.executable, *self.entry, "operator", "--namespace", self.namespace, "--metrics-port", "0"]
         if self.fast:
             args += ["--idle-sweep-interval", "0.2", "--pool-status-interval", "0.2"]
             if "--events" not in self.extra_args:

@@ -121,32 +121,27 @@ def make_gpu_nodes(
 
 def new_api_client(kubeconfig: Path | str, pool_size: int = 16) -> Any:
     """A ``kubernetes.client.ApiClient`` for the given kubeconfig (imported lazily: the CLI stays light)."""
-    from kubernetes import client, config
+    from conserve.kube import new_api_client as factory  # noqa: PLC0415 the devcluster CLI imports this module; the client loads on use
 
-    configuration = client.Configuration()
-    config.load_kube_config(  # type: ignore[no-untyped-call]
-        config_file=str(kubeconfig), client_configuration=configuration
-    )
-    configuration.connection_pool_maxsize = pool_size
-    return client.ApiClient(configuration)
+    return factory(kubeconfig, pool_size=pool_size)
 
 
 def apply_gpu_nodes(kubeconfig: Path | str, nodes: Iterable[GpuNodeSpec], parallelism: int = 8) -> list[str]:
     """Create (or update) the nodes; returns their names. Works on any cluster with KWOK managing
     ``kwok.x-k8s.io/node=fake`` nodes."""
-    from kubernetes import client
-    from kubernetes.client import ApiException
+    from conserve.kube import ApiError  # noqa: PLC0415 the devcluster CLI imports this module; the client loads on use
+    from conserve.kube.clients import CoreV1Api  # noqa: PLC0415 the devcluster CLI imports this module; the client loads on use
 
     specs = list(nodes)
     api_client = new_api_client(kubeconfig, pool_size=max(parallelism, 4))
-    core = client.CoreV1Api(api_client)
+    core = CoreV1Api(api_client)
 
     def one(spec: GpuNodeSpec) -> str:
         # The client takes plain dicts as bodies; its annotations name only the model classes.
         body: Any = spec.manifest()
         try:
             core.create_node(body)
-        except ApiException as exc:
+        except ApiError as exc:
             if exc.status != 409:
                 raise
             core.patch_node(spec.name, {"metadata": body["metadata"]})
@@ -161,16 +156,16 @@ def apply_gpu_nodes(kubeconfig: Path | str, nodes: Iterable[GpuNodeSpec], parall
 
 
 def delete_gpu_nodes(kubeconfig: Path | str, names: Iterable[str], parallelism: int = 8) -> None:
-    from kubernetes import client
-    from kubernetes.client import ApiException
+    from conserve.kube import ApiError  # noqa: PLC0415 the devcluster CLI imports this module; the client loads on use
+    from conserve.kube.clients import CoreV1Api  # noqa: PLC0415 the devcluster CLI imports this module; the client loads on use
 
     api_client = new_api_client(kubeconfig, pool_size=max(parallelism, 4))
-    core = client.CoreV1Api(api_client)
+    core = CoreV1Api(api_client)
 
     def one(name: str) -> None:
         try:
             core.delete_node(name)
-        except ApiException as exc:
+        except ApiError as exc:
             if exc.status != 404:
                 raise
 
@@ -183,10 +178,10 @@ def delete_gpu_nodes(kubeconfig: Path | str, names: Iterable[str], parallelism: 
 
 def wait_nodes_ready(kubeconfig: Path | str, names: Sequence[str], timeout_s: float = 60.0) -> None:
     """Block until every named node reports Ready (KWOK has taken it over)."""
-    from kubernetes import client
+    from conserve.kube.clients import CoreV1Api  # noqa: PLC0415 the devcluster CLI imports this module; the client loads on use
 
     api_client = new_api_client(kubeconfig)
-    core = client.CoreV1Api(api_client)
+    core = CoreV1Api(api_client)
     wanted = set(names)
     deadline = time.monotonic() + timeout_s
     try:

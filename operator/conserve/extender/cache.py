@@ -2,7 +2,7 @@
 
 `ClusterCache` is plain state fed by events (`apply_node`, `apply_pod`, `replace_*`); it is thread-safe for one
 writer per kind and many readers. `KubeWatcher` feeds it from the API server with list + watch (the kubernetes
-client, raw JSON, in daemon threads), re-listing when a watch expires (410 Gone) or fails.
+adapter's informers, in daemon threads), re-listing when a watch expires (410 Gone) or fails.
 
 Readers see a per-node `GpuNode` that is replaced, never mutated, whenever its node or a pod bound to it
 changes; a lookup is one dict read.
@@ -14,7 +14,6 @@ NodeResourcesFit filter runs before the extender with the assumed pods, so this 
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -24,6 +23,8 @@ from typing import Any
 from conserve.core.gpus import Role
 from conserve.core.node_scoring import GpuNode, NodeKey
 from conserve.extender.objects import NodeUsage, PodUsage, gpu_node, name_of, pod_usage
+from conserve.kube import Backoff, Informer, new_api_client
+from conserve.kube.clients import CoreV1Api
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ class ClusterCache:
         """Keep what `gpu_node` reads: labels and allocatable (a full Node is several KiB)."""
         meta = node.get("metadata") if isinstance(node.get("metadata"), dict) else {}
         status = node.get("status") if isinstance(node.get("status"), dict) else {}
-        assert isinstance(meta, dict) and isinstance(status, dict)
+        assert isinstance(meta, dict)
+        assert isinstance(status, dict)
         return {
             "metadata": {"name": meta.get("name"), "labels": meta.get("labels") or {}},
             "status": {"allocatable": status.get("allocatable") or {}},
@@ -208,11 +210,9 @@ class ClusterCache:
 
 # --- feeding the cache from the API server -------------------------------------------------------------------
 
-ListFunc = Callable[..., Any]
-
 
 class KubeWatcher:
-    """List + watch nodes (optional) and pods into a `ClusterCache`, in daemon threads, until `stop()`."""
+    """List + watch nodes (optional) and pods into a `ClusterCache` with two informers, until `stop()`."""
 
     def __init__(
         self,
@@ -228,95 +228,34 @@ class KubeWatcher:
         self._watch_nodes = watch_nodes
         self._watch_timeout_s = watch_timeout_s
         self._retry_delay_s = retry_delay_s
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._informers: list[Informer] = []
 
     def start(self) -> None:
-        from kubernetes import client, config
-
-        api_client = client.ApiClient(configuration=self._load_config(config, client))
-        core = client.CoreV1Api(api_client)
+        core = CoreV1Api(new_api_client(self._kubeconfig))
         if self._watch_nodes:
             self._spawn("nodes", core.list_node, self._cache.replace_nodes, self._cache.apply_node)
         else:
             self._cache.nodes_synced.set()
         self._spawn("pods", core.list_pod_for_all_namespaces, self._cache.replace_pods, self._cache.apply_pod)
 
-    def _load_config(self, config: Any, client: Any) -> Any:
-        configuration = client.Configuration()
-        if self._kubeconfig:
-            config.load_kube_config(config_file=self._kubeconfig, client_configuration=configuration)
-        else:
-            try:
-                config.load_incluster_config(client_configuration=configuration)
-            except config.ConfigException:
-                config.load_kube_config(client_configuration=configuration)
-        return configuration
-
     def _spawn(
         self,
         kind: str,
-        list_func: ListFunc,
+        list_func: Callable[..., Any],
         replace: Callable[[list[dict[str, Any]]], None],
         apply: Callable[[str, dict[str, Any]], None],
     ) -> None:
-        thread = threading.Thread(
-            target=self._run,
-            args=(kind, list_func, replace, apply),
-            name=f"conserve-extender-watch-{kind}",
-            daemon=True,
+        informer = Informer(
+            list_func,
+            name=f"extender-{kind}",
+            on_replace=replace,
+            on_event=apply,
+            watch_timeout_s=self._watch_timeout_s,
+            backoff=Backoff(first_s=self._retry_delay_s),
         )
-        self._threads.append(thread)
-        thread.start()
-
-    def _run(
-        self,
-        kind: str,
-        list_func: ListFunc,
-        replace: Callable[[list[dict[str, Any]]], None],
-        apply: Callable[[str, dict[str, Any]], None],
-    ) -> None:
-        from kubernetes import watch
-        from kubernetes.client.exceptions import ApiException
-
-        watch_class: Any = watch.Watch  # untyped upstream
-
-        while not self._stop.is_set():
-            try:
-                response = list_func(_preload_content=False, _request_timeout=60)
-                body = json.loads(response.data)
-                items = body.get("items") or []
-                resource_version = str(body.get("metadata", {}).get("resourceVersion", ""))
-                replace(items)
-                log.info("extender cache: listed %d %s at resourceVersion %s", len(items), kind, resource_version)
-                while not self._stop.is_set():
-                    watcher = watch_class()
-                    for event in watcher.stream(
-                        list_func,
-                        resource_version=resource_version,
-                        timeout_seconds=self._watch_timeout_s,
-                        allow_watch_bookmarks=True,
-                        deserialize=False,
-                    ):
-                        if self._stop.is_set():
-                            watcher.stop()
-                            break
-                        event_type = event.get("type")
-                        obj = event.get("object")
-                        if not isinstance(obj, dict):
-                            continue
-                        if event_type == "ERROR":
-                            raise ApiException(status=obj.get("code", 500), reason=obj.get("message", "watch error"))
-                        rv = obj.get("metadata", {}).get("resourceVersion")
-                        if rv:
-                            resource_version = str(rv)
-                        if event_type in ("ADDED", "MODIFIED", "DELETED"):
-                            apply(event_type, obj)
-            except Exception as exc:  # a watch must never die: log, back off, re-list
-                if self._stop.is_set():
-                    return
-                log.warning("extender cache: %s watch failed (%s); re-listing", kind, exc)
-                self._stop.wait(self._retry_delay_s)
+        self._informers.append(informer)
+        informer.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        for informer in self._informers:
+            informer.stop()

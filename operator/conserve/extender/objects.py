@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from conserve.api.labels import LABEL_MODEL, LABEL_ROLE, POD_FINISHED_PHASES
 from conserve.core.gpus import (
     LABEL_GPU_COUNT,
     LABEL_GPU_MEMORY_MIB,
@@ -22,12 +23,9 @@ from conserve.core.gpus import (
 )
 from conserve.core.node_scoring import DEFAULT_MODEL, GpuNode, PodDemand
 
-#: The label by which a pod states its role.
-LABEL_ROLE = "conserve.dev/role"
-#: Optional: the model a pod serves (prices energy per token); a name from `conserve.core.llm.MODELS`.
-LABEL_MODEL = "conserve.dev/model"
-
-_TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+# LABEL_ROLE states a pod's role; LABEL_MODEL (optional) the model it serves, a name from
+# `conserve.core.llm.MODELS` (prices energy per token).
+__all__ = ["LABEL_MODEL", "LABEL_ROLE"]
 
 
 def _dict(value: object) -> Mapping[str, Any]:
@@ -110,7 +108,7 @@ def pod_usage(pod: Mapping[str, Any]) -> PodUsage | None:
     node = _dict(pod.get("spec")).get("nodeName")
     if not isinstance(node, str) or not node:
         return None
-    if _dict(pod.get("status")).get("phase") in _TERMINAL_PHASES:
+    if _dict(pod.get("status")).get("phase") in POD_FINISHED_PHASES:
         return None
     return PodUsage(node=node, gpus=pod_gpu_request(pod), role=pod_role(pod))
 

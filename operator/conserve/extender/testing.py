@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from conserve.api.labels import LABEL_MODEL, LABEL_ROLE
 from conserve.core.gpus import LABEL_GPU_COUNT, LABEL_GPU_MEMORY_MIB, LABEL_GPU_PRODUCT, LABEL_TIER_OVERRIDE
-from conserve.extender.objects import LABEL_MODEL, LABEL_ROLE
 
 #: GFD product strings and per-GPU memory (MiB) of the fleet the tests and the benchmark use.
 GFD_PRODUCTS: dict[str, tuple[str, int]] = {

@@ -91,11 +91,10 @@ def _run_server(args: argparse.Namespace) -> int:
 
 
 def _run_pods(args: argparse.Namespace) -> int:
-    from kubernetes import client, config
-
     from conserve.gpusim.engine import Role
     from conserve.gpusim.pods import PodRunner
     from conserve.gpusim.server import GpuSimConfig
+    from conserve.kube import new_api_client
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     base = GpuSimConfig(
@@ -106,11 +105,7 @@ def _run_pods(args: argparse.Namespace) -> int:
         link=args.link,
         stream_interval=args.stream_interval,
     )
-    configuration = client.Configuration()
-    config.load_kube_config(  # type: ignore[no-untyped-call]
-        config_file=args.kubeconfig, client_configuration=configuration
-    )
-    api = client.ApiClient(configuration)
+    api = new_api_client(args.kubeconfig)
 
     async def main() -> None:
         await PodRunner(api_client=api, namespace=args.namespace, base=base, any_node=args.any_node).run()

@@ -13,21 +13,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from conserve.core.gpus import LABEL_GPU_PRODUCT, RESOURCE_GPU
+from conserve.api.labels import (
+    ANNOTATION_ENDPOINT,
+    ANNOTATION_KWOK_NODE,
+    ANNOTATION_MODEL,
+    LABEL_GPU_PRODUCT,
+    LABEL_ROLE,
+    POD_FINISHED_PHASES,
+    RESOURCE_GPU,
+)
 from conserve.gpusim.engine import Role
 from conserve.gpusim.server import GpuSimConfig, GpuSimServer
+from conserve.kube import ApiError, Informer, annotations_patch
+from conserve.kube.clients import CoreV1Api
 
 log = logging.getLogger(__name__)
 
-LABEL_ROLE = "conserve.dev/role"
-ANNOTATION_ENDPOINT = "conserve.dev/endpoint"
-ANNOTATION_MODEL = "conserve.dev/model"
-KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+__all__ = ["ANNOTATION_ENDPOINT", "LABEL_ROLE", "PodRunner", "PodSpecView", "view_pod", "wants_server"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +79,7 @@ def view_pod(pod: Mapping[str, Any]) -> PodSpecView:
         model=annotations.get(ANNOTATION_MODEL),
         endpoint=annotations.get(ANNOTATION_ENDPOINT),
         terminating=meta.get("deletionTimestamp") is not None,
-        finished=status.get("phase") in ("Succeeded", "Failed"),
+        finished=status.get("phase") in POD_FINISHED_PHASES,
     )
 
 
@@ -82,7 +88,7 @@ def wants_server(pod: PodSpecView, node_annotations: Mapping[str, str] | None, a
         return False
     if any_node:
         return True
-    return node_annotations is not None and node_annotations.get(KWOK_NODE_ANNOTATION) == "fake"
+    return node_annotations is not None and node_annotations.get(ANNOTATION_KWOK_NODE) == "fake"
 
 
 @dataclass
@@ -92,7 +98,8 @@ class _Running:
 
 
 class PodRunner:
-    """Reconciles simulators with pods. The Kubernetes client is sync; its calls run in threads."""
+    """Reconciles simulators with pods. The Kubernetes client is sync: an informer thread watches, calls run in
+    threads."""
 
     def __init__(
         self,
@@ -103,16 +110,13 @@ class PodRunner:
         any_node: bool = False,
         on_change: Callable[[], None] | None = None,
     ) -> None:
-        from kubernetes import client
-
-        self._core = client.CoreV1Api(api_client)
+        self._core = CoreV1Api(api_client)
         self._namespace = namespace
         self._base = base
         self._any_node = any_node
         self._running: dict[str, _Running] = {}  # pod uid -> server
         self._nodes: dict[str, dict[str, Any]] = {}  # node name -> {"labels": ..., "annotations": ...}
         self._on_change = on_change
-        self._stop = threading.Event()
 
     @property
     def servers(self) -> dict[str, str]:
@@ -120,64 +124,45 @@ class PodRunner:
         return {uid: r.endpoint for uid, r in self._running.items()}
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
-        thread = threading.Thread(target=self._watch, args=(loop, queue), name="gpusim-pod-watch", daemon=True)
-        thread.start()
+
+        def replace(pods: list[dict[str, Any]]) -> None:
+            for pod in pods:
+                queue.put_nowait(("SYNC", pod))
+
+        informer = self._informer(
+            on_replace=replace,
+            on_event=lambda kind, pod: queue.put_nowait((kind, pod)),
+            loop=asyncio.get_running_loop(),
+        )
+        informer.start()
         try:
             while True:
                 kind, pod = await queue.get()
                 try:
                     await self._reconcile(kind, pod)
-                except Exception:  # keep serving the other pods
+                except Exception:  # one pod's failure is logged; the others keep their servers
                     log.exception("reconciling pod %s", (pod.get("metadata") or {}).get("name"))
         finally:
-            self._stop.set()
+            informer.stop()
             for uid in list(self._running):
                 await self._stop_server(uid)
 
-    def _watch(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[tuple[str, dict[str, Any]]]) -> None:
-        from kubernetes import watch
-
-        while not self._stop.is_set():
-            try:
-                listing: Any
-                if self._namespace:
-                    listing = self._core.list_namespaced_pod(self._namespace, label_selector=LABEL_ROLE)
-                else:
-                    listing = self._core.list_pod_for_all_namespaces(label_selector=LABEL_ROLE)
-                version = listing.metadata.resource_version
-                client = self._core.api_client
-                for item in listing.items:
-                    loop.call_soon_threadsafe(queue.put_nowait, ("SYNC", client.sanitize_for_serialization(item)))
-                watch_class: Any = watch.Watch  # untyped upstream
-                w = watch_class()
-                kwargs: dict[str, Any] = {
-                    "label_selector": LABEL_ROLE,
-                    "resource_version": version,
-                    "timeout_seconds": 300,
-                }
-                if self._namespace:
-                    stream = w.stream(self._core.list_namespaced_pod, self._namespace, **kwargs)
-                else:
-                    stream = w.stream(self._core.list_pod_for_all_namespaces, **kwargs)
-                for event in stream:
-                    if self._stop.is_set():
-                        w.stop()
-                        return
-                    obj = client.sanitize_for_serialization(event["object"])
-                    loop.call_soon_threadsafe(queue.put_nowait, (str(event["type"]), obj))
-            except Exception as err:  # the watch expires or the API server restarts: list again
-                if self._stop.is_set():
-                    return
-                log.info("pod watch restarting: %s", err)
-                self._stop.wait(1.0)
+    def _informer(self, **callbacks: Any) -> Informer:
+        """The role-labelled pods of the runner's namespace (or of all)."""
+        scope = (
+            (self._core.list_namespaced_pod, self._namespace)
+            if self._namespace
+            else (self._core.list_pod_for_all_namespaces,)
+        )
+        return Informer(*scope, name="gpusim-pods", label_selector=LABEL_ROLE, **callbacks)
 
     async def _node(self, name: str) -> dict[str, Any] | None:
         if name not in self._nodes:
             try:
                 node: Any = await asyncio.to_thread(self._core.read_node, name)
-            except Exception:
+            except ApiError as err:
+                log.warning("reading node %s: %s", name, err.reason)
                 return None
             self._nodes[name] = {
                 "labels": dict(node.metadata.labels or {}),
@@ -197,7 +182,8 @@ class PodRunner:
             return
         running = self._running.get(pod.uid)
         if running is None:
-            assert pod.role is not None and node is not None
+            assert pod.role is not None
+            assert node is not None
             product = node["labels"].get(LABEL_GPU_PRODUCT, "") or self._base.gpu
             config = replace(
                 self._base,
@@ -218,10 +204,10 @@ class PodRunner:
             if self._on_change is not None:
                 self._on_change()
         if pod.endpoint != running.endpoint:
-            patch = {"metadata": {"annotations": {ANNOTATION_ENDPOINT: running.endpoint}}}
+            patch = annotations_patch({ANNOTATION_ENDPOINT: running.endpoint})
             try:
                 await asyncio.to_thread(self._core.patch_namespaced_pod, pod.name, pod.namespace, patch)
-            except Exception as err:
+            except ApiError as err:
                 log.warning("annotating pod %s/%s: %s", pod.namespace, pod.name, err)
 
     async def _stop_server(self, uid: str) -> None:

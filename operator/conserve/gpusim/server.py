@@ -27,15 +27,20 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from conserve.api.openai_wire import prompt_tokens_of
 from conserve.core.gpus import GpuSpec, lookup_product
 from conserve.core.llm import ModelShape, kv_capacity_tokens, lookup_model
 from conserve.core.perf import LINKS, Device
-from conserve.core.tokens import FILLER_TOKEN, estimate_messages_tokens, estimate_tokens
+from conserve.core.tokens import FILLER_TOKEN
 from conserve.gpusim.engine import BLOCK_TOKENS, Engine, RequestRejected, Role, SimRequest, remote_block_ids
 
 CONVERSATION_HEADER = "X-Conversation-Id"
 SERVER_HEADER = "X-Conserve-Server"
 DEFAULT_MAX_TOKENS = 16
+#: The simulator's modelled power (W) and energy counter (J; exposed with `_total`), which the fake DCGM
+#: exporter (`conserve.gpusim.fakedcgm_cluster`) follows.
+POWER_METRIC = "conserve_gpusim_power_watts"
+ENERGY_METRIC = "conserve_gpusim_energy_joules"
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,14 +124,10 @@ class _EngineCollector(Collector):
         yield counter(
             "vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache.", s.prefix_cache_hit_tokens_total
         )
-        g = GaugeMetricFamily(
-            "conserve_gpusim_power_watts", "Modelled board power of this server's GPUs.", labels=["gpu", "role"]
-        )
+        g = GaugeMetricFamily(POWER_METRIC, "Modelled board power of this server's GPUs.", labels=["gpu", "role"])
         g.add_metric([self._config.gpu, self._config.role.value], s.power_w)
         yield g
-        c = CounterMetricFamily(
-            "conserve_gpusim_energy_joules", "Modelled energy drawn (modelled time).", labels=["gpu", "role"]
-        )
+        c = CounterMetricFamily(ENERGY_METRIC, "Modelled energy drawn (modelled time).", labels=["gpu", "role"])
         c.add_metric([self._config.gpu, self._config.role.value], e.energy_j_now())
         yield c
         yield counter(
@@ -143,25 +144,6 @@ def _max_tokens(body: dict[str, Any]) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return DEFAULT_MAX_TOKENS
-
-
-def prompt_tokens_of(body: dict[str, Any], chat: bool) -> int:
-    """The estimate the router uses too (conserve.core.tokens); token-id prompts are counted exactly."""
-    if chat:
-        contents: list[str] = []
-        for message in body.get("messages") or []:
-            content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, str):
-                contents.append(content)
-            elif isinstance(content, list):
-                contents.extend(str(p.get("text", "")) for p in content if isinstance(p, dict))
-        return max(estimate_messages_tokens(contents), 1)
-    prompt = body.get("prompt", "")
-    if isinstance(prompt, list):
-        if prompt and all(isinstance(t, int) for t in prompt):
-            return len(prompt)
-        return max(sum(estimate_tokens(str(p)) for p in prompt), 1)
-    return max(estimate_tokens(str(prompt)), 1)
 
 
 class GpuSimServer:

@@ -26,7 +26,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p = subparsers.add_parser("load", help="replay a trace slice through the router and report TTFET, TTFT, J/token")
     p.add_argument("--router", default="http://127.0.0.1:8080", help="router base URL")
     p.add_argument("--workload", default="mooncake", help="mooncake, azure, agentic, or a trace file")
-    p.add_argument("--trace-dir", default=None, help="directory holding mooncake/ and azure/ traces")
+    p.add_argument(
+        "--trace-dir", default=None, help="folder holding mooncake/ and azure/ traces (default: the shipped traces)"
+    )
     p.add_argument("--start-s", type=float, default=0.0, help="slice start in trace seconds")
     p.add_argument("--duration-s", type=float, default=120.0, help="slice length in trace seconds")
     p.add_argument("--max-conversations", type=int, default=None)
@@ -76,10 +78,9 @@ async def run_modes(
     *,
     progress: bool = True,
 ) -> list[Any]:
-    from tqdm import tqdm
-
     from conserve.load.replay import ReplayConfig, replay
     from conserve.load.report import summarize
+    from conserve.progress import progress_bar
 
     run_id = uuid.uuid4().hex[:6]
     out = []
@@ -87,7 +88,7 @@ async def run_modes(
         for mode in modes:
             await wait_idle(http, router)
             kv0, e0 = await router_counter(http, router, mode), await energy_j(http, router)
-            bar = tqdm(total=workload.turns, desc=mode, unit="turn", disable=not progress)
+            bar = progress_bar(workload.turns, desc=mode, unit="turn", enabled=progress)
             config = ReplayConfig(router, mode, run_id, speedup, max_output_tokens=max_output_tokens)
 
             def advance(bar: Any = bar) -> None:

@@ -60,7 +60,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--namespace", default="conserve-demo")
     p.add_argument("--prefill", type=int, default=2, help="prefill pods")
     p.add_argument("--decoders", type=int, default=4, help="decode pods")
-    p.add_argument("--workload", default="mooncake")
+    p.add_argument("--workload", default="mooncake", help="mooncake, azure, agentic, or a trace file")
+    p.add_argument(
+        "--trace-dir", type=Path, default=None, help="folder holding mooncake/ and azure/ (default: the shipped traces)"
+    )
     p.add_argument("--start-s", type=float, default=0.0, help="slice start, trace seconds (see the module doc)")
     p.add_argument("--duration-s", type=float, default=180.0, help="slice length, trace seconds")
     p.add_argument(
@@ -299,7 +302,7 @@ def _replay(args: argparse.Namespace, router: str, kubeconfig: Path) -> int:
     from conserve.load.report import format_table, slice_workload
     from conserve.sim.workload import load_workload
 
-    full = load_workload(args.workload, duration_s=args.start_s + args.duration_s)
+    full = load_workload(args.workload, duration_s=args.start_s + args.duration_s, trace_dir=args.trace_dir)
     workload = slice_workload(full, args.start_s, args.duration_s)
     print(
         f"replaying {workload.name}: {len(workload.conversations)} conversations, {workload.turns} turns, "

@@ -47,8 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def _run(args: argparse.Namespace) -> int:
     from aiohttp import web
-    from kubernetes import client, config
 
+    from conserve.kube import new_api_client
     from conserve.metrics import REGISTRY, ROUTER
     from conserve.router.app import build_app
     from conserve.router.control import CREATE_THREADS, PATCH_THREADS, KubeControlPlane
@@ -56,16 +56,8 @@ def _run(args: argparse.Namespace) -> int:
     from conserve.router.service import Router, RouterConfig
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    configuration = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    except config.ConfigException:
-        config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=args.kubeconfig, client_configuration=configuration
-        )
     # One connection per thread of the control plane's create and patch pools, plus its two watches.
-    configuration.connection_pool_maxsize = CREATE_THREADS + PATCH_THREADS + 2
-    api = client.ApiClient(configuration)
+    api = new_api_client(args.kubeconfig, pool_size=CREATE_THREADS + PATCH_THREADS + 2)
     router_config = RouterConfig(
         namespace=args.namespace,
         pool=args.pool,

@@ -3,9 +3,10 @@
 The router creates Conversation objects, reads their placement (`status.decoder`, `status.prefill`,
 `status.placementGeneration`) from a watch cache, patches `spec.usage` / `spec.completed` (merge patches), and
 reads each DecoderPool's ready decoders and prefill servers (with endpoints) from a second watch.
-The Kubernetes client is synchronous: its watches run in threads that hand events to the event loop, and its
-writes run on two thread pools of the router's own: creates (on a new conversation's first-turn path) never
-queue behind usage patches, and neither waits for the event loop's small default executor (cores + 4 threads).
+The Kubernetes client is synchronous: its watches are `conserve.kube.Informer`s (threads that hand events to
+the event loop), and its writes run on two thread pools of the router's own: creates (on a new conversation's
+first-turn path) never queue behind usage patches, and neither waits for the event loop's small default
+executor (cores + 4 threads).
 Size the client's connection pool (`connection_pool_maxsize`) to at least both pools together.
 """
 
@@ -14,20 +15,24 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+from pydantic import ValidationError
 
 from conserve.api.common import GROUP, VERSION
 from conserve.api.conversation import PLURAL as CONVERSATIONS
+from conserve.api.conversation import TERMINAL_PHASES, ConversationStatus, Phase
 from conserve.api.decoderpool import PLURAL as DECODERPOOLS
+from conserve.api.decoderpool import DecoderPoolStatus
+from conserve.api.labels import LABEL_MANAGED_BY, ROUTER_MANAGER
+from conserve.kube import ApiError, Informer
+from conserve.kube.clients import CustomObjectsApi
 from conserve.router.policy import Backend, Placement
 
 log = logging.getLogger(__name__)
-
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-ROUTER_MANAGER = "conserve-router"
+S = TypeVar("S", ConversationStatus, DecoderPoolStatus)
 
 
 class ConversationFailed(Exception):
@@ -50,36 +55,37 @@ class ControlPlane(Protocol):
     def pool_backends(self, pool: str) -> tuple[list[Backend], list[Backend]]: ...
 
 
-def placement_from_status(status: Mapping[str, Any] | None) -> Placement | None:
+def parse_status(model: type[S], status: Mapping[str, Any] | None) -> S:
+    """A status body through its api model; a malformed one reads as empty (logged), never an exception."""
+    try:
+        return model.model_validate(status or {})
+    except ValidationError as err:
+        log.warning("ignoring a malformed %s: %s", model.__name__, err)
+        return model()
+
+
+def placement_of(status: ConversationStatus) -> Placement | None:
     """The placement a Conversation's status gives, or None while it has no decoder with an endpoint."""
-    if not status:
+    if status.phase is Phase.PENDING or status.phase in TERMINAL_PHASES:
         return None
-    if status.get("phase") in ("Pending", "Failed", "Completed"):
+    decoder = status.decoder
+    if decoder is None or not decoder.endpoint:
         return None
-    decoder = status.get("decoder") or {}
-    endpoint = str(decoder.get("endpoint") or "")
-    if not endpoint:
-        return None
-    prefill_raw = status.get("prefill") or {}
-    prefill = None
-    if prefill_raw.get("endpoint"):
-        prefill = Backend(str(prefill_raw.get("pod", "")), str(prefill_raw["endpoint"]))
-    generation = int(status.get("placementGeneration") or 1)
-    return Placement(generation, Backend(str(decoder.get("pod", "")), endpoint), prefill)
+    prefill = status.prefill
+    prefill_backend = Backend(prefill.pod, prefill.endpoint) if prefill and prefill.endpoint else None
+    return Placement(status.placement_generation or 1, Backend(decoder.pod, decoder.endpoint), prefill_backend)
+
+
+def placement_from_status(status: Mapping[str, Any] | None) -> Placement | None:
+    """`placement_of` a raw status body."""
+    return placement_of(parse_status(ConversationStatus, status)) if status else None
 
 
 def backends_from_pool_status(status: Mapping[str, Any] | None) -> tuple[list[Backend], list[Backend]]:
     """(ready prefill servers, ready decoders) of a DecoderPool status, those with an endpoint."""
-    status = status or {}
-
-    def ready(items: Any) -> list[Backend]:
-        out = []
-        for item in items or []:
-            if item.get("ready") and item.get("endpoint"):
-                out.append(Backend(str(item.get("pod", "")), str(item["endpoint"])))
-        return out
-
-    return ready(status.get("prefills")), ready(status.get("decoders"))
+    pool = parse_status(DecoderPoolStatus, status)
+    prefills = [Backend(p.pod, p.endpoint) for p in pool.prefills if p.ready and p.endpoint]
+    return prefills, [Backend(d.pod, d.endpoint) for d in pool.decoders if d.ready and d.endpoint]
 
 
 class _Waiters:
@@ -131,31 +137,37 @@ class KubeControlPlane:
         create_threads: int = CREATE_THREADS,
         patch_threads: int = PATCH_THREADS,
     ) -> None:
-        from kubernetes import client
-
-        self._api = client.CustomObjectsApi(api_client)
+        self._api = CustomObjectsApi(api_client)
         self._namespace = namespace
-        self._statuses: dict[str, dict[str, Any]] = {}
+        self._statuses: dict[str, ConversationStatus] = {}
         self._pools: dict[str, tuple[list[Backend], list[Backend]]] = {}
         self._waiters = _Waiters()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._synced = {CONVERSATIONS: threading.Event(), DECODERPOOLS: threading.Event()}
+        self._informers: list[Informer] = []
         self._creates = ThreadPoolExecutor(create_threads, thread_name_prefix="router-create")
         self._patches = ThreadPoolExecutor(patch_threads, thread_name_prefix="router-patch")
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         for plural in (CONVERSATIONS, DECODERPOOLS):
-            t = threading.Thread(target=self._watch, args=(plural,), name=f"router-watch-{plural}", daemon=True)
-            t.start()
-            self._threads.append(t)
-        for event in self._synced.values():
-            await asyncio.to_thread(event.wait, 30.0)
+            informer = Informer(
+                self._api.list_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                self._namespace,
+                plural,
+                name=f"router-{plural}",
+                on_replace=functools.partial(self._replace, plural),
+                on_event=functools.partial(self._apply, plural),
+                loop=loop,
+            )
+            informer.start()
+            self._informers.append(informer)
+        for informer in self._informers:
+            await informer.wait_synced(30.0)
 
     async def stop(self) -> None:
-        self._stop.set()
+        for informer in self._informers:
+            informer.stop()
         self._creates.shutdown(wait=False, cancel_futures=True)
         self._patches.shutdown(wait=False, cancel_futures=True)
 
@@ -164,7 +176,8 @@ class KubeControlPlane:
 
     # ---- reads from the watch cache ------------------------------------------------------------------------
     def placement(self, name: str) -> Placement | None:
-        return placement_from_status(self._statuses.get(name))
+        status = self._statuses.get(name)
+        return placement_of(status) if status is not None else None
 
     def pool_backends(self, pool: str) -> tuple[list[Backend], list[Backend]]:
         return self._pools.get(pool, ([], []))
@@ -179,8 +192,6 @@ class KubeControlPlane:
 
     # ---- writes --------------------------------------------------------------------------------------------
     async def create_conversation(self, name: str, spec: dict[str, Any]) -> None:
-        from kubernetes.client.exceptions import ApiException
-
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "Conversation",
@@ -197,7 +208,7 @@ class KubeControlPlane:
                 CONVERSATIONS,
                 body,
             )
-        except ApiException as err:
+        except ApiError as err:
             if err.status != 409:  # already there: a router restart, or a client that created it
                 raise
 
@@ -213,42 +224,14 @@ class KubeControlPlane:
             patch,
         )
 
-    # ---- watches -------------------------------------------------------------------------------------------
-    def _watch(self, plural: str) -> None:
-        from kubernetes import watch
-
-        while not self._stop.is_set():
-            try:
-                listing: Any = self._api.list_namespaced_custom_object(GROUP, VERSION, self._namespace, plural)
-                for item in listing.get("items", []):
-                    self._deliver(plural, "ADDED", item)
-                self._synced[plural].set()
-                version = listing.get("metadata", {}).get("resourceVersion")
-                watch_class: Any = watch.Watch  # untyped upstream
-                w = watch_class()
-                for event in w.stream(
-                    self._api.list_namespaced_custom_object,
-                    GROUP,
-                    VERSION,
-                    self._namespace,
-                    plural,
-                    resource_version=version,
-                    timeout_seconds=300,
-                ):
-                    if self._stop.is_set():
-                        w.stop()
-                        return
-                    self._deliver(plural, str(event["type"]), event["object"])
-            except Exception as err:  # expired resource version, API server restart: list again
-                if self._stop.is_set():
-                    return
-                log.info("%s watch restarting: %s", plural, err)
-                self._stop.wait(1.0)
-
-    def _deliver(self, plural: str, kind: str, obj: dict[str, Any]) -> None:
-        if self._loop is None:
-            return
-        self._loop.call_soon_threadsafe(self._apply, plural, kind, obj)
+    # ---- watches: the informers call these on the event loop ------------------------------------------------
+    def _replace(self, plural: str, items: list[dict[str, Any]]) -> None:
+        names = {str((item.get("metadata") or {}).get("name", "")) for item in items}
+        known = self._pools if plural == DECODERPOOLS else self._statuses
+        for gone in set(known) - names:  # deleted while the watch was down
+            self._apply(plural, "DELETED", {"metadata": {"name": gone}})
+        for item in items:
+            self._apply(plural, "ADDED", item)
 
     def _apply(self, plural: str, kind: str, obj: dict[str, Any]) -> None:
         name = str((obj.get("metadata") or {}).get("name", ""))
@@ -265,11 +248,11 @@ class KubeControlPlane:
             self._statuses.pop(name, None)
             self._waiters.offer(name, None, "conversation deleted")
             return
-        self._statuses[name] = status
-        self._waiters.offer(name, placement_from_status(status), _failure(status))
+        parsed = self._statuses[name] = parse_status(ConversationStatus, status)
+        self._waiters.offer(name, placement_of(parsed), _failure(parsed))
 
 
-def _failure(status: Mapping[str, Any] | None) -> str | None:
-    if status and status.get("phase") in ("Failed", "Completed"):
-        return f"conversation is {status['phase']}"
+def _failure(status: ConversationStatus | None) -> str | None:
+    if status is not None and status.phase in TERMINAL_PHASES:
+        return f"conversation is {status.phase}"
     return None

@@ -22,8 +22,8 @@ from typing import Any
 
 import aiohttp
 
+from conserve.api.openai_wire import prompt_tokens_of
 from conserve.core.tokens import estimate_tokens
-from conserve.gpusim.server import prompt_tokens_of
 from conserve.metrics import RouterMetrics
 from conserve.router import backend
 from conserve.router.control import ControlPlane, ConversationFailed

@@ -8,21 +8,29 @@ shared options and the two commands.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
 from conserve.api.decoderpool import DecoderPoolSpec
-from conserve.sim.policies import BASELINES, CONSERVE_VARIANTS, POLICIES, ConServe
+from conserve.sim.fleet import Fleet
+from conserve.sim.policies import POLICIES, ConServe
 from conserve.sim.workload import TraceError, Workload, load_workload
 
-#: ConServe's idle timeout in the benchmark (seconds): a pinned conversation idle longer than this releases
-#: its KV; its next turn is placed again (counted as another KV transfer). It is the product's own default, the
+#: The idle timeout in the benchmark (seconds), the same for every policy: a conversation idle longer than this
+#: is released and its KV dropped everywhere; its next turn starts again. It is the product's own default, the
 #: DecoderPool's `defaultIdleTimeoutSeconds` (one source of truth), so the benchmark measures what a user gets.
-#: Idle pinned KV under GPU pressure goes to host memory first (`core.offload`), which is what makes a long
-#: timeout affordable. `--idle-timeout-s 0` turns it off (only a completed conversation releases).
+#: For traces without an end-of-conversation signal (Mooncake, Azure) it is the only way a conversation ends.
+#: Idle pinned KV under GPU pressure goes to host memory first (`core.offload`). `--idle-timeout-s 0` turns it
+#: off (only an end signal releases).
 DEFAULT_IDLE_TIMEOUT_S = float(DecoderPoolSpec.model_fields["default_idle_timeout_seconds"].default)
+
+
+#: What `conserve bench` replays unless `--duration-s` says otherwise: the first 20 minutes of each workload,
+#: so the default run (ten policies, two fleets, two workloads) takes a few minutes on two cores.
+BENCH_DEFAULT_DURATION_S = 1200.0
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -34,13 +42,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--trace-dir",
         type=Path,
         default=None,
-        help="where mooncake/ and azure/ traces live (default: ../shared/data/traces beside the repository)",
+        help="folder holding mooncake/ and azure/ traces (default: the traces shipped in the package)",
     )
     p.add_argument(
         "--idle-timeout-s",
         type=float,
         default=DEFAULT_IDLE_TIMEOUT_S,
-        help=f"ConServe releases a conversation idle this long (default {DEFAULT_IDLE_TIMEOUT_S:g}; 0: never)",
+        help=f"every policy releases a conversation idle this long (default {DEFAULT_IDLE_TIMEOUT_S:g}; 0: never)",
     )
     p.add_argument(
         "--load-scale",
@@ -67,6 +75,9 @@ def _load(spec: str, args: argparse.Namespace) -> Workload:
             print(f"  line {line_no}: {why}", file=sys.stderr)
         if len(report.skipped) > 20:
             print(f"  ... and {len(report.skipped) - 20} more", file=sys.stderr)
+    if not workload.conversations:
+        window = "" if args.duration_s is None else f" in its first {args.duration_s:g} s"
+        raise TraceError(f"workload {workload.name} has no conversation{window}: nothing to simulate")
     return workload
 
 
@@ -105,6 +116,23 @@ def add_bench_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         help="workload (repeatable): mooncake, azure, agentic or a path (default: mooncake and agentic)",
     )
     p.add_argument("--out", type=Path, default=None, help="results folder (default: results/bench-<time>)")
+    p.add_argument(
+        "--policy",
+        action="append",
+        default=None,
+        help="policy (repeatable, or 'all'; default: conserve and every baseline)",
+    )
+    p.add_argument(
+        "--sweep-load",
+        default=None,
+        metavar="LOADS",
+        help="run every workload at these load factors, e.g. 0.5,1,1.5,2 (replaces --load-scale)",
+    )
+    p.add_argument(
+        "--sweep-fleets",
+        action="store_true",
+        help="tiered and homogeneous fleets plus decode tiers H20, A100, H200 vs H100 at equal GPU count and TDP",
+    )
     _common(p)
     p.set_defaults(func=cmd_bench)
 
@@ -114,9 +142,18 @@ def _idle(args: argparse.Namespace) -> float | None:
     return value if value > 0 else None
 
 
+def _fleet_settings(fleet: Fleet) -> str:
+    return (
+        f"host KV {fleet.host_kv_bytes_per_gpu / 1e9:g} GB/GPU, chunk {fleet.chunk_tokens} tokens, "
+        f"prefill prefix cache {'on' if fleet.prefill_prefix_cache else 'off'}, "
+        f"shared KV store {fleet.shared_kv_store_bytes / 1e9:g} GB"
+    )
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from conserve.sim.bench import bench, format_comparisons, format_table, write_results
+    from conserve.sim.bench import bench
     from conserve.sim.fleet import FleetError, load_fleet_file
+    from conserve.sim.output import format_comparisons, format_table, write_results
 
     names = args.policy or [ConServe.name]
     if "all" in names:
@@ -154,6 +191,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             "idle_timeout_s": _idle(args),
             "duration_s": args.duration_s,
             "load_scale": args.load_scale,
+            "signals": {workload.name: workload.signals.as_dict()},
+            "fleet_settings": _fleet_settings(fleet_file.build(tiered=True)),
         }
         for path in write_results(result, args.out, meta=meta):
             print(f"wrote {path}")
@@ -161,23 +200,52 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from conserve.sim.bench import bench, format_comparisons, format_table, write_results
+    from conserve.sim.bench import DEFAULT_POLICIES, bench
     from conserve.sim.fleet import FleetError, load_fleet_file
+    from conserve.sim.output import format_comparisons, format_table, write_results
+    from conserve.sim.sweeps import parse_loads, sweep_fleets
 
     specs = args.workload or ["mooncake", "agentic"]
+    if args.duration_s is None:
+        args.duration_s = BENCH_DEFAULT_DURATION_S
+    names = args.policy or list(DEFAULT_POLICIES)
+    if "all" in names:
+        names = list(POLICIES)
+    unknown = [n for n in names if n not in POLICIES]
+    if unknown:
+        print(f"unknown policy {', '.join(unknown)} (known: {', '.join(POLICIES)})", file=sys.stderr)
+        return 2
     try:
+        loads = parse_loads(args.sweep_load) if args.sweep_load else (float(args.load_scale),)
         fleet_file = load_fleet_file(args.fleet)
-        workloads = [_load(spec, args) for spec in specs]
-    except (TraceError, FleetError, OSError) as exc:
+        workloads = []
+        for spec in specs:
+            for load in loads:
+                args.load_scale = load
+                workload = _load(spec, args)
+                if args.sweep_load:
+                    workload = dataclasses.replace(workload, name=f"{workload.name}@{load:g}x")
+                workloads.append(workload)
+    except (TraceError, FleetError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = args.out or Path("results") / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    tiered, flat = fleet_file.build(tiered=True), fleet_file.build(tiered=False)
-    print(f"fleet with tier mapping:    {tiered.describe()} ({tiered.gpu_count} GPUs)")
-    print(f"fleet without tier mapping: {flat.describe()} ({flat.gpu_count} GPUs)")
-    print(f"policies: {', '.join(CONSERVE_VARIANTS)} vs {', '.join(BASELINES)}; ConServe idle timeout: {_idle(args)} s")
+    fleets = sweep_fleets(fleet_file) if args.sweep_fleets else [fleet_file.build(tiered=t) for t in (False, True)]
+    for fleet in fleets:
+        print(f"fleet {fleet.name + ':':24s} {fleet.describe()} ({fleet.gpu_count} GPUs)")
+    print(f"policies: {', '.join(names)}; idle timeout (every policy): {_idle(args)} s")
+    signals = {w.name: w.signals.as_dict() for w in workloads}
+    for name, sig in signals.items():
+        print(f"signals of {name}: end of conversation {'yes' if sig['end_of_conversation'] else 'no'}")
     started = time.monotonic()
-    result = bench(workloads, fleet_file, idle_timeout_s=_idle(args), show_progress=not args.no_progress)
+    result = bench(
+        workloads,
+        fleet_file,
+        policies=names,
+        fleets=fleets,
+        idle_timeout_s=_idle(args),
+        show_progress=not args.no_progress,
+    )
     elapsed = time.monotonic() - started
     print(format_table(result.runs))
     print(format_comparisons(result.comparisons))
@@ -185,11 +253,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     meta = {
         "command": "bench",
         "workloads": specs,
+        "loads": list(loads),
+        "policies": names,
+        "fleets": [f.name for f in fleets],
         "seed": args.seed,
         "fleet": fleet_file.path,
+        "fleet_settings": _fleet_settings(fleets[0]),
         "idle_timeout_s": _idle(args),
         "duration_s": args.duration_s,
-        "load_scale": args.load_scale,
+        "signals": signals,
         "elapsed_s": elapsed,
     }
     for path in write_results(result, out, meta=meta):

@@ -21,6 +21,8 @@ from conserve.core.llm import MODELS, ModelShape, kv_capacity_tokens
 from conserve.core.offload import HOST_KV_BYTES_PER_GPU
 from conserve.core.perf import LINKS, Device, Link
 
+DEFAULT_CHUNK_TOKENS = 8192
+
 
 class FleetError(ValueError):
     """A fleet file that cannot be used."""
@@ -51,6 +53,14 @@ class Fleet:
     tiered: bool
     #: Host DRAM per GPU given to KV offload (`conserve.core.offload.HOST_KV_BYTES_PER_GPU`); 0 turns it off.
     host_kv_bytes_per_gpu: float = HOST_KV_BYTES_PER_GPU
+    #: Prompt tokens per iteration on prefill instances (chunked prefill) and decoders (chunked append-prefill):
+    #: vLLM's `max_num_batched_tokens` default for its OpenAI server (8192).
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    #: Prefill instances keep the KV of what they prefilled (LRU) and reuse it for a conversation's next turn.
+    prefill_prefix_cache: bool = False
+    #: A fleet-wide KV store (Mooncake's KVCache pool) of this many bytes: decoders write every finished turn's
+    #: KV there and prefill instances load a conversation's prefix from it over the link; 0 turns it off.
+    shared_kv_store_bytes: float = 0.0
 
     def kv_capacity_tokens(self, instance: InstanceSpec) -> int:
         return kv_capacity_tokens(
@@ -79,8 +89,17 @@ class FleetFile:
     path: str
     raw: dict[str, Any]
 
-    def build(self, *, tiered: bool) -> Fleet:
-        return build_fleet(self.raw, tiered=tiered, source=self.path)
+    def build(self, *, tiered: bool, decode_gpu: str | None = None, decode_count: int | None = None) -> Fleet:
+        """The fleet; `decode_gpu`/`decode_count` replace the decode groups by one group (sweeps of tiers)."""
+        raw = self.raw
+        if decode_gpu is not None or decode_count is not None:
+            tiers = dict(raw["tiered"])
+            groups = tiers["decode"]
+            gpu = decode_gpu or str(groups[0].get("gpu", "H200"))
+            count = decode_count or sum(int(g.get("count", 1)) for g in groups)
+            tiers["decode"] = [{"gpu": gpu, "count": count, "tp": int(groups[0].get("tp", 1))}]
+            raw = {**raw, "tiered": tiers}
+        return build_fleet(raw, tiered=tiered, source=self.path)
 
 
 def load_fleet_file(path: Path | None = None) -> FleetFile:
@@ -128,6 +147,12 @@ def build_fleet(raw: dict[str, Any], *, tiered: bool, source: str = "<fleet>") -
     host_gb = float(raw.get("host_kv_gb_per_gpu", HOST_KV_BYTES_PER_GPU / 1e9))
     if host_gb < 0:
         raise FleetError(f"{source}: host_kv_gb_per_gpu must be >= 0")
+    chunk = raw.get("chunk_tokens", DEFAULT_CHUNK_TOKENS)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise FleetError(f"{source}: chunk_tokens must be a positive integer")
+    store_gb = float(raw.get("shared_kv_store_gb", 0.0))
+    if store_gb < 0:
+        raise FleetError(f"{source}: shared_kv_store_gb must be >= 0")
     tiers = raw.get("tiered")
     if not isinstance(tiers, dict):
         raise FleetError(f"{source}: missing 'tiered' with prefill and decode groups")
@@ -156,6 +181,9 @@ def build_fleet(raw: dict[str, Any], *, tiered: bool, source: str = "<fleet>") -
         tuple(instances[Role.DECODE]),
         tiered,
         host_gb * 1e9,
+        chunk,
+        bool(raw.get("prefill_prefix_cache", False)),
+        store_gb * 1e9,
     )
     for d in fleet.decode:
         if fleet.kv_capacity_tokens(d) <= 0:

@@ -9,8 +9,11 @@
 - SLO attainment: share of conversations whose TTFET is within `slo_ttfet_s` and every turn's TBT within
   `slo_tbt_s`.
 - Throughput: output tokens per second over the run (from 0 to the last completion).
-- Energy: every instance's idle power over the whole run plus its dynamic energy; J per output token and
-  output tokens per J (the decoders' share and the prefill instances' share are reported apart).
+- Energy: every instance's idle power over the whole run plus its dynamic energy, plus the data path's energy of
+  KV transfers, shared-store traffic, offloads and reloads (`conserve.sim.transfer`); J per output token and
+  output tokens per J (the decoders', the prefill instances' and the transfers' shares are reported apart).
+- Re-prefilled tokens: tokens prefilled beyond each turn's new tokens (KV the conversation had and lost:
+  a turn moved without its prefix, an eviction, a preemption's recompute).
 - KV transfers per conversation (prefill-to-decoder moves); decoder KV utilization: time-weighted live KV
   (running plus pinned; the evictable prefix cache excluded) over capacity, all decoders together.
 """
@@ -50,6 +53,7 @@ class RunMetrics:
     input_tokens: int
     output_tokens: int
     prefill_tokens: int  # tokens computed by prefills (re-prefills and recomputes included)
+    reprefilled_tokens: int  # prefilled beyond the turns' new tokens
     ttfet_p50_s: float
     ttfet_p95_s: float
     ttfet_p99_s: float
@@ -66,6 +70,7 @@ class RunMetrics:
     energy_j: float
     prefill_energy_j: float
     decode_energy_j: float
+    transfer_energy_j: float
     j_per_token: float
     tokens_per_j: float
     kv_transfers_per_conversation: float
@@ -76,6 +81,8 @@ class RunMetrics:
     offloads: int  # idle pinned conversations moved to host memory
     reloads: int  # turns whose KV came back from host memory over PCIe (any policy)
     placement_waits: int
+    placement_wait_mean_s: float
+    prefill_busy_share: float  # prefill instances' busy time over their time, all together
     horizon_s: float
 
     def as_dict(self) -> dict[str, object]:
@@ -108,7 +115,7 @@ def compute_metrics(result: SimResult, *, slo_ttfet_s: float, slo_tbt_s: float =
     horizon = max(result.horizon_s, 1e-9)
     prefill_energy = sum(p.dynamic_energy_j + p.spec.device.idle_power_w * horizon for p in result.prefill)
     decode_energy = sum(d.dynamic_energy_j + d.spec.device.idle_power_w * horizon for d in result.decoders)
-    energy = prefill_energy + decode_energy
+    energy = prefill_energy + decode_energy + result.transfer_energy_j
     capacity = sum(d.capacity for d in result.decoders)
     n = max(len(result.conversations), 1)
     return RunMetrics(
@@ -120,6 +127,7 @@ def compute_metrics(result: SimResult, *, slo_ttfet_s: float, slo_tbt_s: float =
         input_tokens=sum(r.input_tokens for r in records),
         output_tokens=output,
         prefill_tokens=sum(r.prefill_tokens for r in records),
+        reprefilled_tokens=sum(r.reprefilled_tokens for r in records),
         ttfet_p50_s=percentile(ttfet, 50),
         ttfet_p95_s=percentile(ttfet, 95),
         ttfet_p99_s=percentile(ttfet, 99),
@@ -136,6 +144,7 @@ def compute_metrics(result: SimResult, *, slo_ttfet_s: float, slo_tbt_s: float =
         energy_j=energy,
         prefill_energy_j=prefill_energy,
         decode_energy_j=decode_energy,
+        transfer_energy_j=result.transfer_energy_j,
         j_per_token=energy / max(output, 1),
         tokens_per_j=output / energy if energy > 0 else math.nan,
         kv_transfers_per_conversation=sum(s.kv_transfers for s in result.conversations) / n,
@@ -146,6 +155,8 @@ def compute_metrics(result: SimResult, *, slo_ttfet_s: float, slo_tbt_s: float =
         offloads=result.offloads,
         reloads=result.reloads,
         placement_waits=len(result.pending_waits_s),
+        placement_wait_mean_s=sum(result.pending_waits_s) / max(len(result.pending_waits_s), 1),
+        prefill_busy_share=sum(p.busy_s for p in result.prefill) / (max(len(result.prefill), 1) * horizon),
         horizon_s=result.horizon_s,
     )
 

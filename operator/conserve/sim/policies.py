@@ -5,45 +5,26 @@ turn's input (and the growth of completed conversations), `place` picks the deco
 snapshot, the ledger records it. The first turn is prefilled on the least-loaded prefill instance (the compute
 tier when tiers are mapped) and its KV moves once to the decoder; the conversation is pinned there: later
 turns' new tokens are prefilled on the decoder itself, nothing moves, and its KV stays (not evictable) between
-turns until the conversation is released (the client marks it completed after its last turn, as the
-Conversation API's `spec.completed` does, or it stays idle past the idle timeout). A conversation that no
+turns until the conversation is released (the engine releases it for every policy alike: after its last turn
+when the workload carries an end signal, as the Conversation API's `spec.completed` does, else once it has
+been idle for the idle timeout). A conversation that no
 decoder can hold waits, in `order_pending` order, until a release frees capacity. Live KV beyond the
 reservation is reported to the ledger (`update_live`, `try_extend`), so later placements see it.
 
-**Per-turn baselines** place every turn on its own and have no capacity model: a turn is admitted wherever it
-is sent and waits there for memory. When the chosen decoder still holds the conversation's KV (in its prefix
-cache, least recently used eviction), the turn reuses it: only the new tokens are prefilled, on the decoder,
-and nothing moves. Otherwise the whole context is prefilled again on a prefill instance and moved to the
-decoder: that is the cost a per-turn policy pays when a turn moves.
-
-- `round-robin`: prefill instances and decoders in turn.
-- `least-loaded`: the prefill instance with the least queued work, the decoder with the least KV of running
-  and waiting sequences relative to its capacity.
-- `prefix-aware`: the cache-aware policy of SGLang's router (sgl-router, `cache_aware`): when the decoders are
-  balanced (the most and the least loaded differ by at most 32 requests or by a factor of at most 1.0001,
-  its default `balance_abs_threshold` and `balance_rel_threshold`), a turn goes to the decoder holding its
-  prefix; otherwise, or without a prefix anywhere, to the least-loaded decoder (fewest requests).
-- `sticky`: session affinity: the first turn round-robin, every later turn to the same decoder, whatever its
-  load or memory (its prefix is reused when still cached).
-- `per-turn-prediction`: each turn is placed on the decoder with the most KV left after adding the turn's
-  predicted peak (input plus predicted output) to the predicted peaks of what runs and waits there; the
-  predicted output is the mean of the outputs observed so far (prior: 256 tokens until 10 are seen).
-
-Prefill instances for the baselines other than round-robin: least queued work first, ties by name.
+**Per-turn baselines** are in `conserve.sim.baselines`; this module's `POLICIES` names them all.
 
 **Host KV tier** (`conserve.core.offload`): ConServe offloads idle pinned conversations to their decoder's host
 memory under pressure (a new conversation that no decoder's GPU reservations can take; an offloaded
 conversation's next turn that needs its GPU reservation back; a decoder out of memory), least recently active
 first; the ledger then counts only resident conversations against GPU capacity. `conserve-no-offload` is
 ConServe without the host tier (the behaviour before it). The per-turn baselines get the same host tier for
-their prefix caches (GPU evictions spill there, LRU), as vLLM's CPU offloading would give them: apples to
-apples.
+their prefix caches (GPU evictions spill there, LRU), as vLLM's CPU offloading would give them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING
 
 from conserve.core.ledger import CapacityLedger
 from conserve.core.offload import DecoderOffloadView, choose_offload_victims, plan_placement_offload
@@ -51,70 +32,17 @@ from conserve.core.pending import PendingItem, order_pending
 from conserve.core.perf import decode_energy_per_token_j
 from conserve.core.placement import DecoderState, PlacementRequest, PlacementSettings, PlacementWeights, place
 from conserve.core.reservation import HISTORY_LIMIT, GrowthObservation, growth_factor, reservation_for_factor
-from conserve.sim.engine import ConvState, LocalRoute, RemoteRoute, Route, TurnRecord
+from conserve.sim.baselines import PER_TURN_BASELINES, PerTurn
+from conserve.sim.policy_base import PolicyBase as _Base
+from conserve.sim.records import ConvState, LocalRoute, Policy, RemoteRoute, Retain, Route, SimView, TurnRecord
 
 if TYPE_CHECKING:
-    from conserve.sim.engine import Decoder, Simulator
-
-Retain = Literal["pin", "cache"]
+    from conserve.sim.instances import Decoder
 
 #: Reference operating point of the energy prior given to the placement (the extender's node scoring uses the
 #: same point): a decode batch of 32 sequences of 2048 tokens.
 ENERGY_PRIOR_BATCH = 32
 ENERGY_PRIOR_CONTEXT_TOKENS = 2048
-
-
-class Policy(Protocol):
-    name: str
-
-    def bind(self, sim: Simulator) -> None: ...
-
-    def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None: ...
-
-    def retain(self, state: ConvState, decoder: str) -> Retain: ...
-
-    def turn_done(self, state: ConvState, record: TurnRecord, now: float) -> None: ...
-
-    def release(self, state: ConvState) -> None: ...
-
-    def kv_offloaded(self, state: ConvState) -> None: ...
-
-    def order_pending(self, states: Sequence[ConvState]) -> list[ConvState]: ...
-
-
-class _Base:
-    name = "base"
-    #: Whether this policy's decoders get the fleet's host KV tier.
-    host_offload = True
-
-    def __init__(self) -> None:
-        self._sim: Simulator | None = None
-
-    @property
-    def sim(self) -> Simulator:
-        assert self._sim is not None, "policy not bound to a simulator"
-        return self._sim
-
-    def bind(self, sim: Simulator) -> None:
-        self._sim = sim
-
-    def least_loaded_prefill(self, now: float) -> str:
-        return min(self.sim.prefill.values(), key=lambda p: (p.load_s(now), p.name)).name
-
-    def retain(self, state: ConvState, decoder: str) -> Retain:
-        return "cache"
-
-    def turn_done(self, state: ConvState, record: TurnRecord, now: float) -> None:
-        return None
-
-    def release(self, state: ConvState) -> None:
-        return None
-
-    def kv_offloaded(self, state: ConvState) -> None:
-        return None
-
-    def order_pending(self, states: Sequence[ConvState]) -> list[ConvState]:
-        return list(states)
 
 
 class ConServe(_Base):
@@ -131,7 +59,7 @@ class ConServe(_Base):
         self._snapshot: list[DecoderState] | None = None  # the ledger's snapshot, until the ledger changes
         self._factor: float | None = None  # growth_factor(history), until the history changes
 
-    def bind(self, sim: Simulator) -> None:
+    def bind(self, sim: SimView) -> None:
         super().bind(sim)
         for d in sim.decoders.values():
             energy = decode_energy_per_token_j(
@@ -275,138 +203,10 @@ class ConServePack(ConServe):
         super().__init__(settings or PlacementSettings(weights=PlacementWeights(kv_balance=0.0, kv_pack=1.0)))
 
 
-class _PerTurn(_Base):
-    """A per-turn policy: pick a decoder, reuse its cached prefix if it has one, else prefill and move all."""
-
-    def pick_decoder(self, state: ConvState, record: TurnRecord, now: float) -> str:
-        raise NotImplementedError
-
-    def pick_prefill(self, now: float) -> str:
-        return self.least_loaded_prefill(now)
-
-    def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None:
-        name = self.pick_decoder(state, record, now)
-        decoder = self.sim.decoders[name]
-        if record.index > 0 and record.new_tokens < record.input_tokens and decoder.holds(state.key):
-            return LocalRoute(name)
-        return RemoteRoute(self.pick_prefill(now), name, record.input_tokens)
-
-    def decoders(self) -> list[Decoder]:
-        return list(self.sim.decoders.values())
-
-
-class RoundRobin(_PerTurn):
-    name = "round-robin"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._next_decoder = 0
-        self._next_prefill = 0
-
-    def pick_decoder(self, state: ConvState, record: TurnRecord, now: float) -> str:
-        names = list(self.sim.decoders)
-        name = names[self._next_decoder % len(names)]
-        self._next_decoder += 1
-        return name
-
-    def pick_prefill(self, now: float) -> str:
-        names = list(self.sim.prefill)
-        name = names[self._next_prefill % len(names)]
-        self._next_prefill += 1
-        return name
-
-
-class LeastLoaded(_PerTurn):
-    name = "least-loaded"
-
-    def pick_decoder(self, state: ConvState, record: TurnRecord, now: float) -> str:
-        return min(self.decoders(), key=lambda d: (d.load_tokens() / d.capacity, d.name)).name
-
-
-class PrefixAware(_PerTurn):
-    name = "prefix-aware"
-    #: sgl-router defaults (cache_aware policy).
-    BALANCE_ABS_THRESHOLD = 32
-    BALANCE_REL_THRESHOLD = 1.0001
-
-    def pick_decoder(self, state: ConvState, record: TurnRecord, now: float) -> str:
-        decoders = self.decoders()
-        loads = {d.name: d.active_sequences() for d in decoders}
-        least = min(decoders, key=lambda d: (loads[d.name], d.name)).name
-        most, fewest = max(loads.values()), min(loads.values())
-        imbalanced = most - fewest > self.BALANCE_ABS_THRESHOLD and most > fewest * self.BALANCE_REL_THRESHOLD
-        if imbalanced:
-            return least
-        holders = [d for d in decoders if d.holds(state.key)]
-        if holders:
-            return min(holders, key=lambda d: (loads[d.name], d.name)).name
-        return least
-
-
-class Sticky(_PerTurn):
-    name = "sticky"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._next = 0
-        self.home: dict[str, str] = {}
-
-    def pick_decoder(self, state: ConvState, record: TurnRecord, now: float) -> str:
-        home = self.home.get(state.key)
-        if home is None:
-            names = list(self.sim.decoders)
-            home = names[self._next % len(names)]
-            self._next += 1
-            self.home[state.key] = home
-        return home
-
-    def release(self, state: ConvState) -> None:
-        self.home.pop(state.key, None)
-
-
-class PerTurnPrediction(_PerTurn):
-    name = "per-turn-prediction"
-    PRIOR_OUTPUT_TOKENS = 256
-    MIN_OBSERVATIONS = 10
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.outputs_seen = 0
-        self.outputs_sum = 0
-
-    def predicted_output(self) -> float:
-        if self.outputs_seen < self.MIN_OBSERVATIONS:
-            return float(self.PRIOR_OUTPUT_TOKENS)
-        return self.outputs_sum / self.outputs_seen
-
-    def pick_decoder(self, state: ConvState, record: TurnRecord, now: float) -> str:
-        predicted = self.predicted_output()
-
-        def peak(decoder: Decoder) -> float:
-            running = sum(s.context + max(predicted - s.record.generated_tokens, 0.0) for s in decoder.running)
-            waiting = sum(s.context + predicted for s in decoder.join_queue)
-            local = sum(j.seq.context + predicted for j in decoder.local_queue)
-            return running + waiting + local + record.input_tokens + predicted
-
-        return min(self.decoders(), key=lambda d: (-(d.capacity - peak(d)) / d.capacity, d.name)).name
-
-    def turn_done(self, state: ConvState, record: TurnRecord, now: float) -> None:
-        self.outputs_seen += 1
-        self.outputs_sum += record.output_tokens
-
-
-POLICIES: dict[str, type[ConServe] | type[_PerTurn]] = {
-    p.name: p
-    for p in (
-        ConServe,
-        ConServePack,
-        ConServeNoOffload,
-        RoundRobin,
-        LeastLoaded,
-        PrefixAware,
-        Sticky,
-        PerTurnPrediction,
-    )
+_CONSERVE: tuple[type[ConServe], ...] = (ConServe, ConServePack, ConServeNoOffload)
+POLICIES: dict[str, type[ConServe] | type[PerTurn]] = {
+    **{p.name: p for p in _CONSERVE},
+    **{p.name: p for p in PER_TURN_BASELINES},
 }
 #: The conversation-level policies (the default profile first) and the per-turn baselines.
 CONSERVE_VARIANTS = (ConServe.name, ConServePack.name, ConServeNoOffload.name)

@@ -41,12 +41,23 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TextIO
 
 MOONCAKE_BLOCK_TOKENS = 512
+AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 
 
 class TraceError(ValueError):
     """A malformed trace line under strict parsing (or an unreadable trace)."""
+
+
+class TraceFormatError(TraceError):
+    """A whole file is not in the expected format (no usable header, or not one usable line); `detail` says how,
+    without the path, so a caller that chose the format can say why it did."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        super().__init__(f"{path}: {detail}")
+        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,14 +102,55 @@ class ParseReport:
 
 
 @dataclass(frozen=True, slots=True)
+class Signals:
+    """What the workload tells the serving system besides the prompts (the same for every policy).
+
+    `end_of_conversation`: the client says when a conversation is over (the agentic workload: an agent knows
+    when its task is done, as the Conversation API's `spec.completed` lets it say). Mooncake and Azure traces
+    carry no such signal: a conversation there ends, for every policy, when it has been idle for the idle
+    timeout.
+    """
+
+    end_of_conversation: bool = False
+
+    def as_dict(self) -> dict[str, bool]:
+        return {"end_of_conversation": self.end_of_conversation}
+
+
+NO_SIGNALS = Signals()
+
+
+@dataclass(frozen=True, slots=True)
 class Workload:
     name: str
     conversations: tuple[Conversation, ...]
     report: ParseReport | None = None
+    signals: Signals = NO_SIGNALS
 
     @property
     def turns(self) -> int:
         return sum(len(c.turns) for c in self.conversations)
+
+
+def _open_trace(path: Path, newline: str | None = None) -> TextIO:
+    """The trace opened for reading; a missing file is a `TraceError` that names it."""
+    if not path.exists():
+        raise TraceError(f"{path}: file not found")
+    if not path.is_file():
+        raise TraceError(f"{path}: not a file")
+    return path.open(encoding="utf-8", errors="replace", newline=newline)
+
+
+def _refuse_unusable(report: ParseReport | None) -> None:
+    """A trace without one usable request replays nothing: say so rather than report statistics of nothing."""
+    if report is None:
+        return
+    if not report.skipped:
+        raise TraceFormatError(report.path, "it holds no request")
+    line_no, why = report.skipped[0]
+    raise TraceFormatError(
+        report.path, f"none of its {len(report.skipped)} non-empty line(s) is a usable request (line {line_no}: {why})"
+    )
 
 
 def _bad(report: ParseReport, line_no: int, why: str, strict: bool) -> None:
@@ -211,8 +263,10 @@ def recover_conversations(requests: Sequence[_Request], *, name_prefix: str = "m
 
 
 def load_mooncake(path: Path, *, strict: bool = False, duration_s: float | None = None) -> Workload:
-    with path.open(encoding="utf-8") as f:
+    with _open_trace(path) as f:
         requests, report = parse_mooncake_lines(f, path=str(path), strict=strict)
+    if not requests:
+        _refuse_unusable(report)
     conversations = recover_conversations(requests)
     return Workload("mooncake", tuple(_clip(conversations, duration_s)), report)
 
@@ -236,9 +290,13 @@ def parse_azure_lines(lines: Iterable[str], *, path: str = "<azure>", strict: bo
         report.lines = line_no
         if header is None:
             header = [c.strip() for c in row]
-            missing = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"} - set(header)
+            missing = [c for c in AZURE_COLUMNS if c not in header]
             if missing:
-                raise TraceError(f"{path}:1: header lacks {sorted(missing)}")
+                raise TraceFormatError(
+                    path,
+                    f"its first line lacks the column(s) {', '.join(missing)} "
+                    f"(it has: {', '.join(header) or 'nothing'}; an Azure trace has {', '.join(AZURE_COLUMNS)})",
+                )
             continue
         if not row or all(not c.strip() for c in row):
             continue
@@ -263,8 +321,10 @@ def parse_azure_lines(lines: Iterable[str], *, path: str = "<azure>", strict: bo
 
 
 def load_azure(path: Path, *, strict: bool = False, duration_s: float | None = None) -> Workload:
-    with path.open(encoding="utf-8", newline="") as f:
+    with _open_trace(path, newline="") as f:
         workload = parse_azure_lines(f, path=str(path), strict=strict)
+    if not workload.conversations:
+        _refuse_unusable(workload.report)
     return Workload(workload.name, tuple(_clip(workload.conversations, duration_s)), workload.report)
 
 
@@ -273,9 +333,27 @@ def load_azure(path: Path, *, strict: bool = False, duration_s: float | None = N
 
 @dataclass(frozen=True, slots=True)
 class AgenticParams:
-    """Distributions of the synthetic agentic workload (log-normal by median and sigma of the log)."""
+    """Distributions of the synthetic agentic workload (log-normal by median and sigma of the log).
 
-    conversations_per_s: float = 0.5
+    Where each value comes from (none is fitted to a trace, none was changed after seeing a result):
+    - `conversations_per_s` = 2.0: the load level. At the first value (0.5/s) the default fleet's decoders held
+      1.4% of their KV capacity and ran batches of a few sequences, far below how a provisioned fleet runs;
+      2/s is the lowest round rate at which decode batches reach tens of sequences. `--load-scale` and
+      `--sweep-load` move it (2x is 4/s).
+    - System/task prompt 3,000 tokens (sigma 0.5): the order of published coding-agent system prompts with
+      tool schemas (a few thousand tokens). A convention.
+    - 2-6 tool calls of ~120 output tokens (a JSON function call), tool results ~800 tokens (sigma 1.0: a file
+      excerpt, a search page; long-tailed), tool latency ~1.5 s (sigma 0.8: a shell command or an HTTP call).
+      Conventions describing a coding/search agent.
+    - Answers ~350 tokens, up to 3 follow-ups of ~60-token user messages after ~30 s of reading/thinking
+      (sigma 0.8): conventions for interactive chat, of the order of the Mooncake trace's output lengths.
+    - Contexts stop growing at 120,000 tokens (below Llama-3's 128k window).
+    - The workload carries an end-of-conversation signal: an agent knows when its task is done.
+    No public agentic trace with tool-call turns was available to this benchmark offline; when one is, it can
+    be replayed as a Mooncake-format file (`--workload PATH`).
+    """
+
+    conversations_per_s: float = 2.0
     system_prompt_median_tokens: float = 3000.0
     system_prompt_sigma: float = 0.5
     tool_turns_min: int = 2
@@ -330,7 +408,7 @@ def synthesize_agentic(seed: int, duration_s: float, params: AgenticParams | Non
             think = rng.lognormvariate(math.log(p.user_think_median_s), p.user_think_sigma)
         conversations.append(Conversation(f"ag-{index:05d}", t, tuple(turns)))
         index += 1
-    return Workload("agentic", tuple(conversations))
+    return Workload("agentic", tuple(conversations), signals=Signals(end_of_conversation=True))
 
 
 def _clip(conversations: Iterable[Conversation], duration_s: float | None) -> list[Conversation]:
@@ -361,15 +439,16 @@ def scale_load(workload: Workload, factor: float) -> Workload:
     conversations = tuple(
         Conversation(c.key, c.arrival_s / factor, tuple(turn(t) for t in c.turns)) for c in workload.conversations
     )
-    return Workload(f"{workload.name}", conversations, workload.report)
+    return Workload(workload.name, conversations, workload.report, workload.signals)
 
 
 # --- by name or path ---------------------------------------------------------------------------------------
 
 
 def default_trace_dir() -> Path:
-    """`../shared/data/traces` beside the repository checkout (the CLI takes `--trace-dir` to point elsewhere)."""
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "traces"
+    """The traces shipped with the package (`conserve/sim/traces`, package data: the same folder in a source
+    checkout and in an installed wheel; its README says where each trace comes from). `--trace-dir` replaces it."""
+    return Path(__file__).resolve().with_name("traces")
 
 
 MOONCAKE_FILE = "mooncake/conversation_trace.jsonl"
@@ -404,7 +483,16 @@ def _load_workload(spec: str, *, seed: int, duration_s: float | None, strict: bo
     if spec == "agentic":
         return synthesize_agentic(seed, duration_s if duration_s is not None else 3600.0)
     path = Path(spec)
-    if not path.is_file():
-        raise TraceError(f"unknown workload {spec!r}: not mooncake, azure, agentic or a trace file")
-    loaded = (load_azure if path.suffix == ".csv" else load_mooncake)(path, strict=strict, duration_s=duration_s)
+    if not path.exists():
+        if path.suffix or len(path.parts) > 1:
+            raise TraceError(f"{path}: file not found")
+        raise TraceError(f"unknown workload {spec!r}: not mooncake, azure or agentic, and {path}: file not found")
+    # The format follows the name: there is no reliable way to tell a CSV from JSON lines by a damaged first line.
+    as_azure = path.suffix.lower() == ".csv"
+    why = "its name ends in .csv" if as_azure else "its name does not end in .csv"
+    try:
+        loaded = (load_azure if as_azure else load_mooncake)(path, strict=strict, duration_s=duration_s)
+    except TraceFormatError as exc:
+        kind = "an Azure trace (CSV)" if as_azure else "a Mooncake trace (JSON lines)"
+        raise TraceError(f"{path}: read as {kind} because {why}; {exc.detail}") from exc
     return Workload(path.stem, loaded.conversations, loaded.report)  # named after the file

@@ -1,7 +1,8 @@
 """The Helm chart (charts/conserve): lint, render with good and bad values, least-privilege RBAC, CRD drift.
 
 Runs the helm binary built with the local control plane (conserve.devcluster.build, cached by version; a first
-run builds it from its Go module). Every test renders with `helm template`: no cluster is needed.
+run builds it from its Go module, minutes on two cores): so these are `packaging` tests, not `unit` ones. Every
+test renders with `helm template`: no cluster is needed.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import yaml
 
 from conserve.core.gpus import Tier, node_gpu_from_labels
 from conserve.devcluster import build
-
-pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "conserve"
@@ -555,7 +554,9 @@ def test_kind_config_has_gpu_nodes_of_both_tiers() -> None:
 
 def test_dockerfile_runs_as_the_charts_non_root_user() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11-slim\s*$", dockerfile, re.M)
+    # The base is a build argument (`make image` passes a local Debian one); its default stays the official image.
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim\s*$", dockerfile, re.M)
+    assert re.findall(r"^FROM (\S+)", dockerfile, re.M) == ["${BASE_IMAGE}", "${BASE_IMAGE}"]
     assert re.search(r"^USER 10001(:10001)?\s*$", dockerfile, re.M)
     assert 'ENTRYPOINT ["conserve"]' in dockerfile
     values = yaml.safe_load((CHART / "values.yaml").read_text())

@@ -1,0 +1,326 @@
+"""Per-turn baselines: every turn placed on its own, each policy modelled on a real router's rule.
+
+They have no capacity model: a turn is admitted wherever it is sent and waits there for memory. When the
+chosen decoder still holds the conversation's KV (GPU prefix cache or its host tier), a policy may prefill
+only the new tokens there (`LocalRoute`); otherwise the prompt is prefilled on a prefill instance and its KV
+moves to the decoder (`RemoteRoute`), the cost a per-turn policy pays when a turn moves. Every policy sees the
+same signals, idle timeout, host tier and prefill-side caches (the engine applies them alike).
+
+- `round-robin`: prefill instances and decoders in turn.
+- `least-loaded`: the prefill instance with the least queued work, the decoder with the least KV of running
+  and waiting sequences relative to its capacity.
+- `prefix-aware`: SGLang's router `cache_aware` policy (sgl-router, `src/policies/cache_aware.rs`): when the
+  decoders are balanced (the most and least loaded differ by at most 32 requests or by a factor of at most
+  1.0001, its default `balance_abs_threshold` and `balance_rel_threshold`), a turn goes to the decoder
+  holding its prefix; otherwise, or without a prefix anywhere, to the least-loaded decoder (fewest requests).
+- `sticky`: session affinity: the first turn round-robin, every later turn to the same decoder.
+- `per-turn-prediction` (the paper's baseline): the decoder with the most KV left after adding the turn's
+  predicted peak (input plus predicted output: the mean output so far, 256 tokens until 10 are seen) to the
+  predicted peaks of what runs and waits there; a decoder already holding the conversation's prefix is
+  preferred whenever the predicted peak fits there (the prefix need not move).
+- `llmd-pd-decider`: llm-d's inference scheduler. The decoder maximizes the weighted sum of its scorers:
+  prefix cache (share of the prompt cached there; weight 2), load (`pkg/plugins/scorer/load_aware.go`: 0.5
+  for an empty waiting queue, falling linearly to 0 at 128 waiting; weight 1) and session affinity
+  (`pkg/plugins/scorer/session_affinity.go`: 1 for the decoder of the conversation's previous turn; weight 1).
+  Then the prefix-based P/D decider (`pkg/plugins/profile/prefix_based_pd_decider.go`) prefills remotely only
+  when the chosen decoder lacks at least `nonCachedTokens` of the prompt (we set 256; llm-d's default 0 means
+  always), else on the decoder. The prefill instance is picked by the prefill profile's prefix and load
+  scorers (its own cached prefix when the fleet gives prefill instances a prefix cache).
+- `vllm-multiturn-proxy`: vLLM's multi-turn disaggregated proxy
+  (`examples/online_serving/disaggregated_serving/disagg_proxy_multiturn.py`): prefill and decode instances
+  round-robin; every turn is prefilled on a prefill instance, which first pulls the previous turn's KV back
+  from the decoder that holds it (the proxy's cached `kv_transfer_params`, single use, 450 s TTL) so only the
+  new tokens are computed; then the whole KV moves to the next decoder.
+- `sticky-least-loaded`: session affinity with a least-loaded fallback: a conversation stays on its decoder
+  unless that decoder is overloaded (running and waiting KV above 90% of its capacity, or 128 waiting
+  requests: llm-d's load-aware threshold), then moves to the least-loaded decoder, which becomes its home.
+- `dynamo-kv-router`: NVIDIA Dynamo's KV router (`lib/llm/src/kv_router/scheduler.rs`, documented in
+  `docs/router/kv_cache_routing.md`): the decoder of least cost = overlap_score_weight (1.0) x potential prefill
+  blocks (the prompt's blocks not cached there, plus prompts queued there) + potential decode blocks (active KV
+  blocks there plus the prompt's uncached blocks), 16-token blocks; the prefill
+  instance by the same cost over the prefill pool (its own cached prefix, its queued prompt blocks). With
+  conditional disaggregation a prompt whose uncached part is under 1000 tokens
+  (`max_local_prefill_length`) is prefilled on the decoder.
+
+Prefill instances, unless a policy says otherwise: least queued work first, ties by name.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from conserve.sim.policy_base import PolicyBase
+from conserve.sim.records import ConvState, LocalRoute, RemoteRoute, Route, TurnRecord
+
+if TYPE_CHECKING:
+    from conserve.sim.instances import Decoder
+
+
+def held_tokens(decoder: Decoder, key: str, prompt: int) -> int:
+    """How much of a prompt a decoder holds for the conversation (GPU or host), at most the prompt."""
+    return min(max(decoder.peek_kv(key), decoder.peek_host(key)), prompt)
+
+
+def waiting_requests(decoder: Decoder) -> int:
+    return len(decoder.join_queue) + len(decoder.local_queue)
+
+
+class PerTurn(PolicyBase):
+    """A per-turn policy: pick a decoder, reuse its cached prefix if it has one, else prefill and move all."""
+
+    def pick_decoder(self, state: ConvState, record: TurnRecord, now: float) -> str:
+        raise NotImplementedError
+
+    def pick_prefill(self, record: TurnRecord, now: float) -> str:
+        return self.least_loaded_prefill(now)
+
+    def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None:
+        name = self.pick_decoder(state, record, now)
+        decoder = self.sim.decoders[name]
+        if record.index > 0 and record.new_tokens < record.input_tokens and decoder.holds(state.key):
+            return LocalRoute(name)
+        return RemoteRoute(self.pick_prefill(record, now), name, record.input_tokens)
+
+    def decoders(self) -> list[Decoder]:
+        return list(self.sim.decoders.values())
+
+
+class RoundRobin(PerTurn):
+    name = "round-robin"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._next_decoder = 0
+        self._next_prefill = 0
+
+    def pick_decoder(self, state: ConvState, record: TurnRecord, now: float) -> str:
+        names = list(self.sim.decoders)
+        name = names[self._next_decoder % len(names)]
+        self._next_decoder += 1
+        return name
+
+    def pick_prefill(self, record: TurnRecord, now: float) -> str:
+        names = list(self.sim.prefill)
+        name = names[self._next_prefill % len(names)]
+        self._next_prefill += 1
+        return name
+
+
+class LeastLoaded(PerTurn):
+    name = "least-loaded"
+
+    def pick_decoder(self, state: ConvState, record: TurnRecord, now: float) -> str:
+        return min(self.decoders(), key=lambda d: (d.load_tokens() / d.capacity, d.name)).name
+
+
+class PrefixAware(PerTurn):
+    name = "prefix-aware"
+    #: sgl-router defaults (cache_aware policy).
+    BALANCE_ABS_THRESHOLD = 32
+    BALANCE_REL_THRESHOLD = 1.0001
+
+    def pick_decoder(self, state: ConvState, record: TurnRecord, now: float) -> str:
+        decoders = self.decoders()
+        loads = {d.name: d.active_sequences() for d in decoders}
+        least = min(decoders, key=lambda d: (loads[d.name], d.name)).name
+        most, fewest = max(loads.values()), min(loads.values())
+        imbalanced = most - fewest > self.BALANCE_ABS_THRESHOLD and most > fewest * self.BALANCE_REL_THRESHOLD
+        if imbalanced:
+            return least
+        holders = [d for d in decoders if d.holds(state.key)]
+        if holders:
+            return min(holders, key=lambda d: (loads[d.name], d.name)).name
+        return least
+
+
+class Sticky(PerTurn):
+    name = "sticky"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._next = 0
+        self.home: dict[str, str] = {}
+
+    def pick_decoder(self, state: ConvState, record: TurnRecord, now: float) -> str:
+        home = self.home.get(state.key)
+        if home is None:
+            names = list(self.sim.decoders)
+            home = names[self._next % len(names)]
+            self._next += 1
+            self.home[state.key] = home
+        return home
+
+    def release(self, state: ConvState) -> None:
+        self.home.pop(state.key, None)
+
+
+class StickyLeastLoaded(Sticky):
+    name = "sticky-least-loaded"
+    OVERLOAD_KV_FRACTION = 0.9
+    OVERLOAD_WAITING = 128
+
+    def overloaded(self, decoder: Decoder) -> bool:
+        return (
+            decoder.load_tokens() > self.OVERLOAD_KV_FRACTION * decoder.capacity
+            or waiting_requests(decoder) >= self.OVERLOAD_WAITING
+        )
+
+    def pick_decoder(self, state: ConvState, record: TurnRecord, now: float) -> str:
+        home = self.home.get(state.key)
+        if home is not None and not self.overloaded(self.sim.decoders[home]):
+            return home
+        least = min(self.decoders(), key=lambda d: (d.load_tokens() / d.capacity, d.name)).name
+        self.home[state.key] = least
+        return least
+
+
+class PerTurnPrediction(PerTurn):
+    name = "per-turn-prediction"
+    PRIOR_OUTPUT_TOKENS = 256
+    MIN_OBSERVATIONS = 10
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs_seen = 0
+        self.outputs_sum = 0
+
+    def predicted_output(self) -> float:
+        if self.outputs_seen < self.MIN_OBSERVATIONS:
+            return float(self.PRIOR_OUTPUT_TOKENS)
+        return self.outputs_sum / self.outputs_seen
+
+    def pick_decoder(self, state: ConvState, record: TurnRecord, now: float) -> str:
+        predicted = self.predicted_output()
+
+        def left(decoder: Decoder) -> float:
+            running = sum(s.context + max(predicted - s.record.generated_tokens, 0.0) for s in decoder.running)
+            waiting = sum(s.context + predicted for s in decoder.join_queue)
+            local = sum(j.seq.context + predicted for j in decoder.local_queue)
+            batch = sum(j.seq.context + predicted for j in decoder.prefill_batch)
+            return decoder.capacity - (running + waiting + local + batch + record.input_tokens + predicted)
+
+        holders = [d for d in self.decoders() if record.index > 0 and d.holds(state.key) and left(d) >= 0]
+        if holders:
+            return max(holders, key=lambda d: (left(d) / d.capacity, d.name)).name
+        return min(self.decoders(), key=lambda d: (-left(d) / d.capacity, d.name)).name
+
+    def turn_done(self, state: ConvState, record: TurnRecord, now: float) -> None:
+        self.outputs_seen += 1
+        self.outputs_sum += record.output_tokens
+
+
+class LlmdPdDecider(PerTurn):
+    name = "llmd-pd-decider"
+    PREFIX_WEIGHT = 2.0
+    LOAD_WEIGHT = 1.0
+    SESSION_WEIGHT = 1.0
+    QUEUE_THRESHOLD = 128  # load_aware.go QueueThresholdDefault
+    NON_CACHED_TOKENS = 256
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_decoder: dict[str, str] = {}  # the session cookie: where the previous turn ran
+
+    def score(self, decoder: Decoder, key: str, prompt: int) -> float:
+        waiting = min(waiting_requests(decoder), self.QUEUE_THRESHOLD)
+        load = 0.5 * (1.0 - waiting / self.QUEUE_THRESHOLD)
+        prefix = held_tokens(decoder, key, prompt) / max(prompt, 1)
+        session = 1.0 if self.last_decoder.get(key) == decoder.name else 0.0
+        return self.PREFIX_WEIGHT * prefix + self.LOAD_WEIGHT * load + self.SESSION_WEIGHT * session
+
+    def pick_decoder(self, state: ConvState, record: TurnRecord, now: float) -> str:
+        best = max(self.decoders(), key=lambda d: (self.score(d, state.key, record.input_tokens), d.name))
+        self.last_decoder[state.key] = best.name
+        return best.name
+
+    def pick_prefill(self, record: TurnRecord, now: float) -> str:
+        def score(name: str) -> float:
+            p = self.sim.prefill[name]
+            waiting = min(len(p.queue), self.QUEUE_THRESHOLD)
+            load = 0.5 * (1.0 - waiting / self.QUEUE_THRESHOLD)
+            prefix = min(p.holds(record.conversation), record.input_tokens) / max(record.input_tokens, 1)
+            return self.PREFIX_WEIGHT * prefix + self.LOAD_WEIGHT * load - p.load_s(now) * 1e-9  # ties: less work
+
+        return max(sorted(self.sim.prefill), key=score)
+
+    def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None:
+        name = self.pick_decoder(state, record, now)
+        non_cached = record.input_tokens - held_tokens(self.sim.decoders[name], state.key, record.input_tokens)
+        if non_cached < self.NON_CACHED_TOKENS:
+            return LocalRoute(name)
+        return RemoteRoute(self.pick_prefill(record, now), name, record.input_tokens)
+
+    def release(self, state: ConvState) -> None:
+        self.last_decoder.pop(state.key, None)
+
+
+class VllmMultiturnProxy(RoundRobin):
+    name = "vllm-multiturn-proxy"
+    KV_PARAMS_TTL_S = 450.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.previous: dict[str, tuple[str, float]] = {}  # conversation -> (decoder, when its turn ended)
+
+    def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None:
+        prefill = self.pick_prefill(record, now)
+        decoder = self.pick_decoder(state, record, now)
+        pulled = 0
+        cached = self.previous.pop(state.key, None)  # single use
+        if cached is not None and now - cached[1] <= self.KV_PARAMS_TTL_S:
+            pulled = min(self.sim.decoders[cached[0]].peek_kv(state.key), record.input_tokens)
+        return RemoteRoute(prefill, decoder, record.input_tokens, pull_tokens=pulled)
+
+    def turn_done(self, state: ConvState, record: TurnRecord, now: float) -> None:
+        self.previous[state.key] = (record.decoder, now)
+
+    def release(self, state: ConvState) -> None:
+        self.previous.pop(state.key, None)
+
+
+class DynamoKvRouter(PerTurn):
+    name = "dynamo-kv-router"
+    OVERLAP_SCORE_WEIGHT = 1.0
+    BLOCK_TOKENS = 16
+    MAX_LOCAL_PREFILL_TOKENS = 1000
+
+    def cost(self, decoder: Decoder, key: str, prompt: int) -> float:
+        """Potential blocks if the request went there: the prefill still to do there (the prompt's uncached part
+        plus prompts queued there) and the active blocks plus what the request adds (its uncached part)."""
+        uncached = prompt - held_tokens(decoder, key, prompt)
+        pending = sum(j.left_tokens for j in decoder.local_queue) + sum(j.left_tokens for j in decoder.prefill_batch)
+        prefill_blocks = (uncached + pending) / self.BLOCK_TOKENS
+        decode_blocks = (decoder.load_tokens() + uncached) / self.BLOCK_TOKENS
+        return self.OVERLAP_SCORE_WEIGHT * prefill_blocks + decode_blocks
+
+    def pick_decoder(self, state: ConvState, record: TurnRecord, now: float) -> str:
+        return min(self.decoders(), key=lambda d: (self.cost(d, state.key, record.input_tokens), d.name)).name
+
+    def pick_prefill(self, record: TurnRecord, now: float) -> str:
+        def cost(name: str) -> float:
+            p = self.sim.prefill[name]
+            cached = min(p.holds(record.conversation), record.input_tokens)
+            queued = sum(j.left_tokens for j in p.queue) + sum(j.left_tokens for j in p.batch)
+            return (self.OVERLAP_SCORE_WEIGHT * (record.input_tokens - cached) + queued) / self.BLOCK_TOKENS
+
+        return min(self.sim.prefill, key=lambda n: (cost(n), n))
+
+    def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None:
+        name = self.pick_decoder(state, record, now)
+        uncached = record.input_tokens - held_tokens(self.sim.decoders[name], state.key, record.input_tokens)
+        if uncached < self.MAX_LOCAL_PREFILL_TOKENS:
+            return LocalRoute(name)
+        return RemoteRoute(self.pick_prefill(record, now), name, record.input_tokens)
+
+
+PER_TURN_BASELINES: tuple[type[PerTurn], ...] = (
+    RoundRobin,
+    LeastLoaded,
+    PrefixAware,
+    Sticky,
+    PerTurnPrediction,
+    LlmdPdDecider,
+    VllmMultiturnProxy,
+    StickyLeastLoaded,
+    DynamoKvRouter,
+)

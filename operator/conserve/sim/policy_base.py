@@ -1,0 +1,42 @@
+"""What every simulator policy shares: the binding to the simulation and the do-nothing defaults."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from conserve.sim.records import ConvState, Retain, SimView, TurnRecord
+
+
+class PolicyBase:
+    name = "base"
+    #: Whether this policy's decoders get the fleet's host KV tier.
+    host_offload = True
+
+    def __init__(self) -> None:
+        self._sim: SimView | None = None
+
+    @property
+    def sim(self) -> SimView:
+        assert self._sim is not None, "policy not bound to a simulator"
+        return self._sim
+
+    def bind(self, sim: SimView) -> None:
+        self._sim = sim
+
+    def least_loaded_prefill(self, now: float) -> str:
+        return min(self.sim.prefill.values(), key=lambda p: (p.load_s(now), p.name)).name
+
+    def retain(self, state: ConvState, decoder: str) -> Retain:
+        return "cache"
+
+    def turn_done(self, state: ConvState, record: TurnRecord, now: float) -> None:
+        return None
+
+    def release(self, state: ConvState) -> None:
+        return None
+
+    def kv_offloaded(self, state: ConvState) -> None:
+        return None
+
+    def order_pending(self, states: Sequence[ConvState]) -> list[ConvState]:
+        return list(states)

@@ -1,0 +1,194 @@
+"""What the simulator records and what policies decide: turn records, conversation state, routes, the policy
+protocol and the view of the simulator a policy may read.
+
+Policies import this module and `conserve.sim.instances`, never `conserve.sim.engine`: a policy returns a
+decision (a `Route`, a `Retain`) that the engine applies, and reads the fleet through `SimView`. The engine
+imports no policy (an import-linter contract in pyproject.toml keeps it so).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
+
+from conserve.core.llm import ModelShape
+from conserve.core.offload import IdleKv
+from conserve.sim.workload import Conversation
+
+if TYPE_CHECKING:
+    from conserve.sim.instances import Decoder, PrefillInstance
+
+
+@dataclass(slots=True)
+class TurnRecord:
+    conversation: str
+    index: int
+    arrival_s: float
+    input_tokens: int
+    new_tokens: int
+    output_tokens: int
+    user_visible: bool
+    decoder: str = ""
+    prefill_instance: str = ""  # "" when prefilled on the decoder
+    prefill_tokens: int = 0  # tokens computed by prefill for this turn (recomputes included)
+    transferred_tokens: int = 0
+    #: When the first token reaches the user: after the prefill and the KV transfer to the decoder (a remote
+    #: prefill), or after the decoder's own prefill of the turn.
+    first_token_s: float = -1.0
+    done_s: float = -1.0
+    generated_tokens: int = 0
+    preemptions: int = 0
+    reload_tokens: int = 0  # KV reloaded from host memory over PCIe for this turn
+    reload_s: float = 0.0
+    loaded_tokens: int = 0  # prefix KV a prefill instance loaded (shared store, or pulled back from a decoder)
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_token_s - self.arrival_s
+
+    @property
+    def reprefilled_tokens(self) -> int:
+        """Tokens prefilled beyond the turn's new ones: KV the conversation had computed before and lost."""
+        return max(self.prefill_tokens - self.new_tokens, 0)
+
+    @property
+    def tbt_s(self) -> float | None:
+        """Mean time between tokens of this turn (None for a one-token answer)."""
+        if self.output_tokens <= 1:
+            return None
+        return (self.done_s - self.first_token_s) / (self.output_tokens - 1)
+
+
+@dataclass(slots=True)
+class ConvState:
+    conv: Conversation
+    turns: list[TurnRecord] = field(default_factory=list)
+    decoder: str | None = None  # where its KV lives (pinned or cached) after its last turn
+    kv_tokens: int = 0  # KV it holds there
+    kv_transfers: int = 0
+    started_s: float | None = None  # when its first turn was admitted (placement), for pending waits
+    finished: bool = False
+
+    @property
+    def key(self) -> str:
+        return self.conv.key
+
+    @property
+    def next_index(self) -> int:
+        return len(self.turns)
+
+
+@dataclass(slots=True)
+class Seq:
+    """One turn in a decoder: its KV (context) and the decode steps it still needs."""
+
+    state: ConvState
+    record: TurnRecord
+    context: int
+    remaining: int
+    admitted_order: int = 0
+
+
+@dataclass(slots=True)
+class LocalJob:
+    """A prompt prefilled on the decoder itself (chunked: `done_tokens` of `new_tokens` are prefilled)."""
+
+    seq: Seq
+    new_tokens: int
+    cached_tokens: int
+    recompute: bool = False
+    reload_tokens: int = 0  # part of cached_tokens that comes back from host memory first
+    done_tokens: int = 0
+    reloaded: bool = False
+
+    @property
+    def left_tokens(self) -> int:
+        return self.new_tokens - self.done_tokens
+
+
+@dataclass(slots=True)
+class PrefillJob:
+    """A prompt on a prefill instance (chunked: `done_tokens` of `new_tokens` are prefilled)."""
+
+    seq: Seq
+    decoder: str
+    new_tokens: int
+    cached_tokens: int
+    transfer_tokens: int
+    load_s: float = 0.0  # loading the cached prefix (shared store, or pulled from a decoder) before the first chunk
+    done_tokens: int = 0
+    started: bool = False
+
+    @property
+    def left_tokens(self) -> int:
+        return self.new_tokens - self.done_tokens
+
+
+# --- decisions the policies return -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteRoute:
+    """Prefill on a prefill instance, then move the turn's KV to the decoder.
+
+    The prefill instance computes `new_tokens` over `cached_tokens` it already has; when the fleet gives prefill
+    instances a prefix cache or a shared KV store, the engine raises `cached_tokens` to what they hold.
+    """
+
+    prefill: str
+    decoder: str
+    new_tokens: int
+    cached_tokens: int = 0
+    #: KV of the conversation the prefill instance first pulls back from the decoder holding it (vLLM's
+    #: bidirectional transfer), so it computes only what is missing.
+    pull_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LocalRoute:
+    """Prefill the new tokens on the decoder, which holds the conversation's earlier KV (or recomputes it)."""
+
+    decoder: str
+
+
+Route = RemoteRoute | LocalRoute
+#: What a decoder keeps of a finished turn's KV: pinned (not evictable until released) or prefix cache (LRU).
+Retain = Literal["pin", "cache"]
+
+
+class SimView(Protocol):
+    """What a policy may read of the running simulation, and the one action it may ask for (offload)."""
+
+    @property
+    def model(self) -> ModelShape: ...
+
+    @property
+    def prefill(self) -> Mapping[str, PrefillInstance]: ...
+
+    @property
+    def decoders(self) -> Mapping[str, Decoder]: ...
+
+    def idle_candidates(self, decoder: Decoder, gpu_kv: Callable[[str, int], int] | None = None) -> list[IdleKv]: ...
+
+    def offload(self, decoder: Decoder, key: str) -> None: ...
+
+
+class Policy(Protocol):
+    name: str
+    #: Whether this policy's decoders get the fleet's host KV tier.
+    host_offload: bool
+
+    def bind(self, sim: SimView) -> None: ...
+
+    def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None: ...
+
+    def retain(self, state: ConvState, decoder: str) -> Retain: ...
+
+    def turn_done(self, state: ConvState, record: TurnRecord, now: float) -> None: ...
+
+    def release(self, state: ConvState) -> None: ...
+
+    def kv_offloaded(self, state: ConvState) -> None: ...
+
+    def order_pending(self, states: Sequence[ConvState]) -> list[ConvState]: ...
