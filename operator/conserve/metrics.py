@@ -266,7 +266,7 @@ API_WRITES = Counter(
     registry=REGISTRY,
 )
 EVENTS_AGGREGATED = Counter(
-    "conserve_events_aggregated_total",
+    "conserve_aggregated_events_total",
     "Normal Events not posted on their own but counted into their window's summary Event.",
     ["reason"],
     registry=REGISTRY,
@@ -278,7 +278,7 @@ OBSERVED_KV_USAGE = Gauge(
     registry=REGISTRY,
 )
 OBSERVED_REQUESTS_RUNNING = Gauge(
-    "conserve_observed_requests_running",
+    "conserve_observed_running_requests",
     "Requests in a decoder's running batch as its engine reports it (vllm:num_requests_running).",
     [*_POOL, "decoder"],
     registry=REGISTRY,

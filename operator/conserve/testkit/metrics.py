@@ -40,6 +40,7 @@ COUNTED = frozenset(
         "conversations",
         "decoders",
         "errors",
+        "events",
         "intervals",
         "nodes",
         "patches",
@@ -49,6 +50,7 @@ COUNTED = frozenset(
         "requests",
         "transfers",
         "turns",
+        "writes",
         "closed",  # conserve_router_conversations_closed_total: conversations closed
         "outgrown",  # conserve_reservation_outgrown_total: reservations outgrown
         "received",  # conserve_gpusim_kv_transfers_received_total: KV transfers received
