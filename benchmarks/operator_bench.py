@@ -22,7 +22,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,73 +32,26 @@ from conserve.controller.kube import k8s
 from conserve.controller.testing import Api, OperatorProcess, conversation_body, install_crds, pod_body, pool_body
 from conserve.devcluster import nodes
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from operator_scale import (
+    PlacementWatch as PlacementWatch,
+)
+from operator_scale import (
+    apiserver_writes,
+    operator_writes,
+    scenario_replicas,
+    usage_writes_per_turn,
+)
+from operator_scale import (
+    make_namespace as make_namespace,
+)
+
 GROUP, VERSION, PLURAL = "conserve.dev", "v1alpha1", "conversations"
 
 
 def quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
-
-
-class PlacementWatch:
-    """Records when each conversation's status first carries a decoder (watch event receipt time)."""
-
-    def __init__(self, api_client: Any, namespace: str) -> None:
-        self.placed: dict[str, float] = {}
-        self._api = k8s("client").CustomObjectsApi(api_client)
-        self._namespace = namespace
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._ready = threading.Event()
-
-    def __enter__(self) -> PlacementWatch:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        self._ready.set()
-        while not self._stop.is_set():
-            watch = k8s("watch").Watch()
-            try:
-                for event in watch.stream(
-                    self._api.list_namespaced_custom_object,
-                    GROUP,
-                    VERSION,
-                    self._namespace,
-                    PLURAL,
-                    timeout_seconds=600,
-                ):
-                    obj = event["object"]
-                    if isinstance(obj, dict) and (obj.get("status") or {}).get("decoder"):
-                        self.placed.setdefault(obj["metadata"]["name"], time.time())
-                    if self._stop.is_set():
-                        watch.stop()
-                        return
-            except Exception as exc:  # a 410/504 on resume: start over with a fresh list
-                print(f"watch restarted: {exc}", file=sys.stderr)
-
-    def wait(self, names: list[str], timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if all(n in self.placed for n in names):
-                return True
-            time.sleep(0.05)
-        return False
-
-
-def make_namespace(core: Any, name: str) -> None:
-    core.create_namespace({"metadata": {"name": name}})
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            core.read_namespaced_service_account("default", name)
-            return
-        except Exception:
-            time.sleep(0.1)
 
 
 def setup_pool(api: Api, decoders: int, tokens: int, node_names: list[str], threads: int) -> None:
@@ -145,11 +97,14 @@ def scenario_latency(
     try:
         setup_pool(api, 20, 1_000_000, nodes_, threads)
         cpu0 = cpu_s(op)
+        writes0 = apiserver_writes(api_client)
         with PlacementWatch(api_client, ns) as watch:
             started = paced_creations(api, rate, count, threads, "c")
             achieved = count / (max(started.values()) - min(started.values()))
             ok = watch.wait(list(started), 120)
             lat = [watch.placed[n] - t for n, t in started.items() if n in watch.placed]
+        time.sleep(2)  # the pool status and the Event summaries that follow the last placement
+        writes = operator_writes(writes0, apiserver_writes(api_client))
         rss = rss_mib(op)
         cpu_ms = (cpu_s(op) - cpu0) * 1000 / count
     finally:
@@ -159,6 +114,10 @@ def scenario_latency(
         "rate_achieved_per_s": round(achieved, 1),
         "conversations": count,
         "all_placed": ok,
+        "placement_p50_s": round(quantile(lat, 0.50), 4),
+        "placement_p99_s": round(quantile(lat, 0.99), 4),
+        "writes": writes,
+        "writes_per_placement": round(sum(writes.values()) / count, 3),
         "p50_ms": round(quantile(lat, 0.50) * 1000, 1),
         "p90_ms": round(quantile(lat, 0.90) * 1000, 1),
         "p99_ms": round(quantile(lat, 0.99) * 1000, 1),
@@ -244,7 +203,7 @@ def scenario_backlog(
     extra: list[str],
 ) -> dict[str, Any]:
     """Backlog: the conversations exist before the operator starts (as after an outage), so the operator's own
-    pace of placing them (status + finalizer + Event each) is not bounded by how fast a client creates."""
+    pace of placing them is not bounded by how fast a client creates."""
     core = k8s("client").CoreV1Api(api_client)
     make_namespace(core, ns)
     api = Api(api_client, ns)
@@ -254,18 +213,23 @@ def scenario_backlog(
         list(pool.map(lambda i: api.create(pod_body(f"dec-{i}", nodes_[i % len(nodes_)])), range(20)))
         list(pool.map(lambda n: api.create(conversation_body(n, "bench", 1000)), names))
     op = OperatorProcess(kubeconfig, ns, work / f"{ns}.log", extra, fast=False)
+    writes0 = apiserver_writes(api_client)
     with PlacementWatch(api_client, ns) as watch:
         op.start(wait_ready=False)
         try:
             ok = watch.wait(names, 300)
             span = max(watch.placed.values()) - min(watch.placed.values())
             cpu = cpu_s(op)
+            time.sleep(2)
+            writes = operator_writes(writes0, apiserver_writes(api_client))
         finally:
             op.stop()
     return {
         "operator_args": extra,
         "all_placed": ok,
         "placements_per_s": round(count / span, 1),
+        "writes": writes,
+        "writes_per_placement": round(sum(writes.values()) / count, 3),
         "operator_cpu_ms_per_conversation_incl_start": round(cpu * 1000 / count, 2),
     }
 
@@ -351,16 +315,46 @@ def cluster(kubeconfig: str | None, work: Path) -> Iterator[Path]:
         yield local.kubeconfig
 
 
+def summary(results: dict[str, Any]) -> dict[str, Any]:
+    """The figures the scale issue asks for, flat."""
+    out: dict[str, Any] = {}
+    for run in results.get("latency", []):
+        rate = int(run["rate_target_per_s"])
+        out[f"placement_p50_s_at_{rate}"] = run["placement_p50_s"]
+        out[f"placement_p99_s_at_{rate}"] = run["placement_p99_s"]
+        out[f"rate_achieved_per_s_at_{rate}"] = run["rate_achieved_per_s"]
+        out[f"writes_per_placement_at_{rate}"] = run["writes_per_placement"]
+    throughput = results.get("throughput")
+    ceiling = throughput["ceiling_create_plus_status_per_s"] if throughput else None
+    if throughput:
+        out["ceiling_create_plus_status_per_s"] = ceiling
+        out["throughput_ratio"] = throughput["backlog"]["ratio_to_ceiling"]
+        out["writes_per_placement"] = throughput["backlog"]["writes_per_placement"]
+    for turns in results.get("turns", []):
+        if turns["usage_interval_s"] == results.get("turns_default_interval_s"):
+            out["writes_per_turn"] = turns["writes_per_turn"]
+    for run in results.get("replicas", []):
+        entry = {"placements_per_s": run["placements_per_s"], "writes_per_placement": run["writes_per_placement"]}
+        if ceiling:
+            entry["throughput_ratio"] = round(run["placements_per_s"] / ceiling, 3)
+        out[f"replicas_{run['replicas']}"] = entry
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kubeconfig", default=os.environ.get("CONSERVE_KUBECONFIG"))
-    parser.add_argument("--out", type=Path, default=Path("results/operator_bench.json"))
+    parser.add_argument("--out", "--json", type=Path, default=Path("results/operator_bench.json"))
     parser.add_argument("--threads", type=int, default=16, help="client threads (creations and the ceiling)")
     parser.add_argument("--seconds", type=float, default=15.0, help="duration of each latency run")
     parser.add_argument("--throughput-count", type=int, default=1500)
     parser.add_argument("--memory-conversations", type=int, default=10_000)
     parser.add_argument("--memory-decoders", type=int, default=1_000)
-    parser.add_argument("--skip", action="append", default=[], choices=["latency", "throughput", "memory"])
+    parser.add_argument("--replicas", default="1,2,4", help="operator replica counts of the sharded scenario")
+    parser.add_argument("--replica-count", type=int, default=1200, help="conversations of each replica run")
+    parser.add_argument(
+        "--skip", action="append", default=[], choices=["latency", "throughput", "memory", "replicas", "turns"]
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="conserve-bench-"))
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "work_dir": str(work)}
@@ -382,11 +376,24 @@ def main() -> int:
                 api_client, kubeconfig, args.throughput_count, node_names, work, args.threads
             )
             print(json.dumps(results["throughput"], indent=1), flush=True)
+        if "replicas" not in args.skip:
+            results["replicas"] = [
+                scenario_replicas(api_client, kubeconfig, int(r), args.replica_count, node_names, work, args.threads)
+                for r in args.replicas.split(",")
+            ]
+            print(json.dumps(results["replicas"], indent=1), flush=True)
         if "memory" not in args.skip:
             results["memory"] = scenario_memory(
                 api_client, kubeconfig, args.memory_conversations, args.memory_decoders, node_names, work, args.threads
             )
             print(json.dumps(results["memory"], indent=1), flush=True)
+    if "turns" not in args.skip:
+        from conserve.router.service import RouterConfig
+
+        results["turns"] = [usage_writes_per_turn(i) for i in sorted({0.5, RouterConfig().usage_interval_s})]
+        results["turns_default_interval_s"] = RouterConfig().usage_interval_s
+    results["summary"] = summary(results)
+    print(json.dumps(results["summary"], indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"written {args.out}")

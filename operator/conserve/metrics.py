@@ -277,4 +277,32 @@ class RouterMetrics:
 ROUTER = RouterMetrics.on(REGISTRY)
 
 
+# --- operator: API writes and Events (controller/kube.py, controller/events.py) -------------------------------
+
+API_WRITES = Counter(
+    "conserve_api_writes_total",
+    "Writes the operator sent to the API server. resource: conversations, conversations/status, "
+    "decoderpools/status, events, leases; verb: patch, create, update.",
+    ["resource", "verb"],
+    registry=REGISTRY,
+)
+EVENTS_AGGREGATED = Counter(
+    "conserve_aggregated_events_total",
+    "Normal Events not posted on their own but counted into their window's summary Event.",
+    ["reason"],
+    registry=REGISTRY,
+)
+OBSERVED_KV_USAGE = Gauge(
+    "conserve_observed_kv_usage_ratio",
+    "A decoder's KV cache usage as its engine reports it (vllm:kv_cache_usage_perc), 0 to 1.",
+    [*_POOL, "decoder"],
+    registry=REGISTRY,
+)
+OBSERVED_REQUESTS_RUNNING = Gauge(
+    "conserve_observed_running_requests",
+    "Requests in a decoder's running batch as its engine reports it (vllm:num_requests_running).",
+    [*_POOL, "decoder"],
+    registry=REGISTRY,
+)
+
 # --- scheduler extender: filter and prioritize calls of kube-scheduler ---------------------------------------

@@ -94,6 +94,7 @@ def test_two_replicas_one_leader(api: Api, cluster: ClusterHandle, namespace: st
             api.create(conversation_body(f"c{i}", "llama", 1000))
         wait_for(lambda: sum((c.get("status") or {}).get("phase") == "Prefilling" for c in api.list_convs()) == 6)
         assert "ledger rebuilt" not in b.log_text(), b.log_text()[-2000:] + a.log_text()[-2000:]
+        wait_for(lambda: len(api.events("Placed")) >= 6)  # a's Events follow its status writes: not lost by the kill
         a.kill(signal.SIGKILL)  # no clean release: b takes over when the lease expires
         b.wait_log("ledger rebuilt", timeout_s=20)
         api.create(conversation_body("after", "llama", 1000))

@@ -336,6 +336,15 @@ def test_rendered_operator_args_without_leader_election_parse() -> None:
     assert not parsed.leader_elect
 
 
+def test_sharded_operator_gets_its_shards_flag_and_lease_rights() -> None:
+    docs = render("operator.replicas=4", "operator.leaderElection.shards=8")
+    parsed = parse_command(operator_args(docs))
+    assert parsed.shards == 8 and parsed.leader_elect
+    rules = rules_of(by_kind(docs, "Role")["conserve-operator-leader-election"])
+    assert rules == {("coordination.k8s.io", "leases"): {"create", "get", "list", "update", "patch"}}
+    assert parse_command(operator_args(render())).shards == 1  # the default: one Lease, its name only
+
+
 def test_service_monitor_and_dashboard_when_enabled() -> None:
     docs = render("serviceMonitor.enabled=true", "serviceMonitor.labels.release=prom", "dashboard.enabled=true")
     monitors = by_kind(docs, "ServiceMonitor")

@@ -81,7 +81,8 @@ async def test_burst_never_oversubscribes() -> None:
     assert held_per_decoder(engine) == {"dec-0": 8000, "dec-1": 8000, "dec-2": 8000}
     phases = [s["phase"] for (plural, _), s in kube.status.items() if plural == "conversations"]
     assert phases.count("Prefilling") == 12 and phases.count("Pending") == 88
-    assert all(FINALIZER in m["finalizers"] for m in kube.meta.values())
+    # One write per placement: the status, no finalizer patch.
+    assert not any(FINALIZER in (m.get("finalizers") or []) for m in kube.meta.values())
     assert len(engine.world.pool(NS, "llama").pending) == 88
 
 

@@ -2,11 +2,14 @@
 
 RBAC the operator needs (the Helm chart grants exactly these; tests/e2e/test_helm.py runs the operator with
 that ServiceAccount's token):
-- conserve.dev: conversations: list, watch, patch (its finalizer); decoderpools: list, watch;
+- conserve.dev: conversations: list, watch, patch (only to remove the finalizer earlier versions added);
+  decoderpools: list, watch;
   conversations/status, decoderpools/status: patch. (A Role per watched namespace, or a ClusterRole with
   --all-namespaces.)
 - core: pods: list, watch; nodes (cluster-scoped, ClusterRole): list, watch; events: create.
-- coordination.k8s.io: leases: create, and get, update, patch on its own Lease in --lease-namespace.
+- coordination.k8s.io: leases: create, and get, update, patch on its own Lease in --lease-namespace; with
+  --shards N also list (counting live replicas' member Leases) and get, update, patch on the shard and member
+  Leases (names start with --lease-name).
 - Kopf itself (scanning is off, no peering): nothing more.
 """
 
@@ -59,9 +62,31 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     p.add_argument(
         "--events",
-        choices=["all", "warnings"],
-        default="all",
-        help="Events to post: all (Placed, Released, ... and warnings) or warnings only (fewer writes)",
+        choices=["aggregated", "all", "warnings"],
+        default="aggregated",
+        help="Events to post: aggregated (Warnings each; Normal ones, Placed, Released, ..., at most one per "
+        "namespace and reason per --event-window, with a summary), all (each), or warnings only",
+    )
+    p.add_argument("--event-window", type=float, default=10.0, help="seconds over which Normal Events are aggregated")
+    p.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="shard DecoderPools over this many Leases (<lease-name>-shard-<i>): each replica leads its fair "
+        "share of them; 1: one Lease, one leader",
+    )
+    p.add_argument(
+        "--occupancy-interval",
+        type=float,
+        default=2.0,
+        help="seconds between scrapes of each ready decoder's /metrics (vllm:kv_cache_usage_perc, "
+        "vllm:num_requests_running): observed KV occupancy for placement (0: off)",
+    )
+    p.add_argument(
+        "--vanished-sweep-interval",
+        type=float,
+        default=300.0,
+        help="seconds between lists that release conversations deleted while a watch was down (0: off)",
     )
     p.add_argument("--api-threads", type=int, default=64, help="threads (and connections) of the Kubernetes client")
     p.add_argument("--verbose", "-v", action="store_true")
@@ -98,6 +123,13 @@ def run(args: argparse.Namespace) -> int:
         api_threads=args.api_threads,
         lease_duration_s=args.lease_duration,
         energy=EnergyOptions.from_args(args),
-        normal_events=args.events == "all",
+        normal_events=args.events != "warnings",
+        event_window_s=args.event_window if args.events == "aggregated" else 0.0,
+        shards=args.shards,
+        vanished_sweep_interval_s=args.vanished_sweep_interval,
+        occupancy_interval_s=args.occupancy_interval,
     )
+    if args.shards < 1:
+        print("--shards: must be at least 1", file=sys.stderr)
+        return 2
     return asyncio.run(run_operator(options))

@@ -2,8 +2,13 @@
 replayed or missed event is harmless).
 
 The data plane reports turns through `spec.usage` (cumulative counters: turns, inputTokens, outputTokens,
-lastTurnTime, timeToFirstEffectiveTokenSeconds); `spec.completed: true` ends the conversation. Deleting it runs
-the finalizer `conserve.dev/release-capacity`, which releases the reservation once.
+lastTurnTime, timeToFirstEffectiveTokenSeconds); `spec.completed: true` ends the conversation.
+
+Deletion needs no finalizer (one API write per placement, not two): the watch's DELETED event releases the
+reservation; a delete that happened while no operator ran is released by the rebuild on start (the object is not
+listed, so nothing is adopted); a delete lost in a watch gap (a 410 relist) is found by `release_vanished`, a
+periodic list. The finalizer `conserve.dev/release-capacity` that earlier versions added is still removed from
+objects that carry it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from conserve.controller.state import FINALIZER, ConvRecord, key_of, parse_time
 from conserve.core.lifecycle import KvState
 
 log = logging.getLogger("conserve.operator")
-__all__ = ["PLURAL", "adopt", "on_event", "record_from_body"]
+__all__ = ["PLURAL", "adopt", "on_event", "record_from_body", "release_vanished"]
 
 
 def record_from_body(body: dict[str, Any], spec: ConversationSpec, *, now_s: float, monotonic: float) -> ConvRecord:
@@ -112,9 +117,8 @@ async def on_event(engine: Engine, event_type: str | None, body: dict[str, Any])
     else:
         record.spec = spec
         record.generation = int(meta.get("generation") or record.generation)
-        if not record.finalizer_in_flight:  # else this event predates our finalizer patch
-            record.finalizers = list(meta.get("finalizers") or [])
-            record.has_finalizer = FINALIZER in record.finalizers
+        record.finalizers = list(meta.get("finalizers") or [])
+        record.has_finalizer = FINALIZER in record.finalizers
     if meta.get("deletionTimestamp"):
         if not record.terminal:
             await engine.release(record, "Deleted", "the conversation was deleted", write=False)
@@ -133,11 +137,28 @@ async def on_event(engine: Engine, event_type: str | None, body: dict[str, Any])
         if changed:
             engine.on_pool_changed(pool)
             await engine.write_status(record)
-        if not record.has_finalizer:
-            await engine.add_finalizer(record)
         if changed:
             await engine.drain(pool)  # a turn's end makes its KV idle, so reclaimable: waiting ones may fit
         return
     async with pool.lock:
         engine.apply_usage(pool, record)  # a turn reported before placement is still counted
     await engine.admit(record)
+
+
+async def release_vanished(engine: Engine, scopes: list[str | None]) -> int:
+    """Release conversations the operator holds that the API server no longer has (a delete missed in a watch
+    gap). Only records first seen before the list started count: a newer one may be missing from it by timing.
+    Returns how many were released."""
+    started = engine.clock.monotonic()
+    listed: set[str] = set()
+    for scope in scopes:
+        for body in await engine.kube.list_objects(PLURAL, scope):
+            meta = body.get("metadata", {})
+            listed.add(key_of(meta.get("namespace", ""), meta.get("name", "")))
+    gone = [r for key, r in list(engine.world.convs.items()) if key not in listed and r.first_seen_monotonic < started]
+    for record in gone:
+        engine.world.convs.pop(record.key, None)
+        if not record.terminal:
+            log.info("conversation %s is gone from the API server: releasing it", record.key)
+            await engine.release(record, "Deleted", "the conversation was deleted", write=False)
+    return len(gone)

@@ -65,6 +65,8 @@ class EngineConfig:
     event_concurrency: int = 8
     #: Post Normal Events (Placed, Released, ...) too; False keeps only Warnings (one write less per placement).
     normal_events: bool = True
+    #: An engine's occupancy reading older than this is ignored (a decoder that stopped answering).
+    observed_max_age_s: float = 10.0
 
 
 @dataclass(slots=True)
@@ -367,10 +369,8 @@ class Engine:
         if outcome.result is Verdict.UNCHANGED:
             return
         placed = outcome.result in (Verdict.PLACED, Verdict.REPLACED)
-        writes = [self.write_status(record)]
-        if placed and not record.has_finalizer:
-            writes.append(self.add_finalizer(record))
-        await asyncio.gather(*writes)
+        # One write per placement: no finalizer (a delete is released from the watch, or by the rebuild on start).
+        await self.write_status(record)
         if outcome.result in _LIFECYCLE:
             return
         metrics.PLACEMENTS.labels(*self._labels(pool), outcome.result.value).inc()
@@ -394,16 +394,8 @@ class Engine:
                 record.dirty = True
                 metrics.STATUS_WRITE_ERRORS.labels("Conversation").inc()
 
-    async def add_finalizer(self, record: ConvRecord) -> None:
-        record.has_finalizer = True
-        record.finalizers = [*[f for f in record.finalizers if f != FINALIZER], FINALIZER]
-        record.finalizer_in_flight = True
-        try:
-            await self._patch_finalizers(record, record.finalizers)
-        finally:
-            record.finalizer_in_flight = False
-
     async def remove_finalizer(self, record: ConvRecord) -> None:
+        """Remove the finalizer earlier versions added (this one adds none: one write per placement)."""
         if not record.has_finalizer:
             return
         record.has_finalizer = False

@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
+from conserve import metrics
 from conserve.api.common import GROUP, VERSION
 from conserve.kube import ApiError, NotFound, Refused, new_api_client
 from conserve.kube.clients import k8s
@@ -45,17 +46,20 @@ def utc_now_rfc3339() -> str:
 class KubeClient:
     """The real client: `kubernetes` (sync) on a private thread pool."""
 
-    def __init__(self, api_client: Any, *, threads: int = 16, component: str = "conserve-operator") -> None:
+    def __init__(
+        self, api_client: Any, *, threads: int = 16, component: str = "conserve-operator", instance: str = ""
+    ) -> None:
         client = k8s("client")
         self._api_client = api_client
         self._custom = client.CustomObjectsApi(api_client)
         self._core = client.CoreV1Api(api_client)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
         self._component = component
+        self._instance = instance or component  # the replica (its Lease identity) in each Event it posts
 
     @classmethod
-    def from_kubeconfig(cls, kubeconfig: str | None = None, *, threads: int = 16) -> KubeClient:
-        return cls(new_api_client(kubeconfig, pool_size=threads), threads=threads)
+    def from_kubeconfig(cls, kubeconfig: str | None = None, *, threads: int = 16, instance: str = "") -> KubeClient:
+        return cls(new_api_client(kubeconfig, pool_size=threads), threads=threads, instance=instance)
 
     @property
     def api_client(self) -> Any:
@@ -107,12 +111,14 @@ class KubeClient:
     # Writes skip the client's parsing of the object the API server sends back: nothing here reads it, and at
     # hundreds of writes per second the parsing costs more CPU than the request.
     async def patch_status(self, plural: str, namespace: str, name: str, patch: Body) -> Body:
-        return await self._merge_patch(
-            self._custom.patch_namespaced_custom_object_status, plural, namespace, name, patch
-        )
+        await self._merge_patch(self._custom.patch_namespaced_custom_object_status, plural, namespace, name, patch)
+        metrics.API_WRITES.labels(f"{plural}/status", "patch").inc()
+        return {}
 
     async def patch_object(self, plural: str, namespace: str, name: str, patch: Body) -> Body:
-        return await self._merge_patch(self._custom.patch_namespaced_custom_object, plural, namespace, name, patch)
+        await self._merge_patch(self._custom.patch_namespaced_custom_object, plural, namespace, name, patch)
+        metrics.API_WRITES.labels(plural, "patch").inc()
+        return {}
 
     async def _merge_patch(self, fn: Callable[..., Any], plural: str, namespace: str, name: str, patch: Body) -> Body:
         await self._call(
@@ -130,8 +136,10 @@ class KubeClient:
 
     async def post_event(self, obj: Body, reason: str, message: str, *, warning: bool = False) -> None:
         event = event_body(obj, reason, message, warning=warning, component=self._component)
+        event["reportingInstance"] = self._instance  # which replica decided
         namespace = event["metadata"]["namespace"]
         await self._call(_discarding(self._core.create_namespaced_event), namespace, event, _preload_content=False)
+        metrics.API_WRITES.labels("events", "create").inc()
 
 
 def _discarding(fn: Callable[..., Any]) -> Callable[..., None]:

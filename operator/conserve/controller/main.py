@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,9 +12,13 @@ import kopf
 
 from conserve import metrics
 from conserve.controller.engine import Engine, EngineConfig
-from conserve.controller.kube import KubeClient
+from conserve.controller.events import AggregatingKube
+from conserve.controller.kube import Kube, KubeClient
 from conserve.controller.leader import LeaderElector
+from conserve.controller.occupancy import OccupancyScraper, engine_decoders, engine_hook
 from conserve.controller.registry import build_registry
+from conserve.controller.shards import ShardFencedKube, Sharding, ShardSet
+from conserve.controller.state import key_of
 
 log = logging.getLogger("conserve.operator")
 
@@ -34,10 +39,40 @@ class OperatorOptions:
     lease_duration_s: float = 15.0
     energy: Any | None = None  # controller.energy.EnergyOptions
     normal_events: bool = True
+    #: Seconds over which Normal Events of one namespace, kind and reason are aggregated (0: each posted).
+    event_window_s: float = 10.0
+    #: >1: shard pools over this many Leases (`<lease_name>-shard-<i>`), several replicas each leading some.
+    shards: int = 1
+    vanished_sweep_interval_s: float = 300.0
+    #: Seconds between scrapes of the decoders' engine metrics (observed KV occupancy); 0: off.
+    occupancy_interval_s: float = 2.0
 
 
-async def run_operator(options: OperatorOptions) -> int:
-    kube = KubeClient.from_kubeconfig(threads=options.api_threads)
+async def run_operator(options: OperatorOptions) -> int:  # noqa: C901 the wiring of options, one branch each
+    client = KubeClient.from_kubeconfig(threads=options.api_threads, instance=options.identity)
+    kube: Kube = client
+    background: list[Callable[[], Coroutine[Any, Any, None]]] = []
+    if options.normal_events and options.event_window_s > 0:
+        aggregating = AggregatingKube(kube, options.event_window_s)
+        kube = aggregating
+        background.append(aggregating.run)
+    sharding: Sharding | None = None
+    engine_ref: list[Engine] = []
+    if options.leader_elect and options.shards > 1:
+        sharding = Sharding(
+            client.api_client,
+            options.lease_namespace,
+            options.lease_name,
+            options.identity,
+            ShardSet(options.shards),
+            options.lease_duration_s,
+        )
+
+        def pool_of(namespace: str, name: str) -> str | None:
+            record = engine_ref[0].world.convs.get(key_of(namespace, name)) if engine_ref else None
+            return record.spec.pool if record is not None else None
+
+        kube = ShardFencedKube(kube, sharding.shard_set, pool_of)
     stop = asyncio.Event()
     elector: LeaderElector | None = None
     lost = asyncio.Event()
@@ -46,10 +81,10 @@ async def run_operator(options: OperatorOptions) -> int:
 
         start_http_server(options.metrics_port, registry=metrics.REGISTRY)
     try:
-        if options.leader_elect:
+        if options.leader_elect and sharding is None:
             duration = options.lease_duration_s
             elector = LeaderElector(
-                kube.api_client,
+                client.api_client,
                 options.lease_namespace,
                 options.lease_name,
                 options.identity,
@@ -70,12 +105,25 @@ async def run_operator(options: OperatorOptions) -> int:
                 normal_events=options.normal_events,
             ),
         )
+        engine_ref.append(engine)
+        if options.occupancy_interval_s > 0:
+            scraper = OccupancyScraper(
+                engine_decoders(engine), engine_hook(engine), interval_s=options.occupancy_interval_s
+            )
+            background.append(scraper.run)
         if elector is not None:
             lost_watch = asyncio.create_task(_fence(lost, stop, engine))
-        registry = build_registry(engine, options.namespaces, options.energy)
+        registry = build_registry(
+            engine,
+            options.namespaces,
+            options.energy,
+            sharding=sharding,
+            background=background,
+            vanished_sweep_interval_s=options.vanished_sweep_interval_s,
+        )
         await kopf.operator(
             registry=registry,
-            standalone=True,  # leader election is ours (leader.py); no KopfPeering objects
+            standalone=True,  # leader election is ours (leader.py, shards.py); no KopfPeering objects
             clusterwide=options.namespaces is None,
             namespaces=options.namespaces or (),
             stop_flag=stop,
@@ -86,9 +134,11 @@ async def run_operator(options: OperatorOptions) -> int:
             lost_watch.cancel()
             if not lost.is_set():
                 await asyncio.to_thread(elector.release)
+        if sharding is not None and sharding.leases is not None:
+            await asyncio.to_thread(sharding.leases.release_all)
         return 1 if lost.is_set() else 0
     finally:
-        kube.close()
+        client.close()
 
 
 async def _fence(lost: asyncio.Event, stop: asyncio.Event, engine: Engine) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import kopf
 from pydantic import ValidationError
@@ -40,34 +40,56 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.conserve.dev")
 
 
-async def rebuild(engine: Engine, namespaces: Sequence[str] | None) -> None:
-    started = time.monotonic()
+#: A filter on pools: (namespace, pool) -> whether this replica decides for it (sharding; None: every pool).
+Owns = Callable[[str, str], bool]
+
+
+async def rebuild(engine: Engine, namespaces: Sequence[str] | None, owns: Owns | None = None) -> None:
+    """Nodes and pods, then the pools this replica decides for and their conversations."""
     kube = engine.kube
     world = engine.world
-    scopes: list[str | None] = list(namespaces) if namespaces else [None]
     for node in await kube.list_nodes():
         meta = node.get("metadata", {})
         world.nodes[meta["name"]] = NodeInfo.from_labels(meta["name"], meta.get("labels") or {})
-    for scope in scopes:
+    for scope in _scopes(namespaces):
         for pod in await kube.list_pods(scope):
             info = pods.pod_info(pod)
             world.pods[key_of(info.namespace, info.name)] = info
+    await rebuild_pools(engine, namespaces, owns)
+
+
+async def rebuild_pools(engine: Engine, namespaces: Sequence[str] | None, owns: Owns | None = None) -> None:
+    """The ledger of the pools `owns` accepts, from the API server: every placed conversation adopted (even over
+    capacity), the waiting ones queued, holdings on decoders that left moved; then the queues drain. Nodes and
+    pods must be known already (the watches keep them)."""
+    started = time.monotonic()
+    kube = engine.kube
+    world = engine.world
+    scopes = _scopes(namespaces)
+    loaded: list[PoolRuntime] = []
+    for scope in scopes:
         for body in await kube.list_objects(decoderpool.PLURAL, scope):
             meta = body["metadata"]
-            decoderpool.load_spec(world.pool(meta["namespace"], meta["name"]), body)
-    for pool in world.pools.values():
+            if owns is None or owns(meta["namespace"], meta["name"]):
+                pool = world.pool(meta["namespace"], meta["name"])
+                decoderpool.load_spec(pool, body)
+                loaded.append(pool)
+    for pool in loaded:
         pods.sync_pool(world, pool)
-    placed = waiting = 0
+    placed = waiting = seen = 0
     for scope in scopes:
         for body in await kube.list_objects(conversation.PLURAL, scope):
             try:
                 spec = ConversationSpec.model_validate(body.get("spec") or {})
             except ValidationError:
                 continue
+            if owns is not None and not owns(body["metadata"]["namespace"], spec.pool):
+                continue
             record = conversation.record_from_body(
                 body, spec, now_s=engine.clock.now(), monotonic=engine.clock.monotonic()
             )
             world.convs[record.key] = record
+            seen += 1
             if record.placed:
                 conversation.adopt(engine, record)
                 placed += 1
@@ -76,20 +98,36 @@ async def rebuild(engine: Engine, namespaces: Sequence[str] | None) -> None:
                 waiting += 1
     log.info(
         "ledger rebuilt: %d pools, %d decoders, %d conversations (%d placed, %d pending) in %.2fs",
-        len(world.pools),
-        sum(len(p.decoders) for p in world.pools.values()),
-        len(world.convs),
+        len(loaded),
+        sum(len(p.decoders) for p in loaded),
+        seen,
         placed,
         waiting,
         time.monotonic() - started,
     )
     release_free_memory()
-    for pool in list(world.pools.values()):
+    for pool in [p for p in world.pools.values() if owns is None or owns(p.namespace, p.name)]:
         lost = sorted({key[1] for key in _holdings_off_decoders(pool)})
         if lost:
             await engine.decoders_lost(pool, lost)
         engine.on_pool_changed(pool)
         await engine.drain(pool)
+
+
+def forget_pools(engine: Engine, owned_elsewhere: Owns) -> int:
+    """Drop the pools (and their conversations) another replica now decides for; returns how many pools."""
+    world = engine.world
+    gone = [key for key, p in world.pools.items() if owned_elsewhere(p.namespace, p.name)]
+    for key in gone:
+        world.pools.pop(key)
+    for key, record in list(world.convs.items()):
+        if owned_elsewhere(record.namespace, record.spec.pool):
+            world.convs.pop(key)
+    return len(gone)
+
+
+def _scopes(namespaces: Sequence[str] | None) -> list[str | None]:
+    return list(namespaces) if namespaces else [None]
 
 
 def release_free_memory(collect: bool = True) -> None:

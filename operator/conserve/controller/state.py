@@ -20,6 +20,7 @@ from conserve.core.decisions import ConversationRequest
 from conserve.core.gpus import NodeGpu, node_gpu_from_labels
 from conserve.core.ledger import CapacityLedger
 from conserve.core.lifecycle import KvState
+from conserve.core.occupancy import ObservedOccupancy
 from conserve.core.pending import PendingItem
 from conserve.core.scheduler import PoolScheduler
 
@@ -187,6 +188,8 @@ class PoolRuntime:
     prefills: dict[str, DecoderInfo] = field(default_factory=dict)
     #: Measured power and energy per decoder for the status (J/token goes to the scheduler's decoder table).
     energy: dict[str, DecoderEnergy] = field(default_factory=dict)
+    #: Decoders' KV occupancy as their engines report it (controller/occupancy.py), by pod.
+    observed: dict[str, ObservedOccupancy] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     status_dirty: asyncio.Event = field(default_factory=asyncio.Event)
 

@@ -189,6 +189,8 @@ class OperatorProcess:
         args = [sys.executable, *self.entry, "operator", "--namespace", self.namespace, "--metrics-port", "0"]
         if self.fast:
             args += ["--idle-sweep-interval", "0.2", "--pool-status-interval", "0.2"]
+            if "--events" not in self.extra_args:
+                args += ["--events", "all"]  # tests follow each conversation's Events
         args += self.extra_args
         if "--lease-name" not in self.extra_args:
             args.append("--no-leader-elect")

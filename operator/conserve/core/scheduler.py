@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from conserve.core.decisions import ConversationRequest, Decision, Reason, Verdict
 from conserve.core.ledger import CapacityError, CapacityLedger
 from conserve.core.lifecycle import GapHistory, KvState, LifecycleSettings
+from conserve.core.occupancy import ObservedOccupancy, with_observed
 from conserve.core.pending import PendingItem, order_pending
 from conserve.core.placement import (
     DecoderState,
@@ -46,6 +47,8 @@ class SchedulerSettings:
     reject_when_full: bool = False  # DecoderPool placement.whenFull: Reject
     default_idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
+    #: An engine's occupancy reading older than this is ignored (the ledger decides): core/occupancy.py.
+    observed_max_age_s: float = 10.0
 
 
 def observations_from_ratios(ratios: Iterable[float]) -> list[GrowthObservation]:
@@ -68,6 +71,8 @@ class PoolScheduler:
         self.problem: tuple[Reason, str] | None = None
         self._factors: dict[int | None, float] = {}  # growth factor per expected-turns hint, until history moves
         self._snapshot: list[DecoderState] | None = None  # the ledger's snapshot, until the ledger changes
+        #: The decoders' engines' own KV readings (the paper's observed occupancy), folded into placement.
+        self.observed: dict[str, ObservedOccupancy] = {}
         self.kv = Residency(self.ledger, self.conversations, self.settings.lifecycle, self._changed)
 
     # --- configuration and the decoder table -------------------------------------------------------------
@@ -110,9 +115,25 @@ class PoolScheduler:
     def _changed(self) -> None:
         self._snapshot = None
 
+    def occupancy_observed(self, decoder: str, reading: ObservedOccupancy) -> None:
+        """A decoder's engine reported its KV use (`at_s` in this scheduler's clock); placement counts the larger
+        of it and the ledger's live KV until the reading is `observed_max_age_s` old (the sweep drops it)."""
+        self.observed[decoder] = reading
+        self._changed()
+
+    def _expire_observations(self, now_s: float) -> None:
+        stale = [d for d, r in self.observed.items() if now_s - r.at_s > self.settings.observed_max_age_s]
+        for decoder in stale:
+            del self.observed[decoder]
+        if stale:
+            self._changed()
+
     def snapshot(self) -> list[DecoderState]:
         if self._snapshot is None:
-            self._snapshot = self.ledger.snapshot()
+            states = self.ledger.snapshot()
+            self._snapshot = (
+                with_observed(states, self.observed, float("-inf"), float("inf")) if self.observed else states
+            )
         return self._snapshot
 
     # --- sizing ------------------------------------------------------------------------------------------
@@ -425,6 +446,7 @@ class PoolScheduler:
     def sweep(self, now_s: float) -> list[Decision]:
         """Timers: release past the idle timeout; offload idle KV past the resident TTL; drop host copies past
         the host TTL. Conversations in key order (deterministic)."""
+        self._expire_observations(now_s)
         lc = self.settings.lifecycle
         window = self.gaps.active_window_s(lc)
         resident_ttl = self.gaps.resident_ttl_s(lc)

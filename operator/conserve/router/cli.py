@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from conserve.router.policy import USAGE_INTERVAL_S
+
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
@@ -26,7 +28,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="conversation: pin to the operator's placement; per-turn: least-loaded servers per turn "
         "(the baselines). X-Conserve-Routing overrides per request",
     )
-    p.add_argument("--usage-interval", type=float, default=0.5, help="seconds between usage patches per conversation")
+    p.add_argument(
+        "--usage-interval",
+        type=float,
+        default=USAGE_INTERVAL_S,
+        help="seconds between usage patches per conversation (one more when it ends)",
+    )
     p.add_argument("--idle-close", type=float, default=600.0, help="close conversations idle this long (seconds)")
     p.add_argument("--placement-timeout", type=float, default=120.0)
     p.add_argument(

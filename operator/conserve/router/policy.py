@@ -217,6 +217,12 @@ class _Pending:
     completed: bool = False  # a completion to send (with or after the final usage)
 
 
+#: Usage patches per conversation at most this often (and one at its end), not one per turn: the operator reads
+#: decoders' live KV from the engines' metrics, so usage only feeds idle timeouts, phase Idle and the growth
+#: history. Half the operator's default --idle-phase-after (60 s), so a conversation with turns never shows Idle.
+USAGE_INTERVAL_S = 30.0
+
+
 class UsageBatcher:
     """Coalesces usage reports: one patch per conversation per `interval_s` at most, the latest counters win."""
 

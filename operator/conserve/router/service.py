@@ -32,6 +32,7 @@ from conserve.router.policy import (
     END_HEADER,
     MODE_HEADER,
     POOL_HEADER,
+    USAGE_INTERVAL_S,
     Backend,
     LoadBook,
     Mode,
@@ -58,7 +59,7 @@ class RouterConfig:
     namespace: str = "default"
     pool: str = "default"
     mode: Mode = Mode.CONVERSATION
-    usage_interval_s: float = 0.5
+    usage_interval_s: float = USAGE_INTERVAL_S
     idle_close_s: float = 600.0
     placement_timeout_s: float = 120.0
     early_prefill: bool = True

@@ -40,6 +40,7 @@ COUNTED = frozenset(
         "conversations",
         "decoders",
         "errors",
+        "events",
         "intervals",
         "nodes",
         "patches",
@@ -53,6 +54,7 @@ COUNTED = frozenset(
         "reloads",  # conserve_gpusim_kv_reloads_total: KV entries brought back from host memory
         "drops",  # conserve_gpusim_kv_host_drops_total: host KV entries dropped
         "turns",
+        "writes",
         "closed",  # conserve_router_conversations_closed_total: conversations closed
         "outgrown",  # conserve_reservation_outgrown_total: reservations outgrown
         "received",  # conserve_gpusim_kv_transfers_received_total: KV transfers received
