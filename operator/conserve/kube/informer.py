@@ -79,8 +79,11 @@ class Informer:
     def stop(self) -> None:
         self._stopped.set()
         response = self._response
-        if response is not None:  # unblock a watch waiting for its next event
-            response.close()
+        if response is not None:
+            # Unblock a watch waiting for its next event, from a thread of its own: the reading thread holds the
+            # response's buffer lock while it waits, so closing here could block the caller (a SIGTERM handler)
+            # until the next event; the informer threads are daemons, so the process exits regardless.
+            threading.Thread(target=response.close, name=f"informer-{self.name}-close", daemon=True).start()
 
     async def wait_synced(self, timeout_s: float) -> bool:
         return await asyncio.to_thread(self.synced.wait, timeout_s)
