@@ -26,7 +26,7 @@ from conserve.core.perf import (
     decode_steps_within_s,
     power_w,
 )
-from conserve.sim.instances import Decoder, iteration_prefill_s
+from conserve.sim.instances import Decoder, fill_iteration, iteration_prefill_s
 from conserve.sim.records import LocalJob, Seq
 from conserve.sim.transfer import pcie_transfer_energy_j
 
@@ -215,14 +215,7 @@ class DecoderLoop:
             return False
         self._admit_joins(decoder)
         steps = self._fit_steps(decoder, 1) if decoder.running else 0
-        budget = decoder.chunk_tokens
-        decoder.iteration = []
-        for job in decoder.prefill_batch:
-            take = min(job.left_tokens, budget)
-            if take <= 0 and job.left_tokens > 0:
-                break
-            decoder.iteration.append((job, take))
-            budget -= take
+        decoder.iteration = fill_iteration(decoder.prefill_batch, decoder.chunk_tokens)
         reload, compute = self._chunk_times(decoder)
         decoder.iteration_decodes = steps > 0 and bool(decoder.running)
         duration = reload + compute

@@ -44,7 +44,7 @@ from conserve.core.offload import IdleKv, choose_offload_victims, host_kv_capaci
 from conserve.core.perf import PREFILL_ACTIVITY, kv_transfer_time_s, power_w
 from conserve.sim.decoding import DECODER_WAKE, POKE, DecoderLoop
 from conserve.sim.fleet import Fleet
-from conserve.sim.instances import Decoder, PrefillInstance, SharedKvStore, iteration_prefill_s
+from conserve.sim.instances import Decoder, PrefillInstance, SharedKvStore, fill_iteration, iteration_prefill_s
 from conserve.sim.records import ConvState, LocalJob, LocalRoute, Policy, PrefillJob, Seq, TurnRecord
 from conserve.sim.transfer import link_transfer_energy_j, pcie_transfer_energy_j
 from conserve.sim.workload import Workload
@@ -383,14 +383,7 @@ class Simulator(DecoderLoop):
         if not instance.batch:
             instance.busy = False
             return
-        budget = instance.chunk_tokens
-        instance.iteration = []
-        for job in instance.batch:
-            take = min(job.left_tokens, budget)
-            if take <= 0 and job.left_tokens > 0:
-                break
-            instance.iteration.append((job, take))
-            budget -= take
+        instance.iteration = fill_iteration(instance.batch, instance.chunk_tokens)
         loads = sum(job.load_s for job, _ in instance.iteration if not job.started)
         compute = iteration_prefill_s(
             instance.spec.device,

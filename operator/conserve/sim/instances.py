@@ -14,11 +14,28 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict, deque
+from collections.abc import Iterable
+from typing import TypeVar
 
 from conserve.core.llm import ModelShape
 from conserve.core.perf import CALIBRATED, Device, prefill_time_s
 from conserve.sim.fleet import InstanceSpec
 from conserve.sim.records import LocalJob, PrefillJob, Seq
+
+Job = TypeVar("Job", PrefillJob, LocalJob)
+
+
+def fill_iteration(jobs: Iterable[Job], budget_tokens: int) -> list[tuple[Job, int]]:
+    """The next iteration's prompt chunks, first come first served: each job takes what is left of the token
+    budget (chunked prefill); the first job the budget cannot reach ends the iteration."""
+    chunks: list[tuple[Job, int]] = []
+    for job in jobs:
+        take = min(job.left_tokens, budget_tokens)
+        if take <= 0 and job.left_tokens > 0:
+            break
+        chunks.append((job, take))
+        budget_tokens -= take
+    return chunks
 
 
 def iteration_prefill_s(device: Device, model: ModelShape, chunks: list[tuple[int, int]]) -> float:
