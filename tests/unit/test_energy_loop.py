@@ -1,4 +1,5 @@
-"""The operator's energy loop on fakes: a FakeReader for the GPUs, an in-memory API for pools and conversations."""
+"""The operator's energy loop on fakes: a FakeReader for the GPUs, an in-memory API for pools and conversations
+(the standalone loop lists them; the operator's reads its World)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from conserve.controller.energy import (
-    EnergyAccountant,
-    MemorySink,
-    PoolStatusPatchSink,
-    merge_decoder_energy,
-)
+from conserve.api.conversation import ConversationSpec, ConversationUsage
+from conserve.controller.conversation import record_from_body
+from conserve.controller.energy_accountant import EnergyAccountant
+from conserve.controller.energy_standalone import ListedEnergyState, merge_decoder_energy
+from conserve.controller.energy_state import ConversationEnergyWriter, OperatorEnergyState
+from conserve.controller.state import DecoderEnergy, DecoderInfo, World
 from conserve.energy import FakeReader, GpuReading, PodRef
 from conserve.testkit import FakeKube
 
@@ -75,6 +76,12 @@ def gpus() -> list[GpuReading]:
     ]
 
 
+def figure(figures: dict[tuple[str, str, str], DecoderEnergy], pod: str) -> tuple[Any, ...]:
+    """(W, J, J per token) published for a pod of the pool."""
+    published = figures[("ns", "llama", pod)]
+    return (published.power_watts, published.energy_joules, published.energy_per_token_j)
+
+
 def test_a_cycle_attributes_energy_to_conversations_and_decoders() -> None:
     kube = FakeKube(
         {
@@ -86,8 +93,8 @@ def test_a_cycle_attributes_energy_to_conversations_and_decoders() -> None:
         }
     )
     reader, now = FakeReader(gpus()), [0.0]
-    sink = MemorySink()
-    accountant = EnergyAccountant(reader, kube, sink, clock=lambda: now[0])
+    sink = ListedEnergyState(kube)
+    accountant = EnergyAccountant(reader, sink, ConversationEnergyWriter(kube), clock=lambda: now[0])
     first = asyncio.run(accountant.cycle())
     assert first.gpu_energy_j == 0  # baselines only
 
@@ -112,13 +119,13 @@ def test_a_cycle_attributes_energy_to_conversations_and_decoders() -> None:
     assert status_b["energyJoules"] == pytest.approx(expected_b, abs=0.01)
     assert status_a["energyPerTokenJoules"] == pytest.approx(expected_a / 300, rel=1e-4)
     # Decoder figures: power now and energy since the first cycle; dec-1 idles (nobody pinned there).
-    assert sink.figures[("ns", "llama", "dec-0")][:2] == (400.0, 4000.0)
-    assert sink.figures[("ns", "llama", "dec-1")][:2] == (200.0, 2000.0)
-    assert sink.figures[("ns", "llama", "pre-0")][:2] == (650.0, 6500.0)
+    assert figure(sink.figures, "dec-0")[:2] == (400.0, 4000.0)
+    assert figure(sink.figures, "dec-1")[:2] == (200.0, 2000.0)
+    assert figure(sink.figures, "pre-0")[:2] == (650.0, 6500.0)
     # J per output token on dec-0 (its energy over the interval's output tokens); dec-1 gets its tier's figure.
-    assert sink.figures[("ns", "llama", "dec-0")][2] == pytest.approx(4000 / 400)
+    assert figure(sink.figures, "dec-0")[2] == pytest.approx(4000 / 400)
     assert accountant.tier_energy_per_token_j("decode") == {"bandwidth": pytest.approx(6000 / 400)}
-    assert sink.figures[("ns", "llama", "dec-1")][2] == pytest.approx(6000 / 400)
+    assert figure(sink.figures, "dec-1")[2] == pytest.approx(6000 / 400)
     assert accountant.product_energy_per_token_j("prefill") == {"NVIDIA-H100": pytest.approx(6500 / 2000)}
 
 
@@ -130,7 +137,7 @@ def test_a_restarted_loop_continues_from_status_without_repeating() -> None:
         }
     )
     reader, now = FakeReader(gpus()), [0.0]
-    first = EnergyAccountant(reader, kube, MemorySink(), clock=lambda: now[0])
+    first = EnergyAccountant(reader, ListedEnergyState(kube), ConversationEnergyWriter(kube), clock=lambda: now[0])
     asyncio.run(first.cycle())
     reader.advance(10.0)
     now[0] = 10.0
@@ -139,7 +146,7 @@ def test_a_restarted_loop_continues_from_status_without_repeating() -> None:
     assert before > 0
     # A new operator: the same GPUs and objects. Its first cycle counts nothing (no baseline), and the tokens
     # already reported are not work again.
-    second = EnergyAccountant(reader, kube, MemorySink(), clock=lambda: now[0])
+    second = EnergyAccountant(reader, ListedEnergyState(kube), ConversationEnergyWriter(kube), clock=lambda: now[0])
     asyncio.run(second.cycle())
     assert kube.get("conversations", "a")["status"]["energyJoules"] == before
     reader.advance(10.0)
@@ -152,16 +159,18 @@ def test_a_restarted_loop_continues_from_status_without_repeating() -> None:
 
 def test_pool_status_sink_writes_only_energy_fields_and_yields_on_conflict() -> None:
     kube = FakeKube({"decoderpools": [pool()], "conversations": []})
-    sink = PoolStatusPatchSink(kube)
-    sink.set_decoder_energy("ns", "llama", "dec-0", power_watts=300.0, energy_joules=1200.0)
-    sink.set_decoder_energy("ns", "llama", "pre-0", power_watts=600.0, energy_joules=100.0)
-    asyncio.run(sink.flush(kube.objects["decoderpools"]))
+    sink = ListedEnergyState(kube)
+    sink.figures = {
+        ("ns", "llama", "dec-0"): DecoderEnergy(power_watts=300.0, energy_joules=1200.0),
+        ("ns", "llama", "pre-0"): DecoderEnergy(power_watts=600.0, energy_joules=100.0),
+    }
+    asyncio.run(sink.write_pools(kube.objects["decoderpools"]))
     status = kube.get("decoderpools", "llama")["status"]
     assert status["decoders"][0] == {**pool()["status"]["decoders"][0], "powerWatts": 300.0, "energyJoules": 1200.0}
     assert status["decoders"][1] == pool()["status"]["decoders"][1]
     assert (status["powerWatts"], status["energyJoules"]) == (900.0, 1300.0)
     stale = pool()  # resourceVersion 1: the object has moved on since
-    asyncio.run(sink.flush([stale]))
+    asyncio.run(sink.write_pools([stale]))
     assert sink.conflicts == 1
 
 
@@ -170,3 +179,86 @@ def test_merge_decoder_energy_is_pure() -> None:
     merged = merge_decoder_energy(decoders, {"y": (10.0, 20.0)})
     assert merged == [{"pod": "x", "ready": True}, {"pod": "y", "powerWatts": 10.0, "energyJoules": 20.0}]
     assert decoders[1] == {"pod": "y"}
+
+
+def operator_world(conversations: list[Body]) -> World:
+    """The operator's World as its watches fill it: the pool's decoders and prefills, the conversations' records."""
+    world = World()
+    runtime = world.pool("ns", "llama")
+    runtime.body = pool()
+    for entry in pool()["status"]["decoders"]:
+        info = DecoderInfo(entry["pod"], entry["node"], entry["tier"], entry["gpuProduct"], True)
+        info.capacity_kv_tokens = entry["capacityKvTokens"]
+        runtime.decoders[info.pod] = info
+    runtime.prefills["pre-0"] = DecoderInfo("pre-0", "h100-0", "compute", "NVIDIA-H100", True)
+    for body in conversations:
+        spec = ConversationSpec.model_validate(body["spec"])
+        record = record_from_body(body, spec, now_s=0.0, monotonic=0.0)
+        world.convs[record.key] = record
+    return world
+
+
+def report_usage(world: World, name: str, turns: int, inputs: int, outputs: int) -> None:
+    """A usage report as the operator's conversation watch applies it (the record's spec is replaced)."""
+    record = world.convs[f"ns/{name}"]
+    usage = {"turns": turns, "inputTokens": inputs, "outputTokens": outputs}
+    record.spec = record.spec.model_copy(update={"usage": ConversationUsage.model_validate(usage)})
+
+
+def test_in_the_operator_the_loop_reads_its_world_and_writes_every_conversation_in_one_flush() -> None:
+    world = operator_world(
+        [
+            conversation("a", "dec-0", turns=0, inputs=0, outputs=0, kv=20_000),
+            conversation("b", "dec-0", turns=0, inputs=0, outputs=0, kv=30_000),
+        ]
+    )
+    kube = FakeKube()  # nothing to list: every read comes from the World
+    reader, now = FakeReader(gpus()), [0.0]
+    accountant = EnergyAccountant(
+        reader, OperatorEnergyState(world), ConversationEnergyWriter(kube), clock=lambda: now[0]
+    )
+    asyncio.run(accountant.cycle())
+    reader.advance(10.0)
+    now[0] = 10.0
+    report_usage(world, "a", 1, 1000, 300)
+    report_usage(world, "b", 1, 1000, 100)
+    report = asyncio.run(accountant.cycle())
+
+    # The same figures as the standalone loop's (the first test), from the World.
+    assert report.gpu_energy_j == pytest.approx(13_200.0)
+    assert report.conversations_written == 2
+    assert [(plural, name) for plural, name, _ in kube.patches] == [("conversations", "a"), ("conversations", "b")]
+    expected_a = 3300 * 1300 / 2400 + 700 * 0.2 + 5800 / 2
+    status_a = kube.get("conversations", "a")["status"]
+    assert status_a == {
+        "energyJoules": pytest.approx(expected_a, abs=0.01),
+        "energyPerTokenJoules": pytest.approx(expected_a / 300, rel=1e-4),
+    }
+    energy = world.pools["ns/llama"].energy
+    assert (energy["dec-0"].power_watts, energy["dec-0"].energy_joules) == (400.0, 4000.0)
+    assert energy["dec-0"].energy_per_token_j == pytest.approx(4000 / 400)
+    assert energy["dec-1"].energy_per_token_j == pytest.approx(6000 / 400)  # its tier's
+    assert (energy["pre-0"].power_watts, energy["pre-0"].energy_joules) == (650.0, 6500.0)
+    assert world.pools["ns/llama"].status_dirty.is_set()  # the pool status writer carries them next
+
+
+def test_in_the_operator_a_restart_continues_from_the_status_its_records_were_built_from() -> None:
+    written = conversation("a", "dec-0", turns=1, inputs=1000, outputs=300, kv=20_000)
+    written["status"]["energyJoules"] = 5000.0
+    pool_status = pool()
+    world = operator_world([written])
+    pool_status["status"]["decoders"][0]["energyJoules"] = 9000.0
+    world.pools["ns/llama"].body = pool_status
+    kube = FakeKube()
+    reader, now = FakeReader(gpus()), [0.0]
+    accountant = EnergyAccountant(
+        reader, OperatorEnergyState(world), ConversationEnergyWriter(kube), clock=lambda: now[0]
+    )
+    asyncio.run(accountant.cycle())
+    assert kube.patches == []  # nothing new yet: status already holds it
+    reader.advance(10.0)
+    now[0] = 10.0
+    asyncio.run(accountant.cycle())
+    # The tokens reported before the restart are not work again: only its KV share of dec-0 (4000 J x 0.2).
+    assert kube.get("conversations", "a")["status"]["energyJoules"] == pytest.approx(5000.0 + 800.0, abs=0.01)
+    assert world.pools["ns/llama"].energy["dec-0"].energy_joules == pytest.approx(9000.0 + 4000.0)

@@ -90,9 +90,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     p.add_argument("--api-threads", type=int, default=64, help="threads (and connections) of the Kubernetes client")
     p.add_argument("--verbose", "-v", action="store_true")
-    from conserve.controller import energy
+    from conserve.energy.options import add_arguments as add_energy_arguments
 
-    energy.add_arguments(p)  # the energy loop runs inside the operator when --energy-source is not none
+    add_energy_arguments(p)  # the energy loop runs inside the operator when --energy-source is not none
     p.set_defaults(func=run, energy_source="none")
 
 
@@ -104,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if not args.verbose:
         logging.getLogger("kopf").setLevel(logging.WARNING)
-    from conserve.controller.energy import EnergyOptions
     from conserve.controller.main import OperatorOptions, run_operator
+    from conserve.energy.options import EnergyOptions
 
     options = OperatorOptions(
         namespaces=args.namespaces or None,

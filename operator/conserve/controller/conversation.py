@@ -56,6 +56,7 @@ def record_from_body(body: dict[str, Any], spec: ConversationSpec, *, now_s: flo
         offloads=status.offloads,
         reloads=status.reloads,
         reprefills=status.reprefills,
+        energy_joules=status.energy_joules,
         conditions={c.type: c for c in status.conditions},
         finalizers=list(meta.get("finalizers") or []),
         first_seen_monotonic=monotonic,

@@ -54,9 +54,7 @@ def build_registry(  # noqa: C901 one handler per resource
             from conserve.controller import energy
 
             api_client = getattr(engine.kube, "api_client", None)
-            _accountant, task = energy.start_in_operator(
-                engine.world, engine.kube, energy_options, api_client, namespaces
-            )
+            _accountant, task = energy.start_in_operator(engine.world, engine.kube, energy_options, api_client)
             loops.append(task)
 
     @kopf.on.cleanup(registry=registry)

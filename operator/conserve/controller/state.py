@@ -125,6 +125,7 @@ class ConvRecord:
     offloads: int = 0
     reloads: int = 0
     reprefills: int = 0
+    energy_joules: float | None = None  # status.energyJoules when first seen: where the energy loop continues
     conditions: dict[str, Condition] = field(default_factory=dict)
     has_finalizer: bool = False
     finalizers: list[str] = field(default_factory=list)  # as last seen on the object
