@@ -1,5 +1,6 @@
 """Energy on the local control plane: a fake dcgm-exporter for the cluster's GPU nodes, the operator, and the
-energy loop, as real processes. Conversations placed on KWOK decode pods report usage; their energy appears in
+energy loop, as real processes: alone (`conserve energy`, which lists the objects) and inside the operator (which
+reads its own state). Conversations placed on KWOK decode pods report usage; their energy appears in
 Conversation status, the pool's decoders get power and energy, and /metrics carries the joules."""
 
 from __future__ import annotations
@@ -51,21 +52,25 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-@pytest.fixture
+@pytest.fixture(params=["standalone", "in-operator"])
 def energy_plane(
-    cluster: ClusterHandle, namespace: str, conserve_processes: ConserveProcesses
+    request: pytest.FixtureRequest, cluster: ClusterHandle, namespace: str, conserve_processes: ConserveProcesses
 ) -> Iterator[dict[str, Any]]:
     dcgm_port, metrics_port = free_port(), free_port()
     kubeconfig = f"--kubeconfig={cluster.kubeconfig}"
+    loop_args = [f"--dcgm-url=http://127.0.0.1:{dcgm_port}/metrics", "--energy-interval-seconds=1"]
     with cluster.api_client() as api:
         apps: Any = client.AppsV1Api(api)
         custom: Any = client.CustomObjectsApi(api)
         custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "decoderpools", POOL)
         apps.create_namespaced_deployment(namespace, serving_deployment("pre", "prefill", 1))
         apps.create_namespaced_deployment(namespace, serving_deployment("dec", "decode", 2))
-        conserve_processes.start(
-            "operator", "operator", f"--namespace={namespace}", "--no-leader-elect", "--metrics-port=0"
-        )
+        operator_args = [f"--namespace={namespace}", "--no-leader-elect"]
+        if request.param == "in-operator":
+            operator_args += ["--energy-source=dcgm", *loop_args, f"--metrics-port={metrics_port}"]
+        else:
+            operator_args.append("--metrics-port=0")
+        conserve_processes.start("operator", "operator", *operator_args)
         conserve_processes.start(
             "fake-dcgm",
             "fake-dcgm",
@@ -77,15 +82,10 @@ def energy_plane(
             "--refresh-seconds=1",
             "--tick-seconds=0.5",
         )
-        conserve_processes.start(
-            "energy",
-            "energy",
-            kubeconfig,
-            f"--namespace={namespace}",
-            f"--dcgm-url=http://127.0.0.1:{dcgm_port}/metrics",
-            "--energy-interval-seconds=1",
-            f"--metrics-port={metrics_port}",
-        )
+        if request.param == "standalone":
+            conserve_processes.start(
+                "energy", "energy", kubeconfig, f"--namespace={namespace}", *loop_args, f"--metrics-port={metrics_port}"
+            )
 
         def decoders_ready() -> bool:
             pool = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "decoderpools", "pool")
