@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 
 from conserve.controller.energy_metrics import CycleObservation, CycleTotals, EnergyMetrics, PodEnergy
 from conserve.controller.energy_state import (
-    DECODE,
-    PREFILL,
     Body,
     ConversationEnergyWriter,
     ConversationView,
@@ -34,7 +32,7 @@ from conserve.core.energy import (
     energy_per_token_j,
     gpu_interval,
 )
-from conserve.core.gpus import lookup_product
+from conserve.core.gpus import Role, lookup_product
 from conserve.energy.reader import EnergyReader, GpuReading
 
 log = logging.getLogger(__name__)
@@ -89,7 +87,7 @@ class _Work:
     token_delta: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def of(self, pod: ServingPod) -> list[ConversationWork]:
-        return (self.decode if pod.role == DECODE else self.prefill).get(pod.key, [])
+        return (self.decode if pod.role == Role.DECODE else self.prefill).get(pod.key, [])
 
 
 class EnergyAccountant:
@@ -109,16 +107,16 @@ class EnergyAccountant:
         self._baselines: dict[str, GpuSample | None] = {}
         self._convs: dict[str, _ConvLedger] = {}
         self._pods: dict[str, _PodLedger] = {}
-        self._tiers: dict[tuple[str, str], RateWindow] = {}  # (role, tier) -> window
-        self._products: dict[tuple[str, str], RateWindow] = {}  # (role, product) -> window
+        self._tiers: dict[tuple[Role, str], RateWindow] = {}  # (role, tier) -> window
+        self._products: dict[tuple[Role, str], RateWindow] = {}  # (role, product) -> window
         self._first_cycle = True
 
     # --- measured J per token -----------------------------------------------------------------------------
-    def tier_energy_per_token_j(self, role: str = DECODE) -> dict[str, float]:
+    def tier_energy_per_token_j(self, role: str = Role.DECODE) -> dict[str, float]:
         """Measured J per token of each tier for a role (output tokens for decode, input tokens for prefill)."""
         return _rates(self._tiers, role)
 
-    def product_energy_per_token_j(self, role: str = DECODE) -> dict[str, float]:
+    def product_energy_per_token_j(self, role: str = Role.DECODE) -> dict[str, float]:
         return _rates(self._products, role)
 
     # --- one cycle ----------------------------------------------------------------------------------------
@@ -135,7 +133,7 @@ class EnergyAccountant:
         written = await self._write_conversations(conversations)
         gpu_j = math.fsum(i.energy_j for i in intervals.values())
         if self.metrics is not None:
-            tiers = {role: self.tier_energy_per_token_j(role) for role in (DECODE, PREFILL)}
+            tiers = {role: self.tier_energy_per_token_j(role) for role in (Role.DECODE, Role.PREFILL)}
             self.metrics.observe_cycle(CycleObservation(readings, intervals, per_pod, pods, totals, kinds, tiers))
         self._first_cycle = False
         return CycleReport(gpu_j, totals.attributed_j, totals.unattributed_j, unmapped_j, written, kinds)
@@ -206,8 +204,8 @@ class EnergyAccountant:
 
     def _attribute(self, per_pod: PodEnergy, pods: Mapping[str, ServingPod], work: _Work) -> CycleTotals:
         totals = CycleTotals()
-        tier_sums: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
-        product_sums: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+        tier_sums: dict[tuple[Role, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+        product_sums: dict[tuple[Role, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
         for key, (device, power_w) in per_pod.items():
             pod = pods[key]
             result = attribute_interval(device, work.of(pod))
@@ -235,7 +233,7 @@ class EnergyAccountant:
 
     def _decoder_figures(self, pods: Mapping[str, ServingPod]) -> dict[PodFigureKey, DecoderEnergy]:
         """Every measured pod's power now, energy so far, and J per token (its tier's until it has its own)."""
-        tiers = {role: self.tier_energy_per_token_j(role) for role in (DECODE, PREFILL)}
+        tiers = {role: self.tier_energy_per_token_j(role) for role in (Role.DECODE, Role.PREFILL)}
         figures = {}
         for key, ledger in self._pods.items():
             pod = pods[key]
@@ -316,7 +314,7 @@ def _pod_energy(
     return per_pod, unmapped_j
 
 
-def _rates(windows: Mapping[tuple[str, str], RateWindow], role: str) -> dict[str, float]:
+def _rates(windows: Mapping[tuple[Role, str], RateWindow], role: str) -> dict[str, float]:
     return {label: v for (r, label), w in windows.items() if r == role and (v := w.energy_per_token_j) is not None}
 
 

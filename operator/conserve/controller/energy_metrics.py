@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from conserve import metrics as m
 from conserve.controller.energy_state import ServingPod
 from conserve.core.energy import Attribution, DeltaKind, DeviceInterval, GpuInterval
+from conserve.core.gpus import Role
 from conserve.energy.reader import GpuReading
 
 #: Pod key -> (its share of its GPUs' intervals, its power now).
@@ -45,7 +46,7 @@ class CycleObservation:
     totals: CycleTotals
     kinds: Mapping[str, int]
     #: role -> tier -> measured J per token
-    tier_energy_per_token_j: Mapping[str, Mapping[str, float]]
+    tier_energy_per_token_j: Mapping[Role, Mapping[str, float]]
 
 
 class EnergyMetrics(Protocol):
@@ -74,7 +75,7 @@ class PrometheusEnergyMetrics:
                 m.UNATTRIBUTED_ENERGY.labels(*pool_key).inc(unattributed)
         for role, tiers in cycle.tier_energy_per_token_j.items():
             for tier, joules in tiers.items():
-                m.ENERGY_PER_TOKEN.labels(tier, role).set(joules)
+                m.ENERGY_PER_TOKEN.labels(tier, role.value).set(joules)
 
     def observe_conversation(self, namespace: str, pool: str, energy_j: float) -> None:
         m.CONVERSATION_ENERGY_FINAL.labels(namespace, pool).observe(energy_j)
@@ -97,7 +98,7 @@ class PrometheusEnergyMetrics:
         pool_power: dict[tuple[str, str], float] = defaultdict(float)
         for key, (device, power_w) in per_pod.items():
             pod = pods[key]
-            labels = (pod.namespace, pod.pool, pod.pod, pod.role)
+            labels = (pod.namespace, pod.pool, pod.pod, pod.role.value)
             pod_labels.add(labels)
             m.DECODER_POWER.labels(*labels).set(power_w)
             if device.energy_j > 0:

@@ -16,8 +16,6 @@ from conserve.api.conversation import ConversationSpec, ConversationStatus
 from conserve.api.decoderpool import PLURAL as DECODERPOOLS
 from conserve.api.decoderpool import DecoderPoolStatus
 from conserve.controller.energy_state import (
-    DECODE,
-    PREFILL,
     Body,
     ConversationView,
     EnergySnapshot,
@@ -28,6 +26,7 @@ from conserve.controller.energy_state import (
     status_energy_j,
 )
 from conserve.controller.state import DecoderEnergy
+from conserve.core.gpus import Role
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,8 +45,10 @@ def pool_pods(pool: Body) -> list[ServingPod]:
     namespace, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
     status = DecoderPoolStatus.model_validate(pool.get("status") or {})
     written = status_energy_j(status)
-    decoders = [serving_pod(namespace, name, DECODE, d, d.capacity_kv_tokens, written[d.pod]) for d in status.decoders]
-    prefills = [serving_pod(namespace, name, PREFILL, p) for p in status.prefills]
+    decoders = [
+        serving_pod(namespace, name, Role.DECODE, d, d.capacity_kv_tokens, written[d.pod]) for d in status.decoders
+    ]
+    prefills = [serving_pod(namespace, name, Role.PREFILL, p) for p in status.prefills]
     return [p for p in decoders + prefills if p.pod]
 
 

@@ -18,6 +18,7 @@ from conserve.api.conversation import PLURAL as CONVERSATIONS
 from conserve.api.conversation import TERMINAL_PHASES, ConversationSpec, Endpoint, Phase
 from conserve.api.decoderpool import DecoderPoolStatus
 from conserve.controller.state import DecoderEnergy, PoolRuntime, World, key_of
+from conserve.core.gpus import Role
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,6 @@ Body = dict[str, Any]
 PodFigureKey = tuple[str, str, str]
 #: Conversation status patches in flight at once: a cycle's writes go out together, not one after another.
 WRITE_CONCURRENCY = 16
-DECODE, PREFILL = "decode", "prefill"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +34,7 @@ class ServingPod:
     namespace: str
     pod: str
     pool: str
-    role: str  # DECODE or PREFILL
+    role: Role
     tier: str = ""
     gpu_product: str = ""
     capacity_kv_tokens: int = 0
@@ -125,7 +125,7 @@ class PodEntry(Protocol):
 
 
 def serving_pod(
-    namespace: str, pool: str, role: str, entry: PodEntry, capacity_kv_tokens: int = 0, energy_j: float | None = None
+    namespace: str, pool: str, role: Role, entry: PodEntry, capacity_kv_tokens: int = 0, energy_j: float | None = None
 ) -> ServingPod:
     return ServingPod(namespace, entry.pod, pool, role, entry.tier, entry.gpu_product, capacity_kv_tokens, energy_j)
 
@@ -164,10 +164,10 @@ class OperatorEnergyState:
     def _pods_of(pool: PoolRuntime) -> list[ServingPod]:
         written = status_energy_j(DecoderPoolStatus.model_validate(pool.body.get("status") or {}))
         decoders = [
-            serving_pod(pool.namespace, pool.name, DECODE, d, d.capacity_kv_tokens, written.get(d.pod))
+            serving_pod(pool.namespace, pool.name, Role.DECODE, d, d.capacity_kv_tokens, written.get(d.pod))
             for d in pool.decoders.values()
         ]
-        prefills = [serving_pod(pool.namespace, pool.name, PREFILL, p) for p in pool.prefills.values()]
+        prefills = [serving_pod(pool.namespace, pool.name, Role.PREFILL, p) for p in pool.prefills.values()]
         return decoders + prefills
 
     async def publish_decoders(self, figures: Mapping[PodFigureKey, DecoderEnergy]) -> None:

@@ -12,6 +12,8 @@ import logging
 import socket
 from typing import Any
 
+import pynvml
+
 from conserve.energy.reader import GpuReading
 
 log = logging.getLogger(__name__)
@@ -30,11 +32,7 @@ class NvmlReader:
     """Reads every GPU NVML lists. `nvml` is injectable so tests patch in fake counters."""
 
     def __init__(self, *, hostname: str | None = None, nvml: Any = None) -> None:
-        if nvml is None:
-            import pynvml
-
-            nvml = pynvml
-        self._nvml = nvml
+        self._nvml = nvml if nvml is not None else pynvml  # importing it loads no library: nvmlInit does
         self._hostname = hostname if hostname is not None else socket.gethostname()
         self._initialised = False
 
