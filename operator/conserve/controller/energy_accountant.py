@@ -219,7 +219,7 @@ class EnergyAccountant:
             ledger.energy_j += device.energy_j
             ledger.power_w = power_w
             ledger.window = ledger.window.add(device.energy_j, tokens)
-            for sums, label in ((tier_sums, pod.tier), (product_sums, pod.gpu_product)):
+            for sums, label in ((tier_sums, pod.entry.tier), (product_sums, pod.entry.gpu_product)):
                 if label and device.energy_j > 0:
                     sums[(pod.role, label)][0] += device.energy_j
                     sums[(pod.role, label)][1] += tokens
@@ -241,7 +241,7 @@ class EnergyAccountant:
             figures[(pod.namespace, pod.pool, pod.pod)] = DecoderEnergy(
                 power_watts=None if ledger.power_w is None else round(ledger.power_w, 3),
                 energy_joules=round(ledger.energy_j, 3),
-                energy_per_token_j=measured if measured is not None else tiers[pod.role].get(pod.tier),
+                energy_per_token_j=measured if measured is not None else tiers[pod.role].get(pod.entry.tier),
             )
         return figures
 

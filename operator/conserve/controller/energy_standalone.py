@@ -22,7 +22,6 @@ from conserve.controller.energy_state import (
     PodFigureKey,
     ServingPod,
     conversation_view,
-    serving_pod,
     status_energy_j,
 )
 from conserve.controller.state import DecoderEnergy
@@ -46,9 +45,9 @@ def pool_pods(pool: Body) -> list[ServingPod]:
     status = DecoderPoolStatus.model_validate(pool.get("status") or {})
     written = status_energy_j(status)
     decoders = [
-        serving_pod(namespace, name, Role.DECODE, d, d.capacity_kv_tokens, written[d.pod]) for d in status.decoders
+        ServingPod(namespace, name, Role.DECODE, d, d.capacity_kv_tokens, written[d.pod]) for d in status.decoders
     ]
-    prefills = [serving_pod(namespace, name, Role.PREFILL, p) for p in status.prefills]
+    prefills = [ServingPod(namespace, name, Role.PREFILL, p) for p in status.prefills]
     return [p for p in decoders + prefills if p.pod]
 
 

@@ -29,24 +29,41 @@ PodFigureKey = tuple[str, str, str]
 WRITE_CONCURRENCY = 16
 
 
+class PodEntry(Protocol):
+    """A pool's serving pod: `DecoderInfo` in the operator, a decoders[] or prefills[] status entry when listed."""
+
+    @property
+    def pod(self) -> str: ...
+    @property
+    def tier(self) -> str: ...
+    @property
+    def gpu_product(self) -> str: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ServingPod:
+    """A pool's decode or prefill server, as a cycle sees it: where it serves, and its entry (pod, tier, GPU)."""
+
     namespace: str
-    pod: str
     pool: str
-    role: Role
-    tier: str = ""
-    gpu_product: str = ""
-    capacity_kv_tokens: int = 0
+    role: Role  # what its J per token counts: output tokens (decode), first-turn input tokens (prefill)
+    entry: PodEntry
+    capacity_kv_tokens: int = 0  # a decoder's; a prefill server holds no conversation's KV between cycles
     energy_joules: float | None = None  # as status has it (the starting point after a restart)
 
     @property
+    def pod(self) -> str:
+        return self.entry.pod
+
+    @property
     def key(self) -> str:
-        return key_of(self.namespace, self.pod)
+        return key_of(self.namespace, self.entry.pod)
 
 
 @dataclass(frozen=True, slots=True)
 class ConversationView:
+    """A conversation as a cycle sees it: its usage so far, where it runs, the KV it holds."""
+
     key: str
     namespace: str
     name: str
@@ -113,23 +130,6 @@ def conversation_view(
     )
 
 
-class PodEntry(Protocol):
-    """A pool's serving pod: `DecoderInfo` in the operator, a decoders[] or prefills[] status entry when listed."""
-
-    @property
-    def pod(self) -> str: ...
-    @property
-    def tier(self) -> str: ...
-    @property
-    def gpu_product(self) -> str: ...
-
-
-def serving_pod(
-    namespace: str, pool: str, role: Role, entry: PodEntry, capacity_kv_tokens: int = 0, energy_j: float | None = None
-) -> ServingPod:
-    return ServingPod(namespace, entry.pod, pool, role, entry.tier, entry.gpu_product, capacity_kv_tokens, energy_j)
-
-
 def status_energy_j(status: DecoderPoolStatus) -> dict[str, float | None]:
     """Pod -> the energy its pool status holds (where a restarted loop continues from)."""
     return {d.pod: d.energy_joules for d in status.decoders}
@@ -164,10 +164,10 @@ class OperatorEnergyState:
     def _pods_of(pool: PoolRuntime) -> list[ServingPod]:
         written = status_energy_j(DecoderPoolStatus.model_validate(pool.body.get("status") or {}))
         decoders = [
-            serving_pod(pool.namespace, pool.name, Role.DECODE, d, d.capacity_kv_tokens, written.get(d.pod))
+            ServingPod(pool.namespace, pool.name, Role.DECODE, d, d.capacity_kv_tokens, written.get(d.pod))
             for d in pool.decoders.values()
         ]
-        prefills = [serving_pod(pool.namespace, pool.name, Role.PREFILL, p) for p in pool.prefills.values()]
+        prefills = [ServingPod(pool.namespace, pool.name, Role.PREFILL, p) for p in pool.prefills.values()]
         return decoders + prefills
 
     async def publish_decoders(self, figures: Mapping[PodFigureKey, DecoderEnergy]) -> None:
