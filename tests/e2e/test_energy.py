@@ -92,7 +92,15 @@ def energy_plane(
             status: dict[str, Any] = pool.get("status") or {}
             return status.get("readyDecoders") == 2 and len(status.get("prefills") or []) == 1
 
+        def gpus_read() -> bool:
+            # The loop's first reading is only a baseline: tokens reported before it are in no interval (the
+            # operator starts its loop before the exporter is up), so conversations start once it is taken.
+            pool = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "decoderpools", "pool")
+            decoders = (pool.get("status") or {}).get("decoders") or []
+            return bool(decoders) and all(d.get("powerWatts") for d in decoders)
+
         wait_for("the pool's 2 decoders and 1 prefill", decoders_ready, 90)
+        wait_for("the energy loop's first reading of the decoders' GPUs", gpus_read, 60)
         yield {
             "custom": custom,
             "namespace": namespace,
