@@ -37,11 +37,11 @@ from typing import Any
 
 from operator_bench import PlacementWatch, cluster, make_namespace, quantile, setup_pool
 
-from conserve.controller.testing import Api, OperatorProcess, conversation_body, install_crds, pod_body, pool_body
 from conserve.devcluster import nodes
 from conserve.kube import new_api_client
 from conserve.kube.clients import CoreV1Api
 from conserve.router.control import CREATE_THREADS, PATCH_THREADS, KubeControlPlane
+from conserve.testkit import Api, OperatorProcess, conversation_body, install_crds, pod_body, pool_body
 
 HERE = Path(__file__).resolve().parent
 CLIENTS = ("threads", "asyncio")

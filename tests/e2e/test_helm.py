@@ -22,7 +22,6 @@ import re
 import signal
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +30,9 @@ from typing import Any
 import pytest
 import yaml
 
-from conserve.controller.testing import Api, conversation_body, pod_body, pool_body
 from conserve.devcluster.testing import ClusterHandle, temporary_namespace
-from conserve.testkit import wait_for
+from conserve.testkit import Api, conversation_body, wait_for
+from conserve.testkit.probes import http_get
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "conserve"
@@ -220,12 +219,6 @@ def test_operator_and_scheduler_may_renew_only_their_own_lease(release: Release)
 # --- RBAC is sufficient: the components do their job with nothing but their token --------------------------
 
 
-def _free_port() -> int:
-    from conserve.devcluster.cluster import free_port
-
-    return free_port()
-
-
 @pytest.fixture
 def processes() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
@@ -259,14 +252,6 @@ def refusals(log: str) -> list[str]:
     return [line for line in log.splitlines() if re.search(r'forbidden: User \\?"[^"\\]+\\?" cannot', line)]
 
 
-def _http_get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status, resp.read().decode()
-    except OSError:
-        return 0, ""
-
-
 def test_extender_with_its_token_serves_the_real_scheduler(
     release: Release, processes: Callable[..., subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
@@ -282,7 +267,7 @@ def test_extender_with_its_token_serves_the_real_scheduler(
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     # Ready means both watch caches (nodes, pods) listed and watch: the token is enough for them.
-    wait_for("the extender's watch caches", lambda: proc.poll() is None and _http_get(f"{base}/readyz")[0] == 200, 60)
+    wait_for("the extender's watch caches", lambda: proc.poll() is None and http_get(f"{base}/readyz")[0] == 200, 60)
     assert not refusals(log.read_text()), log.read_text()
 
     pod_name = "decode-helm-e2e"
@@ -307,7 +292,7 @@ def test_extender_with_its_token_serves_the_real_scheduler(
     node = wait_for("the decode pod to be bound by the conserve scheduler", node_of_pod, 60)
     product = release.kubectl_json("get", "node", node)["metadata"]["labels"]["nvidia.com/gpu.product"]
     assert product in BANDWIDTH_PRODUCTS, f"decode pod on {node} ({product})"
-    metrics = _http_get(f"{base}/metrics")[1]
+    metrics = http_get(f"{base}/metrics")[1]
     assert 'conserve_extender_requests_total{outcome="ok",verb="filter"}' in metrics, metrics
     cluster.kubectl("delete", "pod", pod_name, f"--namespace={release.namespace}", "--wait=false", check=False)
     assert proc.poll() is None, log.read_text()
@@ -344,15 +329,9 @@ def test_operator_with_its_token_places_and_releases_a_conversation(
     with release.cluster.api_client() as client:
         api = Api(client, namespace)  # the test's own objects, created as cluster admin
         try:
-            api.create(pool_body("llama", tokens_per_decoder=10_000))
-            api.create(pod_body("dec-0", "kwok-h200-0"))
-            api.create(pod_body("pre-0", "kwok-h100-0", app="dec-prefill"))
+            api.create_fleet(1, prefills=1)
             # The pool status writer (decoderpools/status patch) follows the pod and node watches.
-            wait_for(
-                "the pool status to show its decoder",
-                lambda: api.get_pool("llama").get("status", {}).get("readyDecoders") == 1,
-                60,
-            )
+            api.wait_ready_decoders(1, timeout_s=60)
 
             api.create(conversation_body("c0", "llama", 2000))
             placed = wait_for(
@@ -360,7 +339,8 @@ def test_operator_with_its_token_places_and_releases_a_conversation(
                 lambda: (s := api.get_conv("c0").get("status", {})).get("phase") == "Prefilling" and s,
                 60,
             )
-            assert placed["decoder"]["pod"] == "dec-0" and placed["decoder"]["tier"] == "bandwidth"
+            assert placed["decoder"]["pod"] == "dec-0"
+            assert placed["decoder"]["tier"] == "bandwidth"
             assert placed["reservedKvTokens"] == 4000
             wait_for("a Placed event", lambda: api.events("Placed"), 30)
             # One API write per placement: the status only, no finalizer (a delete is released from the watch).

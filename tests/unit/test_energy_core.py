@@ -73,7 +73,9 @@ def test_missing_samples_keep_the_baseline_and_the_gap_is_counted_once() -> None
     baseline, interval = gpu_interval(None, GpuSample(0.0, 1_000_000.0, 100.0))
     assert interval is None
     baseline, interval = gpu_interval(baseline, GpuSample(1.0, None, None))  # scrape failed
-    assert interval is None and baseline is not None and baseline.time_s == 0.0
+    assert interval is None
+    assert baseline is not None
+    assert baseline.time_s == 0.0
     baseline, interval = gpu_interval(baseline, GpuSample(3.0, 1_600_000.0, 300.0), max_power_w=700)
     assert interval is not None
     assert interval.energy_j == pytest.approx(600.0)
@@ -81,7 +83,8 @@ def test_missing_samples_keep_the_baseline_and_the_gap_is_counted_once() -> None
     assert interval.mean_power_w == pytest.approx(200.0)
     # The same sample again (two endpoints, or a retry) counts nothing.
     again, none = gpu_interval(baseline, GpuSample(3.0, 1_600_000.0, 300.0))
-    assert none is None and again == baseline
+    assert none is None
+    assert again == baseline
 
 
 def test_a_reset_then_normal_counting() -> None:
@@ -104,7 +107,8 @@ def test_a_reset_then_normal_counting() -> None:
 def test_power_integration_when_there_is_no_counter() -> None:
     baseline, _ = gpu_interval(None, GpuSample(0.0, None, 100.0))
     _, interval = gpu_interval(baseline, GpuSample(2.0, None, 300.0))
-    assert interval is not None and interval.kind is DeltaKind.POWER
+    assert interval is not None
+    assert interval.kind is DeltaKind.POWER
     assert interval.energy_j == pytest.approx(400.0)  # trapezoid: (100 + 300) / 2 x 2 s
 
 

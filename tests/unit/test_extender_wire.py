@@ -54,17 +54,20 @@ def test_args_node_cache_capable_shape() -> None:
     args = ExtenderArgs.model_validate_json(ARGS_NODE_CACHE)
     assert args.Nodes is None
     assert args.NodeNames == ["kwok-h100-0", "kwok-h200-0"]
-    assert args.Pod is not None and args.Pod["metadata"]["labels"]["conserve.dev/role"] == "prefill"
+    assert args.Pod is not None
+    assert args.Pod["metadata"]["labels"]["conserve.dev/role"] == "prefill"
 
 
 def test_args_full_node_shape() -> None:
     args = ExtenderArgs.model_validate_json(ARGS_FULL)
     assert args.NodeNames is None
-    assert args.Nodes is not None and args.Nodes.items is not None
+    assert args.Nodes is not None
+    assert args.Nodes.items is not None
     assert args.Nodes.items[0]["metadata"]["name"] == "kwok-h200-0"
     # Go's decoder also accepts missing keys as nil and unknown keys silently
     sparse = ExtenderArgs.model_validate_json('{"Pod":{},"NodeNames":["a"],"Future":1}')
-    assert sparse.Nodes is None and sparse.NodeNames == ["a"]
+    assert sparse.Nodes is None
+    assert sparse.NodeNames == ["a"]
 
 
 def test_filter_result_encodes_like_go_in_node_cache_mode() -> None:

@@ -156,7 +156,8 @@ def test_a_run_crosses_the_ridge() -> None:
     # The parametrized case above is only a real check of the crossover if both regimes occur in it.
     device, model = Device(CATALOG["A100"]), MODELS["qwen2.5-32b"]
     m0, m1, c0, c1 = perf._decode_affine_terms(device, model, 200, 200 * 100)
-    assert c0 > m0 and c0 + c1 * 1999 < m0 + m1 * 1999
+    assert c0 > m0
+    assert c0 + c1 * 1999 < m0 + m1 * 1999
 
 
 @settings(max_examples=60, deadline=None)

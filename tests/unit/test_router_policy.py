@@ -39,12 +39,15 @@ def test_conversation_id_header_then_user_then_metadata() -> None:
 @pytest.mark.parametrize("cid", ["chat-1", "User@Example.com/ session#9", "x" * 300, "---", "ÄÖ"])
 def test_object_names_are_dns_labels_and_distinct(cid: str) -> None:
     name = conversation_object_name(cid)
-    assert re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", name) and len(name) <= 63
+    assert re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", name)
+    assert len(name) <= 63
     assert name != conversation_object_name(cid + "x")
 
 
 def test_flags_and_modes() -> None:
-    assert header_flag("TRUE", False) and not header_flag("0", True) and header_flag("maybe", True)
+    assert header_flag("TRUE", False)
+    assert not header_flag("0", True)
+    assert header_flag("maybe", True)
     assert parse_mode("per-turn", Mode.CONVERSATION) is Mode.PER_TURN
     assert parse_mode("bogus", Mode.CONVERSATION) is Mode.CONVERSATION
 
@@ -58,7 +61,8 @@ def test_least_loaded_by_requests_then_tokens_then_name() -> None:
     assert least_loaded([D1, D2], book) == D1
     book.finish(D1.endpoint, 10)
     book.finish(D1.endpoint, 10)  # never below zero
-    assert book.requests[D1.endpoint] == 0 and least_loaded([], book) is None
+    assert book.requests[D1.endpoint] == 0
+    assert least_loaded([], book) is None
 
 
 @pytest.mark.parametrize(
@@ -81,8 +85,10 @@ def test_conversation_mode_plan(
         decoders=[D1, D2],
         book=LoadBook(),
     )
-    assert plan.decoder == placement.decoder and plan.prefill == expect_prefill
-    assert plan.generation == placement.generation and plan.kv_transfer == (expect_prefill is not None)
+    assert plan.decoder == placement.decoder
+    assert plan.prefill == expect_prefill
+    assert plan.generation == placement.generation
+    assert plan.kv_transfer == (expect_prefill is not None)
 
 
 def test_conversation_mode_without_prefill_servers_prefills_on_the_decoder() -> None:
@@ -94,7 +100,8 @@ def test_conversation_mode_without_prefill_servers_prefills_on_the_decoder() -> 
         decoders=[D1],
         book=LoadBook(),
     )
-    assert plan.prefill is None and plan.decoder == D1
+    assert plan.prefill is None
+    assert plan.decoder == D1
 
 
 def test_per_turn_mode_picks_least_loaded_every_turn() -> None:
@@ -104,7 +111,9 @@ def test_per_turn_mode_picks_least_loaded_every_turn() -> None:
     plan = plan_turn(
         mode=Mode.PER_TURN, placement=Placement(1, D1), kv_generation=1, prefills=[P1, P2], decoders=[D1, D2], book=book
     )
-    assert plan.decoder == D2 and plan.prefill == P2 and plan.kv_transfer
+    assert plan.decoder == D2
+    assert plan.prefill == P2
+    assert plan.kv_transfer
     with pytest.raises(NoBackend):
         plan_turn(mode=Mode.PER_TURN, placement=None, kv_generation=None, prefills=[], decoders=[], book=book)
     with pytest.raises(NoBackend):
@@ -125,12 +134,14 @@ def test_usage_batcher_coalesces_per_interval_and_flushes_completion() -> None:
     b.record("a", Usage(3, 150, 30, "2026-01-01T00:00:00Z", 0.25))
     assert b.due(0.5) == []  # within the interval: coalesced
     ((_name, patch),) = b.due(1.0)
-    assert patch["spec"]["usage"]["turns"] == 3 and patch["spec"]["usage"]["timeToFirstEffectiveTokenSeconds"] == 0.25
+    assert patch["spec"]["usage"]["turns"] == 3
+    assert patch["spec"]["usage"]["timeToFirstEffectiveTokenSeconds"] == 0.25
     assert b.due(5.0) == []  # nothing new
     b.record("a", Usage(4, 160, 40))
     b.complete("a")
     ((_name, patch),) = b.due(1.1)  # completion goes out at once, with the latest counters
-    assert patch["spec"]["completed"] is True and patch["spec"]["usage"]["turns"] == 4
+    assert patch["spec"]["completed"] is True
+    assert patch["spec"]["usage"]["turns"] == 4
     assert len(b) == 0
 
 

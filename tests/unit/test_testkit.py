@@ -71,11 +71,16 @@ def test_builders_refuse_what_the_crd_refuses() -> None:
 
 def test_fake_clock_moves_only_forward_and_by_hand() -> None:
     clock = FakeClock()
-    start = clock.now(), clock.wall()
+    start = clock.now(), clock.monotonic()
     clock.advance(2.5)
-    assert (clock.now() - start[0], clock.wall() - start[1]) == (2.5, 2.5)
+    assert (clock.now() - start[0], clock.monotonic() - start[1]) == (2.5, 2.5)
+    assert clock() == clock.monotonic()  # where code takes `time.monotonic`
+    clock.advance_to(clock.now() + 1)
+    assert clock.now() - start[0] == 3.5
     with pytest.raises(ValueError, match="back"):
         clock.advance(-1)
+    with pytest.raises(ValueError, match="back"):
+        clock.advance_to(start[0])
 
 
 def test_wait_for_returns_the_first_truthy_result_and_names_what_timed_out() -> None:
