@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from conserve.testkit import NOT_YET, Api, OperatorProcess, conversation_body, wait_for
@@ -12,10 +10,6 @@ from conserve.testkit import NOT_YET, Api, OperatorProcess, conversation_body, w
 @pytest.fixture
 def operator_args() -> list[str]:
     return ["--idle-phase-after", "0.5"]
-
-
-def condition(api: Api, name: str, type_: str) -> dict[str, Any] | None:
-    return next((c for c in api.conv_status(name).get("conditions", []) if c["type"] == type_), None)
 
 
 def fleet(api: Api, decoders: int) -> None:
@@ -40,12 +34,12 @@ def test_turns_follow_the_live_context_and_outgrowth(api: Api, operator: Operato
     api.create(conversation_body("b", "llama", 2000))
     wait_for(
         "b waiting for capacity",
-        lambda: (condition(api, "b", "Placed") or {}).get("reason") == "NoCapacity",
+        lambda: (api.conv_condition("b", "Placed") or {}).get("reason") == "NoCapacity",
         tolerate=NOT_YET,
     )
     # Past the decoder's room: kept pinned, flagged.
     api.patch_conv("a", {"usage": {"turns": 3, "inputTokens": 11000, "outputTokens": 1000}})
-    cond = wait_for("Outgrown condition", lambda: condition(api, "a", "Outgrown"), tolerate=NOT_YET)
+    cond = wait_for("Outgrown condition", lambda: api.conv_condition("a", "Outgrown"), tolerate=NOT_YET)
     assert (cond["status"], cond["reason"]) == ("True", "DecoderFull")
     s = api.conv_status("a")
     assert s["decoder"]["pod"] == "dec-0"
@@ -69,7 +63,7 @@ def test_turns_follow_the_live_context_and_outgrowth(api: Api, operator: Operato
         tolerate=NOT_YET,
     )
     assert pool["observedGrowthRatios"] == [6.05]
-    ended = condition(api, "a", "Ended")
+    ended = api.conv_condition("a", "Ended")
     assert ended is not None
     assert ended["reason"] == "Completed"
 
@@ -79,7 +73,7 @@ def test_idle_timeout_releases(api: Api, operator: OperatorProcess) -> None:
     api.create(conversation_body("quiet", "llama", 1000, idleTimeoutSeconds=2))
     wait_for("quiet placed", lambda: api.conv_status("quiet").get("phase") == "Prefilling", tolerate=NOT_YET)
     wait_for("idle timeout", lambda: api.conv_status("quiet").get("phase") == "Completed", 10, tolerate=NOT_YET)
-    ended = condition(api, "quiet", "Ended")
+    ended = api.conv_condition("quiet", "Ended")
     assert ended is not None
     assert ended["reason"] == "IdleTimeout"
     assert not api.get_conv("quiet")["metadata"].get("finalizers")
@@ -117,7 +111,7 @@ def test_decoder_loss_replaces_or_fails(api: Api, operator: OperatorProcess) -> 
     for n in moved:
         s = api.conv_status(n)
         if s["phase"] == "Failed":
-            placed = condition(api, n, "Placed")
+            placed = api.conv_condition(n, "Placed")
             assert placed is not None
             assert placed["reason"] == "DecoderLost"
         else:

@@ -100,23 +100,11 @@ def test_priority_orders_the_queue(api: Api, operator: OperatorProcess) -> None:
 
 def test_bad_references_are_reported(api: Api, operator: OperatorProcess) -> None:
     api.create(conversation_body("orphan", "no-such-pool", 100))
-    cond = wait_for(
-        "orphan condition",
-        lambda: next(
-            (c for c in api.get_conv("orphan").get("status", {}).get("conditions", []) if c["type"] == "Placed"), None
-        ),
-        tolerate=NOT_YET,
-    )
+    cond = wait_for("orphan condition", lambda: api.conv_condition("orphan", "Placed"), tolerate=NOT_YET)
     assert (cond["status"], cond["reason"]) == ("False", "PoolNotFound")
     api.create(pool_body("empty", app="nothing-matches"))
     api.create(conversation_body("lonely", "empty", 100))
-    cond = wait_for(
-        "lonely condition",
-        lambda: next(
-            (c for c in api.get_conv("lonely").get("status", {}).get("conditions", []) if c["type"] == "Placed"), None
-        ),
-        tolerate=NOT_YET,
-    )
+    cond = wait_for("lonely condition", lambda: api.conv_condition("lonely", "Placed"), tolerate=NOT_YET)
     assert cond["reason"] == "NoDecoder"
     pool = wait_for("pool status", lambda: api.get_pool("empty").get("status"), tolerate=NOT_YET)
     assert {c["type"]: c["reason"] for c in pool["conditions"]}["Ready"] == "NoDecoder"

@@ -6,63 +6,48 @@ import re
 
 import pytest
 
+from conserve.router import policy
 from conserve.router.control import backends_from_pool_status, placement_from_status
-from conserve.router.policy import (
-    Backend,
-    LoadBook,
-    Mode,
-    NoBackend,
-    Placement,
-    Usage,
-    UsageBatcher,
-    conversation_id_of,
-    conversation_object_name,
-    header_flag,
-    idle_conversations,
-    least_loaded,
-    new_input_tokens,
-    parse_mode,
-    plan_turn,
-)
+from conserve.router.policy import Backend, LoadBook, Mode, NoBackend, Placement, Usage, UsageBatcher
 
 P1, P2 = Backend("pre-0", "127.0.0.1:1"), Backend("pre-1", "127.0.0.1:2")
 D1, D2 = Backend("dec-0", "127.0.0.1:3"), Backend("dec-1", "127.0.0.1:4")
 
 
 def test_conversation_id_header_then_user_then_metadata() -> None:
-    assert conversation_id_of({"X-Conversation-Id": " c1 "}, {"user": "u"}) == "c1"
-    assert conversation_id_of({}, {"user": "u"}) == "u"
-    assert conversation_id_of({}, {"metadata": {"conversation_id": "m"}}) == "m"
-    assert conversation_id_of({}, {}) is None
+    assert policy.conversation_id_of({"X-Conversation-Id": " c1 "}, {"user": "u"}) == "c1"
+    assert policy.conversation_id_of({}, {"user": "u"}) == "u"
+    assert policy.conversation_id_of({}, {"metadata": {"conversation_id": "m"}}) == "m"
+    assert policy.conversation_id_of({}, {}) is None
 
 
 @pytest.mark.parametrize("cid", ["chat-1", "User@Example.com/ session#9", "x" * 300, "---", "ÄÖ"])
 def test_object_names_are_dns_labels_and_distinct(cid: str) -> None:
-    name = conversation_object_name(cid)
+    name = policy.conversation_object_name(cid)
     assert re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", name)
     assert len(name) <= 63
-    assert name != conversation_object_name(cid + "x")
+    assert name != policy.conversation_object_name(cid + "x")
 
 
 def test_flags_and_modes() -> None:
-    assert header_flag("TRUE", False)
-    assert not header_flag("0", True)
-    assert header_flag("maybe", True)
-    assert parse_mode("per-turn", Mode.CONVERSATION) is Mode.PER_TURN
-    assert parse_mode("bogus", Mode.CONVERSATION) is Mode.CONVERSATION
+    assert policy.header_flag("TRUE", False)
+    assert not policy.header_flag("0", True)
+    assert policy.header_flag("maybe", True)
+    assert policy.parse_mode("per-turn", Mode.CONVERSATION) is Mode.PER_TURN
+    assert policy.parse_mode("bogus", Mode.CONVERSATION) is Mode.CONVERSATION
 
 
 def test_least_loaded_by_requests_then_tokens_then_name() -> None:
     book = LoadBook()
-    assert least_loaded([D2, D1], book) == D1
+    assert policy.least_loaded([D2, D1], book) == D1
     book.start(D1.endpoint, 10)
-    assert least_loaded([D1, D2], book) == D2
+    assert policy.least_loaded([D1, D2], book) == D2
     book.start(D2.endpoint, 100)
-    assert least_loaded([D1, D2], book) == D1
+    assert policy.least_loaded([D1, D2], book) == D1
     book.finish(D1.endpoint, 10)
     book.finish(D1.endpoint, 10)  # never below zero
     assert book.requests[D1.endpoint] == 0
-    assert least_loaded([], book) is None
+    assert policy.least_loaded([], book) is None
 
 
 @pytest.mark.parametrize(
@@ -77,7 +62,7 @@ def test_least_loaded_by_requests_then_tokens_then_name() -> None:
 def test_conversation_mode_plan(
     kv_generation: int | None, placement: Placement, expect_prefill: Backend | None
 ) -> None:
-    plan = plan_turn(
+    plan = policy.plan_turn(
         mode=Mode.CONVERSATION,
         placement=placement,
         kv_generation=kv_generation,
@@ -92,7 +77,7 @@ def test_conversation_mode_plan(
 
 
 def test_conversation_mode_without_prefill_servers_prefills_on_the_decoder() -> None:
-    plan = plan_turn(
+    plan = policy.plan_turn(
         mode=Mode.CONVERSATION,
         placement=Placement(1, D1),
         kv_generation=None,
@@ -108,22 +93,24 @@ def test_per_turn_mode_picks_least_loaded_every_turn() -> None:
     book = LoadBook()
     book.start(D1.endpoint, 5)
     book.start(P1.endpoint, 5)
-    plan = plan_turn(
+    plan = policy.plan_turn(
         mode=Mode.PER_TURN, placement=Placement(1, D1), kv_generation=1, prefills=[P1, P2], decoders=[D1, D2], book=book
     )
     assert plan.decoder == D2
     assert plan.prefill == P2
     assert plan.kv_transfer
     with pytest.raises(NoBackend):
-        plan_turn(mode=Mode.PER_TURN, placement=None, kv_generation=None, prefills=[], decoders=[], book=book)
+        policy.plan_turn(mode=Mode.PER_TURN, placement=None, kv_generation=None, prefills=[], decoders=[], book=book)
     with pytest.raises(NoBackend):
-        plan_turn(mode=Mode.CONVERSATION, placement=None, kv_generation=None, prefills=[P1], decoders=[D1], book=book)
+        policy.plan_turn(
+            mode=Mode.CONVERSATION, placement=None, kv_generation=None, prefills=[P1], decoders=[D1], book=book
+        )
 
 
 def test_new_input_tokens() -> None:
-    assert new_input_tokens(1000, 0) == 1000
-    assert new_input_tokens(1300, 1200) == 100
-    assert new_input_tokens(900, 1200) == 0
+    assert policy.new_input_tokens(1000, 0) == 1000
+    assert policy.new_input_tokens(1300, 1200) == 100
+    assert policy.new_input_tokens(900, 1200) == 0
 
 
 def test_usage_batcher_coalesces_per_interval_and_flushes_completion() -> None:
@@ -146,7 +133,7 @@ def test_usage_batcher_coalesces_per_interval_and_flushes_completion() -> None:
 
 
 def test_idle_conversations() -> None:
-    assert idle_conversations({"a": 0.0, "b": 9.0}, 10.0, 5.0) == ["a"]
+    assert policy.idle_conversations({"a": 0.0, "b": 9.0}, 10.0, 5.0) == ["a"]
 
 
 def test_placement_and_pool_backends_from_status() -> None:

@@ -14,7 +14,7 @@ from conserve.api import conversation, crdgen, decoderpool
 from conserve.api.common import GROUP, VERSION
 from conserve.kube import MERGE_PATCH, ApiError, status_of
 from conserve.kube.clients import ApiextensionsV1Api, CoreV1Api, CustomObjectsApi
-from conserve.testkit.builders import pod_body, pool_body
+from conserve.testkit.builders import conversation_body, pod_body, pool_body
 from conserve.testkit.wait import wait_for
 
 Body = dict[str, Any]
@@ -54,6 +54,15 @@ class Api:
         for i in range(prefills):
             self.create(pod_body(f"pre-{i}", f"kwok-h100-{i % 2}", app="dec-prefill"))
 
+    def first_placement(self, tokens: int = 2000, timeout_s: float = 60.0) -> Body:
+        """One decoder and one prefill server (`create_fleet`), seen ready in the pool's status; then the
+        conversation `c0` of `tokens` first-turn tokens: its status once placed."""
+        self.create_fleet(1, prefills=1)
+        # The pool status writer (decoderpools/status patch) follows the pod and node watches.
+        self.wait_ready_decoders(1, timeout_s=timeout_s)
+        self.create(conversation_body("c0", "llama", tokens))
+        return self.wait_conv_phase("c0", "Prefilling", timeout_s)
+
     def wait_ready_decoders(self, count: int, pool: str = "llama", timeout_s: float = 15.0) -> Body:
         """The pool's status once it counts `count` ready decoders."""
 
@@ -62,6 +71,15 @@ class Api:
             return status if status.get("readyDecoders") == count else None
 
         return wait_for(f"{count} ready decoders in {pool}'s status", ready, timeout_s, tolerate=NOT_YET)
+
+    def wait_conv_phase(self, name: str, phase: str, timeout_s: float = 15.0) -> Body:
+        """The conversation's status once it shows `phase`."""
+
+        def in_phase() -> Body | None:
+            status = self.conv_status(name)
+            return status if status.get("phase") == phase else None
+
+        return wait_for(f"{name} {phase}", in_phase, timeout_s, tolerate=NOT_YET)
 
     def get_conv(self, name: str) -> Body:
         return self._get(conversation.PLURAL, name)
@@ -72,6 +90,10 @@ class Api:
     def conv_status(self, name: str) -> Body:
         """The conversation's status; empty until the operator writes one."""
         return dict(self.get_conv(name).get("status") or {})
+
+    def conv_condition(self, name: str, type_: str) -> Body | None:
+        """The conversation's condition of that type; None until the operator writes one."""
+        return next((c for c in self.conv_status(name).get("conditions", []) if c["type"] == type_), None)
 
     def pool_status(self, name: str) -> Body:
         """The pool's status; empty until the operator writes one."""
