@@ -10,7 +10,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 
 from conserve.core.tokens import filler_text
 from conserve.gpusim.engine import Role
@@ -20,6 +19,7 @@ from conserve.router.app import build_app
 from conserve.router.control import _Waiters
 from conserve.router.policy import Backend, Placement
 from conserve.router.service import Router, RouterConfig
+from conserve.testkit.metrics import fresh_registry
 
 SCALE = 0.005  # 200x faster than the modelled GPUs
 
@@ -87,7 +87,7 @@ class FakeControlPlane:
 class Harness:
     def __init__(self) -> None:
         self.servers: dict[str, GpuSimServer] = {}
-        self.registry = CollectorRegistry()
+        self.registry = fresh_registry()
         self.metrics = RouterMetrics.on(self.registry)
 
     async def __aenter__(self) -> Harness:
