@@ -18,9 +18,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from conserve.api.conversation import ConversationSpec, ConversationStatus, Phase
-from conserve.controller.engine import PLURAL, Engine
-from conserve.controller.state import FINALIZER, ConvRecord, key_of, parse_time
+from conserve.api.conversation import PLURAL, ConversationSpec, ConversationStatus, Phase
+from conserve.api.labels import FINALIZER
+from conserve.controller.engine import Engine
+from conserve.controller.state import ConvRecord, key_of, parse_time
 from conserve.core.lifecycle import KvState
 
 log = logging.getLogger("conserve.operator")

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from conserve import metrics
+from conserve.api.decoderpool import PLURAL as PLURAL  # re-exported (startup, registry)
 from conserve.api.decoderpool import DecoderPoolSpec, DecoderPoolStatus
 from conserve.controller import pods
 from conserve.controller.engine import Engine, scheduler_settings
@@ -25,7 +26,6 @@ from conserve.core.lifecycle import KvState
 from conserve.core.offload import HOST_KV_BYTES_PER_GPU
 
 log = logging.getLogger("conserve.operator")
-PLURAL = "decoderpools"
 
 
 def load_spec(pool: PoolRuntime, body: dict[str, Any]) -> None:

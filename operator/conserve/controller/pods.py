@@ -14,10 +14,10 @@ import logging
 from dataclasses import replace
 from typing import Any
 
+from conserve.api.corev1 import Pod
 from conserve.api.decoderpool import DecoderPoolSpec
-from conserve.api.labels import ANNOTATION_ENDPOINT
 from conserve.controller.state import DecoderInfo, NodeInfo, PodInfo, PoolRuntime, World, key_of
-from conserve.core.gpus import RESOURCE_GPU, NodeGpu, Tier
+from conserve.core.gpus import NodeGpu, Tier
 from conserve.core.llm import ModelShape, kv_capacity_tokens
 from conserve.core.placement import DecoderState
 from conserve.core.prefill import PrefillState
@@ -26,37 +26,19 @@ log = logging.getLogger("conserve.operator")
 
 
 def pod_info(body: dict[str, Any]) -> PodInfo:
-    meta = body.get("metadata", {})
-    spec = body.get("spec", {})
-    status = body.get("status", {})
-    ready = (
-        not meta.get("deletionTimestamp")
-        and status.get("phase") == "Running"
-        and any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
-    )
+    pod = Pod.model_validate(body)
+    meta = pod.metadata
     return PodInfo(
-        namespace=meta.get("namespace", ""),
-        name=meta.get("name", ""),
-        labels=dict(meta.get("labels") or {}),
-        node=spec.get("nodeName") or "",
-        ready=bool(ready),
-        ip=status.get("podIP") or "",
-        endpoint_annotation=(meta.get("annotations") or {}).get(ANNOTATION_ENDPOINT, ""),
-        gpus=_pod_gpus(spec),
-        uid=meta.get("uid", ""),
+        namespace=meta.namespace,
+        name=meta.name,
+        labels=meta.labels,
+        node=pod.spec.node_name,
+        ready=pod.ready,
+        ip=pod.status.pod_ip,
+        endpoint_annotation=pod.endpoint,
+        gpus=pod.gpus,
+        uid=meta.uid,
     )
-
-
-def _pod_gpus(spec: dict[str, Any]) -> int:
-    total = 0
-    for container in spec.get("containers") or []:
-        resources = container.get("resources") or {}
-        value = (resources.get("limits") or {}).get(RESOURCE_GPU) or (resources.get("requests") or {}).get(RESOURCE_GPU)
-        try:
-            total += int(str(value)) if value is not None else 0
-        except ValueError:
-            continue
-    return total
 
 
 def decoder_info(pod: PodInfo, node: NodeInfo | None, spec: DecoderPoolSpec) -> DecoderInfo:

@@ -16,6 +16,7 @@ from typing import Any
 from conserve.api.common import Condition, ConditionStatus
 from conserve.api.conversation import TERMINAL_PHASES, ConversationSpec, ConversationStatus, Endpoint, Phase
 from conserve.api.decoderpool import DecoderPoolSpec, PrefillStatus
+from conserve.api.labels import FINALIZER as FINALIZER  # re-exported: declared once in api.labels
 from conserve.core.decisions import ConversationRequest
 from conserve.core.gpus import NodeGpu, node_gpu_from_labels
 from conserve.core.ledger import CapacityLedger
@@ -23,8 +24,6 @@ from conserve.core.lifecycle import KvState
 from conserve.core.occupancy import ObservedOccupancy
 from conserve.core.pending import PendingItem
 from conserve.core.scheduler import PoolScheduler
-
-FINALIZER = "conserve.dev/release-capacity"
 
 Key = str  # "namespace/name"
 
