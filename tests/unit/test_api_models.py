@@ -10,6 +10,7 @@ from pydantic import BaseModel, ValidationError
 from conserve.api import conversation, decoderpool
 from conserve.api.common import LabelSelector, status_patch
 from conserve.api.conversation import ConversationSpec, ConversationStatus, Endpoint, Phase
+from conserve.api.corev1 import Node, Pod
 from conserve.api.decoderpool import DecoderPoolSpec, DecoderPoolStatus
 from conserve.controller.decoderpool import load_spec
 from conserve.controller.pods import sync_pool
@@ -129,3 +130,24 @@ def test_pool_status_patch_is_a_model_dump_of_owned_fields() -> None:
     measured = pool_status_patch(pool, 4)["status"]
     assert set(measured) - set(status) == {"powerWatts", "energyJoules"}
     assert (measured["powerWatts"], measured["decoders"][0]["energyJoules"]) == (400.0, 12.0)
+
+
+def test_core_objects_parse_leniently() -> None:
+    pod = Pod.model_validate(
+        {
+            "metadata": {"name": "p", "labels": {"conserve.dev/role": " Decode ", "n": 3}, "deletionTimestamp": None},
+            "spec": {
+                "nodeName": None,
+                "containers": [{"resources": {"limits": {"nvidia.com/gpu": "2"}}}, "nope", {"resources": 7}],
+                "initContainers": [{"resources": {"requests": {"nvidia.com/gpu": 3}}}],
+            },
+            "status": {"phase": "Running", "podIP": "10.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
+        }
+    )
+    assert (pod.role, pod.gpus, pod.spec.node_name, pod.status.pod_ip) == ("decode", 3, "", "10.0.0.1")
+    assert pod.metadata.labels == {"conserve.dev/role": " Decode "}
+    assert pod.ready
+    assert not pod.finished
+    assert Pod.model_validate({"metadata": None, "spec": {"containers": "nope"}}).gpus == 0
+    assert Node.model_validate({"status": {"allocatable": {"nvidia.com/gpu": "lots"}}}).allocatable_gpus == 0
+    assert Node.model_validate({"status": {"allocatable": {"nvidia.com/gpu": "8"}}}).allocatable_gpus == 8
