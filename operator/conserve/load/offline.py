@@ -7,10 +7,10 @@ from typing import Any
 
 from conserve.core.gpus import lookup_product
 from conserve.load.report import Summary, percentile
+from conserve.sim.conversations import Workload
 from conserve.sim.engine import all_records, simulate
 from conserve.sim.fleet import build_fleet
 from conserve.sim.policies import make_policy
-from conserve.sim.workload import Workload
 
 #: The per-turn baseline the router's per-turn mode corresponds to (least-loaded prefill and decoder).
 PER_TURN_POLICY = "least-loaded"

@@ -42,12 +42,12 @@ from typing import Any
 
 from conserve.core.offload import IdleKv, choose_offload_victims, host_kv_capacity_tokens, pcie_transfer_time_s
 from conserve.core.perf import PREFILL_ACTIVITY, kv_transfer_time_s, power_w
+from conserve.sim.conversations import Workload
 from conserve.sim.decoding import DECODER_WAKE, POKE, DecoderLoop
 from conserve.sim.fleet import Fleet
 from conserve.sim.instances import Decoder, PrefillInstance, SharedKvStore, fill_iteration, iteration_prefill_s
 from conserve.sim.records import ConvState, LocalJob, LocalRoute, Policy, PrefillJob, Seq, TurnRecord
 from conserve.sim.transfer import link_transfer_energy_j, pcie_transfer_energy_j
-from conserve.sim.workload import Workload
 
 _ARRIVE, _PREFILL_DONE, _TRANSFER_DONE, _IDLE_CHECK = 0, 1, 2, 4
 
