@@ -72,7 +72,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument(
         "--trace-dir", type=Path, default=None, help="folder holding mooncake/ and azure/ (default: the shipped traces)"
     )
-    add_seconds_option(p, "--start-s", 0.0, "slice start, trace seconds (see the module doc)")
+    add_seconds_option(p, "--start-s", 0.0, "slice start, trace seconds; see the module doc")
     add_seconds_option(p, "--duration-s", 180.0, "slice length, trace seconds")
     p.add_argument(
         "--speedup",
