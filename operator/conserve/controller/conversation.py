@@ -18,8 +18,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from conserve.api.conversation import TERMINAL_PHASES, ConversationSpec, ConversationStatus, Phase
-from conserve.controller.engine import PLURAL, Engine
+from conserve.api.conversation import PLURAL, TERMINAL_PHASES, ConversationSpec, ConversationStatus, Phase
+from conserve.controller.engine import Engine
 from conserve.controller.state import FINALIZER, ConvRecord, key_of, parse_time
 from conserve.core.lifecycle import KvState
 
