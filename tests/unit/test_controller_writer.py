@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from conserve.api.conversation import ConversationSpec
 from conserve.controller.state import ConvRecord
 from conserve.controller.writer import Writer, WriterConfig
@@ -37,32 +39,23 @@ def record(name: str = "a") -> ConvRecord:
     return conv
 
 
-def test_a_transient_failure_is_retried_until_the_write_lands() -> None:
-    kube = FlakyKube(failures=2)
-    writer = Writer(kube, WriterConfig(write_retries=3))
+@pytest.mark.parametrize(
+    ("failures", "retries", "strict", "attempts", "owed"),
+    [
+        (2, 3, False, 3, False),  # a transient failure is retried until the write lands
+        (5, 2, False, 2, True),  # one that keeps failing stays owed: the record's next write sends it again
+        (0, 6, True, 1, False),  # a refusal (strict: the object is gone, 404) is not retried, and nothing is owed
+    ],
+)
+def test_status_writes_retry_transient_failures_only(
+    failures: int, retries: int, strict: bool, attempts: int, owed: bool
+) -> None:
+    kube = FlakyKube(failures, strict=strict)
     conv = record()
-    asyncio.run(writer.write_status(conv))
-    assert kube.attempts == 3
-    assert ("conversations", "a") in kube.status
-    assert not conv.dirty
-
-
-def test_a_write_that_keeps_failing_stays_owed() -> None:
-    kube = FlakyKube(failures=5)
-    writer = Writer(kube, WriterConfig(write_retries=2))
-    conv = record()
-    asyncio.run(writer.write_status(conv))
-    assert kube.attempts == 2
-    assert conv.dirty  # the next write of this record sends it again
-
-
-def test_a_refusal_is_not_retried() -> None:
-    kube = FlakyKube(failures=0, strict=True)  # strict: a patch of an unknown object is a 404
-    writer = Writer(kube, WriterConfig(write_retries=6))
-    conv = record()
-    asyncio.run(writer.write_status(conv))
-    assert kube.attempts == 1
-    assert not conv.dirty  # gone: nothing is owed (the watch tells what happened)
+    asyncio.run(Writer(kube, WriterConfig(write_retries=retries)).write_status(conv))
+    assert kube.attempts == attempts
+    assert conv.dirty is owed
+    assert (("conversations", "a") in kube.status) is (not owed and not strict)
 
 
 def test_nothing_is_written_once_fenced() -> None:
