@@ -16,7 +16,7 @@ import enum
 
 from pydantic import Field
 
-from conserve.api.common import CamelModel, Condition, NonNegativeInt, StatusModel, cel
+from conserve.api.common import CamelModel, Condition, NonNegativeInt, ServingPod, StatusModel, cel
 
 KIND = "Conversation"
 PLURAL = "conversations"
@@ -92,11 +92,7 @@ class ConversationSpec(CamelModel):
     usage: ConversationUsage = Field(default_factory=ConversationUsage)
 
 
-class Endpoint(StatusModel):
-    pod: str
-    node: str = ""
-    tier: str = ""
-    gpu_product: str = ""
+class Endpoint(ServingPod):
     endpoint: str = ""  # host:port the data plane sends to
 
 
@@ -126,3 +122,7 @@ class ConversationStatus(StatusModel):
     reprefills: int = 0
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None
+
+
+#: The status fields the operator writes: all but the energy loop's (energyJoules, energyPerTokenJoules).
+OPERATOR_STATUS_FIELDS = frozenset(ConversationStatus.model_fields) - {"energy_joules", "energy_per_token_joules"}

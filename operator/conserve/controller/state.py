@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from conserve.api.common import Condition, ConditionStatus
-from conserve.api.conversation import TERMINAL_PHASES, ConversationSpec, Endpoint, Phase
-from conserve.api.decoderpool import DecoderPoolSpec
+from conserve.api.conversation import TERMINAL_PHASES, ConversationSpec, ConversationStatus, Endpoint, Phase
+from conserve.api.decoderpool import DecoderPoolSpec, PrefillStatus
+from conserve.api.labels import FINALIZER as FINALIZER  # re-exported: declared once in api.labels
 from conserve.core.decisions import ConversationRequest
 from conserve.core.gpus import NodeGpu, node_gpu_from_labels
 from conserve.core.ledger import CapacityLedger
@@ -23,8 +24,6 @@ from conserve.core.lifecycle import KvState
 from conserve.core.occupancy import ObservedOccupancy
 from conserve.core.pending import PendingItem
 from conserve.core.scheduler import PoolScheduler
-
-FINALIZER = "conserve.dev/release-capacity"
 
 Key = str  # "namespace/name"
 
@@ -45,6 +44,13 @@ def parse_time(value: str | None) -> float | None:
 
 def format_time(epoch_s: float) -> str:
     return dt.datetime.fromtimestamp(epoch_s, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _kv_state(value: str | None) -> KvState | None:
+    try:
+        return KvState(value) if value else None
+    except ValueError:
+        return None
 
 
 @dataclass(slots=True)
@@ -71,23 +77,19 @@ class NodeInfo:
         return cls(name, dict(labels), node_gpu_from_labels(labels))
 
 
-@dataclass(slots=True)
-class DecoderInfo:
-    """A decode or prefill server as the pool sees it (static facts; KV occupancy lives in the ledger)."""
+class DecoderInfo(PrefillStatus):
+    """A decode or prefill server as the pool sees it: its status entry's static facts (KV occupancy lives in the
+    ledger), its KV capacity, and why it cannot take conversations besides readiness (e.g. unknown GPU memory)."""
 
-    pod: str
-    node: str = ""
-    tier: str = ""
-    gpu_product: str = ""
-    ready: bool = False
-    endpoint: str = ""
     capacity_kv_tokens: int = 0
-    problem: str = ""  # why it cannot take conversations besides readiness (e.g. unknown GPU memory)
+    problem: str = ""
+
+    @property
+    def serving(self) -> bool:
+        return self.ready and not self.problem
 
     def endpoint_model(self) -> Endpoint:
-        return Endpoint(
-            pod=self.pod, node=self.node, tier=self.tier, gpu_product=self.gpu_product, endpoint=self.endpoint
-        )
+        return Endpoint.model_validate(self, from_attributes=True)
 
 
 @dataclass(slots=True)
@@ -97,9 +99,30 @@ class DecoderEnergy:
     energy_per_token_j: float | None = None
 
 
+#: The status fields a record holds under the model's names and types (the rest it holds in runtime form: a time
+#: in seconds, the KV state as the core's enum, the conditions by type); `ConvRecord.status` and `adopt` convert.
+_STATUS_AS_IS = (
+    "phase",
+    "decoder",
+    "prefill",
+    "reserved_kv_tokens",
+    "live_kv_tokens",
+    "input_tokens",
+    "output_tokens",
+    "kv_transfers",
+    "placement_generation",
+    "placed_at",
+    "completed_at",
+    "offloads",
+    "reloads",
+    "reprefills",
+)
+
+
 @dataclass(slots=True)
 class ConvRecord:
-    """One conversation: its spec as last seen, and the operator's decision (authoritative while it runs)."""
+    """One conversation: its spec as last seen, and the operator's decision (authoritative while it runs), which
+    it writes as its status (`status()`)."""
 
     namespace: str
     name: str
@@ -133,6 +156,36 @@ class ConvRecord:
     # Set while a status patch is owed (the decision is made; the API server does not have it yet).
     dirty: bool = False
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @classmethod
+    def adopt(cls, status: ConversationStatus, **identity: Any) -> ConvRecord:
+        """A record resuming from a status written earlier (by this or an earlier run); `identity` gives the
+        fields that are not status (namespace, name, uid, spec, created_at_s...)."""
+        last_activity_s = parse_time(status.last_activity_time) or parse_time(status.placed_at)
+        record = cls(
+            **identity,
+            **{name: getattr(status, name) for name in _STATUS_AS_IS},
+            turns=status.turns_served,
+            last_activity_s=last_activity_s,
+            ttfet_s=status.time_to_first_effective_token_seconds,
+            kv_state=_kv_state(status.kv_state),
+            conditions={c.type: c for c in status.conditions},
+        )
+        if not record.terminal and record.decoder is None:
+            record.phase = Phase.PENDING
+        return record
+
+    def status(self) -> ConversationStatus:
+        """The operator's decision as the api model (the fields it does not own keep their defaults)."""
+        return ConversationStatus(
+            **{name: getattr(self, name) for name in _STATUS_AS_IS},
+            turns_served=self.turns,
+            last_activity_time=format_time(self.last_activity_s) if self.last_activity_s else None,
+            time_to_first_effective_token_seconds=self.ttfet_s,
+            kv_state=self.kv_state.value if self.kv_state is not None and self.placed else None,
+            conditions=list(self.conditions.values()),
+            observed_generation=self.generation,
+        )
 
     @property
     def key(self) -> Key:

@@ -106,18 +106,6 @@ class Device:
     power_limit_w: float | None = None
 
     @property
-    def flops_per_s(self) -> float:
-        return self.gpu.bf16_flops_per_s * self.gpu_count
-
-    @property
-    def bandwidth_bytes_per_s(self) -> float:
-        return self.gpu.memory_bandwidth_bytes_per_s * self.gpu_count
-
-    @property
-    def tdp_w(self) -> float:
-        return self.gpu.tdp_w * self.gpu_count
-
-    @property
     def idle_power_w(self) -> float:
         return self.gpu.idle_power_w * self.gpu_count
 

@@ -60,9 +60,7 @@ class PrefillInstance:
         self.iteration: list[tuple[PrefillJob, int]] = []  # (job, chunk tokens) of the running iteration
         self.busy_until = 0.0
         self.iteration_s = (0.0, 0.0)  # (prefix loads, prompt compute) of the running iteration
-        self.cache_capacity = cache_capacity
-        self.cache: OrderedDict[str, int] = OrderedDict()  # prefix cache (LRU), when the fleet enables it
-        self.cache_tokens = 0
+        self.cache = LruKv(cache_capacity)  # prefix cache, when the fleet enables it (capacity 0: off)
         self.busy_s = 0.0
         self.dynamic_energy_j = 0.0
         self.tokens = 0
@@ -79,38 +77,36 @@ class PrefillInstance:
         return queued + (max(self.busy_until - now, 0.0) if self.busy else 0.0)
 
     def holds(self, key: str) -> int:
-        return self.cache.get(key, 0)
+        return self.cache.holds(key)
 
     def remember(self, key: str, tokens: int) -> None:
-        """Keep a prefilled prompt's KV in the prefix cache (LRU), when there is one."""
-        if self.cache_capacity <= 0 or tokens > self.cache_capacity:
+        """Keep a prefilled prompt's KV in the prefix cache, when there is one; a prompt larger than the whole
+        cache leaves what the cache holds of the conversation (a prefix of it) in place."""
+        if self.cache.capacity <= 0 or tokens > self.cache.capacity:
             return
-        old = self.cache.pop(key, None)
-        if old is not None:
-            self.cache_tokens -= old
-        while self.cache_tokens + tokens > self.cache_capacity and self.cache:
-            self.cache_tokens -= self.cache.popitem(last=False)[1]
-        self.cache[key] = tokens
-        self.cache_tokens += tokens
+        self.cache.put(key, tokens)
 
     def forget(self, key: str) -> None:
-        size = self.cache.pop(key, None)
-        if size is not None:
-            self.cache_tokens -= size
+        self.cache.drop(key)
 
 
-class SharedKvStore:
-    """A fleet-wide KV store (Mooncake's KVCache pool): finished turns' KV written back, LRU by conversation."""
+class LruKv:
+    """KV by conversation, in tokens, least recently used evicted first to stay within a capacity: a prefill
+    instance's prefix cache, and the fleet-wide KV store (Mooncake's KVCache pool) finished turns are written to."""
 
     def __init__(self, capacity_tokens: int) -> None:
         self.capacity = capacity_tokens
         self.entries: OrderedDict[str, int] = OrderedDict()
         self.tokens = 0
 
+    def __len__(self) -> int:
+        return len(self.entries)
+
     def holds(self, key: str) -> int:
         return self.entries.get(key, 0)
 
     def put(self, key: str, tokens: int) -> None:
+        """Replace the conversation's KV by `tokens` of it (kept only if it fits at all), evicting others."""
         self.drop(key)
         if tokens > self.capacity:
             return
