@@ -22,7 +22,6 @@ from conserve.core.gpus import NodeGpu, node_gpu_from_labels
 from conserve.core.ledger import CapacityLedger
 from conserve.core.lifecycle import KvState
 from conserve.core.occupancy import ObservedOccupancy
-from conserve.core.pending import PendingItem
 from conserve.core.scheduler import PoolScheduler
 
 Key = str  # "namespace/name"
@@ -223,7 +222,7 @@ class PoolRuntime:
         return self.scheduler.ledger
 
     @property
-    def pending(self) -> dict[Key, PendingItem]:
+    def pending(self) -> dict[Key, ConversationRequest]:
         return self.scheduler.pending
 
     @property
