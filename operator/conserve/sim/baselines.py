@@ -114,6 +114,21 @@ class PerConversationMemory(PerTurn, Generic[Memory]):
         self.memory.pop(state.key, None)
 
 
+class ConditionalDisaggregation(PerTurn):
+    """Prefill on the chosen decoder when it lacks fewer than `LOCAL_PREFILL_BELOW_TOKENS` of the prompt (its
+    cached prefix covers the rest), else on a prefill instance (llm-d's P/D decider, Dynamo's conditional
+    disaggregation)."""
+
+    LOCAL_PREFILL_BELOW_TOKENS = 0
+
+    def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None:
+        name = self.pick_decoder(state, record, now)
+        uncached = record.input_tokens - held_tokens(self.sim.decoders[name], state.key, record.input_tokens)
+        if uncached < self.LOCAL_PREFILL_BELOW_TOKENS:
+            return LocalRoute(name)
+        return RemoteRoute(self.pick_prefill(record, now), name, record.input_tokens)
+
+
 class RoundRobin(PerTurn):
     name = "round-robin"
 
@@ -230,13 +245,13 @@ class PerTurnPrediction(PerTurn):
         self.outputs_sum += record.output_tokens
 
 
-class LlmdPdDecider(PerConversationMemory[str]):
+class LlmdPdDecider(ConditionalDisaggregation, PerConversationMemory[str]):
     name = "llmd-pd-decider"
     PREFIX_WEIGHT = 2.0
     LOAD_WEIGHT = 1.0
     SESSION_WEIGHT = 1.0
     QUEUE_THRESHOLD = 128  # load_aware.go QueueThresholdDefault
-    NON_CACHED_TOKENS = 256
+    LOCAL_PREFILL_BELOW_TOKENS = 256  # the decider's nonCachedTokens
 
     @property
     def last_decoder(self) -> dict[str, str]:
@@ -265,13 +280,6 @@ class LlmdPdDecider(PerConversationMemory[str]):
 
         return max(sorted(self.sim.prefill), key=score)
 
-    def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None:
-        name = self.pick_decoder(state, record, now)
-        non_cached = record.input_tokens - held_tokens(self.sim.decoders[name], state.key, record.input_tokens)
-        if non_cached < self.NON_CACHED_TOKENS:
-            return LocalRoute(name)
-        return RemoteRoute(self.pick_prefill(record, now), name, record.input_tokens)
-
 
 class VllmMultiturnProxy(RoundRobin, PerConversationMemory[tuple[str, float]]):
     """Remembers, per conversation, the decoder of its previous turn and when that turn ended."""
@@ -292,11 +300,11 @@ class VllmMultiturnProxy(RoundRobin, PerConversationMemory[tuple[str, float]]):
         self.memory[state.key] = (record.decoder, now)
 
 
-class DynamoKvRouter(PerTurn):
+class DynamoKvRouter(ConditionalDisaggregation):
     name = "dynamo-kv-router"
     OVERLAP_SCORE_WEIGHT = 1.0
     BLOCK_TOKENS = 16
-    MAX_LOCAL_PREFILL_TOKENS = 1000
+    LOCAL_PREFILL_BELOW_TOKENS = 1000  # max_local_prefill_length
 
     def cost(self, decoder: Decoder, key: str, prompt: int) -> float:
         """Potential blocks if the request went there: the prefill still to do there (the prompt's uncached part
@@ -318,13 +326,6 @@ class DynamoKvRouter(PerTurn):
             return (self.OVERLAP_SCORE_WEIGHT * (record.input_tokens - cached) + queued) / self.BLOCK_TOKENS
 
         return min(self.sim.prefill, key=lambda n: (cost(n), n))
-
-    def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None:
-        name = self.pick_decoder(state, record, now)
-        uncached = record.input_tokens - held_tokens(self.sim.decoders[name], state.key, record.input_tokens)
-        if uncached < self.MAX_LOCAL_PREFILL_TOKENS:
-            return LocalRoute(name)
-        return RemoteRoute(self.pick_prefill(record, now), name, record.input_tokens)
 
 
 PER_TURN_BASELINES: tuple[type[PerTurn], ...] = (
