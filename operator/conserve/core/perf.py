@@ -143,6 +143,11 @@ class StepCost:
     def time_s(self) -> float:
         return self.overhead_s + max(self.compute_s, self.memory_s) + self.communication_s
 
+    @property
+    def activity(self) -> float:
+        """Activity in [0, 1] of the power model over the step (communication and overheads draw idle power)."""
+        return min(self.busy_activity_s / self.time_s, 1.0) if self.time_s > 0 else 0.0
+
 
 def allreduce_time_s(device: Device, message_bytes: float, params: PerfParams = CALIBRATED) -> float:
     """One ring all-reduce of `message_bytes` over the group's link (zero on one GPU)."""
@@ -177,7 +182,9 @@ def prefill_cost(
     params: PerfParams = CALIBRATED,
 ) -> StepCost:
     """A prefill step of `new_tokens` split evenly over `sequences` prompts, each with `cached_context_tokens`
-    already in its KV cache (a chunk of a longer prompt, or a prefix hit)."""
+    already in its KV cache (a chunk of a longer prompt, or a prefix hit). No tokens: no step, zero cost."""
+    if new_tokens <= 0:
+        return StepCost(0.0, 0.0, 0.0, 0.0)
     n = device.gpu_count
     flops_per_s = device.gpu.bf16_flops_per_s * device.clock_scale(params)
     per_sequence = new_tokens / max(sequences, 1)
@@ -191,28 +198,11 @@ def prefill_cost(
     return StepCost(compute, memory, communication, params.prefill_step_overhead_s, busy)
 
 
-def prefill_time_s(
-    device: Device,
-    model: ModelShape,
-    new_tokens: int,
-    cached_context_tokens: int = 0,
-    sequences: int = 1,
-    params: PerfParams = CALIBRATED,
-) -> float:
-    """Seconds to prefill `new_tokens` (a chunk, given `cached_context_tokens` already cached)."""
-    if new_tokens <= 0:
-        return 0.0
-    return prefill_cost(device, model, new_tokens, cached_context_tokens, sequences, params).time_s
-
-
 def prefill_activity(
     device: Device, model: ModelShape, new_tokens: int, cached_context_tokens: int = 0, params: PerfParams = CALIBRATED
 ) -> float:
-    """Activity in [0, 1] of a prefill step (communication and overheads draw idle power)."""
-    if new_tokens <= 0:
-        return 0.0
-    cost = prefill_cost(device, model, new_tokens, cached_context_tokens, 1, params)
-    return min(cost.busy_activity_s / cost.time_s, 1.0)
+    """Activity in [0, 1] of a prefill step of one prompt."""
+    return prefill_cost(device, model, new_tokens, cached_context_tokens, 1, params).activity
 
 
 def prefill_power_w(
@@ -303,7 +293,7 @@ def decode_energy_per_token_j(device: Device, model: ModelShape, batch_size: int
 def prefill_energy_per_token_j(device: Device, model: ModelShape, tokens: int) -> float:
     if tokens <= 0:
         return 0.0
-    return prefill_power_w(device, model, tokens) * prefill_time_s(device, model, tokens) / tokens
+    return prefill_power_w(device, model, tokens) * prefill_cost(device, model, tokens).time_s / tokens
 
 
 # --- runs of decode steps in closed form (the simulator advances a fixed batch many steps at once) ---------
