@@ -148,8 +148,9 @@ def _loop(device: Device, model_name: str, batch: int, context: int, steps: int)
 def test_decode_run_closed_form_equals_step_sum(gpu: str, model: str, batch: int, context: int, steps: int) -> None:
     device = Device(CATALOG[gpu])
     t, e = _loop(device, model, batch, context, steps)
-    assert perf.decode_run_time_s(device, MODELS[model], batch, context, steps) == pytest.approx(t, rel=1e-9)
-    assert perf.decode_run_energy_j(device, MODELS[model], batch, context, steps) == pytest.approx(e, rel=1e-9)
+    run = perf.decode_run(device, MODELS[model], batch, context)
+    assert run.time_s(steps) == pytest.approx(t, rel=1e-9)
+    assert run.energy_j(steps) == pytest.approx(e, rel=1e-9)
 
 
 def test_a_run_crosses_the_ridge() -> None:
@@ -170,14 +171,15 @@ def test_a_run_crosses_the_ridge() -> None:
 def test_decode_run_property(gpu: str, model: str, batch: int, context_per_seq: int, steps: int) -> None:
     device = Device(CATALOG[gpu])
     t, e = _loop(device, model, batch, batch * context_per_seq, steps)
+    run = perf.decode_run(device, MODELS[model], batch, batch * context_per_seq)
     assert math.isclose(
-        perf.decode_run_time_s(device, MODELS[model], batch, batch * context_per_seq, steps),
+        run.time_s(steps),
         t,
         rel_tol=1e-9,
         abs_tol=1e-12,
     )
     assert math.isclose(
-        perf.decode_run_energy_j(device, MODELS[model], batch, batch * context_per_seq, steps),
+        run.energy_j(steps),
         e,
         rel_tol=1e-9,
         abs_tol=1e-9,
@@ -185,13 +187,14 @@ def test_decode_run_property(gpu: str, model: str, batch: int, context_per_seq: 
 
 
 def test_steps_within_budget() -> None:
-    total = perf.decode_run_time_s(H200, LLAMA8, 8, 8000, 100)
-    assert perf.decode_steps_within_s(H200, LLAMA8, 8, 8000, 100, total) == 100
-    assert perf.decode_steps_within_s(H200, LLAMA8, 8, 8000, 100, total * 10) == 100
-    assert perf.decode_steps_within_s(H200, LLAMA8, 8, 8000, 100, 0.0) == 0
-    k = perf.decode_steps_within_s(H200, LLAMA8, 8, 8000, 100, total / 2)
-    assert perf.decode_run_time_s(H200, LLAMA8, 8, 8000, k) <= total / 2
-    assert perf.decode_run_time_s(H200, LLAMA8, 8, 8000, k + 1) > total / 2
+    run = perf.decode_run(H200, LLAMA8, 8, 8000)
+    total = run.time_s(100)
+    assert run.steps_within(100, total) == 100
+    assert run.steps_within(100, total * 10) == 100
+    assert run.steps_within(100, 0.0) == 0
+    k = run.steps_within(100, total / 2)
+    assert run.time_s(k) <= total / 2
+    assert run.time_s(k + 1) > total / 2
 
 
 def test_bandwidth_tier_decodes_cheaper_per_token() -> None:

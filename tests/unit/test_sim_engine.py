@@ -54,7 +54,7 @@ def test_one_turn_known_answer() -> None:
     h100, h200 = perf.Device(CATALOG["H100"]), perf.Device(CATALOG["H200"])
     prefill = perf.prefill_cost(h100, MODEL, 1000).time_s
     transfer = perf.kv_transfer_time_s(MODEL, 1000, f.link)
-    decode = perf.decode_run_time_s(h200, MODEL, 1, 1000, 10)
+    decode = perf.decode_run(h200, MODEL, 1, 1000).time_s(10)
     # The first token reaches the user once the KV has arrived at the decoder: TTFT includes the transfer.
     assert rec.first_token_s == pytest.approx(prefill + transfer)
     assert rec.done_s == pytest.approx(prefill + transfer + decode)
@@ -64,7 +64,7 @@ def test_one_turn_known_answer() -> None:
     assert result.conversations[0].kv_transfers == 1
     # energy: the prefill instance's dynamic energy is the prefill at full activity
     assert result.prefill[0].dynamic_energy_j == pytest.approx((700 - 70) * prefill)
-    energy = perf.decode_run_energy_j(h200, MODEL, 1, 1000, 10) - 70 * decode
+    energy = perf.decode_run(h200, MODEL, 1, 1000).energy_j(10) - 70 * decode
     assert result.decoders[0].dynamic_energy_j == pytest.approx(energy)
 
 

@@ -302,7 +302,7 @@ def prefill_energy_per_token_j(device: Device, model: ModelShape, tokens: int) -
 # context read by step j is C + b x j: both the memory time and the compute time of step j are affine in j;
 # the fixed part (overheads, communication) depends on the batch only. A step's time (fixed plus the max) and
 # its busy time (max(compute, MEMORY_BOUND_ACTIVITY x memory)) are maxima of affine functions, whose sums over
-# a run are exact in closed form: the results equal summing `decode_step_time_s` and
+# a run are exact in closed form (`DecodeRun`): the results equal summing `decode_step_time_s` and
 # `power_w(decode_step_activity(...)) x decode_step_time_s` step by step.
 
 
@@ -326,40 +326,55 @@ def _sum_max_affine(a0: float, a1: float, b0: float, b1: float, n: int) -> float
     return _sum_affine(a0, a1, 0, k) + _sum_affine(b0, b1, k, n)
 
 
-def decode_run_time_s(
-    device: Device, model: ModelShape, batch_size: int, batch_context_tokens: int, steps: int
-) -> float:
-    """Time of `steps` decode steps of a fixed batch whose context starts at `batch_context_tokens`."""
-    if batch_size <= 0 or steps <= 0:
-        return 0.0
+@dataclass(frozen=True, slots=True)
+class DecodeRun:
+    """Decode steps of a fixed batch from its starting context, in closed form: step j reads memory for
+    `memory0_s + memory1_s x j` and computes for `compute0_s + compute1_s x j` (one GPU), plus `fixed_s`."""
+
+    batch_size: int
+    memory0_s: float
+    memory1_s: float
+    compute0_s: float
+    compute1_s: float
+    fixed_s: float
+    idle_power_w: float
+    dynamic_power_w: float  # the group's max power less its idle power
+
+    def time_s(self, steps: int) -> float:
+        """Time of the first `steps` steps."""
+        if steps <= 0:
+            return 0.0
+        growing = _sum_max_affine(self.memory0_s, self.memory1_s, self.compute0_s, self.compute1_s, steps)
+        return growing + self.fixed_s * steps
+
+    def energy_j(self, steps: int) -> float:
+        """Energy (idle included) of the first `steps` steps, as `power_w` x step time summed."""
+        if steps <= 0:
+            return 0.0
+        mba = CALIBRATED.memory_bound_activity
+        busy = _sum_max_affine(self.compute0_s, self.compute1_s, mba * self.memory0_s, mba * self.memory1_s, steps)
+        return self.idle_power_w * self.time_s(steps) + self.dynamic_power_w * busy
+
+    def steps_within(self, max_steps: int, budget_s: float) -> int:
+        """The most steps (at most `max_steps`) that complete within `budget_s` seconds."""
+        if self.batch_size <= 0 or max_steps <= 0 or budget_s <= 0:
+            return 0
+        low, high = 0, max_steps
+        while low < high:
+            mid = (low + high + 1) // 2
+            if self.time_s(mid) <= budget_s:
+                low = mid
+            else:
+                high = mid - 1
+        return low
+
+
+def decode_run(device: Device, model: ModelShape, batch_size: int, batch_context_tokens: int) -> DecodeRun:
+    """A run of decode steps of `batch_size` sequences whose contexts sum to `batch_context_tokens` at its start
+    (no sequences: a run that takes no time)."""
+    dynamic_w = device.max_power_w - device.idle_power_w
+    if batch_size <= 0:
+        return DecodeRun(0, 0.0, 0.0, 0.0, 0.0, 0.0, device.idle_power_w, dynamic_w)
     m0, m1, c0, c1 = _decode_affine_terms(device, model, batch_size, batch_context_tokens)
-    return _sum_max_affine(m0, m1, c0, c1, steps) + _decode_fixed_s(device, model, batch_size, CALIBRATED) * steps
-
-
-def decode_run_energy_j(
-    device: Device, model: ModelShape, batch_size: int, batch_context_tokens: int, steps: int
-) -> float:
-    """Energy (idle included) of `steps` decode steps of a fixed batch, as `power_w` x step time summed."""
-    if batch_size <= 0 or steps <= 0:
-        return 0.0
-    m0, m1, c0, c1 = _decode_affine_terms(device, model, batch_size, batch_context_tokens)
-    mba = CALIBRATED.memory_bound_activity
-    busy = _sum_max_affine(c0, c1, mba * m0, mba * m1, steps)
-    total = decode_run_time_s(device, model, batch_size, batch_context_tokens, steps)
-    return device.idle_power_w * total + (device.max_power_w - device.idle_power_w) * busy
-
-
-def decode_steps_within_s(
-    device: Device, model: ModelShape, batch_size: int, batch_context_tokens: int, max_steps: int, budget_s: float
-) -> int:
-    """The most steps (at most `max_steps`) of a fixed batch that complete within `budget_s` seconds."""
-    if batch_size <= 0 or max_steps <= 0 or budget_s <= 0:
-        return 0
-    low, high = 0, max_steps
-    while low < high:
-        mid = (low + high + 1) // 2
-        if decode_run_time_s(device, model, batch_size, batch_context_tokens, mid) <= budget_s:
-            low = mid
-        else:
-            high = mid - 1
-    return low
+    fixed = _decode_fixed_s(device, model, batch_size, CALIBRATED)
+    return DecodeRun(batch_size, m0, m1, c0, c1, fixed, device.idle_power_w, dynamic_w)

@@ -63,8 +63,8 @@ def _mean_power_per_gpu_w(row: Measurement, params: PerfParams) -> float:
     prefill_j = _prefill_power_per_gpu_w(row, params) * row.tp * prefill_s
     steps = max(2 * (row.context_tokens - row.prompt_tokens), 0)
     start = row.batch * row.prompt_tokens
-    decode_s = perf.decode_run_time_s(device, row.model, row.batch, start, steps)
-    decode_j = perf.decode_run_energy_j(device, row.model, row.batch, start, steps)
+    decode = perf.decode_run(device, row.model, row.batch, start)
+    decode_s, decode_j = decode.time_s(steps), decode.energy_j(steps)
     return (prefill_j + decode_j) / (prefill_s + decode_s) / row.tp
 
 
