@@ -93,9 +93,10 @@ def _aliases(model: type[BaseModel], fields: frozenset[str]) -> set[str]:
 
 def test_conversation_status_patch_is_a_model_dump_of_owned_fields() -> None:
     spec = ConversationSpec(pool="llama", first_turn_input_tokens=1000)
-    record = ConvRecord("ns", "c1", "uid-1", spec, 0.0, generation=3, phase=Phase.DECODING, turns=2)
-    record.decoder = Endpoint(pod="dec-0", node="n0", tier="bandwidth", endpoint="10.0.0.1:8000")
-    record.reserved_kv_tokens, record.kv_state, record.last_activity_s = 1200, KvState.IDLE, 1_767_225_600.0
+    record = ConvRecord("ns", "c1", "uid-1", spec, 0.0, generation=3)
+    record.status.phase, record.status.turns_served = Phase.DECODING, 2
+    record.status.decoder = Endpoint(pod="dec-0", node="n0", tier="bandwidth", endpoint="10.0.0.1:8000")
+    record.status.reserved_kv_tokens, record.kv_state, record.last_activity_s = 1200, KvState.IDLE, 1_767_225_600.0
     record.set_condition("Placed", "True", "Placed", "on dec-0", 1_767_225_600.0)
     patch = conversation_status_patch(record)
     assert set(patch) == {"status"}

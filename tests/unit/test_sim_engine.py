@@ -52,9 +52,9 @@ def test_one_turn_known_answer() -> None:
     result = simulate(f, w, make_policy("conserve"))
     rec = result.conversations[0].turns[0]
     h100, h200 = perf.Device(CATALOG["H100"]), perf.Device(CATALOG["H200"])
-    prefill = perf.prefill_time_s(h100, MODEL, 1000)
+    prefill = perf.prefill_cost(h100, MODEL, 1000).time_s
     transfer = perf.kv_transfer_time_s(MODEL, 1000, f.link)
-    decode = perf.decode_run_time_s(h200, MODEL, 1, 1000, 10)
+    decode = perf.decode_run(h200, MODEL, 1, 1000).time_s(10)
     # The first token reaches the user once the KV has arrived at the decoder: TTFT includes the transfer.
     assert rec.first_token_s == pytest.approx(prefill + transfer)
     assert rec.done_s == pytest.approx(prefill + transfer + decode)
@@ -64,7 +64,7 @@ def test_one_turn_known_answer() -> None:
     assert result.conversations[0].kv_transfers == 1
     # energy: the prefill instance's dynamic energy is the prefill at full activity
     assert result.prefill[0].dynamic_energy_j == pytest.approx((700 - 70) * prefill)
-    energy = perf.decode_run_energy_j(h200, MODEL, 1, 1000, 10) - 70 * decode
+    energy = perf.decode_run(h200, MODEL, 1, 1000).energy_j(10) - 70 * decode
     assert result.decoders[0].dynamic_energy_j == pytest.approx(energy)
 
 
@@ -92,7 +92,7 @@ def test_conserve_pins_and_moves_once() -> None:
     assert second.prefill_tokens == 91
     assert second.transferred_tokens == 0
     h200 = perf.Device(CATALOG["H200"])
-    assert second.ttft_s == pytest.approx(perf.prefill_time_s(h200, MODEL, 91, 2009))
+    assert second.ttft_s == pytest.approx(perf.prefill_cost(h200, MODEL, 91, 2009).time_s)
 
 
 def test_per_turn_round_robin_moves_and_reprefills() -> None:
@@ -185,7 +185,7 @@ def test_conserve_offloads_idle_kv_to_host_and_reloads_it() -> None:
     assert second.reload_tokens == held
     assert second.reload_s == pytest.approx(held * MODEL.kv_bytes_per_token / 50e9)  # PCIe Gen5 x16, 50 GB/s
     l4 = perf.Device(CATALOG["L4"])
-    expected = second.reload_s + perf.prefill_time_s(l4, MODEL, 11, held)
+    expected = second.reload_s + perf.prefill_cost(l4, MODEL, 11, held).time_s
     assert second.ttft_s == pytest.approx(expected)  # the reload is charged to that turn's TTFT
     for d in result.decoders:
         assert d.host_tokens == 0

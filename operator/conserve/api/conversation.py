@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from conserve.api.common import CamelModel, Condition, NonNegativeInt, ServingPod, StatusModel, cel
 
@@ -97,6 +97,9 @@ class Endpoint(ServingPod):
 
 
 class ConversationStatus(StatusModel):
+    # Not frozen: the operator's record of a conversation holds one and updates it as it decides.
+    model_config = ConfigDict(frozen=False)
+
     phase: Phase = Phase.PENDING
     decoder: Endpoint | None = None
     prefill: Endpoint | None = None

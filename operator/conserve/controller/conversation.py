@@ -49,21 +49,26 @@ def record_from_body(body: dict[str, Any], spec: ConversationSpec, *, now_s: flo
 def adopt(engine: Engine, record: ConvRecord) -> None:
     """Put a conversation back in its pool's scheduler as the API server has it (a rebuild never drops one):
     a placed one keeps its reservation and KV state, a waiting one is queued."""
-    scheduler = engine.world.pool_of(record).scheduler
-    if record.placed and record.decoder is not None:
+    scheduler, status = engine.world.pool_of(record).scheduler, record.status
+    if record.placed and status.decoder is not None:
         scheduler.adopt(
             record.request(),
-            record.decoder.pod,
-            record.reserved_kv_tokens,
-            record.live_kv_tokens,
+            status.decoder.pod,
+            status.reserved_kv_tokens,
+            status.live_kv_tokens,
             last_activity_s=record.last_activity_s,
-            turns=record.turns,
+            turns=status.turns_served,
             kv_state=record.kv_state or KvState.ACTIVE,
-            counts=(record.offloads, record.reloads, record.reprefills),
+            counts=(status.offloads, status.reloads, status.reprefills),
         )
     elif not record.terminal:
         scheduler.adopt(
-            record.request(), None, 0, record.live_kv_tokens, last_activity_s=record.last_activity_s, turns=record.turns
+            record.request(),
+            None,
+            0,
+            status.live_kv_tokens,
+            last_activity_s=record.last_activity_s,
+            turns=status.turns_served,
         )
 
 

@@ -121,17 +121,17 @@ class Engine(Writer):
         if d.placed:
             return self._apply_placement(pool, record, d, now)
         if d.verdict is Verdict.QUEUED:
-            record.phase = Phase.PENDING
+            record.status.phase = Phase.PENDING
             if not record.set_condition("Placed", "False", d.reason.value, d.message, now):
                 return Outcome(record, Verdict.UNCHANGED)
             record.dirty = True
             return Outcome(record, Verdict.QUEUED, d.reason.value, d.message)
         if d.verdict is Verdict.FAILED:
-            record.phase = Phase.FAILED
-            record.decoder = None
-            record.reserved_kv_tokens = 0
+            record.status.phase = Phase.FAILED
+            record.status.decoder = None
+            record.status.reserved_kv_tokens = 0
             record.kv_state = None
-            record.completed_at = format_time(now)
+            record.status.completed_at = format_time(now)
             record.set_condition("Placed", "False", d.reason.value, d.message, now)
             record.dirty = True
             return Outcome(record, Verdict.FAILED, d.reason.value, d.message, warning=True)
@@ -142,7 +142,8 @@ class Engine(Writer):
             view = pool.scheduler.conversations.get(record.key)
             record.kv_state = d.kv_state
             if view is not None:
-                record.offloads, record.reloads, record.reprefills = view.offloads, view.reloads, view.reprefills
+                status = record.status
+                status.offloads, status.reloads, status.reprefills = view.offloads, view.reloads, view.reprefills
             metrics.KV_LIFECYCLE.labels(*self._labels(pool), d.verdict.value, d.reason.value).inc()
             record.dirty = True
             return Outcome(record, d.verdict)
@@ -151,15 +152,15 @@ class Engine(Writer):
     def _apply_placement(self, pool: PoolRuntime, record: ConvRecord, d: Decision, now: float) -> Outcome:
         """Placed or re-placed: the decoder (and, on a first placement, the prefill server) in the record."""
         assert d.decoder is not None
-        record.decoder = pool.decoders[d.decoder].endpoint_model()
-        record.reserved_kv_tokens = d.reserved_kv_tokens
-        record.placement_generation += 1
-        record.kv_transfers += 1
+        record.status.decoder = pool.decoders[d.decoder].endpoint_model()
+        record.status.reserved_kv_tokens = d.reserved_kv_tokens
+        record.status.placement_generation += 1
+        record.status.kv_transfers += 1
         record.kv_state = d.kv_state
         if d.verdict is not Verdict.REPLACED:
-            record.prefill = pool.prefills[d.prefill].endpoint_model() if d.prefill in pool.prefills else None
-            record.phase = Phase.PREFILLING
-            record.placed_at = format_time(now)
+            record.status.prefill = pool.prefills[d.prefill].endpoint_model() if d.prefill in pool.prefills else None
+            record.status.phase = Phase.PREFILLING
+            record.status.placed_at = format_time(now)
             record.last_activity_s = record.last_activity_s or now
         record.dirty = True
         record.set_condition("Placed", "True", d.reason.value, d.message, now)
@@ -169,7 +170,7 @@ class Engine(Writer):
     def _apply_outgrowth(self, pool: PoolRuntime, record: ConvRecord, d: Decision, now: float) -> None:
         """A reservation extended in place (condition Outgrown cleared), or outgrown and kept pinned (set)."""
         if d.verdict is Verdict.EXTENDED:
-            record.reserved_kv_tokens = d.reserved_kv_tokens
+            record.status.reserved_kv_tokens = d.reserved_kv_tokens
             metrics.OUTGROWN.labels(*self._labels(pool), "extended").inc()
             if "Outgrown" in record.conditions:
                 record.set_condition("Outgrown", "False", d.reason.value, d.message, now)
@@ -225,8 +226,8 @@ class Engine(Writer):
     def _ended(self, pool: PoolRuntime, record: ConvRecord, reason: str, message: str, held: bool) -> None:
         if not record.terminal:
             now = self.clock.now()
-            record.phase = Phase.COMPLETED
-            record.completed_at = format_time(now)
+            record.status.phase = Phase.COMPLETED
+            record.status.completed_at = format_time(now)
             record.set_condition("Ended", "True", reason, message, now)
             record.dirty = True
         if held:
@@ -262,24 +263,29 @@ class Engine(Writer):
 
     def apply_usage(self, pool: PoolRuntime, record: ConvRecord) -> bool:
         """Follow a turn report (spec.usage: cumulative counters). Call under pool.lock; True when changed."""
-        usage = record.spec.usage
-        if (usage.turns, usage.input_tokens, usage.output_tokens) == (
-            record.turns,
-            record.input_tokens,
-            record.output_tokens,
-        ) and usage.time_to_first_effective_token_seconds == record.ttfet_s:
+        usage, status = record.spec.usage, record.status
+        if (usage.turns, usage.input_tokens, usage.output_tokens, usage.time_to_first_effective_token_seconds) == (
+            status.turns_served,
+            status.input_tokens,
+            status.output_tokens,
+            status.time_to_first_effective_token_seconds,
+        ):
             return False
         now = self.clock.now()
-        record.turns, record.input_tokens, record.output_tokens = usage.turns, usage.input_tokens, usage.output_tokens
-        record.ttfet_s = usage.time_to_first_effective_token_seconds
-        record.live_kv_tokens = usage.input_tokens + usage.output_tokens
+        status.turns_served, status.input_tokens, status.output_tokens = (
+            usage.turns,
+            usage.input_tokens,
+            usage.output_tokens,
+        )
+        status.time_to_first_effective_token_seconds = usage.time_to_first_effective_token_seconds
+        status.live_kv_tokens = usage.input_tokens + usage.output_tokens
         record.last_activity_s = parse_time(usage.last_turn_time) or now
-        if record.turns > 0 and record.phase in (Phase.PREFILLING, Phase.IDLE):
-            record.phase = Phase.DECODING
+        if status.turns_served > 0 and status.phase in (Phase.PREFILLING, Phase.IDLE):
+            status.phase = Phase.DECODING
         record.dirty = True
         self._follow_prefill(pool, record)
         decisions = pool.scheduler.usage_observed(
-            record.key, record.live_kv_tokens, record.last_activity_s, turns=record.turns
+            record.key, status.live_kv_tokens, record.last_activity_s, turns=status.turns_served
         )
         outcomes = self.apply(pool, decisions)
         view = pool.scheduler.conversations.get(record.key)
@@ -294,11 +300,11 @@ class Engine(Writer):
         """The router reports the prefill server that ran the first turn (its early prefill may start before the
         placement names one): status.prefill follows it, so energy attribution charges the server that worked."""
         used = record.spec.usage.prefill_pod
-        if not used or (record.prefill is not None and record.prefill.pod == used):
+        if not used or (record.status.prefill is not None and record.status.prefill.pod == used):
             return
-        chosen = record.prefill.pod if record.prefill is not None else None
+        chosen = record.status.prefill.pod if record.status.prefill is not None else None
         info = pool.prefills.get(used)
-        record.prefill = info.endpoint_model() if info is not None else Endpoint(pod=used)
+        record.status.prefill = info.endpoint_model() if info is not None else Endpoint(pod=used)
         pool.scheduler.prefill_reported(chosen, used)
 
     async def sweep_idle(self) -> None:
@@ -324,13 +330,13 @@ class Engine(Writer):
                 await self.drain(pool)  # room freed (released, offloaded, dropped): once for the whole sweep
         to_write: list[ConvRecord] = []
         for record in list(self.world.convs.values()):
-            if record.phase is not Phase.DECODING or record.last_activity_s is None:
+            if record.status.phase is not Phase.DECODING or record.last_activity_s is None:
                 continue
             pool = self.world.pool_of(record)
             default = pool.spec.default_idle_timeout_seconds if pool.spec is not None else 1800
             timeout = record.spec.idle_timeout_seconds or default
             if now - record.last_activity_s >= min(self.config.idle_phase_after_s, timeout / 2):
-                record.phase = Phase.IDLE
+                record.status.phase = Phase.IDLE
                 record.dirty = True
                 to_write.append(record)
         await asyncio.gather(*(self.write_status(r) for r in to_write))

@@ -22,7 +22,6 @@ from conserve.core.gpus import NodeGpu, node_gpu_from_labels
 from conserve.core.ledger import CapacityLedger
 from conserve.core.lifecycle import KvState
 from conserve.core.occupancy import ObservedOccupancy
-from conserve.core.pending import PendingItem
 from conserve.core.scheduler import PoolScheduler
 
 Key = str  # "namespace/name"
@@ -99,30 +98,13 @@ class DecoderEnergy:
     energy_per_token_j: float | None = None
 
 
-#: The status fields a record holds under the model's names and types (the rest it holds in runtime form: a time
-#: in seconds, the KV state as the core's enum, the conditions by type); `ConvRecord.status` and `adopt` convert.
-_STATUS_AS_IS = (
-    "phase",
-    "decoder",
-    "prefill",
-    "reserved_kv_tokens",
-    "live_kv_tokens",
-    "input_tokens",
-    "output_tokens",
-    "kv_transfers",
-    "placement_generation",
-    "placed_at",
-    "completed_at",
-    "offloads",
-    "reloads",
-    "reprefills",
-)
-
-
 @dataclass(slots=True)
 class ConvRecord:
-    """One conversation: its spec as last seen, and the operator's decision (authoritative while it runs), which
-    it writes as its status (`status()`)."""
+    """One conversation: its spec as last seen, and the operator's decision (authoritative while it runs), held as
+    the status it writes (`written_status()`).
+
+    Three status fields are kept in runtime form beside `status` (which leaves them as adopted): the latest
+    activity in seconds (the idle timers read it), the KV state as the core's enum, the conditions by type."""
 
     namespace: str
     name: str
@@ -130,24 +112,9 @@ class ConvRecord:
     spec: ConversationSpec
     created_at_s: float
     generation: int = 0
-    phase: Phase = Phase.PENDING
-    decoder: Endpoint | None = None
-    prefill: Endpoint | None = None
-    reserved_kv_tokens: int = 0
-    live_kv_tokens: int = 0
-    turns: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    kv_transfers: int = 0
-    placement_generation: int = 0
-    placed_at: str | None = None
-    completed_at: str | None = None
+    status: ConversationStatus = field(default_factory=ConversationStatus)
     last_activity_s: float | None = None
-    ttfet_s: float | None = None
     kv_state: KvState | None = None  # None until placed
-    offloads: int = 0
-    reloads: int = 0
-    reprefills: int = 0
     conditions: dict[str, Condition] = field(default_factory=dict)
     has_finalizer: bool = False
     finalizers: list[str] = field(default_factory=list)  # as last seen on the object
@@ -161,30 +128,26 @@ class ConvRecord:
     def adopt(cls, status: ConversationStatus, **identity: Any) -> ConvRecord:
         """A record resuming from a status written earlier (by this or an earlier run); `identity` gives the
         fields that are not status (namespace, name, uid, spec, created_at_s...)."""
-        last_activity_s = parse_time(status.last_activity_time) or parse_time(status.placed_at)
         record = cls(
             **identity,
-            **{name: getattr(status, name) for name in _STATUS_AS_IS},
-            turns=status.turns_served,
-            last_activity_s=last_activity_s,
-            ttfet_s=status.time_to_first_effective_token_seconds,
+            status=status.model_copy(),  # not the caller's: the record updates its own
+            last_activity_s=parse_time(status.last_activity_time) or parse_time(status.placed_at),
             kv_state=_kv_state(status.kv_state),
             conditions={c.type: c for c in status.conditions},
         )
-        if not record.terminal and record.decoder is None:
-            record.phase = Phase.PENDING
+        if not record.terminal and record.status.decoder is None:
+            record.status.phase = Phase.PENDING
         return record
 
-    def status(self) -> ConversationStatus:
-        """The operator's decision as the api model (the fields it does not own keep their defaults)."""
-        return ConversationStatus(
-            **{name: getattr(self, name) for name in _STATUS_AS_IS},
-            turns_served=self.turns,
-            last_activity_time=format_time(self.last_activity_s) if self.last_activity_s else None,
-            time_to_first_effective_token_seconds=self.ttfet_s,
-            kv_state=self.kv_state.value if self.kv_state is not None and self.placed else None,
-            conditions=list(self.conditions.values()),
-            observed_generation=self.generation,
+    def written_status(self) -> ConversationStatus:
+        """The operator's decision as it writes it: `status` with the runtime-form fields converted back."""
+        return self.status.model_copy(
+            update={
+                "last_activity_time": format_time(self.last_activity_s) if self.last_activity_s else None,
+                "kv_state": self.kv_state.value if self.kv_state is not None and self.placed else None,
+                "conditions": list(self.conditions.values()),
+                "observed_generation": self.generation,
+            }
         )
 
     @property
@@ -193,11 +156,11 @@ class ConvRecord:
 
     @property
     def terminal(self) -> bool:
-        return self.phase in TERMINAL_PHASES
+        return self.status.phase in TERMINAL_PHASES
 
     @property
     def placed(self) -> bool:
-        return self.decoder is not None and not self.terminal
+        return self.status.decoder is not None and not self.terminal
 
     def request(self) -> ConversationRequest:
         """What the pool's scheduler knows of this conversation's start."""
@@ -259,7 +222,7 @@ class PoolRuntime:
         return self.scheduler.ledger
 
     @property
-    def pending(self) -> dict[Key, PendingItem]:
+    def pending(self) -> dict[Key, ConversationRequest]:
         return self.scheduler.pending
 
     @property

@@ -14,7 +14,7 @@ from conserve.controller.state import ConvRecord, PoolRuntime, format_time
 
 
 def conversation_status_patch(record: ConvRecord) -> dict[str, Any]:
-    return status_patch(record.status(), CONVERSATION_FIELDS)
+    return status_patch(record.written_status(), CONVERSATION_FIELDS)
 
 
 def pool_status_patch(pool: PoolRuntime, pending: int) -> dict[str, Any]:

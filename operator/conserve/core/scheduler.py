@@ -21,7 +21,7 @@ from conserve.core.decisions import ConversationRequest, Decision, Reason, Verdi
 from conserve.core.ledger import CapacityError, CapacityLedger
 from conserve.core.lifecycle import GapHistory, KvState, LifecycleSettings
 from conserve.core.occupancy import ObservedOccupancy, ObservedReadings
-from conserve.core.pending import PendingItem, order_pending
+from conserve.core.pending import order_pending
 from conserve.core.placement import (
     DecoderState,
     PlacementRequest,
@@ -57,7 +57,7 @@ class PoolScheduler:
         #: The decoder table (capacity, tier, readiness, measured J/token) and every reservation: one place.
         self.ledger = CapacityLedger()
         self.conversations: dict[str, ConversationView] = {}
-        self.pending: dict[str, PendingItem] = {}
+        self.pending: dict[str, ConversationRequest] = {}
         self.growth_ratios: deque[float] = deque(maxlen=GROWTH_HISTORY_LIMIT)
         self.gaps = GapHistory()
         self.prefills = PrefillCounts()
@@ -156,19 +156,16 @@ class PoolScheduler:
         view = ConversationView(request, last_activity_s, turns, live_kv_tokens, kv_state, *counts)
         self.conversations[request.key] = view
         if decoder is None:
-            self.pending[request.key] = self._pending_item(request)
+            self.pending[request.key] = request
             return
         self.ledger.adopt(request.key, decoder, reserved_kv_tokens, live_kv_tokens)
         if kv_state in (KvState.OFFLOADED, KvState.DROPPED):
             self.ledger.set_offloaded(request.key, True)
         self._changed()
 
-    def _pending_item(self, request: ConversationRequest) -> PendingItem:
-        return PendingItem(request.key, request.priority, request.created_at_s, request.first_input_tokens)
-
     def queue(self) -> list[str]:
         """The waiting conversations, in the order they get capacity."""
-        return [i.conversation for i in order_pending(self.pending.values())]
+        return [r.key for r in order_pending(self.pending.values())]
 
     def admit(self, request: ConversationRequest, now_s: float) -> list[Decision]:
         """A conversation not placed yet: place it now, or queue (or fail) it. Reclaims idle KV if needed."""
@@ -228,7 +225,7 @@ class PoolScheduler:
     def _wait_or_fail(self, view: ConversationView, reason: Reason, message: str, replacing: bool) -> Decision:
         if replacing:
             return self._fail(view, Reason.DECODER_LOST, f"its decoder was lost and {message}")
-        self.pending[view.request.key] = self._pending_item(view.request)
+        self.pending[view.request.key] = view.request
         view.told_waiting = True
         return Decision(view.request.key, Verdict.QUEUED, reason, message)
 
@@ -244,10 +241,10 @@ class PoolScheduler:
         """Place the waiting conversations that fit now, in queue order (a small one may pass a large one)."""
         out: list[Decision] = []
         best = self._best_room()
-        for item in order_pending(self.pending.values()):
-            view = self.conversations.get(item.conversation)
+        for request in order_pending(self.pending.values()):
+            view = self.conversations.get(request.key)
             if view is None:
-                self.pending.pop(item.conversation, None)
+                self.pending.pop(request.key, None)
                 continue
             if view.told_waiting and self.problem is None and self.reservation_for(view.request) > best:
                 continue  # cheap skip: nothing can hold it, even by reclaiming idle KV

@@ -5,7 +5,7 @@ operator's energy prior and the GPU-server simulator use):
 
 - **Prefill instances** (`conserve.sim.instances`) batch prompts with chunked prefill: iterations of at most
   the fleet's `chunk_tokens`, first come first served; a chunk of n tokens over c cached ones takes
-  `prefill_time_s` (an iteration pays the per-step overhead once) and draws `power_w(PREFILL_ACTIVITY)`.
+  `prefill_cost` (an iteration pays the per-step overhead once) and draws `power_w(PREFILL_ACTIVITY)`.
   Optional for every policy alike (fleet settings): a prefix cache on each prefill instance, and a shared KV
   store (Mooncake's KVCache pool) that decoders write every finished turn to and prefill instances read
   prefixes from.

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import TypeVar
 
 from conserve.core.llm import ModelShape
-from conserve.core.perf import CALIBRATED, Device, prefill_time_s
+from conserve.core.perf import CALIBRATED, Device, prefill_cost
 from conserve.sim.fleet import InstanceSpec
 from conserve.sim.records import LocalJob, PrefillJob, Seq
 
@@ -41,7 +41,7 @@ def fill_iteration(jobs: Iterable[Job], budget_tokens: int) -> list[tuple[Job, i
 def iteration_prefill_s(device: Device, model: ModelShape, chunks: list[tuple[int, int]]) -> float:
     """One iteration prefilling several prompts' chunks, each (new tokens, cached context): the chunks' compute
     adds up, the engine's per-step overhead (`prefill_step_overhead_s`) is paid once for the iteration."""
-    times = [prefill_time_s(device, model, n, c) for n, c in chunks if n > 0]
+    times = [prefill_cost(device, model, n, c).time_s for n, c in chunks if n > 0]
     return sum(times) - CALIBRATED.prefill_step_overhead_s * max(len(times) - 1, 0)
 
 
@@ -67,9 +67,8 @@ class PrefillInstance:
         self.iterations = 0
 
     def job_time_s(self, job: PrefillJob) -> float:
-        return job.load_s * (not job.started) + prefill_time_s(
-            self.spec.device, self.model, job.left_tokens, job.cached_tokens + job.done_tokens
-        )
+        compute = prefill_cost(self.spec.device, self.model, job.left_tokens, job.cached_tokens + job.done_tokens)
+        return job.load_s * (not job.started) + compute.time_s
 
     def load_s(self, now: float) -> float:
         """Seconds of prompt work queued or running here (what a least-loaded choice of prefill compares)."""
