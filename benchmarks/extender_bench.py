@@ -33,10 +33,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
+from conserve.devcluster import build
+from conserve.devcluster.cluster import LocalCluster
+from conserve.devcluster.nodes import GpuNodeSpec, apply_gpu_nodes, new_api_client, wait_nodes_ready
 from conserve.extender.cache import ClusterCache
+from conserve.extender.cli import build_extender
 from conserve.extender.server import BackgroundServer, ExtenderApp
 from conserve.extender.service import ExtenderService, ExtenderSettings
 from conserve.extender.testing import GFD_PRODUCTS, fleet, pod
+from conserve.kube import ApiError
+from conserve.kube.clients import CoreV1Api
+from conserve.testkit import wait_for
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -127,8 +136,6 @@ def latency(sizes: Sequence[int], calls: int, seed: int = 1) -> None:
 
 def scheduler_metrics(url: str, context: ssl.SSLContext) -> dict[str, float]:
     """Sum and count of the scheduling-cycle histogram of one kube-scheduler."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     with urllib.request.urlopen(url, context=context, timeout=10) as response:
         text = response.read().decode()
     out: dict[str, float] = {}
@@ -145,15 +152,12 @@ def schedule_pods(
     core: Any, scheduler: str, namespace: str, pod_count: int, metrics_url: str, ctx: ssl.SSLContext
 ) -> tuple[float, float, float]:
     """Create `pod_count` pods for `scheduler` in a new namespace; (pods/s to the last bind, cycle s, attempts)."""
-    from kubernetes import client
-
     core.create_namespace({"metadata": {"name": namespace}})
-    while True:
-        try:
-            core.read_namespaced_service_account("default", namespace)
-            break
-        except client.ApiException:
-            time.sleep(0.1)
+    wait_for(
+        "the namespace's default ServiceAccount",
+        lambda: core.read_namespaced_service_account("default", namespace),
+        tolerate=(ApiError,),
+    )
     before = scheduler_metrics(metrics_url, ctx)
     pods = [
         pod(f"p-{i}", "prefill" if i % 2 else "decode", namespace=namespace, scheduler_name=scheduler)
@@ -186,13 +190,6 @@ def schedule_pods(
 
 
 def throughput(node_count: int, pod_count: int, rounds: int) -> None:
-    from kubernetes import client
-
-    from conserve.devcluster import build
-    from conserve.devcluster.cluster import LocalCluster
-    from conserve.devcluster.nodes import GpuNodeSpec, apply_gpu_nodes, new_api_client, wait_nodes_ready
-    from conserve.extender.cli import build_extender
-
     build.build_all()
     kinds = list(GFD_PRODUCTS)
     specs = [
@@ -216,9 +213,7 @@ def throughput(node_count: int, pod_count: int, rounds: int) -> None:
         server = BackgroundServer(extender.app(), host="127.0.0.1", port=local.extender_port).start()
         cache = extender.cache
         assert cache is not None
-        deadline = time.monotonic() + 120
-        while not (extender.ready() and cache.node_count >= node_count) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for("the extender's cache of every node", lambda: extender.ready() and cache.node_count >= node_count, 120)
 
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
@@ -229,7 +224,7 @@ def throughput(node_count: int, pod_count: int, rounds: int) -> None:
             "conserve-scheduler": f"https://127.0.0.1:{local.ports.conserve_scheduler}/metrics",
         }
         api_client = new_api_client(local.kubeconfig, pool_size=32)
-        core = client.CoreV1Api(api_client)
+        core = CoreV1Api(api_client)
         results: dict[str, list[tuple[float, float]]] = {"default-scheduler": [], "conserve-scheduler": []}
         for round_ in range(rounds):
             for scheduler in ("default-scheduler", "conserve-scheduler"):

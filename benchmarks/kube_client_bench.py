@@ -1,24 +1,36 @@
-"""Which Kubernetes client for ConServe (not a test): the synchronous `kubernetes` client in threads, as
-`conserve.kube` runs it, against `kubernetes_asyncio` (aiohttp, no threads), on the two paths where the client
-is the bottleneck, in one run on one local control plane:
+"""Which Kubernetes client for ConServe (not a test): the synchronous `kubernetes` client in threads against
+`kubernetes_asyncio` (aiohttp, no threads), on the two paths where the client is the bottleneck, in one run on
+one local control plane:
 
 1. the router's placement wait: create a Conversation, then wait for the watch to bring its placement
-   (`status.decoder`), `--concurrency` new conversations at a time; the threaded side is the router's own
-   `KubeControlPlane` (create pool + informer), the asyncio side the same contract in kube_async_client.py;
-   p50 / p99 of create-to-placement and conversations placed per second;
+   (`status.decoder`), `--concurrency` new conversations at a time; the asyncio side is the router's own
+   `KubeControlPlane` (conserve.kube.aio), the threaded side the control plane it had before, in
+   kube_threaded_client.py (create pool + informer threads); p50 / p99 of create-to-placement and conversations
+   placed per second;
 2. the operator's placement throughput: `--count` conversations exist before the operator starts (a backlog:
    the operator's own pace, not a client's), placed per second from the first placement to the last, with the
-   operator's `Kube` on each client (the same engine, the same Kopf).
+   operator's `Kube` on each client (the same engine, the same Kopf; the asyncio one in kube_async_client.py).
 
-    .venv/bin/pip install kubernetes_asyncio   # the contender only; ConServe does not depend on it
     .venv/bin/python benchmarks/kube_client_bench.py [--kubeconfig K] [--rounds 1] [--out results/kube_client.json]
 
-One run (--count 300 --concurrency 32 --rounds 1; 2 cores shared with other jobs, load average 17-19):
-    placement wait   threads  p50 5778 ms  p99 10323 ms  2.5 placed/s
-                     asyncio  p50 4630 ms  p99  8118 ms  6.4 placed/s   (asyncio/threads: 0.80, 0.79, 2.56)
-    operator backlog threads  8.1 placed/s;  asyncio 8.1 placed/s          (1.00)
-Each scenario ran once, threads first (on a freshly started cluster): more rounds (--rounds 3 alternates them)
-on a quiet machine before reading much into the router's figures.
+Runs (2 shared cores; asyncio/threads ratios in brackets):
+    load 17-19, --count 300 --rounds 1 (threads first; the router's asyncio side was a contender then)
+      placement wait   threads p50 5778 ms  p99 10323 ms   2.5 placed/s
+                       asyncio p50 4630 ms  p99  8118 ms   6.4 placed/s   (0.80, 0.79, 2.56)
+      operator backlog threads 8.1 placed/s, asyncio 8.1 placed/s         (1.00)
+    load 3, --count 300 --concurrency 32 --rounds 1 (threads first)
+      placement wait   threads p50  711 ms  p99  1433 ms  40.7 placed/s
+                       asyncio p50  823 ms  p99  1413 ms  37.1 placed/s   (1.16, 0.99, 0.91)
+      operator backlog threads 127.1 placed/s, asyncio 85.4 placed/s      (0.67)
+    load 2-4, --count 600 --concurrency 32 --rounds 2 (threads first, then asyncio first)
+      placement wait   threads p50 360 / 299 ms  p99  928 / 507 ms  78.7 / 99.1 placed/s
+                       asyncio p50 484 / 277 ms  p99 1103 / 652 ms  59.2 / 105.1 placed/s   (1.16, 1.22, 0.92)
+      operator backlog threads 85.8 / 196.2 placed/s, asyncio 283.1 / 268.3 placed/s          (1.96)
+On a quiet machine the side that runs first is the faster one (the second round flipped the p50 winner), so the
+clients are within about 15% of each other there, asyncio's p99 up to a fifth higher; under CPU contention the
+threaded router fell far behind (2.5x fewer placed per second). The operator's figures swing both ways between
+runs (0.67 to 1.96): no consistent difference. Hence the router on asyncio (parity when quiet, ahead under
+contention, no thread pools or hand-over to the loop) and the operator on the synchronous client (Kopf).
 """
 
 from __future__ import annotations
@@ -35,13 +47,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kube_threaded_client import ThreadedControlPlane
 from operator_bench import PlacementWatch, cluster, make_namespace, quantile, setup_pool
 
-from conserve.controller.testing import Api, OperatorProcess, conversation_body, install_crds, pod_body, pool_body
 from conserve.devcluster import nodes
 from conserve.kube import new_api_client
 from conserve.kube.clients import CoreV1Api
-from conserve.router.control import CREATE_THREADS, PATCH_THREADS, KubeControlPlane
+from conserve.router.control import ControlPlane, KubeControlPlane
+from conserve.testkit import Api, OperatorProcess, conversation_body, install_crds, pod_body, pool_body
 
 HERE = Path(__file__).resolve().parent
 CLIENTS = ("threads", "asyncio")
@@ -54,7 +67,7 @@ def fresh_namespace(kubeconfig: Path, ns: str, threads: int) -> Api:
     return Api(setup_client, ns)
 
 
-async def _placement_waits(plane: Any, prefix: str, count: int, concurrency: int) -> tuple[list[float], float]:
+async def _placement_waits(plane: ControlPlane, prefix: str, count: int, concurrency: int) -> tuple[list[float], float]:
     await plane.start()
     gate = asyncio.Semaphore(concurrency)
     waits: list[float] = []
@@ -85,18 +98,13 @@ def placement_wait(
         setup_pool(api, 20, 1_000_000, node_names, args.threads)
 
         async def run() -> tuple[list[float], float]:
-            if kind == "threads":
-                client = new_api_client(kubeconfig, pool_size=CREATE_THREADS + PATCH_THREADS + 2)
-                return await _placement_waits(
-                    KubeControlPlane(api_client=client, namespace=ns), "w", args.count, args.concurrency
-                )
-            # The contender is installed for this benchmark only: imported when its turn comes.
-            from kube_async_client import AsyncControlPlane  # noqa: PLC0415
-            from kube_async_client import new_api_client as new_async_client  # noqa: PLC0415
-
-            client = await new_async_client(str(kubeconfig), CREATE_THREADS + PATCH_THREADS + 2)
-            async with client:
-                return await _placement_waits(AsyncControlPlane(client, ns), "w", args.count, args.concurrency)
+            # Each side makes its client on the loop it runs on (the router's own does so in `start`).
+            plane: ControlPlane = (
+                ThreadedControlPlane(namespace=ns, kubeconfig=kubeconfig)
+                if kind == "threads"
+                else KubeControlPlane(namespace=ns, kubeconfig=kubeconfig)
+            )
+            return await _placement_waits(plane, "w", args.count, args.concurrency)
 
         waits, span_s = asyncio.run(run())
     finally:
@@ -150,7 +158,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=16, help="threads of the set-up client")
     parser.add_argument("--count", type=int, default=600, help="conversations per scenario and client")
     parser.add_argument("--concurrency", type=int, default=32, help="new conversations in flight (placement wait)")
-    parser.add_argument("--rounds", type=int, default=1, help="threads then asyncio, this many times")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="both clients this many times (threads first in even rounds)"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="conserve-kube-bench-"))
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "placement_wait": [], "operator_throughput": []}
@@ -161,11 +171,13 @@ def main() -> int:
         with new_api_client(kubeconfig) as api_client:
             install_crds(api_client)
         for r in range(args.rounds):
-            for kind in CLIENTS:
+            # Alternate which client goes first: the first runs on a cluster with fewer objects in it.
+            order = CLIENTS if r % 2 == 0 else CLIENTS[::-1]
+            for kind in order:
                 row = placement_wait(kind, kubeconfig, node_names, work, str(r), args)
                 results["placement_wait"].append(row)
                 print(json.dumps(row), flush=True)
-            for kind in CLIENTS:
+            for kind in order:
                 row = operator_throughput(kind, kubeconfig, node_names, work, str(r), args)
                 results["operator_throughput"].append(row)
                 print(json.dumps(row), flush=True)

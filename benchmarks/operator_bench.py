@@ -28,9 +28,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from conserve.controller.kube import k8s
-from conserve.controller.testing import Api, OperatorProcess, conversation_body, install_crds, pod_body, pool_body
-from conserve.devcluster import nodes
+from conserve.api.common import GROUP, VERSION
+from conserve.api.conversation import PLURAL
+from conserve.devcluster import build, nodes
+from conserve.devcluster.cluster import LocalCluster
+from conserve.kube import MERGE_PATCH
+from conserve.kube.clients import CoreV1Api, CustomObjectsApi
+from conserve.router.service import RouterConfig
+from conserve.testkit import Api, OperatorProcess, conversation_body, install_crds, pod_body, pool_body
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from operator_scale import (
@@ -46,8 +51,6 @@ from operator_scale import (
     make_namespace as make_namespace,
 )
 
-GROUP, VERSION, PLURAL = "conserve.dev", "v1alpha1", "conversations"
-
 
 def quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -58,13 +61,23 @@ def setup_pool(api: Api, decoders: int, tokens: int, node_names: list[str], thre
     api.create(pool_body("bench", tokens_per_decoder=tokens))
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda i: api.create(pod_body(f"dec-{i}", node_names[i % len(node_names)])), range(decoders)))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        status = api.get_pool("bench").get("status") or {}
-        if status.get("readyDecoders") == decoders:
-            return
-        time.sleep(0.5)
-    raise TimeoutError("decoders not ready")
+    api.wait_ready_decoders(decoders, "bench", timeout_s=120)
+
+
+def namespace_api(api_client: Any, ns: str) -> Api:
+    """A new namespace for one scenario, and the calls into it."""
+    make_namespace(CoreV1Api(api_client), ns)
+    return Api(api_client, ns)
+
+
+@contextmanager
+def operator_running(kubeconfig: Path, api: Api, work: Path) -> Iterator[OperatorProcess]:
+    """`conserve operator` (the command's own intervals) for the namespace of `api`, stopped at the end."""
+    op = OperatorProcess(kubeconfig, api.namespace, work / f"{api.namespace}.log", fast=False).start()
+    try:
+        yield op
+    finally:
+        op.stop()
 
 
 def paced_creations(api: Api, rate: float, count: int, threads: int, prefix: str) -> dict[str, float]:
@@ -88,17 +101,12 @@ def paced_creations(api: Api, rate: float, count: int, threads: int, prefix: str
 def scenario_latency(
     api_client: Any, kubeconfig: Path, rate: float, count: int, nodes_: list[str], work: Path, threads: int
 ) -> dict[str, Any]:
-    ns = f"bench-lat-{int(rate)}"
-    core = k8s("client").CoreV1Api(api_client)
-    make_namespace(core, ns)
-    api = Api(api_client, ns)
-    op = OperatorProcess(kubeconfig, ns, work / f"{ns}.log", fast=False)
-    op.start()
-    try:
+    api = namespace_api(api_client, f"bench-lat-{int(rate)}")
+    with operator_running(kubeconfig, api, work) as op:
         setup_pool(api, 20, 1_000_000, nodes_, threads)
         cpu0 = cpu_s(op)
         writes0 = apiserver_writes(api_client)
-        with PlacementWatch(api_client, ns) as watch:
+        with PlacementWatch(api_client, api.namespace) as watch:
             started = paced_creations(api, rate, count, threads, "c")
             achieved = count / (max(started.values()) - min(started.values()))
             ok = watch.wait(list(started), 120)
@@ -107,8 +115,6 @@ def scenario_latency(
         writes = operator_writes(writes0, apiserver_writes(api_client))
         rss = rss_mib(op)
         cpu_ms = (cpu_s(op) - cpu0) * 1000 / count
-    finally:
-        op.stop()
     return {
         "rate_target_per_s": rate,
         "rate_achieved_per_s": round(achieved, 1),
@@ -132,10 +138,9 @@ def scenario_latency(
 def scenario_throughput(
     api_client: Any, kubeconfig: Path, count: int, nodes_: list[str], work: Path, threads: int
 ) -> dict[str, Any]:
-    core = k8s("client").CoreV1Api(api_client)
-    custom = k8s("client").CustomObjectsApi(api_client)
+    custom = CustomObjectsApi(api_client)
     # The ceiling: create + status patch of a bare object, nobody watching, same client and threads.
-    make_namespace(core, "bench-ceiling")
+    make_namespace(CoreV1Api(api_client), "bench-ceiling")
 
     def bare(i: int) -> None:
         body = conversation_body(f"bare-{i:05d}", "none", 1000)
@@ -147,7 +152,7 @@ def scenario_throughput(
             PLURAL,
             f"bare-{i:05d}",
             {"status": {"phase": "Prefilling", "decoder": {"pod": "dec-0"}, "reservedKvTokens": 2000}},
-            _content_type="application/merge-patch+json",
+            **MERGE_PATCH,
         )
 
     t0 = time.time()
@@ -155,14 +160,10 @@ def scenario_throughput(
         list(pool.map(bare, range(count)))
     ceiling = count / (time.time() - t0)
 
-    ns = "bench-throughput"
-    make_namespace(core, ns)
-    api = Api(api_client, ns)
-    op = OperatorProcess(kubeconfig, ns, work / f"{ns}.log", fast=False)
-    op.start()
-    try:
+    api = namespace_api(api_client, "bench-throughput")
+    with operator_running(kubeconfig, api, work):
         setup_pool(api, 20, 1_000_000, nodes_, threads)
-        with PlacementWatch(api_client, ns) as watch:
+        with PlacementWatch(api_client, api.namespace) as watch:
             names = [f"t-{i:05d}" for i in range(count)]
             t0 = time.time()
             with concurrent.futures.ThreadPoolExecutor(threads) as pool:
@@ -170,8 +171,6 @@ def scenario_throughput(
             created_s = time.time() - t0
             ok = watch.wait(names, 300)
             placed_s = max(watch.placed[n] for n in names if n in watch.placed) - t0
-    finally:
-        op.stop()
     throughput = count / placed_s
 
     backlog = scenario_backlog(api_client, kubeconfig, count, nodes_, work, threads, "bench-backlog", [])
@@ -204,9 +203,7 @@ def scenario_backlog(
 ) -> dict[str, Any]:
     """Backlog: the conversations exist before the operator starts (as after an outage), so the operator's own
     pace of placing them is not bounded by how fast a client creates."""
-    core = k8s("client").CoreV1Api(api_client)
-    make_namespace(core, ns)
-    api = Api(api_client, ns)
+    api = namespace_api(api_client, ns)
     api.create(pool_body("bench", tokens_per_decoder=1_000_000))
     names = [f"b-{i:05d}" for i in range(count)]
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
@@ -237,17 +234,12 @@ def scenario_backlog(
 def scenario_memory(
     api_client: Any, kubeconfig: Path, conversations: int, decoders: int, nodes_: list[str], work: Path, threads: int
 ) -> dict[str, Any]:
-    ns = "bench-memory"
-    core = k8s("client").CoreV1Api(api_client)
-    make_namespace(core, ns)
-    api = Api(api_client, ns)
-    op = OperatorProcess(kubeconfig, ns, work / f"{ns}.log", fast=False)
-    op.start()
-    try:
+    api = namespace_api(api_client, "bench-memory")
+    with operator_running(kubeconfig, api, work) as op:
         rss_idle = rss_mib(op)
         setup_pool(api, decoders, 100_000, nodes_, threads)
         rss_pods = rss_mib(op)
-        with PlacementWatch(api_client, ns) as watch:
+        with PlacementWatch(api_client, api.namespace) as watch:
             names = [f"m-{i:05d}" for i in range(conversations)]
             t0 = time.time()
             with concurrent.futures.ThreadPoolExecutor(threads) as pool:
@@ -265,8 +257,6 @@ def scenario_memory(
         rebuild_s = time.time() - t_restart
         time.sleep(3)
         rss_restarted = rss_mib(op)
-    finally:
-        op.stop()
     return {
         "conversations": conversations,
         "decoders": decoders,
@@ -305,9 +295,6 @@ def cluster(kubeconfig: str | None, work: Path) -> Iterator[Path]:
     if kubeconfig:
         yield Path(kubeconfig)
         return
-    from conserve.devcluster import build
-    from conserve.devcluster.cluster import LocalCluster
-
     build.build_all()
     with LocalCluster(work / "cluster", unlimited_inflight=True) as local:
         names = nodes.apply_gpu_nodes(local.kubeconfig, nodes.load_node_specs())
@@ -388,8 +375,6 @@ def main() -> int:
             )
             print(json.dumps(results["memory"], indent=1), flush=True)
     if "turns" not in args.skip:
-        from conserve.router.service import RouterConfig
-
         results["turns"] = [usage_writes_per_turn(i) for i in sorted({0.5, RouterConfig().usage_interval_s})]
         results["turns_default_interval_s"] = RouterConfig().usage_interval_s
     results["summary"] = summary(results)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import heapq
 import math
+import re
 import sys
 import threading
 import time
@@ -22,11 +23,17 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from conserve.controller.kube import k8s
-from conserve.controller.testing import Api, OperatorProcess, conversation_body, pod_body, pool_body
-from conserve.router.policy import Usage, UsageBatcher
+import urllib3
 
-GROUP, VERSION, PLURAL = "conserve.dev", "v1alpha1", "conversations"
+from conserve.api.common import GROUP, VERSION
+from conserve.api.conversation import PLURAL
+from conserve.controller.shards import shard_of
+from conserve.kube import ApiError
+from conserve.kube.clients import CoordinationV1Api, CoreV1Api, CustomObjectsApi, k8s
+from conserve.router.policy import Usage, UsageBatcher
+from conserve.sim.workload import synthesize_agentic
+from conserve.testkit import Api, OperatorProcess, conversation_body, pod_body, pool_body, wait_for
+
 WRITE_VERBS = ("POST", "PATCH", "PUT", "DELETE")
 SECONDS_PER_OUTPUT_TOKEN = 0.02
 
@@ -36,7 +43,7 @@ class PlacementWatch:
 
     def __init__(self, api_client: Any, namespace: str) -> None:
         self.placed: dict[str, float] = {}
-        self._api = k8s("client").CustomObjectsApi(api_client)
+        self._api = CustomObjectsApi(api_client)
         self._namespace = namespace
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -69,33 +76,30 @@ class PlacementWatch:
                     if self._stop.is_set():
                         watch.stop()
                         return
-            except Exception as exc:  # a 410/504 on resume: start over with a fresh list
+            except (ApiError, urllib3.exceptions.HTTPError, OSError) as exc:  # a 410/504, a reset: list again
                 print(f"watch restarted: {exc}", file=sys.stderr)
 
     def wait(self, names: list[str], timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if all(n in self.placed for n in names):
-                return True
-            time.sleep(0.05)
-        return False
+        """Whether every one of `names` was placed within `timeout_s`."""
+        try:
+            wait_for(f"{len(names)} placements", lambda: all(n in self.placed for n in names), timeout_s, 0.05)
+        except TimeoutError:
+            return False
+        return True
 
 
 def make_namespace(core: Any, name: str) -> None:
     core.create_namespace({"metadata": {"name": name}})
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            core.read_namespaced_service_account("default", name)
-            return
-        except Exception:
-            time.sleep(0.1)
+    wait_for(
+        f"the default ServiceAccount of {name}",
+        lambda: core.read_namespaced_service_account("default", name),
+        30,
+        tolerate=(ApiError,),
+    )
 
 
 def apiserver_writes(api_client: Any) -> dict[str, float]:
     """Cumulative writes the API server has served, by resource[/subresource] (creates of conversations apart)."""
-    import re
-
     cfg = api_client.configuration
     headers = {}
     for setting in cfg.auth_settings().values():  # a bearer token, when the kubeconfig has one (else client certs)
@@ -130,8 +134,6 @@ def operator_writes(before: dict[str, float], after: dict[str, float]) -> dict[s
 
 def usage_writes_per_turn(interval_s: float, seed: int = 1, duration_s: float = 600.0) -> dict[str, Any]:
     """Patches the router's UsageBatcher sends per turn (the final one with `completed` included)."""
-    from conserve.sim.workload import synthesize_agentic
-
     workload = synthesize_agentic(seed, duration_s)
     tick = min(interval_s / 2, 0.25)  # the router's flush loop period (router/service.py)
     turns = patches = 0
@@ -179,8 +181,6 @@ def usage_writes_per_turn(interval_s: float, seed: int = 1, duration_s: float = 
 
 def spread_pools(namespace: str, shards: int) -> list[str]:
     """One pool per shard (names chosen by their hash, so each shard has one)."""
-    from conserve.controller.shards import shard_of
-
     found: dict[int, str] = {}
     i = 0
     while len(found) < shards:
@@ -190,12 +190,22 @@ def spread_pools(namespace: str, shards: int) -> list[str]:
 
 
 def shard_holders(api_client: Any, namespace: str, prefix: str) -> dict[str, str]:
-    leases = k8s("client").CoordinationV1Api(api_client).list_namespaced_lease(namespace).items
+    leases = CoordinationV1Api(api_client).list_namespaced_lease(namespace).items
     return {
         lease.metadata.name: lease.spec.holder_identity or ""
         for lease in leases
         if lease.metadata.name.startswith(f"{prefix}-shard-")
     }
+
+
+def shards_balanced(api_client: Any, namespace: str, shards: int, replicas: int) -> bool:
+    """Every shard held, by every replica, none holding more than its fair share."""
+    held = shard_holders(api_client, namespace, "bench")
+    per: dict[str, int] = defaultdict(int)
+    for holder in held.values():
+        per[holder] += 1
+    share = math.ceil(shards / replicas)
+    return len(held) == shards and all(held.values()) and len(per) == replicas and max(per.values()) <= share
 
 
 def phase_counts(api: Api) -> dict[str, int]:
@@ -221,8 +231,7 @@ def scenario_replicas(
     `replicas` sharded operators; then every pool's decoders appear at once, and the operators place the backlog.
     Placements/s from the first decoder created to the last placement seen."""
     ns = f"bench-rep-{replicas}"
-    core = k8s("client").CoreV1Api(api_client)
-    make_namespace(core, ns)
+    make_namespace(CoreV1Api(api_client), ns)
     api = Api(api_client, ns)
     pools = spread_pools(ns, shards)
     for i, pool in enumerate(pools):
@@ -235,24 +244,16 @@ def scenario_replicas(
     try:
         for op in ops:
             op.start(wait_ready=False)
-        deadline = time.monotonic() + 90
-        share = math.ceil(shards / replicas)
-        while time.monotonic() < deadline:
-            held = shard_holders(api_client, ns, "bench")
-            per: dict[str, int] = defaultdict(int)
-            for holder in held.values():
-                per[holder] += 1
-            if len(held) == shards and all(held.values()) and len(per) == replicas and max(per.values()) <= share:
-                break
-            time.sleep(0.5)
-        else:
-            raise TimeoutError(f"shards not balanced over {replicas} replicas: {held}")
+        wait_for(
+            f"shards balanced over {replicas} replicas",
+            lambda: shards_balanced(api_client, ns, shards, replicas),
+            90,
+            0.5,
+        )
         names = [f"r-{i:05d}" for i in range(count)]
         with concurrent.futures.ThreadPoolExecutor(threads) as executor:
             list(executor.map(lambda i: api.create(conversation_body(names[i], pools[i % shards], 1000)), range(count)))
-        deadline = time.monotonic() + 300
-        while phase_counts(api).get("Pending", 0) < count and time.monotonic() < deadline:
-            time.sleep(0.5)
+        wait_for(f"{count} conversations Pending", lambda: phase_counts(api).get("Pending", 0) >= count, 300, 0.5)
         before = apiserver_writes(api_client)
         with PlacementWatch(api_client, ns) as watch:
             t0 = time.time()

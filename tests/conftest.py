@@ -10,6 +10,8 @@
 - ``namespace`` (per test): a fresh namespace, deleted afterwards.
 - ``trace_dir`` (session): the real traces kept in the repository (``operator/conserve/sim/traces``); a test
   that uses it fails, never skips, when they are missing.
+- ``metric_registry`` (per test): a Prometheus registry of the test's own, for the metrics a test builds (they
+  start at zero and leave the process's registry alone).
 
 Tests under tests/unit are marked ``unit``, under tests/e2e ``e2e`` and under tests/packaging ``packaging``
 automatically.
@@ -22,8 +24,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from conserve.devcluster.testing import ClusterHandle, cluster_for_tests, temporary_namespace
+from conserve.testkit.metrics import fresh_registry
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -48,6 +52,11 @@ def trace_dir() -> Path:
     if missing:
         pytest.fail(f"trace data missing from the repository: {', '.join(missing)}")
     return path
+
+
+@pytest.fixture
+def metric_registry() -> CollectorRegistry:
+    return fresh_registry()
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ Teammates append their metrics in their own section below; keep one section per 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -19,96 +20,91 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 _POOL = ("namespace", "pool")
 
+
+# The process-wide metrics below are all registered on REGISTRY.
+def _counter(name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+    return Counter(name, doc, labels, registry=REGISTRY)
+
+
+def _gauge(name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
+    return Gauge(name, doc, labels, registry=REGISTRY)
+
+
+def _histogram(name: str, doc: str, labels: Sequence[str], *, buckets: Sequence[float]) -> Histogram:
+    return Histogram(name, doc, labels, buckets=buckets, registry=REGISTRY)
+
+
 # --- operator: placement (controller/) ------------------------------------------------------------------------
 
-PLACEMENTS = Counter(
+PLACEMENTS = _counter(
     "conserve_placements_total",
     "Placement decisions written. result: placed (first placement), replaced (after a decoder was lost), "
     "queued (no decoder fits, waits), failed (rejected or lost with nothing that fits).",
     [*_POOL, "result"],
-    registry=REGISTRY,
 )
-PLACEMENT_LATENCY = Histogram(
+PLACEMENT_LATENCY = _histogram(
     "conserve_placement_latency_seconds",
     "Time from the operator first seeing a conversation to its placement written to status (queue wait included).",
     _POOL,
     buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
-    registry=REGISTRY,
 )
-PLACEMENT_DECISION = Histogram(
+PLACEMENT_DECISION = _histogram(
     "conserve_placement_decision_seconds",
     "Time the core takes to decide one placement (filters, scorers, picker), under the pool's lock.",
     _POOL,
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
-    registry=REGISTRY,
 )
-QUEUE_LENGTH = Gauge(
-    "conserve_pending_conversations", "Conversations waiting for a decoder (phase Pending).", _POOL, registry=REGISTRY
-)
-KV_TRANSFERS = Counter(
+QUEUE_LENGTH = _gauge("conserve_pending_conversations", "Conversations waiting for a decoder (phase Pending).", _POOL)
+KV_TRANSFERS = _counter(
     "conserve_kv_transfers_total",
     "KV cache transfers: one per first placement (prefill to decoder) and one per move after a decoder loss.",
     _POOL,
-    registry=REGISTRY,
 )
-RELEASES = Counter(
+RELEASES = _counter(
     "conserve_releases_total",
     "Reservations released. reason: Completed, Deleted, IdleTimeout, DecoderLost.",
     [*_POOL, "reason"],
-    registry=REGISTRY,
 )
-OUTGROWN = Counter(
+OUTGROWN = _counter(
     "conserve_reservation_outgrown_total",
     "Turns that took a conversation past its reservation. result: extended (room on the decoder), "
     "pinned (no room: kept on its decoder and flagged).",
     [*_POOL, "result"],
-    registry=REGISTRY,
 )
-STATUS_WRITE_ERRORS = Counter(
+STATUS_WRITE_ERRORS = _counter(
     "conserve_status_write_errors_total",
     "Status patches that failed after retries. kind: Conversation, DecoderPool.",
     ["kind"],
-    registry=REGISTRY,
 )
 
 # --- operator: capacity (controller/) -------------------------------------------------------------------------
 
-CAPACITY_KV = Gauge(
-    "conserve_capacity_kv_tokens", "KV capacity of the pool's ready decoders, in tokens.", _POOL, registry=REGISTRY
-)
-RESERVED_KV = Gauge(
+CAPACITY_KV = _gauge("conserve_capacity_kv_tokens", "KV capacity of the pool's ready decoders, in tokens.", _POOL)
+RESERVED_KV = _gauge(
     "conserve_reserved_kv_tokens",
     "KV tokens held in the pool: per conversation the larger of its reservation and its live context.",
     _POOL,
-    registry=REGISTRY,
 )
-LIVE_KV = Gauge(
-    "conserve_live_kv_tokens", "Live context of the pool's conversations, in KV tokens.", _POOL, registry=REGISTRY
-)
-READY_DECODERS = Gauge("conserve_ready_decoders", "Ready decoders of the pool.", _POOL, registry=REGISTRY)
-PINNED_CONVERSATIONS = Gauge(
-    "conserve_pinned_conversations", "Conversations holding a reservation in the pool.", _POOL, registry=REGISTRY
-)
+LIVE_KV = _gauge("conserve_live_kv_tokens", "Live context of the pool's conversations, in KV tokens.", _POOL)
+READY_DECODERS = _gauge("conserve_ready_decoders", "Ready decoders of the pool.", _POOL)
+PINNED_CONVERSATIONS = Gauge("conserve_pinned_conversations", "Conversations holding a reservation in the pool.", _POOL)
 
 # --- KV lifecycle (issue 13) ---------------------------------------------------------------------------------
-KV_LIFECYCLE = Counter(
+KV_LIFECYCLE = _counter(
     "conserve_kv_lifecycle_transitions",
     "KV lifecycle transitions of pinned conversations. transition: idled, offloaded, reloaded, dropped, "
     "reprefilled; reason: ActiveWindow, RoomNeeded, ResidentTtl, HostTtl, HostFull, Turn.",
     [*_POOL, "transition", "reason"],
-    registry=REGISTRY,
 )
-KV_STATE_CONVERSATIONS = Gauge(
+KV_STATE_CONVERSATIONS = _gauge(
     "conserve_kv_state_conversations",
     "Pinned conversations per KV state (Active, Idle, Offloaded, Dropped).",
     [*_POOL, "state"],
-    registry=REGISTRY,
 )
-KV_STATE_TOKENS = Gauge(
+KV_STATE_TOKENS = _gauge(
     "conserve_kv_state_kv_tokens",
     "Live KV tokens of pinned conversations per KV state (Idle: on GPUs, evictable; Offloaded: host memory).",
     [*_POOL, "state"],
-    registry=REGISTRY,
 )
 
 
@@ -123,67 +119,57 @@ def forget_pool(namespace: str, pool: str) -> None:
 
 _DECODER = ("namespace", "pool", "decoder", "role")
 
-GPU_POWER = Gauge(
+GPU_POWER = _gauge(
     "conserve_gpu_power_watts",
     "Power of each GPU as its reader reports it (dcgm-exporter, NVML).",
     ["node", "gpu", "model_name"],
-    registry=REGISTRY,
 )
-GPU_ENERGY = Counter(
+GPU_ENERGY = _counter(
     "conserve_gpu_energy_joules_total",
     "Energy of each GPU from its counter's deltas (resets and wraps handled, missing samples not invented).",
     ["node", "gpu"],
-    registry=REGISTRY,
 )
-GPU_INTERVALS = Counter(
+GPU_INTERVALS = _counter(
     "conserve_energy_counter_intervals_total",
     "GPU counter intervals by how they were obtained. kind: normal, wrap, reset, clamped, power (no counter: "
     "power integrated), missing (no sample this cycle).",
     ["kind"],
-    registry=REGISTRY,
 )
-DECODER_POWER = Gauge(
+DECODER_POWER = _gauge(
     "conserve_decoder_power_watts",
     "Power of a serving pod's GPUs. role: decode or prefill.",
     _DECODER,
-    registry=REGISTRY,
 )
-DECODER_ENERGY = Counter(
+DECODER_ENERGY = _counter(
     "conserve_energy_joules_total",
     "Energy of a serving pod's GPUs. role: decode or prefill.",
     _DECODER,
-    registry=REGISTRY,
 )
-POOL_POWER = Gauge(
+POOL_POWER = _gauge(
     "conserve_pool_power_watts",
     "Power of the pool's serving pods' GPUs (decode and prefill).",
     _POOL,
-    registry=REGISTRY,
 )
-ATTRIBUTED_ENERGY = Counter(
+ATTRIBUTED_ENERGY = _counter(
     "conserve_attributed_energy_joules_total",
     "Energy attributed to the pool's conversations (work done, and idle shared by KV held).",
     _POOL,
-    registry=REGISTRY,
 )
-UNATTRIBUTED_ENERGY = Counter(
+UNATTRIBUTED_ENERGY = _counter(
     "conserve_unattributed_energy_joules_total",
     "Energy of the pool's GPUs not attributed to any conversation (idle capacity nobody holds).",
     _POOL,
-    registry=REGISTRY,
 )
-CONVERSATION_ENERGY_FINAL = Histogram(
+CONVERSATION_ENERGY_FINAL = _histogram(
     "conserve_conversation_energy_joules",
     "Energy of each conversation when it ended (per-conversation figures are in its status).",
     _POOL,
     buckets=(1.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1e3, 5e3, 1e4, 5e4, 1e5, 5e5, 1e6),
-    registry=REGISTRY,
 )
-ENERGY_PER_TOKEN = Gauge(
+ENERGY_PER_TOKEN = _gauge(
     "conserve_energy_per_token_joules",
     "Measured joules per token by GPU tier: per output token for decode, per input token for prefill.",
     ["tier", "role"],
-    registry=REGISTRY,
 )
 
 
@@ -279,30 +265,26 @@ ROUTER = RouterMetrics.on(REGISTRY)
 
 # --- operator: API writes and Events (controller/kube.py, controller/events.py) -------------------------------
 
-API_WRITES = Counter(
+API_WRITES = _counter(
     "conserve_api_writes_total",
     "Writes the operator sent to the API server. resource: conversations, conversations/status, "
     "decoderpools/status, events, leases; verb: patch, create, update.",
     ["resource", "verb"],
-    registry=REGISTRY,
 )
-EVENTS_AGGREGATED = Counter(
+EVENTS_AGGREGATED = _counter(
     "conserve_aggregated_events_total",
     "Normal Events not posted on their own but counted into their window's summary Event.",
     ["reason"],
-    registry=REGISTRY,
 )
-OBSERVED_KV_USAGE = Gauge(
+OBSERVED_KV_USAGE = _gauge(
     "conserve_observed_kv_usage_ratio",
     "A decoder's KV cache usage as its engine reports it (vllm:kv_cache_usage_perc), 0 to 1.",
     [*_POOL, "decoder"],
-    registry=REGISTRY,
 )
-OBSERVED_REQUESTS_RUNNING = Gauge(
+OBSERVED_REQUESTS_RUNNING = _gauge(
     "conserve_observed_running_requests",
     "Requests in a decoder's running batch as its engine reports it (vllm:num_requests_running).",
     [*_POOL, "decoder"],
-    registry=REGISTRY,
 )
 
 # --- scheduler extender: filter and prioritize calls of kube-scheduler ---------------------------------------

@@ -1,5 +1,6 @@
 """Fixtures shared by the e2e tests (a test module may override one, e.g. with a bigger pool): the CRDs, the
-operator tests' `Api`, and `conserve` subcommands run as the test's own processes."""
+operator tests' `Api`, `conserve operator` for the test's namespace (its arguments from `operator_args`), and
+`conserve` subcommands run as the test's own processes."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conserve.controller.testing import Api, install_crds
 from conserve.devcluster.testing import ClusterHandle
-from conserve.testkit.processes import ConserveProcesses
+from conserve.testkit import Api, ConserveProcesses, OperatorProcess, install_crds
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,6 +25,26 @@ def crds(cluster: ClusterHandle) -> None:
 def api(cluster: ClusterHandle, namespace: str, crds: None) -> Iterator[Api]:
     with cluster.api_client() as client:
         yield Api(client, namespace)
+
+
+@pytest.fixture
+def operator_args() -> list[str]:
+    """More `conserve operator` arguments for the `operator` fixture (a module overrides this fixture)."""
+    return []
+
+
+@pytest.fixture
+def operator(
+    cluster: ClusterHandle, namespace: str, api: Api, tmp_path: Path, operator_args: list[str]
+) -> Iterator[OperatorProcess]:
+    """`conserve operator` for the test's namespace, its ledger rebuilt; stopped afterwards, and the namespace's
+    conversations let go (no operator is left to release them)."""
+    op = OperatorProcess(cluster.kubeconfig, namespace, tmp_path / "operator.log", operator_args).start()
+    try:
+        yield op
+    finally:
+        op.stop()
+        api.strip_finalizers()
 
 
 @pytest.hookimpl(wrapper=True)

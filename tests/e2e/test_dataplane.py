@@ -22,6 +22,7 @@ from kubernetes import client
 from conserve.core.tokens import filler_text
 from conserve.devcluster.cluster import free_port
 from conserve.devcluster.testing import ClusterHandle
+from conserve.router.policy import conversation_object_name
 from conserve.testkit import PoolBuilder, wait_for
 from conserve.testkit.builders import serving_deployment
 from conserve.testkit.processes import ConserveProcesses
@@ -82,8 +83,6 @@ class DataPlane:
         return resp_headers, text
 
     def conversation(self, conv_id: str) -> dict[str, Any]:
-        from conserve.router.policy import conversation_object_name
-
         obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
             GROUP, VERSION, self.namespace, "conversations", conversation_object_name(conv_id)
         )
@@ -143,7 +142,8 @@ def test_every_turn_follows_the_placement_and_reports_reach_status(dataplane: Da
         assert status["decoder"]["pod"] in used
         assert status.get("kvTransfers") == 1
         usage = wait_for(f"usage of {conv}", functools.partial(_usage_with_turns, dataplane, conv, 3), timeout_s=10)
-        assert usage["outputTokens"] == 36 and usage["timeToFirstEffectiveTokenSeconds"] > 0
+        assert usage["outputTokens"] == 36
+        assert usage["timeToFirstEffectiveTokenSeconds"] > 0
         assert wait_for(
             f"turns served of {conv}",
             functools.partial(_turns_served, dataplane, conv, 3),
@@ -177,7 +177,8 @@ def test_a_deleted_decoder_is_followed_to_the_re_placement(dataplane: DataPlane)
     headers, text = dataplane.turn("move-me", messages, stream=True)
     first = headers["X-Conserve-Decoder"]
     before = dataplane.conversation("move-me")["status"]
-    assert before["decoder"]["pod"] == first and before["kvTransfers"] == 1
+    assert before["decoder"]["pod"] == first
+    assert before["kvTransfers"] == 1
     dataplane.core.delete_namespaced_pod(first, dataplane.namespace, grace_period_seconds=0)
     moved = wait_for(
         "the conversation re-placed",

@@ -46,10 +46,12 @@ def test_dev_up_status_down(tmp_path: Path) -> None:
         ).stdout
         for product in ("NVIDIA-H100-80GB-HBM3", "NVIDIA-H200", "NVIDIA-A100-SXM4-80GB", "NVIDIA-H20", "NVIDIA-L40S"):
             assert product in nodes
-        assert " Ready " in nodes and "NotReady" not in nodes
+        assert " Ready " in nodes
+        assert "NotReady" not in nodes
 
         again = conserve("dev", "up", "--free-ports", "--state-dir", str(state_dir))
-        assert again.returncode == 1 and "already running" in again.stderr
+        assert again.returncode == 1
+        assert "already running" in again.stderr
     finally:
         state = json.loads((state_dir / "state.json").read_text())
         down = conserve("dev", "down", "--state-dir", str(state_dir))

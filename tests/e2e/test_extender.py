@@ -177,14 +177,22 @@ def test_prefill_on_compute_tier_decode_on_bandwidth_tier(
     )
 
 
+def fill_compute_tier(
+    cluster: ClusterHandle, extender: Extender, core: Any, apps: Any, namespace: str, pool: Any, app: str, pods: int
+) -> None:
+    """Strict tiers on one H100 node of two GPUs and one H200 node: `pods` prefill pods of the Deployment `app`
+    (one GPU each) take the two compute GPUs."""
+    set_policy(extender, TierPolicy.STRICT)
+    pool({"H100": (1, 2), "H200": (1, 8)})
+    apps.create_namespaced_deployment(namespace, deployment(app, "prefill", pods, cluster.scheduler_name, namespace))
+    placed = wait_for(f"2 {app} pods bound", lambda: bound(core, namespace, app, 2))
+    assert set(node_products(core, placed).values()) == COMPUTE_PRODUCTS
+
+
 def test_compute_tier_full_strict_keeps_prefill_pending_with_the_reason(
     cluster: ClusterHandle, extender: Extender, core: Any, apps: Any, namespace: str, pool: Any
 ) -> None:
-    set_policy(extender, TierPolicy.STRICT)
-    pool({"H100": (1, 2), "H200": (1, 8)})
-    apps.create_namespaced_deployment(namespace, deployment("prefill", "prefill", 3, cluster.scheduler_name, namespace))
-    placed = wait_for("2 prefill pods bound", lambda: bound(core, namespace, "prefill", 2))
-    assert set(node_products(core, placed).values()) == COMPUTE_PRODUCTS
+    fill_compute_tier(cluster, extender, core, apps, namespace, pool, "prefill", 3)
 
     def pending_with_reason() -> Any:
         for p in pods_of(core, namespace, "prefill"):
@@ -223,11 +231,7 @@ def test_compute_tier_full_strict_keeps_prefill_pending_with_the_reason(
 def test_compute_tier_full_preferred_falls_back_to_bandwidth_tier(
     cluster: ClusterHandle, extender: Extender, core: Any, apps: Any, namespace: str, pool: Any
 ) -> None:
-    set_policy(extender, TierPolicy.STRICT)
-    pool({"H100": (1, 2), "H200": (1, 8)})
-    apps.create_namespaced_deployment(namespace, deployment("filler", "prefill", 2, cluster.scheduler_name, namespace))
-    filler = wait_for("the compute tier filled", lambda: bound(core, namespace, "filler", 2))
-    assert set(node_products(core, filler).values()) == COMPUTE_PRODUCTS
+    fill_compute_tier(cluster, extender, core, apps, namespace, pool, "filler", 2)
     set_policy(extender, TierPolicy.PREFERRED)
     try:
         apps.create_namespaced_deployment(

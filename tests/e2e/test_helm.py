@@ -22,7 +22,6 @@ import re
 import signal
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +30,9 @@ from typing import Any
 import pytest
 import yaml
 
-from conserve.controller.testing import Api, conversation_body, pod_body, pool_body
 from conserve.devcluster.testing import ClusterHandle, temporary_namespace
-from conserve.testkit import wait_for
+from conserve.testkit import Api, wait_for
+from conserve.testkit.probes import http_get
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "conserve"
@@ -150,63 +149,55 @@ def test_release_is_deployed_and_every_pod_is_running(release: Release) -> None:
             assert pod["spec"]["serviceAccountName"] == release.service_account(component)
 
 
-# --- RBAC is least: what each ServiceAccount must not do ---------------------------------------------------
+# --- RBAC is least: what each ServiceAccount must not do, and what it must ----------------------------------
 
 
 @pytest.mark.parametrize(
-    ("component", "verb", "resource"),
+    ("component", "verb", "resource", "allowed"),
     [
-        ("operator", "get", "secrets"),
-        ("operator", "list", "secrets"),
-        ("operator", "delete", "pods"),
-        ("operator", "create", "pods"),
-        ("operator", "patch", "nodes"),
-        ("operator", "delete", "conversations.conserve.dev"),
+        ("operator", "get", "secrets", False),
+        ("operator", "list", "secrets", False),
+        ("operator", "delete", "pods", False),
+        ("operator", "create", "pods", False),
+        ("operator", "patch", "nodes", False),
+        ("operator", "delete", "conversations.conserve.dev", False),
         # Verbs the operator README lists but the code never uses (the token test shows it needs none of them).
-        ("operator", "patch", "decoderpools.conserve.dev"),
-        ("operator", "get", "conversations.conserve.dev"),
-        ("operator", "get", "decoderpools.conserve.dev:status"),
-        ("operator", "get", "pods"),
-        ("operator", "get", "nodes"),
-        ("operator", "patch", "events"),
-        ("operator", "update", "conversations.conserve.dev:status"),
-        ("operator", "patch", "pods:status"),
-        ("operator", "create", "conversations.conserve.dev"),
-        ("operator", "update", "customresourcedefinitions.apiextensions.k8s.io"),
-        ("operator", "create", "clusterroles.rbac.authorization.k8s.io"),
-        ("operator", "create", "pods:exec"),
-        ("operator", "delete", "leases.coordination.k8s.io"),
-        ("operator", "impersonate", "serviceaccounts"),
-        ("extender", "get", "secrets"),
-        ("extender", "patch", "pods"),
-        ("extender", "create", "pods:binding"),
-        ("extender", "list", "conversations.conserve.dev"),
-        ("extender", "patch", "nodes"),
-        ("extender", "list", "configmaps"),
-        ("scheduler", "get", "secrets"),
-        ("scheduler", "delete", "nodes"),
-        ("scheduler", "patch", "conversations.conserve.dev"),
+        ("operator", "patch", "decoderpools.conserve.dev", False),
+        ("operator", "get", "conversations.conserve.dev", False),
+        ("operator", "get", "decoderpools.conserve.dev:status", False),
+        ("operator", "get", "pods", False),
+        ("operator", "get", "nodes", False),
+        ("operator", "patch", "events", False),
+        ("operator", "update", "conversations.conserve.dev:status", False),
+        ("operator", "patch", "pods:status", False),
+        ("operator", "create", "conversations.conserve.dev", False),
+        ("operator", "update", "customresourcedefinitions.apiextensions.k8s.io", False),
+        ("operator", "create", "clusterroles.rbac.authorization.k8s.io", False),
+        ("operator", "create", "pods:exec", False),
+        ("operator", "delete", "leases.coordination.k8s.io", False),
+        ("operator", "impersonate", "serviceaccounts", False),
+        ("extender", "get", "secrets", False),
+        ("extender", "patch", "pods", False),
+        ("extender", "create", "pods:binding", False),
+        ("extender", "list", "conversations.conserve.dev", False),
+        ("extender", "patch", "nodes", False),
+        ("extender", "list", "configmaps", False),
+        ("scheduler", "get", "secrets", False),
+        ("scheduler", "delete", "nodes", False),
+        ("scheduler", "patch", "conversations.conserve.dev", False),
+        # --- and what each must be able to do
+        ("operator", "watch", "conversations.conserve.dev", True),
+        ("operator", "patch", "decoderpools.conserve.dev:status", True),
+        ("operator", "list", "pods", True),
+        ("operator", "create", "events", True),
+        ("extender", "watch", "nodes", True),
+        ("extender", "watch", "pods", True),
+        ("scheduler", "create", "pods:binding", True),
+        ("scheduler", "watch", "persistentvolumeclaims", True),
     ],
 )
-def test_service_account_is_refused(release: Release, component: str, verb: str, resource: str) -> None:
-    assert not release.can_i(component, verb, resource, "--all-namespaces")
-
-
-@pytest.mark.parametrize(
-    ("component", "verb", "resource"),
-    [
-        ("operator", "watch", "conversations.conserve.dev"),
-        ("operator", "patch", "decoderpools.conserve.dev:status"),
-        ("operator", "list", "pods"),
-        ("operator", "create", "events"),
-        ("extender", "watch", "nodes"),
-        ("extender", "watch", "pods"),
-        ("scheduler", "create", "pods:binding"),
-        ("scheduler", "watch", "persistentvolumeclaims"),
-    ],
-)
-def test_service_account_is_granted(release: Release, component: str, verb: str, resource: str) -> None:
-    assert release.can_i(component, verb, resource, "--all-namespaces")
+def test_service_account_rights(release: Release, component: str, verb: str, resource: str, allowed: bool) -> None:
+    assert release.can_i(component, verb, resource, "--all-namespaces") is allowed
 
 
 def test_operator_and_scheduler_may_renew_only_their_own_lease(release: Release) -> None:
@@ -218,12 +209,6 @@ def test_operator_and_scheduler_may_renew_only_their_own_lease(release: Release)
 
 
 # --- RBAC is sufficient: the components do their job with nothing but their token --------------------------
-
-
-def _free_port() -> int:
-    from conserve.devcluster.cluster import free_port
-
-    return free_port()
 
 
 @pytest.fixture
@@ -259,14 +244,6 @@ def refusals(log: str) -> list[str]:
     return [line for line in log.splitlines() if re.search(r'forbidden: User \\?"[^"\\]+\\?" cannot', line)]
 
 
-def _http_get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status, resp.read().decode()
-    except OSError:
-        return 0, ""
-
-
 def test_extender_with_its_token_serves_the_real_scheduler(
     release: Release, processes: Callable[..., subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
@@ -282,7 +259,7 @@ def test_extender_with_its_token_serves_the_real_scheduler(
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     # Ready means both watch caches (nodes, pods) listed and watch: the token is enough for them.
-    wait_for("the extender's watch caches", lambda: proc.poll() is None and _http_get(f"{base}/readyz")[0] == 200, 60)
+    wait_for("the extender's watch caches", lambda: proc.poll() is None and http_get(f"{base}/readyz")[0] == 200, 60)
     assert not refusals(log.read_text()), log.read_text()
 
     pod_name = "decode-helm-e2e"
@@ -307,7 +284,7 @@ def test_extender_with_its_token_serves_the_real_scheduler(
     node = wait_for("the decode pod to be bound by the conserve scheduler", node_of_pod, 60)
     product = release.kubectl_json("get", "node", node)["metadata"]["labels"]["nvidia.com/gpu.product"]
     assert product in BANDWIDTH_PRODUCTS, f"decode pod on {node} ({product})"
-    metrics = _http_get(f"{base}/metrics")[1]
+    metrics = http_get(f"{base}/metrics")[1]
     assert 'conserve_extender_requests_total{outcome="ok",verb="filter"}' in metrics, metrics
     cluster.kubectl("delete", "pod", pod_name, f"--namespace={release.namespace}", "--wait=false", check=False)
     assert proc.poll() is None, log.read_text()
@@ -344,30 +321,16 @@ def test_operator_with_its_token_places_and_releases_a_conversation(
     with release.cluster.api_client() as client:
         api = Api(client, namespace)  # the test's own objects, created as cluster admin
         try:
-            api.create(pool_body("llama", tokens_per_decoder=10_000))
-            api.create(pod_body("dec-0", "kwok-h200-0"))
-            api.create(pod_body("pre-0", "kwok-h100-0", app="dec-prefill"))
-            # The pool status writer (decoderpools/status patch) follows the pod and node watches.
-            wait_for(
-                "the pool status to show its decoder",
-                lambda: api.get_pool("llama").get("status", {}).get("readyDecoders") == 1,
-                60,
-            )
-
-            api.create(conversation_body("c0", "llama", 2000))
-            placed = wait_for(
-                "the conversation to be placed",
-                lambda: (s := api.get_conv("c0").get("status", {})).get("phase") == "Prefilling" and s,
-                60,
-            )
-            assert placed["decoder"]["pod"] == "dec-0" and placed["decoder"]["tier"] == "bandwidth"
+            placed = api.first_placement()
+            assert placed["decoder"]["pod"] == "dec-0"
+            assert placed["decoder"]["tier"] == "bandwidth"
             assert placed["reservedKvTokens"] == 4000
             wait_for("a Placed event", lambda: api.events("Placed"), 30)
             # One API write per placement: the status only, no finalizer (a delete is released from the watch).
             assert not api.get_conv("c0")["metadata"].get("finalizers")
 
             api.patch_conv("c0", {"completed": True})
-            wait_for("the conversation released", lambda: api.get_conv("c0")["status"]["phase"] == "Completed", 60)
+            api.wait_conv_phase("c0", "Completed", timeout_s=60)  # released
             assert "conserve.dev/release-capacity" not in (api.get_conv("c0")["metadata"].get("finalizers") or [])
             wait_for("a Released event", lambda: api.events("Released"), 30)
             pool = wait_for(

@@ -7,17 +7,16 @@ conversation's KV state from the API server."""
 
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conserve.controller.testing import Api, OperatorProcess, conversation_body, pod_body, pool_body, wait_for
+from conserve.devcluster.cluster import free_port
 from conserve.devcluster.testing import ClusterHandle
+from conserve.testkit import NOT_YET, Api, OperatorProcess, conversation_body, wait_for
 
 DECODERS = 2
 CAPACITY = 10_000  # 9,500 after headroom: four reservations of 2,000 per decoder
@@ -29,33 +28,14 @@ GAP_S = RESIDENT_TTL_S + 2  # longer than the active window plus the resident TT
 HOST_TOKENS = 6 * 1_100  # host memory for six conversations per decoder: the rest are dropped (host pressure)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def metrics_port() -> int:
     return free_port()
 
 
 @pytest.fixture
-def operator(
-    cluster: ClusterHandle, namespace: str, api: Api, tmp_path: Path, metrics_port: int
-) -> Iterator[OperatorProcess]:
-    op = OperatorProcess(
-        cluster.kubeconfig, namespace, tmp_path / "operator.log", ["--metrics-port", str(metrics_port)]
-    ).start()
-    try:
-        yield op
-    finally:
-        op.stop()
-
-
-def status(api: Api, name: str) -> dict[str, Any]:
-    return dict(api.get_conv(name).get("status") or {})
+def operator_args(metrics_port: int) -> list[str]:
+    return ["--metrics-port", str(metrics_port)]
 
 
 def statuses(api: Api) -> dict[str, dict[str, Any]]:
@@ -96,10 +76,8 @@ def test_kv_lifecycle_4n_idle_conversations_placed_without_queueing_and_rebuilt_
         "maxResidentTtlSeconds": RESIDENT_TTL_S,
         "maxHostTtlSeconds": 3600,
     }
-    api.create(pool_body("llama", tokens_per_decoder=CAPACITY, kvLifecycle=lifecycle))
-    for i in range(DECODERS):
-        api.create(pod_body(f"dec-{i}", f"kwok-h200-{i % 2}"))
-    wait_for(lambda: api.get_pool("llama").get("status", {}).get("readyDecoders") == DECODERS, what="decoders")
+    api.create_fleet(DECODERS, CAPACITY, kvLifecycle=lifecycle)
+    api.wait_ready_decoders(DECODERS)
 
     names = [f"c{i:02d}" for i in range(4 * N)]
     for wave in range(4):
@@ -109,13 +87,9 @@ def test_kv_lifecycle_4n_idle_conversations_placed_without_queueing_and_rebuilt_
 
         # One placement round: every conversation of the wave is placed, none waits for another's release.
         def wave_placed(b: list[str] = batch) -> bool:
-            return all(status(api, n).get("phase") == "Prefilling" for n in b)
+            return all(api.conv_status(n).get("phase") == "Prefilling" for n in b)
 
-        wait_for(
-            wave_placed,
-            timeout_s=15,
-            what=f"wave {wave} placed",
-        )
+        wait_for(f"wave {wave} placed", wave_placed, 15, tolerate=NOT_YET)
         for name in batch:
             report_turn(api, name, 1)
         time.sleep(GAP_S)  # no end signal: the wave goes idle, past the resident TTL
@@ -123,9 +97,10 @@ def test_kv_lifecycle_4n_idle_conversations_placed_without_queueing_and_rebuilt_
 
     # The first waves' KV went to host memory or, past its room, was dropped; every pin is kept.
     wait_for(
+        "host memory full (six conversations per decoder)",
         lambda: sum(s.get("kvState") == "Offloaded" for s in statuses(api).values()) == DECODERS * 6,
-        timeout_s=15,
-        what="host memory full (six conversations per decoder)",
+        15,
+        tolerate=NOT_YET,
     )
     states = statuses(api)
     assert all(s["decoder"]["pod"].startswith("dec-") and s["placementGeneration"] == 1 for s in states.values())
@@ -137,12 +112,16 @@ def test_kv_lifecycle_4n_idle_conversations_placed_without_queueing_and_rebuilt_
     dropped = next(n for n, s in states.items() if s.get("kvState") == "Dropped")
     for name in (offloaded, dropped):
         report_turn(api, name, 2)
-    wait_for(lambda: status(api, offloaded)["reloads"] == 1, what="reload counted")
-    wait_for(lambda: status(api, dropped)["reprefills"] == 1, what="re-prefill counted")
-    assert status(api, offloaded)["decoder"]["pod"] == states[offloaded]["decoder"]["pod"]
-    assert status(api, dropped)["decoder"]["pod"] == states[dropped]["decoder"]["pod"]
+    wait_for("reload counted", lambda: api.conv_status(offloaded)["reloads"] == 1, tolerate=NOT_YET)
+    wait_for("re-prefill counted", lambda: api.conv_status(dropped)["reprefills"] == 1, tolerate=NOT_YET)
+    assert api.conv_status(offloaded)["decoder"]["pod"] == states[offloaded]["decoder"]["pod"]
+    assert api.conv_status(dropped)["decoder"]["pod"] == states[dropped]["decoder"]["pod"]
 
-    pool = wait_for(lambda: (p := api.get_pool("llama")["status"]).get("offloadedConversations") and p)
+    pool = wait_for(
+        "offloaded conversations in the pool's status",
+        lambda: (p := api.get_pool("llama")["status"]).get("offloadedConversations") and p,
+        tolerate=NOT_YET,
+    )
     assert pool["pendingConversations"] == 0
     assert sum(d["offloadedConversations"] for d in pool["decoders"]) == pool["offloadedConversations"]
     text = scrape(metrics_port)

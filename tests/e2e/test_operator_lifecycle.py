@@ -2,110 +2,119 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
-from conserve.controller.testing import (
-    Api,
-    OperatorProcess,
-    conversation_body,
-    pod_body,
-    pool_body,
-    wait_for,
-)
-from conserve.devcluster.testing import ClusterHandle
+from conserve.testkit import NOT_YET, Api, OperatorProcess, conversation_body, wait_for
 
 
 @pytest.fixture
-def operator(cluster: ClusterHandle, namespace: str, api: Api, tmp_path: Path) -> Iterator[OperatorProcess]:
-    op = OperatorProcess(cluster.kubeconfig, namespace, tmp_path / "operator.log", ["--idle-phase-after", "0.5"])
-    yield op.start()
-    op.stop()
-    api.strip_finalizers()
+def operator_args() -> list[str]:
+    return ["--idle-phase-after", "0.5"]
 
 
-def status(api: Api, name: str) -> dict:  # type: ignore[type-arg]
-    return dict(api.get_conv(name).get("status") or {})
-
-
-def condition(api: Api, name: str, type_: str) -> dict | None:  # type: ignore[type-arg]
-    return next((c for c in status(api, name).get("conditions", []) if c["type"] == type_), None)
-
-
-def fleet(api: Api, decoders: int, tokens: int = 10_000) -> None:
-    api.create(pool_body("llama", tokens_per_decoder=tokens))
-    for i in range(decoders):
-        api.create(pod_body(f"dec-{i}", f"kwok-h200-{i % 2}"))
-    wait_for(lambda: api.get_pool("llama").get("status", {}).get("readyDecoders") == decoders, what="decoders ready")
+def fleet(api: Api, decoders: int) -> None:
+    api.create_fleet(decoders)
+    api.wait_ready_decoders(decoders)
 
 
 def test_turns_follow_the_live_context_and_outgrowth(api: Api, operator: OperatorProcess) -> None:
     fleet(api, 1)
     api.create(conversation_body("a", "llama", 2000))
-    wait_for(lambda: status(api, "a").get("reservedKvTokens") == 4000)
+    wait_for(
+        "a's reservation of 2 x 2000", lambda: api.conv_status("a").get("reservedKvTokens") == 4000, tolerate=NOT_YET
+    )
     api.patch_conv("a", {"usage": {"turns": 1, "inputTokens": 2000, "outputTokens": 300}})
-    s = wait_for(lambda: (s := status(api, "a"))["turnsServed"] == 1 and s)
+    s = wait_for(
+        "a's first turn served", lambda: (s := api.conv_status("a"))["turnsServed"] == 1 and s, tolerate=NOT_YET
+    )
     assert (s["phase"], s["liveKvTokens"], s["outputTokens"]) == ("Decoding", 2300, 300)
     # Past the reservation with room on the decoder: extended in place to 1.25 x the live context.
     api.patch_conv("a", {"usage": {"turns": 2, "inputTokens": 5000, "outputTokens": 500}})
-    wait_for(lambda: status(api, "a")["reservedKvTokens"] == 6875, what="extended to 1.25 x 5500")
+    wait_for("extended to 1.25 x 5500", lambda: api.conv_status("a")["reservedKvTokens"] == 6875, tolerate=NOT_YET)
     api.create(conversation_body("b", "llama", 2000))
-    wait_for(lambda: (condition(api, "b", "Placed") or {}).get("reason") == "NoCapacity")
+    wait_for(
+        "b waiting for capacity",
+        lambda: (api.conv_condition("b", "Placed") or {}).get("reason") == "NoCapacity",
+        tolerate=NOT_YET,
+    )
     # Past the decoder's room: kept pinned, flagged.
     api.patch_conv("a", {"usage": {"turns": 3, "inputTokens": 11000, "outputTokens": 1000}})
-    cond = wait_for(lambda: condition(api, "a", "Outgrown"), what="Outgrown condition")
+    cond = wait_for("Outgrown condition", lambda: api.conv_condition("a", "Outgrown"), tolerate=NOT_YET)
     assert (cond["status"], cond["reason"]) == ("True", "DecoderFull")
-    s = status(api, "a")
-    assert s["decoder"]["pod"] == "dec-0" and s["kvTransfers"] == 1 and s["liveKvTokens"] == 12000
+    s = api.conv_status("a")
+    assert s["decoder"]["pod"] == "dec-0"
+    assert s["kvTransfers"] == 1
+    assert s["liveKvTokens"] == 12000
     assert api.events("Outgrown")
     # Idle: no turn for a while shows phase Idle; a turn brings it back.
-    wait_for(lambda: status(api, "a")["phase"] == "Idle", what="Idle")
+    wait_for("Idle", lambda: api.conv_status("a")["phase"] == "Idle", tolerate=NOT_YET)
     api.patch_conv("a", {"usage": {"turns": 4, "inputTokens": 11000, "outputTokens": 1100}})
-    wait_for(lambda: status(api, "a")["phase"] in ("Decoding", "Idle") and status(api, "a")["turnsServed"] == 4)
+    wait_for(
+        "a's fourth turn served",
+        lambda: api.conv_status("a")["phase"] in ("Decoding", "Idle") and api.conv_status("a")["turnsServed"] == 4,
+        tolerate=NOT_YET,
+    )
     # Completion frees it all; the growth ratio (12100 / 2000) enters the pool's history; b gets placed.
     api.patch_conv("a", {"completed": True})
-    wait_for(lambda: status(api, "b").get("phase") == "Prefilling", what="b placed after a completed")
-    pool = wait_for(lambda: (p := api.get_pool("llama")["status"])["observedGrowthRatios"] and p)
+    wait_for("b placed after a completed", lambda: api.conv_status("b").get("phase") == "Prefilling", tolerate=NOT_YET)
+    pool = wait_for(
+        "the pool's observed growth ratios",
+        lambda: (p := api.get_pool("llama")["status"])["observedGrowthRatios"] and p,
+        tolerate=NOT_YET,
+    )
     assert pool["observedGrowthRatios"] == [6.05]
-    ended = condition(api, "a", "Ended")
-    assert ended is not None and ended["reason"] == "Completed"
+    ended = api.conv_condition("a", "Ended")
+    assert ended is not None
+    assert ended["reason"] == "Completed"
 
 
 def test_idle_timeout_releases(api: Api, operator: OperatorProcess) -> None:
     fleet(api, 1)
     api.create(conversation_body("quiet", "llama", 1000, idleTimeoutSeconds=2))
-    wait_for(lambda: status(api, "quiet").get("phase") == "Prefilling")
-    wait_for(lambda: status(api, "quiet").get("phase") == "Completed", timeout_s=10, what="idle timeout")
-    ended = condition(api, "quiet", "Ended")
-    assert ended is not None and ended["reason"] == "IdleTimeout"
-    assert not (api.get_conv("quiet")["metadata"].get("finalizers") or [])
-    wait_for(lambda: api.get_pool("llama")["status"]["conversations"] == 0)
+    wait_for("quiet placed", lambda: api.conv_status("quiet").get("phase") == "Prefilling", tolerate=NOT_YET)
+    wait_for("idle timeout", lambda: api.conv_status("quiet").get("phase") == "Completed", 10, tolerate=NOT_YET)
+    ended = api.conv_condition("quiet", "Ended")
+    assert ended is not None
+    assert ended["reason"] == "IdleTimeout"
+    assert not api.get_conv("quiet")["metadata"].get("finalizers")
+    wait_for(
+        "the pool's conversations released",
+        lambda: api.get_pool("llama")["status"]["conversations"] == 0,
+        tolerate=NOT_YET,
+    )
 
 
 def test_decoder_loss_replaces_or_fails(api: Api, operator: OperatorProcess) -> None:
     fleet(api, 2)
     for name, tokens in (("x", 2000), ("y", 2000), ("z", 2000)):
         api.create(conversation_body(name, "llama", tokens))
-    wait_for(lambda: all(status(api, n).get("phase") == "Prefilling" for n in "xyz"))
-    on = {n: status(api, n)["decoder"]["pod"] for n in "xyz"}
+    wait_for(
+        "x, y and z placed",
+        lambda: all(api.conv_status(n).get("phase") == "Prefilling" for n in "xyz"),
+        tolerate=NOT_YET,
+    )
+    on = {n: api.conv_status(n)["decoder"]["pod"] for n in "xyz"}
     victim = "dec-0" if list(on.values()).count("dec-0") == 2 else "dec-1"
     moved = sorted(n for n, pod in on.items() if pod == victim)
     api.delete_pod(victim)
     # Two conversations of 4000 on the lost decoder; the survivor holds one (4000 of 9500 usable): one fits.
     wait_for(
+        "moved or failed",
         lambda: all(
-            status(api, n).get("placementGeneration", 0) == 2 or status(api, n).get("phase") == "Failed" for n in moved
+            api.conv_status(n).get("placementGeneration", 0) == 2 or api.conv_status(n).get("phase") == "Failed"
+            for n in moved
         ),
-        what="moved or failed",
+        tolerate=NOT_YET,
     )
-    outcomes = sorted(status(api, n)["phase"] for n in moved)
+    outcomes = sorted(api.conv_status(n)["phase"] for n in moved)
     assert outcomes == ["Failed", "Prefilling"]
     for n in moved:
-        s = status(api, n)
+        s = api.conv_status(n)
         if s["phase"] == "Failed":
-            assert condition(api, n, "Placed")["reason"] == "DecoderLost"  # type: ignore[index]
+            placed = api.conv_condition(n, "Placed")
+            assert placed is not None
+            assert placed["reason"] == "DecoderLost"
         else:
-            assert s["kvTransfers"] == 2 and s["decoder"]["pod"] != victim
+            assert s["kvTransfers"] == 2
+            assert s["decoder"]["pod"] != victim
     assert api.events("DecoderLost")

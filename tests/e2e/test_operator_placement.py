@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
+import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from conserve.controller.testing import (
-    Api,
-    OperatorProcess,
-    conversation_body,
-    pod_body,
-    pool_body,
-    wait_for,
-)
+from conserve.devcluster.cluster import free_port
 from conserve.devcluster.testing import ClusterHandle
-
-
-@pytest.fixture
-def operator(cluster: ClusterHandle, namespace: str, api: Api, tmp_path: Path) -> Iterator[OperatorProcess]:
-    op = OperatorProcess(cluster.kubeconfig, namespace, tmp_path / "operator.log").start()
-    yield op
-    op.stop()
-    api.strip_finalizers()
+from conserve.testkit import NOT_YET, Api, OperatorProcess, conversation_body, pod_body, pool_body, wait_for
 
 
 def phase(api: Api, name: str) -> str:
@@ -41,11 +25,8 @@ def placed_on(api: Api) -> Counter[str]:
 
 
 def make_fleet(api: Api, decoders: int = 2, tokens: int = 10_000, **spec: Any) -> None:
-    api.create(pool_body("llama", tokens_per_decoder=tokens, **spec))
-    for i in range(decoders):
-        api.create(pod_body(f"dec-{i}", f"kwok-h200-{i % 2}"))
-    api.create(pod_body("pre-0", "kwok-h100-0", app="dec-prefill"))
-    wait_for(lambda: api.get_pool("llama").get("status", {}).get("readyDecoders") == decoders, what="decoders ready")
+    api.create_fleet(decoders, tokens, prefills=1, **spec)
+    api.wait_ready_decoders(decoders)
 
 
 def test_place_queue_and_release(api: Api, operator: OperatorProcess) -> None:
@@ -53,7 +34,7 @@ def test_place_queue_and_release(api: Api, operator: OperatorProcess) -> None:
     # Reservation 2 x 2000 = 4000 KV tokens (no history yet); 9500 usable per decoder after 5% headroom: 2 each.
     for i in range(5):
         api.create(conversation_body(f"c{i}", "llama", 2000))
-    wait_for(lambda: sum(placed_on(api).values()) == 4, what="4 placed")
+    wait_for("4 placed", lambda: sum(placed_on(api).values()) == 4, tolerate=NOT_YET)
     assert max(placed_on(api).values()) == 2
     waiting = [c for c in api.list_convs() if c["status"]["phase"] == "Pending"]
     assert len(waiting) == 1
@@ -62,26 +43,33 @@ def test_place_queue_and_release(api: Api, operator: OperatorProcess) -> None:
 
     placed = api.get_conv("c0")["status"]
     assert placed["phase"] == "Prefilling"
-    assert placed["decoder"]["tier"] == "bandwidth" and placed["decoder"]["endpoint"]
-    assert placed["prefill"]["pod"] == "pre-0" and placed["prefill"]["tier"] == "compute"
-    assert placed["reservedKvTokens"] == 4000 and placed["kvTransfers"] == 1 and placed["placementGeneration"] == 1
+    assert placed["decoder"]["tier"] == "bandwidth"
+    assert placed["decoder"]["endpoint"]
+    assert placed["prefill"]["pod"] == "pre-0"
+    assert placed["prefill"]["tier"] == "compute"
+    assert placed["reservedKvTokens"] == 4000
+    assert placed["kvTransfers"] == 1
+    assert placed["placementGeneration"] == 1
     # One write per placement: the status, no finalizer.
-    assert not (api.get_conv("c0")["metadata"].get("finalizers") or [])
-    wait_for(lambda: len(api.events("Placed")) == 4, what="4 Placed events")
+    assert not api.get_conv("c0")["metadata"].get("finalizers")
+    wait_for("4 Placed events", lambda: len(api.events("Placed")) == 4, tolerate=NOT_YET)
 
     # Completion releases capacity: the waiting conversation gets it.
     api.patch_conv("c0", {"completed": True})
-    wait_for(lambda: phase(api, "c0") == "Completed", what="c0 completed")
-    wait_for(lambda: phase(api, waiting[0]["metadata"]["name"]) == "Prefilling", what="queued one placed")
+    wait_for("c0 completed", lambda: phase(api, "c0") == "Completed", tolerate=NOT_YET)
+    wait_for("queued one placed", lambda: phase(api, waiting[0]["metadata"]["name"]) == "Prefilling", tolerate=NOT_YET)
     assert "conserve.dev/release-capacity" not in (api.get_conv("c0")["metadata"].get("finalizers") or [])
 
     # Deletion: the object goes away at once, and the watch releases its capacity once.
     api.delete_conv("c1")
-    wait_for(lambda: not api.conv_exists("c1"), what="c1 deleted")
+    wait_for("c1 deleted", lambda: not api.conv_exists("c1"), tolerate=NOT_YET)
     pool = wait_for(
-        lambda: (s := api.get_pool("llama")["status"])["conversations"] == 3 and s, what="pool status follows"
+        "pool status follows",
+        lambda: (s := api.get_pool("llama")["status"])["conversations"] == 3 and s,
+        tolerate=NOT_YET,
     )
-    assert pool["kvUsage"] == "12000/20000" and pool["readyDecoders"] == 2
+    assert pool["kvUsage"] == "12000/20000"
+    assert pool["readyDecoders"] == 2
     assert {d["pod"]: d["conversations"] for d in pool["decoders"]} == dict(placed_on(api))
     conds = {c["type"]: c["status"] for c in pool["conditions"]}
     assert conds == {"Ready": "True", "Degraded": "False"}
@@ -91,57 +79,50 @@ def test_place_queue_and_release(api: Api, operator: OperatorProcess) -> None:
 def test_priority_orders_the_queue(api: Api, operator: OperatorProcess) -> None:
     make_fleet(api, decoders=1, tokens=10_000)
     api.create(conversation_body("big", "llama", 4000))  # 8000 reserved: the decoder is full
-    wait_for(lambda: phase(api, "big") == "Prefilling")
+    wait_for("big placed", lambda: phase(api, "big") == "Prefilling", tolerate=NOT_YET)
     api.create(conversation_body("low", "llama", 2000, priority=0))
     api.create(conversation_body("high", "llama", 2000, priority=10))
-    wait_for(lambda: phase(api, "low") == "Pending" and phase(api, "high") == "Pending")
+    wait_for(
+        "low and high waiting",
+        lambda: phase(api, "low") == "Pending" and phase(api, "high") == "Pending",
+        tolerate=NOT_YET,
+    )
     api.patch_conv("big", {"completed": True})
     # Room for two 4000-token reservations: both placed, the higher priority first (generation order of events).
-    wait_for(lambda: phase(api, "low") == "Prefilling" and phase(api, "high") == "Prefilling")
+    wait_for(
+        "low and high placed",
+        lambda: phase(api, "low") == "Prefilling" and phase(api, "high") == "Prefilling",
+        tolerate=NOT_YET,
+    )
     high_at = api.get_conv("high")["status"]["placedAt"]
     assert high_at <= api.get_conv("low")["status"]["placedAt"]
 
 
 def test_bad_references_are_reported(api: Api, operator: OperatorProcess) -> None:
     api.create(conversation_body("orphan", "no-such-pool", 100))
-    cond = wait_for(
-        lambda: next(
-            (c for c in api.get_conv("orphan").get("status", {}).get("conditions", []) if c["type"] == "Placed"), None
-        ),
-        what="orphan condition",
-    )
+    cond = wait_for("orphan condition", lambda: api.conv_condition("orphan", "Placed"), tolerate=NOT_YET)
     assert (cond["status"], cond["reason"]) == ("False", "PoolNotFound")
     api.create(pool_body("empty", app="nothing-matches"))
     api.create(conversation_body("lonely", "empty", 100))
-    cond = wait_for(
-        lambda: next(
-            (c for c in api.get_conv("lonely").get("status", {}).get("conditions", []) if c["type"] == "Placed"), None
-        ),
-        what="lonely condition",
-    )
+    cond = wait_for("lonely condition", lambda: api.conv_condition("lonely", "Placed"), tolerate=NOT_YET)
     assert cond["reason"] == "NoDecoder"
-    pool = wait_for(lambda: api.get_pool("empty").get("status"), what="pool status")
+    pool = wait_for("pool status", lambda: api.get_pool("empty").get("status"), tolerate=NOT_YET)
     assert {c["type"]: c["reason"] for c in pool["conditions"]}["Ready"] == "NoDecoder"
     assert {e.reason for e in api.events()} >= {"PoolNotFound", "NoDecoder"}
     # The pool appears later: the waiting conversation is placed.
     api.create(pool_body("no-such-pool", app="late"))
     api.create(pod_body("late-0", "kwok-a100-0", app="late"))
-    wait_for(lambda: phase(api, "orphan") == "Prefilling", what="orphan placed once its pool exists")
-    assert operator.proc is not None and operator.proc.poll() is None
+    wait_for("orphan placed once its pool exists", lambda: phase(api, "orphan") == "Prefilling", tolerate=NOT_YET)
+    assert operator.running
 
 
 def test_metrics_endpoint(api: Api, cluster: ClusterHandle, namespace: str, tmp_path: Path) -> None:
-    import socket
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     op = OperatorProcess(cluster.kubeconfig, namespace, tmp_path / "op.log", ["--metrics-port", str(port)]).start()
     try:
         make_fleet(api, decoders=1)
         api.create(conversation_body("m", "llama", 1000))
-        wait_for(lambda: phase(api, "m") == "Prefilling")
+        wait_for("m placed", lambda: phase(api, "m") == "Prefilling", tolerate=NOT_YET)
 
         labels = f'namespace="{namespace}",pool="llama"'
 
@@ -149,7 +130,7 @@ def test_metrics_endpoint(api: Api, cluster: ClusterHandle, namespace: str, tmp_
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
             return text if f"conserve_reserved_kv_tokens{{{labels}}} 2000.0" in text else ""
 
-        text = wait_for(scrape, what="pool gauges")
+        text = wait_for("pool gauges", scrape, tolerate=(*NOT_YET, OSError))
         assert f'conserve_placements_total{{{labels},result="placed"}} 1.0' in text
         assert f"conserve_reserved_kv_tokens{{{labels}}} 2000.0" in text
         assert f"conserve_kv_transfers_total{{{labels}}} 1.0" in text

@@ -5,35 +5,13 @@ from __future__ import annotations
 import concurrent.futures
 import signal
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from conserve.controller.testing import (
-    Api,
-    OperatorProcess,
-    conversation_body,
-    pod_body,
-    pool_body,
-    wait_for,
-)
 from conserve.devcluster.testing import ClusterHandle
+from conserve.testkit import NOT_YET, Api, OperatorProcess, conversation_body, wait_for
 
 CAPACITY = 10_000
 USABLE = int(CAPACITY * 0.95)
-
-
-@pytest.fixture
-def api(cluster: ClusterHandle, namespace: str, crds: None) -> Iterator[Api]:
-    with cluster.api_client(pool_size=8) as client:
-        yield Api(client, namespace)
-
-
-def fleet(api: Api, decoders: int) -> None:
-    api.create(pool_body("llama", tokens_per_decoder=CAPACITY))
-    for i in range(decoders):
-        api.create(pod_body(f"dec-{i}", f"kwok-h200-{i % 2}"))
 
 
 def check_no_oversubscription(api: Api) -> dict[str, int]:
@@ -47,7 +25,7 @@ def check_no_oversubscription(api: Api) -> dict[str, int]:
 
 
 def test_killed_mid_burst_and_restarted(api: Api, cluster: ClusterHandle, namespace: str, tmp_path: Path) -> None:
-    fleet(api, 4)  # 4 x 9500 usable; each conversation reserves 2000: 16 fit, 4 per decoder
+    api.create_fleet(4, CAPACITY)  # 4 x 9500 usable; each conversation reserves 2000: 16 fit, 4 per decoder
     op = OperatorProcess(cluster.kubeconfig, namespace, tmp_path / "operator.log").start()
     names = [f"burst-{i:02d}" for i in range(30)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -61,7 +39,7 @@ def test_killed_mid_burst_and_restarted(api: Api, cluster: ClusterHandle, namesp
             phases = [(c.get("status") or {}).get("phase") for c in api.list_convs()]
             return phases.count("Prefilling") == 16 and phases.count("Pending") == 14
 
-        wait_for(settled, timeout_s=30, what="16 placed and 14 waiting")
+        wait_for("16 placed and 14 waiting", settled, 30, tolerate=NOT_YET)
         held = check_no_oversubscription(api)
         assert sorted(held.values()) == [8000] * 4
         placed = [c for c in api.list_convs() if c["status"]["phase"] == "Prefilling"]
@@ -70,9 +48,10 @@ def test_killed_mid_burst_and_restarted(api: Api, cluster: ClusterHandle, namesp
         for c in placed:
             api.patch_conv(c["metadata"]["name"], {"completed": True})
         wait_for(
+            "the queue drained",
             lambda: sum((c.get("status") or {}).get("phase") == "Prefilling" for c in api.list_convs()) == 14,
-            timeout_s=30,
-            what="the queue drained",
+            30,
+            tolerate=NOT_YET,
         )
         check_no_oversubscription(api)
         assert {c["status"]["placementGeneration"] for c in api.list_convs()} == {1}
@@ -89,20 +68,30 @@ def test_two_replicas_one_leader(api: Api, cluster: ClusterHandle, namespace: st
     b.start(wait_ready=False)
     try:
         b.wait_log("waiting for lease")
-        fleet(api, 2)
+        api.create_fleet(2, CAPACITY)
         for i in range(6):
             api.create(conversation_body(f"c{i}", "llama", 1000))
-        wait_for(lambda: sum((c.get("status") or {}).get("phase") == "Prefilling" for c in api.list_convs()) == 6)
+        wait_for(
+            "6 placed",
+            lambda: sum((c.get("status") or {}).get("phase") == "Prefilling" for c in api.list_convs()) == 6,
+            tolerate=NOT_YET,
+        )
         assert "ledger rebuilt" not in b.log_text(), b.log_text()[-2000:] + a.log_text()[-2000:]
-        wait_for(lambda: len(api.events("Placed")) >= 6)  # a's Events follow its status writes: not lost by the kill
+        wait_for(
+            "6 Placed events", lambda: len(api.events("Placed")) >= 6, tolerate=NOT_YET
+        )  # a's Events follow its status writes: not lost by the kill
         a.kill(signal.SIGKILL)  # no clean release: b takes over when the lease expires
         b.wait_log("ledger rebuilt", timeout_s=20)
         api.create(conversation_body("after", "llama", 1000))
-        wait_for(lambda: (api.get_conv("after").get("status") or {}).get("phase") == "Prefilling")
+        wait_for(
+            "after placed by b",
+            lambda: (api.get_conv("after").get("status") or {}).get("phase") == "Prefilling",
+            tolerate=NOT_YET,
+        )
         convs = api.list_convs()
         assert {c["status"]["placementGeneration"] for c in convs} == {1}, [c["status"] for c in convs]
         # The Event follows the status patch: wait for it rather than race it.
-        wait_for(lambda: len(api.events("Placed")) >= 7)
+        wait_for("the 7th Placed event", lambda: len(api.events("Placed")) >= 7, tolerate=NOT_YET)
         assert len(api.events("Placed")) == 7, [(e.involved_object.name, e.reporting_instance) for e in api.events()]
         check_no_oversubscription(api)
     finally:

@@ -7,29 +7,21 @@ from __future__ import annotations
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
 import pytest
 
-from conserve.controller.kube import k8s
 from conserve.controller.shards import shard_of
-from conserve.controller.testing import Api, OperatorProcess, conversation_body, pod_body, pool_body, wait_for
 from conserve.devcluster.testing import ClusterHandle
+from conserve.kube.clients import CoordinationV1Api
+from conserve.testkit import NOT_YET, Api, OperatorProcess, conversation_body, pod_body, pool_body, wait_for
 
 pytestmark = pytest.mark.e2e
 
 SHARDS = 4
 LEASE_S = 5.0
 CAPACITY = 10_000
-T = TypeVar("T")
-
-
-@pytest.fixture
-def api(cluster: ClusterHandle, namespace: str, crds: None) -> Iterator[Api]:
-    with cluster.api_client(pool_size=8) as client:
-        yield Api(client, namespace)
 
 
 def pools_one_per_shard(namespace: str) -> dict[int, str]:
@@ -44,7 +36,7 @@ def pools_one_per_shard(namespace: str) -> dict[int, str]:
 
 
 def shard_holders(api: Api, namespace: str) -> dict[int, str]:
-    leases = k8s("client").CoordinationV1Api(api.core.api_client).list_namespaced_lease(namespace).items
+    leases = CoordinationV1Api(api.core.api_client).list_namespaced_lease(namespace).items
     now = time.time()
     out = {}
     for lease in leases:
@@ -57,7 +49,7 @@ def shard_holders(api: Api, namespace: str) -> dict[int, str]:
     return out
 
 
-def placed(api: Api) -> dict[str, dict[str, object]]:
+def placed(api: Api) -> dict[str, dict[str, Any]]:
     return {
         c["metadata"]["name"]: c["status"]
         for c in api.list_convs()
@@ -65,24 +57,12 @@ def placed(api: Api) -> dict[str, dict[str, object]]:
     }
 
 
-def wait_value(read: Callable[[], T], good: Callable[[T], bool], timeout_s: float = 15.0, what: str = "") -> T:
-    """Read until the value is good; the last value read."""
-    box: list[T] = []
-
-    def check() -> bool:
-        box[:] = [read()]
-        return good(box[0])
-
-    wait_for(check, timeout_s=timeout_s, what=what)
-    return box[0]
-
-
-def placed_by(api: Api) -> dict[str, list[str]]:
-    """Conversation -> the replicas whose Placed Event names it."""
+def placed_by(api: Api, conversations: int) -> dict[str, list[str]] | None:
+    """Conversation -> the replicas whose Placed Event names it, once Events name `conversations` of them."""
     out: dict[str, list[str]] = defaultdict(list)
     for event in api.events("Placed"):
         out[event.involved_object.name].append(event.reporting_instance)
-    return dict(out)
+    return dict(out) if len(out) == conversations else None
 
 
 def test_replicas_lead_disjoint_pools_and_a_dead_ones_pools_move(
@@ -102,19 +82,19 @@ def test_replicas_lead_disjoint_pools_and_a_dead_ones_pools_move(
     for op in replicas.values():
         op.start(wait_ready=False)
     try:
+
+        def two_shards_each() -> dict[int, str] | None:
+            holders = shard_holders(api, namespace)
+            return holders if sorted(holders.values()) == ["a", "a", "b", "b"] else None
+
         # Each replica leads its fair share: two shards each, disjoint, all four led.
-        holders = wait_value(
-            lambda: shard_holders(api, namespace),
-            lambda h: sorted(h.values()) == ["a", "a", "b", "b"],
-            timeout_s=60,
-            what="two shards per replica",
-        )
+        holders = wait_for("two shards per replica", two_shards_each, 60, tolerate=NOT_YET)
         for pool in pools.values():
             for i in range(3):
                 api.create(conversation_body(f"{pool}-c{i}", pool, 1000))
-        wait_for(lambda: len(placed(api)) == 12, timeout_s=60, what="12 placed")
+        wait_for("12 placed", lambda: len(placed(api)) == 12, 60, tolerate=NOT_YET)
         # Each conversation placed once, by the replica leading its pool's shard.
-        deciders = wait_value(lambda: placed_by(api), lambda d: len(d) == 12, what="12 Placed Events")
+        deciders = wait_for("12 Placed Events", lambda: placed_by(api, 12), tolerate=NOT_YET)
         for name, ident in deciders.items():
             assert ident == [holders[s] for s, pool in pools.items() if name.startswith(f"{pool}-")], (name, ident)
 
@@ -125,25 +105,26 @@ def test_replicas_lead_disjoint_pools_and_a_dead_ones_pools_move(
         for pool in orphaned:
             api.create(conversation_body(f"{pool}-late", pool, 1000))
         wait_for(
+            "b leads every shard",
             lambda: sorted(shard_holders(api, namespace).values()) == ["b"] * SHARDS,
-            timeout_s=LEASE_S * 4,
-            what="b leads every shard",
+            LEASE_S * 4,
+            tolerate=NOT_YET,
         )
         handover_s = time.monotonic() - killed_at
         # Within the Lease duration plus b's renew period (the ratio of client-go) and scheduling slack.
         assert handover_s <= LEASE_S + 2 * LEASE_S * 2 / 15 + 3.0, handover_s
-        wait_for(lambda: len(placed(api)) == 14, timeout_s=30, what="the late ones placed by b")
+        wait_for("the late ones placed by b", lambda: len(placed(api)) == 14, 30, tolerate=NOT_YET)
         statuses = placed(api)
         # Nothing placed twice: every conversation has its first placement only, on a decoder of its own pool.
         assert {(s["placementGeneration"], s["kvTransfers"]) for s in statuses.values()} == {(1, 1)}
         per_decoder: dict[str, int] = defaultdict(int)
         for name, s in statuses.items():
-            decoder = s["decoder"]["pod"]  # type: ignore[index]
+            decoder = s["decoder"]["pod"]
             shard = next(sh for sh, pool in pools.items() if name.startswith(f"{pool}-"))
             assert decoder == f"dec-{shard}", (name, decoder)
-            per_decoder[decoder] += int(s["reservedKvTokens"])  # type: ignore[call-overload]
+            per_decoder[decoder] += int(s["reservedKvTokens"])
         assert all(v <= CAPACITY * 0.95 for v in per_decoder.values()), dict(per_decoder)
-        deciders = wait_value(lambda: placed_by(api), lambda d: len(d) == 14, what="14 Placed Events")
+        deciders = wait_for("14 Placed Events", lambda: placed_by(api, 14), tolerate=NOT_YET)
         assert all(len(ident) == 1 for ident in deciders.values()), deciders
         assert {deciders[f"{pool}-late"][0] for pool in orphaned} == {"b"}
     finally:
@@ -154,19 +135,28 @@ def test_replicas_lead_disjoint_pools_and_a_dead_ones_pools_move(
 def test_a_delete_while_the_operator_is_down_releases_capacity(
     api: Api, cluster: ClusterHandle, namespace: str, tmp_path: Path
 ) -> None:
-    api.create(pool_body("llama", tokens_per_decoder=CAPACITY))
-    api.create(pod_body("dec-0", "kwok-h200-0"))
+    api.create_fleet(1, CAPACITY)
     op = OperatorProcess(cluster.kubeconfig, namespace, tmp_path / "operator.log").start()
     try:
         api.create(conversation_body("big", "llama", 4000))  # 8,000 of 9,500 usable
-        wait_for(lambda: (api.get_conv("big").get("status") or {}).get("phase") == "Prefilling", what="big placed")
+        wait_for(
+            "big placed",
+            lambda: (api.get_conv("big").get("status") or {}).get("phase") == "Prefilling",
+            tolerate=NOT_YET,
+        )
         api.create(conversation_body("next", "llama", 1000))
-        wait_for(lambda: (api.get_conv("next").get("status") or {}).get("phase") == "Pending", what="next waits")
+        wait_for(
+            "next waits", lambda: (api.get_conv("next").get("status") or {}).get("phase") == "Pending", tolerate=NOT_YET
+        )
         assert not api.get_conv("big")["metadata"].get("finalizers")  # the placement was its only write
         op.stop()
         api.delete_conv("big")
-        wait_for(lambda: not api.conv_exists("big"), what="big gone at once (nothing holds it)")
+        wait_for("big gone at once (nothing holds it)", lambda: not api.conv_exists("big"), tolerate=NOT_YET)
         op.start()  # the rebuild does not find it: its capacity is free, and the waiting one gets it
-        wait_for(lambda: (api.get_conv("next").get("status") or {}).get("phase") == "Prefilling", what="next placed")
+        wait_for(
+            "next placed",
+            lambda: (api.get_conv("next").get("status") or {}).get("phase") == "Prefilling",
+            tolerate=NOT_YET,
+        )
     finally:
         op.stop()

@@ -15,27 +15,26 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import openai
 import pytest
-from kubernetes import client
 
 from conserve.devcluster.cluster import free_port
 from conserve.devcluster.testing import ClusterHandle, temporary_namespace
 from conserve.engine.install import missing_reason
 from conserve.engine.metrics import TokenSources, healthy, scrape, token_sources
 from conserve.engine.server import kill_leftovers
+from conserve.kube.clients import AppsV1Api, CustomObjectsApi
 from conserve.router.policy import conversation_object_name
+from conserve.testkit import wait_for
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(2400)]
 
-T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION = "conserve.dev", "v1alpha1"
 MODEL = "tiny-llama"
@@ -63,17 +62,6 @@ POOL = {
 }
 # vLLM's CPU block: prefix-cache hits and KV transfers come in whole blocks of this many tokens.
 BLOCK_TOKENS = 128
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.5)
 
 
 def deployment(name: str, role: str) -> dict[str, Any]:
@@ -152,10 +140,10 @@ def plane(cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory) -> I
     with temporary_namespace(cluster, "vllm-dataplane") as namespace:
         try:
             with cluster.api_client() as api:
-                apps, custom = client.AppsV1Api(api), client.CustomObjectsApi(api)
+                apps, custom = AppsV1Api(api), CustomObjectsApi(api)
                 custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "decoderpools", POOL)
-                apps.create_namespaced_deployment(namespace, deployment("pre", "prefill"))  # type: ignore[arg-type]
-                apps.create_namespaced_deployment(namespace, deployment("dec", "decode"))  # type: ignore[arg-type]
+                apps.create_namespaced_deployment(namespace, deployment("pre", "prefill"))
+                apps.create_namespaced_deployment(namespace, deployment("dec", "decode"))
                 start("operator", "operator", f"--namespace={namespace}", "--no-leader-elect", "--metrics-port=0")
                 start("engines", "engine", "pods", kubeconfig, f"--namespace={namespace}", f"--work-dir={engines}")
                 start(
@@ -167,6 +155,7 @@ def plane(cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory) -> I
                     "1 prefill and 1 decoder (real vLLM) ready behind the router",
                     lambda: _backends(url, procs),
                     timeout_s=1200,
+                    interval_s=0.5,
                 )
                 router = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
                 yield Plane(

@@ -32,9 +32,11 @@ def test_nvml_reads_every_gpu_with_power_and_an_energy_counter() -> None:
     for reading in readings:
         assert reading.uuid.startswith(("GPU-", "MIG-")), reading
         assert reading.product, reading
-        assert reading.power_w is not None and 5.0 < reading.power_w < 2000.0, reading
+        assert reading.power_w is not None, reading
+        assert 5.0 < reading.power_w < 2000.0, reading
         # Volta and later have the counter; every data-centre GPU this project targets does.
-        assert reading.energy_mj is not None and reading.energy_mj > 0, reading
+        assert reading.energy_mj is not None, reading
+        assert reading.energy_mj > 0, reading
     print({r.uuid: (r.product, r.power_w, r.energy_mj) for r in readings})
     print({r.product: lookup_product(r.product) for r in readings})
 
@@ -58,7 +60,8 @@ def test_energy_counter_advances_with_power_over_time() -> None:
         baseline, _ = gpu_interval(None, GpuSample(t0, first.energy_mj, first.power_w))
         last = after[key]
         _, interval = gpu_interval(baseline, GpuSample(t1, last.energy_mj, last.power_w), max_power_w=2000.0)
-        assert interval is not None and interval.kind is DeltaKind.NORMAL, (key, interval)
+        assert interval is not None, key
+        assert interval.kind is DeltaKind.NORMAL, (key, interval)
         mean_power_w = sum(powers[key]) / max(len(powers[key]), 1)
         # The counter and the power gauge are two views of one board: they agree within a generous factor
         # (the power reading is a 1 s average on recent GPUs, the counter is exact).

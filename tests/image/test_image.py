@@ -28,7 +28,6 @@ import secrets
 import shutil
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +37,11 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from conserve.controller.testing import Api, conversation_body, install_crds, pod_body, pool_body, wait_for
 from conserve.devcluster import build
 from conserve.devcluster.cluster import free_port
 from conserve.devcluster.testing import ClusterHandle, temporary_namespace
+from conserve.testkit import NOT_YET, Api, install_crds, wait_for
+from conserve.testkit.probes import http_get
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "conserve"
@@ -51,6 +51,9 @@ COMPONENTS = ("operator", "extender")
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
 BANDWIDTH_PRODUCTS = {"NVIDIA-H200", "NVIDIA-A100-SXM4-80GB", "NVIDIA-H20"}
+#: While a container starts, any failure of a probe (podman's answer, a refused read) counts as not yet; the last
+#: one is in the timeout's message.
+STARTING: tuple[type[Exception], ...] = (Exception,)
 
 pytestmark = pytest.mark.image
 
@@ -248,14 +251,6 @@ def release(
 # --- what the tests look at, and the tests
 
 
-def http_get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status, resp.read().decode()
-    except OSError:
-        return 0, ""
-
-
 def logs(container: str) -> str:
     proc = podman("logs", container, check=False)
     return proc.stdout + proc.stderr
@@ -265,6 +260,11 @@ def running(container: str) -> bool:
     state = podman("inspect", "--format={{.State.Status}}", container).stdout.strip()
     assert state == "running", f"{container} is {state}:\n{logs(container)}"
     return True
+
+
+def serving(container: str, url: str) -> bool:
+    """The container runs and `url` answers 200 (a readiness probe)."""
+    return running(container) and http_get(url)[0] == 200
 
 
 def process_identity(container: str) -> tuple[str, str]:
@@ -304,7 +304,7 @@ def test_extender_from_the_image_answers_the_scheduler(release: Release) -> None
     container = release.run("extender")
     base = f"http://127.0.0.1:{cluster.extender_port}"
     # The chart's readiness probe: both watch caches listed, with nothing but the ServiceAccount's token.
-    wait_for(lambda: running(container) and http_get(f"{base}/readyz")[0] == 200, 90, 0.5, "the extender's /readyz")
+    wait_for("the extender's /readyz", lambda: serving(container, f"{base}/readyz"), 90, 0.5, tolerate=STARTING)
     uid, root_options = process_identity(container)
     assert uid == str(release.rendered.pod_spec("extender")["securityContext"]["runAsUser"])
     assert root_options.split(",")[0] == "ro", root_options
@@ -328,7 +328,7 @@ def test_extender_from_the_image_answers_the_scheduler(release: Release) -> None
         )
         return str(got["spec"].get("nodeName") or "")
 
-    node = wait_for(node_of_pod, 60, 0.25, "the decode pod bound by the conserve scheduler")
+    node = wait_for("the decode pod bound by the conserve scheduler", node_of_pod, 60, 0.25, tolerate=STARTING)
     labels = json.loads(cluster.kubectl("get", "node", node, "-o", "json").stdout)["metadata"]["labels"]
     assert labels["nvidia.com/gpu.product"] in BANDWIDTH_PRODUCTS, f"decode pod on {node}"
     metrics = http_get(f"{base}/metrics")[1]
@@ -346,11 +346,15 @@ def test_operator_from_the_image_places_and_releases_a_conversation(
     health_port = next(a.split("=", 1)[1] for a in args if a.startswith("--health-port="))
     # The chart's downward-API env: the replica's identity in the Lease.
     container = release.run("operator", env={"POD_NAME": "operator-image-0", "POD_NAMESPACE": release.namespace})
+    health = f"http://127.0.0.1:{health_port}/healthz"
     wait_for(
-        lambda: running(container) and http_get(f"http://127.0.0.1:{health_port}/healthz")[0] == 200,
-        90, 0.5, "the operator's readiness probe (/healthz)",
-    )  # fmt: skip
-    wait_for(lambda: running(container) and "ledger rebuilt" in logs(container), 60, 0.5, "the operator's ledger")
+        "the operator's readiness probe (/healthz)", lambda: serving(container, health), 90, 0.5, tolerate=STARTING
+    )
+
+    def ledger_rebuilt() -> bool:
+        return running(container) and "ledger rebuilt" in logs(container)
+
+    wait_for("the operator's ledger", ledger_rebuilt, 60, 0.5, tolerate=STARTING)
     uid, root_options = process_identity(container)
     assert uid == str(release.rendered.pod_spec("operator")["securityContext"]["runAsUser"])
     assert root_options.split(",")[0] == "ro", root_options
@@ -360,21 +364,19 @@ def test_operator_from_the_image_places_and_releases_a_conversation(
     with cluster.api_client() as client:
         api = Api(client, namespace)
         try:
-            api.create(pool_body("llama", tokens_per_decoder=10_000))
-            api.create(pod_body("dec-0", "kwok-h200-0"))
-            api.create(pod_body("pre-0", "kwok-h100-0", app="dec-prefill"))
-            wait_for(lambda: api.get_pool("llama").get("status", {}).get("readyDecoders") == 1, 60, 0.2, "pool")
-            api.create(conversation_body("c0", "llama", 2000))
-            placed = wait_for(
-                lambda: (s := api.get_conv("c0").get("status", {})).get("phase") == "Prefilling" and s,
-                60, 0.2, "the conversation placed",
-            )  # fmt: skip
+            placed = api.first_placement()
             assert placed["decoder"]["pod"] == "dec-0"
             assert placed["decoder"]["tier"] == "bandwidth"
             assert placed["reservedKvTokens"] == 4000
             api.patch_conv("c0", {"completed": True})
-            wait_for(lambda: api.get_conv("c0")["status"]["phase"] == "Completed", 60, 0.2, "the release")
-            wait_for(lambda: api.get_pool("llama")["status"].get("reservedKvTokens") == 0, 30, 0.2, "pool status")
+            api.wait_conv_phase("c0", "Completed", timeout_s=60)  # released
+            wait_for(
+                "pool status",
+                lambda: api.get_pool("llama")["status"].get("reservedKvTokens") == 0,
+                30,
+                0.2,
+                tolerate=NOT_YET,
+            )
 
             started = time.monotonic()
             assert stop(container) == 0, logs(container)

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from conserve.cli import build_parser
 from conserve.core.gpus import Tier, node_gpu_from_labels
 from conserve.devcluster import build
 
@@ -170,8 +171,10 @@ def test_every_pod_is_non_root_read_only_with_resources_and_probes(default_docs:
             assert sc["readOnlyRootFilesystem"] is True, name
             assert sc["allowPrivilegeEscalation"] is False, name
             assert sc["capabilities"] == {"drop": ["ALL"]}, name
-            assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"], name
-            assert c["livenessProbe"] and c["readinessProbe"], name
+            assert c["resources"]["requests"]["cpu"], name
+            assert c["resources"]["limits"]["memory"], name
+            assert c["livenessProbe"], name
+            assert c["readinessProbe"], name
 
 
 def test_scheduler_configuration_calls_the_extender_service(default_docs: list[Manifest]) -> None:
@@ -251,14 +254,16 @@ def test_components_can_be_turned_off() -> None:
 def test_single_operator_without_leader_election() -> None:
     docs = render("operator.replicas=1", "operator.leaderElection.enabled=false")
     args = by_kind(docs, "Deployment")["conserve-operator"]["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--no-leader-elect" in args and not any(a.startswith("--lease") for a in args)
+    assert "--no-leader-elect" in args
+    assert not any(a.startswith("--lease") for a in args)
     assert "conserve-operator-leader-election" not in by_kind(docs, "Role")
 
 
 def test_dcgm_energy_source_gets_endpointslices_in_the_exporters_namespace_only() -> None:
     docs = render("operator.energy.source=dcgm", "operator.energy.dcgm.service=gpu-operator/nvidia-dcgm-exporter")
     args = by_kind(docs, "Deployment")["conserve-operator"]["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--energy-source=dcgm" in args and "--dcgm-service=gpu-operator/nvidia-dcgm-exporter" in args
+    assert "--energy-source=dcgm" in args
+    assert "--dcgm-service=gpu-operator/nvidia-dcgm-exporter" in args
     role = by_kind(docs, "Role")["conserve-operator-dcgm-exporter"]
     assert role["metadata"]["namespace"] == "gpu-operator"
     assert rules_of(role) == {("discovery.k8s.io", "endpointslices"): {"list"}}
@@ -277,8 +282,6 @@ def operator_args(docs: Sequence[Manifest]) -> list[str]:
 def parse_command(args: Sequence[str]) -> Any:
     """The container's args parsed by `conserve`'s own parser (the image's entrypoint), as the pod would run them:
     an unknown flag or a bad value exits (SystemExit), which fails the test."""
-    from conserve.cli import build_parser
-
     return build_parser(only=args[0]).parse_args(list(args))
 
 
@@ -323,7 +326,9 @@ def test_rendered_operator_args_parse_with_the_operators_own_parser(sets: list[s
     args = operator_args(render(*sets))
     parsed = parse_command(args)
     assert parsed.command == "operator"
-    assert parsed.namespaces is None and parsed.all_namespaces and parsed.leader_elect
+    assert parsed.namespaces is None
+    assert parsed.all_namespaces
+    assert parsed.leader_elect
     assert (parsed.lease_name, parsed.lease_namespace) == ("conserve-operator", "conserve-system")
     assert (parsed.metrics_port, parsed.health_port) == (9100, 8080)
     assert {key: getattr(parsed, key) for key in expected} == expected
@@ -339,7 +344,8 @@ def test_rendered_operator_args_without_leader_election_parse() -> None:
 def test_sharded_operator_gets_its_shards_flag_and_lease_rights() -> None:
     docs = render("operator.replicas=4", "operator.leaderElection.shards=8")
     parsed = parse_command(operator_args(docs))
-    assert parsed.shards == 8 and parsed.leader_elect
+    assert parsed.shards == 8
+    assert parsed.leader_elect
     rules = rules_of(by_kind(docs, "Role")["conserve-operator-leader-election"])
     assert rules == {("coordination.k8s.io", "leases"): {"create", "get", "list", "update", "patch"}}
     assert parse_command(operator_args(render())).shards == 1  # the default: one Lease, its name only
@@ -466,7 +472,8 @@ def test_each_binding_names_its_own_service_account(default_docs: list[Manifest]
     refs: dict[str, set[str]] = {}
     for b in bindings:
         [subject] = b["subjects"]
-        assert subject["kind"] == "ServiceAccount" and subject["namespace"] == "conserve-system"
+        assert subject["kind"] == "ServiceAccount"
+        assert subject["namespace"] == "conserve-system"
         refs.setdefault(subject["name"], set()).add(b["roleRef"]["name"])
     assert refs["conserve-operator"] == {"conserve-operator", "conserve-operator-leader-election"}
     assert refs["conserve-extender"] == {"conserve-extender"}
@@ -544,10 +551,12 @@ def test_dashboard_queries_only_metrics_the_code_defines() -> None:
 
 def test_kind_config_has_gpu_nodes_of_both_tiers() -> None:
     config = yaml.safe_load((REPO / "kind-config.yaml").read_text())
-    assert config["kind"] == "Cluster" and config["apiVersion"] == "kind.x-k8s.io/v1alpha4"
+    assert config["kind"] == "Cluster"
+    assert config["apiVersion"] == "kind.x-k8s.io/v1alpha4"
     workers = [n for n in config["nodes"] if n["role"] == "worker"]
     tiers = [node_gpu_from_labels(n["labels"]).tier for n in workers]
-    assert tiers.count(Tier.COMPUTE) >= 1 and tiers.count(Tier.BANDWIDTH) >= 1, tiers
+    assert tiers.count(Tier.COMPUTE) >= 1, tiers
+    assert tiers.count(Tier.BANDWIDTH) >= 1, tiers
     for n in workers:
         assert {"nvidia.com/gpu.product", "nvidia.com/gpu.memory", "nvidia.com/gpu.count"} <= set(n["labels"])
 

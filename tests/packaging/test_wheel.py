@@ -15,7 +15,6 @@ import subprocess
 import sys
 import sysconfig
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,7 +50,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The python of a fresh environment holding the wheel."""
     env = tmp_path_factory.mktemp("venv")
     _check(sys.executable, "-m", "venv", "--without-pip", env, cwd=env)
@@ -59,7 +58,7 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     _check(sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index", wheel, cwd=env)
     purelib = Path(_check(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=env).strip())
     (purelib / "test-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    yield python
+    return python
 
 
 def test_wheel_holds_the_traces_their_licenses_and_readme(wheel: Path) -> None:

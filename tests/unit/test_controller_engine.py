@@ -4,72 +4,22 @@ rebuild. The e2e suite runs the same flows against the real control plane."""
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any
+
+from fake_operator import NS, engine_with, held_per_decoder, pod, pool_world, started_engine, stored_conv, sync
 
 from conserve import metrics
-from conserve.controller import conversation, decoderpool, pods, startup
+from conserve.api.decoderpool import DecoderPoolSpec
+from conserve.controller import conversation, decoderpool, pods
 from conserve.controller.engine import Engine, EngineConfig
 from conserve.controller.state import FINALIZER, NodeInfo, PodInfo
 from conserve.controller.status import pool_status_patch
-from conserve.controller.testing import conversation_body, pool_body
-from conserve.testkit import FakeKube
-
-NS = "ns"
-T = TypeVar("T")
-
-
-def sync(fn: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
-    """No asyncio plugin in the test environment: run each async test in its own event loop."""
-
-    @functools.wraps(fn)
-    def wrapper() -> None:
-        asyncio.run(fn())
-
-    return wrapper
-
-
-def h200(name: str) -> dict[str, Any]:
-    labels = {"nvidia.com/gpu.product": "NVIDIA-H200", "nvidia.com/gpu.memory": "143771", "nvidia.com/gpu.count": "8"}
-    return {"metadata": {"name": name, "labels": labels}}
-
-
-def pod(name: str, node: str, ready: bool = True, app: str = "dec") -> dict[str, Any]:
-    return {
-        "metadata": {"name": name, "namespace": NS, "labels": {"app": app}},
-        "spec": {"nodeName": node, "containers": [{"resources": {"limits": {"nvidia.com/gpu": "1"}}}]},
-        "status": {
-            "phase": "Running",
-            "podIP": "10.0.0.1",
-            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
-        },
-    }
+from conserve.testkit import FakeKube, gpu_node, pool_body
 
 
 def conv(name: str, tokens: int, ts: int = 0, **spec: Any) -> dict[str, Any]:
-    body = conversation_body(name, "llama", tokens, **spec)
-    body["metadata"].update(
-        namespace=NS, uid=f"uid-{name}", generation=1, creationTimestamp=f"2026-01-01T00:00:{ts:02d}Z"
-    )
-    return body
-
-
-async def engine_with(decoders: int, tokens: int = 10_000, **pool_spec: Any) -> tuple[Engine, FakeKube]:
-    kube = FakeKube()
-    kube.nodes = [h200("n0")]
-    kube.pods = [pod(f"dec-{i}", "n0") for i in range(decoders)]
-    body = pool_body("llama", tokens_per_decoder=tokens, **pool_spec)
-    body["metadata"].update(namespace=NS, generation=1)
-    kube.objects["decoderpools"] = [body]
-    engine = Engine(kube, EngineConfig())
-    await startup.rebuild(engine, [NS])
-    return engine, kube
-
-
-def held_per_decoder(engine: Engine) -> dict[str, int]:
-    pool = engine.world.pool(NS, "llama")
-    return {name: pool.ledger.reserved_on(name) for name in pool.ledger.decoders}
+    """A conversation created `ts` seconds into 2026 (the queue orders equal priorities by age)."""
+    return stored_conv(name, tokens, created=f"2026-01-01T00:00:{ts:02d}Z", **spec)
 
 
 @sync
@@ -80,7 +30,8 @@ async def test_burst_never_oversubscribes() -> None:
     # 9500 usable per decoder, 2000 per conversation: 4 each.
     assert held_per_decoder(engine) == {"dec-0": 8000, "dec-1": 8000, "dec-2": 8000}
     phases = [s["phase"] for (plural, _), s in kube.status.items() if plural == "conversations"]
-    assert phases.count("Prefilling") == 12 and phases.count("Pending") == 88
+    assert phases.count("Prefilling") == 12
+    assert phases.count("Pending") == 88
     # One write per placement: the status, no finalizer patch.
     assert not any(FINALIZER in (m.get("finalizers") or []) for m in kube.meta.values())
     assert len(engine.world.pool(NS, "llama").pending) == 88
@@ -126,7 +77,8 @@ async def test_turns_extend_then_pin() -> None:
     await conversation.on_event(engine, "MODIFIED", conv("a", 1000, usage={"turns": 2, "inputTokens": 12000}))
     status = kube.status[("conversations", "a")]
     outgrown = [c for c in status["conditions"] if c["type"] == "Outgrown"]
-    assert outgrown[0]["reason"] == "DecoderFull" and status["decoder"]["pod"] == "dec-0"
+    assert outgrown[0]["reason"] == "DecoderFull"
+    assert status["decoder"]["pod"] == "dec-0"
     assert held_per_decoder(engine) == {"dec-0": 12000}  # the live context counts; new placements see it
 
 
@@ -140,7 +92,8 @@ async def test_decoder_loss_moves_or_fails() -> None:
     await decoderpool.on_pod_event(engine, "MODIFIED", pod("dec-0", "n0", ready=False))
     for key in on_dec0:
         status = kube.status[("conversations", key.split("/")[1])]
-        assert status["placementGeneration"] == 2 and status["kvTransfers"] == 2
+        assert status["placementGeneration"] == 2
+        assert status["kvTransfers"] == 2
         assert status["decoder"]["pod"] == "dec-1"
     await decoderpool.on_pod_event(engine, "DELETED", pod("dec-1", "n0"))
     phases = {s["phase"] for (p, _), s in kube.status.items() if p == "conversations"}
@@ -150,12 +103,7 @@ async def test_decoder_loss_moves_or_fails() -> None:
 
 @sync
 async def test_rebuild_adopts_even_over_capacity_and_places_nothing_twice() -> None:
-    kube = FakeKube()
-    kube.nodes = [h200("n0")]
-    kube.pods = [pod("dec-0", "n0")]
-    body = pool_body("llama", tokens_per_decoder=10_000)
-    body["metadata"].update(namespace=NS, generation=1)
-    kube.objects["decoderpools"] = [body]
+    kube = pool_world(1)
     placed = conv("old", 1000)
     placed["status"] = {
         "phase": "Decoding",
@@ -165,8 +113,7 @@ async def test_rebuild_adopts_even_over_capacity_and_places_nothing_twice() -> N
         "kvTransfers": 1,
     }
     kube.objects["conversations"] = [placed, conv("new", 1000)]
-    engine = Engine(kube, EngineConfig())
-    await startup.rebuild(engine, [NS])
+    engine = await started_engine(kube)
     assert held_per_decoder(engine) == {"dec-0": 12_000}
     assert kube.status[("conversations", "new")]["phase"] == "Pending"
     assert ("conversations", "old") not in kube.status  # adopted as is, not rewritten
@@ -175,7 +122,7 @@ async def test_rebuild_adopts_even_over_capacity_and_places_nothing_twice() -> N
 def test_pool_status_keeps_energy_fields() -> None:
     engine = Engine(FakeKube(), EngineConfig())
     world = engine.world
-    world.nodes["n0"] = NodeInfo.from_labels("n0", h200("n0")["metadata"]["labels"])
+    world.nodes["n0"] = NodeInfo.from_labels("n0", gpu_node("n0")["metadata"]["labels"])
     world.pods[f"{NS}/dec-0"] = PodInfo(NS, "dec-0", {"app": "dec"}, "n0", True, "10.0.0.1", "127.0.0.1:9001", 1)
     pool = world.pool(NS, "llama")
     body = pool_body("llama")
@@ -187,19 +134,20 @@ def test_pool_status_keeps_energy_fields() -> None:
     assert (entry["powerWatts"], entry["energyJoules"], entry["endpoint"]) == (350.0, 10.0, "127.0.0.1:9001")
     world.set_decoder_energy(NS, "llama", "dec-0", power_watts=400.0, energy_joules=12.0)
     status = pool_status_patch(pool, 0)["status"]
-    assert status["decoders"][0]["powerWatts"] == 400.0 and status["powerWatts"] == 400.0
+    assert status["decoders"][0]["powerWatts"] == 400.0
+    assert status["powerWatts"] == 400.0
 
 
 def test_capacity_derived_from_gpu_memory() -> None:
-    from conserve.api.decoderpool import DecoderPoolSpec
-
     spec = DecoderPoolSpec.model_validate(
         {"model": {"name": "llama-3-8b"}, "decoderSelector": {"matchLabels": {"app": "dec"}}}
     )
-    node = NodeInfo.from_labels("n0", h200("n0")["metadata"]["labels"])
+    node = NodeInfo.from_labels("n0", gpu_node("n0")["metadata"]["labels"])
     info = pods.decoder_info(PodInfo(NS, "d", {}, "n0", True, "10.0.0.1", "", 1), node, spec)
     # 143771 MiB x 0.9 = 135.7 GB, less 16.06 GB of weights, over 128 KiB per token: 912,623.
-    assert info.tier == "bandwidth" and info.capacity_kv_tokens == 912_623
+    assert info.tier == "bandwidth"
+    assert info.capacity_kv_tokens == 912_623
     assert info.endpoint == "10.0.0.1:8000"
     bare = pods.decoder_info(PodInfo(NS, "d", {}, "n1", True, "", "", 1), None, spec)
-    assert bare.capacity_kv_tokens == 0 and "gpu.memory" in bare.problem
+    assert bare.capacity_kv_tokens == 0
+    assert "gpu.memory" in bare.problem

@@ -4,7 +4,7 @@ the rules do catch a wrong name or unit."""
 from __future__ import annotations
 
 import pytest
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -12,7 +12,7 @@ from conserve import metrics
 from conserve.extender.metrics import ExtenderMetrics
 from conserve.gpusim.engine import Role
 from conserve.gpusim.server import GpuSimConfig, GpuSimServer
-from conserve.testkit.metrics import fresh_registry, naming_violations
+from conserve.testkit.metrics import naming_violations
 
 pytestmark = pytest.mark.unit
 
@@ -48,10 +48,9 @@ def test_metric_names() -> None:
         (lambda r: Gauge("conserveWatts", "Power.", registry=r), "not conserve_<lower_snake_case>"),
     ],
 )
-def test_a_wrong_name_or_unit_is_caught(make: object, reason: str) -> None:
-    registry = fresh_registry()
-    make(registry)  # type: ignore[operator]
-    problems = naming_violations(registry)
+def test_a_wrong_name_or_unit_is_caught(make: object, reason: str, metric_registry: CollectorRegistry) -> None:
+    make(metric_registry)  # type: ignore[operator]
+    problems = naming_violations(metric_registry)
     assert len(problems) == 1, problems
     assert reason in problems[0]
 

@@ -4,69 +4,24 @@ without a finalizer, observed occupancy folded into placement, shards fencing wr
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
+from fake_operator import NS, engine_with, held_per_decoder, stored_conv, sync
 
-from conserve.controller import conversation, startup
-from conserve.controller.engine import Engine, EngineConfig
+from conserve.controller import conversation
+from conserve.controller.engine import Engine
 from conserve.controller.events import AggregatingKube, EventWindows
 from conserve.controller.occupancy import OccupancyScraper, engine_hook, parse_metrics
 from conserve.controller.shards import ShardFencedKube, ShardSet, fair_share, shard_of
-from conserve.controller.testing import conversation_body, pool_body
 from conserve.core.occupancy import ObservedOccupancy, with_observed
 from conserve.core.placement import DecoderState
 from conserve.gpusim.engine import Role, SimRequest
 from conserve.gpusim.server import GpuSimConfig, GpuSimServer
 from conserve.router.policy import USAGE_INTERVAL_S, Usage, UsageBatcher
-from conserve.testkit import FakeKube
+from conserve.testkit import FakeClock, FakeKube
 
 pytestmark = pytest.mark.unit
-NS = "ns"
-
-
-def sync(fn: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
-    """No asyncio plugin in the test environment: run each async test in its own event loop."""
-
-    @functools.wraps(fn)
-    def wrapper() -> None:
-        asyncio.run(fn())
-
-    return wrapper
-
-
-def conv(name: str, tokens: int) -> dict[str, Any]:
-    body = conversation_body(name, "llama", tokens)
-    body["metadata"].update(namespace=NS, uid=f"uid-{name}", generation=1, creationTimestamp="2026-01-01T00:00:00Z")
-    return body
-
-
-async def engine_with(decoders: int, tokens: int = 10_000) -> tuple[Engine, FakeKube]:
-    """A pool of H200 decoders of `tokens` KV each (9,500 usable), its ledger rebuilt from the fake API."""
-    kube = FakeKube()
-    labels = {"nvidia.com/gpu.product": "NVIDIA-H200", "nvidia.com/gpu.memory": "143771", "nvidia.com/gpu.count": "8"}
-    kube.nodes = [{"metadata": {"name": "n0", "labels": labels}}]
-    kube.pods = [
-        {
-            "metadata": {"name": f"dec-{i}", "namespace": NS, "labels": {"app": "dec"}},
-            "spec": {"nodeName": "n0", "containers": [{"resources": {"limits": {"nvidia.com/gpu": "1"}}}]},
-            "status": {"phase": "Running", "podIP": "10.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
-        }
-        for i in range(decoders)
-    ]
-    body = pool_body("llama", tokens_per_decoder=tokens)
-    body["metadata"].update(namespace=NS, generation=1)
-    kube.objects["decoderpools"] = [body]
-    engine = Engine(kube, EngineConfig())
-    await startup.rebuild(engine, [NS])
-    return engine, kube
-
-
-def held_per_decoder(engine: Engine) -> dict[str, int]:
-    pool = engine.world.pool(NS, "llama")
-    return {name: pool.ledger.reserved_on(name) for name in pool.ledger.decoders}
 
 
 class CountingKube(FakeKube):
@@ -87,19 +42,11 @@ class CountingKube(FakeKube):
         await super().post_event(obj, reason, message, warning=warning)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-async def counted_engine(decoders: int, window_s: float = 10.0) -> tuple[Engine, CountingKube, Clock]:
+async def counted_engine(decoders: int, window_s: float = 10.0) -> tuple[Engine, CountingKube, FakeClock]:
     engine, plain = await engine_with(decoders)
     counting = CountingKube()
     counting.objects, counting.pods, counting.nodes = plain.objects, plain.pods, plain.nodes
-    clock = Clock()
+    clock = FakeClock()
     engine.kube = AggregatingKube(counting, window_s, clock)
     return engine, counting, clock
 
@@ -107,7 +54,7 @@ async def counted_engine(decoders: int, window_s: float = 10.0) -> tuple[Engine,
 @sync
 async def test_a_placement_is_one_api_write_and_normal_events_are_aggregated() -> None:
     engine, kube, clock = await counted_engine(3)
-    await asyncio.gather(*(conversation.on_event(engine, "ADDED", conv(f"c{i}", 1000)) for i in range(12)))
+    await asyncio.gather(*(conversation.on_event(engine, "ADDED", stored_conv(f"c{i}", 1000)) for i in range(12)))
     await engine.drain_background()
     conv_writes = [w for w in kube.writes if w[0].startswith("conversations")]
     assert sorted(conv_writes) == sorted(("conversations/status", f"c{i}") for i in range(12))  # no finalizer
@@ -116,7 +63,7 @@ async def test_a_placement_is_one_api_write_and_normal_events_are_aggregated() -
     aggregator = engine.kube
     assert isinstance(aggregator, AggregatingKube)
     assert await aggregator.flush() == 0  # the window is still open
-    clock.t += 10
+    clock.advance(10)
     assert await aggregator.flush() == 1
     assert len(kube.events) == 2
     assert kube.events[-1][1] == "Placed"
@@ -125,7 +72,7 @@ async def test_a_placement_is_one_api_write_and_normal_events_are_aggregated() -
 @sync
 async def test_warnings_are_never_aggregated() -> None:
     inner = CountingKube()
-    kube = AggregatingKube(inner, 10.0, Clock())
+    kube = AggregatingKube(inner, 10.0, FakeClock())
     obj = {"kind": "Conversation", "metadata": {"namespace": NS, "name": "x"}}
     for _ in range(5):
         await kube.post_event(obj, "Outgrown", "full", warning=True)
@@ -155,18 +102,18 @@ def test_event_windows_per_reason_with_a_summary_naming_the_count() -> None:
 @sync
 async def test_a_delete_releases_capacity_without_a_finalizer() -> None:
     engine, _ = await engine_with(1)
-    await conversation.on_event(engine, "ADDED", conv("a", 1000))
+    await conversation.on_event(engine, "ADDED", stored_conv("a", 1000))
     assert held_per_decoder(engine) == {"dec-0": 2000}
-    await conversation.on_event(engine, "DELETED", conv("a", 1000))
+    await conversation.on_event(engine, "DELETED", stored_conv("a", 1000))
     assert held_per_decoder(engine) == {"dec-0": 0}
 
 
 @sync
 async def test_a_delete_missed_by_the_watch_is_released_by_the_sweep() -> None:
     engine, kube = await engine_with(1)
-    await conversation.on_event(engine, "ADDED", conv("gone", 1000))
-    await conversation.on_event(engine, "ADDED", conv("kept", 1000))
-    kube.objects["conversations"] = [conv("kept", 1000)]  # "gone" was deleted while the watch was down
+    await conversation.on_event(engine, "ADDED", stored_conv("gone", 1000))
+    await conversation.on_event(engine, "ADDED", stored_conv("kept", 1000))
+    kube.objects["conversations"] = [stored_conv("kept", 1000)]  # "gone" was deleted while the watch was down
     assert await conversation.release_vanished(engine, [NS]) == 1
     assert held_per_decoder(engine) == {"dec-0": 2000}
     assert "gone" not in {k.split("/")[1] for k in engine.world.convs}
@@ -205,7 +152,7 @@ async def test_a_decoder_its_engine_reports_full_takes_no_new_conversation() -> 
     now = engine.clock.monotonic()
     observe(NS, "llama", "dec-0", ObservedOccupancy(0.95, 12, now))  # KV the ledger does not know of
     for i in range(4):
-        await conversation.on_event(engine, "ADDED", conv(f"c{i}", 1000))
+        await conversation.on_event(engine, "ADDED", stored_conv(f"c{i}", 1000))
     assert held_per_decoder(engine) == {"dec-0": 0, "dec-1": 8000}
 
 

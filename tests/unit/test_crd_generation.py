@@ -42,7 +42,9 @@ def test_schema_is_structural(name: str) -> None:
     crd = crdgen.all_crds()[name]
     schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     for path, node in _walk(schema):
-        assert "$ref" not in node and "anyOf" not in node and "allOf" not in node, path
+        assert "$ref" not in node, path
+        assert "anyOf" not in node, path
+        assert "allOf" not in node, path
         assert "title" not in node, path
         if "properties" in node or "additionalProperties" in node:
             assert node.get("type") == "object", path
@@ -56,7 +58,8 @@ def test_schema_is_structural(name: str) -> None:
 def test_printer_columns_and_names() -> None:
     conv = crdgen.conversation_crd()["spec"]
     dp = crdgen.decoderpool_crd()["spec"]
-    assert conv["names"]["shortNames"] == ["conv"] and dp["names"]["shortNames"] == ["dp"]
+    assert conv["names"]["shortNames"] == ["conv"]
+    assert dp["names"]["shortNames"] == ["dp"]
     conv_cols = [c["name"] for c in conv["versions"][0]["additionalPrinterColumns"] if not c.get("priority")]
     dp_cols = [c["name"] for c in dp["versions"][0]["additionalPrinterColumns"] if not c.get("priority")]
     assert conv_cols == ["Phase", "Decoder", "Tier", "Reservation", "Turns", "KV", "Age"]

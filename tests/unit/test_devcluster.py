@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,7 +77,9 @@ def test_scheduler_configs_keep_the_extender_off_the_default_profile(tmp_path: P
     (ext,) = conserve["extenders"]
     assert ext["urlPrefix"] == "http://127.0.0.1:9999/"
     assert (ext["filterVerb"], ext["prioritizeVerb"], ext["weight"]) == ("filter", "prioritize", 5)
-    assert ext["nodeCacheCapable"] is True and ext["ignorable"] is False and ext["httpTimeout"] == "5s"
+    assert ext["nodeCacheCapable"] is True
+    assert ext["ignorable"] is False
+    assert ext["httpTimeout"] == "5s"
     assert ext["managedResources"] == [{"name": "nvidia.com/gpu", "ignoredByScheduler": False}]
     assert c.extender_port == 9999
 
@@ -101,7 +105,8 @@ def test_pki_admin_is_in_system_masters_and_server_cert_names_loopback(tmp_path:
 
 def test_namespace_names_are_valid_and_unique() -> None:
     a, b = namespace_name("test_Thing[param-1]"), namespace_name("test_Thing[param-1]")
-    assert a != b and len(a) <= 63
+    assert a != b
+    assert len(a) <= 63
     assert a.startswith("t-test-thing-param-1-")
 
 
@@ -125,12 +130,10 @@ def test_cache_dir_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 
 
 def test_cli_dev_parses_and_imports_no_operator_stack(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     parser = cli.build_parser("dev")
     args = parser.parse_args(["dev", "up", "--free-ports", "--state-dir", "/tmp/x"])
-    assert args.free_ports and args.state_dir == Path("/tmp/x")
+    assert args.free_ports
+    assert args.state_dir == Path("/tmp/x")
     # `conserve dev` stays light: it must not drag in kopf or aiohttp.
     code = (
         "import sys; from conserve.cli import main; "

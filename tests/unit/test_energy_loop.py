@@ -187,10 +187,9 @@ def operator_world(conversations: list[Body]) -> World:
     runtime = world.pool("ns", "llama")
     runtime.body = pool()
     for entry in pool()["status"]["decoders"]:
-        info = DecoderInfo(entry["pod"], entry["node"], entry["tier"], entry["gpuProduct"], True)
-        info.capacity_kv_tokens = entry["capacityKvTokens"]
+        info = DecoderInfo.model_validate(entry)
         runtime.decoders[info.pod] = info
-    runtime.prefills["pre-0"] = DecoderInfo("pre-0", "h100-0", "compute", "NVIDIA-H100", True)
+    runtime.prefills["pre-0"] = DecoderInfo.model_validate(pool()["status"]["prefills"][0])
     for body in conversations:
         spec = ConversationSpec.model_validate(body["spec"])
         record = record_from_body(body, spec, now_s=0.0, monotonic=0.0)

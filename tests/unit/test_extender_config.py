@@ -22,11 +22,15 @@ def test_scheduler_profile_calls_the_extender() -> None:
     assert (cfg["apiVersion"], cfg["kind"]) == ("kubescheduler.config.k8s.io/v1", "KubeSchedulerConfiguration")
     assert [p["schedulerName"] for p in cfg["profiles"]] == ["conserve-scheduler"]
     (extender,) = cfg["extenders"]
-    assert extender["filterVerb"] == "filter" and extender["prioritizeVerb"] == "prioritize"
-    assert "bindVerb" not in extender and "preemptVerb" not in extender
-    assert extender["nodeCacheCapable"] is True and extender["ignorable"] is False
+    assert extender["filterVerb"] == "filter"
+    assert extender["prioritizeVerb"] == "prioritize"
+    assert "bindVerb" not in extender
+    assert "preemptVerb" not in extender
+    assert extender["nodeCacheCapable"] is True
+    assert extender["ignorable"] is False
     assert extender["managedResources"] == [{"name": "nvidia.com/gpu", "ignoredByScheduler": False}]
-    assert extender["weight"] >= 1 and extender["urlPrefix"].endswith("/")
+    assert extender["weight"] >= 1
+    assert extender["urlPrefix"].endswith("/")
 
 
 def parse(*argv: str) -> argparse.Namespace:

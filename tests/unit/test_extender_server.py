@@ -49,16 +49,20 @@ def test_filter_and_prioritize(server: BackgroundServer) -> None:
     args = {"Pod": pod("p", "prefill"), "Nodes": None, "NodeNames": ["h100-0", "h200-0"]}
     status, result = post(server, "/filter", args)
     assert status == 200
-    assert result["NodeNames"] == ["h100-0"] and result["Nodes"] is None and result["Error"] == ""
+    assert result["NodeNames"] == ["h100-0"]
+    assert result["Nodes"] is None
+    assert result["Error"] == ""
     assert "compute-tier" in result["FailedAndUnresolvableNodes"]["h200-0"]
     status, scores = post(server, "/prioritize", args)
-    assert status == 200 and [s["Host"] for s in scores] == ["h100-0", "h200-0"]
+    assert status == 200
+    assert [s["Host"] for s in scores] == ["h100-0", "h200-0"]
 
 
 def test_full_node_mode(server: BackgroundServer) -> None:
     args = {"Pod": pod("d", "decode"), "Nodes": {"metadata": {}, "items": NODES}, "NodeNames": None}
     status, result = post(server, "/filter", args)
-    assert status == 200 and [n["metadata"]["name"] for n in result["Nodes"]["items"]] == ["h200-0"]
+    assert status == 200
+    assert [n["metadata"]["name"] for n in result["Nodes"]["items"]] == ["h200-0"]
 
 
 @pytest.mark.parametrize(
@@ -81,7 +85,8 @@ def test_bad_requests_get_an_error_body(server: BackgroundServer, path: str, bod
 
 def test_bind_is_answered_with_an_error(server: BackgroundServer) -> None:
     status, result = post(server, "/bind", {"PodName": "p", "PodNamespace": "n", "PodUID": "u", "Node": "h100-0"})
-    assert status == 200 and "does not bind" in result["Error"]
+    assert status == 200
+    assert "does not bind" in result["Error"]
 
 
 def test_health_ready_metrics(server: BackgroundServer) -> None:

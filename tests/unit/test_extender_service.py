@@ -17,6 +17,7 @@ from conserve.extender.service import (
     BadRequest,
     ExtenderService,
     ExtenderSettings,
+    Priorities,
     parse_args,
 )
 from conserve.extender.testing import node, pod
@@ -100,7 +101,8 @@ def test_unknown_nodes_in_node_cache_mode() -> None:
     assert out.result.FailedNodes == {"ghost": UNKNOWN_NODE_MESSAGE}
     assert out.rejected[NodeFilterReason.UNKNOWN_NODE] == 1
     scores = svc.prioritize(by_names(pod("p", "prefill"), ["h100-0", "ghost"])).to_wire()
-    assert [h.Host for h in scores.root] == ["h100-0", "ghost"] and scores.root[1].Score == 0
+    assert [h.Host for h in scores.root] == ["h100-0", "ghost"]
+    assert scores.root[1].Score == 0
     # no cache at all: every named node is unknown
     assert service().filter(by_names(pod("p", "prefill"))).result.NodeNames == []
 
@@ -116,7 +118,9 @@ def test_unknown_nodes_in_node_cache_mode() -> None:
 def test_pass_through(p: dict[str, Any]) -> None:
     svc = service(cache=cached())
     out = svc.filter(by_names(p, [*NAMES, "ghost"]))
-    assert out.result.NodeNames == [*NAMES, "ghost"] and not out.result.FailedNodes and not out.rejected
+    assert out.result.NodeNames == [*NAMES, "ghost"]
+    assert not out.result.FailedNodes
+    assert not out.rejected
     assert service().filter(full(p)).result.Nodes == NodeList(metadata={}, items=NODES)
     assert {h.Score for h in svc.prioritize(by_names(p)).to_wire().root} == {0}
     assert {h.Score for h in svc.prioritize(full(p)).to_wire().root} == {0}
@@ -168,7 +172,8 @@ def test_malformed_embedded_objects_never_raise() -> None:
     ]
     svc = service()
     out = svc.filter(full(weird_pod, weird_nodes))
-    assert out.result.Nodes is not None and out.result.Nodes.items == []
+    assert out.result.Nodes is not None
+    assert out.result.Nodes.items == []
     svc.prioritize(full(weird_pod, weird_nodes))
     assert pod_gpu_request({"spec": {"containers": [{"resources": {"limits": {"nvidia.com/gpu": True}}}]}}) == 0
 
@@ -181,8 +186,6 @@ def test_pod_demand_reads_requests_limits_and_init_containers() -> None:
 
 
 def test_priorities_fast_encoding_equals_the_wire_model() -> None:
-    from conserve.extender.service import Priorities
-
     result = Priorities(["a", 'we"ird\\name', "ünï"], [0, 10, 7])
     assert result.to_json_bytes() == result.to_wire().to_json_bytes()
     assert json.loads(result.to_json_bytes()) == [
@@ -204,11 +207,13 @@ def test_node_classes_follow_changes_in_the_cache() -> None:
     ]
     cache.apply_pod("ADDED", pod("big", "decode", gpus=8, node_name="h200-0", phase="Running"))
     out = svc.filter(by_names(pod("d", "decode"), ["h200-1", "h200-0"]))
-    assert out.result.NodeNames == ["h200-1"] and set(out.result.FailedNodes or {}) == {"h200-0"}
+    assert out.result.NodeNames == ["h200-1"]
+    assert set(out.result.FailedNodes or {}) == {"h200-0"}
     cache.apply_pod("DELETED", pod("big", "decode", gpus=8, node_name="h200-0"))
     cache.apply_pod("ADDED", pod("big2", "decode", gpus=8, node_name="h200-1", phase="Running"))
     out = svc.filter(by_names(pod("d", "decode"), ["h200-0", "h200-1"]))
-    assert out.result.NodeNames == ["h200-0"] and set(out.result.FailedNodes or {}) == {"h200-1"}
+    assert out.result.NodeNames == ["h200-0"]
+    assert set(out.result.FailedNodes or {}) == {"h200-1"}
     priorities = svc.prioritize(by_names(pod("d", "decode"), ["h200-0", "h200-1"]))
     scores = dict(zip(priorities.hosts, priorities.scores, strict=True))
     assert scores["h200-0"] > scores["h200-1"]  # all 8 GPUs free against none

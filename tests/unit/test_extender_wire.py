@@ -11,15 +11,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from conserve.api.extender_wire import (
-    ExtenderArgs,
-    ExtenderBindingArgs,
-    ExtenderBindingResult,
-    ExtenderFilterResult,
-    HostPriority,
-    HostPriorityList,
-    NodeList,
-)
+from conserve.api import extender_wire as wire
 
 pytestmark = pytest.mark.unit
 
@@ -51,24 +43,27 @@ ARGS_FULL = """{"Pod":{"metadata":{"name":"p","namespace":"t1","labels":{"conser
 
 
 def test_args_node_cache_capable_shape() -> None:
-    args = ExtenderArgs.model_validate_json(ARGS_NODE_CACHE)
+    args = wire.ExtenderArgs.model_validate_json(ARGS_NODE_CACHE)
     assert args.Nodes is None
     assert args.NodeNames == ["kwok-h100-0", "kwok-h200-0"]
-    assert args.Pod is not None and args.Pod["metadata"]["labels"]["conserve.dev/role"] == "prefill"
+    assert args.Pod is not None
+    assert args.Pod["metadata"]["labels"]["conserve.dev/role"] == "prefill"
 
 
 def test_args_full_node_shape() -> None:
-    args = ExtenderArgs.model_validate_json(ARGS_FULL)
+    args = wire.ExtenderArgs.model_validate_json(ARGS_FULL)
     assert args.NodeNames is None
-    assert args.Nodes is not None and args.Nodes.items is not None
+    assert args.Nodes is not None
+    assert args.Nodes.items is not None
     assert args.Nodes.items[0]["metadata"]["name"] == "kwok-h200-0"
     # Go's decoder also accepts missing keys as nil and unknown keys silently
-    sparse = ExtenderArgs.model_validate_json('{"Pod":{},"NodeNames":["a"],"Future":1}')
-    assert sparse.Nodes is None and sparse.NodeNames == ["a"]
+    sparse = wire.ExtenderArgs.model_validate_json('{"Pod":{},"NodeNames":["a"],"Future":1}')
+    assert sparse.Nodes is None
+    assert sparse.NodeNames == ["a"]
 
 
 def test_filter_result_encodes_like_go_in_node_cache_mode() -> None:
-    result = ExtenderFilterResult(
+    result = wire.ExtenderFilterResult(
         NodeNames=["kwok-h100-0"],
         FailedNodes={},
         FailedAndUnresolvableNodes={"kwok-h200-0": "conserve: prefill pod needs a compute-tier GPU node"},
@@ -84,14 +79,14 @@ def test_filter_result_encodes_like_go_in_node_cache_mode() -> None:
 def test_filter_result_zero_value_is_all_null() -> None:
     # json.Marshal(ExtenderFilterResult{}) in Go
     go_zero = '{"Nodes":null,"NodeNames":null,"FailedNodes":null,"FailedAndUnresolvableNodes":null,"Error":""}'
-    assert ExtenderFilterResult().to_json_bytes().decode() == go_zero
-    assert ExtenderFilterResult.model_validate_json(go_zero) == ExtenderFilterResult()
+    assert wire.ExtenderFilterResult().to_json_bytes().decode() == go_zero
+    assert wire.ExtenderFilterResult.model_validate_json(go_zero) == wire.ExtenderFilterResult()
 
 
 def test_filter_result_full_mode_keeps_nodes_as_given() -> None:
-    args = ExtenderArgs.model_validate_json(ARGS_FULL)
+    args = wire.ExtenderArgs.model_validate_json(ARGS_FULL)
     assert args.Nodes is not None
-    result = ExtenderFilterResult(Nodes=NodeList(metadata={}, items=args.Nodes.items), FailedNodes={})
+    result = wire.ExtenderFilterResult(Nodes=wire.NodeList(metadata={}, items=args.Nodes.items), FailedNodes={})
     decoded = json.loads(result.to_json_bytes())
     assert decoded["NodeNames"] is None
     assert decoded["Nodes"]["items"] == json.loads(ARGS_FULL)["Nodes"]["items"]
@@ -100,25 +95,28 @@ def test_filter_result_full_mode_keeps_nodes_as_given() -> None:
 
 def test_filter_result_with_error_roundtrip() -> None:
     go = '{"Nodes":null,"NodeNames":null,"FailedNodes":null,"FailedAndUnresolvableNodes":null,"Error":"boom"}'
-    assert ExtenderFilterResult.model_validate_json(go).Error == "boom"
+    assert wire.ExtenderFilterResult.model_validate_json(go).Error == "boom"
 
 
 def test_host_priority_list() -> None:
     go = '[{"Host":"kwok-h100-0","Score":10},{"Host":"kwok-l40s-0","Score":3}]'
-    parsed = HostPriorityList.model_validate_json(go)
-    assert parsed.root == [HostPriority(Host="kwok-h100-0", Score=10), HostPriority(Host="kwok-l40s-0", Score=3)]
+    parsed = wire.HostPriorityList.model_validate_json(go)
+    assert parsed.root == [
+        wire.HostPriority(Host="kwok-h100-0", Score=10),
+        wire.HostPriority(Host="kwok-l40s-0", Score=3),
+    ]
     assert parsed.to_json_bytes().decode() == go
-    assert HostPriorityList([]).to_json_bytes() == b"[]"
+    assert wire.HostPriorityList([]).to_json_bytes() == b"[]"
     with pytest.raises(ValidationError):
-        HostPriority(Host="x", Score=11)  # MaxExtenderPriority is 10
+        wire.HostPriority(Host="x", Score=11)  # MaxExtenderPriority is 10
 
 
 def test_binding_types() -> None:
     go = '{"PodName":"p","PodNamespace":"ns","PodUID":"0b6e6f2c-1f0e-4c1e-9d2f-0d1c2b3a4f5e","Node":"kwok-h100-0"}'
-    args = ExtenderBindingArgs.model_validate_json(go)
+    args = wire.ExtenderBindingArgs.model_validate_json(go)
     assert (args.PodName, args.PodNamespace, args.Node) == ("p", "ns", "kwok-h100-0")
     assert json.loads(args.to_json_bytes()) == json.loads(go)
-    assert ExtenderBindingResult().to_json_bytes() == b'{"Error":""}'
+    assert wire.ExtenderBindingResult().to_json_bytes() == b'{"Error":""}'
 
 
 @pytest.mark.parametrize(
@@ -127,12 +125,12 @@ def test_binding_types() -> None:
 )
 def test_wrong_shapes_are_rejected(body: str) -> None:
     with pytest.raises(ValidationError):
-        ExtenderArgs.model_validate_json(body)
+        wire.ExtenderArgs.model_validate_json(body)
 
 
 def test_filter_result_fast_encoding_equals_the_plain_one() -> None:
     odd = 'we"ird\\näme'
-    result = ExtenderFilterResult(
+    result = wire.ExtenderFilterResult(
         NodeNames=["a", odd],
         FailedNodes={"b": "no GPU", "c": "no GPU", odd: "ünïcode"},
         FailedAndUnresolvableNodes={},

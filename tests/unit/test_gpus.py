@@ -40,7 +40,8 @@ def test_tiers(product: str, tier: Tier) -> None:
 )
 def test_lookup_product(label: str, key: str) -> None:
     spec = lookup_product(label)
-    assert spec is not None and spec.product == key
+    assert spec is not None
+    assert spec.product == key
 
 
 def test_unknown_product() -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from conserve.core.gpus import CATALOG
 from conserve.core.llm import MODELS
-from conserve.core.perf import LINKS, Device, decode_step_time_s, prefill_time_s
+from conserve.core.perf import LINKS, Device, decode_step_time_s, prefill_cost
 from conserve.core.tokens import estimate_tokens, filler_text
 from conserve.gpusim.engine import Engine, RequestRejected, Role, SimRequest
 from conserve.gpusim.pods import view_pod, wants_server
@@ -74,13 +74,11 @@ async def test_prefill_and_decode_are_paced_by_the_model() -> None:
     finally:
         await engine.stop()
     device = Device(CATALOG["H100"])
-    expected_first = prefill_time_s(device, MODEL, 8000) * 0.2
+    expected_first = prefill_cost(device, MODEL, 8000).time_s * 0.2
     assert tokens == 20
     assert expected_first * 0.9 <= first_s <= expected_first + 0.05
-    assert engine.stats.busy_modelled_s == pytest.approx(
-        prefill_time_s(device, MODEL, 8000) + sum(decode_step_time_s(device, MODEL, 1, 8000 + i) for i in range(1, 20)),
-        rel=1e-6,
-    )
+    decode_s = sum(decode_step_time_s(device, MODEL, 1, 8000 + i) for i in range(1, 20))
+    assert engine.stats.busy_modelled_s == pytest.approx(prefill_cost(device, MODEL, 8000).time_s + decode_s, rel=1e-6)
     assert engine.stats.energy_j > 0
 
 

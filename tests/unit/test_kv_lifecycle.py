@@ -4,65 +4,65 @@ the router's reported prefill server followed by status (energy attribution read
 
 from __future__ import annotations
 
-import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from test_controller_engine import NS, h200, pod
+from fake_operator import NS, pool_world, started_engine, stored_conv, sync
 
 from conserve import metrics
-from conserve.controller import conversation, startup
-from conserve.controller.engine import Engine, EngineConfig
+from conserve.controller import conversation
+from conserve.controller.engine import Engine
 from conserve.controller.state import format_time
 from conserve.controller.status import pool_status_patch
-from conserve.controller.testing import conversation_body, pool_body
 from conserve.core.lifecycle import MIN_GAP_OBSERVATIONS, GapHistory, LifecycleSettings
-from conserve.testkit import FakeKube
+from conserve.testkit import FakeClock, FakeKube
 
 pytestmark = pytest.mark.unit
 EPOCH = 1_800_000_000
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = float(EPOCH)
-
-    def now(self) -> float:
-        return self.t
-
-    def monotonic(self) -> float:
-        return self.t
-
-
 def body(name: str, tokens: int, **spec: Any) -> dict[str, Any]:
-    out = conversation_body(name, "llama", tokens, **spec)
-    out["metadata"].update(namespace=NS, uid=f"uid-{name}", generation=1, creationTimestamp=format_time(EPOCH))
-    return out
+    return stored_conv(name, tokens, created=format_time(EPOCH), **spec)
 
 
-async def engine_with(
-    kube: FakeKube | None = None, host: int = 20_000, host_ttl_s: int = 1800
-) -> tuple[Engine, FakeKube, Clock]:
-    kube = kube or FakeKube()
-    if not kube.objects["decoderpools"]:
-        kube.nodes = [h200("n0")]
-        kube.pods = [pod("dec-0", "n0"), pod("pre-0", "n0", app="dec-prefill"), pod("pre-1", "n0", app="dec-prefill")]
-        pool = pool_body(
-            "llama",
-            tokens_per_decoder=10_000,
-            kvLifecycle={"hostKvTokensPerDecoder": host, "maxResidentTtlSeconds": 60, "maxHostTtlSeconds": host_ttl_s},
-        )
-        pool["metadata"].update(namespace=NS, generation=1)
-        kube.objects["decoderpools"] = [pool]
-    clock = Clock()
-    engine = Engine(kube, EngineConfig(), clock=clock)
-    await startup.rebuild(engine, [NS])
-    return engine, kube, clock
+@dataclass
+class Run:
+    """One test's operator: the engine, its fake API and clock, and the steps the tests take."""
+
+    engine: Engine
+    kube: FakeKube
+    clock: FakeClock
+
+    async def create(self, name: str, tokens: int) -> None:
+        await conversation.on_event(self.engine, "ADDED", body(name, tokens))
+
+    async def turn(
+        self, after_s: float, name: str, tokens: int, turns: int, cum_in: int, cum_out: int, **extra: Any
+    ) -> None:
+        """`after_s` later: the router reports the conversation's turn (cumulative usage, the turn's time)."""
+        self.clock.advance(after_s)
+        usage = {"turns": turns, "inputTokens": cum_in, "outputTokens": cum_out, **extra}
+        usage["lastTurnTime"] = format_time(self.clock.now())
+        await conversation.on_event(self.engine, "MODIFIED", body(name, tokens, usage=usage))
+
+    async def sweep(self, after_s: float) -> None:
+        """`after_s` later: the operator's idle sweep."""
+        self.clock.advance(after_s)
+        await self.engine.sweep_idle()
+
+    def status(self, name: str) -> dict[str, Any]:
+        return self.kube.status[("conversations", name)]
 
 
-def turn(name: str, tokens: int, turns: int, cum_in: int, cum_out: int, t: float, **extra: Any) -> dict[str, Any]:
-    usage = {"turns": turns, "inputTokens": cum_in, "outputTokens": cum_out, "lastTurnTime": format_time(t), **extra}
-    return body(name, tokens, usage=usage)
+async def started(kube: FakeKube | None = None, host: int = 20_000, host_ttl_s: int = 1800) -> Run:
+    """One H200 decoder of 10,000 KV tokens, two prefill servers, `host` KV tokens of host memory; or the
+    operator restarted on `kube`."""
+    if kube is None:
+        lifecycle = {"hostKvTokensPerDecoder": host, "maxResidentTtlSeconds": 60, "maxHostTtlSeconds": host_ttl_s}
+        kube = pool_world(1, 10_000, prefills=2, kvLifecycle=lifecycle)
+    clock = FakeClock(epoch_s=EPOCH)
+    return Run(await started_engine(kube, clock), kube, clock)
 
 
 def transitions(kind: str, reason: str) -> float:
@@ -70,108 +70,88 @@ def transitions(kind: str, reason: str) -> float:
     return value
 
 
-def test_idle_kv_is_reclaimed_offloaded_reloaded_and_shown() -> None:
-    async def run() -> None:
-        engine, kube, clock = await engine_with()
-        offloads_before = transitions("offloaded", "RoomNeeded")
-        reloads_before = transitions("reloaded", "Turn")
-        await conversation.on_event(engine, "ADDED", body("a", 4000))  # reserves 8000 of 9500
-        clock.t += 10
-        await conversation.on_event(engine, "MODIFIED", turn("a", 4000, 1, 4000, 200, clock.t))
-        clock.t += 5
-        await conversation.on_event(engine, "ADDED", body("b", 4000))  # only a's KV could make room
-        assert kube.status[("conversations", "b")]["phase"] == "Pending"  # a's next turn may come soon
-        clock.t += 5  # a's active window (the pool's 10 s limit: no gaps observed yet) has passed
-        await engine.sweep_idle()
-        await engine.drain_background()
-        a, b = kube.status[("conversations", "a")], kube.status[("conversations", "b")]
-        assert b["phase"] == "Prefilling"
-        assert b["decoder"]["pod"] == "dec-0"
-        assert (a["kvState"], a["offloads"], a["decoder"]["pod"]) == ("Offloaded", 1, "dec-0")  # pin kept
-        assert transitions("offloaded", "RoomNeeded") - offloads_before == 1
-        pool = engine.world.pool(NS, "llama")
-        entry = pool_status_patch(pool, 0)["status"]["decoders"][0]
-        assert (entry["offloadedConversations"], entry["offloadedKvTokens"], entry["activeConversations"]) == (
-            1,
-            4200,
-            1,
-        )
-        # b's turn ends (idle), then a's next turn: a comes back to its decoder, b's KV goes to the host
-        clock.t += 10
-        await conversation.on_event(engine, "MODIFIED", turn("b", 4000, 1, 4000, 100, clock.t))
-        clock.t += 30
-        await engine.sweep_idle()  # b idle
-        await conversation.on_event(engine, "MODIFIED", turn("a", 4000, 2, 4300, 400, clock.t))
-        await engine.drain_background()
-        a, b = kube.status[("conversations", "a")], kube.status[("conversations", "b")]
-        assert (a["kvState"], a["reloads"], a["decoder"]["pod"]) == ("Active", 1, "dec-0")  # its window again
-        assert (b["kvState"], b["offloads"]) == ("Offloaded", 1)
-        assert transitions("reloaded", "Turn") - reloads_before == 1
+@sync
+async def test_idle_kv_is_reclaimed_offloaded_reloaded_and_shown() -> None:
+    op = await started()
+    offloads_before = transitions("offloaded", "RoomNeeded")
+    reloads_before = transitions("reloaded", "Turn")
+    await op.create("a", 4000)  # reserves 8000 of 9500
+    await op.turn(10, "a", 4000, 1, 4000, 200)
+    op.clock.advance(5)
+    await op.create("b", 4000)  # only a's KV could make room
+    assert op.status("b")["phase"] == "Pending"  # a's next turn may come soon
+    await op.sweep(5)  # a's active window (the pool's 10 s limit: no gaps observed yet) has passed
+    await op.engine.drain_background()
+    a, b = op.status("a"), op.status("b")
+    assert b["phase"] == "Prefilling"
+    assert b["decoder"]["pod"] == "dec-0"
+    assert (a["kvState"], a["offloads"], a["decoder"]["pod"]) == ("Offloaded", 1, "dec-0")  # pin kept
+    assert transitions("offloaded", "RoomNeeded") - offloads_before == 1
+    pool = op.engine.world.pool(NS, "llama")
+    entry = pool_status_patch(pool, 0)["status"]["decoders"][0]
+    assert (entry["offloadedConversations"], entry["offloadedKvTokens"], entry["activeConversations"]) == (
+        1,
+        4200,
+        1,
+    )
+    # b's turn ends (idle), then a's next turn: a comes back to its decoder, b's KV goes to the host
+    await op.turn(10, "b", 4000, 1, 4000, 100)
+    await op.sweep(30)  # b idle
+    await op.turn(0, "a", 4000, 2, 4300, 400)
+    await op.engine.drain_background()
+    a, b = op.status("a"), op.status("b")
+    assert (a["kvState"], a["reloads"], a["decoder"]["pod"]) == ("Active", 1, "dec-0")  # its window again
+    assert (b["kvState"], b["offloads"]) == ("Offloaded", 1)
+    assert transitions("reloaded", "Turn") - reloads_before == 1
 
-        # A restart rebuilds every conversation's state from the API server.
-        for (plural, name), status in kube.status.items():
-            if plural == "conversations":
-                obj = body(name, 4000)
-                obj["status"] = status
-                kube.objects["conversations"].append(obj)
-        restarted, _, _ = await engine_with(kube)
-        views = restarted.world.pool(NS, "llama").scheduler.conversations
-        assert {k: (v.kv_state.value, v.offloads, v.reloads) for k, v in views.items()} == {
-            f"{NS}/a": ("Active", 1, 1),
-            f"{NS}/b": ("Offloaded", 1, 0),
-        }
-
-    asyncio.run(run())
+    # A restart rebuilds every conversation's state from the API server.
+    for (plural, name), status in op.kube.status.items():
+        if plural == "conversations":
+            obj = body(name, 4000)
+            obj["status"] = status
+            op.kube.objects["conversations"].append(obj)
+    restarted = await started(op.kube)
+    views = restarted.engine.world.pool(NS, "llama").scheduler.conversations
+    assert {k: (v.kv_state.value, v.offloads, v.reloads) for k, v in views.items()} == {
+        f"{NS}/a": ("Active", 1, 1),
+        f"{NS}/b": ("Offloaded", 1, 0),
+    }
 
 
-def test_without_host_room_idle_kv_is_dropped_then_prefilled_again() -> None:
-    async def run() -> None:
-        engine, kube, clock = await engine_with(host=0)
-        await conversation.on_event(engine, "ADDED", body("a", 4000))
-        clock.t += 10
-        await conversation.on_event(engine, "MODIFIED", turn("a", 4000, 1, 4000, 200, clock.t))
-        await conversation.on_event(engine, "ADDED", body("b", 4000))
-        clock.t += 30
-        await engine.sweep_idle()
-        await engine.drain_background()
-        assert kube.status[("conversations", "a")]["kvState"] == "Dropped"
-        clock.t += 10
-        await conversation.on_event(engine, "MODIFIED", turn("b", 4000, 1, 4000, 100, clock.t))
-        clock.t += 30
-        await engine.sweep_idle()
-        await conversation.on_event(engine, "MODIFIED", turn("a", 4000, 2, 4300, 400, clock.t))
-        await engine.drain_background()
-        a = kube.status[("conversations", "a")]
-        assert (a["reprefills"], a["decoder"]["pod"], a["kvState"]) == (1, "dec-0", "Active")
-
-    asyncio.run(run())
+@sync
+async def test_without_host_room_idle_kv_is_dropped_then_prefilled_again() -> None:
+    op = await started(host=0)
+    await op.create("a", 4000)
+    await op.turn(10, "a", 4000, 1, 4000, 200)
+    await op.create("b", 4000)
+    await op.sweep(30)
+    await op.engine.drain_background()
+    assert op.status("a")["kvState"] == "Dropped"
+    await op.turn(10, "b", 4000, 1, 4000, 100)
+    await op.sweep(30)
+    await op.turn(0, "a", 4000, 2, 4300, 400)
+    await op.engine.drain_background()
+    a = op.status("a")
+    assert (a["reprefills"], a["decoder"]["pod"], a["kvState"]) == (1, "dec-0", "Active")
 
 
-def test_resident_ttl_offloads_and_host_ttl_drops() -> None:
-    async def run() -> None:
-        engine, kube, clock = await engine_with(host_ttl_s=100)
-        await conversation.on_event(engine, "ADDED", body("a", 1000))
-        clock.t += 5
-        await conversation.on_event(engine, "MODIFIED", turn("a", 1000, 1, 1000, 100, clock.t))
-        clock.t += 30
-        await engine.sweep_idle()
-        assert kube.status[("conversations", "a")]["kvState"] == "Idle"  # past the active window, resident
-        clock.t += 29
-        await engine.sweep_idle()
-        assert kube.status[("conversations", "a")]["kvState"] == "Idle"
-        clock.t += 1  # the resident TTL (the pool's limit: no gaps observed yet)
-        await engine.sweep_idle()
-        assert kube.status[("conversations", "a")]["kvState"] == "Offloaded"
-        clock.t += 100  # the host TTL (the pool's limit)
-        await engine.sweep_idle()
-        a = kube.status[("conversations", "a")]
-        assert (a["kvState"], a["decoder"]["pod"], a["phase"]) == ("Dropped", "dec-0", "Idle")  # the pin stays
-        clock.t += 1800  # the idle timeout ends the pin
-        await engine.sweep_idle()
-        await engine.drain_background()
-        assert kube.status[("conversations", "a")]["phase"] == "Completed"
-
-    asyncio.run(run())
+@sync
+async def test_resident_ttl_offloads_and_host_ttl_drops() -> None:
+    op = await started(host_ttl_s=100)
+    await op.create("a", 1000)
+    await op.turn(5, "a", 1000, 1, 1000, 100)
+    await op.sweep(30)
+    assert op.status("a")["kvState"] == "Idle"  # past the active window, resident
+    await op.sweep(29)
+    assert op.status("a")["kvState"] == "Idle"
+    await op.sweep(1)  # the resident TTL (the pool's limit: no gaps observed yet)
+    assert op.status("a")["kvState"] == "Offloaded"
+    await op.sweep(100)  # the host TTL (the pool's limit)
+    a = op.status("a")
+    assert (a["kvState"], a["decoder"]["pod"], a["phase"]) == ("Dropped", "dec-0", "Idle")  # the pin stays
+    await op.sweep(1800)  # the idle timeout ends the pin
+    await op.engine.drain_background()
+    assert op.status("a")["phase"] == "Completed"
 
 
 def test_ttls_follow_observed_gaps_within_the_limits() -> None:
@@ -185,17 +165,14 @@ def test_ttls_follow_observed_gaps_within_the_limits() -> None:
     assert (gaps.resident_ttl_s(settings), gaps.host_ttl_s(settings)) == (300, 1800)  # bounded
 
 
-def test_status_prefill_follows_the_server_the_router_used() -> None:
-    async def run() -> None:
-        engine, kube, clock = await engine_with()
-        await conversation.on_event(engine, "ADDED", body("a", 1000))
-        assert kube.status[("conversations", "a")]["prefill"]["pod"] == "pre-0"  # the operator's choice
-        clock.t += 2
-        await conversation.on_event(engine, "MODIFIED", turn("a", 1000, 1, 1000, 50, clock.t, prefillPod="pre-1"))
-        await engine.drain_background()
-        assert kube.status[("conversations", "a")]["prefill"]["pod"] == "pre-1"  # what did the work
-        # the choice counts the work where it happened: pre-1 has one first turn, so the next goes to pre-0
-        await conversation.on_event(engine, "ADDED", body("b", 1000))
-        assert kube.status[("conversations", "b")]["prefill"]["pod"] == "pre-0"
-
-    asyncio.run(run())
+@sync
+async def test_status_prefill_follows_the_server_the_router_used() -> None:
+    op = await started()
+    await op.create("a", 1000)
+    assert op.status("a")["prefill"]["pod"] == "pre-0"  # the operator's choice
+    await op.turn(2, "a", 1000, 1, 1000, 50, prefillPod="pre-1")
+    await op.engine.drain_background()
+    assert op.status("a")["prefill"]["pod"] == "pre-1"  # what did the work
+    # the choice counts the work where it happened: pre-1 has one first turn, so the next goes to pre-0
+    await op.create("b", 1000)
+    assert op.status("b")["prefill"]["pod"] == "pre-0"

@@ -98,12 +98,16 @@ def test_filter_reasons(
 def test_rejection_messages_are_node_independent_and_say_why() -> None:
     a = filter_node(PREFILL, n("h200-a", H200), STRICT)
     b = filter_node(PREFILL, n("h200-b", H200), STRICT)
-    assert a is not None and b is not None
+    assert a is not None
+    assert b is not None
     assert a.message == b.message  # the scheduler aggregates identical messages: "4 conserve: ..."
-    assert "prefill pod needs a compute-tier GPU node" in a.message and "bandwidth tier" in a.message
+    assert "prefill pod needs a compute-tier GPU node" in a.message
+    assert "bandwidth tier" in a.message
     assert not a.resolvable
     full = filter_node(DECODE, n("h200", H200, used=8), STRICT)
-    assert full is not None and full.resolvable and "nvidia.com/gpu" in full.message
+    assert full is not None
+    assert full.resolvable
+    assert "nvidia.com/gpu" in full.message
 
 
 def test_filter_nodes_keeps_input_order_and_memoises_equal_nodes() -> None:
@@ -155,7 +159,8 @@ def test_energy_depends_on_the_model_label() -> None:
     small = energy_per_token_j(CATALOG["H200"], Role.DECODE, "llama-3-8b", 1, point)
     large = energy_per_token_j(CATALOG["H200"], Role.DECODE, "llama-3-70b", 1, point)
     unknown = energy_per_token_j(CATALOG["H200"], Role.DECODE, "not-a-model", 1, point)
-    assert large > small and unknown == small
+    assert large > small
+    assert unknown == small
 
 
 def test_spread_scorer_counts_pods_of_the_same_role() -> None:

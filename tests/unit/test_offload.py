@@ -58,15 +58,21 @@ def test_plan_placement_offload_least_disruption() -> None:
     a = DecoderOffloadView("a", 1000, 950, 10**6, (IdleKv("a1", 400, 400, 1.0),))
     b = DecoderOffloadView("b", 1000, 950, 10**6, (IdleKv("b1", 200, 200, 2.0), IdleKv("b2", 500, 500, 3.0)))
     plan = plan_placement_offload([a, b], 150, 0.0, 10.0)
-    assert plan is not None and plan.decoder == "b" and plan.victims == ("b1",) and plan.freed_kv_tokens == 200
+    assert plan is not None
+    assert plan.decoder == "b"
+    assert plan.victims == ("b1",)
+    assert plan.freed_kv_tokens == 200
     # Headroom counts: 5% of 1000 = 50 more needed -> b1 (200) still suffices on b.
     plan = plan_placement_offload([a, b], 150, 0.05, 10.0)
-    assert plan is not None and plan.victims == ("b1",)
+    assert plan is not None
+    assert plan.victims == ("b1",)
     assert plan_placement_offload([a, b], 5000, 0.0, 10.0) is None
     # A decoder with room needs no offload.
     c = DecoderOffloadView("c", 1000, 0, 0, ())
     plan = plan_placement_offload([a, c], 150, 0.0, 10.0)
-    assert plan is not None and plan.decoder == "c" and plan.victims == ()
+    assert plan is not None
+    assert plan.decoder == "c"
+    assert plan.victims == ()
     # Not ready decoders are skipped.
     assert plan_placement_offload([DecoderOffloadView("d", 1000, 0, 0, (), ready=False)], 10, 0.0, 0.0) is None
 
@@ -76,7 +82,8 @@ def test_plan_is_pure_and_deterministic() -> None:
     plans = {plan_placement_offload(views, 50, 0.0, 5.0) for _ in range(3)}
     assert len(plans) == 1
     plan = next(iter(plans))
-    assert plan is not None and plan.decoder == "x"  # equal cost: ties by name
+    assert plan is not None
+    assert plan.decoder == "x"
 
 
 def test_ledger_offloaded_holdings_free_gpu_capacity() -> None:
@@ -84,13 +91,19 @@ def test_ledger_offloaded_holdings_free_gpu_capacity() -> None:
     ledger.upsert_decoder(DecoderState("d", capacity_kv_tokens=1000))
     ledger.reserve("c1", "d", 600, live_kv_tokens=500)
     assert ledger.reserved_on("d") == 600
-    assert ledger.set_offloaded("c1", True) and ledger.is_offloaded("c1")
-    assert ledger.reserved_on("d") == 0 and ledger.offloaded_on("d") == 500
+    assert ledger.set_offloaded("c1", True)
+    assert ledger.is_offloaded("c1")
+    assert ledger.reserved_on("d") == 0
+    assert ledger.offloaded_on("d") == 500
     snap = ledger.snapshot()[0]
-    assert snap.reserved_kv_tokens == 0 and snap.pinned_conversations == 1 and snap.free_kv_tokens == 1000
+    assert snap.reserved_kv_tokens == 0
+    assert snap.pinned_conversations == 1
+    assert snap.free_kv_tokens == 1000
     ledger.reserve("c2", "d", 900)  # fits now that c1 is in host memory
     assert ledger.try_extend("c1", 700)  # host-resident: no GPU check
     ledger.set_offloaded("c1", False)  # back on the GPU: like adopt, may oversubscribe until the caller made room
-    assert ledger.reserved_on("d") == 1600 and not ledger.is_offloaded("c1")
+    assert ledger.reserved_on("d") == 1600
+    assert not ledger.is_offloaded("c1")
     assert not ledger.set_offloaded("nobody", True)
-    assert ledger.release("c1") and ledger.reserved_on("d") == 900
+    assert ledger.release("c1")
+    assert ledger.reserved_on("d") == 900

@@ -39,10 +39,10 @@ def test_prefill_time_by_hand() -> None:
     assert perf.prefill_flops(LLAMA8, 1000) == pytest.approx(dense + attention)
     compute = dense / (989e12 * P.gemm_mfu(1000)) + attention / (989e12 * P.attention_mfu)
     assert compute > 16.06e9 / (3.35e12 * P.decode_mbu)  # the weights' read is hidden under compute
-    assert perf.prefill_time_s(H100, LLAMA8, 1000) == pytest.approx(compute + P.prefill_step_overhead_s)
-    assert perf.prefill_time_s(H100, LLAMA8, 0) == 0.0
+    assert perf.prefill_cost(H100, LLAMA8, 1000).time_s == pytest.approx(compute + P.prefill_step_overhead_s)
+    assert perf.prefill_cost(H100, LLAMA8, 0).time_s == 0.0
     # a chunk with cached context: attention over the cache grows, the dense part does not
-    chunk = perf.prefill_time_s(H100, LLAMA8, 100, 5000)
+    chunk = perf.prefill_cost(H100, LLAMA8, 100, 5000).time_s
     attention_chunk = 4 * 32 * 4096 * 100 * (5000 + 50)
     dense_chunk = 2 * 8.03e9 * 100
     expected = dense_chunk / (989e12 * P.gemm_mfu(100)) + attention_chunk / (989e12 * P.attention_mfu)
@@ -54,7 +54,7 @@ def test_short_prefill_has_a_floor() -> None:
     # The issue's finding: a 128-token prefill of a 70B model on H100 x 8 measured 48-81 ms, the old model
     # said 4.5 ms. Weights' read, the per-step overhead and 160 all-reduces now bound it from below.
     h100x8 = Device(CATALOG["H100"], 8)
-    assert perf.prefill_time_s(h100x8, LLAMA70, 128) > 0.02
+    assert perf.prefill_cost(h100x8, LLAMA70, 128).time_s > 0.02
 
 
 def test_decode_step_memory_bound_by_hand() -> None:
@@ -78,7 +78,7 @@ def test_tensor_parallel_pays_for_communication() -> None:
     nvlink = Device(CATALOG["A100"], 4)
     pcie = Device(CATALOG["A100"], 4, tp_link=perf.LINKS["pcie"])
     assert perf.allreduce_time_s(pcie, 16e6) > 5 * perf.allreduce_time_s(nvlink, 16e6)
-    assert perf.prefill_time_s(pcie, LLAMA70, 2048) > perf.prefill_time_s(nvlink, LLAMA70, 2048)
+    assert perf.prefill_cost(pcie, LLAMA70, 2048).time_s > perf.prefill_cost(nvlink, LLAMA70, 2048).time_s
 
 
 def test_decode_step_grows_with_batch() -> None:
@@ -92,7 +92,7 @@ def test_power_limit_slows_compute_not_memory() -> None:
     capped = Device(CATALOG["H100"], 2, power_limit_w=350.0)
     full = Device(CATALOG["H100"], 2)
     assert capped.clock_scale() == pytest.approx(((350 - 70) / (700 - 70)) ** (1 / 3))
-    assert perf.prefill_time_s(capped, LLAMA70, 4096) > 1.15 * perf.prefill_time_s(full, LLAMA70, 4096)
+    assert perf.prefill_cost(capped, LLAMA70, 4096).time_s > 1.15 * perf.prefill_cost(full, LLAMA70, 4096).time_s
     assert perf.decode_step_time_s(capped, LLAMA70, 1, 1000) == pytest.approx(
         perf.decode_step_time_s(full, LLAMA70, 1, 1000)
     )
@@ -148,15 +148,17 @@ def _loop(device: Device, model_name: str, batch: int, context: int, steps: int)
 def test_decode_run_closed_form_equals_step_sum(gpu: str, model: str, batch: int, context: int, steps: int) -> None:
     device = Device(CATALOG[gpu])
     t, e = _loop(device, model, batch, context, steps)
-    assert perf.decode_run_time_s(device, MODELS[model], batch, context, steps) == pytest.approx(t, rel=1e-9)
-    assert perf.decode_run_energy_j(device, MODELS[model], batch, context, steps) == pytest.approx(e, rel=1e-9)
+    run = perf.decode_run(device, MODELS[model], batch, context)
+    assert run.time_s(steps) == pytest.approx(t, rel=1e-9)
+    assert run.energy_j(steps) == pytest.approx(e, rel=1e-9)
 
 
 def test_a_run_crosses_the_ridge() -> None:
     # The parametrized case above is only a real check of the crossover if both regimes occur in it.
     device, model = Device(CATALOG["A100"]), MODELS["qwen2.5-32b"]
     m0, m1, c0, c1 = perf._decode_affine_terms(device, model, 200, 200 * 100)
-    assert c0 > m0 and c0 + c1 * 1999 < m0 + m1 * 1999
+    assert c0 > m0
+    assert c0 + c1 * 1999 < m0 + m1 * 1999
 
 
 @settings(max_examples=60, deadline=None)
@@ -170,14 +172,15 @@ def test_a_run_crosses_the_ridge() -> None:
 def test_decode_run_property(gpu: str, model: str, batch: int, context_per_seq: int, steps: int) -> None:
     device = Device(CATALOG[gpu])
     t, e = _loop(device, model, batch, batch * context_per_seq, steps)
+    run = perf.decode_run(device, MODELS[model], batch, batch * context_per_seq)
     assert math.isclose(
-        perf.decode_run_time_s(device, MODELS[model], batch, batch * context_per_seq, steps),
+        run.time_s(steps),
         t,
         rel_tol=1e-9,
         abs_tol=1e-12,
     )
     assert math.isclose(
-        perf.decode_run_energy_j(device, MODELS[model], batch, batch * context_per_seq, steps),
+        run.energy_j(steps),
         e,
         rel_tol=1e-9,
         abs_tol=1e-9,
@@ -185,13 +188,14 @@ def test_decode_run_property(gpu: str, model: str, batch: int, context_per_seq: 
 
 
 def test_steps_within_budget() -> None:
-    total = perf.decode_run_time_s(H200, LLAMA8, 8, 8000, 100)
-    assert perf.decode_steps_within_s(H200, LLAMA8, 8, 8000, 100, total) == 100
-    assert perf.decode_steps_within_s(H200, LLAMA8, 8, 8000, 100, total * 10) == 100
-    assert perf.decode_steps_within_s(H200, LLAMA8, 8, 8000, 100, 0.0) == 0
-    k = perf.decode_steps_within_s(H200, LLAMA8, 8, 8000, 100, total / 2)
-    assert perf.decode_run_time_s(H200, LLAMA8, 8, 8000, k) <= total / 2
-    assert perf.decode_run_time_s(H200, LLAMA8, 8, 8000, k + 1) > total / 2
+    run = perf.decode_run(H200, LLAMA8, 8, 8000)
+    total = run.time_s(100)
+    assert run.steps_within(100, total) == 100
+    assert run.steps_within(100, total * 10) == 100
+    assert run.steps_within(100, 0.0) == 0
+    k = run.steps_within(100, total / 2)
+    assert run.time_s(k) <= total / 2
+    assert run.time_s(k + 1) > total / 2
 
 
 def test_bandwidth_tier_decodes_cheaper_per_token() -> None:

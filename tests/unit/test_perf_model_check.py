@@ -7,15 +7,9 @@ from pathlib import Path
 import pytest
 
 from conserve.cli import main
+from conserve.perfmodel import measurements
 from conserve.perfmodel.check import by_phase, row_errors, stats
-from conserve.perfmodel.measurements import (
-    FIT_DATA,
-    HELD_OUT_DATA,
-    MeasurementError,
-    data_path,
-    known_shapes,
-    load_measurements,
-)
+from conserve.perfmodel.measurements import MeasurementError, known_shapes, load_measurements
 
 pytestmark = pytest.mark.unit
 
@@ -26,7 +20,7 @@ def test_fit_stays_within_the_accepted_error_on_the_shipped_fit_data() -> None:
     # Accepted on the fit set (Splitwise, vLLM on A100/H100 x 2, 4, 8): median |error| <= 15% and p90 <= 40%
     # for prefill and decode at every TP; power within 20% (median) per phase. The held-out figures are reported
     # by `conserve perf-model check`, not asserted: the calibration must never be tuned to them.
-    errors = row_errors(load_measurements(data_path(FIT_DATA), known_shapes()))
+    errors = row_errors(load_measurements(measurements.data_path(measurements.FIT_DATA), known_shapes()))
     for phase in ("prefill", "decode"):
         for tp in (2, 4, 8):
             s = stats(by_phase(errors, phase, tp))
@@ -38,7 +32,7 @@ def test_fit_stays_within_the_accepted_error_on_the_shipped_fit_data() -> None:
 
 
 def test_held_out_data_covers_tp_1_to_8_with_prefill_and_decode() -> None:
-    errors = row_errors(load_measurements(data_path(HELD_OUT_DATA), known_shapes()))
+    errors = row_errors(load_measurements(measurements.data_path(measurements.HELD_OUT_DATA), known_shapes()))
     for phase in ("prefill", "decode"):
         assert {e.row.tp for e in by_phase(errors, phase)} >= {1, 4, 8}
     assert {e.row.tp for e in errors} == {1, 2, 4, 8}

@@ -30,16 +30,8 @@ def dec(
     pinned: int = 0,
     energy: float | None = None,
 ) -> DecoderState:
-    return DecoderState(
-        name=name,
-        tier=tier,
-        ready=ready,
-        capacity_kv_tokens=cap,
-        reserved_kv_tokens=reserved,
-        live_kv_tokens=live,
-        pinned_conversations=pinned,
-        energy_per_token_j=energy,
-    )
+    """A decoder on no particular node; the arguments in DecoderState's field order."""
+    return DecoderState(name, "", tier, ready, cap, reserved, live, pinned, energy)
 
 
 DEFAULT = PlacementSettings()

@@ -17,14 +17,7 @@ import tqdm.std
 
 from conserve.cli import main
 from conserve.progress import progress_bar
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from conserve.testkit import FakeClock
 
 
 @pytest.fixture
@@ -39,7 +32,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
 def _run(stream: IO[str], clock: FakeClock, *, steps: int, step_s: float, **options: Any) -> None:
     with progress_bar(steps, desc="replay", unit="turn", stream=stream, **options) as bar:
         for _ in range(steps):
-            clock.now += step_s
+            clock.advance(step_s)
             bar.update(1)
 
 
@@ -51,7 +44,8 @@ def test_into_a_file_one_line_per_interval_at_most(clock: FakeClock) -> None:
     lines = text.splitlines()
     # the first frame, one at most every 10 s of the 100 s, the last one
     assert 3 <= len(lines) <= 100 / 10 + 2, lines
-    assert lines[0].startswith("replay:") and "0/2000" in lines[0]
+    assert lines[0].startswith("replay:")
+    assert "0/2000" in lines[0]
     assert "2000/2000" in lines[-1]  # a log says where the run ended, even with leave=False
 
 

@@ -47,5 +47,5 @@ def test_history_quantile() -> None:
 def test_quantile_by_hand() -> None:
     assert quantile([1.0, 2.0, 3.0, 4.0], 0.5) == pytest.approx(2.5)
     assert quantile([5.0], 0.9) == 5.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="empty"):
         quantile([], 0.5)

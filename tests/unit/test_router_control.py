@@ -1,36 +1,19 @@
-"""The router's control plane on a scripted API: the informers' listing and events reach the placement cache
-and the waiters, on the event loop; a conversation gone from a re-listing fails its waiters."""
+"""The router's control plane on a scripted asyncio API: the informers' listing and events reach the placement
+cache and the waiters; a conversation gone from a re-listing fails its waiters; writes map refusals."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from test_kube_aio_informer import RawResponse, stream
 
-from conserve.router.control import ConversationFailed, KubeControlPlane
+from conserve.router.control import ControlPlaneError, ConversationFailed, KubeControlPlane
 from conserve.router.policy import Backend
 
 pytestmark = pytest.mark.unit
-
-
-class Response:
-    def __init__(self, body: dict[str, Any] | None = None, events: list[dict[str, Any]] | None = None) -> None:
-        self.data = json.dumps(body or {}).encode()
-        self._lines = [json.dumps(e).encode() + b"\n" for e in events or []]
-        self.closed = asyncio.Event()
-
-    def stream(self, amt: Any = None, decode_content: Any = None) -> Iterator[bytes]:
-        yield from self._lines
-
-    def release_conn(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def conversation(name: str, phase: str, decoder: str = "", generation: int = 1) -> dict[str, Any]:
@@ -41,26 +24,34 @@ def conversation(name: str, phase: str, decoder: str = "", generation: int = 1) 
 
 
 class ScriptedCustomObjects:
-    """`list_namespaced_custom_object` answering per plural: a listing, then watch streams, then listings again."""
+    """The async `list_namespaced_custom_object` answering per plural: a listing, then watch streams, then
+    listings again; `create_namespaced_custom_object` answering with a status per name."""
 
-    def __init__(self, script: dict[str, list[Response | threading.Event]]) -> None:
-        self.script = script
+    def __init__(self, script: dict[str, list[RawResponse | asyncio.Event]], creates: dict[str, int]) -> None:
+        self.script, self.creates = script, creates
 
-    def list_namespaced_custom_object(self, group: str, version: str, ns: str, plural: str, **kw: Any) -> Response:
+    async def list_namespaced_custom_object(self, group: str, version: str, ns: str, plural: str, **kw: Any) -> Any:
         steps = self.script[plural]
         gate = steps[0] if steps else None
-        if isinstance(gate, threading.Event):  # the test lets the script go on
+        if isinstance(gate, asyncio.Event):  # the test lets the script go on
             steps.pop(0)
-            gate.wait(10)
+            await gate.wait()
         if not steps:
-            raise ConnectionError("no more")  # the informer backs off and tries again
+            await asyncio.sleep(3600)  # a watch with nothing more to say, until the informer stops
         step = steps.pop(0)
-        assert isinstance(step, Response)
+        assert isinstance(step, RawResponse)
         return step
 
+    async def create_namespaced_custom_object(
+        self, group: str, version: str, ns: str, plural: str, body: Any, **kw: Any
+    ) -> Any:
+        status = self.creates[body["metadata"]["name"]]
+        return RawResponse(b"{}", status, "Conflict" if status == 409 else "refused")
 
-def listing(*items: dict[str, Any]) -> Response:
-    return Response({"kind": "ConversationList", "items": list(items), "metadata": {"resourceVersion": "5"}})
+
+def listing(*items: dict[str, Any]) -> RawResponse:
+    body = {"kind": "ConversationList", "items": list(items), "metadata": {"resourceVersion": "5"}}
+    return RawResponse(json.dumps(body).encode())
 
 
 def test_placements_from_events_and_a_relisting_that_drops_a_conversation() -> None:
@@ -68,25 +59,23 @@ def test_placements_from_events_and_a_relisting_that_drops_a_conversation() -> N
         "metadata": {"name": "pool"},
         "status": {"decoders": [{"pod": "d0", "ready": True, "endpoint": "d0:8000"}, {"pod": "d1", "ready": False}]},
     }
-    relist = threading.Event()
+    relist = asyncio.Event()
     api = ScriptedCustomObjects(
         {
             "decoderpools": [listing(pool)],
             "conversations": [
                 listing(conversation("a", "Decoding", "d0"), conversation("b", "Pending")),
-                Response(
-                    events=[
-                        {"type": "MODIFIED", "object": conversation("b", "Prefilling", "d0", 2)},
-                        {"type": "ERROR", "object": {"kind": "Status", "code": 410, "message": "too old"}},
-                    ]
+                stream(
+                    {"type": "MODIFIED", "object": conversation("b", "Prefilling", "d0", 2)},
+                    {"type": "ERROR", "object": {"kind": "Status", "code": 410, "message": "too old"}},
                 ),
                 relist,
                 listing(conversation("b", "Prefilling", "d0", 2)),  # `a` was deleted while the watch was down
             ],
-        }
+        },
+        creates={},
     )
-    plane = KubeControlPlane(api_client=None, namespace="ns")
-    plane._api = api  # the informers list and watch through it
+    plane = KubeControlPlane(namespace="ns", api=api)  # the informers list and watch through it
 
     async def main() -> tuple[Any, ...]:
         await plane.start()
@@ -108,3 +97,19 @@ def test_placements_from_events_and_a_relisting_that_drops_a_conversation() -> N
     assert b.generation == 2
     assert b.decoder == Backend("d0", "d0:8000")
     assert backends == ([], [Backend("d0", "d0:8000")])
+
+
+def test_a_create_that_exists_already_is_fine_and_a_refused_one_is_a_control_plane_error() -> None:
+    api = ScriptedCustomObjects({"conversations": [listing()], "decoderpools": [listing()]}, {"old": 409, "bad": 422})
+    plane = KubeControlPlane(namespace="ns", api=api)
+
+    async def main() -> None:
+        await plane.start()
+        try:
+            await plane.create_conversation("old", {"pool": "p"})  # a router restart: already there
+            with pytest.raises(ControlPlaneError, match="422"):
+                await plane.create_conversation("bad", {"pool": "p"})
+        finally:
+            await plane.stop()
+
+    asyncio.run(main())

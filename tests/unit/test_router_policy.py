@@ -6,59 +6,48 @@ import re
 
 import pytest
 
+from conserve.router import policy
 from conserve.router.control import backends_from_pool_status, placement_from_status
-from conserve.router.policy import (
-    Backend,
-    LoadBook,
-    Mode,
-    NoBackend,
-    Placement,
-    Usage,
-    UsageBatcher,
-    conversation_id_of,
-    conversation_object_name,
-    header_flag,
-    idle_conversations,
-    least_loaded,
-    new_input_tokens,
-    parse_mode,
-    plan_turn,
-)
+from conserve.router.policy import Backend, LoadBook, Mode, NoBackend, Placement, Usage, UsageBatcher
 
 P1, P2 = Backend("pre-0", "127.0.0.1:1"), Backend("pre-1", "127.0.0.1:2")
 D1, D2 = Backend("dec-0", "127.0.0.1:3"), Backend("dec-1", "127.0.0.1:4")
 
 
 def test_conversation_id_header_then_user_then_metadata() -> None:
-    assert conversation_id_of({"X-Conversation-Id": " c1 "}, {"user": "u"}) == "c1"
-    assert conversation_id_of({}, {"user": "u"}) == "u"
-    assert conversation_id_of({}, {"metadata": {"conversation_id": "m"}}) == "m"
-    assert conversation_id_of({}, {}) is None
+    assert policy.conversation_id_of({"X-Conversation-Id": " c1 "}, {"user": "u"}) == "c1"
+    assert policy.conversation_id_of({}, {"user": "u"}) == "u"
+    assert policy.conversation_id_of({}, {"metadata": {"conversation_id": "m"}}) == "m"
+    assert policy.conversation_id_of({}, {}) is None
 
 
 @pytest.mark.parametrize("cid", ["chat-1", "User@Example.com/ session#9", "x" * 300, "---", "ÄÖ"])
 def test_object_names_are_dns_labels_and_distinct(cid: str) -> None:
-    name = conversation_object_name(cid)
-    assert re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", name) and len(name) <= 63
-    assert name != conversation_object_name(cid + "x")
+    name = policy.conversation_object_name(cid)
+    assert re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", name)
+    assert len(name) <= 63
+    assert name != policy.conversation_object_name(cid + "x")
 
 
 def test_flags_and_modes() -> None:
-    assert header_flag("TRUE", False) and not header_flag("0", True) and header_flag("maybe", True)
-    assert parse_mode("per-turn", Mode.CONVERSATION) is Mode.PER_TURN
-    assert parse_mode("bogus", Mode.CONVERSATION) is Mode.CONVERSATION
+    assert policy.header_flag("TRUE", False)
+    assert not policy.header_flag("0", True)
+    assert policy.header_flag("maybe", True)
+    assert policy.parse_mode("per-turn", Mode.CONVERSATION) is Mode.PER_TURN
+    assert policy.parse_mode("bogus", Mode.CONVERSATION) is Mode.CONVERSATION
 
 
 def test_least_loaded_by_requests_then_tokens_then_name() -> None:
     book = LoadBook()
-    assert least_loaded([D2, D1], book) == D1
+    assert policy.least_loaded([D2, D1], book) == D1
     book.start(D1.endpoint, 10)
-    assert least_loaded([D1, D2], book) == D2
+    assert policy.least_loaded([D1, D2], book) == D2
     book.start(D2.endpoint, 100)
-    assert least_loaded([D1, D2], book) == D1
+    assert policy.least_loaded([D1, D2], book) == D1
     book.finish(D1.endpoint, 10)
     book.finish(D1.endpoint, 10)  # never below zero
-    assert book.requests[D1.endpoint] == 0 and least_loaded([], book) is None
+    assert book.requests[D1.endpoint] == 0
+    assert policy.least_loaded([], book) is None
 
 
 @pytest.mark.parametrize(
@@ -73,7 +62,7 @@ def test_least_loaded_by_requests_then_tokens_then_name() -> None:
 def test_conversation_mode_plan(
     kv_generation: int | None, placement: Placement, expect_prefill: Backend | None
 ) -> None:
-    plan = plan_turn(
+    plan = policy.plan_turn(
         mode=Mode.CONVERSATION,
         placement=placement,
         kv_generation=kv_generation,
@@ -81,12 +70,14 @@ def test_conversation_mode_plan(
         decoders=[D1, D2],
         book=LoadBook(),
     )
-    assert plan.decoder == placement.decoder and plan.prefill == expect_prefill
-    assert plan.generation == placement.generation and plan.kv_transfer == (expect_prefill is not None)
+    assert plan.decoder == placement.decoder
+    assert plan.prefill == expect_prefill
+    assert plan.generation == placement.generation
+    assert plan.kv_transfer == (expect_prefill is not None)
 
 
 def test_conversation_mode_without_prefill_servers_prefills_on_the_decoder() -> None:
-    plan = plan_turn(
+    plan = policy.plan_turn(
         mode=Mode.CONVERSATION,
         placement=Placement(1, D1),
         kv_generation=None,
@@ -94,27 +85,32 @@ def test_conversation_mode_without_prefill_servers_prefills_on_the_decoder() -> 
         decoders=[D1],
         book=LoadBook(),
     )
-    assert plan.prefill is None and plan.decoder == D1
+    assert plan.prefill is None
+    assert plan.decoder == D1
 
 
 def test_per_turn_mode_picks_least_loaded_every_turn() -> None:
     book = LoadBook()
     book.start(D1.endpoint, 5)
     book.start(P1.endpoint, 5)
-    plan = plan_turn(
+    plan = policy.plan_turn(
         mode=Mode.PER_TURN, placement=Placement(1, D1), kv_generation=1, prefills=[P1, P2], decoders=[D1, D2], book=book
     )
-    assert plan.decoder == D2 and plan.prefill == P2 and plan.kv_transfer
+    assert plan.decoder == D2
+    assert plan.prefill == P2
+    assert plan.kv_transfer
     with pytest.raises(NoBackend):
-        plan_turn(mode=Mode.PER_TURN, placement=None, kv_generation=None, prefills=[], decoders=[], book=book)
+        policy.plan_turn(mode=Mode.PER_TURN, placement=None, kv_generation=None, prefills=[], decoders=[], book=book)
     with pytest.raises(NoBackend):
-        plan_turn(mode=Mode.CONVERSATION, placement=None, kv_generation=None, prefills=[P1], decoders=[D1], book=book)
+        policy.plan_turn(
+            mode=Mode.CONVERSATION, placement=None, kv_generation=None, prefills=[P1], decoders=[D1], book=book
+        )
 
 
 def test_new_input_tokens() -> None:
-    assert new_input_tokens(1000, 0) == 1000
-    assert new_input_tokens(1300, 1200) == 100
-    assert new_input_tokens(900, 1200) == 0
+    assert policy.new_input_tokens(1000, 0) == 1000
+    assert policy.new_input_tokens(1300, 1200) == 100
+    assert policy.new_input_tokens(900, 1200) == 0
 
 
 def test_usage_batcher_coalesces_per_interval_and_flushes_completion() -> None:
@@ -125,17 +121,19 @@ def test_usage_batcher_coalesces_per_interval_and_flushes_completion() -> None:
     b.record("a", Usage(3, 150, 30, "2026-01-01T00:00:00Z", 0.25))
     assert b.due(0.5) == []  # within the interval: coalesced
     ((_name, patch),) = b.due(1.0)
-    assert patch["spec"]["usage"]["turns"] == 3 and patch["spec"]["usage"]["timeToFirstEffectiveTokenSeconds"] == 0.25
+    assert patch["spec"]["usage"]["turns"] == 3
+    assert patch["spec"]["usage"]["timeToFirstEffectiveTokenSeconds"] == 0.25
     assert b.due(5.0) == []  # nothing new
     b.record("a", Usage(4, 160, 40))
     b.complete("a")
     ((_name, patch),) = b.due(1.1)  # completion goes out at once, with the latest counters
-    assert patch["spec"]["completed"] is True and patch["spec"]["usage"]["turns"] == 4
+    assert patch["spec"]["completed"] is True
+    assert patch["spec"]["usage"]["turns"] == 4
     assert len(b) == 0
 
 
 def test_idle_conversations() -> None:
-    assert idle_conversations({"a": 0.0, "b": 9.0}, 10.0, 5.0) == ["a"]
+    assert policy.idle_conversations({"a": 0.0, "b": 9.0}, 10.0, 5.0) == ["a"]
 
 
 def test_placement_and_pool_backends_from_status() -> None:

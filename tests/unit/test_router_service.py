@@ -10,7 +10,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 
 from conserve.core.tokens import filler_text
 from conserve.gpusim.engine import Role
@@ -20,6 +19,7 @@ from conserve.router.app import build_app
 from conserve.router.control import _Waiters
 from conserve.router.policy import Backend, Placement
 from conserve.router.service import Router, RouterConfig
+from conserve.testkit.metrics import fresh_registry
 
 SCALE = 0.005  # 200x faster than the modelled GPUs
 
@@ -87,7 +87,7 @@ class FakeControlPlane:
 class Harness:
     def __init__(self) -> None:
         self.servers: dict[str, GpuSimServer] = {}
-        self.registry = CollectorRegistry()
+        self.registry = fresh_registry()
         self.metrics = RouterMetrics.on(self.registry)
 
     async def __aenter__(self) -> Harness:
@@ -169,7 +169,9 @@ async def test_every_turn_reaches_the_pinned_decoder_and_kv_moves_once() -> None
     async with Harness() as h:
         decoders_a, decoders_b = await asyncio.gather(_conversation(h, "a", 4), _conversation(h, "b", 3))
         await h.router.flush(force=True)
-        assert len(set(decoders_a)) == 1 and len(set(decoders_b)) == 1 and decoders_a[0] != decoders_b[0]
+        assert len(set(decoders_a)) == 1
+        assert len(set(decoders_b)) == 1
+        assert decoders_a[0] != decoders_b[0]
         assert h.turns_served(decoders_a[0]).get("a") == 4
         received = sum(s.engine.stats.kv_transfers_received_total for s in h.servers.values())
         assert received == 2  # one per conversation
@@ -182,7 +184,8 @@ async def test_every_turn_reaches_the_pinned_decoder_and_kv_moves_once() -> None
         assert h.control.specs[name_a]["firstTurnInputTokens"] == 1500
         final = [p for n, p in h.control.patches if n == name_a][-1]["spec"]
         assert final["completed"] is True
-        assert final["usage"]["turns"] == 4 and final["usage"]["outputTokens"] == 32
+        assert final["usage"]["turns"] == 4
+        assert final["usage"]["outputTokens"] == 32
         assert final["usage"]["inputTokens"] == 1500 + 3 * 40
         assert final["usage"]["timeToFirstEffectiveTokenSeconds"] > 0
         # Batched: fewer patches than turns.
@@ -208,7 +211,8 @@ async def test_a_re_placed_conversation_follows_the_new_decoder() -> None:
         asyncio.get_running_loop().call_later(0.05, h.control.move, name, other)
         messages += [{"role": "assistant", "content": text}, {"role": "user", "content": filler_text(30)}]
         got, _ = await h.chat("m", messages)
-        assert got["X-Conserve-Decoder"] == other.name and got["X-Conserve-Placement-Generation"] == "2"
+        assert got["X-Conserve-Decoder"] == other.name
+        assert got["X-Conserve-Placement-Generation"] == "2"
         assert h.servers[other.name].engine.stats.kv_transfers_received_total == 1  # the move
         got, _ = await h.chat("m", [*messages, {"role": "user", "content": "more"}])
         assert got["X-Conserve-Decoder"] == other.name

@@ -9,16 +9,16 @@ import asyncio
 import heapq
 import itertools
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from test_controller_engine import NS, h200, pod
+from fake_operator import NS, pod, pool_world, started_engine, stored, stored_conv
 
-from conserve.controller import conversation, decoderpool, startup
-from conserve.controller.engine import Engine, EngineConfig
+from conserve.controller import conversation, decoderpool
+from conserve.controller.engine import Engine
 from conserve.controller.state import format_time
-from conserve.controller.testing import conversation_body, pool_body
 from conserve.core.decisions import ConversationRequest, Verdict
 from conserve.core.gpus import Tier
 from conserve.core.lifecycle import KvState, LifecycleSettings
@@ -28,7 +28,7 @@ from conserve.core.scheduler import PoolScheduler, SchedulerSettings
 from conserve.sim.policies import ConServe
 from conserve.sim.records import ConvState, TurnRecord
 from conserve.sim.workload import Conversation, Turn
-from conserve.testkit import FakeKube
+from conserve.testkit import FakeClock, FakeKube, conversation_body
 
 pytestmark = pytest.mark.unit
 
@@ -39,17 +39,6 @@ HOST_TOKENS = 30_000
 IDLE_TIMEOUT_S = 900
 RESIDENT_TTL_S = 60
 HOST_TTL_S = 300
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = float(EPOCH)
-
-    def now(self) -> float:
-        return self.t
-
-    def monotonic(self) -> float:
-        return self.t
 
 
 @dataclass
@@ -109,25 +98,13 @@ def build_events(convs: list[Plan]) -> list[tuple[int, int, str, Any]]:
 
 
 async def operator_engine(clock: FakeClock) -> tuple[Engine, FakeKube]:
-    kube = FakeKube()
-    kube.nodes = [h200("n0")]
-    kube.pods = [pod(f"dec-{i}", "n0") for i in range(DECODERS)]
-    kube.pods += [pod(f"pre-{i}", "n0", app="dec-prefill") for i in range(2)]
-    body = pool_body(
-        "llama",
-        tokens_per_decoder=TOKENS,
-        defaultIdleTimeoutSeconds=IDLE_TIMEOUT_S,
-        kvLifecycle={
-            "hostKvTokensPerDecoder": HOST_TOKENS,
-            "maxResidentTtlSeconds": RESIDENT_TTL_S,
-            "maxHostTtlSeconds": HOST_TTL_S,
-        },
-    )
-    body["metadata"].update(namespace=NS, generation=1)
-    kube.objects["decoderpools"] = [body]
-    engine = Engine(kube, EngineConfig(), clock=clock)
-    await startup.rebuild(engine, [NS])
-    return engine, kube
+    lifecycle = {
+        "hostKvTokensPerDecoder": HOST_TOKENS,
+        "maxResidentTtlSeconds": RESIDENT_TTL_S,
+        "maxHostTtlSeconds": HOST_TTL_S,
+    }
+    kube = pool_world(DECODERS, TOKENS, prefills=2, defaultIdleTimeoutSeconds=IDLE_TIMEOUT_S, kvLifecycle=lifecycle)
+    return await started_engine(kube, clock), kube
 
 
 def simulator_policy() -> ConServe:
@@ -142,7 +119,7 @@ def simulator_policy() -> ConServe:
     return policy
 
 
-def operator_view(engine: Engine, kube: FakeKube, names: list[str]) -> dict[str, Any]:
+def operator_view(kube: FakeKube, names: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in names:
         status = kube.status.get(("conversations", name))
@@ -175,110 +152,140 @@ def retry_pending(policy: ConServe, states: dict[str, ConvState], now: float) ->
         policy.route(state, state.turns[-1], now)
 
 
-async def run_equivalence(count: int) -> tuple[int, dict[str, int]]:
-    clock = FakeClock()
-    engine, kube = await operator_engine(clock)
-    policy = simulator_policy()
-    convs = plans(7, count)
-    names = [c.name for c in convs]
-    states: dict[str, ConvState] = {}
-    replaced_sim: set[str] = set()
-    seen: dict[str, int] = {v.value: 0 for v in Verdict}
-    checked = 0
-    longest_queue = 0
-    events = build_events(convs)
-    later = itertools.count(len(events))
-    while events:
-        t, _, kind, payload = heapq.heappop(events)
-        clock.t = float(EPOCH + t)
-        now = clock.t
-        if kind == "create":
-            c: Plan = payload
-            body = conversation_body(c.name, "llama", c.first_input)
-            body["metadata"].update(namespace=NS, uid=f"uid-{c.name}", generation=1, creationTimestamp=format_time(now))
-            await conversation.on_event(engine, "ADDED", body)
-            key = f"{NS}/{c.name}"
-            conv = Conversation(key, now, (Turn(c.first_input, c.first_input, 1),))
-            state = ConvState(conv)
-            state.turns.append(TurnRecord(key, 0, now, c.first_input, c.first_input, 1, True))
-            states[key] = c.state = state
-            policy.route(state, state.turns[0], now)
-        elif kind == "turn":
-            c, k, (_, new_in, out) = payload
-            placed = policy.scheduler.ledger.holding(f"{NS}/{c.name}") is not None
-            if not placed or len(c.done) != k:
-                # a turn runs only on a placed conversation, in order: the client waits and tries again
-                if policy.scheduler.conversations.get(f"{NS}/{c.name}") is not None:
-                    heapq.heappush(events, (t + 5, next(later), kind, payload))
-                continue
-            c.context += new_in
-            c.cum_in += new_in
-            c.cum_out += out
-            usage = {
-                "turns": k + 1,
-                "inputTokens": c.cum_in,
-                "outputTokens": c.cum_out,
-                "lastTurnTime": format_time(now),
-            }
-            body = conversation_body(c.name, "llama", c.first_input, usage=usage)
-            body["metadata"].update(namespace=NS, uid=f"uid-{c.name}", generation=k + 2)
-            await conversation.on_event(engine, "MODIFIED", body)
-            assert c.state is not None
-            policy.turn_done(c.state, TurnRecord(c.state.key, k, now, c.context, new_in, out, True), now)
-            retry_pending(policy, states, now)  # the simulator's turn end retries its queue (see ConServe)
-            c.context += out
-            c.done.append(k)
-        elif kind == "complete":
-            c = payload
-            if c.state is None or policy.scheduler.conversations.get(c.state.key) is None:
-                continue
-            if len(c.done) < len(c.turns):  # its last turn has not run yet
-                heapq.heappush(events, (t + 5, next(later), kind, payload))
-                continue
-            usage = {"turns": len(c.done), "inputTokens": c.cum_in, "outputTokens": c.cum_out}
-            body = conversation_body(c.name, "llama", c.first_input, usage=usage, completed=True)
-            body["metadata"].update(namespace=NS, uid=f"uid-{c.name}", generation=99)
-            await conversation.on_event(engine, "MODIFIED", body)
-            c.state.finished = True
-            policy.release(c.state)
-            retry_pending(policy, states, now)
-        elif kind == "sweep":
-            await engine.sweep_idle()
-            if policy.sweep(now):
-                retry_pending(policy, states, now)
-        elif kind == "lose":
-            await decoderpool.on_pod_event(engine, "DELETED", pod(payload, "n0"))
-            decisions = policy.decoder_lost(payload, now)
-            replaced_sim |= {d.conversation.split("/")[1] for d in decisions if d.verdict is Verdict.REPLACED}
-        elif kind == "energy":
-            for name, joules in payload.items():
-                engine.world.set_decoder_energy(NS, "llama", name, energy_per_token_j=joules)
-                policy.energy_measured(name, joules)
-        await engine.drain_background()
-        assert operator_view(engine, kube, names) == policy_view(policy, names), f"diverged at t={t} ({kind})"
-        operator_queue = engine.world.pool(NS, "llama").scheduler.queue()
+class Replay:
+    """The event sequence driven through the operator's engine and the simulator's policy side by side; after
+    every event the two must agree (`check`)."""
+
+    def __init__(self, engine: Engine, kube: FakeKube, clock: FakeClock, convs: list[Plan]) -> None:
+        self.engine, self.kube, self.clock = engine, kube, clock
+        self.policy = simulator_policy()
+        self.names = [c.name for c in convs]
+        self.states: dict[str, ConvState] = {}
+        self.replaced_sim: set[str] = set()
+        self.checked = 0
+        self.longest_queue = 0
+        self.events = build_events(convs)
+        self.later = itertools.count(len(self.events))
+
+    async def run(self) -> None:
+        handlers: dict[str, Callable[[int, Any], Awaitable[bool]]] = {
+            "create": self.create,
+            "turn": self.turn,
+            "complete": self.complete,
+            "sweep": self.sweep,
+            "lose": self.lose,
+            "energy": self.energy,
+        }
+        while self.events:
+            t, _, kind, payload = heapq.heappop(self.events)
+            self.clock.advance_to(EPOCH + t)
+            if await handlers[kind](t, payload):
+                await self.engine.drain_background()
+                self.check(t, kind)
+
+    def retry_later(self, t: int, kind: str, payload: Any) -> bool:
+        """The client waits and tries again 5 s later; nothing happened now."""
+        heapq.heappush(self.events, (t + 5, next(self.later), kind, payload))
+        return False
+
+    async def create(self, t: int, c: Plan) -> bool:
+        now = self.clock.now()
+        body = stored_conv(c.name, c.first_input, created=format_time(now))
+        await conversation.on_event(self.engine, "ADDED", body)
+        key = f"{NS}/{c.name}"
+        state = ConvState(Conversation(key, now, (Turn(c.first_input, c.first_input, 1),)))
+        state.turns.append(TurnRecord(key, 0, now, c.first_input, c.first_input, 1, True))
+        self.states[key] = c.state = state
+        self.policy.route(state, state.turns[0], now)
+        return True
+
+    async def turn(self, t: int, payload: tuple[Plan, int, tuple[int, int, int]]) -> bool:
+        c, k, (_, new_in, out) = payload
+        placed = self.policy.scheduler.ledger.holding(f"{NS}/{c.name}") is not None
+        if not placed or len(c.done) != k:
+            # a turn runs only on a placed conversation, in order: the client waits and tries again
+            if self.policy.scheduler.conversations.get(f"{NS}/{c.name}") is not None:
+                return self.retry_later(t, "turn", payload)
+            return False
+        now = self.clock.now()
+        c.context += new_in
+        c.cum_in += new_in
+        c.cum_out += out
+        usage = {"turns": k + 1, "inputTokens": c.cum_in, "outputTokens": c.cum_out, "lastTurnTime": format_time(now)}
+        body = stored(conversation_body(c.name, "llama", c.first_input, usage=usage), generation=k + 2)
+        await conversation.on_event(self.engine, "MODIFIED", body)
+        assert c.state is not None
+        self.policy.turn_done(c.state, TurnRecord(c.state.key, k, now, c.context, new_in, out, True), now)
+        retry_pending(self.policy, self.states, now)  # the simulator's turn end retries its queue (see ConServe)
+        c.context += out
+        c.done.append(k)
+        return True
+
+    async def complete(self, t: int, c: Plan) -> bool:
+        if c.state is None or self.policy.scheduler.conversations.get(c.state.key) is None:
+            return False
+        if len(c.done) < len(c.turns):  # its last turn has not run yet
+            return self.retry_later(t, "complete", c)
+        usage = {"turns": len(c.done), "inputTokens": c.cum_in, "outputTokens": c.cum_out}
+        body = stored(conversation_body(c.name, "llama", c.first_input, usage=usage, completed=True), generation=99)
+        await conversation.on_event(self.engine, "MODIFIED", body)
+        c.state.finished = True
+        self.policy.release(c.state)
+        retry_pending(self.policy, self.states, self.clock.now())
+        return True
+
+    async def sweep(self, t: int, _: None) -> bool:
+        await self.engine.sweep_idle()
+        if self.policy.sweep(self.clock.now()):
+            retry_pending(self.policy, self.states, self.clock.now())
+        return True
+
+    async def lose(self, t: int, decoder: str) -> bool:
+        await decoderpool.on_pod_event(self.engine, "DELETED", pod(decoder, "n0"))
+        decisions = self.policy.decoder_lost(decoder, self.clock.now())
+        self.replaced_sim |= {d.conversation.split("/")[1] for d in decisions if d.verdict is Verdict.REPLACED}
+        return True
+
+    async def energy(self, t: int, joules_per_token: dict[str, float]) -> bool:
+        for name, joules in joules_per_token.items():
+            self.engine.world.set_decoder_energy(NS, "llama", name, energy_per_token_j=joules)
+            self.policy.energy_measured(name, joules)
+        return True
+
+    def check(self, t: int, kind: str) -> None:
+        policy = self.policy
+        assert operator_view(self.kube, self.names) == policy_view(policy, self.names), f"diverged at t={t} ({kind})"
+        operator_queue = self.engine.world.pool(NS, "llama").scheduler.queue()
         assert operator_queue == policy.scheduler.queue(), f"queue order diverged at t={t}"
-        checked += 1
-        longest_queue = max(longest_queue, len(operator_queue))
-        for status in kube.status.values():
-            if status.get("kvState"):
-                seen[status["kvState"]] = seen.get(status["kvState"], 0) + 1
+        self.checked += 1
+        self.longest_queue = max(self.longest_queue, len(operator_queue))
+
+
+async def run_equivalence(count: int) -> tuple[int, dict[str, int]]:
+    clock = FakeClock(epoch_s=EPOCH)
+    engine, kube = await operator_engine(clock)
+    replay = Replay(engine, kube, clock, plans(7, count))
+    await replay.run()
+    statuses = [s for (plural, _), s in kube.status.items() if plural == "conversations"]
     replaced_op = {n for (p, n), s in kube.status.items() if p == "conversations" and s["placementGeneration"] > 1}
-    assert replaced_op == replaced_sim and replaced_op, "the same conversations moved off the lost decoder"
+    assert replaced_op, "conversations moved off the lost decoder"
+    assert replaced_op == replay.replaced_sim, "the same conversations moved off the lost decoder"
     totals = {
-        "offloads": sum(s.get("offloads", 0) for s in kube.status.values()),
-        "reloads": sum(s.get("reloads", 0) for s in kube.status.values()),
-        "reprefills": sum(s.get("reprefills", 0) for s in kube.status.values()),
-        "longest_queue": longest_queue,
+        "offloads": sum(s.get("offloads", 0) for s in statuses),
+        "reloads": sum(s.get("reloads", 0) for s in statuses),
+        "reprefills": sum(s.get("reprefills", 0) for s in statuses),
+        "longest_queue": replay.longest_queue,
     }
-    return checked, totals
+    return replay.checked, totals
 
 
 def test_operator_and_simulator_equivalence() -> None:
     checked, totals = asyncio.run(run_equivalence(300))
     assert checked > 300
     # The sequence exercises what it claims to: queueing, offloads to host memory, reloads and re-prefills.
-    assert totals["longest_queue"] > 1 and totals["offloads"] > 0 and totals["reloads"] > 0, totals
+    assert totals["longest_queue"] > 1, totals
+    assert totals["offloads"] > 0, totals
+    assert totals["reloads"] > 0, totals
 
 
 def test_measured_energy_changes_the_next_placement() -> None:
@@ -298,7 +305,7 @@ def test_measured_energy_changes_the_next_placement() -> None:
 
 def test_operator_energy_hook_reaches_the_decoder_table() -> None:
     async def run() -> None:
-        engine, _ = await operator_engine(FakeClock())
+        engine, _ = await operator_engine(FakeClock(epoch_s=EPOCH))
         engine.world.set_decoder_energy(NS, "llama", "dec-0", energy_per_token_j=0.9)
         engine.world.set_decoder_energy(NS, "llama", "dec-1", energy_per_token_j=0.1)
         table = {d.name: d.energy_per_token_j for d in engine.world.pool(NS, "llama").ledger.snapshot()}

@@ -42,8 +42,8 @@ def test_prefill_instance_chunks_prompts_first_come_first_served() -> None:
     w = Workload("t", (one("a", 0.0, (10_000, 10_000, 2, 0.0)), one("b", 0.0, (1000, 1000, 2, 0.0))))
     result = simulate(f, w, make_policy("round-robin"))
     a, b = (s.turns[0] for s in result.conversations)
-    t1 = perf.prefill_time_s(H100, MODEL, 8192)
-    t2 = perf.prefill_time_s(H100, MODEL, 1808, 8192) + perf.prefill_time_s(H100, MODEL, 1000) - OVERHEAD_S
+    t1 = perf.prefill_cost(H100, MODEL, 8192).time_s
+    t2 = perf.prefill_cost(H100, MODEL, 1808, 8192).time_s + perf.prefill_cost(H100, MODEL, 1000).time_s - OVERHEAD_S
     assert b.first_token_s == pytest.approx(t1 + t2 + perf.kv_transfer_time_s(MODEL, 1000, f.link))
     assert a.first_token_s == pytest.approx(t1 + t2 + perf.kv_transfer_time_s(MODEL, 10_000, f.link))
     p = result.prefill[0]
@@ -51,8 +51,8 @@ def test_prefill_instance_chunks_prompts_first_come_first_served() -> None:
     assert p.tokens == 11_000
     assert p.dynamic_energy_j == pytest.approx((700 - 70) * (t1 + t2))
     # in chunks, A's prefill costs what it costs whole plus one more iteration's overhead
-    whole = perf.prefill_time_s(H100, MODEL, 10_000)
-    assert t1 + perf.prefill_time_s(H100, MODEL, 1808, 8192) == pytest.approx(whole + OVERHEAD_S, rel=1e-3)
+    whole = perf.prefill_cost(H100, MODEL, 10_000).time_s
+    assert t1 + perf.prefill_cost(H100, MODEL, 1808, 8192).time_s == pytest.approx(whole + OVERHEAD_S, rel=1e-3)
 
 
 def test_transfer_and_reprefill_accounting() -> None:
@@ -89,7 +89,7 @@ def test_shared_store_loads_the_prefix_over_the_link() -> None:
     assert second.loaded_tokens == 2009
     assert second.prefill_tokens == 91
     load = perf.kv_transfer_time_s(MODEL, 2009, f.link)
-    compute = perf.prefill_time_s(H100, MODEL, 91, 2009)
+    compute = perf.prefill_cost(H100, MODEL, 91, 2009).time_s
     assert second.ttft_s == pytest.approx(load + compute + perf.kv_transfer_time_s(MODEL, 2100, f.link))
 
 

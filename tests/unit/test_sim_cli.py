@@ -41,7 +41,8 @@ def test_simulate_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert code == 0
     captured = capsys.readouterr()
     assert "line 4: not JSON" in captured.err
-    assert "conserve" in captured.out and "round-robin" in captured.out
+    assert "conserve" in captured.out
+    assert "round-robin" in captured.out
     payload = json.loads((out / "results.json").read_text())
     assert len(payload["runs"]) == 24  # 12 policies (3 ConServe variants, 9 baselines) x 2 fleets
     assert payload["meta"]["signals"] == {"tiny": {"end_of_conversation": False}}
@@ -78,7 +79,7 @@ def test_scale_load(tmp_path: Path) -> None:
     faster = scale_load(workload, 2.0)
     assert [c.arrival_s for c in faster.conversations] == [c.arrival_s / 2 for c in workload.conversations]
     assert faster.turns == workload.turns
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be positive"):
         scale_load(workload, 0.0)
 
 
@@ -150,7 +151,8 @@ def test_bench_sweeps_loads_and_fleets(tmp_path: Path) -> None:
     fleets = payload["meta"]["fleets"]
     # equal GPU count and equal decode TDP: 4 x H100 decode (2800 W) = 7 x H20 or A100 (400 W each)
     assert {"tiered", "homogeneous", "decode-h100x4", "decode-h20x4", "decode-h20x7-eqTDP"} <= set(fleets)
-    assert {"decode-a100x7-eqTDP", "decode-h200x4"} <= set(fleets) and "decode-h200x4-eqTDP" not in fleets
+    assert {"decode-a100x7-eqTDP", "decode-h200x4"} <= set(fleets)
+    assert "decode-h200x4-eqTDP" not in fleets
     assert {r["workload"] for r in payload["runs"]} == {"tiny@0.5x", "tiny@2x"}
     assert len(payload["runs"]) == 2 * 2 * len(fleets)
     assert (out / "load_sweep_tiny_tiered.png").stat().st_size > 0

@@ -79,7 +79,8 @@ def test_azure_single_turn_conversations() -> None:
     workload = parse_azure_lines(AZURE, path="az.csv")
     assert [c.turns[0].input_tokens for c in workload.conversations] == [374, 396]
     assert workload.conversations[1].arrival_s == pytest.approx(4.314579)
-    assert workload.report is not None and [n for n, _ in workload.report.skipped] == [4, 5]
+    assert workload.report is not None
+    assert [n for n, _ in workload.report.skipped] == [4, 5]
     with pytest.raises(TraceError, match=r"az\.csv:4"):
         parse_azure_lines(AZURE, path="az.csv", strict=True)
 
@@ -122,7 +123,8 @@ def test_duration_clips_turns(tmp_path: Path) -> None:
 
 def test_real_mooncake_trace(trace_dir: Path) -> None:
     workload = load_workload("mooncake", trace_dir=trace_dir)
-    assert workload.report is not None and not workload.report.skipped
+    assert workload.report is not None
+    assert not workload.report.skipped
     assert workload.turns == 12_031
     follow_ups = workload.turns - len(workload.conversations)
     assert 0.28 < follow_ups / workload.turns < 0.38  # "about a third of requests are follow-up turns"
@@ -132,7 +134,8 @@ def test_real_mooncake_trace(trace_dir: Path) -> None:
 
 def test_real_azure_trace(trace_dir: Path) -> None:
     workload = load_workload("azure", trace_dir=trace_dir)
-    assert workload.report is not None and not workload.report.skipped
+    assert workload.report is not None
+    assert not workload.report.skipped
     assert workload.turns == 19_366
     assert 3000 < workload.conversations[-1].arrival_s < 3700
 

@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
+import threading
 
 import pydantic
 import pytest
 
+from conserve.devcluster.cluster import free_port
 from conserve.kube import Conflict, NotFound
 from conserve.testkit import ConversationBuilder, FakeClock, FakeKube, PodBuilder, PoolBuilder, wait_for
+from conserve.testkit.probes import http_get
 
 pytestmark = pytest.mark.unit
 
@@ -71,11 +75,16 @@ def test_builders_refuse_what_the_crd_refuses() -> None:
 
 def test_fake_clock_moves_only_forward_and_by_hand() -> None:
     clock = FakeClock()
-    start = clock.now(), clock.wall()
+    start = clock.now(), clock.monotonic()
     clock.advance(2.5)
-    assert (clock.now() - start[0], clock.wall() - start[1]) == (2.5, 2.5)
+    assert (clock.now() - start[0], clock.monotonic() - start[1]) == (2.5, 2.5)
+    assert clock() == clock.monotonic()  # where code takes `time.monotonic`
+    clock.advance_to(clock.now() + 1)
+    assert clock.now() - start[0] == 3.5
     with pytest.raises(ValueError, match="back"):
         clock.advance(-1)
+    with pytest.raises(ValueError, match="back"):
+        clock.advance_to(start[0])
 
 
 def test_wait_for_returns_the_first_truthy_result_and_names_what_timed_out() -> None:
@@ -90,3 +99,26 @@ def test_wait_for_returns_the_first_truthy_result_and_names_what_timed_out() -> 
     assert wait_for("the answer", probe, timeout_s=5, interval_s=0, tolerate=(KeyError,)) == "ready"
     with pytest.raises(TimeoutError, match="waiting for the impossible: last=False"):
         wait_for("the impossible", lambda: False, timeout_s=0.05, interval_s=0.01)
+
+
+def test_http_get_answers_nothing_until_a_server_listens_and_then_its_status() -> None:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/readyz" else 503)
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    port = free_port()
+    assert http_get(f"http://127.0.0.1:{port}/readyz") == (0, "")
+    server = http.server.HTTPServer(("127.0.0.1", port), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert http_get(f"http://127.0.0.1:{port}/readyz") == (200, "ok")
+        assert http_get(f"http://127.0.0.1:{port}/other")[0] == 503
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -22,6 +23,20 @@ class StatusModel(BaseModel):
     """Status models tolerate fields written by newer operators or by Kopf."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+
+class ServingPod(StatusModel):
+    # A serving pod as a status names it (a conversation's decoder and prefill, a pool's decoders and prefills).
+    pod: str
+    node: str = ""
+    tier: str = ""
+    gpu_product: str = ""
+
+
+def status_patch(status: StatusModel, fields: AbstractSet[str]) -> dict[str, Any]:
+    """A merge patch of the status subresource: the named fields of the model, by alias, a None written as null
+    (a merge patch clears a field that way); the fields not named are left to their writers."""
+    return {"status": status.model_dump(mode="json", by_alias=True, include=set(fields))}
 
 
 def cel(rule: str, message: str, *, field_path: str | None = None) -> dict[str, Any]:

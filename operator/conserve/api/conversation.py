@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import enum
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
-from conserve.api.common import CamelModel, Condition, NonNegativeInt, StatusModel, cel
+from conserve.api.common import CamelModel, Condition, NonNegativeInt, ServingPod, StatusModel, cel
 
 KIND = "Conversation"
 PLURAL = "conversations"
@@ -92,15 +92,14 @@ class ConversationSpec(CamelModel):
     usage: ConversationUsage = Field(default_factory=ConversationUsage)
 
 
-class Endpoint(StatusModel):
-    pod: str
-    node: str = ""
-    tier: str = ""
-    gpu_product: str = ""
+class Endpoint(ServingPod):
     endpoint: str = ""  # host:port the data plane sends to
 
 
 class ConversationStatus(StatusModel):
+    # Not frozen: the operator's record of a conversation holds one and updates it as it decides.
+    model_config = ConfigDict(frozen=False)
+
     phase: Phase = Phase.PENDING
     decoder: Endpoint | None = None
     prefill: Endpoint | None = None
@@ -126,3 +125,7 @@ class ConversationStatus(StatusModel):
     reprefills: int = 0
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None
+
+
+#: The status fields the operator writes: all but the energy loop's (energyJoules, energyPerTokenJoules).
+OPERATOR_STATUS_FIELDS = frozenset(ConversationStatus.model_fields) - {"energy_joules", "energy_per_token_joules"}

@@ -22,7 +22,8 @@ import argparse
 import difflib
 import sys
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, NamedTuple
 
 import yaml
 from pydantic import BaseModel
@@ -132,30 +133,46 @@ def openapi_schema(model: type[BaseModel], *, spec: bool) -> dict[str, Any]:
     return _ordered(schema)
 
 
-def _column(name: str, json_path: str, type_: str, description: str, priority: int = 0) -> dict[str, Any]:
-    column: dict[str, Any] = {"name": name, "type": type_, "jsonPath": json_path, "description": description}
-    if priority:
-        column["priority"] = priority
-    return column
+class Column(NamedTuple):
+    """A printer column of `kubectl get` (`wide`: only with `-o wide`); its type is the schema's at its path."""
+
+    name: str
+    json_path: str
+    description: str
+    wide: bool = False
 
 
-_AGE = _column("Age", ".metadata.creationTimestamp", "date", "Time since creation.")
+def _type_at(root: dict[str, Any], json_path: str) -> str:
+    node = root
+    for part in json_path.strip(".").split("."):
+        node = node["properties"][part]
+    return str(node["type"])
+
+
+def _printer_column(root: dict[str, Any], column: Column) -> dict[str, Any]:
+    printed: dict[str, Any] = {
+        "name": column.name,
+        "type": _type_at(root, column.json_path),
+        "jsonPath": column.json_path,
+        "description": column.description,
+    }
+    if column.wide:
+        printed["priority"] = 1
+    return printed
+
+
+_AGE = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp", "description": "Time since creation."}
 
 
 def _crd(
-    *,
-    kind: str,
-    plural: str,
-    short_name: str,
-    description: str,
-    spec_model: type[BaseModel],
-    status_model: type[BaseModel],
-    columns: list[dict[str, Any]],
+    resource: ModuleType, spec_model: type[BaseModel], status_model: type[BaseModel], columns: tuple[Column, ...]
 ) -> dict[str, Any]:
-    singular = kind.lower()
+    """The CRD of a resource module of this package (its KIND, PLURAL, SHORT_NAME; its docstring's first
+    paragraph describes it)."""
+    kind, plural = resource.KIND, resource.PLURAL
     root = {
         "type": "object",
-        "description": description,
+        "description": (resource.__doc__ or "").strip().split("\n\n")[0],
         "required": ["spec"],
         "properties": {
             "apiVersion": {"type": "string"},
@@ -176,8 +193,8 @@ def _crd(
                 "kind": kind,
                 "listKind": f"{kind}List",
                 "plural": plural,
-                "singular": singular,
-                "shortNames": [short_name],
+                "singular": kind.lower(),
+                "shortNames": [resource.SHORT_NAME],
                 "categories": ["conserve"],
             },
             "versions": [
@@ -186,7 +203,7 @@ def _crd(
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": [*columns, _AGE],
+                    "additionalPrinterColumns": [*(_printer_column(root, c) for c in columns), _AGE],
                     "schema": {"openAPIV3Schema": root},
                 }
             ],
@@ -194,47 +211,36 @@ def _crd(
     }
 
 
+_CONVERSATION_COLUMNS = (
+    Column("Phase", ".status.phase", "Lifecycle phase."),
+    Column("Decoder", ".status.decoder.pod", "The decoder pod the conversation is pinned to."),
+    Column("Tier", ".status.decoder.tier", "GPU tier of the decoder's node."),
+    Column("Reservation", ".status.reservedKvTokens", "KV tokens reserved on the decoder."),
+    Column("Turns", ".status.turnsServed", "Turns served."),
+    Column("KV", ".status.kvState", "Where its KV is: Active, Idle, Offloaded, Dropped."),
+    Column("Pool", ".spec.pool", "The DecoderPool.", wide=True),
+    Column("Node", ".status.decoder.node", "Node of the decoder.", wide=True),
+    Column("Live", ".status.liveKvTokens", "Context size in KV tokens.", wide=True),
+    Column("Transfers", ".status.kvTransfers", "KV cache transfers.", wide=True),
+)
+
+_DECODERPOOL_COLUMNS = (
+    Column("Ready", ".status.readyDecoders", "Ready decoders."),
+    Column("KV", ".status.kvUsage", "Reserved/total KV tokens of the ready decoders."),
+    Column("Conversations", ".status.conversations", "Conversations pinned in the pool."),
+    Column("Pending", ".status.pendingConversations", "Conversations waiting.", wide=True),
+    Column("Idle", ".status.idleConversations", "Idle conversations resident on GPUs.", wide=True),
+    Column("Offloaded", ".status.offloadedConversations", "KV in host memory.", wide=True),
+    Column("Model", ".spec.model.name", "The served model.", wide=True),
+)
+
+
 def conversation_crd() -> dict[str, Any]:
-    return _crd(
-        kind=conversation.KIND,
-        plural=conversation.PLURAL,
-        short_name=conversation.SHORT_NAME,
-        description=(conversation.__doc__ or "").strip().split("\n\n")[0],
-        spec_model=conversation.ConversationSpec,
-        status_model=conversation.ConversationStatus,
-        columns=[
-            _column("Phase", ".status.phase", "string", "Lifecycle phase."),
-            _column("Decoder", ".status.decoder.pod", "string", "The decoder pod the conversation is pinned to."),
-            _column("Tier", ".status.decoder.tier", "string", "GPU tier of the decoder's node."),
-            _column("Reservation", ".status.reservedKvTokens", "integer", "KV tokens reserved on the decoder."),
-            _column("Turns", ".status.turnsServed", "integer", "Turns served."),
-            _column("KV", ".status.kvState", "string", "Where its KV is: Active, Idle, Offloaded, Dropped."),
-            _column("Pool", ".spec.pool", "string", "The DecoderPool.", priority=1),
-            _column("Node", ".status.decoder.node", "string", "Node of the decoder.", priority=1),
-            _column("Live", ".status.liveKvTokens", "integer", "Context size in KV tokens.", priority=1),
-            _column("Transfers", ".status.kvTransfers", "integer", "KV cache transfers.", priority=1),
-        ],
-    )
+    return _crd(conversation, conversation.ConversationSpec, conversation.ConversationStatus, _CONVERSATION_COLUMNS)
 
 
 def decoderpool_crd() -> dict[str, Any]:
-    return _crd(
-        kind=decoderpool.KIND,
-        plural=decoderpool.PLURAL,
-        short_name=decoderpool.SHORT_NAME,
-        description=(decoderpool.__doc__ or "").strip().split("\n\n")[0],
-        spec_model=decoderpool.DecoderPoolSpec,
-        status_model=decoderpool.DecoderPoolStatus,
-        columns=[
-            _column("Ready", ".status.readyDecoders", "integer", "Ready decoders."),
-            _column("KV", ".status.kvUsage", "string", "Reserved/total KV tokens of the ready decoders."),
-            _column("Conversations", ".status.conversations", "integer", "Conversations pinned in the pool."),
-            _column("Pending", ".status.pendingConversations", "integer", "Conversations waiting.", priority=1),
-            _column("Idle", ".status.idleConversations", "integer", "Idle conversations resident on GPUs.", priority=1),
-            _column("Offloaded", ".status.offloadedConversations", "integer", "KV in host memory.", priority=1),
-            _column("Model", ".spec.model.name", "string", "The served model.", priority=1),
-        ],
-    )
+    return _crd(decoderpool, decoderpool.DecoderPoolSpec, decoderpool.DecoderPoolStatus, _DECODERPOOL_COLUMNS)
 
 
 def all_crds() -> dict[str, dict[str, Any]]:

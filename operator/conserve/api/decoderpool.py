@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from conserve.api.common import NON_EMPTY_SELECTOR, CamelModel, Condition, LabelSelector, StatusModel, cel
+from conserve.api.common import NON_EMPTY_SELECTOR, CamelModel, Condition, LabelSelector, ServingPod, StatusModel, cel
 from conserve.core.llm import MODELS, ModelShape, lookup_model
 
 KIND = "DecoderPool"
@@ -171,13 +171,12 @@ class DecoderPoolSpec(CamelModel):
         return self
 
 
-class DecoderStatus(StatusModel):
-    pod: str
-    node: str = ""
-    tier: str = ""
-    gpu_product: str = ""
+class PrefillStatus(ServingPod):
     ready: bool = False
     endpoint: str = ""
+
+
+class DecoderStatus(PrefillStatus):
     capacity_kv_tokens: int = 0
     reserved_kv_tokens: int = 0
     live_kv_tokens: int = 0
@@ -192,15 +191,6 @@ class DecoderStatus(StatusModel):
     host_capacity_kv_tokens: int = 0
     power_watts: float | None = None
     energy_joules: float | None = None
-
-
-class PrefillStatus(StatusModel):
-    pod: str
-    node: str = ""
-    tier: str = ""
-    gpu_product: str = ""
-    ready: bool = False
-    endpoint: str = ""
 
 
 class DecoderPoolStatus(StatusModel):
@@ -230,3 +220,10 @@ class DecoderPoolStatus(StatusModel):
     energy_joules: float | None = None
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None
+
+
+#: The pool's own power and energy: the sums of its decoders' figures, written once measured (by the operator, or
+#: by the energy loop when it runs standalone), never cleared.
+MEASURED_FIELDS = frozenset({"power_watts", "energy_joules"})
+#: The status fields the operator writes whatever it knows (decoders[] whole, each entry's figures carried over).
+OPERATOR_STATUS_FIELDS = frozenset(DecoderPoolStatus.model_fields) - MEASURED_FIELDS

@@ -24,13 +24,18 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 ROUTER_MANAGER = "conserve-router"
 #: Node annotation KWOK manages: a fake node whose pods run nothing (gpu-sim serves them).
 ANNOTATION_KWOK_NODE = "kwok.x-k8s.io/node"
+#: Finalizer that earlier operator versions added to Conversations (this one removes it where it finds it).
+FINALIZER = "conserve.dev/release-capacity"
 #: Pod phases after which a pod holds no GPU and serves nothing.
 POD_FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
+#: The pod phase in which a pod may serve (once Ready).
+POD_RUNNING = "Running"
 
 __all__ = [
     "ANNOTATION_ENDPOINT",
     "ANNOTATION_KWOK_NODE",
     "ANNOTATION_MODEL",
+    "FINALIZER",
     "LABEL_GPU_COUNT",
     "LABEL_GPU_MEMORY_MIB",
     "LABEL_GPU_PRODUCT",
@@ -39,6 +44,7 @@ __all__ = [
     "LABEL_ROLE",
     "LABEL_TIER_OVERRIDE",
     "POD_FINISHED_PHASES",
+    "POD_RUNNING",
     "RESOURCE_GPU",
     "ROUTER_MANAGER",
 ]

@@ -23,6 +23,8 @@ import secrets
 import socket
 import sys
 
+from conserve.cliargs import add_seconds_option
+
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("operator", help="run the ConServe operator (Kopf)")
@@ -52,14 +54,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="namespace of the Lease (default: $POD_NAMESPACE, the first --namespace, or default)",
     )
     p.add_argument("--identity", default=None, help="this replica's name in the Lease (default: $POD_NAME or host)")
-    p.add_argument("--pool-status-interval", type=float, default=0.5, help="seconds between a pool's status writes")
-    p.add_argument("--idle-sweep-interval", type=float, default=1.0, help="seconds between idle-timeout sweeps")
-    p.add_argument(
-        "--idle-phase-after",
-        type=float,
-        default=60.0,
-        help="seconds without a turn before a conversation shows phase Idle",
-    )
+    add_seconds_option(p, "--pool-status-interval", 0.5, "seconds between a pool's status writes")
+    add_seconds_option(p, "--idle-sweep-interval", 1.0, "seconds between idle-timeout sweeps")
+    add_seconds_option(p, "--idle-phase-after", 60.0, "seconds without a turn before a conversation shows phase Idle")
     p.add_argument(
         "--events",
         choices=["aggregated", "all", "warnings"],

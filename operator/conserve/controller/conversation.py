@@ -18,9 +18,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from conserve.api.conversation import TERMINAL_PHASES, ConversationSpec, ConversationStatus, Phase
-from conserve.controller.engine import PLURAL, Engine
-from conserve.controller.state import FINALIZER, ConvRecord, key_of, parse_time
+from conserve.api.conversation import PLURAL, ConversationSpec, ConversationStatus, Phase
+from conserve.api.labels import FINALIZER
+from conserve.controller.engine import Engine
+from conserve.controller.state import ConvRecord, key_of, parse_time
 from conserve.core.lifecycle import KvState
 
 log = logging.getLogger("conserve.operator")
@@ -30,77 +31,52 @@ __all__ = ["PLURAL", "adopt", "on_event", "record_from_body", "release_vanished"
 def record_from_body(body: dict[str, Any], spec: ConversationSpec, *, now_s: float, monotonic: float) -> ConvRecord:
     """A record from an object as the API server has it; its status (written by an earlier run) is adopted."""
     meta = body["metadata"]
-    status = ConversationStatus.model_validate(body.get("status") or {})
-    record = ConvRecord(
+    finalizers = list(meta.get("finalizers") or [])
+    return ConvRecord.adopt(
+        ConversationStatus.model_validate(body.get("status") or {}),
         namespace=meta["namespace"],
         name=meta["name"],
         uid=meta.get("uid", ""),
         spec=spec,
         created_at_s=parse_time(meta.get("creationTimestamp")) or now_s,
         generation=int(meta.get("generation") or 0),
-        phase=status.phase,
-        decoder=status.decoder,
-        prefill=status.prefill,
-        reserved_kv_tokens=status.reserved_kv_tokens,
-        live_kv_tokens=status.live_kv_tokens,
-        turns=status.turns_served,
-        input_tokens=status.input_tokens,
-        output_tokens=status.output_tokens,
-        kv_transfers=status.kv_transfers,
-        placement_generation=status.placement_generation,
-        placed_at=status.placed_at,
-        completed_at=status.completed_at,
-        last_activity_s=parse_time(status.last_activity_time) or parse_time(status.placed_at),
-        ttfet_s=status.time_to_first_effective_token_seconds,
-        kv_state=_kv_state(status.kv_state),
-        offloads=status.offloads,
-        reloads=status.reloads,
-        reprefills=status.reprefills,
-        energy_joules=status.energy_joules,
-        conditions={c.type: c for c in status.conditions},
-        finalizers=list(meta.get("finalizers") or []),
+        finalizers=finalizers,
+        has_finalizer=FINALIZER in finalizers,
         first_seen_monotonic=monotonic,
     )
-    record.has_finalizer = FINALIZER in record.finalizers
-    if record.phase not in TERMINAL_PHASES and record.decoder is None:
-        record.phase = Phase.PENDING
-    return record
-
-
-def _kv_state(value: str | None) -> KvState | None:
-    try:
-        return KvState(value) if value else None
-    except ValueError:
-        return None
 
 
 def adopt(engine: Engine, record: ConvRecord) -> None:
     """Put a conversation back in its pool's scheduler as the API server has it (a rebuild never drops one):
     a placed one keeps its reservation and KV state, a waiting one is queued."""
-    scheduler = engine.world.pool_of(record).scheduler
-    if record.placed and record.decoder is not None:
+    scheduler, status = engine.world.pool_of(record).scheduler, record.status
+    if record.placed and status.decoder is not None:
         scheduler.adopt(
             record.request(),
-            record.decoder.pod,
-            record.reserved_kv_tokens,
-            record.live_kv_tokens,
+            status.decoder.pod,
+            status.reserved_kv_tokens,
+            status.live_kv_tokens,
             last_activity_s=record.last_activity_s,
-            turns=record.turns,
+            turns=status.turns_served,
             kv_state=record.kv_state or KvState.ACTIVE,
-            counts=(record.offloads, record.reloads, record.reprefills),
+            counts=(status.offloads, status.reloads, status.reprefills),
         )
     elif not record.terminal:
         scheduler.adopt(
-            record.request(), None, 0, record.live_kv_tokens, last_activity_s=record.last_activity_s, turns=record.turns
+            record.request(),
+            None,
+            0,
+            status.live_kv_tokens,
+            last_activity_s=record.last_activity_s,
+            turns=status.turns_served,
         )
 
 
 async def on_event(engine: Engine, event_type: str | None, body: dict[str, Any]) -> None:
     meta = body.get("metadata", {})
     key = key_of(meta.get("namespace", ""), meta.get("name", ""))
-    world = engine.world
     if event_type == "DELETED":
-        gone = world.convs.pop(key, None)
+        gone = engine.world.convs.pop(key, None)
         if gone is not None and not gone.terminal:
             await engine.release(gone, "Deleted", "the conversation was deleted", write=False)
         return
@@ -109,10 +85,29 @@ async def on_event(engine: Engine, event_type: str | None, body: dict[str, Any])
     except ValidationError as exc:  # the schema refuses these; an old object may still hold one
         log.warning("conversation %s has an invalid spec: %s", key, exc)
         return
-    record = world.convs.get(key)
+    record = _refresh(engine, key, event_type, body, spec)
+    if meta.get("deletionTimestamp"):
+        if not record.terminal:
+            await engine.release(record, "Deleted", "the conversation was deleted", write=False)
+        await engine.remove_finalizer(record)
+    elif record.terminal:
+        await engine.remove_finalizer(record)  # left over when a run stopped between release and this
+    elif spec.completed:
+        await engine.release(record, Phase.COMPLETED, "the client marked the conversation completed")
+    else:
+        await _serve(engine, record)
+
+
+def _refresh(
+    engine: Engine, key: str, event_type: str | None, body: dict[str, Any], spec: ConversationSpec
+) -> ConvRecord:
+    """The operator's record of the object: created (and adopted) on first sight or when the object was
+    recreated under the same name, else brought up to date with its spec and metadata."""
+    meta = body.get("metadata", {})
+    record = engine.world.convs.get(key)
     if record is None or record.uid != meta.get("uid", record.uid):
         record = record_from_body(body, spec, now_s=engine.clock.now(), monotonic=engine.clock.monotonic())
-        world.convs[key] = record
+        engine.world.convs[key] = record
         adopt(engine, record)
         log.debug("seen %s (%s)", key, event_type)
     else:
@@ -120,30 +115,24 @@ async def on_event(engine: Engine, event_type: str | None, body: dict[str, Any])
         record.generation = int(meta.get("generation") or record.generation)
         record.finalizers = list(meta.get("finalizers") or [])
         record.has_finalizer = FINALIZER in record.finalizers
-    if meta.get("deletionTimestamp"):
-        if not record.terminal:
-            await engine.release(record, "Deleted", "the conversation was deleted", write=False)
-        await engine.remove_finalizer(record)
-        return
-    if record.terminal:
-        await engine.remove_finalizer(record)  # left over when a run stopped between release and this
-        return
-    if spec.completed:
-        await engine.release(record, "Completed", "the client marked the conversation completed")
-        return
-    pool = world.pool_of(record)
-    if record.placed:
+    return record
+
+
+async def _serve(engine: Engine, record: ConvRecord) -> None:
+    """A live conversation's reported usage: applied to a placed one (a turn's end makes its KV idle, so
+    reclaimable: waiting ones may fit); a waiting one counts it and is admitted."""
+    pool = engine.world.pool_of(record)
+    if not record.placed:
         async with pool.lock:
-            changed = engine.apply_usage(pool, record)
-        if changed:
-            engine.on_pool_changed(pool)
-            await engine.write_status(record)
-        if changed:
-            await engine.drain(pool)  # a turn's end makes its KV idle, so reclaimable: waiting ones may fit
+            engine.apply_usage(pool, record)  # a turn reported before placement is still counted
+        await engine.admit(record)
         return
     async with pool.lock:
-        engine.apply_usage(pool, record)  # a turn reported before placement is still counted
-    await engine.admit(record)
+        changed = engine.apply_usage(pool, record)
+    if changed:
+        engine.on_pool_changed(pool)
+        await engine.write_status(record)
+        await engine.drain(pool)
 
 
 async def release_vanished(engine: Engine, scopes: list[str | None]) -> int:

@@ -15,17 +15,17 @@ from typing import Any
 from pydantic import ValidationError
 
 from conserve import metrics
+from conserve.api.decoderpool import PLURAL as PLURAL  # re-exported (startup, registry)
 from conserve.api.decoderpool import DecoderPoolSpec, DecoderPoolStatus
 from conserve.controller import pods
 from conserve.controller.engine import Engine, scheduler_settings
 from conserve.controller.kube import NotFound
 from conserve.controller.state import NodeInfo, PoolRuntime, World, key_of
-from conserve.controller.status import pool_status_patch
+from conserve.controller.status import pool_status, pool_status_patch_of
 from conserve.core.lifecycle import KvState
 from conserve.core.offload import HOST_KV_BYTES_PER_GPU
 
 log = logging.getLogger("conserve.operator")
-PLURAL = "decoderpools"
 
 
 def load_spec(pool: PoolRuntime, body: dict[str, Any]) -> None:
@@ -96,29 +96,37 @@ async def on_event(engine: Engine, event_type: str | None, body: dict[str, Any])
     await engine.drain(pool)
 
 
+def export_metrics(pool: PoolRuntime, status: DecoderPoolStatus) -> None:
+    """The pool's gauges, from the status about to be written."""
+    labels = (pool.namespace, pool.name)
+    metrics.CAPACITY_KV.labels(*labels).set(status.capacity_kv_tokens)
+    metrics.RESERVED_KV.labels(*labels).set(status.reserved_kv_tokens)
+    metrics.LIVE_KV.labels(*labels).set(status.live_kv_tokens)
+    metrics.READY_DECODERS.labels(*labels).set(status.ready_decoders)
+    metrics.PINNED_CONVERSATIONS.labels(*labels).set(status.conversations)
+    metrics.QUEUE_LENGTH.labels(*labels).set(status.pending_conversations)
+    by_state = (
+        (KvState.IDLE, status.idle_conversations, sum(d.idle_kv_tokens for d in status.decoders)),
+        (KvState.OFFLOADED, status.offloaded_conversations, sum(d.offloaded_kv_tokens for d in status.decoders)),
+    )
+    for state, conversations, tokens in by_state:
+        metrics.KV_STATE_CONVERSATIONS.labels(*labels, state.value).set(conversations)
+        metrics.KV_STATE_TOKENS.labels(*labels, state.value).set(tokens)
+    metrics.KV_STATE_CONVERSATIONS.labels(*labels, KvState.DROPPED.value).set(status.dropped_conversations)
+
+
 async def write_pool_status(engine: Engine, pool: PoolRuntime) -> None:
     if not pool.body or engine.fenced:
         return
-    patch = pool_status_patch(pool, len(pool.pending))
-    status = patch["status"]
-    labels = (pool.namespace, pool.name)
-    metrics.CAPACITY_KV.labels(*labels).set(status["capacityKvTokens"])
-    metrics.RESERVED_KV.labels(*labels).set(status["reservedKvTokens"])
-    metrics.LIVE_KV.labels(*labels).set(status["liveKvTokens"])
-    metrics.READY_DECODERS.labels(*labels).set(status["readyDecoders"])
-    metrics.PINNED_CONVERSATIONS.labels(*labels).set(status["conversations"])
-    metrics.QUEUE_LENGTH.labels(*labels).set(len(pool.pending))
-    for state, key in ((KvState.IDLE, "idle"), (KvState.OFFLOADED, "offloaded")):
-        metrics.KV_STATE_CONVERSATIONS.labels(*labels, state.value).set(status[f"{key}Conversations"])
-        metrics.KV_STATE_TOKENS.labels(*labels, state.value).set(sum(d[f"{key}KvTokens"] for d in status["decoders"]))
-    metrics.KV_STATE_CONVERSATIONS.labels(*labels, KvState.DROPPED.value).set(status["droppedConversations"])
+    status = pool_status(pool, len(pool.pending))
+    export_metrics(pool, status)
     try:
-        await engine.kube.patch_status(PLURAL, pool.namespace, pool.name, patch)
+        await engine.kube.patch_status(PLURAL, pool.namespace, pool.name, pool_status_patch_of(status))
     except NotFound:
         return
-    except Exception as exc:
+    except Exception:  # network, 5xx, 429, anything: the writer lives on and writes the pool again next tick
         metrics.STATUS_WRITE_ERRORS.labels("DecoderPool").inc()
-        log.warning("pool %s status not written: %s", pool.key, exc)
+        log.warning("pool %s status not written", pool.key, exc_info=True)
         pool.status_dirty.set()
 
 

@@ -145,16 +145,18 @@ class OperatorEnergyState:
         pods: dict[str, ServingPod] = {}
         for pool in self.world.pools.values():
             pods.update((p.key, p) for p in self._pods_of(pool))
+        # A record's status is the operator's decision; its energy fields stay as adopted (the loop writes them,
+        # the operator does not), so they are where a restarted loop continues from.
         conversations = [
             conversation_view(
                 r.namespace,
                 r.name,
                 r.spec,
-                r.phase,
-                r.decoder,
-                r.prefill,
-                max(r.reserved_kv_tokens, r.live_kv_tokens),
-                r.energy_joules,
+                r.status.phase,
+                r.status.decoder,
+                r.status.prefill,
+                max(r.status.reserved_kv_tokens, r.status.live_kv_tokens),
+                r.status.energy_joules,
             )
             for r in self.world.convs.values()
         ]

@@ -3,8 +3,8 @@
 Every decision is made under the pool's asyncio lock by the pool's `PoolScheduler` (the same object the
 simulator runs), so a burst of concurrent creations can never oversubscribe a decoder; the API writes happen
 after the lock is left (a decision is reserved first, written second: the scheduler is never behind the API
-server). This module turns the scheduler's typed decisions into records, then into writes: status patches,
-finalizers, Events, metrics, retries and fencing. The handler modules (conversation.py, decoderpool.py) turn
+server). This module turns the scheduler's typed decisions into records, then into writes (status patches,
+Events, metrics; retries and fencing are writer.py's). The handler modules (conversation.py, decoderpool.py) turn
 watch events into these calls. The rules themselves (queue order, outgrowth, decoder loss, KV lifecycle) are
 the core's: see operator/conserve/core/README.md.
 """
@@ -14,23 +14,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from conserve import metrics
 from conserve.api.conversation import Endpoint, Phase
 from conserve.api.decoderpool import DecoderPoolSpec
-from conserve.controller.kube import Kube, NotFound, Refused
-from conserve.controller.state import (
-    FINALIZER,
-    ConvRecord,
-    PoolRuntime,
-    World,
-    format_time,
-    parse_time,
-)
-from conserve.controller.status import conversation_status_patch
+from conserve.controller.kube import Kube
+from conserve.controller.state import ConvRecord, PoolRuntime, World, format_time, parse_time
+from conserve.controller.writer import Writer, WriterConfig
 from conserve.core.decisions import Decision, Reason, Verdict
 from conserve.core.lifecycle import LifecycleSettings
 from conserve.core.placement import PlacementSettings, PlacementWeights, TierPolicy
@@ -38,7 +31,6 @@ from conserve.core.scheduler import SchedulerSettings
 
 log = logging.getLogger("conserve.operator")
 
-PLURAL = "conversations"
 _LIFECYCLE = (Verdict.IDLED, Verdict.OFFLOADED, Verdict.RELOADED, Verdict.DROPPED, Verdict.REPREFILLED)
 
 
@@ -56,17 +48,11 @@ class SystemClock:
 
 
 @dataclass(frozen=True, slots=True)
-class EngineConfig:
-    write_retries: int = 6
+class EngineConfig(WriterConfig):
     pool_status_interval_s: float = 0.5
     idle_sweep_interval_s: float = 1.0
     #: A Decoding conversation without a turn for this long (or half its idle timeout) shows phase Idle.
     idle_phase_after_s: float = 60.0
-    event_concurrency: int = 8
-    #: Post Normal Events (Placed, Released, ...) too; False keeps only Warnings (one write less per placement).
-    normal_events: bool = True
-    #: An engine's occupancy reading older than this is ignored (a decoder that stopped answering).
-    observed_max_age_s: float = 10.0
 
 
 @dataclass(slots=True)
@@ -103,28 +89,16 @@ def scheduler_settings(spec: DecoderPoolSpec, host_kv_tokens_per_decoder: int = 
     )
 
 
-class Engine:
+class Engine(Writer):
+    """The decisions of every pool this replica leads; the writes they need are the `Writer`'s."""
+
     def __init__(self, kube: Kube, config: EngineConfig | None = None, clock: Clock | None = None) -> None:
-        self.kube = kube
         self.config = config or EngineConfig()
+        super().__init__(kube, self.config)
         self.clock: Clock = clock or SystemClock()
         self.world = World()
-        self._events = asyncio.Semaphore(self.config.event_concurrency)
-        self._background: set[asyncio.Task[Any]] = set()
-        #: Set when this replica lost its Lease: from then on nothing is written (Kopf takes a moment to stop).
-        self.fenced = False
         #: Called with a pool whenever its status should be rewritten (decoderpool.py installs the writer).
         self.on_pool_changed: Callable[[PoolRuntime], None] = lambda pool: pool.status_dirty.set()
-
-    # --- helpers --------------------------------------------------------------------------------------------
-    def spawn(self, coro: Awaitable[Any]) -> None:
-        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def drain_background(self) -> None:
-        while self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
 
     def _labels(self, pool: PoolRuntime) -> tuple[str, str]:
         return (pool.namespace, pool.name)
@@ -144,61 +118,67 @@ class Engine:
 
     def _apply_one(self, pool: PoolRuntime, record: ConvRecord, d: Decision) -> Outcome | None:
         now = self.clock.now()
-        labels = self._labels(pool)
         if d.placed:
-            replacing = d.verdict is Verdict.REPLACED
-            assert d.decoder is not None
-            record.decoder = pool.decoders[d.decoder].endpoint_model()
-            record.reserved_kv_tokens = d.reserved_kv_tokens
-            record.placement_generation += 1
-            record.kv_transfers += 1
-            record.kv_state = d.kv_state
-            if not replacing:
-                record.prefill = pool.prefills[d.prefill].endpoint_model() if d.prefill in pool.prefills else None
-                record.phase = Phase.PREFILLING
-                record.placed_at = format_time(now)
-                record.last_activity_s = record.last_activity_s or now
-            record.dirty = True
-            record.set_condition("Placed", "True", d.reason.value, d.message, now)
-            metrics.KV_TRANSFERS.labels(*labels).inc()
-            return Outcome(record, d.verdict, d.reason.value, d.message)
+            return self._apply_placement(pool, record, d, now)
         if d.verdict is Verdict.QUEUED:
-            record.phase = Phase.PENDING
+            record.status.phase = Phase.PENDING
             if not record.set_condition("Placed", "False", d.reason.value, d.message, now):
                 return Outcome(record, Verdict.UNCHANGED)
             record.dirty = True
             return Outcome(record, Verdict.QUEUED, d.reason.value, d.message)
         if d.verdict is Verdict.FAILED:
-            record.phase = Phase.FAILED
-            record.decoder = None
-            record.reserved_kv_tokens = 0
+            record.status.phase = Phase.FAILED
+            record.status.decoder = None
+            record.status.reserved_kv_tokens = 0
             record.kv_state = None
-            record.completed_at = format_time(now)
+            record.status.completed_at = format_time(now)
             record.set_condition("Placed", "False", d.reason.value, d.message, now)
             record.dirty = True
             return Outcome(record, Verdict.FAILED, d.reason.value, d.message, warning=True)
-        if d.verdict is Verdict.EXTENDED:
-            record.reserved_kv_tokens = d.reserved_kv_tokens
-            metrics.OUTGROWN.labels(*labels, "extended").inc()
-            if "Outgrown" in record.conditions:
-                record.set_condition("Outgrown", "False", d.reason.value, d.message, now)
-            record.dirty = True
-            return None
-        if d.verdict is Verdict.OUTGROWN:
-            metrics.OUTGROWN.labels(*labels, "pinned").inc()
-            if record.set_condition("Outgrown", "True", d.reason.value, d.message, now):
-                self.post_event(record, "Outgrown", d.message, warning=True)
-            record.dirty = True
+        if d.verdict in (Verdict.EXTENDED, Verdict.OUTGROWN):
+            self._apply_outgrowth(pool, record, d, now)
             return None
         if d.verdict in _LIFECYCLE:
             view = pool.scheduler.conversations.get(record.key)
             record.kv_state = d.kv_state
             if view is not None:
-                record.offloads, record.reloads, record.reprefills = view.offloads, view.reloads, view.reprefills
-            metrics.KV_LIFECYCLE.labels(*labels, d.verdict.value, d.reason.value).inc()
+                status = record.status
+                status.offloads, status.reloads, status.reprefills = view.offloads, view.reloads, view.reprefills
+            metrics.KV_LIFECYCLE.labels(*self._labels(pool), d.verdict.value, d.reason.value).inc()
             record.dirty = True
             return Outcome(record, d.verdict)
         return None
+
+    def _apply_placement(self, pool: PoolRuntime, record: ConvRecord, d: Decision, now: float) -> Outcome:
+        """Placed or re-placed: the decoder (and, on a first placement, the prefill server) in the record."""
+        assert d.decoder is not None
+        record.status.decoder = pool.decoders[d.decoder].endpoint_model()
+        record.status.reserved_kv_tokens = d.reserved_kv_tokens
+        record.status.placement_generation += 1
+        record.status.kv_transfers += 1
+        record.kv_state = d.kv_state
+        if d.verdict is not Verdict.REPLACED:
+            record.status.prefill = pool.prefills[d.prefill].endpoint_model() if d.prefill in pool.prefills else None
+            record.status.phase = Phase.PREFILLING
+            record.status.placed_at = format_time(now)
+            record.last_activity_s = record.last_activity_s or now
+        record.dirty = True
+        record.set_condition("Placed", "True", d.reason.value, d.message, now)
+        metrics.KV_TRANSFERS.labels(*self._labels(pool)).inc()
+        return Outcome(record, d.verdict, d.reason.value, d.message)
+
+    def _apply_outgrowth(self, pool: PoolRuntime, record: ConvRecord, d: Decision, now: float) -> None:
+        """A reservation extended in place (condition Outgrown cleared), or outgrown and kept pinned (set)."""
+        if d.verdict is Verdict.EXTENDED:
+            record.status.reserved_kv_tokens = d.reserved_kv_tokens
+            metrics.OUTGROWN.labels(*self._labels(pool), "extended").inc()
+            if "Outgrown" in record.conditions:
+                record.set_condition("Outgrown", "False", d.reason.value, d.message, now)
+        else:
+            metrics.OUTGROWN.labels(*self._labels(pool), "pinned").inc()
+            if record.set_condition("Outgrown", "True", d.reason.value, d.message, now):
+                self.post_event(record, "Outgrown", d.message, warning=True)
+        record.dirty = True
 
     # --- flows ----------------------------------------------------------------------------------------------
     async def admit(self, record: ConvRecord) -> None:
@@ -246,8 +226,8 @@ class Engine:
     def _ended(self, pool: PoolRuntime, record: ConvRecord, reason: str, message: str, held: bool) -> None:
         if not record.terminal:
             now = self.clock.now()
-            record.phase = Phase.COMPLETED
-            record.completed_at = format_time(now)
+            record.status.phase = Phase.COMPLETED
+            record.status.completed_at = format_time(now)
             record.set_condition("Ended", "True", reason, message, now)
             record.dirty = True
         if held:
@@ -283,24 +263,29 @@ class Engine:
 
     def apply_usage(self, pool: PoolRuntime, record: ConvRecord) -> bool:
         """Follow a turn report (spec.usage: cumulative counters). Call under pool.lock; True when changed."""
-        usage = record.spec.usage
-        if (usage.turns, usage.input_tokens, usage.output_tokens) == (
-            record.turns,
-            record.input_tokens,
-            record.output_tokens,
-        ) and usage.time_to_first_effective_token_seconds == record.ttfet_s:
+        usage, status = record.spec.usage, record.status
+        if (usage.turns, usage.input_tokens, usage.output_tokens, usage.time_to_first_effective_token_seconds) == (
+            status.turns_served,
+            status.input_tokens,
+            status.output_tokens,
+            status.time_to_first_effective_token_seconds,
+        ):
             return False
         now = self.clock.now()
-        record.turns, record.input_tokens, record.output_tokens = usage.turns, usage.input_tokens, usage.output_tokens
-        record.ttfet_s = usage.time_to_first_effective_token_seconds
-        record.live_kv_tokens = usage.input_tokens + usage.output_tokens
+        status.turns_served, status.input_tokens, status.output_tokens = (
+            usage.turns,
+            usage.input_tokens,
+            usage.output_tokens,
+        )
+        status.time_to_first_effective_token_seconds = usage.time_to_first_effective_token_seconds
+        status.live_kv_tokens = usage.input_tokens + usage.output_tokens
         record.last_activity_s = parse_time(usage.last_turn_time) or now
-        if record.turns > 0 and record.phase in (Phase.PREFILLING, Phase.IDLE):
-            record.phase = Phase.DECODING
+        if status.turns_served > 0 and status.phase in (Phase.PREFILLING, Phase.IDLE):
+            status.phase = Phase.DECODING
         record.dirty = True
         self._follow_prefill(pool, record)
         decisions = pool.scheduler.usage_observed(
-            record.key, record.live_kv_tokens, record.last_activity_s, turns=record.turns
+            record.key, status.live_kv_tokens, record.last_activity_s, turns=status.turns_served
         )
         outcomes = self.apply(pool, decisions)
         view = pool.scheduler.conversations.get(record.key)
@@ -315,11 +300,11 @@ class Engine:
         """The router reports the prefill server that ran the first turn (its early prefill may start before the
         placement names one): status.prefill follows it, so energy attribution charges the server that worked."""
         used = record.spec.usage.prefill_pod
-        if not used or (record.prefill is not None and record.prefill.pod == used):
+        if not used or (record.status.prefill is not None and record.status.prefill.pod == used):
             return
-        chosen = record.prefill.pod if record.prefill is not None else None
+        chosen = record.status.prefill.pod if record.status.prefill is not None else None
         info = pool.prefills.get(used)
-        record.prefill = info.endpoint_model() if info is not None else Endpoint(pod=used)
+        record.status.prefill = info.endpoint_model() if info is not None else Endpoint(pod=used)
         pool.scheduler.prefill_reported(chosen, used)
 
     async def sweep_idle(self) -> None:
@@ -345,13 +330,13 @@ class Engine:
                 await self.drain(pool)  # room freed (released, offloaded, dropped): once for the whole sweep
         to_write: list[ConvRecord] = []
         for record in list(self.world.convs.values()):
-            if record.phase is not Phase.DECODING or record.last_activity_s is None:
+            if record.status.phase is not Phase.DECODING or record.last_activity_s is None:
                 continue
             pool = self.world.pool_of(record)
             default = pool.spec.default_idle_timeout_seconds if pool.spec is not None else 1800
             timeout = record.spec.idle_timeout_seconds or default
             if now - record.last_activity_s >= min(self.config.idle_phase_after_s, timeout / 2):
-                record.phase = Phase.IDLE
+                record.status.phase = Phase.IDLE
                 record.dirty = True
                 to_write.append(record)
         await asyncio.gather(*(self.write_status(r) for r in to_write))
@@ -380,80 +365,3 @@ class Engine:
             metrics.PLACEMENT_LATENCY.labels(*self._labels(pool)).observe(latency)
         if outcome.event_reason:
             self.post_event(record, outcome.event_reason, outcome.event_message, warning=outcome.warning)
-
-    async def write_status(self, record: ConvRecord) -> None:
-        """Write the record's status (only the fields the operator owns). Writes of one record are serialized
-        and coalesced: each writes the latest decision."""
-        async with record.write_lock:
-            if not record.dirty:
-                return
-            record.dirty = False
-            patch = conversation_status_patch(record)
-            ok = await self._retry(lambda: self.kube.patch_status(PLURAL, record.namespace, record.name, patch))
-            if not ok:
-                record.dirty = True
-                metrics.STATUS_WRITE_ERRORS.labels("Conversation").inc()
-
-    async def remove_finalizer(self, record: ConvRecord) -> None:
-        """Remove the finalizer earlier versions added (this one adds none: one write per placement)."""
-        if not record.has_finalizer:
-            return
-        record.has_finalizer = False
-        record.finalizers = [f for f in record.finalizers if f != FINALIZER]
-        await self._patch_finalizers(record, record.finalizers)
-
-    async def _patch_finalizers(self, record: ConvRecord, finalizers: list[str]) -> None:
-        # A merge patch replaces the list; other finalizers seen on the object are kept in it.
-        patch = {"metadata": {"finalizers": finalizers or None}}
-        await self._retry(lambda: self.kube.patch_object(PLURAL, record.namespace, record.name, patch))
-
-    async def _retry(self, call: Callable[[], Awaitable[Any]]) -> bool:
-        delay = 0.05
-        for attempt in range(self.config.write_retries):
-            if self.fenced:
-                return False
-            try:
-                await call()
-                return True
-            except (NotFound, Refused) as exc:
-                log.debug("write refused: %s", exc)
-                return True  # gone or refused: nothing to retry; the watch tells us what happened
-            except Exception as exc:  # network, 5xx, 429: retry with back-off
-                if attempt == self.config.write_retries - 1:
-                    log.warning("write failed after %d attempts: %s", attempt + 1, exc)
-                    return False
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-        return False
-
-    def post_event(self, record: ConvRecord, reason: str, message: str, *, warning: bool = False) -> None:
-        if not warning and not self.config.normal_events:
-            return
-        obj = {
-            "apiVersion": "conserve.dev/v1alpha1",
-            "kind": "Conversation",
-            "metadata": {"name": record.name, "namespace": record.namespace, "uid": record.uid},
-        }
-        self.spawn(self._post(obj, reason, message, warning))
-
-    def post_pool_event(self, pool: PoolRuntime, reason: str, message: str, *, warning: bool = False) -> None:
-        if not warning and not self.config.normal_events:
-            return
-        obj = {
-            "apiVersion": "conserve.dev/v1alpha1",
-            "kind": "DecoderPool",
-            "metadata": {
-                "name": pool.name,
-                "namespace": pool.namespace,
-                "uid": pool.body.get("metadata", {}).get("uid", ""),
-            },
-        }
-        self.spawn(self._post(obj, reason, message, warning))
-
-    async def _post(self, obj: dict[str, Any], reason: str, message: str, warning: bool) -> None:
-        if self.fenced:
-            return
-        async with self._events:
-            # Transient failures (timeouts, 429, 5xx under load) are retried like status writes; a refusal (403
-            # into a terminating namespace, say) is not. `_retry` never raises: an Event never fails a decision.
-            await self._retry(lambda: self.kube.post_event(obj, reason, message, warning=warning))

@@ -13,39 +13,59 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from conserve.controller.kube import k8s
 
 log = logging.getLogger("conserve.operator")
+T = TypeVar("T")
+
+
+def lease_call(call: Callable[[], T], what: str) -> T | None:
+    """One Lease API call; None when it failed, logged. Elections go on after any failure of one call (an API
+    error, a timeout, a reset connection): a run of failures is for the holder's watchdog to judge."""
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001 logged; the election must outlive any one failed call
+        log.warning("leader election: %s failed: %s", what, exc)
+        return None
 
 
 def _micro(t: dt.datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+@dataclass(frozen=True, slots=True)
+class LeaseTiming:
+    """A Lease's duration, its holder's renew period, and how long the holder may go without a good renewal
+    before it stops (less than the duration: it stops before another replica may take the Lease over)."""
+
+    lease_duration_s: int = 15
+    renew_s: float = 2.0
+    renew_deadline_s: float = 10.0
+
+    @classmethod
+    def for_duration(cls, duration_s: float) -> LeaseTiming:
+        """client-go's ratios (15 s lease, 10 s renew deadline, 2 s retry), for every Lease of the operator."""
+        return cls(max(int(duration_s), 1), renew_s=duration_s * 2 / 15, renew_deadline_s=duration_s * 2 / 3)
+
+
 class LeaderElector:
     def __init__(
-        self,
-        api_client: Any,
-        namespace: str,
-        name: str,
-        identity: str,
-        *,
-        lease_duration_s: int = 15,
-        renew_s: float = 2.0,
-        renew_deadline_s: float = 10.0,
+        self, api_client: Any, namespace: str, name: str, identity: str, timing: LeaseTiming | None = None
     ) -> None:
         self._api = k8s("client").CoordinationV1Api(api_client)
         self.namespace, self.name, self.identity = namespace, name, identity
-        self.lease_duration_s, self.renew_s, self.renew_deadline_s = lease_duration_s, renew_s, renew_deadline_s
+        self.timing = timing or LeaseTiming()
 
     def _try_acquire_or_renew(self) -> bool:
         api_exception = k8s("client.rest").ApiException
         now = dt.datetime.now(dt.UTC)
         spec = {
             "holderIdentity": self.identity,
-            "leaseDurationSeconds": self.lease_duration_s,
+            "leaseDurationSeconds": self.timing.lease_duration_s,
             "renewTime": _micro(now),
         }
         try:
@@ -68,7 +88,7 @@ class LeaderElector:
                 raise
         holder = lease.spec.holder_identity or ""
         renewed = lease.spec.renew_time
-        duration = lease.spec.lease_duration_seconds or self.lease_duration_s
+        duration = lease.spec.lease_duration_seconds or self.timing.lease_duration_s
         expired = renewed is None or renewed + dt.timedelta(seconds=duration) < now
         if holder and holder != self.identity and not expired:
             return False
@@ -95,20 +115,20 @@ class LeaderElector:
             raise
         return True
 
+    async def attempt(self, what: str = "renewing") -> bool | None:
+        """One acquire-or-renew, in a thread: True when this replica holds the Lease now, False when another
+        replica does, None when the call failed (logged)."""
+        return await asyncio.to_thread(lease_call, self._try_acquire_or_renew, f"{what} lease {self.name}")
+
     async def acquire(self) -> None:
         """Wait until this replica holds the Lease."""
         announced = False
-        while True:
-            try:
-                if await asyncio.to_thread(self._try_acquire_or_renew):
-                    log.info("leader election: %s holds lease %s/%s", self.identity, self.namespace, self.name)
-                    return
-            except Exception as exc:
-                log.warning("leader election: %s", exc)
+        while not await self.attempt("acquiring"):
             if not announced:
                 log.info("leader election: waiting for lease %s/%s held by another replica", self.namespace, self.name)
                 announced = True
-            await asyncio.sleep(self.renew_s)
+            await asyncio.sleep(self.timing.renew_s)
+        log.info("leader election: %s holds lease %s/%s", self.identity, self.namespace, self.name)
 
     async def hold(self, lost: asyncio.Event) -> None:
         """Renew every renew_s; set `lost` once no renewal has succeeded for renew_deadline_s, measured from the
@@ -121,28 +141,23 @@ class LeaderElector:
             nonlocal last_ok
             while True:
                 started = loop.time()
-                try:
-                    ok = await asyncio.to_thread(self._try_acquire_or_renew)
-                except Exception as exc:
-                    log.warning("leader election: renewal failed: %s", exc)
-                    ok = False
-                if ok:
+                if await self.attempt():
                     last_ok = max(last_ok, started)
-                elif await asyncio.to_thread(self._held_by_other):
+                elif await asyncio.to_thread(lease_call, self._held_by_other, f"reading lease {self.name}"):
                     log.error("leader election: lease %s/%s taken by another replica", self.namespace, self.name)
                     lost.set()
                     return
-                await asyncio.sleep(self.renew_s)
+                await asyncio.sleep(self.timing.renew_s)
 
         renewer = asyncio.create_task(renew_forever())
         try:
             while not lost.is_set():
-                if loop.time() - last_ok > self.renew_deadline_s:
+                if loop.time() - last_ok > self.timing.renew_deadline_s:
                     log.error(
                         "leader election: no renewal of %s/%s for %.1fs; stopping",
                         self.namespace,
                         self.name,
-                        self.renew_deadline_s,
+                        self.timing.renew_deadline_s,
                     )
                     lost.set()
                     break
@@ -151,19 +166,16 @@ class LeaderElector:
             renewer.cancel()
 
     def _held_by_other(self) -> bool:
-        try:
-            lease = self._api.read_namespaced_lease(self.name, self.namespace)
-        except Exception:
-            return False
+        lease = self._api.read_namespaced_lease(self.name, self.namespace)
         return bool(lease.spec.holder_identity) and lease.spec.holder_identity != self.identity
 
     def release(self) -> None:
         """Give the Lease up on a clean stop, so a standby takes over at once instead of after its expiry."""
-        try:
-            lease = self._api.read_namespaced_lease(self.name, self.namespace)
-            if lease.spec.holder_identity == self.identity:
-                self._api.patch_namespaced_lease(
-                    self.name, self.namespace, {"spec": {"holderIdentity": None, "renewTime": None}}
-                )
-        except Exception as exc:
-            log.warning("leader election: release failed: %s", exc)
+        lease_call(self._release, f"releasing lease {self.name}")
+
+    def _release(self) -> None:
+        lease = self._api.read_namespaced_lease(self.name, self.namespace)
+        if lease.spec.holder_identity == self.identity:
+            self._api.patch_namespaced_lease(
+                self.name, self.namespace, {"spec": {"holderIdentity": None, "renewTime": None}}
+            )

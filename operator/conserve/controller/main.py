@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import kopf
+from prometheus_client import start_http_server
 
 from conserve import metrics
 from conserve.controller.engine import Engine, EngineConfig
 from conserve.controller.events import AggregatingKube
 from conserve.controller.kube import Kube, KubeClient
-from conserve.controller.leader import LeaderElector
+from conserve.controller.leader import LeaderElector, LeaseTiming
 from conserve.controller.occupancy import OccupancyScraper, engine_decoders, engine_hook
 from conserve.controller.registry import build_registry
 from conserve.controller.shards import ShardFencedKube, Sharding, ShardSet
@@ -77,22 +78,15 @@ async def run_operator(options: OperatorOptions) -> int:  # noqa: C901 the wirin
     elector: LeaderElector | None = None
     lost = asyncio.Event()
     if options.metrics_port:
-        from prometheus_client import start_http_server
-
         start_http_server(options.metrics_port, registry=metrics.REGISTRY)
     try:
         if options.leader_elect and sharding is None:
-            duration = options.lease_duration_s
             elector = LeaderElector(
                 client.api_client,
                 options.lease_namespace,
                 options.lease_name,
                 options.identity,
-                # client-go's ratios (15 s lease, 10 s renew deadline, 2 s retry): the holder gives up before
-                # a standby may take over.
-                lease_duration_s=max(int(duration), 1),
-                renew_s=duration * 2 / 15,
-                renew_deadline_s=duration * 2 / 3,
+                LeaseTiming.for_duration(options.lease_duration_s),
             )
             await elector.acquire()
             hold = asyncio.create_task(elector.hold(lost))

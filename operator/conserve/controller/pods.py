@@ -14,92 +14,73 @@ import logging
 from dataclasses import replace
 from typing import Any
 
+from conserve.api.corev1 import Pod
 from conserve.api.decoderpool import DecoderPoolSpec
-from conserve.api.labels import ANNOTATION_ENDPOINT
 from conserve.controller.state import DecoderInfo, NodeInfo, PodInfo, PoolRuntime, World, key_of
-from conserve.core.gpus import RESOURCE_GPU, Tier
-from conserve.core.llm import kv_capacity_tokens
+from conserve.core.gpus import NodeGpu, Tier
+from conserve.core.llm import ModelShape, kv_capacity_tokens
 from conserve.core.placement import DecoderState
 from conserve.core.prefill import PrefillState
 
 log = logging.getLogger("conserve.operator")
 
-ENDPOINT_ANNOTATION = ANNOTATION_ENDPOINT
-
 
 def pod_info(body: dict[str, Any]) -> PodInfo:
-    meta = body.get("metadata", {})
-    spec = body.get("spec", {})
-    status = body.get("status", {})
-    ready = (
-        not meta.get("deletionTimestamp")
-        and status.get("phase") == "Running"
-        and any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
-    )
+    pod = Pod.model_validate(body)
+    meta = pod.metadata
     return PodInfo(
-        namespace=meta.get("namespace", ""),
-        name=meta.get("name", ""),
-        labels=dict(meta.get("labels") or {}),
-        node=spec.get("nodeName") or "",
-        ready=bool(ready),
-        ip=status.get("podIP") or "",
-        endpoint_annotation=(meta.get("annotations") or {}).get(ENDPOINT_ANNOTATION, ""),
-        gpus=_pod_gpus(spec),
-        uid=meta.get("uid", ""),
+        namespace=meta.namespace,
+        name=meta.name,
+        labels=meta.labels,
+        node=pod.spec.node_name,
+        ready=pod.ready,
+        ip=pod.status.pod_ip,
+        endpoint_annotation=pod.endpoint,
+        gpus=pod.gpus,
+        uid=meta.uid,
     )
-
-
-def _pod_gpus(spec: dict[str, Any]) -> int:
-    total = 0
-    for container in spec.get("containers") or []:
-        resources = container.get("resources") or {}
-        value = (resources.get("limits") or {}).get(RESOURCE_GPU) or (resources.get("requests") or {}).get(RESOURCE_GPU)
-        try:
-            total += int(str(value)) if value is not None else 0
-        except ValueError:
-            continue
-    return total
 
 
 def decoder_info(pod: PodInfo, node: NodeInfo | None, spec: DecoderPoolSpec) -> DecoderInfo:
     gpu = node.gpu if node is not None else None
-    endpoint = pod.endpoint_annotation or (f"{pod.ip}:{spec.endpoint.port}" if pod.ip else "")
-    info = DecoderInfo(
+    capacity, problem = _kv_capacity(pod, gpu, spec)
+    return DecoderInfo(
         pod=pod.name,
         node=pod.node,
         tier=gpu.tier.value if gpu is not None and gpu.tier is not None else "",
         gpu_product=gpu.product if gpu is not None else "",
         ready=pod.ready,
-        endpoint=endpoint,
+        endpoint=pod.endpoint_annotation or (f"{pod.ip}:{spec.endpoint.port}" if pod.ip else ""),
+        capacity_kv_tokens=capacity,
+        problem=problem,
     )
+
+
+def _kv_capacity(pod: PodInfo, gpu: NodeGpu | None, spec: DecoderPoolSpec) -> tuple[int, str]:
+    """The decoder's KV capacity in tokens, and why it cannot take conversations ("" when it can)."""
     declared = spec.kv_capacity.tokens_per_decoder
     if declared is not None:
-        info.capacity_kv_tokens = declared
-        return info
+        return declared, ""
     shape = spec.model.resolved_shape()
     if gpu is None or gpu.memory_bytes_per_gpu <= 0:
-        info.problem = "node has no GPU memory label (nvidia.com/gpu.memory): declare kvCapacity.tokensPerDecoder"
-        return info
+        return 0, "node has no GPU memory label (nvidia.com/gpu.memory): declare kvCapacity.tokensPerDecoder"
     if shape is None:
         # Only the KV size is known (kvBytesPerToken without a shape): no weights to subtract.
         kv_bytes = spec.model.resolved_kv_bytes_per_token() or 1
         usable = gpu.memory_bytes_per_gpu * max(pod.gpus, 1) * spec.kv_capacity.gpu_memory_fraction
-        info.capacity_kv_tokens = int(usable // kv_bytes)
-        return info
+        return int(usable // kv_bytes), ""
     if spec.model.kv_bytes_per_token is not None:
         shape = _with_kv_bytes(shape, spec.model.kv_bytes_per_token)
-    info.capacity_kv_tokens = kv_capacity_tokens(
+    capacity = kv_capacity_tokens(
         gpu_memory_bytes=gpu.memory_bytes_per_gpu,
         gpu_count=max(pod.gpus, 1),
         model=shape,
         memory_fraction=spec.kv_capacity.gpu_memory_fraction,
     )
-    if info.capacity_kv_tokens <= 0:
-        info.problem = "the model's weights do not leave room for KV cache on this GPU"
-    return info
+    return capacity, "" if capacity > 0 else "the model's weights do not leave room for KV cache on this GPU"
 
 
-def _with_kv_bytes(shape: Any, kv_bytes: int) -> Any:
+def _with_kv_bytes(shape: ModelShape, kv_bytes: int) -> ModelShape:
     # An explicit kvBytesPerToken wins over the shape's: scale bytes per element to match it.
     per_element_units = 2 * shape.layers * shape.kv_heads * shape.head_dim
     return replace(shape, bytes_per_element=max(kv_bytes // per_element_units, 1))
@@ -111,7 +92,7 @@ def decoder_state(info: DecoderInfo) -> DecoderState:
         name=info.pod,
         node=info.node,
         tier=Tier(info.tier) if info.tier else None,
-        ready=info.ready and not info.problem,
+        ready=info.serving,
         capacity_kv_tokens=info.capacity_kv_tokens,
     )
 

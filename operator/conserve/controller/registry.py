@@ -10,7 +10,7 @@ from typing import Any
 import kopf
 
 from conserve.api.common import GROUP, VERSION
-from conserve.controller import conversation, decoderpool, startup
+from conserve.controller import conversation, decoderpool, energy, startup
 from conserve.controller.engine import Engine
 from conserve.controller.shards import Sharding
 
@@ -51,8 +51,6 @@ def build_registry(  # noqa: C901 one handler per resource
         loops.append(asyncio.create_task(decoderpool.status_writer(engine)))
         loops.append(asyncio.create_task(_idle_loop(engine)))
         if energy_options is not None and energy_options.source != "none":
-            from conserve.controller import energy
-
             api_client = getattr(engine.kube, "api_client", None)
             _accountant, task = energy.start_in_operator(engine.world, engine.kube, energy_options, api_client)
             loops.append(task)

@@ -28,7 +28,7 @@ from typing import Any
 
 from conserve.controller import startup
 from conserve.controller.kube import k8s
-from conserve.controller.leader import LeaderElector
+from conserve.controller.leader import LeaderElector, LeaseTiming, lease_call
 
 log = logging.getLogger("conserve.operator")
 
@@ -76,29 +76,18 @@ class ShardLeases:
         prefix: str,
         identity: str,
         shard_set: ShardSet,
+        timing: LeaseTiming,
         *,
-        lease_duration_s: int,
-        renew_s: float,
-        renew_deadline_s: float,
         on_acquired: Callback,
         on_lost: Callback,
     ) -> None:
         self.namespace, self.prefix, self.identity = namespace, prefix, identity
         self.set = shard_set
-        self.renew_s, self.renew_deadline_s = renew_s, renew_deadline_s
-        self.lease_duration_s = lease_duration_s
+        self.timing = timing
         self._on_acquired, self._on_lost = on_acquired, on_lost
 
         def elector(name: str) -> LeaderElector:
-            return LeaderElector(
-                api_client,
-                namespace,
-                name,
-                identity,
-                lease_duration_s=lease_duration_s,
-                renew_s=renew_s,
-                renew_deadline_s=renew_deadline_s,
-            )
+            return LeaderElector(api_client, namespace, name, identity, timing)
 
         self._member = elector(f"{prefix}-member-{identity}")
         self._shards = [elector(f"{prefix}-shard-{i}") for i in range(shard_set.shards)]
@@ -114,7 +103,7 @@ class ShardLeases:
         for lease in leases:
             if not lease.metadata.name.startswith(f"{self.prefix}-member-"):
                 continue
-            renewed, duration = lease.spec.renew_time, lease.spec.lease_duration_seconds or self.lease_duration_s
+            renewed, duration = lease.spec.renew_time, lease.spec.lease_duration_seconds or self.timing.lease_duration_s
             if lease.spec.holder_identity and renewed and renewed + dt.timedelta(seconds=duration) >= now:
                 live += 1
         return max(live, 1)
@@ -123,21 +112,13 @@ class ShardLeases:
         """Join (member Lease, one renew period so replicas started together see each other), then keep this
         replica's share of shards, for as long as the operator runs."""
         loop = asyncio.get_running_loop()
-        try:
-            await asyncio.to_thread(self._member._try_acquire_or_renew)
-        except Exception as exc:  # noqa: BLE001 a missed renewal: the watchdog decides
-            log.warning("shards: joining failed: %s", exc)
-        await asyncio.sleep(self.renew_s)
+        await self._member.attempt("joining with")
+        await asyncio.sleep(self.timing.renew_s)
         watchdog = asyncio.create_task(self._watchdog())
         offset = shard_of("", self.identity, self.set.shards)  # replicas try shards in different orders
         try:
             while True:
-                try:
-                    await asyncio.to_thread(self._member._try_acquire_or_renew)
-                    members = await asyncio.to_thread(self._live_members)
-                except Exception as exc:  # noqa: BLE001 a missed renewal: the watchdog decides
-                    log.warning("shards: member renewal failed: %s", exc)
-                    members = 0
+                members = await self._members()
                 for shard in sorted(self.set.held):
                     await self._renew(shard, loop.time())
                 if members:
@@ -151,29 +132,27 @@ class ShardLeases:
                             break
                         if shard not in self.set.held and shard not in self._busy:
                             await self._try_take(shard, loop.time())
-                await asyncio.sleep(self.renew_s)
+                await asyncio.sleep(self.timing.renew_s)
         finally:
             watchdog.cancel()
 
+    async def _members(self) -> int:
+        """Renew this replica's member Lease and count the live members; 0 (no rebalancing this round) when
+        either call failed (logged: a missed renewal is for the watchdog to judge)."""
+        if await self._member.attempt() is None:
+            return 0
+        return await asyncio.to_thread(lease_call, self._live_members, "counting members") or 0
+
     async def _renew(self, shard: int, started: float) -> None:
-        try:
-            ok = await asyncio.to_thread(self._shards[shard]._try_acquire_or_renew)
-        except Exception as exc:  # noqa: BLE001 a missed renewal: the watchdog decides
-            log.warning("shards: renewal of shard %d failed: %s", shard, exc)
-            return
+        ok = await self._shards[shard].attempt()
         if ok:
             self._last_ok[shard] = max(self._last_ok.get(shard, started), started)
-        elif shard in self.set.held:
+        elif ok is False and shard in self.set.held:
             log.error("shards: shard %d taken by another replica", shard)
             await self._lose(shard)
 
     async def _try_take(self, shard: int, started: float) -> None:
-        try:
-            ok = await asyncio.to_thread(self._shards[shard]._try_acquire_or_renew)
-        except Exception as exc:  # noqa: BLE001 a missed renewal: the watchdog decides
-            log.warning("shards: acquiring shard %d failed: %s", shard, exc)
-            return
-        if not ok:
+        if not await self._shards[shard].attempt("acquiring"):
             return
         self._last_ok[shard] = started
         self.set.held.add(shard)
@@ -206,7 +185,7 @@ class ShardLeases:
         # Writes already sent land before another replica can take over and list the shard (else it could list
         # a conversation as unplaced whose placement is still on its way, and place it twice).
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.renew_deadline_s
+        deadline = loop.time() + self.timing.renew_deadline_s
         while self.set.inflight.get(shard, 0) and loop.time() < deadline:
             await asyncio.sleep(0.05)
         await asyncio.to_thread(self._shards[shard].release)
@@ -225,8 +204,10 @@ class ShardLeases:
         while True:
             await asyncio.sleep(0.1)
             for shard in list(self.set.held):
-                if loop.time() - self._last_ok.get(shard, loop.time()) > self.renew_deadline_s:
-                    log.error("shards: no renewal of shard %d for %.1fs; stopping it", shard, self.renew_deadline_s)
+                if loop.time() - self._last_ok.get(shard, loop.time()) > self.timing.renew_deadline_s:
+                    log.error(
+                        "shards: no renewal of shard %d for %.1fs; stopping it", shard, self.timing.renew_deadline_s
+                    )
                     await self._lose(shard)
 
     def release_all(self) -> None:
@@ -321,17 +302,13 @@ class Sharding:
             dropped = startup.forget_pools(engine, in_shard(shard))
             log.info("shards: shard %d left (%d pools dropped)", shard, dropped)
 
-        duration = self.lease_duration_s
         self.leases = ShardLeases(
             self.api_client,
             self.namespace,
             self.prefix,
             self.identity,
             self.shard_set,
-            # client-go's ratios, as for the single Lease (leader.py / main.py)
-            lease_duration_s=max(int(duration), 1),
-            renew_s=duration * 2 / 15,
-            renew_deadline_s=duration * 2 / 3,
+            LeaseTiming.for_duration(self.lease_duration_s),
             on_acquired=acquired,
             on_lost=lost,
         )

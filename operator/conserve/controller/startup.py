@@ -7,6 +7,9 @@ ones are queued, decoders that left while no operator ran have their conversatio
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -63,39 +66,10 @@ async def rebuild_pools(engine: Engine, namespaces: Sequence[str] | None, owns: 
     capacity), the waiting ones queued, holdings on decoders that left moved; then the queues drain. Nodes and
     pods must be known already (the watches keep them)."""
     started = time.monotonic()
-    kube = engine.kube
-    world = engine.world
+    owns = owns or _every_pool
     scopes = _scopes(namespaces)
-    loaded: list[PoolRuntime] = []
-    for scope in scopes:
-        for body in await kube.list_objects(decoderpool.PLURAL, scope):
-            meta = body["metadata"]
-            if owns is None or owns(meta["namespace"], meta["name"]):
-                pool = world.pool(meta["namespace"], meta["name"])
-                decoderpool.load_spec(pool, body)
-                loaded.append(pool)
-    for pool in loaded:
-        pods.sync_pool(world, pool)
-    placed = waiting = seen = 0
-    for scope in scopes:
-        for body in await kube.list_objects(conversation.PLURAL, scope):
-            try:
-                spec = ConversationSpec.model_validate(body.get("spec") or {})
-            except ValidationError:
-                continue
-            if owns is not None and not owns(body["metadata"]["namespace"], spec.pool):
-                continue
-            record = conversation.record_from_body(
-                body, spec, now_s=engine.clock.now(), monotonic=engine.clock.monotonic()
-            )
-            world.convs[record.key] = record
-            seen += 1
-            if record.placed:
-                conversation.adopt(engine, record)
-                placed += 1
-            elif not record.terminal and not body["metadata"].get("deletionTimestamp"):
-                conversation.adopt(engine, record)
-                waiting += 1
+    loaded = await _load_pools(engine, scopes, owns)
+    seen, placed, waiting = await _load_conversations(engine, scopes, owns)
     log.info(
         "ledger rebuilt: %d pools, %d decoders, %d conversations (%d placed, %d pending) in %.2fs",
         len(loaded),
@@ -106,12 +80,57 @@ async def rebuild_pools(engine: Engine, namespaces: Sequence[str] | None, owns: 
         time.monotonic() - started,
     )
     release_free_memory()
-    for pool in [p for p in world.pools.values() if owns is None or owns(p.namespace, p.name)]:
+    for pool in [p for p in engine.world.pools.values() if owns(p.namespace, p.name)]:
         lost = sorted({key[1] for key in _holdings_off_decoders(pool)})
         if lost:
             await engine.decoders_lost(pool, lost)
         engine.on_pool_changed(pool)
         await engine.drain(pool)
+
+
+def _every_pool(_namespace: str, _pool: str) -> bool:
+    return True
+
+
+async def _load_pools(engine: Engine, scopes: list[str | None], owns: Owns) -> list[PoolRuntime]:
+    """The pools `owns` accepts, with their specs and decoders."""
+    loaded: list[PoolRuntime] = []
+    for scope in scopes:
+        for body in await engine.kube.list_objects(decoderpool.PLURAL, scope):
+            meta = body["metadata"]
+            if owns(meta["namespace"], meta["name"]):
+                pool = engine.world.pool(meta["namespace"], meta["name"])
+                decoderpool.load_spec(pool, body)
+                loaded.append(pool)
+    for pool in loaded:
+        pods.sync_pool(engine.world, pool)
+    return loaded
+
+
+async def _load_conversations(engine: Engine, scopes: list[str | None], owns: Owns) -> tuple[int, int, int]:
+    """The conversations of the pools `owns` accepts: placed ones adopted, waiting ones queued. Returns how many
+    were seen, placed and waiting."""
+    placed = waiting = seen = 0
+    for scope in scopes:
+        for body in await engine.kube.list_objects(conversation.PLURAL, scope):
+            try:
+                spec = ConversationSpec.model_validate(body.get("spec") or {})
+            except ValidationError:
+                continue
+            if not owns(body["metadata"]["namespace"], spec.pool):
+                continue
+            record = conversation.record_from_body(
+                body, spec, now_s=engine.clock.now(), monotonic=engine.clock.monotonic()
+            )
+            engine.world.convs[record.key] = record
+            seen += 1
+            if record.placed:
+                conversation.adopt(engine, record)
+                placed += 1
+            elif not record.terminal and not body["metadata"].get("deletionTimestamp"):
+                conversation.adopt(engine, record)
+                waiting += 1
+    return seen, placed, waiting
 
 
 def forget_pools(engine: Engine, owned_elsewhere: Owns) -> int:
@@ -133,10 +152,6 @@ def _scopes(namespaces: Sequence[str] | None) -> list[str | None]:
 def release_free_memory(collect: bool = True) -> None:
     """Hand freed heap back to the OS (glibc keeps it otherwise: RSS would stay at the peak of the rebuild's
     lists, or of a burst, for the process's life). A no-op where malloc_trim does not exist."""
-    import contextlib
-    import ctypes
-    import gc
-
     if collect:
         gc.collect()
     with contextlib.suppress(OSError, AttributeError):

@@ -14,17 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from conserve.api.common import Condition, ConditionStatus
-from conserve.api.conversation import TERMINAL_PHASES, ConversationSpec, Endpoint, Phase
-from conserve.api.decoderpool import DecoderPoolSpec
+from conserve.api.conversation import TERMINAL_PHASES, ConversationSpec, ConversationStatus, Endpoint, Phase
+from conserve.api.decoderpool import DecoderPoolSpec, PrefillStatus
+from conserve.api.labels import FINALIZER as FINALIZER  # re-exported: declared once in api.labels
 from conserve.core.decisions import ConversationRequest
 from conserve.core.gpus import NodeGpu, node_gpu_from_labels
 from conserve.core.ledger import CapacityLedger
 from conserve.core.lifecycle import KvState
 from conserve.core.occupancy import ObservedOccupancy
-from conserve.core.pending import PendingItem
 from conserve.core.scheduler import PoolScheduler
-
-FINALIZER = "conserve.dev/release-capacity"
 
 Key = str  # "namespace/name"
 
@@ -45,6 +43,13 @@ def parse_time(value: str | None) -> float | None:
 
 def format_time(epoch_s: float) -> str:
     return dt.datetime.fromtimestamp(epoch_s, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _kv_state(value: str | None) -> KvState | None:
+    try:
+        return KvState(value) if value else None
+    except ValueError:
+        return None
 
 
 @dataclass(slots=True)
@@ -71,23 +76,19 @@ class NodeInfo:
         return cls(name, dict(labels), node_gpu_from_labels(labels))
 
 
-@dataclass(slots=True)
-class DecoderInfo:
-    """A decode or prefill server as the pool sees it (static facts; KV occupancy lives in the ledger)."""
+class DecoderInfo(PrefillStatus):
+    """A decode or prefill server as the pool sees it: its status entry's static facts (KV occupancy lives in the
+    ledger), its KV capacity, and why it cannot take conversations besides readiness (e.g. unknown GPU memory)."""
 
-    pod: str
-    node: str = ""
-    tier: str = ""
-    gpu_product: str = ""
-    ready: bool = False
-    endpoint: str = ""
     capacity_kv_tokens: int = 0
-    problem: str = ""  # why it cannot take conversations besides readiness (e.g. unknown GPU memory)
+    problem: str = ""
+
+    @property
+    def serving(self) -> bool:
+        return self.ready and not self.problem
 
     def endpoint_model(self) -> Endpoint:
-        return Endpoint(
-            pod=self.pod, node=self.node, tier=self.tier, gpu_product=self.gpu_product, endpoint=self.endpoint
-        )
+        return Endpoint.model_validate(self, from_attributes=True)
 
 
 @dataclass(slots=True)
@@ -99,7 +100,11 @@ class DecoderEnergy:
 
 @dataclass(slots=True)
 class ConvRecord:
-    """One conversation: its spec as last seen, and the operator's decision (authoritative while it runs)."""
+    """One conversation: its spec as last seen, and the operator's decision (authoritative while it runs), held as
+    the status it writes (`written_status()`).
+
+    Three status fields are kept in runtime form beside `status` (which leaves them as adopted): the latest
+    activity in seconds (the idle timers read it), the KV state as the core's enum, the conditions by type."""
 
     namespace: str
     name: str
@@ -107,25 +112,9 @@ class ConvRecord:
     spec: ConversationSpec
     created_at_s: float
     generation: int = 0
-    phase: Phase = Phase.PENDING
-    decoder: Endpoint | None = None
-    prefill: Endpoint | None = None
-    reserved_kv_tokens: int = 0
-    live_kv_tokens: int = 0
-    turns: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    kv_transfers: int = 0
-    placement_generation: int = 0
-    placed_at: str | None = None
-    completed_at: str | None = None
+    status: ConversationStatus = field(default_factory=ConversationStatus)
     last_activity_s: float | None = None
-    ttfet_s: float | None = None
     kv_state: KvState | None = None  # None until placed
-    offloads: int = 0
-    reloads: int = 0
-    reprefills: int = 0
-    energy_joules: float | None = None  # status.energyJoules when first seen: where the energy loop continues
     conditions: dict[str, Condition] = field(default_factory=dict)
     has_finalizer: bool = False
     finalizers: list[str] = field(default_factory=list)  # as last seen on the object
@@ -135,17 +124,43 @@ class ConvRecord:
     dirty: bool = False
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
+    @classmethod
+    def adopt(cls, status: ConversationStatus, **identity: Any) -> ConvRecord:
+        """A record resuming from a status written earlier (by this or an earlier run); `identity` gives the
+        fields that are not status (namespace, name, uid, spec, created_at_s...)."""
+        record = cls(
+            **identity,
+            status=status.model_copy(),  # not the caller's: the record updates its own
+            last_activity_s=parse_time(status.last_activity_time) or parse_time(status.placed_at),
+            kv_state=_kv_state(status.kv_state),
+            conditions={c.type: c for c in status.conditions},
+        )
+        if not record.terminal and record.status.decoder is None:
+            record.status.phase = Phase.PENDING
+        return record
+
+    def written_status(self) -> ConversationStatus:
+        """The operator's decision as it writes it: `status` with the runtime-form fields converted back."""
+        return self.status.model_copy(
+            update={
+                "last_activity_time": format_time(self.last_activity_s) if self.last_activity_s else None,
+                "kv_state": self.kv_state.value if self.kv_state is not None and self.placed else None,
+                "conditions": list(self.conditions.values()),
+                "observed_generation": self.generation,
+            }
+        )
+
     @property
     def key(self) -> Key:
         return key_of(self.namespace, self.name)
 
     @property
     def terminal(self) -> bool:
-        return self.phase in TERMINAL_PHASES
+        return self.status.phase in TERMINAL_PHASES
 
     @property
     def placed(self) -> bool:
-        return self.decoder is not None and not self.terminal
+        return self.status.decoder is not None and not self.terminal
 
     def request(self) -> ConversationRequest:
         """What the pool's scheduler knows of this conversation's start."""
@@ -207,7 +222,7 @@ class PoolRuntime:
         return self.scheduler.ledger
 
     @property
-    def pending(self) -> dict[Key, PendingItem]:
+    def pending(self) -> dict[Key, ConversationRequest]:
         return self.scheduler.pending
 
     @property

@@ -1,136 +1,122 @@
-"""Status patch bodies: only the fields the operator owns (energy fields and Kopf's are left to their writers)."""
+"""Status patch bodies: dumps of the api models (by alias) holding only the fields the operator owns (energy fields
+and Kopf's are left to their writers)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+from conserve.api.common import Condition, ConditionStatus, status_patch
+from conserve.api.conversation import OPERATOR_STATUS_FIELDS as CONVERSATION_FIELDS
+from conserve.api.decoderpool import MEASURED_FIELDS, DecoderPoolStatus, DecoderStatus, PrefillStatus
+from conserve.api.decoderpool import OPERATOR_STATUS_FIELDS as POOL_FIELDS
 from conserve.controller.state import ConvRecord, PoolRuntime, format_time
 
 
 def conversation_status_patch(record: ConvRecord) -> dict[str, Any]:
-    def endpoint(value: Any) -> dict[str, Any] | None:
-        return None if value is None else value.model_dump(mode="json", by_alias=True)
-
-    status = {
-        "phase": record.phase.value,
-        "decoder": endpoint(record.decoder),
-        "prefill": endpoint(record.prefill),
-        "reservedKvTokens": record.reserved_kv_tokens,
-        "liveKvTokens": record.live_kv_tokens,
-        "turnsServed": record.turns,
-        "inputTokens": record.input_tokens,
-        "outputTokens": record.output_tokens,
-        "kvTransfers": record.kv_transfers,
-        "placementGeneration": record.placement_generation,
-        "placedAt": record.placed_at,
-        "completedAt": record.completed_at,
-        "lastActivityTime": format_time(record.last_activity_s) if record.last_activity_s else None,
-        "timeToFirstEffectiveTokenSeconds": record.ttfet_s,
-        "kvState": record.kv_state.value if record.kv_state is not None and record.placed else None,
-        "offloads": record.offloads,
-        "reloads": record.reloads,
-        "reprefills": record.reprefills,
-        "conditions": [c.model_dump(mode="json", by_alias=True) for c in record.conditions.values()],
-        "observedGeneration": record.generation,
-    }
-    return {"status": status}
+    return status_patch(record.written_status(), CONVERSATION_FIELDS)
 
 
 def pool_status_patch(pool: PoolRuntime, pending: int) -> dict[str, Any]:
-    """The pool's status: one entry per decoder, totals over ready decoders, conditions Ready and Degraded."""
+    return pool_status_patch_of(pool_status(pool, pending))
+
+
+def pool_status_patch_of(status: DecoderPoolStatus) -> dict[str, Any]:
+    measured = {name for name in MEASURED_FIELDS if getattr(status, name) is not None}
+    return status_patch(status, POOL_FIELDS | measured)
+
+
+def previous_status(pool: PoolRuntime) -> DecoderPoolStatus:
+    """The pool's status as last seen on its object."""
+    return DecoderPoolStatus.model_validate(pool.body.get("status") or {})
+
+
+def decoder_statuses(pool: PoolRuntime, previous: DecoderPoolStatus) -> list[DecoderStatus]:
+    """One entry per decoder; its power and energy are the energy loop's latest, else those written before."""
     snapshot = {d.name: d for d in pool.ledger.snapshot()}
-    previous = {d.get("pod"): d for d in (pool.body.get("status") or {}).get("decoders") or [] if isinstance(d, dict)}
-    decoders = []
-    capacity = reserved = live = conversations = ready = idle = offloaded = dropped = 0
-    scheduler = pool.scheduler
-    host_capacity = scheduler.settings.lifecycle.host_kv_tokens_per_decoder
-    power_total: float | None = None
-    energy_total: float | None = None
+    written = {d.pod: d for d in previous.decoders}
+    host_capacity = pool.scheduler.settings.lifecycle.host_kv_tokens_per_decoder
+    entries = []
     for name in sorted(pool.decoders):
         info = pool.decoders[name]
         state = snapshot.get(name)
         energy = pool.energy.get(name)
-        old = previous.get(name, {})
-        power = energy.power_watts if energy and energy.power_watts is not None else old.get("powerWatts")
-        joules = energy.energy_joules if energy and energy.energy_joules is not None else old.get("energyJoules")
-        lc = scheduler.lifecycle_on(name)
-        idle, offloaded, dropped = idle + lc.idle, offloaded + lc.offloaded, dropped + lc.dropped
-        entry: dict[str, Any] = {
-            "pod": name,
-            "node": info.node,
-            "tier": info.tier,
-            "gpuProduct": info.gpu_product,
-            "ready": info.ready and not info.problem,
-            "endpoint": info.endpoint,
-            "capacityKvTokens": info.capacity_kv_tokens,
-            "reservedKvTokens": state.reserved_kv_tokens if state else 0,
-            "liveKvTokens": state.live_kv_tokens if state else 0,
-            "conversations": state.pinned_conversations if state else 0,
-            "activeConversations": lc.active,
-            "idleConversations": lc.idle,
-            "idleKvTokens": lc.idle_kv_tokens,
-            "offloadedConversations": lc.offloaded,
-            "offloadedKvTokens": lc.offloaded_kv_tokens,
-            "droppedConversations": lc.dropped,
-            "hostCapacityKvTokens": host_capacity,
-            "powerWatts": power,
-            "energyJoules": joules,
-        }
-        decoders.append(entry)
-        reserved += entry["reservedKvTokens"]
-        live += entry["liveKvTokens"]
-        conversations += entry["conversations"]
-        if entry["ready"]:
-            ready += 1
-            capacity += info.capacity_kv_tokens
-        if power is not None:
-            power_total = (power_total or 0.0) + float(power)
-        if joules is not None:
-            energy_total = (energy_total or 0.0) + float(joules)
-    prefills = [
-        {
-            "pod": p.pod,
-            "node": p.node,
-            "tier": p.tier,
-            "gpuProduct": p.gpu_product,
-            "ready": p.ready,
-            "endpoint": p.endpoint,
-        }
-        for p in sorted(pool.prefills.values(), key=lambda p: p.pod)
-    ]
-    status: dict[str, Any] = {
-        "decoders": decoders,
-        "prefills": prefills,
-        "readyDecoders": ready,
-        "capacityKvTokens": capacity,
-        "reservedKvTokens": reserved,
-        "liveKvTokens": live,
-        "conversations": conversations,
-        "pendingConversations": pending,
-        "idleConversations": idle,
-        "offloadedConversations": offloaded,
-        "droppedConversations": dropped,
-        "observedTurnGapsSeconds": [round(g, 3) for g in scheduler.gaps.gaps_s],
-        "activeWindowSeconds": round(scheduler.gaps.active_window_s(scheduler.settings.lifecycle), 3),
-        "residentTtlSeconds": round(scheduler.gaps.resident_ttl_s(scheduler.settings.lifecycle), 3),
-        "hostTtlSeconds": round(scheduler.gaps.host_ttl_s(scheduler.settings.lifecycle), 3),
-        "kvUsage": f"{reserved}/{capacity}",
-        "kvBytesPerToken": pool.spec.model.resolved_kv_bytes_per_token() if pool.spec else None,
-        "observedGrowthRatios": list(pool.growth_ratios),
-        "conditions": pool_conditions(pool, ready),
-        "observedGeneration": pool.generation,
-    }
-    if power_total is not None:
-        status["powerWatts"] = round(power_total, 3)
-    if energy_total is not None:
-        status["energyJoules"] = round(energy_total, 3)
-    return {"status": status}
+        old = written.get(name)
+        power = energy.power_watts if energy and energy.power_watts is not None else None
+        joules = energy.energy_joules if energy and energy.energy_joules is not None else None
+        if old is not None:
+            power = old.power_watts if power is None else power
+            joules = old.energy_joules if joules is None else joules
+        lc = pool.scheduler.lifecycle_on(name)
+        entry = DecoderStatus(
+            **info.model_dump(include={"pod", "node", "tier", "gpu_product", "endpoint", "capacity_kv_tokens"}),
+            ready=info.serving,
+            reserved_kv_tokens=state.reserved_kv_tokens if state else 0,
+            live_kv_tokens=state.live_kv_tokens if state else 0,
+            conversations=state.pinned_conversations if state else 0,
+            active_conversations=lc.active,
+            idle_conversations=lc.idle,
+            idle_kv_tokens=lc.idle_kv_tokens,
+            offloaded_conversations=lc.offloaded,
+            offloaded_kv_tokens=lc.offloaded_kv_tokens,
+            dropped_conversations=lc.dropped,
+            host_capacity_kv_tokens=host_capacity,
+            power_watts=power,
+            energy_joules=joules,
+        )
+        entries.append(entry)
+    return entries
 
 
-def pool_conditions(pool: PoolRuntime, ready: int) -> list[dict[str, Any]]:
-    previous = {c.get("type"): c for c in (pool.body.get("status") or {}).get("conditions") or []}
+def _sum(values: list[float | None]) -> float | None:
+    """Sum of the figures known, rounded; None when none is."""
+    known = [v for v in values if v is not None]
+    return round(sum(known), 3) if known else None
+
+
+def pool_status(pool: PoolRuntime, pending: int) -> DecoderPoolStatus:
+    """The pool's status: one entry per decoder, totals over ready decoders, conditions Ready and Degraded."""
+    previous = previous_status(pool)
+    decoders = decoder_statuses(pool, previous)
+    ready = [d for d in decoders if d.ready]
+    capacity = sum(d.capacity_kv_tokens for d in ready)
+    reserved = sum(d.reserved_kv_tokens for d in decoders)
+    scheduler = pool.scheduler
+    lifecycle = scheduler.settings.lifecycle
+    return DecoderPoolStatus(
+        decoders=decoders,
+        prefills=[
+            PrefillStatus.model_validate(p, from_attributes=True)
+            for p in sorted(pool.prefills.values(), key=lambda p: p.pod)
+        ],
+        ready_decoders=len(ready),
+        capacity_kv_tokens=capacity,
+        reserved_kv_tokens=reserved,
+        live_kv_tokens=sum(d.live_kv_tokens for d in decoders),
+        conversations=sum(d.conversations for d in decoders),
+        pending_conversations=pending,
+        idle_conversations=sum(d.idle_conversations for d in decoders),
+        offloaded_conversations=sum(d.offloaded_conversations for d in decoders),
+        dropped_conversations=sum(d.dropped_conversations for d in decoders),
+        observed_turn_gaps_seconds=[round(g, 3) for g in scheduler.gaps.gaps_s],
+        active_window_seconds=round(scheduler.gaps.active_window_s(lifecycle), 3),
+        resident_ttl_seconds=round(scheduler.gaps.resident_ttl_s(lifecycle), 3),
+        host_ttl_seconds=round(scheduler.gaps.host_ttl_s(lifecycle), 3),
+        kv_usage=f"{reserved}/{capacity}",
+        kv_bytes_per_token=pool.spec.model.resolved_kv_bytes_per_token() if pool.spec else None,
+        observed_growth_ratios=list(pool.growth_ratios),
+        power_watts=_sum([d.power_watts for d in decoders]),
+        energy_joules=_sum([d.energy_joules for d in decoders]),
+        conditions=pool_conditions(pool, len(ready), previous),
+        observed_generation=pool.generation,
+    )
+
+
+def pool_conditions(pool: PoolRuntime, ready: int, previous: DecoderPoolStatus | None = None) -> list[Condition]:
+    written = {c.type: c for c in (previous or previous_status(pool)).conditions}
     problems = [f"{d.pod}: {d.problem}" for d in pool.decoders.values() if d.problem]
     unready = sorted(d.pod for d in pool.decoders.values() if not d.ready)
+    ready_cond: tuple[ConditionStatus, str, str]
     if pool.spec is None:
         ready_cond = ("False", "InvalidSpec", pool.spec_error or "invalid spec")
     elif not pool.decoders:
@@ -139,30 +125,26 @@ def pool_conditions(pool: PoolRuntime, ready: int) -> list[dict[str, Any]]:
         ready_cond = ("False", "NoReadyDecoder", f"none of {len(pool.decoders)} decoders is ready")
     else:
         ready_cond = ("True", "DecodersReady", f"{ready}/{len(pool.decoders)} decoders ready")
+    degraded: tuple[ConditionStatus, str, str]
     if problems:
         degraded = ("True", "DecoderProblem", "; ".join(sorted(problems))[:1000])
     elif unready:
         degraded = ("True", "DecodersNotReady", f"not ready: {', '.join(unready)}"[:1000])
     else:
         degraded = ("False", "AllDecodersReady", "")
+    now = format_time(time.time())
     out = []
     for type_, (status, reason, message) in (("Ready", ready_cond), ("Degraded", degraded)):
-        old = previous.get(type_) or {}
-        moved = old.get("status") != status
+        old = written.get(type_)
+        kept = old is not None and old.status == status and old.last_transition_time
         out.append(
-            {
-                "type": type_,
-                "status": status,
-                "reason": reason,
-                "message": message,
-                "lastTransitionTime": _now() if moved else old.get("lastTransitionTime", _now()),
-                "observedGeneration": pool.generation,
-            }
+            Condition(
+                type=type_,
+                status=status,
+                reason=reason,
+                message=message,
+                last_transition_time=old.last_transition_time if kept and old else now,
+                observed_generation=pool.generation,
+            )
         )
     return out
-
-
-def _now() -> str:
-    import time
-
-    return format_time(time.time())

@@ -39,3 +39,21 @@ def with_observed(
                 state = dataclasses.replace(state, live_kv_tokens=tokens)
         out.append(state)
     return out
+
+
+class ObservedReadings:
+    """The latest reading of each decoder's engine, kept until the scheduler's sweep finds it too old."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, ObservedOccupancy] = {}
+
+    def expire(self, now_s: float, max_age_s: float) -> bool:
+        """Forget the readings older than `max_age_s`; True when any was forgotten."""
+        stale = [d for d, r in self.latest.items() if now_s - r.at_s > max_age_s]
+        for decoder in stale:
+            del self.latest[decoder]
+        return bool(stale)
+
+    def fold(self, states: list[DecoderState]) -> list[DecoderState]:
+        """`with_observed` over the readings kept (their age is checked by `expire`, not here)."""
+        return with_observed(states, self.latest, float("-inf"), float("inf")) if self.latest else states

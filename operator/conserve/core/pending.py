@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+
+from conserve.core.decisions import ConversationRequest
 
 
-@dataclass(frozen=True, slots=True)
-class PendingItem:
-    conversation: str
-    priority: int
-    created_at_s: float  # seconds since the epoch of the object's creationTimestamp
-    reservation_kv_tokens: int
-
-
-def order_pending(items: Iterable[PendingItem]) -> list[PendingItem]:
-    return sorted(items, key=lambda i: (-i.priority, i.created_at_s, i.conversation))
+def order_pending(requests: Iterable[ConversationRequest]) -> list[ConversationRequest]:
+    return sorted(requests, key=lambda r: (-r.priority, r.created_at_s, r.key))

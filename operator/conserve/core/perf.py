@@ -106,18 +106,6 @@ class Device:
     power_limit_w: float | None = None
 
     @property
-    def flops_per_s(self) -> float:
-        return self.gpu.bf16_flops_per_s * self.gpu_count
-
-    @property
-    def bandwidth_bytes_per_s(self) -> float:
-        return self.gpu.memory_bandwidth_bytes_per_s * self.gpu_count
-
-    @property
-    def tdp_w(self) -> float:
-        return self.gpu.tdp_w * self.gpu_count
-
-    @property
     def idle_power_w(self) -> float:
         return self.gpu.idle_power_w * self.gpu_count
 
@@ -155,6 +143,11 @@ class StepCost:
     def time_s(self) -> float:
         return self.overhead_s + max(self.compute_s, self.memory_s) + self.communication_s
 
+    @property
+    def activity(self) -> float:
+        """Activity in [0, 1] of the power model over the step (communication and overheads draw idle power)."""
+        return min(self.busy_activity_s / self.time_s, 1.0) if self.time_s > 0 else 0.0
+
 
 def allreduce_time_s(device: Device, message_bytes: float, params: PerfParams = CALIBRATED) -> float:
     """One ring all-reduce of `message_bytes` over the group's link (zero on one GPU)."""
@@ -189,7 +182,9 @@ def prefill_cost(
     params: PerfParams = CALIBRATED,
 ) -> StepCost:
     """A prefill step of `new_tokens` split evenly over `sequences` prompts, each with `cached_context_tokens`
-    already in its KV cache (a chunk of a longer prompt, or a prefix hit)."""
+    already in its KV cache (a chunk of a longer prompt, or a prefix hit). No tokens: no step, zero cost."""
+    if new_tokens <= 0:
+        return StepCost(0.0, 0.0, 0.0, 0.0)
     n = device.gpu_count
     flops_per_s = device.gpu.bf16_flops_per_s * device.clock_scale(params)
     per_sequence = new_tokens / max(sequences, 1)
@@ -203,28 +198,11 @@ def prefill_cost(
     return StepCost(compute, memory, communication, params.prefill_step_overhead_s, busy)
 
 
-def prefill_time_s(
-    device: Device,
-    model: ModelShape,
-    new_tokens: int,
-    cached_context_tokens: int = 0,
-    sequences: int = 1,
-    params: PerfParams = CALIBRATED,
-) -> float:
-    """Seconds to prefill `new_tokens` (a chunk, given `cached_context_tokens` already cached)."""
-    if new_tokens <= 0:
-        return 0.0
-    return prefill_cost(device, model, new_tokens, cached_context_tokens, sequences, params).time_s
-
-
 def prefill_activity(
     device: Device, model: ModelShape, new_tokens: int, cached_context_tokens: int = 0, params: PerfParams = CALIBRATED
 ) -> float:
-    """Activity in [0, 1] of a prefill step (communication and overheads draw idle power)."""
-    if new_tokens <= 0:
-        return 0.0
-    cost = prefill_cost(device, model, new_tokens, cached_context_tokens, 1, params)
-    return min(cost.busy_activity_s / cost.time_s, 1.0)
+    """Activity in [0, 1] of a prefill step of one prompt."""
+    return prefill_cost(device, model, new_tokens, cached_context_tokens, 1, params).activity
 
 
 def prefill_power_w(
@@ -315,7 +293,7 @@ def decode_energy_per_token_j(device: Device, model: ModelShape, batch_size: int
 def prefill_energy_per_token_j(device: Device, model: ModelShape, tokens: int) -> float:
     if tokens <= 0:
         return 0.0
-    return prefill_power_w(device, model, tokens) * prefill_time_s(device, model, tokens) / tokens
+    return prefill_power_w(device, model, tokens) * prefill_cost(device, model, tokens).time_s / tokens
 
 
 # --- runs of decode steps in closed form (the simulator advances a fixed batch many steps at once) ---------
@@ -324,7 +302,7 @@ def prefill_energy_per_token_j(device: Device, model: ModelShape, tokens: int) -
 # context read by step j is C + b x j: both the memory time and the compute time of step j are affine in j;
 # the fixed part (overheads, communication) depends on the batch only. A step's time (fixed plus the max) and
 # its busy time (max(compute, MEMORY_BOUND_ACTIVITY x memory)) are maxima of affine functions, whose sums over
-# a run are exact in closed form: the results equal summing `decode_step_time_s` and
+# a run are exact in closed form (`DecodeRun`): the results equal summing `decode_step_time_s` and
 # `power_w(decode_step_activity(...)) x decode_step_time_s` step by step.
 
 
@@ -348,40 +326,55 @@ def _sum_max_affine(a0: float, a1: float, b0: float, b1: float, n: int) -> float
     return _sum_affine(a0, a1, 0, k) + _sum_affine(b0, b1, k, n)
 
 
-def decode_run_time_s(
-    device: Device, model: ModelShape, batch_size: int, batch_context_tokens: int, steps: int
-) -> float:
-    """Time of `steps` decode steps of a fixed batch whose context starts at `batch_context_tokens`."""
-    if batch_size <= 0 or steps <= 0:
-        return 0.0
+@dataclass(frozen=True, slots=True)
+class DecodeRun:
+    """Decode steps of a fixed batch from its starting context, in closed form: step j reads memory for
+    `memory0_s + memory1_s x j` and computes for `compute0_s + compute1_s x j` (one GPU), plus `fixed_s`."""
+
+    batch_size: int
+    memory0_s: float
+    memory1_s: float
+    compute0_s: float
+    compute1_s: float
+    fixed_s: float
+    idle_power_w: float
+    dynamic_power_w: float  # the group's max power less its idle power
+
+    def time_s(self, steps: int) -> float:
+        """Time of the first `steps` steps."""
+        if steps <= 0:
+            return 0.0
+        growing = _sum_max_affine(self.memory0_s, self.memory1_s, self.compute0_s, self.compute1_s, steps)
+        return growing + self.fixed_s * steps
+
+    def energy_j(self, steps: int) -> float:
+        """Energy (idle included) of the first `steps` steps, as `power_w` x step time summed."""
+        if steps <= 0:
+            return 0.0
+        mba = CALIBRATED.memory_bound_activity
+        busy = _sum_max_affine(self.compute0_s, self.compute1_s, mba * self.memory0_s, mba * self.memory1_s, steps)
+        return self.idle_power_w * self.time_s(steps) + self.dynamic_power_w * busy
+
+    def steps_within(self, max_steps: int, budget_s: float) -> int:
+        """The most steps (at most `max_steps`) that complete within `budget_s` seconds."""
+        if self.batch_size <= 0 or max_steps <= 0 or budget_s <= 0:
+            return 0
+        low, high = 0, max_steps
+        while low < high:
+            mid = (low + high + 1) // 2
+            if self.time_s(mid) <= budget_s:
+                low = mid
+            else:
+                high = mid - 1
+        return low
+
+
+def decode_run(device: Device, model: ModelShape, batch_size: int, batch_context_tokens: int) -> DecodeRun:
+    """A run of decode steps of `batch_size` sequences whose contexts sum to `batch_context_tokens` at its start
+    (no sequences: a run that takes no time)."""
+    dynamic_w = device.max_power_w - device.idle_power_w
+    if batch_size <= 0:
+        return DecodeRun(0, 0.0, 0.0, 0.0, 0.0, 0.0, device.idle_power_w, dynamic_w)
     m0, m1, c0, c1 = _decode_affine_terms(device, model, batch_size, batch_context_tokens)
-    return _sum_max_affine(m0, m1, c0, c1, steps) + _decode_fixed_s(device, model, batch_size, CALIBRATED) * steps
-
-
-def decode_run_energy_j(
-    device: Device, model: ModelShape, batch_size: int, batch_context_tokens: int, steps: int
-) -> float:
-    """Energy (idle included) of `steps` decode steps of a fixed batch, as `power_w` x step time summed."""
-    if batch_size <= 0 or steps <= 0:
-        return 0.0
-    m0, m1, c0, c1 = _decode_affine_terms(device, model, batch_size, batch_context_tokens)
-    mba = CALIBRATED.memory_bound_activity
-    busy = _sum_max_affine(c0, c1, mba * m0, mba * m1, steps)
-    total = decode_run_time_s(device, model, batch_size, batch_context_tokens, steps)
-    return device.idle_power_w * total + (device.max_power_w - device.idle_power_w) * busy
-
-
-def decode_steps_within_s(
-    device: Device, model: ModelShape, batch_size: int, batch_context_tokens: int, max_steps: int, budget_s: float
-) -> int:
-    """The most steps (at most `max_steps`) of a fixed batch that complete within `budget_s` seconds."""
-    if batch_size <= 0 or max_steps <= 0 or budget_s <= 0:
-        return 0
-    low, high = 0, max_steps
-    while low < high:
-        mid = (low + high + 1) // 2
-        if decode_run_time_s(device, model, batch_size, batch_context_tokens, mid) <= budget_s:
-            low = mid
-        else:
-            high = mid - 1
-    return low
+    fixed = _decode_fixed_s(device, model, batch_size, CALIBRATED)
+    return DecodeRun(batch_size, m0, m1, c0, c1, fixed, device.idle_power_w, dynamic_w)

@@ -12,7 +12,7 @@ no history exists.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 PRIOR_GROWTH_FACTOR = 2.0
@@ -31,6 +31,12 @@ class GrowthObservation:
     @property
     def ratio(self) -> float:
         return self.final_context_tokens / max(self.first_input_tokens, 1)
+
+
+def observations_from_ratios(ratios: Iterable[float]) -> list[GrowthObservation]:
+    """Growth history kept as ratios (final context / first input), as the pairs `growth_factor` reads."""
+    scale = 1_000_000
+    return [GrowthObservation(scale, max(round(r * scale), 0)) for r in ratios]
 
 
 def growth_factor(history: Sequence[GrowthObservation], expected_turns: int | None = None) -> float:

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field, replace
 from conserve.core.decisions import ConversationRequest, Decision, Reason, Verdict
 from conserve.core.ledger import CapacityError, CapacityLedger
 from conserve.core.lifecycle import GapHistory, KvState, LifecycleSettings
-from conserve.core.occupancy import ObservedOccupancy, with_observed
-from conserve.core.pending import PendingItem, order_pending
+from conserve.core.occupancy import ObservedOccupancy, ObservedReadings
+from conserve.core.pending import order_pending
 from conserve.core.placement import (
     DecoderState,
     PlacementRequest,
@@ -29,8 +29,8 @@ from conserve.core.placement import (
     largest_placeable_kv_tokens,
     place,
 )
-from conserve.core.prefill import PrefillState, pick_prefill
-from conserve.core.reservation import GrowthObservation, growth_factor, reservation_for_factor
+from conserve.core.prefill import PrefillCounts, PrefillState
+from conserve.core.reservation import growth_factor, observations_from_ratios, reservation_for_factor
 from conserve.core.residency import ConversationView, DecoderLifecycle, Residency
 
 #: A reservation outgrown by a turn is extended in place to this multiple of the live context (room for the
@@ -51,28 +51,22 @@ class SchedulerSettings:
     observed_max_age_s: float = 10.0
 
 
-def observations_from_ratios(ratios: Iterable[float]) -> list[GrowthObservation]:
-    """Growth history is kept as ratios (final context / first input); the core's sizing wants pairs."""
-    scale = 1_000_000
-    return [GrowthObservation(scale, max(round(r * scale), 0)) for r in ratios]
-
-
 class PoolScheduler:
     def __init__(self, settings: SchedulerSettings | None = None) -> None:
         self.settings = settings or SchedulerSettings()
         #: The decoder table (capacity, tier, readiness, measured J/token) and every reservation: one place.
         self.ledger = CapacityLedger()
         self.conversations: dict[str, ConversationView] = {}
-        self.pending: dict[str, PendingItem] = {}
+        self.pending: dict[str, ConversationRequest] = {}
         self.growth_ratios: deque[float] = deque(maxlen=GROWTH_HISTORY_LIMIT)
         self.gaps = GapHistory()
-        self.prefills: dict[str, PrefillState] = {}
+        self.prefills = PrefillCounts()
         #: Why the pool cannot place at all (no spec, invalid spec); None when it can.
         self.problem: tuple[Reason, str] | None = None
         self._factors: dict[int | None, float] = {}  # growth factor per expected-turns hint, until history moves
         self._snapshot: list[DecoderState] | None = None  # the ledger's snapshot, until the ledger changes
         #: The decoders' engines' own KV readings (the paper's observed occupancy), folded into placement.
-        self.observed: dict[str, ObservedOccupancy] = {}
+        self.observed = ObservedReadings()
         self.kv = Residency(self.ledger, self.conversations, self.settings.lifecycle, self._changed)
 
     # --- configuration and the decoder table -------------------------------------------------------------
@@ -107,10 +101,7 @@ class PoolScheduler:
 
     def set_prefills(self, prefills: Sequence[PrefillState]) -> None:
         """The pool's prefill servers (each one's count of first turns is kept across refreshes)."""
-        self.prefills = {
-            p.name: replace(p, assigned=self.prefills[p.name].assigned if p.name in self.prefills else 0)
-            for p in prefills
-        }
+        self.prefills.refresh(prefills)
 
     def _changed(self) -> None:
         self._snapshot = None
@@ -118,22 +109,13 @@ class PoolScheduler:
     def occupancy_observed(self, decoder: str, reading: ObservedOccupancy) -> None:
         """A decoder's engine reported its KV use (`at_s` in this scheduler's clock); placement counts the larger
         of it and the ledger's live KV until the reading is `observed_max_age_s` old (the sweep drops it)."""
-        self.observed[decoder] = reading
+        self.observed.latest[decoder] = reading
         self._changed()
 
-    def _expire_observations(self, now_s: float) -> None:
-        stale = [d for d, r in self.observed.items() if now_s - r.at_s > self.settings.observed_max_age_s]
-        for decoder in stale:
-            del self.observed[decoder]
-        if stale:
-            self._changed()
-
     def snapshot(self) -> list[DecoderState]:
+        """The decoders as placement sees them (the ledger, fresh engine readings folded in), until a change."""
         if self._snapshot is None:
-            states = self.ledger.snapshot()
-            self._snapshot = (
-                with_observed(states, self.observed, float("-inf"), float("inf")) if self.observed else states
-            )
+            self._snapshot = self.observed.fold(self.ledger.snapshot())
         return self._snapshot
 
     # --- sizing ------------------------------------------------------------------------------------------
@@ -174,19 +156,16 @@ class PoolScheduler:
         view = ConversationView(request, last_activity_s, turns, live_kv_tokens, kv_state, *counts)
         self.conversations[request.key] = view
         if decoder is None:
-            self.pending[request.key] = self._pending_item(request)
+            self.pending[request.key] = request
             return
         self.ledger.adopt(request.key, decoder, reserved_kv_tokens, live_kv_tokens)
         if kv_state in (KvState.OFFLOADED, KvState.DROPPED):
             self.ledger.set_offloaded(request.key, True)
         self._changed()
 
-    def _pending_item(self, request: ConversationRequest) -> PendingItem:
-        return PendingItem(request.key, request.priority, request.created_at_s, request.first_input_tokens)
-
     def queue(self) -> list[str]:
         """The waiting conversations, in the order they get capacity."""
-        return [i.conversation for i in order_pending(self.pending.values())]
+        return [r.key for r in order_pending(self.pending.values())]
 
     def admit(self, request: ConversationRequest, now_s: float) -> list[Decision]:
         """A conversation not placed yet: place it now, or queue (or fail) it. Reclaims idle KV if needed."""
@@ -199,15 +178,18 @@ class PoolScheduler:
             return []
         return self._decide(view, now_s, replacing=False)
 
-    def _decide(self, view: ConversationView, now_s: float, *, replacing: bool) -> list[Decision]:
+    def _decide(
+        self, view: ConversationView, now_s: float, *, replacing: bool, held_kv_tokens: int = 0
+    ) -> list[Decision]:
+        """Place a conversation (reclaiming idle KV if nothing fits), else queue or fail it. `replacing`: its
+        decoder was lost, so it is re-placed with max(reservation, live, `held_kv_tokens`) or fails."""
         request = view.request
         key = request.key
         if self.problem is not None:
             return [self._wait_or_fail(view, self.problem[0], self.problem[1], replacing)]
         reservation = self.reservation_for(request)
-        if replacing:
-            held = self.ledger.holding(key)
-            reservation = max(reservation, view.live_kv_tokens, held[1] if held else 0)
+        if replacing:  # its KV moves once more: as much room as it held or has now
+            reservation = max(reservation, view.live_kv_tokens, held_kv_tokens)
         decision = place(PlacementRequest(key, reservation), self.snapshot(), self.settings.placement)
         reclaimed: list[Decision] = []
         if decision.decoder is None and decision.reason == "NoCapacity":
@@ -225,8 +207,8 @@ class PoolScheduler:
             return [*reclaimed, self._wait_or_fail(view, Reason.NO_CAPACITY, str(exc), replacing)]
         self._changed()
         self.pending.pop(key, None)
-        view.kv_state = KvState.ACTIVE
-        prefill = None if replacing else self._pick_prefill()
+        view.kv_state = KvState.ACTIVE  # a replaced one's KV moves (prefilled again or transferred) too
+        prefill = None if replacing else self.prefills.pick()
         if not replacing and view.last_activity_s is None:
             view.last_activity_s = now_s
         verdict, reason = (Verdict.REPLACED, Reason.REPLACED) if replacing else (Verdict.PLACED, Reason.PLACED)
@@ -238,21 +220,12 @@ class PoolScheduler:
 
     def prefill_reported(self, chosen: str | None, used: str) -> None:
         """The data plane ran a first turn on another prefill server than the one chosen: count it there."""
-        if chosen in self.prefills and self.prefills[chosen].assigned > 0:
-            self.prefills[chosen] = replace(self.prefills[chosen], assigned=self.prefills[chosen].assigned - 1)
-        if used in self.prefills:
-            self.prefills[used] = replace(self.prefills[used], assigned=self.prefills[used].assigned + 1)
-
-    def _pick_prefill(self) -> str | None:
-        name = pick_prefill(list(self.prefills.values()))
-        if name is not None:
-            self.prefills[name] = replace(self.prefills[name], assigned=self.prefills[name].assigned + 1)
-        return name
+        self.prefills.moved(chosen, used)
 
     def _wait_or_fail(self, view: ConversationView, reason: Reason, message: str, replacing: bool) -> Decision:
         if replacing:
             return self._fail(view, Reason.DECODER_LOST, f"its decoder was lost and {message}")
-        self.pending[view.request.key] = self._pending_item(view.request)
+        self.pending[view.request.key] = view.request
         view.told_waiting = True
         return Decision(view.request.key, Verdict.QUEUED, reason, message)
 
@@ -268,10 +241,10 @@ class PoolScheduler:
         """Place the waiting conversations that fit now, in queue order (a small one may pass a large one)."""
         out: list[Decision] = []
         best = self._best_room()
-        for item in order_pending(self.pending.values()):
-            view = self.conversations.get(item.conversation)
+        for request in order_pending(self.pending.values()):
+            view = self.conversations.get(request.key)
             if view is None:
-                self.pending.pop(item.conversation, None)
+                self.pending.pop(request.key, None)
                 continue
             if view.told_waiting and self.problem is None and self.reservation_for(view.request) > best:
                 continue  # cheap skip: nothing can hold it, even by reclaiming idle KV
@@ -319,33 +292,25 @@ class PoolScheduler:
         window = self.gaps.active_window_s(self.settings.lifecycle)
         view.kv_state = KvState.IDLE if turn_ended and window <= 0 else KvState.ACTIVE
         if live_kv_tokens > reserved:
-            target = math.ceil(live_kv_tokens * EXTEND_FACTOR)
-            if self.ledger.try_extend(key, target) or self.ledger.try_extend(key, live_kv_tokens):
-                held = self.ledger.holding(key)
-                out.append(
-                    Decision(
-                        key,
-                        Verdict.EXTENDED,
-                        Reason.EXTENDED,
-                        "reservation extended in place",
-                        decoder,
-                        held[1] if held else reserved,
-                        kv_state=view.kv_state,
-                    )
-                )
-            else:
-                message = (
-                    f"live context {live_kv_tokens} exceeds the reservation {reserved} and the decoder has "
-                    "no room to extend it; kept pinned"
-                )
-                out.append(
-                    Decision(
-                        key, Verdict.OUTGROWN, Reason.DECODER_FULL, message, decoder, reserved, kv_state=view.kv_state
-                    )
-                )
+            out.append(self._outgrown(key, decoder, reserved, live_kv_tokens, view.kv_state))
         self.ledger.update_live(key, live_kv_tokens)
         self._changed()
         return out
+
+    def _outgrown(self, key: str, decoder: str, reserved: int, live_kv_tokens: int, kv_state: KvState) -> Decision:
+        """The live context outgrew the reservation: extend it in place (to EXTEND_FACTOR x live, else to live)
+        when the decoder has room, else keep it pinned (OUTGROWN)."""
+        extended_by_factor = self.ledger.try_extend(key, math.ceil(live_kv_tokens * EXTEND_FACTOR))
+        if extended_by_factor or self.ledger.try_extend(key, live_kv_tokens):
+            held = self.ledger.holding(key)
+            extended = held[1] if held else reserved
+            message = "reservation extended in place"
+            return Decision(key, Verdict.EXTENDED, Reason.EXTENDED, message, decoder, extended, kv_state=kv_state)
+        message = (
+            f"live context {live_kv_tokens} exceeds the reservation {reserved} and the decoder has "
+            "no room to extend it; kept pinned"
+        )
+        return Decision(key, Verdict.OUTGROWN, Reason.DECODER_FULL, message, decoder, reserved, kv_state=kv_state)
 
     def turn_started(self, key: str, now_s: float) -> list[Decision]:
         """A turn of a pinned conversation arrives (the simulator knows; the operator learns at its report):
@@ -397,34 +362,10 @@ class PoolScheduler:
             self.ledger.release(view.request.key)
         self._changed()
         out: list[Decision] = []
-        for view in order:  # re-placed with max(reservation, live): the KV moves once more
+        for view in order:
             h = held[view.request.key]
-            out.extend(self._replace(view, h[1] if h else 0, now_s))
+            out.extend(self._decide(view, now_s, replacing=True, held_kv_tokens=h[1] if h else 0))
         return out
-
-    def _replace(self, view: ConversationView, reserved: int, now_s: float) -> list[Decision]:
-        key = view.request.key
-        reservation = max(self.reservation_for(view.request), reserved, view.live_kv_tokens)
-        if self.problem is not None:
-            return [self._fail(view, Reason.DECODER_LOST, f"its decoder was lost and {self.problem[1]}")]
-        decision = place(PlacementRequest(key, reservation), self.snapshot(), self.settings.placement)
-        reclaimed: list[Decision] = []
-        if decision.decoder is None and decision.reason == "NoCapacity":
-            reclaimed = self._reclaim_for_placement(reservation, now_s)
-            if reclaimed:
-                decision = place(PlacementRequest(key, reservation), self.snapshot(), self.settings.placement)
-        if decision.decoder is None:
-            return [*reclaimed, self._fail(view, Reason.DECODER_LOST, f"its decoder was lost and {decision.message}")]
-        self.ledger.reserve(key, decision.decoder, reservation, live_kv_tokens=view.live_kv_tokens)
-        self._changed()
-        view.kv_state = KvState.ACTIVE  # its KV moves (prefilled again or transferred) to the new decoder
-        message = f"{decision.message}; {reservation} KV tokens reserved"
-        return [
-            *reclaimed,
-            Decision(
-                key, Verdict.REPLACED, Reason.REPLACED, message, decision.decoder, reservation, None, KvState.ACTIVE
-            ),
-        ]
 
     def _reclaim_for_placement(self, reservation: int, now_s: float) -> list[Decision]:
         """No decoder's reservations can take a new conversation: reclaim idle KV on the one decoder where that
@@ -446,7 +387,8 @@ class PoolScheduler:
     def sweep(self, now_s: float) -> list[Decision]:
         """Timers: release past the idle timeout; offload idle KV past the resident TTL; drop host copies past
         the host TTL. Conversations in key order (deterministic)."""
-        self._expire_observations(now_s)
+        if self.observed.expire(now_s, self.settings.observed_max_age_s):
+            self._changed()
         lc = self.settings.lifecycle
         window = self.gaps.active_window_s(lc)
         resident_ttl = self.gaps.resident_ttl_s(lc)

@@ -9,8 +9,12 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from conserve.devcluster import build
+
+if TYPE_CHECKING:
+    from conserve.devcluster.cluster import LocalCluster
 
 
 def default_state_dir() -> Path:
@@ -129,14 +133,23 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_down(args: argparse.Namespace) -> int:
+def _recorded_cluster(state_dir: Path, consequence: str = "") -> LocalCluster | None:
+    """The cluster `conserve dev up` recorded in `state_dir`; None, after printing why, if there is none."""
     from conserve.devcluster.cluster import ClusterError, LocalCluster
 
-    state_dir = args.state_dir or default_state_dir()
     try:
-        cluster = LocalCluster.attach(state_dir)
+        return LocalCluster.attach(state_dir)
     except ClusterError:
-        print(f"no cluster recorded in {state_dir}; nothing to stop")
+        print(f"no cluster recorded in {state_dir}{consequence}")
+        return None
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from conserve.devcluster.cluster import ClusterError
+
+    state_dir = args.state_dir or default_state_dir()
+    cluster = _recorded_cluster(state_dir, "; nothing to stop")
+    if cluster is None:
         return 0
     names = [rec.name for rec in cluster.processes]
     try:
@@ -152,13 +165,9 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from conserve.devcluster.cluster import ClusterError, LocalCluster
-
     state_dir = args.state_dir or default_state_dir()
-    try:
-        cluster = LocalCluster.attach(state_dir)
-    except ClusterError:
-        print(f"no cluster recorded in {state_dir}")
+    cluster = _recorded_cluster(state_dir)
+    if cluster is None:
         return 1
     status = cluster.status()
     if not status:

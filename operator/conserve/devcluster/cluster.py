@@ -13,34 +13,33 @@ and a cluster started by ``conserve dev up`` outlives that command; its pids are
 
 from __future__ import annotations
 
-import base64
 import contextlib
+import functools
 import json
 import os
-import signal
 import socket
 import ssl
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import urlparse
 
 import yaml
 
-from conserve.devcluster import build, pki
+from conserve.devcluster import build, components, pki, processes
 from conserve.devcluster.build import Binaries
+from conserve.devcluster.processes import ProcessRecord
 
 DEFAULT_SCHEDULER_NAME = "default-scheduler"
 CONSERVE_SCHEDULER_NAME = "conserve-scheduler"
 # Where `conserve dev up` expects `conserve extender` by default.
 DEFAULT_EXTENDER_PORT = 8888
-SERVICE_CIDR = "10.96.0.0/16"
-SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 COMPONENTS = (
     "etcd",
     "kube-apiserver",
@@ -83,84 +82,6 @@ class Ports:
     def fixed(cls) -> Ports:
         """The well-known ports, for `conserve dev up`."""
         return cls(2379, 2380, 6443, 10257, 10259, 10269, 10247)
-
-
-@dataclass
-class ProcessRecord:
-    name: str
-    pid: int
-    start_ticks: int  # /proc/<pid>/stat field 22: tells a reused pid from ours
-    log: str
-    cmd: list[str] = field(default_factory=list)
-
-
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, process group, start time) of a live pid, or None."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    # The command name may hold spaces and parentheses: split after its closing parenthesis.
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return fields[0], int(fields[2]), int(fields[19])
-
-
-def _alive(rec: ProcessRecord) -> bool:
-    stat = _proc_stat(rec.pid)
-    # A zombie is dead: with no init to reap it (some containers), it stays in /proc.
-    return stat is not None and stat[0] != "Z" and stat[2] == rec.start_ticks
-
-
-def _foreign(rec: ProcessRecord) -> bool:
-    stat = _proc_stat(rec.pid)
-    return stat is not None and stat[2] != rec.start_ticks
-
-
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            stat = _proc_stat(int(entry.name))
-            if stat is not None and stat[1] == pgid and stat[0] != "Z":
-                members.append(int(entry.name))
-    return members
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: ask for SIGKILL when the parent dies (Linux prctl).
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _b64(path: Path) -> str:
-    return base64.b64encode(path.read_bytes()).decode()
-
-
-def write_kubeconfig(path: Path, server: str, ca: Path, user: pki.CertPair, name: str = "conserve-local") -> None:
-    """A self-contained kubeconfig (certificates embedded): it can be copied elsewhere and still work."""
-    cfg = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": name, "cluster": {"server": server, "certificate-authority-data": _b64(ca)}}],
-        "users": [
-            {
-                "name": f"{name}-user",
-                "user": {"client-certificate-data": _b64(user.cert), "client-key-data": _b64(user.key)},
-            }
-        ],
-        "contexts": [{"name": name, "context": {"cluster": name, "user": f"{name}-user"}}],
-        "current-context": name,
-    }
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    path.chmod(0o600)
 
 
 class LocalCluster:
@@ -212,8 +133,6 @@ class LocalCluster:
 
     @property
     def extender_port(self) -> int:
-        from urllib.parse import urlparse
-
         return urlparse(self.extender_url).port or 80
 
     @property
@@ -250,145 +169,54 @@ class LocalCluster:
 
     def _start(self, deadline: float) -> None:
         certs = pki.generate(self.pki_dir)
-        write_kubeconfig(self.kubeconfig, self.server, certs.ca.cert, certs.admin)
+        pki.write_kubeconfig(self.kubeconfig, self.server, certs.ca.cert, certs.admin)
         kc_dir = self.state_dir / "kubeconfigs"
         kc_dir.mkdir(exist_ok=True)
         kcm_kc, sched_kc = kc_dir / "controller-manager", kc_dir / "scheduler"
-        write_kubeconfig(kcm_kc, self.server, certs.ca.cert, certs.controller_manager)
-        write_kubeconfig(sched_kc, self.server, certs.ca.cert, certs.scheduler)
+        pki.write_kubeconfig(kcm_kc, self.server, certs.ca.cert, certs.controller_manager)
+        pki.write_kubeconfig(sched_kc, self.server, certs.ca.cert, certs.scheduler)
         self._write_state()
 
-        p, b, v = self.ports, self.binaries, f"--v={self.log_verbosity}"
-        etcd_url, peer_url = f"http://127.0.0.1:{p.etcd_client}", f"http://127.0.0.1:{p.etcd_peer}"
+        p, b, v = self.ports, self.binaries, self.log_verbosity
+        self._spawn("etcd", components.etcd_command(b, self.state_dir / "etcd", p.etcd_client, p.etcd_peer))
+        etcd_health = f"http://127.0.0.1:{p.etcd_client}/health"
+        self._wait("etcd", lambda: self._http_ok(etcd_health, expect=b'"health":"true"'), deadline)
         self._spawn(
-            "etcd",
-            [
-                str(b.etcd),
-                "--name=conserve",
-                f"--data-dir={self.state_dir / 'etcd'}",
-                f"--listen-client-urls={etcd_url}",
-                f"--advertise-client-urls={etcd_url}",
-                f"--listen-peer-urls={peer_url}",
-                f"--initial-advertise-peer-urls={peer_url}",
-                f"--initial-cluster=conserve={peer_url}",
-                # A throwaway store: durability is not worth the fsync latency.
-                "--unsafe-no-fsync",
-                "--log-level=warn",
-            ],
+            "kube-apiserver",
+            components.apiserver_command(
+                b,
+                certs,
+                etcd_port=p.etcd_client,
+                port=p.apiserver,
+                cert_dir=self.pki_dir,
+                verbosity=v,
+                unlimited_inflight=self.unlimited_inflight,
+            ),
         )
-        self._wait("etcd", lambda: self._http_ok(f"{etcd_url}/health", expect=b'"health":"true"'), deadline)
-
-        apiserver = [
-            str(b.kube_apiserver),
-            f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            f"--secure-port={p.apiserver}",
-            f"--cert-dir={self.pki_dir}",
-            f"--tls-cert-file={certs.apiserver.cert}",
-            f"--tls-private-key-file={certs.apiserver.key}",
-            f"--client-ca-file={certs.ca.cert}",
-            "--authorization-mode=Node,RBAC",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
-            f"--service-account-key-file={certs.service_account_pub}",
-            f"--service-account-signing-key-file={certs.service_account_key}",
-            "--allow-privileged=true",
-            # The aggregation layer's request-header authentication: without it every delegating
-            # component (controller-manager, schedulers, a future aggregated API) logs a missing CA.
-            f"--requestheader-client-ca-file={certs.ca.cert}",
-            "--requestheader-allowed-names=front-proxy-client",
-            "--requestheader-username-headers=X-Remote-User",
-            "--requestheader-group-headers=X-Remote-Group",
-            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
-            f"--proxy-client-cert-file={certs.front_proxy_client.cert}",
-            f"--proxy-client-key-file={certs.front_proxy_client.key}",
-            "--profiling=false",
-            v,
-        ]
-        if self.unlimited_inflight:
-            apiserver += [
-                "--max-requests-inflight=0",
-                "--max-mutating-requests-inflight=0",
-                "--enable-priority-and-fairness=false",
-            ]
-        self._spawn("kube-apiserver", apiserver)
         self._wait("kube-apiserver", lambda: self._api_ok("/readyz"), deadline)
-
-        def delegated(kubeconfig: Path) -> list[str]:
-            # Serve /healthz over HTTPS on loopback, authenticating callers through the API server.
-            return [
-                f"--kubeconfig={kubeconfig}",
-                f"--authentication-kubeconfig={kubeconfig}",
-                f"--authorization-kubeconfig={kubeconfig}",
-                "--bind-address=127.0.0.1",
-            ]
-
         self._spawn(
             "kube-controller-manager",
-            [
-                str(b.kube_controller_manager),
-                *delegated(kcm_kc),
-                f"--secure-port={p.controller_manager}",
-                "--leader-elect=false",
-                # Each controller acts with its own service account, so RBAC is exercised as in production.
-                "--use-service-account-credentials=true",
-                f"--service-account-private-key-file={certs.service_account_key}",
-                f"--root-ca-file={certs.ca.cert}",
-                f"--cluster-signing-cert-file={certs.ca.cert}",
-                f"--cluster-signing-key-file={certs.ca.key}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
-                "--cluster-name=conserve",
-                "--kube-api-qps=200",
-                "--kube-api-burst=400",
-                v,
-            ],
+            components.controller_manager_command(b, certs, kubeconfig=kcm_kc, port=p.controller_manager, verbosity=v),
         )
-        for name, port, profile_extenders in (
+        for name, port, with_extender in (
             ("kube-scheduler", p.scheduler, False),
             ("conserve-scheduler", p.conserve_scheduler, True),
         ):
             cfg_path = self.state_dir / f"{name}.yaml"
-            cfg_path.write_text(yaml.safe_dump(self.scheduler_config(sched_kc, profile_extenders), sort_keys=False))
+            cfg_path.write_text(yaml.safe_dump(self.scheduler_config(sched_kc, with_extender), sort_keys=False))
             self._spawn(
-                name,
-                [str(b.kube_scheduler), *delegated(sched_kc), f"--config={cfg_path}", f"--secure-port={port}", v],
+                name, components.scheduler_command(b, kubeconfig=sched_kc, config=cfg_path, port=port, verbosity=v)
             )
-
         kwok_cfg = self.state_dir / "kwok.yaml"
-        # KWOK's own default stages (copied from its module at build time): Ready nodes with Leases,
-        # Running pods, Succeeded Job pods.
-        kwok_cfg.write_text("\n---\n".join(s.read_text().strip() for s in b.kwok_stages) + "\n")
-        self._spawn(
-            "kwok",
-            [
-                str(b.kwok),
-                f"--kubeconfig={self.kubeconfig}",
-                f"--config={kwok_cfg}",
-                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-                # Renew a Lease per node so the node-lifecycle controller sees live nodes and evicts nothing.
-                "--node-lease-duration-seconds=40",
-                f"--server-address=127.0.0.1:{p.kwok}",
-                "--cidr=10.244.0.1/16",
-                "--node-ip=10.0.0.1",
-            ],
-        )
-        self._wait(
-            "kube-controller-manager",
-            lambda: self._http_ok(f"https://127.0.0.1:{p.controller_manager}/healthz", expect=b"ok"),
-            deadline,
-        )
-        self._wait(
-            "kube-scheduler",
-            lambda: self._http_ok(f"https://127.0.0.1:{p.scheduler}/healthz", expect=b"ok"),
-            deadline,
-        )
-        self._wait(
-            "conserve-scheduler",
-            lambda: self._http_ok(f"https://127.0.0.1:{p.conserve_scheduler}/healthz", expect=b"ok"),
-            deadline,
-        )
-        self._wait("kwok", lambda: self._http_ok(f"http://127.0.0.1:{p.kwok}/healthz"), deadline)
+        kwok_cfg.write_text(components.kwok_config(b))
+        self._spawn("kwok", components.kwok_command(b, kubeconfig=self.kubeconfig, config=kwok_cfg, port=p.kwok))
+        for name, url, expect in (
+            ("kube-controller-manager", f"https://127.0.0.1:{p.controller_manager}/healthz", b"ok"),
+            ("kube-scheduler", f"https://127.0.0.1:{p.scheduler}/healthz", b"ok"),
+            ("conserve-scheduler", f"https://127.0.0.1:{p.conserve_scheduler}/healthz", b"ok"),
+            ("kwok", f"http://127.0.0.1:{p.kwok}/healthz", b""),
+        ):
+            self._wait(name, functools.partial(self._http_ok, url, expect=expect), deadline)
         # The service-account controller makes `default` in every namespace; pods need it to be admitted.
         self._wait(
             "kube-controller-manager (default ServiceAccount)",
@@ -397,40 +225,22 @@ class LocalCluster:
         )
 
     def scheduler_config(self, kubeconfig: Path, with_extender: bool) -> dict[str, Any]:
-        cfg: dict[str, Any] = {
-            "apiVersion": "kubescheduler.config.k8s.io/v1",
-            "kind": "KubeSchedulerConfiguration",
-            "clientConnection": {"kubeconfig": str(kubeconfig), "qps": 500, "burst": 1000},
-            "leaderElection": {"leaderElect": False},
-            "profiles": [{"schedulerName": self.scheduler_name if with_extender else self.default_scheduler_name}],
-        }
+        """The configuration of the conserve scheduler (`with_extender`) or of the default one."""
         if with_extender:
-            cfg["extenders"] = [
-                {
-                    "urlPrefix": self.extender_url,
-                    "filterVerb": "filter",
-                    "prioritizeVerb": "prioritize",
-                    "weight": 5,  # as deploy/scheduler: ranks the right tier above the default spreading (weight 2)
-                    "nodeCacheCapable": True,
-                    "ignorable": False,
-                    "httpTimeout": "5s",
-                    "enableHTTPS": False,
-                    "managedResources": [{"name": "nvidia.com/gpu", "ignoredByScheduler": False}],
-                }
-            ]
-        return cfg
+            return components.scheduler_config(kubeconfig, self.scheduler_name, self.extender_url)
+        return components.scheduler_config(kubeconfig, self.default_scheduler_name, None)
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """Stop every component (newest first), each with its whole process group; raise if any survives."""
         for rec in reversed(self.processes):
-            self._terminate(rec, timeout_s)
+            processes.terminate(rec, self._popen.get(rec.pid), timeout_s)
         left = self.leftover()
         self._popen.clear()
         if left:
             raise ClusterError(f"processes still running after stop: {left}")
         if self.processes:
             # Nothing of ours listens any more (a zombie, left where PID 1 reaps nothing, holds no port).
-            listening = [port for port in (self.ports.apiserver, self.ports.etcd_client) if _port_open(port)]
+            listening = [port for port in (self.ports.apiserver, self.ports.etcd_client) if processes.port_open(port)]
             if listening:
                 raise ClusterError(f"ports still listening after stop: {listening}")
         self.processes = []
@@ -441,12 +251,12 @@ class LocalCluster:
         """Pids of any process of ours, or in one of our process groups, still alive."""
         pids: set[int] = set()
         for rec in self.processes:
-            if not _foreign(rec):
-                pids.update(_group_members(rec.pid))
+            if not processes.foreign(rec):
+                pids.update(processes.group_members(rec.pid))
         return sorted(pids)
 
     def status(self) -> dict[str, bool]:
-        return {rec.name: _alive(rec) for rec in self.processes}
+        return {rec.name: processes.alive(rec) for rec in self.processes}
 
     def __enter__(self) -> Self:
         return self.start()
@@ -490,44 +300,14 @@ class LocalCluster:
 
     # ---- processes -------------------------------------------------------------------------------------
     def _spawn(self, name: str, cmd: Sequence[str]) -> None:
-        log_path = self.logs_dir / f"{name}.log"
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                list(cmd),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.state_dir,
-                start_new_session=True,
-                preexec_fn=_die_with_parent if self.die_with_parent else None,
-            )
-        stat = _proc_stat(proc.pid)
-        rec = ProcessRecord(name, proc.pid, stat[2] if stat else 0, str(log_path), list(cmd))
+        rec, proc = processes.spawn(
+            name, cmd, log_path=self.logs_dir / f"{name}.log", cwd=self.state_dir, die_with_parent=self.die_with_parent
+        )
         self.processes.append(rec)
         self._popen[proc.pid] = proc
         self._write_state()
 
-    def _terminate(self, rec: ProcessRecord, timeout_s: float) -> None:
-        popen = self._popen.get(rec.pid)
-        if _foreign(rec):
-            return  # our process is long gone and its pid now belongs to someone else
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(rec.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if popen is not None:
-                popen.poll()
-            if not _alive(rec) and not _group_members(rec.pid):
-                return
-            time.sleep(0.05)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(rec.pid, signal.SIGKILL)
-        if popen is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                popen.wait(5)
-        time.sleep(0.1)
-
-    def _wait(self, what: str, probe: Any, deadline: float) -> None:
+    def _wait(self, what: str, probe: Callable[[], bool], deadline: float) -> None:
         last_err = ""
         while True:
             for rec in self.processes:
@@ -535,7 +315,7 @@ class LocalCluster:
                 if popen is not None and popen.poll() is not None:
                     raise ClusterError(
                         f"{rec.name} exited with {popen.returncode} while waiting for {what}; "
-                        f"last log lines:\n{_tail(Path(rec.log))}"
+                        f"last log lines:\n{processes.tail(Path(rec.log))}"
                     )
             try:
                 if probe():
@@ -545,7 +325,9 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 name = what.split()[0]
                 logs = self.logs_dir / f"{name}.log"
-                raise ClusterError(f"timed out waiting for {what} ({last_err}); last log lines:\n{_tail(logs)}")
+                raise ClusterError(
+                    f"timed out waiting for {what} ({last_err}); last log lines:\n{processes.tail(logs)}"
+                )
             time.sleep(0.2)
 
     # ---- probes ----------------------------------------------------------------------------------------
@@ -578,13 +360,6 @@ class LocalCluster:
                 return bool(resp.status == 200 and expect in resp.read())
         except urllib.error.HTTPError:
             return False
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log)"
 
 
 @contextlib.contextmanager

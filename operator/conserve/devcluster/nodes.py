@@ -16,6 +16,10 @@ from typing import Any
 
 import yaml
 
+from conserve import kube
+from conserve.kube import ApiError
+from conserve.kube.clients import CoreV1Api
+
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 KWOK_ANNOTATION_VALUE = "fake"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -120,18 +124,13 @@ def make_gpu_nodes(
 
 
 def new_api_client(kubeconfig: Path | str, pool_size: int = 16) -> Any:
-    """A ``kubernetes.client.ApiClient`` for the given kubeconfig (imported lazily: the CLI stays light)."""
-    from conserve.kube import new_api_client as factory  # noqa: PLC0415 the devcluster CLI imports this module; the client loads on use
-
-    return factory(kubeconfig, pool_size=pool_size)
+    """A ``kubernetes.client.ApiClient`` for the given kubeconfig."""
+    return kube.new_api_client(kubeconfig, pool_size=pool_size)
 
 
 def apply_gpu_nodes(kubeconfig: Path | str, nodes: Iterable[GpuNodeSpec], parallelism: int = 8) -> list[str]:
     """Create (or update) the nodes; returns their names. Works on any cluster with KWOK managing
     ``kwok.x-k8s.io/node=fake`` nodes."""
-    from conserve.kube import ApiError  # noqa: PLC0415 the devcluster CLI imports this module; the client loads on use
-    from conserve.kube.clients import CoreV1Api  # noqa: PLC0415 the devcluster CLI imports this module; the client loads on use
-
     specs = list(nodes)
     api_client = new_api_client(kubeconfig, pool_size=max(parallelism, 4))
     core = CoreV1Api(api_client)
@@ -156,9 +155,6 @@ def apply_gpu_nodes(kubeconfig: Path | str, nodes: Iterable[GpuNodeSpec], parall
 
 
 def delete_gpu_nodes(kubeconfig: Path | str, names: Iterable[str], parallelism: int = 8) -> None:
-    from conserve.kube import ApiError  # noqa: PLC0415 the devcluster CLI imports this module; the client loads on use
-    from conserve.kube.clients import CoreV1Api  # noqa: PLC0415 the devcluster CLI imports this module; the client loads on use
-
     api_client = new_api_client(kubeconfig, pool_size=max(parallelism, 4))
     core = CoreV1Api(api_client)
 
@@ -178,8 +174,6 @@ def delete_gpu_nodes(kubeconfig: Path | str, names: Iterable[str], parallelism: 
 
 def wait_nodes_ready(kubeconfig: Path | str, names: Sequence[str], timeout_s: float = 60.0) -> None:
     """Block until every named node reports Ready (KWOK has taken it over)."""
-    from conserve.kube.clients import CoreV1Api  # noqa: PLC0415 the devcluster CLI imports this module; the client loads on use
-
     api_client = new_api_client(kubeconfig)
     core = CoreV1Api(api_client)
     wanted = set(names)

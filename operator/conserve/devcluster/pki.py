@@ -1,13 +1,15 @@
 """A throwaway PKI for the local control plane: one CA, the API server's serving certificate, client
-certificates for each component and the admin, and the service-account signing key."""
+certificates for each component and the admin, the service-account signing key, and kubeconfigs for them."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -148,3 +150,26 @@ def generate(dir_: Path, service_ip: str = "10.96.0.1") -> Pki:
         sa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     return Pki(ca, apiserver, admin, kcm, sched, proxy, sa_key_path, sa_pub_path)
+
+
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def write_kubeconfig(path: Path, server: str, ca: Path, user: CertPair, name: str = "conserve-local") -> None:
+    """A self-contained kubeconfig (certificates embedded): it can be copied elsewhere and still work."""
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": name, "cluster": {"server": server, "certificate-authority-data": _b64(ca)}}],
+        "users": [
+            {
+                "name": f"{name}-user",
+                "user": {"client-certificate-data": _b64(user.cert), "client-key-data": _b64(user.key)},
+            }
+        ],
+        "contexts": [{"name": name, "context": {"cluster": name, "user": f"{name}-user"}}],
+        "current-context": name,
+    }
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    path.chmod(0o600)

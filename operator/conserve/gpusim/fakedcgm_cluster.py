@@ -21,6 +21,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from conserve.api.labels import ANNOTATION_ENDPOINT, LABEL_GPU_PRODUCT, RESOURCE_GPU
+from conserve.cliargs import add_seconds_option
 from conserve.gpusim.fakedcgm import ConstantLoad, FakeDcgmExporter, FakeGpu, make_app
 from conserve.gpusim.server import ENERGY_METRIC, POWER_METRIC
 from conserve.kube import new_api_client
@@ -194,13 +195,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument("--kubeconfig", default=None)
     parser.add_argument("--namespace", default=None, help="with --from-cluster: only this namespace's pods")
-    parser.add_argument("--refresh-seconds", type=float, default=2.0, help="with --from-cluster: re-list this often")
+    add_seconds_option(parser, "--refresh-seconds", 2.0, "with --from-cluster: re-list this often")
     parser.add_argument("--activity", type=float, default=0.0, help="activity of every GPU without an override")
-    parser.add_argument(
-        "--tick-seconds",
-        type=float,
-        default=1.0,
-        help="how often counters advance (and, with --from-cluster, gpu-sim is scraped)",
+    add_seconds_option(
+        parser, "--tick-seconds", 1.0, "how often counters advance (and, with --from-cluster, gpu-sim is scraped)"
     )
     parser.set_defaults(func=_run)
 

@@ -11,20 +11,18 @@ use in place of the pod IP. A pod that is deleted (or terminating) has its simul
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from conserve.api.corev1 import Pod
 from conserve.api.labels import (
     ANNOTATION_ENDPOINT,
     ANNOTATION_KWOK_NODE,
     ANNOTATION_MODEL,
     LABEL_GPU_PRODUCT,
     LABEL_ROLE,
-    POD_FINISHED_PHASES,
-    RESOURCE_GPU,
 )
 from conserve.gpusim.engine import Role
 from conserve.gpusim.server import GpuSimConfig, GpuSimServer
@@ -52,34 +50,25 @@ class PodSpecView:
     finished: bool
 
 
-def view_pod(pod: Mapping[str, Any]) -> PodSpecView:
-    meta = pod.get("metadata") or {}
-    spec = pod.get("spec") or {}
-    status = pod.get("status") or {}
-    labels = meta.get("labels") or {}
-    annotations = meta.get("annotations") or {}
+def view_pod(obj: Mapping[str, Any]) -> PodSpecView:
+    pod = Pod.model_validate(obj)
+    meta = pod.metadata
     role: Role | None
     try:
-        role = Role(str(labels.get(LABEL_ROLE, "")).lower())
+        role = Role(pod.role)
     except ValueError:
         role = None
-    gpus = 0
-    for container in spec.get("containers") or []:
-        resources = container.get("resources") or {}
-        value = (resources.get("limits") or {}).get(RESOURCE_GPU) or (resources.get("requests") or {}).get(RESOURCE_GPU)
-        with contextlib.suppress(TypeError, ValueError):
-            gpus += int(value) if value is not None else 0
     return PodSpecView(
-        namespace=str(meta.get("namespace", "")),
-        name=str(meta.get("name", "")),
-        uid=str(meta.get("uid", "")),
-        node=str(spec.get("nodeName") or ""),
+        namespace=meta.namespace,
+        name=meta.name,
+        uid=meta.uid,
+        node=pod.spec.node_name,
         role=role,
-        gpu_count=max(gpus, 1),
-        model=annotations.get(ANNOTATION_MODEL),
-        endpoint=annotations.get(ANNOTATION_ENDPOINT),
-        terminating=meta.get("deletionTimestamp") is not None,
-        finished=status.get("phase") in POD_FINISHED_PHASES,
+        gpu_count=max(pod.gpus, 1),
+        model=meta.annotations.get(ANNOTATION_MODEL),
+        endpoint=meta.annotations.get(ANNOTATION_ENDPOINT),
+        terminating=pod.terminating,
+        finished=pod.finished,
     )
 
 

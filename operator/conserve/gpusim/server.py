@@ -257,11 +257,29 @@ class GpuSimServer:
 
     async def _serve(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         try:
-            body = await request.json()
-        except json.JSONDecodeError:
-            return _error(400, "body is not JSON")
-        if not isinstance(body, dict):
-            return _error(400, "body must be a JSON object")
+            body = await _json_object(request)
+            sim, remote_decode = self._admit(body, chat, request.headers.get(CONVERSATION_HEADER) or None)
+        except (_BadRequest, RequestRejected) as err:
+            return _error(400, str(err))
+        rid = ("chatcmpl-" if chat else "cmpl-") + sim.request_id
+        created, model = int(time.time()), str(body.get("model") or self.config.model)
+        answer = _Answer(
+            chat,
+            sim,
+            self._kv_transfer_params(rid, sim.prompt_tokens) if remote_decode else None,
+            {SERVER_HEADER: self.config.name or f"{self.config.host}:{self.port}"},
+        )
+        if not body.get("stream"):
+            obj = "chat.completion" if chat else "text_completion"
+            return await answer.whole({"id": rid, "object": obj, "created": created, "model": model})
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        head = {"id": rid, "object": obj, "created": created, "model": model}
+        return await answer.stream(request, head, include_usage)
+
+    def _admit(self, body: dict[str, Any], chat: bool, conversation_id: str | None) -> tuple[SimRequest, bool]:
+        """The request submitted to the engine, and whether it is a prefill for a remote decoder."""
         prompt_tokens = prompt_tokens_of(body, chat)
         max_tokens = _max_tokens(body)
         kv_params = body.get("kv_transfer_params")
@@ -277,89 +295,107 @@ class GpuSimServer:
             request_id=self.engine.next_request_id(),
             prompt_tokens=prompt_tokens,
             max_tokens=max_tokens,
-            conversation_id=request.headers.get(CONVERSATION_HEADER) or None,
+            conversation_id=conversation_id,
             remote_kv_tokens=remote_tokens,
         )
-        try:
-            self.engine.submit(sim)
-        except RequestRejected as err:
-            return _error(400, str(err))
-        created = int(time.time())
-        rid = ("chatcmpl-" if chat else "cmpl-") + sim.request_id
-        model = str(body.get("model") or self.config.model)
-        out_params: dict[str, Any] | None = None
-        if remote_decode:
-            # The fields (and their order) of vLLM 0.32's NixlConnector prefill response; one KV cache group.
-            out_params = {
-                "do_remote_prefill": True,
-                "do_remote_decode": False,
-                "remote_block_ids": [remote_block_ids(prompt_tokens)],
-                "remote_engine_id": self.engine_id,
-                "remote_request_id": rid,
-                "remote_host": self.config.host,
-                "remote_port": self.port,
-                "tp_size": self.config.gpu_count,
-                "dcp_size": 1,
-                "pp_size": 1,
-                "remote_num_tokens": prompt_tokens,
-                "remote_blocks_expiry_time": None,
-                "transfer_mode": "pull",
-                "remote_prefill_cached_tokens": 0,
-            }
-        headers = {SERVER_HEADER: self.config.name or f"{self.config.host}:{self.port}"}
-        usage_base = {"prompt_tokens": prompt_tokens}
-        if not body.get("stream"):
-            generated = 0
-            while True:
-                event = await sim.events.get()
-                generated += event.tokens
-                if event.finished:
-                    break
-            text = FILLER_TOKEN * generated
-            choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
-            if chat:
-                choice["message"] = {"role": "assistant", "content": text}
-            else:
-                choice["text"] = text
-            payload: dict[str, Any] = {
-                "id": rid,
-                "object": "chat.completion" if chat else "text_completion",
-                "created": created,
-                "model": model,
-                "choices": [choice],
-                "usage": {**usage_base, "completion_tokens": generated, "total_tokens": prompt_tokens + generated},
-            }
-            if out_params is not None:
-                payload["kv_transfer_params"] = out_params
-            return web.json_response(payload, headers=headers)
+        self.engine.submit(sim)
+        return sim, remote_decode
 
+    def _kv_transfer_params(self, rid: str, prompt_tokens: int) -> dict[str, Any]:
+        """The fields (and their order) of vLLM 0.32's NixlConnector prefill response; one KV cache group."""
+        return {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_block_ids": [remote_block_ids(prompt_tokens)],
+            "remote_engine_id": self.engine_id,
+            "remote_request_id": rid,
+            "remote_host": self.config.host,
+            "remote_port": self.port,
+            "tp_size": self.config.gpu_count,
+            "dcp_size": 1,
+            "pp_size": 1,
+            "remote_num_tokens": prompt_tokens,
+            "remote_blocks_expiry_time": None,
+            "transfer_mode": "pull",
+            "remote_prefill_cached_tokens": 0,
+        }
+
+
+class _BadRequest(Exception):
+    """A request body the server cannot read (answered 400)."""
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except json.JSONDecodeError:
+        raise _BadRequest("body is not JSON") from None
+    if not isinstance(body, dict):
+        raise _BadRequest("body must be a JSON object")
+    return body
+
+
+class _Answer:
+    """The answer to one request, whole or streamed: `head` is the id, object, creation time and model every
+    body or chunk starts with."""
+
+    def __init__(
+        self, chat: bool, sim: SimRequest, kv_transfer_params: dict[str, Any] | None, headers: dict[str, str]
+    ) -> None:
+        self.chat = chat
+        self.sim = sim
+        self.kv_transfer_params = kv_transfer_params  # a prefill for a remote decoder hands these on (at the end)
+        self.headers = headers
+
+    def usage(self, generated: int) -> dict[str, int]:
+        prompt = self.sim.prompt_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
+    async def whole(self, head: dict[str, Any]) -> web.Response:
+        """One JSON body, once every token is generated."""
+        generated = 0
+        while True:
+            event = await self.sim.events.get()
+            generated += event.tokens
+            if event.finished:
+                break
+        text = FILLER_TOKEN * generated
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        payload: dict[str, Any] = {**head, "choices": [choice], "usage": self.usage(generated)}
+        if self.kv_transfer_params is not None:
+            payload["kv_transfer_params"] = self.kv_transfer_params
+        return web.json_response(payload, headers=self.headers)
+
+    async def stream(self, request: web.Request, head: dict[str, Any], include_usage: bool) -> web.StreamResponse:
+        """Server-sent events, a chunk per engine event (the stream interval)."""
         response = web.StreamResponse(
-            headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            headers={**self.headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
-        obj = "chat.completion.chunk" if chat else "text_completion"
         generated = 0
         first = True
         while True:
-            event = await sim.events.get()
+            event = await self.sim.events.get()
             generated += event.tokens
             text = FILLER_TOKEN * event.tokens
             c: dict[str, Any] = {"index": 0, "finish_reason": "length" if event.finished else None}
-            if chat:
+            if self.chat:
                 c["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
             else:
                 c["text"] = text
             first = False
-            chunk: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model, "choices": [c]}
-            if event.finished and out_params is not None:
-                chunk["kv_transfer_params"] = out_params
+            chunk: dict[str, Any] = {**head, "choices": [c]}
+            if event.finished and self.kv_transfer_params is not None:
+                chunk["kv_transfer_params"] = self.kv_transfer_params
             await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
             if event.finished:
                 break
-        options = body.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage"):
-            usage = {**usage_base, "completion_tokens": generated, "total_tokens": prompt_tokens + generated}
-            chunk = {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage}
+        if include_usage:
+            chunk = {**head, "choices": [], "usage": self.usage(generated)}
             await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()

@@ -43,12 +43,15 @@ def status_of(exc: BaseException) -> int | None:
     return None
 
 
-def translate(exc: ApiException) -> KubeError:
-    """The named error for an `ApiException` (callers `raise translate(exc) from exc`)."""
-    status = int(exc.status or 0)
-    message = f"{exc.reason}: {exc.body}" if exc.body else str(exc.reason)
+def error_for(status: int, message: str) -> KubeError:
+    """The named error for an HTTP status (either client library's refusal, a raw response's status)."""
     kind: type[KubeError] = {404: NotFound, 409: Conflict, 410: Gone, 422: Refused}.get(status, KubeError)
     return kind(status, message)
+
+
+def translate(exc: ApiException) -> KubeError:
+    """The named error for an `ApiException` (callers `raise translate(exc) from exc`)."""
+    return error_for(int(exc.status or 0), f"{exc.reason}: {exc.body}" if exc.body else str(exc.reason))
 
 
 def from_watch_error(obj: dict[str, Any]) -> KubeError:

@@ -42,8 +42,10 @@ class Backoff:
         self._next = self.first_s
 
 
-class Informer:
-    """List + watch `list_func(*args, **selectors)` (a client `list_*` method) until `stop()`."""
+class ListWatch:
+    """What both informers (this threaded one, `aio_informer.AsyncInformer`) share: the collection
+    (`list_func(*args, **selectors)`, a client `list_*` method), the callbacks, the back-off, and the requests:
+    a raw listing, and a raw watch from a resourceVersion with bookmarks on."""
 
     def __init__(
         self,
@@ -52,23 +54,47 @@ class Informer:
         name: str,
         on_replace: Callable[[list[Object]], None],
         on_event: Callable[[str, Object], None],
-        loop: asyncio.AbstractEventLoop | None = None,
         watch_timeout_s: int = 300,
         backoff: Backoff | None = None,
         **selectors: Any,
     ) -> None:
         self.name = name
         self._list_func, self._args, self._selectors = list_func, args, selectors
-        self._on_replace, self._on_event, self._loop = on_replace, on_event, loop
+        self._on_replace, self._on_event = on_replace, on_event
         self._watch_timeout_s = watch_timeout_s
         self._backoff = backoff or Backoff()
+        #: Lists made so far (the first, then one per 410 or failure).
+        self.lists = 0
+
+    def _request_list(self) -> Any:
+        return self._list_func(*self._args, _preload_content=False, _request_timeout=60, **self._selectors)
+
+    def _request_watch(self, version: str) -> Any:
+        return self._list_func(
+            *self._args,
+            watch=True,
+            resource_version=version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=self._watch_timeout_s,
+            _preload_content=False,
+            _request_timeout=self._watch_timeout_s + 30,
+            **self._selectors,
+        )
+
+
+class Informer(ListWatch):
+    """List + watch on a thread of its own until `stop()`; `options` as `ListWatch`'s."""
+
+    def __init__(
+        self, list_func: ListFunc, *args: Any, loop: asyncio.AbstractEventLoop | None = None, **options: Any
+    ) -> None:
+        super().__init__(list_func, *args, **options)
+        self._loop = loop
         self._stopped = threading.Event()
         self._response: Any = None
         self._thread: threading.Thread | None = None
         #: Set once the first listing has been handed over.
         self.synced = threading.Event()
-        #: Lists made so far (the first, then one per 410 or failure).
-        self.lists = 0
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
@@ -110,14 +136,7 @@ class Informer:
     # --- one list, one watch ------------------------------------------------------------------------------
 
     def _list(self) -> str:
-        response = self._list_func(*self._args, _preload_content=False, _request_timeout=60, **self._selectors)
-        body = json.loads(response.data)
-        kind = str(body.get("kind", "List")).removesuffix("List")
-        items: list[Object] = body.get("items") or []
-        for item in items:  # as watch events carry them
-            item.setdefault("kind", kind)
-            item.setdefault("apiVersion", body.get("apiVersion", "v1"))
-        version = str((body.get("metadata") or {}).get("resourceVersion", ""))
+        items, version = parse_listing(self._request_list().data)
         self.lists += 1
         log.info("%s: listed %d at resourceVersion %s", self.name, len(items), version)
         self._deliver(self._on_replace, items)
@@ -126,25 +145,13 @@ class Informer:
 
     def _watch(self, version: str) -> str:
         """Stream events from `version` until the watch times out; returns the last resourceVersion seen."""
-        self._response = self._list_func(
-            *self._args,
-            watch=True,
-            resource_version=version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=self._watch_timeout_s,
-            _preload_content=False,
-            _request_timeout=self._watch_timeout_s + 30,
-            **self._selectors,
-        )
+        self._response = self._request_watch(version)
         try:
             for line in _lines(self._response):
-                event = json.loads(line)
-                kind, obj = event.get("type"), event.get("object")
-                if not isinstance(obj, dict) or self._stopped.is_set():
+                event = parse_event(line)
+                if event is None or self._stopped.is_set():
                     continue
-                if kind == "ERROR":
-                    raise from_watch_error(obj)
-                version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+                kind, obj, version = event[0], event[1], event[2] or version
                 if kind in WATCH_EVENTS:
                     self._deliver(self._on_event, kind, obj)
         finally:
@@ -159,12 +166,49 @@ class Informer:
             self._loop.call_soon_threadsafe(callback, *args)
 
 
+def parse_listing(data: bytes | str) -> tuple[list[Object], str]:
+    """A raw list response's items (with the kind and apiVersion watch events carry) and its resourceVersion."""
+    body = json.loads(data)
+    kind = str(body.get("kind", "List")).removesuffix("List")
+    items: list[Object] = body.get("items") or []
+    for item in items:
+        item.setdefault("kind", kind)
+        item.setdefault("apiVersion", body.get("apiVersion", "v1"))
+    return items, str((body.get("metadata") or {}).get("resourceVersion", ""))
+
+
+def parse_event(line: bytes) -> tuple[str, Object, str] | None:
+    """(type, object, its resourceVersion or "") of one watch event line; None for one without an object.
+
+    Raises the error an ERROR event carries (`Gone` for an expired resourceVersion)."""
+    event = json.loads(line)
+    kind, obj = event.get("type"), event.get("object")
+    if not isinstance(obj, dict):
+        return None
+    if kind == "ERROR":
+        raise from_watch_error(obj)
+    return str(kind), obj, str((obj.get("metadata") or {}).get("resourceVersion") or "")
+
+
+class LineSplitter:
+    """Newline-delimited documents out of chunks that may split them (a chunked watch response)."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        self._pending += chunk
+        *complete, self._pending = self._pending.split(b"\n")
+        return [line for line in complete if line.strip()]
+
+    def rest(self) -> list[bytes]:
+        pending, self._pending = self._pending, b""
+        return [pending] if pending.strip() else []
+
+
 def _lines(response: Any) -> Iterator[bytes]:
     """The newline-delimited JSON documents of a watch response, as they arrive."""
-    pending = b""
+    splitter = LineSplitter()
     for chunk in response.stream(amt=None, decode_content=False):
-        pending += chunk
-        *complete, pending = pending.split(b"\n")
-        yield from (line for line in complete if line.strip())
-    if pending.strip():
-        yield pending
+        yield from splitter.feed(chunk)
+    yield from splitter.rest()

@@ -40,17 +40,25 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import signal
+import socket
 import subprocess
-import sys
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-GROUP, VERSION = "conserve.dev", "v1alpha1"
-REPO_CRDS = Path(__file__).resolve().parents[3] / "crds"
+import aiohttp
+
+from conserve.api.common import API_VERSION
+from conserve.cliargs import add_seconds_option
+from conserve.devcluster.cluster import LocalCluster
+from conserve.devcluster.commands import apply_crds, apply_manifests, conserve_command, create_namespace, kubectl
+from conserve.engine import demo as engine_demo
+from conserve.load.cli import energy_j, offline, run_modes
+from conserve.load.report import format_table, histogram_quantile, slice_workload
+from conserve.sim.workload import load_workload
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -64,15 +72,15 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument(
         "--trace-dir", type=Path, default=None, help="folder holding mooncake/ and azure/ (default: the shipped traces)"
     )
-    p.add_argument("--start-s", type=float, default=0.0, help="slice start, trace seconds (see the module doc)")
-    p.add_argument("--duration-s", type=float, default=180.0, help="slice length, trace seconds")
+    add_seconds_option(p, "--start-s", 0.0, "slice start, trace seconds; see the module doc")
+    add_seconds_option(p, "--duration-s", 180.0, "slice length, trace seconds")
     p.add_argument(
         "--speedup",
         type=float,
         default=1.0,
         help="gpu-sim runs with --time-scale 1/speedup (> 1 stretches the control plane's real latency)",
     )
-    p.add_argument("--energy-interval", type=float, default=2.0, help="the operator's energy loop period, seconds")
+    add_seconds_option(p, "--energy-interval", 2.0, "the operator's energy loop period")
     p.add_argument("--modes", default="conversation,per-turn")
     p.add_argument("--router-port", type=int, default=8080)
     p.add_argument("--dcgm-port", type=int, default=0, help="fake DCGM exporter port (0: a free one)")
@@ -87,18 +95,6 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--vllm-conversations", type=int, default=2, help="--engine vllm: conversations per mode")
     p.add_argument("--vllm-turns", type=int, default=3, help="--engine vllm: turns per conversation")
     p.set_defaults(func=_run)
-
-
-def _conserve(*args: str) -> list[str]:
-    return [sys.executable, "-m", "conserve.cli", *args]
-
-
-def _kubectl(kubeconfig: Path, *args: str, input: str | None = None) -> str:
-    exe = shutil.which("kubectl") or "kubectl"
-    done = subprocess.run(
-        [exe, f"--kubeconfig={kubeconfig}", *args], check=True, capture_output=True, text=True, input=input
-    )
-    return done.stdout
 
 
 def _manifests(namespace: str, prefill: int, decoders: int) -> list[dict[str, Any]]:
@@ -120,7 +116,7 @@ def _manifests(namespace: str, prefill: int, decoders: int) -> list[dict[str, An
         }  # fmt: skip
 
     pool = {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "DecoderPool", "metadata": {"name": "chat", "namespace": namespace},
+        "apiVersion": API_VERSION, "kind": "DecoderPool", "metadata": {"name": "chat", "namespace": namespace},
         "spec": {"model": {"name": "llama-3-8b"}, "decoderSelector": {"matchLabels": {"app": "decode"}},
                  "prefillSelector": {"matchLabels": {"app": "prefill"}}},
     }  # fmt: skip
@@ -129,42 +125,27 @@ def _manifests(namespace: str, prefill: int, decoders: int) -> list[dict[str, An
 
 def _run(args: argparse.Namespace) -> int:
     if args.engine == "vllm":
-        from conserve.engine.demo import run
-
-        return run(args)
+        return engine_demo.run(args)
     args.logs.mkdir(parents=True, exist_ok=True)
     started_cluster = False
     if args.kubeconfig is None:
         print("cluster: conserve dev up ...", flush=True)
-        subprocess.run(_conserve("dev", "up", f"--state-dir={args.state_dir}", "--free-ports"), check=True)
+        subprocess.run(conserve_command("dev", "up", f"--state-dir={args.state_dir}", "--free-ports"), check=True)
         started_cluster = True
         kubeconfig = args.state_dir.resolve() / "kubeconfig"
     else:
         kubeconfig = args.kubeconfig
-    from conserve.devcluster.cluster import LocalCluster
-
     extender_port = LocalCluster.attach(args.state_dir).extender_port if args.kubeconfig is None else 8888
     procs: list[subprocess.Popen[bytes]] = []
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
 
     def start(name: str, *cmd: str) -> None:
         with (args.logs / f"{name}.log").open("wb") as out:
-            procs.append(subprocess.Popen(_conserve(*cmd), stdout=out, stderr=subprocess.STDOUT, env=env))
+            procs.append(subprocess.Popen(conserve_command(*cmd), stdout=out, stderr=subprocess.STDOUT, env=env))
 
     try:
-        _kubectl(kubeconfig, "apply", "--server-side", "-f", str(REPO_CRDS))
-        _kubectl(
-            kubeconfig,
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/conversations.conserve.dev",
-            "crd/decoderpools.conserve.dev",
-        )
-        subprocess.run(
-            [shutil.which("kubectl") or "kubectl", f"--kubeconfig={kubeconfig}", "create", "namespace", args.namespace],
-            capture_output=True,
-        )
+        apply_crds(kubeconfig)
+        create_namespace(kubeconfig, args.namespace)
         kc = f"--kubeconfig={kubeconfig}"
         dcgm_port = args.dcgm_port or _free_port()
         start("extender", "extender", "--host=127.0.0.1", f"--port={extender_port}", kc)
@@ -200,13 +181,10 @@ def _run(args: argparse.Namespace) -> int:
         )
         start("router", "router", kc, f"--namespace={args.namespace}", "--pool=chat", f"--port={args.router_port}")
         time.sleep(2.0)  # the extender's watch cache before the pods are scheduled
-        manifests = _manifests(args.namespace, args.prefill, args.decoders)
-        _kubectl(
-            kubeconfig, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": manifests})
-        )
+        apply_manifests(kubeconfig, _manifests(args.namespace, args.prefill, args.decoders))
         router = f"http://127.0.0.1:{args.router_port}"
         _wait_backends(router, args.prefill, args.decoders)
-        print(_kubectl(kubeconfig, "get", "pods", "-n", args.namespace, "-o", "wide"), flush=True)
+        print(kubectl(kubeconfig, "get", "pods", "-n", args.namespace, "-o", "wide"), flush=True)
         code = _replay(args, router, kubeconfig)
         _report_placements(kubeconfig, args.namespace)
         return code
@@ -220,14 +198,12 @@ def _run(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
         if started_cluster and not args.keep:
-            subprocess.run(_conserve("dev", "down", f"--state-dir={args.state_dir}"), check=False)
+            subprocess.run(conserve_command("dev", "down", f"--state-dir={args.state_dir}"), check=False)
         elif started_cluster:
             print(f"cluster left up: export KUBECONFIG={kubeconfig}; `conserve dev down --state-dir {args.state_dir}`")
 
 
 def _wait_backends(router: str, prefill: int, decoders: int, timeout_s: float = 120.0) -> None:
-    import urllib.request
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -242,8 +218,6 @@ def _wait_backends(router: str, prefill: int, decoders: int, timeout_s: float = 
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -252,7 +226,7 @@ def _free_port() -> int:
 def _pool_energy_j(kubeconfig: Path, namespace: str, pool: str = "chat") -> float | None:
     """The operator's attributed decoder energy so far (DecoderPool status, from the fake DCGM exporter)."""
     try:
-        status = json.loads(_kubectl(kubeconfig, "get", "decoderpool", pool, "-n", namespace, "-o", "json"))["status"]
+        status = json.loads(kubectl(kubeconfig, "get", "decoderpool", pool, "-n", namespace, "-o", "json"))["status"]
     except (subprocess.CalledProcessError, KeyError, ValueError):
         return None
     values = [d.get("energyJoules") for d in status.get("decoders") or []]
@@ -264,7 +238,7 @@ def _pool_energy_j(kubeconfig: Path, namespace: str, pool: str = "chat") -> floa
 def _conversation_energy(kubeconfig: Path, namespace: str) -> tuple[float, int, int]:
     """(sum of Conversation status energyJoules, their output tokens, conversations with energy). Output tokens
     are the data plane's `spec.usage.outputTokens`, the denominator of the operator's energyPerTokenJoules."""
-    data = json.loads(_kubectl(kubeconfig, "get", "conversations", "-n", namespace, "-o", "json"))
+    data = json.loads(kubectl(kubeconfig, "get", "conversations", "-n", namespace, "-o", "json"))
     joules, tokens, count = 0.0, 0, 0
     for item in data.get("items", []):
         status = item.get("status") or {}
@@ -278,20 +252,12 @@ def _conversation_energy(kubeconfig: Path, namespace: str) -> tuple[float, int, 
 
 async def _gpusim_energy(router: str) -> tuple[float | None, float | None]:
     """gpu-sim's modelled energy so far: (every server, decoders only)."""
-    import aiohttp
-
-    from conserve.load.cli import energy_j
-
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
         return await energy_j(http, router), await energy_j(http, router, "decode")
 
 
 def _placement_wait(router: str) -> dict[str, tuple[float | None, float | None, float]]:
     """Per part of conserve_router_placement_wait_seconds: (p50, p95, count), from the router's histogram."""
-    import urllib.request
-
-    from conserve.load.report import histogram_quantile
-
     with urllib.request.urlopen(f"{router}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     buckets: dict[str, list[tuple[float, float]]] = {}
@@ -310,10 +276,6 @@ def _placement_wait(router: str) -> dict[str, tuple[float | None, float | None, 
 
 
 def _replay(args: argparse.Namespace, router: str, kubeconfig: Path) -> int:
-    from conserve.load.cli import offline, run_modes
-    from conserve.load.report import format_table, slice_workload
-    from conserve.sim.workload import load_workload
-
     full = load_workload(args.workload, duration_s=args.start_s + args.duration_s, trace_dir=args.trace_dir)
     workload = slice_workload(full, args.start_s, args.duration_s)
     print(
@@ -386,7 +348,7 @@ def _replay(args: argparse.Namespace, router: str, kubeconfig: Path) -> int:
 
 
 def _report_placements(kubeconfig: Path, namespace: str) -> None:
-    data = json.loads(_kubectl(kubeconfig, "get", "conversations", "-n", namespace, "-o", "json"))
+    data = json.loads(kubectl(kubeconfig, "get", "conversations", "-n", namespace, "-o", "json"))
     per_decoder: Counter[str] = Counter()
     transfers = 0
     for item in data.get("items", []):

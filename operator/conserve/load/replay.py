@@ -31,7 +31,7 @@ from conserve.router.policy import (
     GENERATION_RESPONSE_HEADER,
     MODE_HEADER,
 )
-from conserve.sim.workload import Conversation, Workload
+from conserve.sim.conversations import Conversation, Workload
 
 
 @dataclass(frozen=True, slots=True)

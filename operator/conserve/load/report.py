@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from conserve.sim.workload import Conversation, Turn, Workload
+from conserve.sim.conversations import Conversation, Turn, Workload
 
 
 def slice_workload(workload: Workload, start_s: float, duration_s: float | None, limit: int | None = None) -> Workload:

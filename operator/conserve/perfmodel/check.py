@@ -43,7 +43,7 @@ def _prefill_tokens(row: Measurement) -> int:
 
 
 def modelled_prefill_ms(row: Measurement, params: PerfParams = CALIBRATED) -> float:
-    return 1e3 * perf.prefill_time_s(device_of(row), row.model, _prefill_tokens(row), 0, row.batch, params)
+    return 1e3 * perf.prefill_cost(device_of(row), row.model, _prefill_tokens(row), 0, row.batch, params).time_s
 
 
 def modelled_decode_step_ms(row: Measurement, params: PerfParams = CALIBRATED) -> float:
@@ -53,18 +53,18 @@ def modelled_decode_step_ms(row: Measurement, params: PerfParams = CALIBRATED) -
 def _prefill_power_per_gpu_w(row: Measurement, params: PerfParams) -> float:
     device = device_of(row)
     cost = perf.prefill_cost(device, row.model, _prefill_tokens(row), 0, row.batch, params)
-    return perf.power_w(device, min(cost.busy_activity_s / cost.time_s, 1.0)) / row.tp
+    return perf.power_w(device, cost.activity) / row.tp
 
 
 def _mean_power_per_gpu_w(row: Measurement, params: PerfParams) -> float:
     """Prefill, then decode steps from the prompt to twice the row's context beyond it, averaged per GPU."""
     device = device_of(row)
-    prefill_s = perf.prefill_time_s(device, row.model, _prefill_tokens(row), 0, row.batch, params)
+    prefill_s = perf.prefill_cost(device, row.model, _prefill_tokens(row), 0, row.batch, params).time_s
     prefill_j = _prefill_power_per_gpu_w(row, params) * row.tp * prefill_s
     steps = max(2 * (row.context_tokens - row.prompt_tokens), 0)
     start = row.batch * row.prompt_tokens
-    decode_s = perf.decode_run_time_s(device, row.model, row.batch, start, steps)
-    decode_j = perf.decode_run_energy_j(device, row.model, row.batch, start, steps)
+    decode = perf.decode_run(device, row.model, row.batch, start)
+    decode_s, decode_j = decode.time_s(steps), decode.energy_j(steps)
     return (prefill_j + decode_j) / (prefill_s + decode_s) / row.tp
 
 

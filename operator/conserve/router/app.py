@@ -19,7 +19,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
 from conserve.router.policy import DECODER_RESPONSE_HEADER, GENERATION_RESPONSE_HEADER, PREFILL_RESPONSE_HEADER
-from conserve.router.service import Router, TurnError, TurnRequest, TurnResult, TurnStarted
+from conserve.router.service import Router
+from conserve.router.turns import TurnError, TurnRequest, TurnResult, TurnStarted
 
 ROUTER_KEY = web.AppKey("router", Router)
 
@@ -90,42 +91,51 @@ async def _serve(request: web.Request, router: Router, kind: str) -> web.StreamR
         return _error(400, "body must be a JSON object")
     stream = bool(body.get("stream"))
     include_usage = isinstance(body.get("stream_options"), dict) and bool(body["stream_options"].get("include_usage"))
-    turn = router.turn(TurnRequest(kind, request.headers, body))
-    response: web.StreamResponse | None = None
-    started: TurnStarted | None = None
-    result: TurnResult | None = None
+    reply = _Reply(request, stream=stream, include_usage=include_usage)
     try:
-        async for item in turn:
-            if isinstance(item, TurnStarted):
-                started = item
-                if stream:
-                    response = web.StreamResponse(
-                        headers={
-                            **_started_headers(item),
-                            "Content-Type": "text/event-stream",
-                            "Cache-Control": "no-cache",
-                        }
-                    )
-                    await response.prepare(request)
-            elif isinstance(item, TurnResult):
-                result = item
-            elif response is not None:
-                # The usage-only chunk is the router's own request to the decoder; pass it on only if asked.
-                if item.get("usage") and not item.get("choices") and not include_usage:
-                    continue
-                await response.write(b"data: " + json.dumps(item).encode() + b"\n\n")
+        async for item in router.turn(TurnRequest(kind, request.headers, body)):
+            await reply.take(item)
     except TurnError as err:
-        if response is None:
+        if reply.response is None:
             return _error(err.status, str(err))
         raise
-    if response is not None:
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
-    if result is None:
-        return _error(502, "decoder returned nothing")
-    started = started or TurnStarted(result.decoder, result.prefill, result.generation)
-    return web.json_response(_completion_json(kind, body, result), headers=_started_headers(started))
+    return await reply.finish(kind, body)
+
+
+class _Reply:
+    """A turn's items made into the HTTP reply: server-sent events as they come, or one JSON answer at the end."""
+
+    def __init__(self, request: web.Request, *, stream: bool, include_usage: bool) -> None:
+        self._request, self._stream, self._include_usage = request, stream, include_usage
+        self.response: web.StreamResponse | None = None
+        self._started: TurnStarted | None = None
+        self._result: TurnResult | None = None
+
+    async def take(self, item: dict[str, Any] | TurnStarted | TurnResult) -> None:
+        if isinstance(item, TurnStarted):
+            self._started = item
+            if self._stream:
+                headers = {**_started_headers(item), "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+                self.response = web.StreamResponse(headers=headers)
+                await self.response.prepare(self._request)
+        elif isinstance(item, TurnResult):
+            self._result = item
+        elif self.response is not None:
+            # The usage-only chunk is the router's own request to the decoder; pass it on only if asked.
+            if item.get("usage") and not item.get("choices") and not self._include_usage:
+                return
+            await self.response.write(b"data: " + json.dumps(item).encode() + b"\n\n")
+
+    async def finish(self, kind: str, body: dict[str, Any]) -> web.StreamResponse:
+        if self.response is not None:
+            await self.response.write(b"data: [DONE]\n\n")
+            await self.response.write_eof()
+            return self.response
+        result = self._result
+        if result is None:
+            return _error(502, "decoder returned nothing")
+        started = self._started or TurnStarted(result.decoder, result.prefill, result.generation)
+        return web.json_response(_completion_json(kind, body, result), headers=_started_headers(started))
 
 
 def _completion_json(kind: str, body: dict[str, Any], result: TurnResult) -> dict[str, Any]:

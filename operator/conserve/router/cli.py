@@ -48,16 +48,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def _run(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from conserve.kube import new_api_client
     from conserve.metrics import REGISTRY, ROUTER
     from conserve.router.app import build_app
-    from conserve.router.control import CREATE_THREADS, PATCH_THREADS, KubeControlPlane
+    from conserve.router.control import KubeControlPlane
     from conserve.router.policy import Mode
     from conserve.router.service import Router, RouterConfig
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # One connection per thread of the control plane's create and patch pools, plus its two watches.
-    api = new_api_client(args.kubeconfig, pool_size=CREATE_THREADS + PATCH_THREADS + 2)
     router_config = RouterConfig(
         namespace=args.namespace,
         pool=args.pool,
@@ -67,7 +64,7 @@ def _run(args: argparse.Namespace) -> int:
         placement_timeout_s=args.placement_timeout,
         early_prefill=not args.no_early_prefill,
     )
-    router = Router(router_config, KubeControlPlane(api_client=api, namespace=args.namespace), ROUTER)
+    router = Router(router_config, KubeControlPlane(namespace=args.namespace, kubeconfig=args.kubeconfig), ROUTER)
     web.run_app(
         build_app(router, REGISTRY),
         host=args.host,

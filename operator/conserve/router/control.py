@@ -3,11 +3,12 @@
 The router creates Conversation objects, reads their placement (`status.decoder`, `status.prefill`,
 `status.placementGeneration`) from a watch cache, patches `spec.usage` / `spec.completed` (merge patches), and
 reads each DecoderPool's ready decoders and prefill servers (with endpoints) from a second watch.
-The Kubernetes client is synchronous: its watches are `conserve.kube.Informer`s (threads that hand events to
-the event loop), and its writes run on two thread pools of the router's own: creates (on a new conversation's
-first-turn path) never queue behind usage patches, and neither waits for the event loop's small default
-executor (cores + 4 threads).
-Size the client's connection pool (`connection_pool_maxsize`) to at least both pools together.
+`PlacementCache` is that watch cache and its waiters, whatever feeds it; `KubeControlPlane` feeds it from the
+asyncio client (`conserve.kube.aio`: two `AsyncInformer` tasks, writes awaited on the router's own loop, no
+threads). It replaced the synchronous client in thread pools by measurement: benchmarks/kube_client_bench.py
+(its docstring has the figures) compares the two on the router's placement wait.
+Usage patches take at most `PATCHES_IN_FLIGHT` of the client's connections, so a new conversation's create
+(on its first turn's path) never queues behind them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from pydantic import ValidationError
@@ -27,19 +28,38 @@ from conserve.api.conversation import TERMINAL_PHASES, ConversationStatus, Phase
 from conserve.api.decoderpool import PLURAL as DECODERPOOLS
 from conserve.api.decoderpool import DecoderPoolStatus
 from conserve.api.labels import LABEL_MANAGED_BY, ROUTER_MANAGER
-from conserve.kube import ApiError, Informer
-from conserve.kube.clients import CustomObjectsApi
+from conserve.kube.aio import CALL_ERRORS, AsyncCustomObjectsApi, new_async_api_client, read_body
+from conserve.kube.aio_informer import AsyncInformer
+from conserve.kube.errors import Conflict
+from conserve.kube.patch import MERGE_PATCH
 from conserve.router.policy import Backend, Placement
 
 log = logging.getLogger(__name__)
 S = TypeVar("S", ConversationStatus, DecoderPoolStatus)
 
 
+class _Follower(Protocol):
+    """Either client's informer, as the cache starts it."""
+
+    def start(self) -> None: ...
+
+    async def wait_synced(self, timeout_s: float) -> bool: ...
+
+
+InformerT = TypeVar("InformerT", bound=_Follower)
+
+
 class ConversationFailed(Exception):
     """The operator could not place the conversation (phase Failed or Completed)."""
 
 
+class ControlPlaneError(Exception):
+    """A write the control plane could not make (refused, or the API server unreachable)."""
+
+
 class ControlPlane(Protocol):
+    """Writes raise `ControlPlaneError`; `wait_placement` raises `ConversationFailed` or `TimeoutError`."""
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
@@ -123,58 +143,16 @@ class _Waiters:
             self._waiting.pop(name, None)
 
 
-#: Threads of the create pool (a burst of new conversations) and of the usage-patch pool.
-CREATE_THREADS = 32
-PATCH_THREADS = 8
+class PlacementCache:
+    """The watch cache of Conversation placements and DecoderPool servers, and the waiters on placements.
 
+    Fed by `replace` (a whole listing) and `apply` (one watch event), on the event loop."""
 
-class KubeControlPlane:
-    def __init__(
-        self,
-        *,
-        api_client: Any,
-        namespace: str,
-        create_threads: int = CREATE_THREADS,
-        patch_threads: int = PATCH_THREADS,
-    ) -> None:
-        self._api = CustomObjectsApi(api_client)
-        self._namespace = namespace
+    def __init__(self) -> None:
         self._statuses: dict[str, ConversationStatus] = {}
         self._pools: dict[str, tuple[list[Backend], list[Backend]]] = {}
         self._waiters = _Waiters()
-        self._informers: list[Informer] = []
-        self._creates = ThreadPoolExecutor(create_threads, thread_name_prefix="router-create")
-        self._patches = ThreadPoolExecutor(patch_threads, thread_name_prefix="router-patch")
 
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        for plural in (CONVERSATIONS, DECODERPOOLS):
-            informer = Informer(
-                self._api.list_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                self._namespace,
-                plural,
-                name=f"router-{plural}",
-                on_replace=functools.partial(self._replace, plural),
-                on_event=functools.partial(self._apply, plural),
-                loop=loop,
-            )
-            informer.start()
-            self._informers.append(informer)
-        for informer in self._informers:
-            await informer.wait_synced(30.0)
-
-    async def stop(self) -> None:
-        for informer in self._informers:
-            informer.stop()
-        self._creates.shutdown(wait=False, cancel_futures=True)
-        self._patches.shutdown(wait=False, cancel_futures=True)
-
-    async def _call(self, pool: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
-
-    # ---- reads from the watch cache ------------------------------------------------------------------------
     def placement(self, name: str) -> Placement | None:
         status = self._statuses.get(name)
         return placement_of(status) if status is not None else None
@@ -190,50 +168,40 @@ class KubeControlPlane:
         finally:
             self._waiters.remove(name, fut)
 
-    # ---- writes --------------------------------------------------------------------------------------------
-    async def create_conversation(self, name: str, spec: dict[str, Any]) -> None:
-        body = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "Conversation",
-            "metadata": {"name": name, "labels": {LABEL_MANAGED_BY: ROUTER_MANAGER}},
-            "spec": spec,
-        }
-        try:
-            await self._call(
-                self._creates,
-                self._api.create_namespaced_custom_object,
+    async def follow(
+        self, kind: Callable[..., InformerT], list_func: Any, namespace: str, **options: Any
+    ) -> list[InformerT]:
+        """Start an informer of `kind` (either client's) on each collection the cache follows, feeding it, and
+        wait (up to 30 s) for their first listings."""
+        informers = [
+            kind(
+                list_func,
                 GROUP,
                 VERSION,
-                self._namespace,
-                CONVERSATIONS,
-                body,
+                namespace,
+                plural,
+                name=f"router-{plural}",
+                on_replace=functools.partial(self.replace, plural),
+                on_event=functools.partial(self.apply, plural),
+                **options,
             )
-        except ApiError as err:
-            if err.status != 409:  # already there: a router restart, or a client that created it
-                raise
+            for plural in (CONVERSATIONS, DECODERPOOLS)
+        ]
+        for informer in informers:
+            informer.start()
+        for informer in informers:
+            await informer.wait_synced(30.0)
+        return informers
 
-    async def patch_conversation(self, name: str, patch: dict[str, Any]) -> None:
-        await self._call(
-            self._patches,
-            self._api.patch_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            self._namespace,
-            CONVERSATIONS,
-            name,
-            patch,
-        )
-
-    # ---- watches: the informers call these on the event loop ------------------------------------------------
-    def _replace(self, plural: str, items: list[dict[str, Any]]) -> None:
+    def replace(self, plural: str, items: list[dict[str, Any]]) -> None:
         names = {str((item.get("metadata") or {}).get("name", "")) for item in items}
         known = self._pools if plural == DECODERPOOLS else self._statuses
         for gone in set(known) - names:  # deleted while the watch was down
-            self._apply(plural, "DELETED", {"metadata": {"name": gone}})
+            self.apply(plural, "DELETED", {"metadata": {"name": gone}})
         for item in items:
-            self._apply(plural, "ADDED", item)
+            self.apply(plural, "ADDED", item)
 
-    def _apply(self, plural: str, kind: str, obj: dict[str, Any]) -> None:
+    def apply(self, plural: str, kind: str, obj: dict[str, Any]) -> None:
         name = str((obj.get("metadata") or {}).get("name", ""))
         if kind == "ERROR" or not name:
             return
@@ -250,6 +218,70 @@ class KubeControlPlane:
             return
         parsed = self._statuses[name] = parse_status(ConversationStatus, status)
         self._waiters.offer(name, placement_of(parsed), _failure(parsed))
+
+
+def conversation_body(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """A Conversation the router creates (labelled as the router's)."""
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "Conversation",
+        "metadata": {"name": name, "labels": {LABEL_MANAGED_BY: ROUTER_MANAGER}},
+        "spec": spec,
+    }
+
+
+#: Usage patches in flight at once (the rest of the connections stay free for creates and the watches).
+PATCHES_IN_FLIGHT = 8
+#: The client's connections: a burst of creates, the usage patches, the two watches.
+CONNECTIONS = 32 + PATCHES_IN_FLIGHT + 2
+
+
+class KubeControlPlane(PlacementCache):
+    """The router's control plane on the asyncio client: informers and writes on the router's event loop."""
+
+    def __init__(self, *, namespace: str, kubeconfig: str | Path | None = None, api: Any = None) -> None:
+        """`api`: a CustomObjectsApi to use (tests); by default `start` connects from `kubeconfig`."""
+        super().__init__()
+        self._namespace = namespace
+        self._kubeconfig = kubeconfig
+        self._api: Any = api
+        self._client: Any = None
+        self._informers: list[AsyncInformer] = []
+        self._patches = asyncio.Semaphore(PATCHES_IN_FLIGHT)
+
+    async def start(self) -> None:
+        if self._api is None:
+            self._client = await new_async_api_client(self._kubeconfig, connections=CONNECTIONS)
+            self._api = AsyncCustomObjectsApi(self._client)
+        self._informers = await self.follow(AsyncInformer, self._api.list_namespaced_custom_object, self._namespace)
+
+    async def stop(self) -> None:
+        for informer in self._informers:
+            await informer.stop()
+        self._informers = []
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def create_conversation(self, name: str, spec: dict[str, Any]) -> None:
+        try:
+            await self._write(self._api.create_namespaced_custom_object, CONVERSATIONS, conversation_body(name, spec))
+        except ControlPlaneError as err:
+            if not isinstance(err.__cause__, Conflict):  # already there: a router restart, or a client made it
+                raise
+
+    async def patch_conversation(self, name: str, patch: dict[str, Any]) -> None:
+        async with self._patches:
+            await self._write(self._api.patch_namespaced_custom_object, CONVERSATIONS, name, patch, **MERGE_PATCH)
+
+    async def _write(self, method: Any, plural: str, *args: Any, **kwargs: Any) -> None:
+        """One write, its reply discarded; failures as `ControlPlaneError` (the named error as its cause)."""
+        try:
+            await read_body(
+                await method(GROUP, VERSION, self._namespace, plural, *args, _preload_content=False, **kwargs)
+            )
+        except CALL_ERRORS as err:
+            raise ControlPlaneError(f"{plural} write: {err}") from err
 
 
 def _failure(status: ConversationStatus | None) -> str | None:

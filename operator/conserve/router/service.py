@@ -15,8 +15,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,13 +26,12 @@ from conserve.api.openai_wire import prompt_tokens_of
 from conserve.core.tokens import estimate_tokens
 from conserve.metrics import RouterMetrics
 from conserve.router import backend
-from conserve.router.control import ControlPlane, ConversationFailed
+from conserve.router.control import ControlPlane, ControlPlaneError, ConversationFailed
 from conserve.router.policy import (
     EFFECTIVE_HEADER,
     END_HEADER,
     MODE_HEADER,
     POOL_HEADER,
-    USAGE_INTERVAL_S,
     Backend,
     LoadBook,
     Mode,
@@ -50,76 +49,22 @@ from conserve.router.policy import (
     parse_mode,
     plan_turn,
 )
+from conserve.router.turns import ConversationState, TurnError, TurnRequest, TurnResult, TurnStarted
+from conserve.router.turns import RouterConfig as RouterConfig  # re-exported: a Router is made with one
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class RouterConfig:
-    namespace: str = "default"
-    pool: str = "default"
-    mode: Mode = Mode.CONVERSATION
-    usage_interval_s: float = USAGE_INTERVAL_S
-    idle_close_s: float = 600.0
-    placement_timeout_s: float = 120.0
-    early_prefill: bool = True
-    #: Optional hints copied into every Conversation this router creates.
-    idle_timeout_seconds: int | None = None
-
-
 @dataclass
-class ConversationState:
-    conversation_id: str
-    name: str
-    mode: Mode
-    started_s: float
-    created: asyncio.Task[None] | None = None
-    kv_generation: int | None = None  # placement generation whose decoder holds the KV
-    context_tokens: int = 0  # previous turn's prompt plus output
-    turns: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    ttfet_s: float | None = None
-    last_turn_s: float = 0.0
-    prefill_pod: str | None = None  # who ran the first turn's prefill (reported: the operator's status follows)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+class EarlyPrefill:
+    """A first turn's prefill, started while the operator places the conversation."""
 
+    backend: Backend
+    task: asyncio.Task[dict[str, Any] | None]
+    done_s: float | None = None  # when it finished (the placement wait exposed to the user ends there or later)
 
-@dataclass
-class TurnResult:
-    conversation_id: str | None
-    mode: Mode
-    decoder: Backend
-    prefill: Backend | None
-    generation: int
-    prompt_tokens: int
-    completion_tokens: int = 0
-    ttft_s: float | None = None
-    ttfet_s: float | None = None
-    text: str = ""
-    finish_reason: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TurnStarted:
-    """Yielded once the turn's servers are chosen (before its first chunk)."""
-
-    decoder: Backend
-    prefill: Backend | None
-    generation: int
-
-
-@dataclass(frozen=True, slots=True)
-class TurnRequest:
-    kind: str  # "chat" or "completions"
-    headers: Mapping[str, str]
-    body: dict[str, Any]
-
-
-class TurnError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+    def finished(self, now: float) -> None:
+        self.done_s = now
 
 
 class Router:
@@ -208,72 +153,25 @@ class Router:
         arrival: float,
     ) -> AsyncIterator[dict[str, Any] | TurnStarted | TurnResult]:
         conv_id = state.conversation_id if state is not None else None
-        early: asyncio.Task[dict[str, Any] | None] | None = None
-        early_backend: Backend | None = None
-        prefill_done: list[float] = []  # when the early prefill finished (its done callback)
+        early: EarlyPrefill | None = None
         placement: Placement | None = None
         if mode is Mode.CONVERSATION:
             assert state is not None
-            if state.created is None:
-                spec: dict[str, Any] = {"pool": pool, "firstTurnInputTokens": max(prompt_tokens, 1)}
-                if self.config.idle_timeout_seconds is not None:
-                    spec["idleTimeoutSeconds"] = self.config.idle_timeout_seconds
-                state.created = asyncio.get_running_loop().create_task(self._create(state.name, spec))
-            placement = self.control.placement(state.name)
-            if placement is None or placement.generation != state.kv_generation:
-                if placement is None and self.config.early_prefill:
-                    # Prefill does not depend on the decoder: start it while the operator places.
-                    prefills, _ = self.backends(pool)
-                    early_backend = least_loaded(prefills, self._book)
-                    if early_backend is not None:
-                        early = asyncio.get_running_loop().create_task(
-                            self._prefill(early_backend, request, conv_id, prompt_tokens)
-                        )
-                        early.add_done_callback(lambda _t: prefill_done.append(self._clock()))
-                try:
-                    await state.created
-                    placement = await self.control.wait_placement(
-                        state.name, newer_than=None, timeout_s=self.config.placement_timeout_s
-                    )
-                    placed = self._clock()
-                    self.metrics.placement_wait_seconds.labels(part="total").observe(placed - arrival)
-                    exposed_from = prefill_done[0] if prefill_done else (arrival if early is None else placed)
-                    self.metrics.placement_wait_seconds.labels(part="exposed").observe(max(placed - exposed_from, 0.0))
-                except (TimeoutError, ConversationFailed) as err:
-                    if early is not None:
-                        early.cancel()
-                    raise TurnError(503, f"conversation {conv_id} not placed: {err}") from err
-                except Exception as err:
-                    if early is not None:
-                        early.cancel()
-                    raise TurnError(502, f"creating conversation {conv_id}: {err}") from err
-
+            placement, early = await self._placement_for_turn(request, pool, state, prompt_tokens, arrival)
         attempts = 0
         failed: set[str] = set()
         while True:
             attempts += 1
-            prefills, decoders = self.backends(pool)
-            try:
-                plan = plan_turn(
-                    mode=mode,
-                    placement=placement,
-                    kv_generation=state.kv_generation if state is not None and mode is Mode.CONVERSATION else None,
-                    prefills=prefills,
-                    decoders=[d for d in decoders if d.endpoint not in failed],
-                    book=self._book,
-                )
-            except NoBackend as err:
-                raise TurnError(503, str(err)) from err
-            if early is not None and plan.prefill is not None and early_backend is not None:
-                plan = TurnPlan(plan.decoder, early_backend, plan.generation)
+            plan = self._plan(mode, pool, placement, state, failed, early)
             try:
                 kv_params: dict[str, Any] | None = None
                 if plan.prefill is not None:
-                    if early is not None:
-                        kv_params = await early
-                        early = None
-                    else:
-                        kv_params = await self._prefill(plan.prefill, request, conv_id, prompt_tokens)
+                    prefill = (
+                        early.task
+                        if early is not None
+                        else self._prefill(plan.prefill, request, conv_id, prompt_tokens)
+                    )
+                    kv_params, early = await prefill, None
                     self.metrics.kv_transfers_total.labels(mode=mode.value).inc()
                 async for item in self._decode(
                     request, mode, plan, state, prompt_tokens, effective, arrival, kv_params
@@ -282,24 +180,120 @@ class Router:
                 return
             except backend.BackendUnavailable as err:
                 if early is not None:
-                    early.cancel()
+                    early.task.cancel()
                     early = None
-                self.metrics.backend_errors_total.labels(mode=mode.value).inc()
-                if attempts >= 3:
-                    raise TurnError(502, str(err)) from err
-                log.warning("turn of %s: %s; retrying", conv_id, err)
                 failed.add(plan.decoder.endpoint)
-                if mode is Mode.CONVERSATION and state is not None:
-                    # The pinned decoder is gone: follow the operator's re-placement.
-                    lost = self._clock()
-                    try:
-                        placement = await self.control.wait_placement(
-                            state.name, newer_than=plan.generation, timeout_s=self.config.placement_timeout_s
-                        )
-                        self.metrics.placement_wait_seconds.labels(part="total").observe(self._clock() - lost)
-                    except (TimeoutError, ConversationFailed) as werr:
-                        raise TurnError(503, f"decoder of {conv_id} gone and not re-placed: {werr}") from werr
-                    state.kv_generation = None
+                placement = await self._after_backend_error(err, attempts, mode, state, plan, placement)
+
+    async def _placement_for_turn(
+        self, request: TurnRequest, pool: str, state: ConversationState, prompt_tokens: int, arrival: float
+    ) -> tuple[Placement, EarlyPrefill | None]:
+        """The conversation's placement (created on its first turn), and the early prefill started meanwhile."""
+        if state.created is None:
+            spec: dict[str, Any] = {"pool": pool, "firstTurnInputTokens": max(prompt_tokens, 1)}
+            if self.config.idle_timeout_seconds is not None:
+                spec["idleTimeoutSeconds"] = self.config.idle_timeout_seconds
+            state.created = asyncio.get_running_loop().create_task(self._create(state.name, spec))
+        placement = self.control.placement(state.name)
+        if placement is not None and placement.generation == state.kv_generation:
+            return placement, None
+        early = None
+        if placement is None and self.config.early_prefill:
+            early = self._start_early_prefill(request, pool, state.conversation_id, prompt_tokens)
+        try:
+            placement = await self._created_and_placed(state)
+        except BaseException:
+            if early is not None:
+                early.task.cancel()
+            raise
+        placed = self._clock()
+        self.metrics.placement_wait_seconds.labels(part="total").observe(placed - arrival)
+        exposed_from = arrival if early is None else (early.done_s or placed)
+        self.metrics.placement_wait_seconds.labels(part="exposed").observe(max(placed - exposed_from, 0.0))
+        return placement, early
+
+    def _start_early_prefill(
+        self, request: TurnRequest, pool: str, conv_id: str, prompt_tokens: int
+    ) -> EarlyPrefill | None:
+        """Prefill does not depend on the decoder: start it on the least-loaded prefill server while the
+        operator places the conversation."""
+        prefills, _ = self.backends(pool)
+        target = least_loaded(prefills, self._book)
+        if target is None:
+            return None
+        early = EarlyPrefill(
+            target, asyncio.get_running_loop().create_task(self._prefill(target, request, conv_id, prompt_tokens))
+        )
+        early.task.add_done_callback(lambda _t: early.finished(self._clock()))
+        return early
+
+    async def _created_and_placed(self, state: ConversationState) -> Placement:
+        assert state.created is not None
+        try:
+            await state.created
+        except ControlPlaneError as err:
+            raise TurnError(502, f"creating conversation {state.conversation_id}: {err}") from err
+        try:
+            return await self.control.wait_placement(
+                state.name, newer_than=None, timeout_s=self.config.placement_timeout_s
+            )
+        except (TimeoutError, ConversationFailed) as err:
+            raise TurnError(503, f"conversation {state.conversation_id} not placed: {err}") from err
+
+    def _plan(
+        self,
+        mode: Mode,
+        pool: str,
+        placement: Placement | None,
+        state: ConversationState | None,
+        failed: set[str],
+        early: EarlyPrefill | None,
+    ) -> TurnPlan:
+        """The turn's servers (an early prefill's server as its prefill); TurnError when there are none."""
+        prefills, decoders = self.backends(pool)
+        try:
+            plan = plan_turn(
+                mode=mode,
+                placement=placement,
+                kv_generation=state.kv_generation if state is not None and mode is Mode.CONVERSATION else None,
+                prefills=prefills,
+                decoders=[d for d in decoders if d.endpoint not in failed],
+                book=self._book,
+            )
+        except NoBackend as err:
+            raise TurnError(503, str(err)) from err
+        if early is not None and plan.prefill is not None:
+            return TurnPlan(plan.decoder, early.backend, plan.generation)
+        return plan
+
+    async def _after_backend_error(
+        self,
+        err: backend.BackendUnavailable,
+        attempts: int,
+        mode: Mode,
+        state: ConversationState | None,
+        plan: TurnPlan,
+        placement: Placement | None,
+    ) -> Placement | None:
+        """The placement to retry on after a server could not be reached; TurnError after the third attempt."""
+        self.metrics.backend_errors_total.labels(mode=mode.value).inc()
+        conv_id = state.conversation_id if state is not None else None
+        if attempts >= 3:
+            raise TurnError(502, str(err)) from err
+        log.warning("turn of %s: %s; retrying", conv_id, err)
+        if mode is not Mode.CONVERSATION or state is None:
+            return placement
+        # The pinned decoder is gone: follow the operator's re-placement.
+        lost = self._clock()
+        try:
+            placement = await self.control.wait_placement(
+                state.name, newer_than=plan.generation, timeout_s=self.config.placement_timeout_s
+            )
+        except (TimeoutError, ConversationFailed) as werr:
+            raise TurnError(503, f"decoder of {conv_id} gone and not re-placed: {werr}") from werr
+        self.metrics.placement_wait_seconds.labels(part="total").observe(self._clock() - lost)
+        state.kv_generation = None
+        return placement
 
     async def _create(self, name: str, spec: dict[str, Any]) -> None:
         started = self._clock()
@@ -340,12 +334,7 @@ class Router:
                 self.session, endpoint, request.kind, request.body, conv_id, kv_params
             ):
                 now = self._clock()
-                usage = chunk.get("usage")
-                if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-                    result.completion_tokens = usage["completion_tokens"]
-                for choice in chunk.get("choices") or []:
-                    if choice.get("finish_reason"):
-                        result.finish_reason = str(choice["finish_reason"])
+                _note_usage_and_finish(chunk, result)
                 text = backend.chunk_text(chunk)
                 if text:
                     texts.append(text)
@@ -415,7 +404,7 @@ class Router:
             try:
                 await self.control.patch_conversation(name, patch)
                 self.metrics.usage_patches_total.inc()
-            except Exception as err:  # the next report carries the same cumulative counters
+            except ControlPlaneError as err:  # the next report carries the same cumulative counters
                 log.warning("usage patch of %s: %s", name, err)
 
     async def _flush_loop(self) -> None:
@@ -433,3 +422,13 @@ class Router:
                 state = self._states.get((Mode(mode), conv_id))
                 if state is not None:
                     self._close(state)
+
+
+def _note_usage_and_finish(chunk: dict[str, Any], result: TurnResult) -> None:
+    """The decoder's own count of output tokens and its finish reason, when a chunk carries them."""
+    usage = chunk.get("usage")
+    if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+        result.completion_tokens = usage["completion_tokens"]
+    for choice in chunk.get("choices") or []:
+        if choice.get("finish_reason"):
+            result.finish_reason = str(choice["finish_reason"])

@@ -47,7 +47,8 @@ Prefill instances, unless a policy says otherwise: least queued work first, ties
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from conserve.sim.policy_base import PolicyBase
 from conserve.sim.records import ConvState, LocalRoute, RemoteRoute, Route, TurnRecord
@@ -63,6 +64,19 @@ def held_tokens(decoder: Decoder, key: str, prompt: int) -> int:
 
 def waiting_requests(decoder: Decoder) -> int:
     return len(decoder.join_queue) + len(decoder.local_queue)
+
+
+class Rotation:
+    """Round-robin over names: the n-th pick takes the n-th name, wrapping around."""
+
+    def __init__(self) -> None:
+        self._picks = 0
+
+    def pick(self, names: Iterable[str]) -> str:
+        ordered = list(names)
+        name = ordered[self._picks % len(ordered)]
+        self._picks += 1
+        return name
 
 
 class PerTurn(PolicyBase):
@@ -85,25 +99,49 @@ class PerTurn(PolicyBase):
         return list(self.sim.decoders.values())
 
 
+Memory = TypeVar("Memory")
+
+
+class PerConversationMemory(PerTurn, Generic[Memory]):
+    """A per-turn policy that remembers one thing per conversation (its home decoder, the decoder of its previous
+    turn...) and forgets it when the conversation is released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.memory: dict[str, Memory] = {}
+
+    def release(self, state: ConvState) -> None:
+        self.memory.pop(state.key, None)
+
+
+class ConditionalDisaggregation(PerTurn):
+    """Prefill on the chosen decoder when it lacks fewer than `LOCAL_PREFILL_BELOW_TOKENS` of the prompt (its
+    cached prefix covers the rest), else on a prefill instance (llm-d's P/D decider, Dynamo's conditional
+    disaggregation)."""
+
+    LOCAL_PREFILL_BELOW_TOKENS = 0
+
+    def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None:
+        name = self.pick_decoder(state, record, now)
+        uncached = record.input_tokens - held_tokens(self.sim.decoders[name], state.key, record.input_tokens)
+        if uncached < self.LOCAL_PREFILL_BELOW_TOKENS:
+            return LocalRoute(name)
+        return RemoteRoute(self.pick_prefill(record, now), name, record.input_tokens)
+
+
 class RoundRobin(PerTurn):
     name = "round-robin"
 
     def __init__(self) -> None:
         super().__init__()
-        self._next_decoder = 0
-        self._next_prefill = 0
+        self._decoders = Rotation()
+        self._prefills = Rotation()
 
     def pick_decoder(self, state: ConvState, record: TurnRecord, now: float) -> str:
-        names = list(self.sim.decoders)
-        name = names[self._next_decoder % len(names)]
-        self._next_decoder += 1
-        return name
+        return self._decoders.pick(self.sim.decoders)
 
     def pick_prefill(self, record: TurnRecord, now: float) -> str:
-        names = list(self.sim.prefill)
-        name = names[self._next_prefill % len(names)]
-        self._next_prefill += 1
-        return name
+        return self._prefills.pick(self.sim.prefill)
 
 
 class LeastLoaded(PerTurn):
@@ -133,25 +171,23 @@ class PrefixAware(PerTurn):
         return least
 
 
-class Sticky(PerTurn):
+class Sticky(PerConversationMemory[str]):
     name = "sticky"
 
     def __init__(self) -> None:
         super().__init__()
-        self._next = 0
-        self.home: dict[str, str] = {}
+        self._first_turns = Rotation()
+
+    @property
+    def home(self) -> dict[str, str]:
+        """Conversation -> the decoder it sticks to."""
+        return self.memory
 
     def pick_decoder(self, state: ConvState, record: TurnRecord, now: float) -> str:
         home = self.home.get(state.key)
         if home is None:
-            names = list(self.sim.decoders)
-            home = names[self._next % len(names)]
-            self._next += 1
-            self.home[state.key] = home
+            home = self.home[state.key] = self._first_turns.pick(self.sim.decoders)
         return home
-
-    def release(self, state: ConvState) -> None:
-        self.home.pop(state.key, None)
 
 
 class StickyLeastLoaded(Sticky):
@@ -209,17 +245,18 @@ class PerTurnPrediction(PerTurn):
         self.outputs_sum += record.output_tokens
 
 
-class LlmdPdDecider(PerTurn):
+class LlmdPdDecider(ConditionalDisaggregation, PerConversationMemory[str]):
     name = "llmd-pd-decider"
     PREFIX_WEIGHT = 2.0
     LOAD_WEIGHT = 1.0
     SESSION_WEIGHT = 1.0
     QUEUE_THRESHOLD = 128  # load_aware.go QueueThresholdDefault
-    NON_CACHED_TOKENS = 256
+    LOCAL_PREFILL_BELOW_TOKENS = 256  # the decider's nonCachedTokens
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.last_decoder: dict[str, str] = {}  # the session cookie: where the previous turn ran
+    @property
+    def last_decoder(self) -> dict[str, str]:
+        """The session cookie: conversation -> the decoder its previous turn ran on."""
+        return self.memory
 
     def score(self, decoder: Decoder, key: str, prompt: int) -> float:
         waiting = min(waiting_requests(decoder), self.QUEUE_THRESHOLD)
@@ -243,46 +280,31 @@ class LlmdPdDecider(PerTurn):
 
         return max(sorted(self.sim.prefill), key=score)
 
-    def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None:
-        name = self.pick_decoder(state, record, now)
-        non_cached = record.input_tokens - held_tokens(self.sim.decoders[name], state.key, record.input_tokens)
-        if non_cached < self.NON_CACHED_TOKENS:
-            return LocalRoute(name)
-        return RemoteRoute(self.pick_prefill(record, now), name, record.input_tokens)
 
-    def release(self, state: ConvState) -> None:
-        self.last_decoder.pop(state.key, None)
+class VllmMultiturnProxy(RoundRobin, PerConversationMemory[tuple[str, float]]):
+    """Remembers, per conversation, the decoder of its previous turn and when that turn ended."""
 
-
-class VllmMultiturnProxy(RoundRobin):
     name = "vllm-multiturn-proxy"
     KV_PARAMS_TTL_S = 450.0
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.previous: dict[str, tuple[str, float]] = {}  # conversation -> (decoder, when its turn ended)
 
     def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None:
         prefill = self.pick_prefill(record, now)
         decoder = self.pick_decoder(state, record, now)
         pulled = 0
-        cached = self.previous.pop(state.key, None)  # single use
+        cached = self.memory.pop(state.key, None)  # single use
         if cached is not None and now - cached[1] <= self.KV_PARAMS_TTL_S:
             pulled = min(self.sim.decoders[cached[0]].peek_kv(state.key), record.input_tokens)
         return RemoteRoute(prefill, decoder, record.input_tokens, pull_tokens=pulled)
 
     def turn_done(self, state: ConvState, record: TurnRecord, now: float) -> None:
-        self.previous[state.key] = (record.decoder, now)
-
-    def release(self, state: ConvState) -> None:
-        self.previous.pop(state.key, None)
+        self.memory[state.key] = (record.decoder, now)
 
 
-class DynamoKvRouter(PerTurn):
+class DynamoKvRouter(ConditionalDisaggregation):
     name = "dynamo-kv-router"
     OVERLAP_SCORE_WEIGHT = 1.0
     BLOCK_TOKENS = 16
-    MAX_LOCAL_PREFILL_TOKENS = 1000
+    LOCAL_PREFILL_BELOW_TOKENS = 1000  # max_local_prefill_length
 
     def cost(self, decoder: Decoder, key: str, prompt: int) -> float:
         """Potential blocks if the request went there: the prefill still to do there (the prompt's uncached part
@@ -304,13 +326,6 @@ class DynamoKvRouter(PerTurn):
             return (self.OVERLAP_SCORE_WEIGHT * (record.input_tokens - cached) + queued) / self.BLOCK_TOKENS
 
         return min(self.sim.prefill, key=lambda n: (cost(n), n))
-
-    def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None:
-        name = self.pick_decoder(state, record, now)
-        uncached = record.input_tokens - held_tokens(self.sim.decoders[name], state.key, record.input_tokens)
-        if uncached < self.MAX_LOCAL_PREFILL_TOKENS:
-            return LocalRoute(name)
-        return RemoteRoute(self.pick_prefill(record, now), name, record.input_tokens)
 
 
 PER_TURN_BASELINES: tuple[type[PerTurn], ...] = (

@@ -25,6 +25,7 @@ from typing import Any
 from tqdm import tqdm
 
 from conserve.progress import progress_bar
+from conserve.sim.conversations import Workload
 from conserve.sim.engine import SimResult, simulate
 from conserve.sim.fleet import Fleet, FleetFile
 from conserve.sim.metrics import (
@@ -36,7 +37,6 @@ from conserve.sim.metrics import (
     ttfet_values,
 )
 from conserve.sim.policies import BASELINES, CONSERVE_VARIANTS, ConServe, make_policy
-from conserve.sim.workload import Workload
 
 TARGET_TTFET_REDUCTION = 0.50
 TARGET_TOKENS_PER_J_GAIN = 0.10

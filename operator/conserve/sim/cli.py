@@ -81,6 +81,25 @@ def _load(spec: str, args: argparse.Namespace) -> Workload:
     return workload
 
 
+def _load_at(spec: str, args: argparse.Namespace, load: float, *, name_load: bool) -> Workload:
+    """The workload at one load factor of a sweep; with `name_load`, named `<workload>@<load>x`."""
+    args.load_scale = load
+    workload = _load(spec, args)
+    return dataclasses.replace(workload, name=f"{workload.name}@{load:g}x") if name_load else workload
+
+
+def _policy_names(chosen: list[str] | None, default: list[str]) -> list[str] | None:
+    """The policies `--policy` names (`all`: every one); None, after saying which, when one is unknown."""
+    names = chosen or default
+    if "all" in names:
+        names = list(POLICIES)
+    unknown = [n for n in names if n not in POLICIES]
+    if unknown:
+        print(f"unknown policy {', '.join(unknown)} (known: {', '.join(POLICIES)})", file=sys.stderr)
+        return None
+    return names
+
+
 def _tier_modes(value: str) -> tuple[bool, ...]:
     return {"on": (True,), "off": (False,), "both": (False, True)}[value]
 
@@ -155,12 +174,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from conserve.sim.fleet import FleetError, load_fleet_file
     from conserve.sim.output import format_comparisons, format_table, write_results
 
-    names = args.policy or [ConServe.name]
-    if "all" in names:
-        names = list(POLICIES)
-    unknown = [n for n in names if n not in POLICIES]
-    if unknown:
-        print(f"unknown policy {', '.join(unknown)} (known: {', '.join(POLICIES)})", file=sys.stderr)
+    names = _policy_names(args.policy, [ConServe.name])
+    if names is None:
         return 2
     try:
         fleet_file = load_fleet_file(args.fleet)
@@ -208,24 +223,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     specs = args.workload or ["mooncake", "agentic"]
     if args.duration_s is None:
         args.duration_s = BENCH_DEFAULT_DURATION_S
-    names = args.policy or list(DEFAULT_POLICIES)
-    if "all" in names:
-        names = list(POLICIES)
-    unknown = [n for n in names if n not in POLICIES]
-    if unknown:
-        print(f"unknown policy {', '.join(unknown)} (known: {', '.join(POLICIES)})", file=sys.stderr)
+    names = _policy_names(args.policy, list(DEFAULT_POLICIES))
+    if names is None:
         return 2
     try:
         loads = parse_loads(args.sweep_load) if args.sweep_load else (float(args.load_scale),)
         fleet_file = load_fleet_file(args.fleet)
-        workloads = []
-        for spec in specs:
-            for load in loads:
-                args.load_scale = load
-                workload = _load(spec, args)
-                if args.sweep_load:
-                    workload = dataclasses.replace(workload, name=f"{workload.name}@{load:g}x")
-                workloads.append(workload)
+        workloads = [_load_at(spec, args, load, name_load=bool(args.sweep_load)) for spec in specs for load in loads]
     except (TraceError, FleetError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

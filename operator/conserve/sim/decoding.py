@@ -1,7 +1,7 @@
 """The decoder side of the simulator: continuous batching, chunked append-prefill, memory pressure.
 
 A decoder alternates two kinds of iteration. With no prompt to prefill it runs decode steps of its batch,
-advanced in closed form while the batch does not change (`decode_run_time_s`, `decode_run_energy_j`); a run
+advanced in closed form while the batch does not change (`decode_run`); a run
 ends when a sequence finishes, when memory runs out, or at the first step boundary after something arrives.
 With prompts to prefill (a pinned or cached conversation's later turn, a recompute after preemption) it runs
 mixed iterations, as vLLM's chunked prefill does: each takes at most `chunk_tokens` prompt tokens (first come
@@ -21,9 +21,7 @@ from conserve.core.llm import ModelShape
 from conserve.core.offload import pcie_transfer_time_s
 from conserve.core.perf import (
     PREFILL_ACTIVITY,
-    decode_run_energy_j,
-    decode_run_time_s,
-    decode_steps_within_s,
+    decode_run,
     power_w,
 )
 from conserve.sim.instances import Decoder, fill_iteration, iteration_prefill_s
@@ -68,19 +66,14 @@ class DecoderLoop:
             self._push(self.now, POKE, decoder)
         elif decoder.state == "run":
             elapsed = self.now - decoder.run_start
-            device = decoder.spec.device
-            done = decode_steps_within_s(
-                device, self.model, decoder.run_batch, decoder.run_context, decoder.run_steps, elapsed
-            )
+            run = decode_run(decoder.spec.device, self.model, decoder.run_batch, decoder.run_context)
+            done = run.steps_within(decoder.run_steps, elapsed)
             if done < decoder.run_steps:
-                spent = decode_run_time_s(device, self.model, decoder.run_batch, decoder.run_context, done)
-                stop = done + 1 if spent < elapsed else done
+                stop = done + 1 if run.time_s(done) < elapsed else done
                 if stop < decoder.run_steps:
                     decoder.run_steps = stop
                     decoder.version += 1
-                    end = decoder.run_start + decode_run_time_s(
-                        device, self.model, decoder.run_batch, decoder.run_context, stop
-                    )
+                    end = decoder.run_start + run.time_s(stop)
                     self._push(max(end, self.now), DECODER_WAKE, (decoder, decoder.version))
 
     def _kv_tick(self, decoder: Decoder) -> None:
@@ -91,9 +84,10 @@ class DecoderLoop:
         """Advance the running batch `steps` steps; returns their duration. `charge=False`: the steps rode in a
         fused iteration whose prompt chunks already account for its time and power."""
         device = decoder.spec.device
-        duration = decode_run_time_s(device, self.model, batch, context, steps)
+        run = decode_run(device, self.model, batch, context)
+        duration = run.time_s(steps)
         if charge:
-            energy = decode_run_energy_j(device, self.model, batch, context, steps)
+            energy = run.energy_j(steps)
             decoder.decode_s += duration
             decoder.dynamic_energy_j += energy - device.idle_power_w * duration
         decoder.generated_tokens += steps * batch
@@ -129,7 +123,7 @@ class DecoderLoop:
         decoder.prefill_s += compute + reload
         decoder.dynamic_energy_j += (power_w(device, PREFILL_ACTIVITY) - device.idle_power_w) * compute
         if decoder.iteration_decodes:
-            step = decode_run_time_s(device, self.model, decoder.run_batch, decoder.run_context, 1)
+            step = decode_run(device, self.model, decoder.run_batch, decoder.run_context).time_s(1)
             self._account_decode(decoder, 1, decoder.run_batch, decoder.run_context, charge=step > compute)
         for job, take in decoder.iteration:
             if not job.reloaded and job.reload_tokens:
@@ -222,7 +216,7 @@ class DecoderLoop:
         if decoder.iteration_decodes:
             decoder.run_batch = len(decoder.running)
             decoder.run_context = decoder.running_tokens
-            step = decode_run_time_s(decoder.spec.device, self.model, decoder.run_batch, decoder.run_context, 1)
+            step = decode_run(decoder.spec.device, self.model, decoder.run_batch, decoder.run_context).time_s(1)
             duration = reload + max(compute, step)
         decoder.state = "prefill"
         decoder.version += 1
@@ -287,8 +281,8 @@ class DecoderLoop:
         decoder.run_context = decoder.running_tokens
         decoder.run_steps = steps
         decoder.version += 1
-        end = self.now + decode_run_time_s(
-            decoder.spec.device, self.model, decoder.run_batch, decoder.run_context, steps
+        end = self.now + decode_run(decoder.spec.device, self.model, decoder.run_batch, decoder.run_context).time_s(
+            steps
         )
         self._push(end, DECODER_WAKE, (decoder, decoder.version))
 

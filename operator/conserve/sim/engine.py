@@ -5,7 +5,7 @@ operator's energy prior and the GPU-server simulator use):
 
 - **Prefill instances** (`conserve.sim.instances`) batch prompts with chunked prefill: iterations of at most
   the fleet's `chunk_tokens`, first come first served; a chunk of n tokens over c cached ones takes
-  `prefill_time_s` (an iteration pays the per-step overhead once) and draws `power_w(PREFILL_ACTIVITY)`.
+  `prefill_cost` (an iteration pays the per-step overhead once) and draws `power_w(PREFILL_ACTIVITY)`.
   Optional for every policy alike (fleet settings): a prefix cache on each prefill instance, and a shared KV
   store (Mooncake's KVCache pool) that decoders write every finished turn to and prefill instances read
   prefixes from.
@@ -38,16 +38,16 @@ import heapq
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from conserve.core.offload import IdleKv, choose_offload_victims, host_kv_capacity_tokens, pcie_transfer_time_s
 from conserve.core.perf import PREFILL_ACTIVITY, kv_transfer_time_s, power_w
+from conserve.sim.conversations import Workload
 from conserve.sim.decoding import DECODER_WAKE, POKE, DecoderLoop
 from conserve.sim.fleet import Fleet
-from conserve.sim.instances import Decoder, PrefillInstance, SharedKvStore, fill_iteration, iteration_prefill_s
+from conserve.sim.instances import Decoder, LruKv, PrefillInstance, fill_iteration, iteration_prefill_s
 from conserve.sim.records import ConvState, LocalJob, LocalRoute, Policy, PrefillJob, Seq, TurnRecord
 from conserve.sim.transfer import link_transfer_energy_j, pcie_transfer_energy_j
-from conserve.sim.workload import Workload
 
 _ARRIVE, _PREFILL_DONE, _TRANSFER_DONE, _IDLE_CHECK = 0, 1, 2, 4
 
@@ -100,7 +100,7 @@ class Simulator(DecoderLoop):
             for p in fleet.prefill
         }
         self.store = (
-            SharedKvStore(int(fleet.shared_kv_store_bytes // fleet.model.kv_bytes_per_token))
+            LruKv(int(fleet.shared_kv_store_bytes // fleet.model.kv_bytes_per_token))
             if fleet.shared_kv_store_bytes > 0
             else None
         )
@@ -153,25 +153,7 @@ class Simulator(DecoderLoop):
             t, _, kind, payload = heapq.heappop(self.events)
             self.now = t
             self.epoch += 1
-            if kind == _ARRIVE:
-                self._turn_arrives(payload)
-            elif kind == _PREFILL_DONE:
-                self._prefill_done(payload)
-            elif kind == _TRANSFER_DONE:
-                decoder, seq = payload
-                if seq.record.first_token_s < 0:
-                    seq.record.first_token_s = self.now
-                self._enqueue_join(decoder, seq)
-            elif kind == DECODER_WAKE:
-                decoder, version = payload
-                if decoder.version == version:
-                    self._decoder_boundary(decoder)
-            elif kind == _IDLE_CHECK:
-                state, turns_then = payload
-                if state.key not in self.released and len(state.turns) == turns_then:
-                    self._release(state)
-            elif kind == POKE and payload.state == "idle":
-                self._decoder_boundary(payload)
+            self._handle(kind, payload)
         unfinished = [s.key for s in self.states if not s.finished]
         if unfinished:
             raise AssertionError(f"{len(unfinished)} conversations never finished, e.g. {unfinished[:3]}")
@@ -193,6 +175,27 @@ class Simulator(DecoderLoop):
             self.reloads,
             self.transfer_energy_j,
         )
+
+    def _handle(self, kind: int, payload: Any) -> None:
+        if kind == _ARRIVE:
+            self._turn_arrives(payload)
+        elif kind == _PREFILL_DONE:
+            self._prefill_done(payload)
+        elif kind == _TRANSFER_DONE:
+            decoder, seq = payload
+            if seq.record.first_token_s < 0:
+                seq.record.first_token_s = self.now
+            self._enqueue_join(decoder, seq)
+        elif kind == DECODER_WAKE:
+            decoder, version = payload
+            if decoder.version == version:
+                self._decoder_boundary(decoder)
+        elif kind == _IDLE_CHECK:
+            state, turns_then = payload
+            if state.key not in self.released and len(state.turns) == turns_then:
+                self._release(state)
+        elif kind == POKE and payload.state == "idle":
+            self._decoder_boundary(payload)
 
     # turns ------------------------------------------------------------------------------------------------
     def _turn_arrives(self, state: ConvState) -> None:
@@ -422,18 +425,16 @@ class Simulator(DecoderLoop):
         self._prefill_next(instance)
 
 
-def simulate(
-    fleet: Fleet,
-    workload: Workload,
-    policy: Policy,
-    *,
-    idle_timeout_s: float | None = None,
-    progress: Callable[[int], None] | None = None,
-    end_signal: bool = True,
-) -> SimResult:
-    return Simulator(
-        fleet, workload, policy, idle_timeout_s=idle_timeout_s, progress=progress, end_signal=end_signal
-    ).run()
+class RunOptions(TypedDict, total=False):
+    """`Simulator`'s keyword options, for `simulate` to pass on."""
+
+    idle_timeout_s: float | None
+    progress: Callable[[int], None] | None
+    end_signal: bool
+
+
+def simulate(fleet: Fleet, workload: Workload, policy: Policy, **options: Unpack[RunOptions]) -> SimResult:
+    return Simulator(fleet, workload, policy, **options).run()
 
 
 def all_records(result: SimResult) -> Iterable[TurnRecord]:

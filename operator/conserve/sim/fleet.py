@@ -9,6 +9,7 @@ and the H200 have the same TDP, 700 W, and the same compute; the H200 has more m
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -118,6 +119,19 @@ def load_fleet_file(path: Path | None = None) -> FleetFile:
     return file
 
 
+def _known(name: str, table: Mapping[str, object], what: str, source: str) -> str:
+    if name not in table:
+        raise FleetError(f"{source}: unknown {what} {name!r} (known: {', '.join(table)})")
+    return name
+
+
+def _non_negative(raw: dict[str, Any], key: str, default: float, source: str) -> float:
+    value = float(raw.get(key, default))
+    if value < 0:
+        raise FleetError(f"{source}: {key} must be >= 0")
+    return value
+
+
 def _groups(raw: Any, role: str, source: str) -> list[tuple[str, int, int]]:
     if not isinstance(raw, list) or not raw:
         raise FleetError(f"{source}: tiered.{role} must be a non-empty list of groups")
@@ -125,60 +139,54 @@ def _groups(raw: Any, role: str, source: str) -> list[tuple[str, int, int]]:
     for g in raw:
         if not isinstance(g, dict):
             raise FleetError(f"{source}: tiered.{role}: each group is a mapping with gpu, count, tp")
-        gpu = str(g.get("gpu", "")).upper()
+        gpu = _known(str(g.get("gpu", "")).upper(), CATALOG, "GPU", source)
         count, tp = g.get("count", 1), g.get("tp", 1)
-        if gpu not in CATALOG:
-            raise FleetError(f"{source}: unknown GPU {gpu!r} (known: {', '.join(CATALOG)})")
         if not isinstance(count, int) or not isinstance(tp, int) or count < 1 or tp < 1:
             raise FleetError(f"{source}: count and tp must be positive integers")
         out.append((gpu, count, tp))
     return out
 
 
+def _instances(role: Role, groups: list[tuple[str, int, int]], flat_gpu: str | None) -> tuple[InstanceSpec, ...]:
+    """One instance per count of each group, named by role, index and product; `flat_gpu` replaces every GPU."""
+    out: list[InstanceSpec] = []
+    for gpu, count, tp in groups:
+        product = flat_gpu or gpu
+        for _ in range(count):
+            name = f"{'p' if role is Role.PREFILL else 'd'}{len(out)}-{product.lower()}"
+            out.append(InstanceSpec(name, role, product, tp, Device(CATALOG[product], tp)))
+    return tuple(out)
+
+
 def build_fleet(raw: dict[str, Any], *, tiered: bool, source: str = "<fleet>") -> Fleet:
-    model_name = str(raw.get("model", "llama-3-8b"))
-    if model_name not in MODELS:
-        raise FleetError(f"{source}: unknown model {model_name!r} (known: {', '.join(MODELS)})")
-    link_name = str(raw.get("link", "rdma"))
-    if link_name not in LINKS:
-        raise FleetError(f"{source}: unknown link {link_name!r} (known: {', '.join(LINKS)})")
+    model = MODELS[_known(str(raw.get("model", "llama-3-8b")), MODELS, "model", source)]
+    link = LINKS[_known(str(raw.get("link", "rdma")), LINKS, "link", source)]
     fraction = float(raw.get("gpu_memory_fraction", 0.9))
     max_batch = int(raw.get("max_batch_size", 256))
-    host_gb = float(raw.get("host_kv_gb_per_gpu", HOST_KV_BYTES_PER_GPU / 1e9))
-    if host_gb < 0:
-        raise FleetError(f"{source}: host_kv_gb_per_gpu must be >= 0")
+    host_gb = _non_negative(raw, "host_kv_gb_per_gpu", HOST_KV_BYTES_PER_GPU / 1e9, source)
     chunk = raw.get("chunk_tokens", DEFAULT_CHUNK_TOKENS)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise FleetError(f"{source}: chunk_tokens must be a positive integer")
-    store_gb = float(raw.get("shared_kv_store_gb", 0.0))
-    if store_gb < 0:
-        raise FleetError(f"{source}: shared_kv_store_gb must be >= 0")
+    store_gb = _non_negative(raw, "shared_kv_store_gb", 0.0, source)
     tiers = raw.get("tiered")
     if not isinstance(tiers, dict):
         raise FleetError(f"{source}: missing 'tiered' with prefill and decode groups")
     homogeneous = raw.get("homogeneous") or {}
     if not isinstance(homogeneous, dict):
         raise FleetError(f"{source}: 'homogeneous' must be a mapping with gpu")
-    flat_gpu = str(homogeneous.get("gpu", "H100")).upper()
-    if flat_gpu not in CATALOG:
-        raise FleetError(f"{source}: unknown homogeneous GPU {flat_gpu!r}")
-    model = MODELS[model_name]
-    instances: dict[Role, list[InstanceSpec]] = {Role.PREFILL: [], Role.DECODE: []}
-    for role in (Role.PREFILL, Role.DECODE):
-        for gpu, count, tp in _groups(tiers.get(role.value), role.value, source):
-            product = gpu if tiered else flat_gpu
-            for _ in range(count):
-                index = len(instances[role])
-                name = f"{'p' if role is Role.PREFILL else 'd'}{index}-{product.lower()}"
-                instances[role].append(InstanceSpec(name, role, product, tp, Device(CATALOG[product], tp)))
+    flat_gpu = _known(str(homogeneous.get("gpu", "H100")).upper(), CATALOG, "homogeneous GPU", source)
+    prefill, decode = (
+        _instances(role, _groups(tiers.get(role.value), role.value, source), None if tiered else flat_gpu)
+        for role in (Role.PREFILL, Role.DECODE)
+    )
     fleet = Fleet(
         "tiered" if tiered else "homogeneous",
         model,
-        LINKS[link_name],
+        link,
         fraction,
         max_batch,
-        tuple(instances[Role.PREFILL]),
-        tuple(instances[Role.DECODE]),
+        prefill,
+        decode,
         tiered,
         host_gb * 1e9,
         chunk,

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import TypeVar
 
 from conserve.core.llm import ModelShape
-from conserve.core.perf import CALIBRATED, Device, prefill_time_s
+from conserve.core.perf import CALIBRATED, Device, prefill_cost
 from conserve.sim.fleet import InstanceSpec
 from conserve.sim.records import LocalJob, PrefillJob, Seq
 
@@ -41,7 +41,7 @@ def fill_iteration(jobs: Iterable[Job], budget_tokens: int) -> list[tuple[Job, i
 def iteration_prefill_s(device: Device, model: ModelShape, chunks: list[tuple[int, int]]) -> float:
     """One iteration prefilling several prompts' chunks, each (new tokens, cached context): the chunks' compute
     adds up, the engine's per-step overhead (`prefill_step_overhead_s`) is paid once for the iteration."""
-    times = [prefill_time_s(device, model, n, c) for n, c in chunks if n > 0]
+    times = [prefill_cost(device, model, n, c).time_s for n, c in chunks if n > 0]
     return sum(times) - CALIBRATED.prefill_step_overhead_s * max(len(times) - 1, 0)
 
 
@@ -60,18 +60,15 @@ class PrefillInstance:
         self.iteration: list[tuple[PrefillJob, int]] = []  # (job, chunk tokens) of the running iteration
         self.busy_until = 0.0
         self.iteration_s = (0.0, 0.0)  # (prefix loads, prompt compute) of the running iteration
-        self.cache_capacity = cache_capacity
-        self.cache: OrderedDict[str, int] = OrderedDict()  # prefix cache (LRU), when the fleet enables it
-        self.cache_tokens = 0
+        self.cache = LruKv(cache_capacity)  # prefix cache, when the fleet enables it (capacity 0: off)
         self.busy_s = 0.0
         self.dynamic_energy_j = 0.0
         self.tokens = 0
         self.iterations = 0
 
     def job_time_s(self, job: PrefillJob) -> float:
-        return job.load_s * (not job.started) + prefill_time_s(
-            self.spec.device, self.model, job.left_tokens, job.cached_tokens + job.done_tokens
-        )
+        compute = prefill_cost(self.spec.device, self.model, job.left_tokens, job.cached_tokens + job.done_tokens)
+        return job.load_s * (not job.started) + compute.time_s
 
     def load_s(self, now: float) -> float:
         """Seconds of prompt work queued or running here (what a least-loaded choice of prefill compares)."""
@@ -79,38 +76,36 @@ class PrefillInstance:
         return queued + (max(self.busy_until - now, 0.0) if self.busy else 0.0)
 
     def holds(self, key: str) -> int:
-        return self.cache.get(key, 0)
+        return self.cache.holds(key)
 
     def remember(self, key: str, tokens: int) -> None:
-        """Keep a prefilled prompt's KV in the prefix cache (LRU), when there is one."""
-        if self.cache_capacity <= 0 or tokens > self.cache_capacity:
+        """Keep a prefilled prompt's KV in the prefix cache, when there is one; a prompt larger than the whole
+        cache leaves what the cache holds of the conversation (a prefix of it) in place."""
+        if self.cache.capacity <= 0 or tokens > self.cache.capacity:
             return
-        old = self.cache.pop(key, None)
-        if old is not None:
-            self.cache_tokens -= old
-        while self.cache_tokens + tokens > self.cache_capacity and self.cache:
-            self.cache_tokens -= self.cache.popitem(last=False)[1]
-        self.cache[key] = tokens
-        self.cache_tokens += tokens
+        self.cache.put(key, tokens)
 
     def forget(self, key: str) -> None:
-        size = self.cache.pop(key, None)
-        if size is not None:
-            self.cache_tokens -= size
+        self.cache.drop(key)
 
 
-class SharedKvStore:
-    """A fleet-wide KV store (Mooncake's KVCache pool): finished turns' KV written back, LRU by conversation."""
+class LruKv:
+    """KV by conversation, in tokens, least recently used evicted first to stay within a capacity: a prefill
+    instance's prefix cache, and the fleet-wide KV store (Mooncake's KVCache pool) finished turns are written to."""
 
     def __init__(self, capacity_tokens: int) -> None:
         self.capacity = capacity_tokens
         self.entries: OrderedDict[str, int] = OrderedDict()
         self.tokens = 0
 
+    def __len__(self) -> int:
+        return len(self.entries)
+
     def holds(self, key: str) -> int:
         return self.entries.get(key, 0)
 
     def put(self, key: str, tokens: int) -> None:
+        """Replace the conversation's KV by `tokens` of it (kept only if it fits at all), evicting others."""
         self.drop(key)
         if tokens > self.capacity:
             return

@@ -36,6 +36,20 @@ TABLE_COLUMNS: tuple[tuple[str, str, int, str, float], ...] = (
     ("waits", "placement_waits", 6, "d", 1.0),
 )
 
+#: A comparison's fields in the order comparison.csv (which heads `conserve` "value") and results.json list them.
+COMPARISON_FIELDS = (
+    "workload",
+    "fleet",
+    "policy",
+    "metric",
+    "conserve",
+    "best_baseline",
+    "baseline",
+    "ratio",
+    "target",
+    "met",
+)
+
 
 def format_table(runs: Sequence[Run]) -> str:
     lines: list[str] = []
@@ -82,44 +96,14 @@ def write_results(result: BenchResult, out: Path, *, meta: dict[str, object]) ->
     comp_path = out / "comparison.csv"
     with comp_path.open("w", newline="", encoding="utf-8") as f:
         plain = csv.writer(f)
-        plain.writerow(
-            ["workload", "fleet", "policy", "metric", "value", "best_baseline", "baseline", "ratio", "target", "met"]
-        )
-        for c in result.comparisons:
-            plain.writerow(
-                [
-                    c.workload,
-                    c.fleet,
-                    c.policy,
-                    c.metric,
-                    c.conserve,
-                    c.best_baseline,
-                    c.baseline,
-                    c.ratio,
-                    c.target,
-                    c.met,
-                ]
-            )
+        plain.writerow(["value" if name == "conserve" else name for name in COMPARISON_FIELDS])
+        plain.writerows([getattr(c, name) for name in COMPARISON_FIELDS] for c in result.comparisons)
     written.append(comp_path)
     json_path = out / "results.json"
     payload = {
         "meta": meta,
         "runs": rows,
-        "comparisons": [
-            {
-                "workload": c.workload,
-                "fleet": c.fleet,
-                "policy": c.policy,
-                "metric": c.metric,
-                "conserve": c.conserve,
-                "best_baseline": c.best_baseline,
-                "baseline": c.baseline,
-                "ratio": c.ratio,
-                "target": c.target,
-                "met": c.met,
-            }
-            for c in result.comparisons
-        ],
+        "comparisons": [{name: getattr(c, name) for name in COMPARISON_FIELDS} for c in result.comparisons],
     }
     json_path.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n", encoding="utf-8")
     written.append(json_path)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from conserve.core.llm import ModelShape
 from conserve.core.offload import IdleKv
-from conserve.sim.workload import Conversation
+from conserve.sim.conversations import Conversation
 
 if TYPE_CHECKING:
     from conserve.sim.instances import Decoder, PrefillInstance

@@ -177,10 +177,12 @@ def write_plots(runs: Sequence[Run], out: Path) -> list[Path]:
                 ys = [(i + 1) / len(values) for i in range(len(values))]
                 bold = r.metrics.policy == ConServe.name
                 ax.step(values, ys, where="post", label=r.metrics.policy, linewidth=2.2 if bold else 1.0)
-            ax.set_xscale("log")
-            ax.set_xlabel("time to first effective token (s, log)")
-            ax.set_ylabel("share of conversations")
-            ax.set_title(f"{w}: TTFET CDF, {fleet} fleet")
+            ax.set(
+                xscale="log",
+                xlabel="time to first effective token (s, log)",
+                ylabel="share of conversations",
+                title=f"{w}: TTFET CDF, {fleet} fleet",
+            )
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
         written.append(_save(plt, fig, out / f"ttfet_cdf_{w}.png"))
@@ -194,8 +196,7 @@ def write_plots(runs: Sequence[Run], out: Path) -> list[Path]:
                 ax = axes[row][col]
                 ax.bar(range(len(ms)), [getattr(m, key) for m in ms], color=colors)
                 ax.set_xticks(range(len(ms)), names, rotation=60, ha="right", fontsize=7)
-                ax.set_ylabel(label)
-                ax.set_title(f"{w}, {fleet} fleet: {label}")
+                ax.set(ylabel=label, title=f"{w}, {fleet} fleet: {label}")
                 ax.grid(True, axis="y", alpha=0.3)
         written.append(_save(plt, fig, out / f"summary_{w}.png"))
 
@@ -209,8 +210,7 @@ def write_plots(runs: Sequence[Run], out: Path) -> list[Path]:
         ax.bar(xs, prefill, bottom=decode, label="prefill instances (idle + dynamic)")
         ax.bar(xs, moves, bottom=[a + b for a, b in zip(decode, prefill, strict=True)], label="KV moves (NIC, PCIe)")
         ax.set_xticks(xs, labels, rotation=60, ha="right", fontsize=6)
-        ax.set_ylabel("J per output token")
-        ax.set_title(f"{w}: energy per token by policy and fleet")
+        ax.set(ylabel="J per output token", title=f"{w}: energy per token by policy and fleet")
         ax.legend(fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
         written.append(_save(plt, fig, out / f"energy_per_token_{w}.png"))
@@ -240,10 +240,12 @@ def _load_sweep_plots(plt: Any, runs: Sequence[Run], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         for name, ys in series.items():
             ax.plot(xs, ys, marker="o", label=name)
-        ax.set_xlabel("load (x the trace's arrival rate)")
-        ax.set_ylabel("p95 TTFET (s)")
-        ax.set_yscale("log")
-        ax.set_title(f"{base}, {fleet} fleet: p95 TTFET against load")
+        ax.set(
+            xlabel="load (x the trace's arrival rate)",
+            ylabel="p95 TTFET (s)",
+            yscale="log",
+            title=f"{base}, {fleet} fleet: p95 TTFET against load",
+        )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         written.append(_save(plt, fig, out / f"load_sweep_{base}_{fleet}.png"))

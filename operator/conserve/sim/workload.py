@@ -1,7 +1,7 @@
-"""Workloads for the simulator: conversations made of turns.
+"""Workloads for the simulator by name or path: the Mooncake and Azure traces, and the synthetic agentic workload.
 
-A turn carries the whole prompt it sends (`input_tokens`, the conversation's context at that turn), how many of
-those tokens are new (not in the KV the conversation already produced), and its output length. Three sources:
+The model (turns, conversations, `Workload`) is in `conversations.py` and the agentic workload in `agentic.py`;
+both are re-exported here, the module callers import. The trace formats:
 
 - **Mooncake** (`conversation_trace.jsonl`, FAST'25): one JSON object per line with `timestamp` (ms),
   `input_length`, `output_length`, `hash_ids` (one id per 512-token block). Requests are not linked by an id;
@@ -19,13 +19,7 @@ those tokens are new (not in the KV the conversation already produced), and its 
   `GeneratedTokens`. It has no conversation id and no prefix information, so every request is a single-turn
   conversation (choice documented here; no multi-turn structure is invented for it). Arrival times are
   relative to the first row.
-- **Agentic** (synthetic, seeded): conversations arrive as a Poisson process. Each starts with a system/task
-  prompt, runs several tool-call turns (the model emits a tool call; the tool runs for a while; its result is
-  appended to the context), then produces its first user-visible answer, then the user may ask follow-ups after
-  a think time. The context grows with every turn. Distribution parameters are in `AgenticParams`; they are
-  chosen to describe a typical coding/search agent (a few thousand tokens of instructions, 2-6 tool calls of
-  one to a few hundred tokens each, tool outputs of several hundred to a few thousand tokens, tool latencies of
-  seconds, user think times of tens of seconds), not fitted to any trace and not tuned to any result.
+- **Agentic**: see `agentic.py`.
 
 A malformed line is reported with its line number and skipped, or, with `strict=True`, refused
 (`TraceError`).
@@ -36,12 +30,42 @@ from __future__ import annotations
 import csv
 import json
 import math
-import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TextIO
+
+from conserve.sim.agentic import AgenticParams, synthesize_agentic
+from conserve.sim.conversations import (
+    Conversation,
+    ParseReport,
+    Signals,
+    Turn,
+    Workload,
+    arriving_before,
+    scale_load,
+)
+
+__all__ = [
+    "AZURE_FILE",
+    "MOONCAKE_FILE",
+    "AgenticParams",
+    "Conversation",
+    "Signals",
+    "TraceError",
+    "Turn",
+    "Workload",
+    "default_trace_dir",
+    "load_azure",
+    "load_mooncake",
+    "load_workload",
+    "parse_azure_lines",
+    "parse_mooncake_lines",
+    "recover_conversations",
+    "scale_load",
+    "synthesize_agentic",
+]
 
 MOONCAKE_BLOCK_TOKENS = 512
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
@@ -58,78 +82,6 @@ class TraceFormatError(TraceError):
     def __init__(self, path: str, detail: str) -> None:
         super().__init__(f"{path}: {detail}")
         self.detail = detail
-
-
-@dataclass(frozen=True, slots=True)
-class Turn:
-    input_tokens: int  # the whole prompt of this turn (context so far plus new tokens)
-    new_tokens: int  # tokens of the prompt not produced by the conversation's earlier turns
-    output_tokens: int
-    #: Earliest arrival, seconds from the start of the workload (trace timestamp); None: only `think_s` counts.
-    not_before_s: float | None = None
-    #: Time after the previous turn finished before this one arrives (tool latency, user think time).
-    think_s: float = 0.0
-    #: Whether this turn's output is shown to the user (False: a tool call of an agent).
-    user_visible: bool = True
-
-    @property
-    def reused_tokens(self) -> int:
-        return self.input_tokens - self.new_tokens
-
-
-@dataclass(frozen=True, slots=True)
-class Conversation:
-    key: str
-    arrival_s: float
-    turns: tuple[Turn, ...]
-
-    @property
-    def first_visible_turn(self) -> int:
-        """Index of the first user-visible turn (the last turn when none is marked visible)."""
-        return next((i for i, t in enumerate(self.turns) if t.user_visible), len(self.turns) - 1)
-
-    @property
-    def final_context_tokens(self) -> int:
-        last = self.turns[-1]
-        return last.input_tokens + last.output_tokens
-
-
-@dataclass(slots=True)
-class ParseReport:
-    path: str
-    lines: int = 0
-    skipped: list[tuple[int, str]] = field(default_factory=list)  # (line number, why)
-
-
-@dataclass(frozen=True, slots=True)
-class Signals:
-    """What the workload tells the serving system besides the prompts (the same for every policy).
-
-    `end_of_conversation`: the client says when a conversation is over (the agentic workload: an agent knows
-    when its task is done, as the Conversation API's `spec.completed` lets it say). Mooncake and Azure traces
-    carry no such signal: a conversation there ends, for every policy, when it has been idle for the idle
-    timeout.
-    """
-
-    end_of_conversation: bool = False
-
-    def as_dict(self) -> dict[str, bool]:
-        return {"end_of_conversation": self.end_of_conversation}
-
-
-NO_SIGNALS = Signals()
-
-
-@dataclass(frozen=True, slots=True)
-class Workload:
-    name: str
-    conversations: tuple[Conversation, ...]
-    report: ParseReport | None = None
-    signals: Signals = NO_SIGNALS
-
-    @property
-    def turns(self) -> int:
-        return sum(len(c.turns) for c in self.conversations)
 
 
 def _open_trace(path: Path, newline: str | None = None) -> TextIO:
@@ -215,6 +167,20 @@ def parse_mooncake_lines(
 
 def recover_conversations(requests: Sequence[_Request], *, name_prefix: str = "mc") -> list[Conversation]:
     """Link requests into conversations by prefix containment (see the module docstring)."""
+    parent = _link_follow_ups(requests)
+    chains: dict[int, list[int]] = {}
+    root_of: list[int] = [0] * len(requests)
+    for i, p in enumerate(parent):
+        root_of[i] = i if p is None else root_of[p]
+        chains.setdefault(root_of[i], []).append(i)
+    return [
+        Conversation(f"{name_prefix}-{root:05d}", requests[root].timestamp_s, _chain_turns(requests, chains[root]))
+        for root in sorted(chains, key=lambda r: (requests[r].timestamp_s, r))
+    ]
+
+
+def _link_follow_ups(requests: Sequence[_Request]) -> list[int | None]:
+    """Each request's parent (the earlier request it continues), or None: a trie walk over the hash ids."""
     end = -1  # trie key marking "a request's full-block prefix ends here" (hash ids are non-negative)
     trie: dict[int, object] = {}
     parent: list[int | None] = [None] * len(requests)
@@ -241,25 +207,22 @@ def recover_conversations(requests: Sequence[_Request], *, name_prefix: str = "m
                 assert isinstance(nxt, dict)
                 node = nxt
             node[end] = i
-    chains: dict[int, list[int]] = {}
-    root_of: list[int] = [0] * len(requests)
-    for i, p in enumerate(parent):
-        root_of[i] = i if p is None else root_of[p]
-        chains.setdefault(root_of[i], []).append(i)
-    conversations: list[Conversation] = []
-    for root in sorted(chains, key=lambda r: (requests[r].timestamp_s, r)):
-        turns: list[Turn] = []
-        prev: _Request | None = None
-        for i in chains[root]:
-            req = requests[i]
-            if prev is None:
-                turns.append(Turn(req.input_tokens, req.input_tokens, req.output_tokens, req.timestamp_s))
-            else:
-                reused = min(prev.input_tokens + prev.output_tokens, req.input_tokens - 1)
-                turns.append(Turn(req.input_tokens, req.input_tokens - reused, req.output_tokens, req.timestamp_s))
-            prev = req
-        conversations.append(Conversation(f"{name_prefix}-{root:05d}", requests[root].timestamp_s, tuple(turns)))
-    return conversations
+    return parent
+
+
+def _chain_turns(requests: Sequence[_Request], chain: Sequence[int]) -> tuple[Turn, ...]:
+    """The turns of one conversation: a follow-up reuses what its previous turn's context holds of its prompt."""
+    turns: list[Turn] = []
+    prev: _Request | None = None
+    for i in chain:
+        req = requests[i]
+        if prev is None:
+            turns.append(Turn(req.input_tokens, req.input_tokens, req.output_tokens, req.timestamp_s))
+        else:
+            reused = min(prev.input_tokens + prev.output_tokens, req.input_tokens - 1)
+            turns.append(Turn(req.input_tokens, req.input_tokens - reused, req.output_tokens, req.timestamp_s))
+        prev = req
+    return tuple(turns)
 
 
 def load_mooncake(path: Path, *, strict: bool = False, duration_s: float | None = None) -> Workload:
@@ -268,7 +231,7 @@ def load_mooncake(path: Path, *, strict: bool = False, duration_s: float | None 
     if not requests:
         _refuse_unusable(report)
     conversations = recover_conversations(requests)
-    return Workload("mooncake", tuple(_clip(conversations, duration_s)), report)
+    return Workload("mooncake", tuple(arriving_before(conversations, duration_s)), report)
 
 
 # --- Azure -------------------------------------------------------------------------------------------------
@@ -325,121 +288,7 @@ def load_azure(path: Path, *, strict: bool = False, duration_s: float | None = N
         workload = parse_azure_lines(f, path=str(path), strict=strict)
     if not workload.conversations:
         _refuse_unusable(workload.report)
-    return Workload(workload.name, tuple(_clip(workload.conversations, duration_s)), workload.report)
-
-
-# --- agentic (synthetic) -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class AgenticParams:
-    """Distributions of the synthetic agentic workload (log-normal by median and sigma of the log).
-
-    Where each value comes from (none is fitted to a trace, none was changed after seeing a result):
-    - `conversations_per_s` = 2.0: the load level. At the first value (0.5/s) the default fleet's decoders held
-      1.4% of their KV capacity and ran batches of a few sequences, far below how a provisioned fleet runs;
-      2/s is the lowest round rate at which decode batches reach tens of sequences. `--load-scale` and
-      `--sweep-load` move it (2x is 4/s).
-    - System/task prompt 3,000 tokens (sigma 0.5): the order of published coding-agent system prompts with
-      tool schemas (a few thousand tokens). A convention.
-    - 2-6 tool calls of ~120 output tokens (a JSON function call), tool results ~800 tokens (sigma 1.0: a file
-      excerpt, a search page; long-tailed), tool latency ~1.5 s (sigma 0.8: a shell command or an HTTP call).
-      Conventions describing a coding/search agent.
-    - Answers ~350 tokens, up to 3 follow-ups of ~60-token user messages after ~30 s of reading/thinking
-      (sigma 0.8): conventions for interactive chat, of the order of the Mooncake trace's output lengths.
-    - Contexts stop growing at 120,000 tokens (below Llama-3's 128k window).
-    - The workload carries an end-of-conversation signal: an agent knows when its task is done.
-    No public agentic trace with tool-call turns was available to this benchmark offline; when one is, it can
-    be replayed as a Mooncake-format file (`--workload PATH`).
-    """
-
-    conversations_per_s: float = 2.0
-    system_prompt_median_tokens: float = 3000.0
-    system_prompt_sigma: float = 0.5
-    tool_turns_min: int = 2
-    tool_turns_max: int = 6
-    tool_call_output_median_tokens: float = 120.0
-    tool_call_output_sigma: float = 0.6
-    tool_result_median_tokens: float = 800.0
-    tool_result_sigma: float = 1.0
-    tool_latency_median_s: float = 1.5
-    tool_latency_sigma: float = 0.8
-    answer_output_median_tokens: float = 350.0
-    answer_output_sigma: float = 0.7
-    followups_max: int = 3
-    user_think_median_s: float = 30.0
-    user_think_sigma: float = 0.8
-    user_message_median_tokens: float = 60.0
-    user_message_sigma: float = 0.8
-    max_context_tokens: int = 120_000
-
-
-def _lognormal_int(rng: random.Random, median: float, sigma: float, low: int = 1) -> int:
-    return max(low, round(rng.lognormvariate(math.log(median), sigma)))
-
-
-def synthesize_agentic(seed: int, duration_s: float, params: AgenticParams | None = None) -> Workload:
-    p = params or AgenticParams()
-    rng = random.Random(seed)
-    conversations: list[Conversation] = []
-    t = 0.0
-    index = 0
-    while True:
-        t += rng.expovariate(p.conversations_per_s)
-        if t >= duration_s:
-            break
-        turns: list[Turn] = []
-        context = _lognormal_int(rng, p.system_prompt_median_tokens, p.system_prompt_sigma, 64)
-        new = context
-        think = 0.0
-        for _ in range(rng.randint(p.tool_turns_min, p.tool_turns_max)):
-            out = _lognormal_int(rng, p.tool_call_output_median_tokens, p.tool_call_output_sigma, 8)
-            turns.append(Turn(context, new, out, None if turns else t, think, user_visible=False))
-            result = _lognormal_int(rng, p.tool_result_median_tokens, p.tool_result_sigma, 16)
-            context, new = context + out + result, result
-            think = rng.lognormvariate(math.log(p.tool_latency_median_s), p.tool_latency_sigma)
-        for _ in range(1 + rng.randint(0, p.followups_max)):
-            if context >= p.max_context_tokens:
-                break
-            out = _lognormal_int(rng, p.answer_output_median_tokens, p.answer_output_sigma, 8)
-            turns.append(Turn(context, new, out, None, think, user_visible=True))
-            message = _lognormal_int(rng, p.user_message_median_tokens, p.user_message_sigma, 4)
-            context, new = context + out + message, message
-            think = rng.lognormvariate(math.log(p.user_think_median_s), p.user_think_sigma)
-        conversations.append(Conversation(f"ag-{index:05d}", t, tuple(turns)))
-        index += 1
-    return Workload("agentic", tuple(conversations), signals=Signals(end_of_conversation=True))
-
-
-def _clip(conversations: Iterable[Conversation], duration_s: float | None) -> list[Conversation]:
-    """Keep what arrives before `duration_s`: conversations, and of a trace's turns those stamped before it."""
-    if duration_s is None:
-        return list(conversations)
-    kept: list[Conversation] = []
-    for c in conversations:
-        if c.arrival_s >= duration_s:
-            continue
-        turns = tuple(t for t in c.turns if t.not_before_s is None or t.not_before_s < duration_s)
-        kept.append(Conversation(c.key, c.arrival_s, turns))
-    return kept
-
-
-def scale_load(workload: Workload, factor: float) -> Workload:
-    """The same conversations arriving `factor` times as fast: arrival times and trace timestamps divided by
-    `factor`; think times and tool latencies (set by people and tools, not by the load) unchanged."""
-    if factor <= 0:
-        raise ValueError("load factor must be positive")
-    if factor == 1.0:
-        return workload
-
-    def turn(t: Turn) -> Turn:
-        at = None if t.not_before_s is None else t.not_before_s / factor
-        return Turn(t.input_tokens, t.new_tokens, t.output_tokens, at, t.think_s, t.user_visible)
-
-    conversations = tuple(
-        Conversation(c.key, c.arrival_s / factor, tuple(turn(t) for t in c.turns)) for c in workload.conversations
-    )
-    return Workload(workload.name, conversations, workload.report, workload.signals)
+    return Workload(workload.name, tuple(arriving_before(workload.conversations, duration_s)), workload.report)
 
 
 # --- by name or path ---------------------------------------------------------------------------------------

@@ -17,7 +17,15 @@ from conserve.api.common import API_VERSION
 from conserve.api.conversation import KIND as CONVERSATION
 from conserve.api.conversation import ConversationSpec
 from conserve.api.decoderpool import DecoderPoolSpec
-from conserve.api.labels import ANNOTATION_ENDPOINT, ANNOTATION_MODEL, LABEL_GPU_PRODUCT, LABEL_ROLE, RESOURCE_GPU
+from conserve.api.labels import (
+    ANNOTATION_ENDPOINT,
+    ANNOTATION_MODEL,
+    LABEL_GPU_COUNT,
+    LABEL_GPU_MEMORY_MIB,
+    LABEL_GPU_PRODUCT,
+    LABEL_ROLE,
+    RESOURCE_GPU,
+)
 
 Body = dict[str, Any]
 
@@ -139,6 +147,38 @@ class PodBuilder(_Builder):
         if self._status is not None:
             body["status"] = copy.deepcopy(self._status)
         return body
+
+
+def pool_body(name: str, *, app: str = "dec", tokens_per_decoder: int | None = 100_000, **spec: Any) -> Body:
+    """A pool of the decoders labelled `app: <app>` and the prefill servers `app: <app>-prefill`; the spec
+    fields as on the wire over that (not validated: a test may build what the CRD would refuse)."""
+    pool = PoolBuilder(name).decoders(app).prefills(f"{app}-prefill")
+    if tokens_per_decoder is not None:
+        pool.kv_tokens(tokens_per_decoder)
+    return pool.spec(**spec).build(validate=False)
+
+
+def pod_body(
+    name: str, node: str, *, app: str = "dec", gpus: int = 1, annotations: dict[str, str] | None = None
+) -> Body:
+    """A bare pod bound to a KWOK node (no scheduler involved); KWOK marks it Running and Ready."""
+    pod = PodBuilder(name).on(node).app(app).gpus(gpus)
+    for key, value in (annotations or {}).items():
+        pod.annotate(key, value)
+    body = pod.build()
+    body["metadata"].setdefault("annotations", {})
+    return body
+
+
+def conversation_body(name: str, pool: str, first_turn_input_tokens: int, **spec: Any) -> Body:
+    """A conversation; the spec fields as on the wire (not validated)."""
+    return ConversationBuilder(name, pool).tokens(first_turn_input_tokens).spec(**spec).build(validate=False)
+
+
+def gpu_node(name: str, product: str = "NVIDIA-H200", memory_mib: int = 143_771, count: int = 8) -> Body:
+    """A node as GPU feature discovery labels it (only the metadata: what the operator reads)."""
+    labels = {LABEL_GPU_PRODUCT: product, LABEL_GPU_MEMORY_MIB: str(memory_mib), LABEL_GPU_COUNT: str(count)}
+    return {"metadata": {"name": name, "labels": labels}}
 
 
 #: The devcluster's GPU product of each serving role: prefill on the compute tier, decode on the bandwidth tier.

@@ -1,12 +1,17 @@
-"""`conserve` subcommands as a test's own processes (operator, router, gpu-sim, fake DCGM, energy loop)."""
+"""`conserve` subcommands as a test's (or a benchmark's) own processes: the operator, which a test can kill and
+restart, and the other subcommands (router, gpu-sim, fake DCGM, energy loop), each logging to its own file."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+
+from conserve.testkit.wait import wait_for
 
 
 class ConserveProcesses:
@@ -39,3 +44,77 @@ class ConserveProcesses:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+class OperatorProcess:
+    """`conserve operator` as a subprocess: start, wait until its ledger is rebuilt, kill, restart."""
+
+    def __init__(
+        self,
+        kubeconfig: Path,
+        namespace: str,
+        log_path: Path,
+        extra_args: Sequence[str] = (),
+        *,
+        fast: bool = True,
+        entry: Sequence[str] = ("-m", "conserve.cli"),
+    ) -> None:
+        self.entry = list(entry)  # what the interpreter runs before `operator ...` (a benchmark's launcher)
+        self.fast = fast  # short sweep and status intervals (tests); False: the command's defaults (benchmarks)
+        self.kubeconfig = kubeconfig
+        self.namespace = namespace
+        self.log_path = log_path
+        self.extra_args = list(extra_args)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
+
+    def start(self, *, wait_ready: bool = True, timeout_s: float = 30.0) -> OperatorProcess:
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        args = [sys.executable, *self.entry, "operator", "--namespace", self.namespace, "--metrics-port", "0"]
+        if self.fast:
+            args += ["--idle-sweep-interval", "0.2", "--pool-status-interval", "0.2"]
+            if "--events" not in self.extra_args:
+                args += ["--events", "all"]  # tests follow each conversation's Events
+        args += self.extra_args
+        if "--lease-name" not in self.extra_args:
+            args.append("--no-leader-elect")
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        if wait_ready:
+            self.wait_log("ledger rebuilt", timeout_s)
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self, since_start: bool = True) -> str:
+        data = self.log_path.read_bytes() if self.log_path.exists() else b""
+        return data[self._log_offset if since_start else 0 :].decode(errors="replace")
+
+    def wait_log(self, text: str, timeout_s: float = 30.0) -> None:
+        """Wait until the operator logs `text`; a RuntimeError with its log if it exits first."""
+
+        def seen() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"operator exited {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            return text in self.log_text()
+
+        try:
+            wait_for(f"the operator to log {text!r}", seen, timeout_s, 0.05)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{self.log_text()[-3000:]}") from None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)

@@ -1,0 +1,78 @@
+"""The router's vocabulary: its configuration, a conversation's state, a turn's request, start, result and error."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from conserve.router.policy import USAGE_INTERVAL_S, Backend, Mode
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    namespace: str = "default"
+    pool: str = "default"
+    mode: Mode = Mode.CONVERSATION
+    usage_interval_s: float = USAGE_INTERVAL_S
+    idle_close_s: float = 600.0
+    placement_timeout_s: float = 120.0
+    early_prefill: bool = True
+    #: Optional hints copied into every Conversation this router creates.
+    idle_timeout_seconds: int | None = None
+
+
+@dataclass
+class ConversationState:
+    conversation_id: str
+    name: str
+    mode: Mode
+    started_s: float
+    created: asyncio.Task[None] | None = None
+    kv_generation: int | None = None  # placement generation whose decoder holds the KV
+    context_tokens: int = 0  # previous turn's prompt plus output
+    turns: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    ttfet_s: float | None = None
+    last_turn_s: float = 0.0
+    prefill_pod: str | None = None  # who ran the first turn's prefill (reported: the operator's status follows)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class TurnResult:
+    conversation_id: str | None
+    mode: Mode
+    decoder: Backend
+    prefill: Backend | None
+    generation: int
+    prompt_tokens: int
+    completion_tokens: int = 0
+    ttft_s: float | None = None
+    ttfet_s: float | None = None
+    text: str = ""
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnStarted:
+    """Yielded once the turn's servers are chosen (before its first chunk)."""
+
+    decoder: Backend
+    prefill: Backend | None
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRequest:
+    kind: str  # "chat" or "completions"
+    headers: Mapping[str, str]
+    body: dict[str, Any]
+
+
+class TurnError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
