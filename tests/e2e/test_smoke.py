@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 import pytest
 from kubernetes import client as typed_client
 
+from conserve.api.labels import LABEL_GPU_PRODUCT, RESOURCE_GPU
 from conserve.devcluster.build import KUBERNETES_VERSION
-from conserve.devcluster.nodes import GPU_PRODUCT_LABEL, GPU_RESOURCE
 from conserve.devcluster.testing import ClusterHandle, temporary_namespace
 from conserve.kube import ApiError as ApiException
 from conserve.kube import Informer
@@ -141,10 +141,10 @@ def test_deployment_scheduled_onto_fake_gpu_nodes_and_running(api: Any, namespac
                             "name": "decode",
                             "image": "registry.invalid/never-pulled:latest",
                             # 8 GPUs: exactly one whole node each, so three pods need three nodes.
-                            "resources": {"limits": {GPU_RESOURCE: "8"}, "requests": {GPU_RESOURCE: "8"}},
+                            "resources": {"limits": {RESOURCE_GPU: "8"}, "requests": {RESOURCE_GPU: "8"}},
                         }
                     ],
-                    "nodeSelector": {GPU_PRODUCT_LABEL: "NVIDIA-H200"},
+                    "nodeSelector": {LABEL_GPU_PRODUCT: "NVIDIA-H200"},
                 },
             },
         },
@@ -184,8 +184,8 @@ def test_deployment_scheduled_onto_fake_gpu_nodes_and_running(api: Any, namespac
         assert ready
         assert ready[0].status == "True"
         node = core.read_node(p.spec.node_name)
-        assert node.metadata.labels[GPU_PRODUCT_LABEL] == "NVIDIA-H200"
-        assert node.status.allocatable[GPU_RESOURCE] == "8"
+        assert node.metadata.labels[LABEL_GPU_PRODUCT] == "NVIDIA-H200"
+        assert node.status.allocatable[RESOURCE_GPU] == "8"
 
     pending = [
         p for p in core.list_namespaced_pod(namespace, label_selector="app=smoke-gpu").items if not p.spec.node_name
@@ -224,7 +224,7 @@ def test_job_pods_succeed(api: Any, namespace: str) -> None:
                         {
                             "name": "prefill",
                             "image": "registry.invalid/never-pulled:latest",
-                            "resources": {"limits": {GPU_RESOURCE: "1"}},
+                            "resources": {"limits": {RESOURCE_GPU: "1"}},
                         }
                     ],
                 }
@@ -365,7 +365,7 @@ def test_conserve_scheduler_profile_calls_the_extender_url(api: Any, namespace: 
     try:
 
         def pod(name: str, gpus: int) -> dict[str, Any]:
-            res = {"limits": {GPU_RESOURCE: str(gpus)}} if gpus else {}
+            res = {"limits": {RESOURCE_GPU: str(gpus)}} if gpus else {}
             return {
                 "metadata": {"name": name},
                 "spec": {
@@ -404,9 +404,9 @@ def test_namespace_teardown_frees_gpus_at_once(cluster: ClusterHandle) -> None:
                 "metadata": {"name": "hog"},
                 "spec": {
                     "containers": [
-                        {"name": "c", "image": "registry.invalid/x:1", "resources": {"limits": {GPU_RESOURCE: "8"}}}
+                        {"name": "c", "image": "registry.invalid/x:1", "resources": {"limits": {RESOURCE_GPU: "8"}}}
                     ],
-                    "nodeSelector": {GPU_PRODUCT_LABEL: "NVIDIA-H20"},
+                    "nodeSelector": {LABEL_GPU_PRODUCT: "NVIDIA-H20"},
                 },
             }
             core.create_namespaced_pod(ns, body)

@@ -11,6 +11,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from conserve import cli
+from conserve.api.labels import LABEL_GPU_COUNT, LABEL_GPU_MEMORY_MIB, LABEL_GPU_PRODUCT, RESOURCE_GPU
 from conserve.devcluster import build, nodes, pki
 from conserve.devcluster.cluster import LocalCluster, Ports
 from conserve.devcluster.testing import namespace_name
@@ -29,12 +30,12 @@ def test_default_nodes_file_has_every_tier_with_gfd_labels() -> None:
     for spec in specs:
         m = spec.manifest()
         labels = m["metadata"]["labels"]
-        assert labels[nodes.GPU_PRODUCT_LABEL] == spec.gpu_product
-        assert labels[nodes.GPU_MEMORY_LABEL] == str(spec.gpu_memory_mib)
-        assert labels[nodes.GPU_COUNT_LABEL] == str(spec.gpu_count)
+        assert labels[LABEL_GPU_PRODUCT] == spec.gpu_product
+        assert labels[LABEL_GPU_MEMORY_MIB] == str(spec.gpu_memory_mib)
+        assert labels[LABEL_GPU_COUNT] == str(spec.gpu_count)
         assert labels["nvidia.com/gpu.present"] == "true"
         assert m["metadata"]["annotations"] == {"kwok.x-k8s.io/node": "fake"}
-        assert m["status"]["allocatable"][nodes.GPU_RESOURCE] == str(spec.gpu_count)
+        assert m["status"]["allocatable"][RESOURCE_GPU] == str(spec.gpu_count)
         assert m["status"]["capacity"] == m["status"]["allocatable"]
         assert "taints" not in m["spec"]
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from conserve.api import crdgen
+from conserve.api.common import API_VERSION
+from conserve.api.labels import ANNOTATION_MODEL, LABEL_GPU_PRODUCT, LABEL_ROLE, RESOURCE_GPU
 
 
 def kubectl_executable() -> str:
@@ -64,3 +66,49 @@ def apply_crds(kubeconfig: Path, timeout_s: float = 60.0) -> None:
 def create_namespace(kubeconfig: Path, name: str) -> None:
     """The namespace, unless it exists already."""
     run_kubectl(kubeconfig, "create", "namespace", name, check=False)
+
+
+def serving_deployment(
+    namespace: str,
+    role: str,
+    *,
+    model: str,
+    image: str,
+    replicas: int = 1,
+    scheduler_name: str | None = None,
+    gpu_product: str | None = None,
+) -> dict[str, Any]:
+    """A Deployment of one-GPU serving pods named after their role (`prefill`, `decode`), labelled as a
+    DecoderPool's selectors find them and annotated with the model the operator prices KV with."""
+    pod_spec: dict[str, Any] = {
+        "terminationGracePeriodSeconds": 0,
+        "containers": [{"name": "vllm", "image": image, "resources": {"limits": {RESOURCE_GPU: "1"}}}],
+    }
+    if scheduler_name:
+        pod_spec["schedulerName"] = scheduler_name
+    if gpu_product:
+        pod_spec["nodeSelector"] = {LABEL_GPU_PRODUCT: gpu_product}
+    template = {
+        "metadata": {"labels": {"app": role, LABEL_ROLE: role}, "annotations": {ANNOTATION_MODEL: model}},
+        "spec": pod_spec,
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": role, "namespace": namespace},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": role}}, "template": template},
+    }
+
+
+def serving_pool(namespace: str, model: dict[str, Any], name: str = "chat") -> dict[str, Any]:
+    """A DecoderPool selecting the pods of `serving_deployment("decode")` and `serving_deployment("prefill")`."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "DecoderPool",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "model": model,
+            "decoderSelector": {"matchLabels": {"app": "decode"}},
+            "prefillSelector": {"matchLabels": {"app": "prefill"}},
+        },
+    }

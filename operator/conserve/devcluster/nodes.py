@@ -17,15 +17,17 @@ from typing import Any
 import yaml
 
 from conserve import kube
+from conserve.api.labels import (
+    ANNOTATION_KWOK_NODE,
+    LABEL_GPU_COUNT,
+    LABEL_GPU_MEMORY_MIB,
+    LABEL_GPU_PRODUCT,
+    RESOURCE_GPU,
+)
 from conserve.kube import ApiError
 from conserve.kube.clients import CoreV1Api
 
-KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 KWOK_ANNOTATION_VALUE = "fake"
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
-GPU_COUNT_LABEL = "nvidia.com/gpu.count"
 
 
 @dataclass(frozen=True)
@@ -49,9 +51,9 @@ class GpuNodeSpec:
             "kubernetes.io/os": "linux",
             "kubernetes.io/arch": "amd64",
             "type": "kwok",
-            GPU_PRODUCT_LABEL: self.gpu_product,
-            GPU_MEMORY_LABEL: str(self.gpu_memory_mib),
-            GPU_COUNT_LABEL: str(self.gpu_count),
+            LABEL_GPU_PRODUCT: self.gpu_product,
+            LABEL_GPU_MEMORY_MIB: str(self.gpu_memory_mib),
+            LABEL_GPU_COUNT: str(self.gpu_count),
             "nvidia.com/gpu.present": "true",
         }
         if self.gpu_family:
@@ -61,14 +63,14 @@ class GpuNodeSpec:
             labels["nvidia.com/gpu.compute.major"] = major
             labels["nvidia.com/gpu.compute.minor"] = minor or "0"
         labels.update(self.labels)
-        resources_ = {"cpu": self.cpu, "memory": self.memory, "pods": self.pods, GPU_RESOURCE: str(self.gpu_count)}
+        resources_ = {"cpu": self.cpu, "memory": self.memory, "pods": self.pods, RESOURCE_GPU: str(self.gpu_count)}
         return {
             "apiVersion": "v1",
             "kind": "Node",
             "metadata": {
                 "name": self.name,
                 "labels": labels,
-                "annotations": {KWOK_ANNOTATION: KWOK_ANNOTATION_VALUE},
+                "annotations": {ANNOTATION_KWOK_NODE: KWOK_ANNOTATION_VALUE},
             },
             "spec": {},
             # The API server keeps status on create (kubelets register this way); KWOK's node-initialize

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from conserve.api.common import API_VERSION
-from conserve.devcluster.commands import apply_crds, apply_manifests, conserve_command, create_namespace, kubectl
+from conserve.devcluster import commands
 from conserve.engine.install import missing_reason
 from conserve.engine.metrics import TokenSources, healthy, scrape, token_sources
 from conserve.engine.model import TINY_MODEL_NAME
@@ -38,31 +37,11 @@ TINY_SHAPE = {"parameters": 800000, "layers": 2, "hiddenSize": 128, "attentionHe
 
 
 def manifests(namespace: str, model: str = TINY_MODEL_NAME) -> list[dict[str, Any]]:
-    def deployment(name: str, role: str) -> dict[str, Any]:
-        return {
-            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": namespace},
-            "spec": {
-                "replicas": 1, "selector": {"matchLabels": {"app": name}},
-                "template": {
-                    "metadata": {"labels": {"app": name, "conserve.dev/role": role},
-                                 "annotations": {"conserve.dev/model": model}},
-                    "spec": {
-                        "terminationGracePeriodSeconds": 0,
-                        "nodeSelector": {"nvidia.com/gpu.product": PRODUCTS[role]},
-                        "containers": [{"name": "vllm", "image": "vllm-cpu",
-                                        "resources": {"limits": {"nvidia.com/gpu": "1"}}}],
-                    },
-                },
-            },
-        }  # fmt: skip
+    def deployment(role: str) -> dict[str, Any]:
+        return commands.serving_deployment(namespace, role, model=model, image="vllm-cpu", gpu_product=PRODUCTS[role])
 
-    pool = {
-        "apiVersion": API_VERSION, "kind": "DecoderPool", "metadata": {"name": "chat", "namespace": namespace},
-        "spec": {"model": {"name": model, **({"shape": TINY_SHAPE} if model == TINY_MODEL_NAME else {})},
-                 "decoderSelector": {"matchLabels": {"app": "decode"}},
-                 "prefillSelector": {"matchLabels": {"app": "prefill"}}},
-    }  # fmt: skip
-    return [pool, deployment("prefill", "prefill"), deployment("decode", "decode")]
+    model_spec = {"name": model, **({"shape": TINY_SHAPE} if model == TINY_MODEL_NAME else {})}
+    return [commands.serving_pool(namespace, model_spec), deployment("prefill"), deployment("decode")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +180,7 @@ def stack(
     started_cluster = kubeconfig is None
     if started_cluster:
         print("cluster: conserve dev up ...", flush=True)
-        subprocess.run(conserve_command("dev", "up", f"--state-dir={state_dir}", "--free-ports"), check=True)
+        subprocess.run(commands.conserve_command("dev", "up", f"--state-dir={state_dir}", "--free-ports"), check=True)
     kube: Path = state_dir.resolve() / "kubeconfig" if kubeconfig is None else kubeconfig
     env = {**os.environ, "KUBECONFIG": str(kube)}
     engines = (logs / "engines").resolve()
@@ -212,13 +191,17 @@ def stack(
         with (logs / f"{name}.log").open("wb") as out:
             procs.append(
                 subprocess.Popen(
-                    conserve_command(*cmd), stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                    commands.conserve_command(*cmd),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
                 )
             )
 
     try:
-        apply_crds(kube)
-        create_namespace(kube, namespace)
+        commands.apply_crds(kube)
+        commands.create_namespace(kube, namespace)
         kc = f"--kubeconfig={kube}"
         start("operator", "operator", f"--namespace={namespace}", "--no-leader-elect", "--metrics-port=0")
         if engine == "vllm":
@@ -227,7 +210,7 @@ def stack(
             start("gpusim", "gpu-sim", "pods", kc, f"--namespace={namespace}", "--stream-interval=1")
         start("router", "router", kc, f"--namespace={namespace}", "--pool=chat", f"--port={router_port}")
         t0 = time.monotonic()
-        apply_manifests(kube, manifests(namespace, model))
+        commands.apply_manifests(kube, manifests(namespace, model))
         router = f"http://127.0.0.1:{router_port}"
         backends = _wait(f"a {engine} prefill server and decoder behind the router", lambda: _backends(router), 900)
         yield Stack(router, backends, kube, model, time.monotonic() - t0)
@@ -242,7 +225,7 @@ def stack(
                 os.killpg(proc.pid, signal.SIGKILL)
         kill_leftovers(engines)
         if started_cluster and not keep:
-            subprocess.run(conserve_command("dev", "down", f"--state-dir={state_dir}"), check=False)
+            subprocess.run(commands.conserve_command("dev", "down", f"--state-dir={state_dir}"), check=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -261,11 +244,11 @@ def run(args: argparse.Namespace) -> int:
         keep=args.keep,
     ) as s:
         print(f"engines: prefill and decode vLLM servers ready in {s.ready_s:.0f} s", flush=True)
-        print(kubectl(s.kubeconfig, "get", "pods", "-n", args.namespace, "-o", "wide"), flush=True)
+        print(commands.kubectl(s.kubeconfig, "get", "pods", "-n", args.namespace, "-o", "wide"), flush=True)
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         rows = run_conversations(s.router, s.backends, modes, args.vllm_conversations, args.vllm_turns)
         print(report(rows), flush=True)
-        convs = json.loads(kubectl(s.kubeconfig, "get", "conversations", "-n", args.namespace, "-o", "json"))
+        convs = json.loads(commands.kubectl(s.kubeconfig, "get", "conversations", "-n", args.namespace, "-o", "json"))
         for item in convs.get("items", []):
             status = item.get("status") or {}
             print(

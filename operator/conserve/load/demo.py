@@ -51,10 +51,9 @@ from typing import Any
 
 import aiohttp
 
-from conserve.api.common import API_VERSION
 from conserve.cliargs import add_seconds_option
+from conserve.devcluster import commands
 from conserve.devcluster.cluster import LocalCluster
-from conserve.devcluster.commands import apply_crds, apply_manifests, conserve_command, create_namespace, kubectl
 from conserve.engine import demo as engine_demo
 from conserve.load.cli import energy_j, offline, run_modes
 from conserve.load.report import format_table, histogram_quantile, slice_workload
@@ -98,29 +97,21 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def _manifests(namespace: str, prefill: int, decoders: int) -> list[dict[str, Any]]:
-    def deployment(name: str, role: str, replicas: int) -> dict[str, Any]:
-        return {
-            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": namespace},
-            "spec": {
-                "replicas": replicas, "selector": {"matchLabels": {"app": name}},
-                "template": {
-                    "metadata": {"labels": {"app": name, "conserve.dev/role": role},
-                                 "annotations": {"conserve.dev/model": "llama-3-8b"}},
-                    "spec": {
-                        "schedulerName": "conserve-scheduler", "terminationGracePeriodSeconds": 0,
-                        "containers": [{"name": "vllm", "image": "vllm/vllm-openai:latest",
-                                        "resources": {"limits": {"nvidia.com/gpu": "1"}}}],
-                    },
-                },
-            },
-        }  # fmt: skip
+    def deployment(role: str, replicas: int) -> dict[str, Any]:
+        return commands.serving_deployment(
+            namespace,
+            role,
+            model="llama-3-8b",
+            image="vllm/vllm-openai:latest",
+            replicas=replicas,
+            scheduler_name="conserve-scheduler",
+        )
 
-    pool = {
-        "apiVersion": API_VERSION, "kind": "DecoderPool", "metadata": {"name": "chat", "namespace": namespace},
-        "spec": {"model": {"name": "llama-3-8b"}, "decoderSelector": {"matchLabels": {"app": "decode"}},
-                 "prefillSelector": {"matchLabels": {"app": "prefill"}}},
-    }  # fmt: skip
-    return [pool, deployment("prefill", "prefill", prefill), deployment("decode", "decode", decoders)]
+    return [
+        commands.serving_pool(namespace, {"name": "llama-3-8b"}),
+        deployment("prefill", prefill),
+        deployment("decode", decoders),
+    ]
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -130,7 +121,9 @@ def _run(args: argparse.Namespace) -> int:
     started_cluster = False
     if args.kubeconfig is None:
         print("cluster: conserve dev up ...", flush=True)
-        subprocess.run(conserve_command("dev", "up", f"--state-dir={args.state_dir}", "--free-ports"), check=True)
+        subprocess.run(
+            commands.conserve_command("dev", "up", f"--state-dir={args.state_dir}", "--free-ports"), check=True
+        )
         started_cluster = True
         kubeconfig = args.state_dir.resolve() / "kubeconfig"
     else:
@@ -141,11 +134,13 @@ def _run(args: argparse.Namespace) -> int:
 
     def start(name: str, *cmd: str) -> None:
         with (args.logs / f"{name}.log").open("wb") as out:
-            procs.append(subprocess.Popen(conserve_command(*cmd), stdout=out, stderr=subprocess.STDOUT, env=env))
+            procs.append(
+                subprocess.Popen(commands.conserve_command(*cmd), stdout=out, stderr=subprocess.STDOUT, env=env)
+            )
 
     try:
-        apply_crds(kubeconfig)
-        create_namespace(kubeconfig, args.namespace)
+        commands.apply_crds(kubeconfig)
+        commands.create_namespace(kubeconfig, args.namespace)
         kc = f"--kubeconfig={kubeconfig}"
         dcgm_port = args.dcgm_port or _free_port()
         start("extender", "extender", "--host=127.0.0.1", f"--port={extender_port}", kc)
@@ -181,10 +176,10 @@ def _run(args: argparse.Namespace) -> int:
         )
         start("router", "router", kc, f"--namespace={args.namespace}", "--pool=chat", f"--port={args.router_port}")
         time.sleep(2.0)  # the extender's watch cache before the pods are scheduled
-        apply_manifests(kubeconfig, _manifests(args.namespace, args.prefill, args.decoders))
+        commands.apply_manifests(kubeconfig, _manifests(args.namespace, args.prefill, args.decoders))
         router = f"http://127.0.0.1:{args.router_port}"
         _wait_backends(router, args.prefill, args.decoders)
-        print(kubectl(kubeconfig, "get", "pods", "-n", args.namespace, "-o", "wide"), flush=True)
+        print(commands.kubectl(kubeconfig, "get", "pods", "-n", args.namespace, "-o", "wide"), flush=True)
         code = _replay(args, router, kubeconfig)
         _report_placements(kubeconfig, args.namespace)
         return code
@@ -198,7 +193,7 @@ def _run(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
         if started_cluster and not args.keep:
-            subprocess.run(conserve_command("dev", "down", f"--state-dir={args.state_dir}"), check=False)
+            subprocess.run(commands.conserve_command("dev", "down", f"--state-dir={args.state_dir}"), check=False)
         elif started_cluster:
             print(f"cluster left up: export KUBECONFIG={kubeconfig}; `conserve dev down --state-dir {args.state_dir}`")
 
@@ -226,7 +221,9 @@ def _free_port() -> int:
 def _pool_energy_j(kubeconfig: Path, namespace: str, pool: str = "chat") -> float | None:
     """The operator's attributed decoder energy so far (DecoderPool status, from the fake DCGM exporter)."""
     try:
-        status = json.loads(kubectl(kubeconfig, "get", "decoderpool", pool, "-n", namespace, "-o", "json"))["status"]
+        status = json.loads(commands.kubectl(kubeconfig, "get", "decoderpool", pool, "-n", namespace, "-o", "json"))[
+            "status"
+        ]
     except (subprocess.CalledProcessError, KeyError, ValueError):
         return None
     values = [d.get("energyJoules") for d in status.get("decoders") or []]
@@ -238,7 +235,7 @@ def _pool_energy_j(kubeconfig: Path, namespace: str, pool: str = "chat") -> floa
 def _conversation_energy(kubeconfig: Path, namespace: str) -> tuple[float, int, int]:
     """(sum of Conversation status energyJoules, their output tokens, conversations with energy). Output tokens
     are the data plane's `spec.usage.outputTokens`, the denominator of the operator's energyPerTokenJoules."""
-    data = json.loads(kubectl(kubeconfig, "get", "conversations", "-n", namespace, "-o", "json"))
+    data = json.loads(commands.kubectl(kubeconfig, "get", "conversations", "-n", namespace, "-o", "json"))
     joules, tokens, count = 0.0, 0, 0
     for item in data.get("items", []):
         status = item.get("status") or {}
@@ -348,7 +345,7 @@ def _replay(args: argparse.Namespace, router: str, kubeconfig: Path) -> int:
 
 
 def _report_placements(kubeconfig: Path, namespace: str) -> None:
-    data = json.loads(kubectl(kubeconfig, "get", "conversations", "-n", namespace, "-o", "json"))
+    data = json.loads(commands.kubectl(kubeconfig, "get", "conversations", "-n", namespace, "-o", "json"))
     per_decoder: Counter[str] = Counter()
     transfers = 0
     for item in data.get("items", []):
