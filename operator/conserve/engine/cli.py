@@ -57,14 +57,13 @@ def _model(_args: argparse.Namespace) -> int:
 
 
 def _pods(args: argparse.Namespace) -> int:
-    from kubernetes import client, config
-
     from conserve.engine.install import missing_reason
     from conserve.engine.model import ensure_model
     from conserve.engine.pods import EnginePodsConfig, vllm_factory
     from conserve.gpusim.engine import Role
     from conserve.gpusim.pods import PodRunner
     from conserve.gpusim.server import GpuSimConfig
+    from conserve.kube import new_api_client
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     reason = missing_reason()
@@ -81,11 +80,7 @@ def _pods(args: argparse.Namespace) -> int:
             start_timeout_s=args.start_timeout_s,
         )
     )
-    configuration = client.Configuration()
-    config.load_kube_config(  # type: ignore[no-untyped-call]
-        config_file=args.kubeconfig, client_configuration=configuration
-    )
-    api = client.ApiClient(configuration)
+    api = new_api_client(args.kubeconfig)
 
     async def main() -> None:
         runner = PodRunner(
