@@ -176,7 +176,14 @@ class PrefillStatus(ServingPod):
     endpoint: str = ""
 
 
-class DecoderStatus(PrefillStatus):
+class MeasuredPower(StatusModel):
+    """Power and energy as the energy loop measures them (a decoder's; a pool's are its decoders' sums)."""
+
+    power_watts: float | None = None
+    energy_joules: float | None = None
+
+
+class DecoderStatus(MeasuredPower, PrefillStatus):
     capacity_kv_tokens: int = 0
     reserved_kv_tokens: int = 0
     live_kv_tokens: int = 0
@@ -189,11 +196,9 @@ class DecoderStatus(PrefillStatus):
     offloaded_kv_tokens: int = 0
     dropped_conversations: int = 0
     host_capacity_kv_tokens: int = 0
-    power_watts: float | None = None
-    energy_joules: float | None = None
 
 
-class DecoderPoolStatus(StatusModel):
+class DecoderPoolStatus(MeasuredPower):
     #: Written whole by the operator; powerWatts/energyJoules of each entry come from the energy loop.
     decoders: list[DecoderStatus] = Field(default_factory=list)
     prefills: list[PrefillStatus] = Field(default_factory=list)
@@ -216,14 +221,12 @@ class DecoderPoolStatus(StatusModel):
     kv_bytes_per_token: int | None = None
     #: Recent completed conversations' final context / first-turn input, newest last (bounded).
     observed_growth_ratios: list[float] = Field(default_factory=list)
-    power_watts: float | None = None
-    energy_joules: float | None = None
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None
 
 
 #: The pool's own power and energy: the sums of its decoders' figures, written once measured (by the operator, or
 #: by the energy loop when it runs standalone), never cleared.
-MEASURED_FIELDS = frozenset({"power_watts", "energy_joules"})
+MEASURED_FIELDS = frozenset(MeasuredPower.model_fields)
 #: The status fields the operator writes whatever it knows (decoders[] whole, each entry's figures carried over).
 OPERATOR_STATUS_FIELDS = frozenset(DecoderPoolStatus.model_fields) - MEASURED_FIELDS

@@ -55,11 +55,6 @@ RESOURCE_GPU = "nvidia.com/gpu"
 
 IDLE_POWER_FRACTION_OF_TDP = 0.10
 
-#: Ridge point in FLOP per byte that separates the tiers. H100 SXM: 989e12 / 3.35e12 = 295 FLOP/B (compute);
-#: H200: 206; A100: 153; H20: 37 (bandwidth). A GPU above the ridge is compute tier. 250 sits between the
-#: H100 (the reference prefill part) and the H200 (the reference decode part).
-TIER_RIDGE_FLOP_PER_BYTE = 250.0
-
 
 @dataclass(frozen=True, slots=True)
 class GpuSpec:
@@ -86,11 +81,17 @@ class GpuSpec:
         return classify_tier(self)
 
 
-def classify_tier(spec: GpuSpec) -> Tier:
-    """Compute tier when the arithmetic intensity at the roofline ridge is high, else bandwidth tier.
+#: Ridge point in FLOP per byte that separates the tiers: 250 sits between the H100 (the reference prefill part)
+#: and the H200 (the reference decode part).
+TIER_RIDGE_FLOP_PER_BYTE = 250.0
 
-    L40S (419 FLOP/B) and H100 (295) are compute; H200 (206), A100 (153) and H20 (37) are bandwidth. L4 (403)
-    is compute, although a small part.
+
+def classify_tier(spec: GpuSpec) -> Tier:
+    """Compute tier when the arithmetic intensity at the roofline ridge is at or above TIER_RIDGE_FLOP_PER_BYTE,
+    else bandwidth tier.
+
+    L40S (419 FLOP/B), L4 (403, although a small part) and H100 SXM (989e12 / 3.35e12 = 295) are compute; H200
+    (206), A100 (153) and H20 (37) are bandwidth.
     """
     return Tier.COMPUTE if spec.flop_per_byte >= TIER_RIDGE_FLOP_PER_BYTE else Tier.BANDWIDTH
 

@@ -70,12 +70,6 @@ CALIBRATED = PerfParams(
     memory_bound_activity=1.0,
 )
 
-# Names older callers use; they follow the calibration.
-DECODE_MBU = CALIBRATED.decode_mbu
-MEMORY_BOUND_ACTIVITY = CALIBRATED.memory_bound_activity
-#: Activity of a prefill at its attainable rate (an upper bound; `prefill_activity` gives the modelled share).
-PREFILL_ACTIVITY = 1.0
-
 
 @dataclass(frozen=True, slots=True)
 class Link:
@@ -196,6 +190,10 @@ def prefill_cost(
     busy = max(compute, params.memory_bound_activity * memory)
     communication = _communication_s(device, model, new_tokens, params)
     return StepCost(compute, memory, communication, params.prefill_step_overhead_s, busy)
+
+
+#: Activity of a prefill at its attainable rate (an upper bound; `prefill_activity` gives the modelled share).
+PREFILL_ACTIVITY = 1.0
 
 
 def prefill_activity(

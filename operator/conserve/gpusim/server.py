@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -35,6 +35,7 @@ from conserve.core.offload import host_kv_capacity_tokens
 from conserve.core.perf import LINKS, Device
 from conserve.core.tokens import FILLER_TOKEN
 from conserve.gpusim.engine import BLOCK_TOKENS, Engine, RequestRejected, Role, SimRequest, remote_block_ids
+from conserve.probes import add_health_and_metrics
 
 CONVERSATION_HEADER = "X-Conversation-Id"
 SERVER_HEADER = "X-Conserve-Server"
@@ -191,8 +192,7 @@ class GpuSimServer:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
-        app.router.add_get("/health", self._health)
-        app.router.add_get("/metrics", self._metrics)
+        add_health_and_metrics(app, self.registry)
         app.router.add_get("/conserve/stats", self._stats)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
@@ -221,15 +221,9 @@ class GpuSimServer:
             self._runner = None
 
     # ---- handlers -------------------------------------------------------------------------------------------
-    async def _health(self, _request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
     async def _models(self, _request: web.Request) -> web.Response:
         data = [{"id": self.config.model, "object": "model", "owned_by": "conserve-gpusim"}]
         return web.json_response({"object": "list", "data": data})
-
-    async def _metrics(self, _request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.registry), content_type="text/plain", charset="utf-8")
 
     async def _stats(self, _request: web.Request) -> web.Response:
         e = self.engine

@@ -16,8 +16,9 @@ import time
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
+from conserve.probes import add_health_and_metrics
 from conserve.router.policy import DECODER_RESPONSE_HEADER, GENERATION_RESPONSE_HEADER, PREFILL_RESPONSE_HEADER
 from conserve.router.service import Router
 from conserve.router.turns import TurnError, TurnRequest, TurnResult, TurnStarted
@@ -45,12 +46,6 @@ def build_app(router: Router, registry: CollectorRegistry) -> web.Application:
         found = await router.close_conversation(request.match_info["conversation_id"])
         return web.json_response({"closed": found}, status=200 if found else 404)
 
-    async def metrics(_request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
-
-    async def health(_request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
     async def backends(request: web.Request) -> web.Response:
         prefills, decoders = router.backends(request.query.get("pool"))
         return web.json_response(
@@ -63,8 +58,7 @@ def build_app(router: Router, registry: CollectorRegistry) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completions)
     app.router.add_delete("/v1/conversations/{conversation_id}", close)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/health", health)
+    add_health_and_metrics(app, registry)
     app.router.add_get("/conserve/backends", backends)
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)

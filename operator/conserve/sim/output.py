@@ -8,32 +8,54 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from conserve.sim.bench import BenchResult, Comparison, Run
 from conserve.sim.metrics import RunMetrics
 from conserve.sim.report import write_plots, write_report
 
-#: (title, RunMetrics field, width, format, scale)
-TABLE_COLUMNS: tuple[tuple[str, str, int, str, float], ...] = (
-    ("policy", "policy", 21, "s", 1.0),
-    ("TTFET50", "ttfet_p50_s", 8, ".2f", 1.0),
-    ("TTFET95", "ttfet_p95_s", 8, ".2f", 1.0),
-    ("TTFET99", "ttfet_p99_s", 8, ".2f", 1.0),
-    ("TTFT95", "ttft_p95_s", 7, ".2f", 1.0),
-    ("TBT95ms", "tbt_p95_s", 8, ".1f", 1000.0),
-    ("lastTBT95", "last_turn_tbt_p95_s", 9, ".1f", 1000.0),
-    ("SLO", "slo_attainment", 6, ".1%", 1.0),
-    ("tok/s", "throughput_tokens_per_s", 6, ".0f", 1.0),
-    ("J/tok", "j_per_token", 6, ".3f", 1.0),
-    ("tok/J", "tokens_per_j", 6, ".3f", 1.0),
-    ("xfer/conv", "kv_transfers_per_conversation", 9, ".2f", 1.0),
-    ("reprefM", "reprefilled_tokens", 7, ".2f", 1e-6),
-    ("pBusy", "prefill_busy_share", 6, ".0%", 1.0),
-    ("KVutil", "decoder_kv_utilization", 6, ".1%", 1.0),
-    ("preempt", "preemptions", 7, "d", 1.0),
-    ("offload", "offloads", 7, "d", 1.0),
-    ("reload", "reloads", 6, "d", 1.0),
-    ("waits", "placement_waits", 6, "d", 1.0),
+
+class TableColumn(NamedTuple):
+    """One column of the printed table: a RunMetrics field in `width` characters, text left-aligned, numbers right."""
+
+    title: str
+    field: str
+    width: int
+    format: str  # a format spec; "s" and "d" print the value as it is
+    scale: float = 1.0  # applied before formatting (seconds to milliseconds, tokens to millions)
+
+    def heading(self) -> str:
+        return f"{self.title:<{self.width}s}" if self.format == "s" else f"{self.title:>{self.width}s}"
+
+    def cell(self, metrics: RunMetrics) -> str:
+        value = getattr(metrics, self.field)
+        if self.format == "s":
+            return f"{value:<{self.width}s}"
+        if self.format == "d":
+            return f"{value:>{self.width}d}"
+        return f"{value * self.scale:>{self.width}{self.format}}"
+
+
+TABLE_COLUMNS: tuple[TableColumn, ...] = (
+    TableColumn("policy", "policy", 21, "s"),
+    TableColumn("TTFET50", "ttfet_p50_s", 8, ".2f"),
+    TableColumn("TTFET95", "ttfet_p95_s", 8, ".2f"),
+    TableColumn("TTFET99", "ttfet_p99_s", 8, ".2f"),
+    TableColumn("TTFT95", "ttft_p95_s", 7, ".2f"),
+    TableColumn("TBT95ms", "tbt_p95_s", 8, ".1f", 1000.0),
+    TableColumn("lastTBT95", "last_turn_tbt_p95_s", 9, ".1f", 1000.0),
+    TableColumn("SLO", "slo_attainment", 6, ".1%"),
+    TableColumn("tok/s", "throughput_tokens_per_s", 6, ".0f"),
+    TableColumn("J/tok", "j_per_token", 6, ".3f"),
+    TableColumn("tok/J", "tokens_per_j", 6, ".3f"),
+    TableColumn("xfer/conv", "kv_transfers_per_conversation", 9, ".2f"),
+    TableColumn("reprefM", "reprefilled_tokens", 7, ".2f", 1e-6),
+    TableColumn("pBusy", "prefill_busy_share", 6, ".0%"),
+    TableColumn("KVutil", "decoder_kv_utilization", 6, ".1%"),
+    TableColumn("preempt", "preemptions", 7, "d"),
+    TableColumn("offload", "offloads", 7, "d"),
+    TableColumn("reload", "reloads", 6, "d"),
+    TableColumn("waits", "placement_waits", 6, "d"),
 )
 
 #: A comparison's fields in the order comparison.csv (which heads `conserve` "value") and results.json list them.
@@ -61,18 +83,8 @@ def format_table(runs: Sequence[Run]) -> str:
             f"\n== {workload} on the {fleet} fleet ({ms[0].conversations} conversations, {ms[0].turns} turns; "
             "times in s, TBT in ms)"
         )
-        lines.append(" ".join(f"{t:<{w}s}" if k == "policy" else f"{t:>{w}s}" for t, k, w, _, _ in TABLE_COLUMNS))
-        for m in ms:
-            cells = []
-            for _, key, width, fmt, scale in TABLE_COLUMNS:
-                value = getattr(m, key)
-                if fmt == "s":
-                    cells.append(f"{value:<{width}s}")
-                elif fmt == "d":
-                    cells.append(f"{value:>{width}d}")
-                else:
-                    cells.append(f"{value * scale:>{width}{fmt}}")
-            lines.append(" ".join(cells))
+        lines.append(" ".join(c.heading() for c in TABLE_COLUMNS))
+        lines.extend(" ".join(c.cell(m) for c in TABLE_COLUMNS) for m in ms)
     return "\n".join(lines)
 
 
