@@ -49,7 +49,7 @@ class VllmServerConfig:
     #: float32, not bfloat16: with bf16 on an AMX CPU, vLLM's attention kernel takes its AMX path, and a decoder
     #: whose first forward is one token after a NIXL load has never had AMX enabled by oneDNN: SIGILL (measured).
     dtype: str = "float32"
-    #: Seconds the decoder keeps a finished request's KV blocks for the prefill side to pull back (multi-turn).
+    #: Seconds a server may take to become healthy (loading the model and compiling on CPU) before it counts as failed.
     start_timeout_s: float = 600.0
 
 
