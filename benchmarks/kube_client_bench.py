@@ -26,6 +26,10 @@ Runs (2 shared cores; asyncio/threads ratios in brackets):
       placement wait   threads p50 360 / 299 ms  p99  928 / 507 ms  78.7 / 99.1 placed/s
                        asyncio p50 484 / 277 ms  p99 1103 / 652 ms  59.2 / 105.1 placed/s   (1.16, 1.22, 0.92)
       operator backlog threads 85.8 / 196.2 placed/s, asyncio 283.1 / 268.3 placed/s          (1.96)
+    load 1, --count 400 --concurrency 32 --rounds 4 (alternating; merged main, router on asyncio), means of 4
+      placement wait   threads p50 280 ms  p99 561 ms  104.0 placed/s
+                       asyncio p50 285 ms  p99 581 ms  105.1 placed/s   (1.02, 1.04, 1.01)
+      operator backlog threads 206.8 placed/s, asyncio 237.3 placed/s   (1.15; rounds ranged 0.97 to 1.36)
 On a quiet machine the side that runs first is the faster one (the second round flipped the p50 winner), so the
 clients are within about 15% of each other there, asyncio's p99 up to a fifth higher; under CPU contention the
 threaded router fell far behind (2.5x fewer placed per second). The operator's figures swing both ways between
