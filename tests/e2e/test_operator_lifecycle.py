@@ -45,7 +45,8 @@ def test_turns_follow_the_live_context_and_outgrowth(api: Api, operator: Operato
     assert s["decoder"]["pod"] == "dec-0"
     assert s["kvTransfers"] == 1
     assert s["liveKvTokens"] == 12000
-    assert api.events("Outgrown")
+    # The Event is posted after the status write, in the background: await it as the condition is awaited.
+    assert wait_for("Outgrown Event", lambda: api.events("Outgrown"))
     # Idle: no turn for a while shows phase Idle; a turn brings it back.
     wait_for("Idle", lambda: api.conv_status("a")["phase"] == "Idle", tolerate=NOT_YET)
     api.patch_conv("a", {"usage": {"turns": 4, "inputTokens": 11000, "outputTokens": 1100}})
