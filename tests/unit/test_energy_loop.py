@@ -157,6 +157,42 @@ def test_a_restarted_loop_continues_from_status_without_repeating() -> None:
     assert after - before == pytest.approx(4000 * 0.2, abs=0.01)
 
 
+def test_work_during_a_missed_reading_counts_in_the_interval_that_covers_it() -> None:
+    kube = FakeKube(
+        {
+            "decoderpools": [pool()],
+            "conversations": [conversation("a", "dec-0", turns=0, inputs=0, outputs=0, kv=20_000)],
+        }
+    )
+    reader, now = FakeReader(gpus()), [0.0]
+    accountant = EnergyAccountant(reader, ListedEnergyState(kube), ConversationEnergyWriter(kube), clock=lambda: now[0])
+    asyncio.run(accountant.cycle())  # baselines
+    reader.advance(10.0)
+    now[0] = 10.0
+    asyncio.run(accountant.cycle())  # an interval with no tokens: a's KV share of dec-0
+    before = kube.get("conversations", "a")["status"]["energyJoules"]
+    assert before == pytest.approx(4000 * 0.2, abs=0.01)
+    # The exporter misses a scrape while a serves a turn (1000 in + 300 out) ...
+    readings = reader.readings
+    reader.set([])
+    now[0] = 20.0
+    kube.get("conversations", "a")["spec"]["usage"] = {"turns": 1, "inputTokens": 1000, "outputTokens": 300}
+    asyncio.run(accountant.cycle())
+    # ... and answers again 10 s later: dec-0's counter moved 20 s x 400 W, an interval spanning both cycles.
+    reader.set(readings)
+    reader.advance(20.0)
+    now[0] = 30.0
+    asyncio.run(accountant.cycle())
+    gained = kube.get("conversations", "a")["status"]["energyJoules"] - before
+    # dec-0's 8000 J: idle 70 W x 20 s = 1400 J by KV (0.2 to a), the other 6600 J by tokens (a's alone);
+    # pre-0's 13000 J: idle 1400 J unattributed (prefill holds no KV), the rest by first-turn input (a's alone).
+    expected_decode = 6600 + 1400 * 0.2
+    expected_prefill = 650 * 20 - 70 * 20
+    assert gained == pytest.approx(expected_decode + expected_prefill, abs=0.01)
+    # The 300 output tokens served in the gap count in the measured J per token.
+    assert "bandwidth" in accountant.tier_energy_per_token_j("decode")
+
+
 def test_pool_status_sink_writes_only_energy_fields_and_yields_on_conflict() -> None:
     kube = FakeKube({"decoderpools": [pool()], "conversations": []})
     sink = ListedEnergyState(kube)

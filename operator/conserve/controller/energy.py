@@ -14,6 +14,8 @@ Every `interval_s`:
 4. attribute each pod's interval among its conversations (`attribute_interval`): decode pods by tokens processed
    in the interval (input + output reported since the last cycle) and idle by KV held (max of reservation and
    live context); prefill pods by the first turn's input tokens, once, in the cycle that sees the first turn;
+   work on a pod whose GPU gave no interval this cycle (a missed scrape) waits for the next interval, which
+   spans the gap; work before a pod's first reading (a baseline only) is not counted: its energy is unknown;
 5. write: Conversation status `energyJoules` and `energyPerTokenJoules` (J per output token) by merge patch of
    those two fields only, a cycle's writes in one flush with bounded concurrency; per-decoder power and energy
    and J per output token through the `EnergyState` (in the operator: `World.set_decoder_energy`, which the pool

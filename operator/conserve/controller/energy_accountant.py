@@ -89,6 +89,33 @@ class _Work:
     def of(self, pod: ServingPod) -> list[ConversationWork]:
         return (self.decode if pod.role == Role.DECODE else self.prefill).get(pod.key, [])
 
+    def take(self, key: str) -> _Work:
+        """This pod's share, removed from this cycle's work (to wait for an interval that covers it)."""
+        taken = _Work()
+        for mine, theirs in ((self.decode, taken.decode), (self.prefill, taken.prefill)):
+            if key in mine:
+                theirs[key] = mine.pop(key)
+        if key in self.token_delta:
+            taken.token_delta[key] = self.token_delta.pop(key)
+        return taken
+
+    def absorb(self, earlier: _Work) -> None:
+        """Add work carried from earlier cycles: tokens add up; the KV held is this cycle's when known."""
+        for mine, theirs in ((self.decode, earlier.decode), (self.prefill, earlier.prefill)):
+            for key, carried in theirs.items():
+                now = {w.key: w for w in mine.get(key, [])}
+                for old in carried:
+                    current = now.get(old.key)
+                    kv = current.kv_tokens if current is not None else old.kv_tokens
+                    tokens = old.tokens + (current.tokens if current is not None else 0)
+                    now[old.key] = ConversationWork(old.key, tokens, kv)
+                mine[key] = list(now.values())
+        for key, tokens in earlier.token_delta.items():
+            self.token_delta[key] += tokens
+
+    def pods(self) -> set[str]:
+        return set(self.decode) | set(self.prefill) | set(self.token_delta)
+
 
 class EnergyAccountant:
     """The loop's state and one cycle's work; no timer of its own (`run_forever` adds one)."""
@@ -110,6 +137,9 @@ class EnergyAccountant:
         self._tiers: dict[tuple[Role, str], RateWindow] = {}  # (role, tier) -> window
         self._products: dict[tuple[Role, str], RateWindow] = {}  # (role, product) -> window
         self._first_cycle = True
+        #: Work done on a pod in cycles that read no interval for it (a missed scrape), waiting for the
+        #: interval that covers those cycles: the counter's next delta spans them.
+        self._carried = _Work()
 
     # --- measured J per token -----------------------------------------------------------------------------
     def tier_energy_per_token_j(self, role: str = Role.DECODE) -> dict[str, float]:
@@ -128,6 +158,7 @@ class EnergyAccountant:
         intervals, kinds = self._gpu_intervals(readings, now_s)
         per_pod, unmapped_j = _pod_energy(readings, intervals, pods)
         work = self._work(conversations, pods)
+        self._carry(work, per_pod, pods)
         totals = self._attribute(per_pod, pods, work)
         await self.state.publish_decoders(self._decoder_figures(pods))
         written = await self._write_conversations(conversations)
@@ -201,6 +232,23 @@ class EnergyAccountant:
         for key in [k for k in self._convs if k not in seen]:
             del self._convs[key]  # deleted: its energy stays in the pod's and the pool's totals
         return work
+
+    def _carry(self, work: _Work, per_pod: PodEnergy, pods: Mapping[str, ServingPod]) -> None:
+        """Hold back the work of pods measured before but without an interval now; add what was held back
+        earlier to the pods that have one. A pod never measured has no baseline: its work before the first
+        reading falls in no interval and is not counted (its energy is unknown)."""
+        carried, self._carried = self._carried, _Work()
+        work.absorb(
+            _Work(
+                {k: v for k, v in carried.decode.items() if k in pods},
+                {k: v for k, v in carried.prefill.items() if k in pods},
+                defaultdict(int, {k: v for k, v in carried.token_delta.items() if k in pods}),
+            )
+        )
+        for key in work.pods():
+            measured_now = key in per_pod and per_pod[key][0].duration_s > 0
+            if not measured_now and key in self._pods:
+                self._carried.absorb(work.take(key))
 
     def _attribute(self, per_pod: PodEnergy, pods: Mapping[str, ServingPod], work: _Work) -> CycleTotals:
         totals = CycleTotals()
