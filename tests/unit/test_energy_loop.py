@@ -129,66 +129,70 @@ def test_a_cycle_attributes_energy_to_conversations_and_decoders() -> None:
     assert accountant.product_energy_per_token_j("prefill") == {"NVIDIA-H100": pytest.approx(6500 / 2000)}
 
 
+class OneConversation:
+    """Conversation a pinned to dec-0 (20,000 KV tokens of 100,000), the fake GPUs, a clock; standalone loops."""
+
+    def __init__(self, *, turns: int, inputs: int, outputs: int) -> None:
+        conv = conversation("a", "dec-0", turns=turns, inputs=inputs, outputs=outputs, kv=20_000)
+        self.kube = FakeKube({"decoderpools": [pool()], "conversations": [conv]})
+        self.reader = FakeReader(gpus())
+        self.now_s = 0.0
+
+    def accountant(self) -> EnergyAccountant:
+        state, writer = ListedEnergyState(self.kube), ConversationEnergyWriter(self.kube)
+        return EnergyAccountant(self.reader, state, writer, clock=lambda: self.now_s)
+
+    def after(self, seconds: float) -> None:
+        self.reader.advance(seconds)
+        self.now_s += seconds
+
+    def energy_j(self) -> float:
+        return float(self.kube.get("conversations", "a")["status"]["energyJoules"])
+
+
 def test_a_restarted_loop_continues_from_status_without_repeating() -> None:
-    kube = FakeKube(
-        {
-            "decoderpools": [pool()],
-            "conversations": [conversation("a", "dec-0", turns=1, inputs=1000, outputs=300, kv=20_000)],
-        }
-    )
-    reader, now = FakeReader(gpus()), [0.0]
-    first = EnergyAccountant(reader, ListedEnergyState(kube), ConversationEnergyWriter(kube), clock=lambda: now[0])
+    world = OneConversation(turns=1, inputs=1000, outputs=300)
+    first = world.accountant()
     asyncio.run(first.cycle())
-    reader.advance(10.0)
-    now[0] = 10.0
+    world.after(10.0)
     asyncio.run(first.cycle())
-    before = kube.get("conversations", "a")["status"]["energyJoules"]
+    before = world.energy_j()
     assert before > 0
     # A new operator: the same GPUs and objects. Its first cycle counts nothing (no baseline), and the tokens
     # already reported are not work again.
-    second = EnergyAccountant(reader, ListedEnergyState(kube), ConversationEnergyWriter(kube), clock=lambda: now[0])
+    second = world.accountant()
     asyncio.run(second.cycle())
-    assert kube.get("conversations", "a")["status"]["energyJoules"] == before
-    reader.advance(10.0)
-    now[0] = 20.0
+    assert world.energy_j() == before
+    world.after(10.0)
     asyncio.run(second.cycle())
-    after = kube.get("conversations", "a")["status"]["energyJoules"]
     # No new tokens: only its KV share of dec-0 (4000 J, all of it shared by occupancy: 0.2).
-    assert after - before == pytest.approx(4000 * 0.2, abs=0.01)
+    assert world.energy_j() - before == pytest.approx(4000 * 0.2, abs=0.01)
 
 
 def test_work_during_a_missed_reading_counts_in_the_interval_that_covers_it() -> None:
-    kube = FakeKube(
-        {
-            "decoderpools": [pool()],
-            "conversations": [conversation("a", "dec-0", turns=0, inputs=0, outputs=0, kv=20_000)],
-        }
-    )
-    reader, now = FakeReader(gpus()), [0.0]
-    accountant = EnergyAccountant(reader, ListedEnergyState(kube), ConversationEnergyWriter(kube), clock=lambda: now[0])
+    world = OneConversation(turns=0, inputs=0, outputs=0)
+    accountant = world.accountant()
     asyncio.run(accountant.cycle())  # baselines
-    reader.advance(10.0)
-    now[0] = 10.0
+    world.after(10.0)
     asyncio.run(accountant.cycle())  # an interval with no tokens: a's KV share of dec-0
-    before = kube.get("conversations", "a")["status"]["energyJoules"]
+    before = world.energy_j()
     assert before == pytest.approx(4000 * 0.2, abs=0.01)
     # The exporter misses a scrape while a serves a turn (1000 in + 300 out) ...
-    readings = reader.readings
-    reader.set([])
-    now[0] = 20.0
-    kube.get("conversations", "a")["spec"]["usage"] = {"turns": 1, "inputTokens": 1000, "outputTokens": 300}
+    readings = world.reader.readings
+    world.reader.set([])
+    world.now_s = 20.0
+    world.kube.get("conversations", "a")["spec"]["usage"] = {"turns": 1, "inputTokens": 1000, "outputTokens": 300}
     asyncio.run(accountant.cycle())
-    # ... and answers again 10 s later: dec-0's counter moved 20 s x 400 W, an interval spanning both cycles.
-    reader.set(readings)
-    reader.advance(20.0)
-    now[0] = 30.0
+    # ... and answers again 10 s later: the counters moved 20 s, an interval spanning both cycles.
+    world.reader.set(readings)
+    world.after(20.0)
+    world.now_s = 30.0
     asyncio.run(accountant.cycle())
-    gained = kube.get("conversations", "a")["status"]["energyJoules"] - before
     # dec-0's 8000 J: idle 70 W x 20 s = 1400 J by KV (0.2 to a), the other 6600 J by tokens (a's alone);
     # pre-0's 13000 J: idle 1400 J unattributed (prefill holds no KV), the rest by first-turn input (a's alone).
     expected_decode = 6600 + 1400 * 0.2
     expected_prefill = 650 * 20 - 70 * 20
-    assert gained == pytest.approx(expected_decode + expected_prefill, abs=0.01)
+    assert world.energy_j() - before == pytest.approx(expected_decode + expected_prefill, abs=0.01)
     # The 300 output tokens served in the gap count in the measured J per token.
     assert "bandwidth" in accountant.tier_energy_per_token_j("decode")
 
