@@ -142,6 +142,14 @@ class OneConversation:
         state, writer = ListedEnergyState(self.kube), ConversationEnergyWriter(self.kube)
         return EnergyAccountant(self.reader, state, writer, clock=lambda: self.now_s)
 
+    def measured_once(self) -> EnergyAccountant:
+        """A loop that has read the GPUs twice: a baseline, then a 10 s interval."""
+        accountant = self.accountant()
+        asyncio.run(accountant.cycle())
+        self.after(10.0)
+        asyncio.run(accountant.cycle())
+        return accountant
+
     def after(self, seconds: float) -> None:
         self.reader.advance(seconds)
         self.now_s += seconds
@@ -149,13 +157,21 @@ class OneConversation:
     def energy_j(self) -> float:
         return float(self.kube.get("conversations", "a")["status"]["energyJoules"])
 
+    def serve_a_turn_during_a_missed_scrape(self, accountant: EnergyAccountant) -> None:
+        """10 s in which the exporter answers nothing while a serves a turn (1000 in + 300 out); its counters
+        keep running meanwhile."""
+        readings = self.reader.readings
+        self.reader.set([])
+        self.now_s += 10.0
+        self.kube.get("conversations", "a")["spec"]["usage"] = {"turns": 1, "inputTokens": 1000, "outputTokens": 300}
+        asyncio.run(accountant.cycle())
+        self.reader.set(readings)
+        self.reader.advance(10.0)
+
 
 def test_a_restarted_loop_continues_from_status_without_repeating() -> None:
     world = OneConversation(turns=1, inputs=1000, outputs=300)
-    first = world.accountant()
-    asyncio.run(first.cycle())
-    world.after(10.0)
-    asyncio.run(first.cycle())
+    world.measured_once()
     before = world.energy_j()
     assert before > 0
     # A new operator: the same GPUs and objects. Its first cycle counts nothing (no baseline), and the tokens
@@ -171,22 +187,12 @@ def test_a_restarted_loop_continues_from_status_without_repeating() -> None:
 
 def test_work_during_a_missed_reading_counts_in_the_interval_that_covers_it() -> None:
     world = OneConversation(turns=0, inputs=0, outputs=0)
-    accountant = world.accountant()
-    asyncio.run(accountant.cycle())  # baselines
-    world.after(10.0)
-    asyncio.run(accountant.cycle())  # an interval with no tokens: a's KV share of dec-0
+    accountant = world.measured_once()  # an interval with no tokens: a's KV share of dec-0
     before = world.energy_j()
     assert before == pytest.approx(4000 * 0.2, abs=0.01)
-    # The exporter misses a scrape while a serves a turn (1000 in + 300 out) ...
-    readings = world.reader.readings
-    world.reader.set([])
-    world.now_s = 20.0
-    world.kube.get("conversations", "a")["spec"]["usage"] = {"turns": 1, "inputTokens": 1000, "outputTokens": 300}
-    asyncio.run(accountant.cycle())
-    # ... and answers again 10 s later: the counters moved 20 s, an interval spanning both cycles.
-    world.reader.set(readings)
-    world.after(20.0)
-    world.now_s = 30.0
+    world.serve_a_turn_during_a_missed_scrape(accountant)
+    # The exporter answers again 10 s later: the counters moved 20 s, an interval spanning both cycles.
+    world.after(10.0)
     asyncio.run(accountant.cycle())
     # dec-0's 8000 J: idle 70 W x 20 s = 1400 J by KV (0.2 to a), the other 6600 J by tokens (a's alone);
     # pre-0's 13000 J: idle 1400 J unattributed (prefill holds no KV), the rest by first-turn input (a's alone).
@@ -194,6 +200,22 @@ def test_work_during_a_missed_reading_counts_in_the_interval_that_covers_it() ->
     expected_prefill = 650 * 20 - 70 * 20
     assert world.energy_j() - before == pytest.approx(expected_decode + expected_prefill, abs=0.01)
     # The 300 output tokens served in the gap count in the measured J per token.
+    assert "bandwidth" in accountant.tier_energy_per_token_j("decode")
+
+
+def test_held_back_work_of_a_conversation_deleted_meanwhile_is_dropped_not_fatal() -> None:
+    world = OneConversation(turns=0, inputs=0, outputs=0)
+    accountant = world.measured_once()
+    # A turn during a missed scrape, then the conversation is deleted before the exporter answers again.
+    world.serve_a_turn_during_a_missed_scrape(accountant)
+    world.kube.objects["conversations"].clear()
+    world.after(10.0)
+    report = asyncio.run(accountant.cycle())
+    # The GPUs' 20 s are all accounted (nobody left to charge on the decoders: unattributed), none lost.
+    assert report.gpu_energy_j == pytest.approx(2 * 13_200.0)
+    assert math.isclose(report.attributed_j + report.unattributed_j + report.unmapped_j, report.gpu_energy_j)
+    assert report.attributed_j == 0
+    # The tokens it was served still count in dec-0's J per token.
     assert "bandwidth" in accountant.tier_energy_per_token_j("decode")
 
 

@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from conserve.controller.energy_metrics import CycleObservation, CycleTotals, EnergyMetrics, PodEnergy
@@ -115,6 +115,18 @@ class _Work:
 
     def pods(self) -> set[str]:
         return set(self.decode) | set(self.prefill) | set(self.token_delta)
+
+    def keep(self, pods: Container[str], conversations: Container[str]) -> None:
+        """Forget the work of pods and of conversations that are gone."""
+        for by_pod in (self.decode, self.prefill):
+            for key in list(by_pod):
+                remaining = [w for w in by_pod[key] if w.key in conversations]
+                if key in pods and remaining:
+                    by_pod[key] = remaining
+                else:
+                    del by_pod[key]
+        for key in [k for k in self.token_delta if k not in pods]:
+            del self.token_delta[key]
 
 
 class EnergyAccountant:
@@ -237,14 +249,9 @@ class EnergyAccountant:
         """Hold back the work of pods measured before but without an interval now; add what was held back
         earlier to the pods that have one. A pod never measured has no baseline: its work before the first
         reading falls in no interval and is not counted (its energy is unknown)."""
-        carried, self._carried = self._carried, _Work()
-        work.absorb(
-            _Work(
-                {k: v for k, v in carried.decode.items() if k in pods},
-                {k: v for k, v in carried.prefill.items() if k in pods},
-                defaultdict(int, {k: v for k, v in carried.token_delta.items() if k in pods}),
-            )
-        )
+        held, self._carried = self._carried, _Work()
+        held.keep(pods, self._convs)  # a deleted conversation's share goes to the others (or unattributed)
+        work.absorb(held)
         for key in work.pods():
             measured_now = key in per_pod and per_pod[key][0].duration_s > 0
             if not measured_now and key in self._pods:
