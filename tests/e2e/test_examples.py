@@ -12,9 +12,10 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 def test_examples_apply_and_place(cluster: ClusterHandle, namespace: str, api: Api, operator: OperatorProcess) -> None:
     cluster.kubectl("apply", "-n", namespace, "-f", str(EXAMPLES))
+    # The pool's servers come into its status as their pods appear: the prefill server may follow the decoders.
     pool = wait_for(
-        "two decoders ready",
-        lambda: (s := api.get_pool("llama-3-8b").get("status") or {}).get("readyDecoders") == 2 and s,
+        "two decoders ready and the prefill server found",
+        lambda: (s := api.get_pool("llama-3-8b").get("status") or {}).get("readyDecoders") == 2 and s["prefills"] and s,
         30,
         tolerate=NOT_YET,
     )
