@@ -144,15 +144,20 @@ def test_conserve_waits_for_capacity() -> None:
 
 def test_without_an_end_signal_release_waits_for_the_idle_timeout() -> None:
     # Equal information: a trace without an end signal (Mooncake, Azure) does not tell ConServe that a is over;
-    # a is released, for every policy alike, once idle for the timeout, and only then can b be placed.
+    # a is released, for every policy alike, once idle for the timeout, and only then can b be placed (with the
+    # KV lifecycle off: with it, a's idle KV is reclaimed for b as soon as its active window has passed).
     f = fleet(decode_gpu="L4", memory_fraction=0.75, host_kv_gb=0.0)
     big = int(f.kv_capacity_tokens(f.decode[0]) * 0.5)
     w = Workload("t", (chat("a", 0.0, (big, big, 50, 0.0)), chat("b", 0.0, (big, big, 50, 0.0))))
-    result = simulate(f, w, make_policy("conserve"), idle_timeout_s=60.0)
+    result = simulate(f, w, make_policy("conserve-no-offload"), idle_timeout_s=60.0)
     a, b = (s.turns[0] for s in result.conversations)
     assert b.arrival_s + 60.0 < b.first_token_s
     assert a.done_s + 60.0 <= b.first_token_s
     assert result.horizon_s == pytest.approx(b.done_s)  # the trailing idle check does not lengthen the run
+    # with the lifecycle, the scheduler's sweep reclaims a's idle KV after the active window (10 s), not later
+    reclaimed = simulate(f, w, make_policy("conserve"), idle_timeout_s=60.0)
+    a2, b2 = (s.turns[0] for s in reclaimed.conversations)
+    assert a2.done_s + 10.0 <= b2.first_token_s < a2.done_s + 60.0
     # and the per-turn policies' caches drop the KV at the same moment
     sticky = simulate(f, w, make_policy("sticky"), idle_timeout_s=60.0)
     assert all(not d.cache and d.cache_tokens == 0 for d in sticky.decoders)

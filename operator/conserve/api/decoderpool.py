@@ -104,7 +104,8 @@ class PlacementSpec(CamelModel):
 
 class KvLifecycleSpec(CamelModel):
     """Idle conversations' KV: resident (evictable) on the GPU, then in the decoder node's host memory, then
-    dropped. The TTLs are derived from the pool's observed gaps between turns, bounded by these limits."""
+    dropped, each move on memory pressure (a placement or a reload needing room). The active window (and the
+    opt-in TTLs) derive from the pool's observed gaps between turns, bounded by these limits."""
 
     enabled: bool = Field(True, description="Offload and drop idle conversations' KV (false: it stays resident).")
     host_kv_tokens_per_decoder: int | None = Field(
@@ -120,11 +121,19 @@ class KvLifecycleSpec(CamelModel):
         le=3600,
         description="Upper bound of the window after a turn during which its KV is not reclaimable (0: none).",
     )
-    max_resident_ttl_seconds: int = Field(
-        300, ge=1, le=7 * 24 * 3600, description="Upper bound of an idle conversation's stay on the GPU."
+    max_resident_ttl_seconds: int | None = Field(
+        None,
+        ge=1,
+        le=7 * 24 * 3600,
+        description="Opt-in timer: offload an idle conversation's KV after the median observed gap between turns, "
+        "at most this long (unset: offload only when GPU room is needed).",
     )
-    max_host_ttl_seconds: int = Field(
-        1800, ge=1, le=7 * 24 * 3600, description="Upper bound of an offloaded conversation's stay in host memory."
+    max_host_ttl_seconds: int | None = Field(
+        None,
+        ge=1,
+        le=7 * 24 * 3600,
+        description="Opt-in timer, with maxResidentTtlSeconds: drop an offloaded conversation's KV after the 90th "
+        "percentile observed gap, at most this long (unset: drop only when host room is needed).",
     )
 
 

@@ -124,15 +124,16 @@ async def _serve(engine: Engine, record: ConvRecord) -> None:
     pool = engine.world.pool_of(record)
     if not record.placed:
         async with pool.lock:
-            engine.apply_usage(pool, record)  # a turn reported before placement is still counted
+            _, others = engine.apply_usage(pool, record)  # a turn reported before placement is still counted
+        await engine.commit(others, pool)
         await engine.admit(record)
         return
     async with pool.lock:
-        changed = engine.apply_usage(pool, record)
+        changed, others = engine.apply_usage(pool, record)
     if changed:
         engine.on_pool_changed(pool)
         await engine.write_status(record)
-        await engine.drain(pool)
+    await engine.commit(others, pool)
 
 
 async def release_vanished(engine: Engine, scopes: list[str | None]) -> int:

@@ -17,13 +17,13 @@ from pydantic import ValidationError
 from conserve import metrics
 from conserve.api.decoderpool import PLURAL as PLURAL  # re-exported (startup, registry)
 from conserve.api.decoderpool import DecoderPoolSpec, DecoderPoolStatus
+from conserve.api.scheduling import scheduler_settings
 from conserve.controller import pods
-from conserve.controller.engine import Engine, scheduler_settings
+from conserve.controller.engine import Engine
 from conserve.controller.kube import NotFound
 from conserve.controller.state import NodeInfo, PoolRuntime, World, key_of
 from conserve.controller.status import pool_status, pool_status_patch_of
 from conserve.core.lifecycle import KvState
-from conserve.core.offload import HOST_KV_BYTES_PER_GPU
 
 log = logging.getLogger("conserve.operator")
 
@@ -36,7 +36,7 @@ def load_spec(pool: PoolRuntime, body: dict[str, Any]) -> None:
     try:
         pool.spec = DecoderPoolSpec.model_validate(body.get("spec") or {})
         pool.spec_error = ""
-        pool.scheduler.configure(scheduler_settings(pool.spec, host_kv_tokens_per_decoder(pool.spec)))
+        pool.scheduler.configure(scheduler_settings(pool.spec))
     except ValidationError as exc:
         pool.spec = None
         pool.spec_error = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())[:1000]
@@ -45,15 +45,6 @@ def load_spec(pool: PoolRuntime, body: dict[str, Any]) -> None:
         for ratio in status.observed_growth_ratios:
             pool.scheduler.record_growth(ratio)
         pool.scheduler.gaps.extend(status.observed_turn_gaps_seconds)
-
-
-def host_kv_tokens_per_decoder(spec: DecoderPoolSpec) -> int:
-    """Declared, or derived: the host memory given to KV per decoder GPU (core.offload) over the model's KV size."""
-    declared = spec.kv_lifecycle.host_kv_tokens_per_decoder
-    if declared is not None:
-        return declared
-    kv_bytes = spec.model.resolved_kv_bytes_per_token()
-    return int(HOST_KV_BYTES_PER_GPU // kv_bytes) if kv_bytes else 0
 
 
 async def resync(engine: Engine, pool: PoolRuntime, pod: str | None = None) -> None:

@@ -20,14 +20,10 @@ from typing import Protocol
 
 from conserve import metrics
 from conserve.api.conversation import Endpoint, Phase
-from conserve.api.decoderpool import DecoderPoolSpec
 from conserve.controller.kube import Kube
 from conserve.controller.state import ConvRecord, PoolRuntime, World, format_time, parse_time
 from conserve.controller.writer import Writer, WriterConfig
 from conserve.core.decisions import Decision, Reason, Verdict
-from conserve.core.lifecycle import LifecycleSettings
-from conserve.core.placement import PlacementSettings, PlacementWeights, TierPolicy
-from conserve.core.scheduler import SchedulerSettings
 
 log = logging.getLogger("conserve.operator")
 
@@ -64,29 +60,6 @@ class Outcome:
     event_reason: str = ""
     event_message: str = ""
     warning: bool = False
-
-
-def scheduler_settings(spec: DecoderPoolSpec, host_kv_tokens_per_decoder: int = 0) -> SchedulerSettings:
-    """The pool's spec as the scheduler's settings (the simulator builds the same from its defaults)."""
-    p = spec.placement
-    w = p.weights
-    lc = spec.kv_lifecycle
-    return SchedulerSettings(
-        placement=PlacementSettings(
-            headroom_fraction=p.headroom_fraction,
-            tier_policy=TierPolicy(p.tier_policy),
-            weights=PlacementWeights(w.kv_balance, w.kv_pack, w.tier, w.energy, w.conversations),
-        ),
-        reject_when_full=p.when_full == "Reject",
-        default_idle_timeout_s=float(spec.default_idle_timeout_seconds),
-        lifecycle=LifecycleSettings(
-            enabled=lc.enabled,
-            host_kv_tokens_per_decoder=host_kv_tokens_per_decoder,
-            max_active_window_s=float(lc.max_active_window_seconds),
-            max_resident_ttl_s=float(lc.max_resident_ttl_seconds),
-            max_host_ttl_s=float(lc.max_host_ttl_seconds),
-        ),
-    )
 
 
 class Engine(Writer):
@@ -201,14 +174,11 @@ class Engine(Writer):
             pool.scheduler.set_problem(reason, message)
 
     async def drain(self, pool: PoolRuntime) -> None:
-        """Place the waiting conversations that fit now, in queue order."""
+        """Place the waiting conversations that fit now, in queue order (after an adapter-side change the
+        scheduler cannot see as an event: a decoder added or grown, a pool spec fixed, an engine reading)."""
         async with pool.lock:
             if not pool.pending:
                 return
-            for key in list(pool.pending):
-                record = self.world.convs.get(key)
-                if record is None or record.placed or record.terminal:
-                    pool.pending.pop(key, None)
             self._sync_problem(pool)
             outcomes = [
                 o for o in self.apply(pool, pool.scheduler.drain(self.clock.now())) if o.result is not Verdict.UNCHANGED
@@ -216,12 +186,16 @@ class Engine(Writer):
         await self.commit(outcomes, pool)
 
     async def release(self, record: ConvRecord, reason: str, message: str, *, write: bool = True) -> None:
-        """End a conversation's hold on capacity (exactly once: the scheduler says whether it held anything)."""
+        """End a conversation's hold on capacity (exactly once: the scheduler says whether it held anything);
+        the scheduler places waiting conversations in the room freed, in the same step."""
         pool = self.world.pool_of(record)
         async with pool.lock:
-            released = pool.scheduler.release(record.key, Reason(reason), message)
-            self._ended(pool, record, reason, message, released is not None)
-        await self._after_release(pool, record, message, released is not None, write)
+            decisions = pool.scheduler.release(record.key, Reason(reason), message, now_s=self.clock.now())
+            held = bool(decisions) and decisions[0].verdict is Verdict.RELEASED
+            self._ended(pool, record, reason, message, held)
+            outcomes = self.apply(pool, decisions[1:] if held else decisions)
+        await self._after_release(pool, record, message, held, write)
+        await self.commit(outcomes, pool)
 
     def _ended(self, pool: PoolRuntime, record: ConvRecord, reason: str, message: str, held: bool) -> None:
         if not record.terminal:
@@ -234,7 +208,7 @@ class Engine(Writer):
             metrics.RELEASES.labels(*self._labels(pool), reason).inc()
 
     async def _after_release(
-        self, pool: PoolRuntime, record: ConvRecord, message: str, held: bool, write: bool, *, drain: bool = True
+        self, pool: PoolRuntime, record: ConvRecord, message: str, held: bool, write: bool
     ) -> None:
         if write:
             await self.write_status(record)
@@ -244,8 +218,6 @@ class Engine(Writer):
             self.on_pool_changed(pool)
         elif record.has_finalizer:
             await self.remove_finalizer(record)
-        if drain:  # after every release, held or not, as the simulator retries its queue
-            await self.drain(pool)
 
     async def decoders_lost(self, pool: PoolRuntime, pods: Iterable[str]) -> None:
         """Move every conversation of the lost decoders to another decoder, or fail it."""
@@ -261,8 +233,10 @@ class Engine(Writer):
             if outcome.result is Verdict.FAILED:
                 await self.remove_finalizer(outcome.record)
 
-    def apply_usage(self, pool: PoolRuntime, record: ConvRecord) -> bool:
-        """Follow a turn report (spec.usage: cumulative counters). Call under pool.lock; True when changed."""
+    def apply_usage(self, pool: PoolRuntime, record: ConvRecord) -> tuple[bool, list[Outcome]]:
+        """Follow a turn report (spec.usage: cumulative counters). Call under pool.lock. Returns whether it
+        changed, and what the scheduler's decisions changed for other conversations (KV moved to make room,
+        waiting ones placed in the room the turn's end freed): the caller commits them after the lock."""
         usage, status = record.spec.usage, record.status
         if (usage.turns, usage.input_tokens, usage.output_tokens, usage.time_to_first_effective_token_seconds) == (
             status.turns_served,
@@ -270,7 +244,7 @@ class Engine(Writer):
             status.output_tokens,
             status.time_to_first_effective_token_seconds,
         ):
-            return False
+            return False, []
         now = self.clock.now()
         status.turns_served, status.input_tokens, status.output_tokens = (
             usage.turns,
@@ -291,10 +265,7 @@ class Engine(Writer):
         view = pool.scheduler.conversations.get(record.key)
         if record.placed and view is not None:  # after the decisions: a reload ends with the turn, idle
             record.kv_state = view.kv_state
-        for outcome in outcomes:  # other conversations' KV moved to make room: their status says so
-            if outcome.record is not record:
-                self.spawn(self.write_status(outcome.record))
-        return True
+        return True, [o for o in outcomes if o.record is not record]
 
     def _follow_prefill(self, pool: PoolRuntime, record: ConvRecord) -> None:
         """The router reports the prefill server that ran the first turn (its early prefill may start before the
@@ -308,7 +279,8 @@ class Engine(Writer):
         pool.scheduler.prefill_reported(chosen, used)
 
     async def sweep_idle(self) -> None:
-        """Each pool's timers (idle timeout, resident and host TTLs); phase Idle shown before the timeout."""
+        """Each pool's timers (idle timeout, active window, opt-in TTLs) and the placements of waiting
+        conversations in the room they freed; phase Idle shown before the timeout."""
         now = self.clock.now()
         for pool in list(self.world.pools.values()):
             async with pool.lock:
@@ -321,13 +293,9 @@ class Engine(Writer):
                     if record is not None:
                         self._ended(pool, record, d.reason.value, d.message, True)
                         ended.append((record, d.message))
-            await asyncio.gather(*(self.write_status(o.record) for o in outcomes))
-            if outcomes:
-                self.on_pool_changed(pool)
             for record, message in ended:
-                await self._after_release(pool, record, message, True, True, drain=False)
-            if decisions:
-                await self.drain(pool)  # room freed (released, offloaded, dropped): once for the whole sweep
+                await self._after_release(pool, record, message, True, True)
+            await self.commit(outcomes, pool)
         to_write: list[ConvRecord] = []
         for record in list(self.world.convs.values()):
             if record.status.phase is not Phase.DECODING or record.last_activity_s is None:

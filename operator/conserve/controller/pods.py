@@ -16,6 +16,7 @@ from typing import Any
 
 from conserve.api.corev1 import Pod
 from conserve.api.decoderpool import DecoderPoolSpec
+from conserve.api.scheduling import energy_prior_j
 from conserve.controller.state import DecoderInfo, NodeInfo, PodInfo, PoolRuntime, World, key_of
 from conserve.core.gpus import NodeGpu, Tier
 from conserve.core.llm import ModelShape, kv_capacity_tokens
@@ -52,6 +53,7 @@ def decoder_info(pod: PodInfo, node: NodeInfo | None, spec: DecoderPoolSpec) -> 
         ready=pod.ready,
         endpoint=pod.endpoint_annotation or (f"{pod.ip}:{spec.endpoint.port}" if pod.ip else ""),
         capacity_kv_tokens=capacity,
+        gpu_count=max(pod.gpus, 1),
         problem=problem,
     )
 
@@ -86,14 +88,17 @@ def _with_kv_bytes(shape: ModelShape, kv_bytes: int) -> ModelShape:
     return replace(shape, bytes_per_element=max(kv_bytes // per_element_units, 1))
 
 
-def decoder_state(info: DecoderInfo) -> DecoderState:
-    """The decoder as the scheduler's table holds it (its measured J/token is kept there, not here)."""
+def decoder_state(info: DecoderInfo, spec: DecoderPoolSpec | None) -> DecoderState:
+    """The decoder as the scheduler's table holds it: the modelled J/token as the energy scorer's prior (the
+    scheduler keeps a measured one over it)."""
     return DecoderState(
         name=info.pod,
         node=info.node,
         tier=Tier(info.tier) if info.tier else None,
         ready=info.serving,
         capacity_kv_tokens=info.capacity_kv_tokens,
+        gpu_count=info.gpu_count,
+        energy_per_token_j=energy_prior_j(spec, info.gpu_product, info.gpu_count) if spec is not None else None,
     )
 
 
@@ -120,7 +125,7 @@ def sync_pool(world: World, pool: PoolRuntime) -> tuple[list[str], list[str], bo
         was_smaller = old_info is None or not old_info.ready or old_info.capacity_kv_tokens < info.capacity_kv_tokens
         if info.ready and was_smaller:
             grew = True
-        pool.scheduler.decoder_changed(decoder_state(info))
+        pool.scheduler.decoder_changed(decoder_state(info, pool.spec))
     for name in gone:
         pool.scheduler.decoder_removed(name)  # holdings stay until the engine moves them
     pool.decoders = new_decoders
@@ -158,7 +163,7 @@ def sync_pod(world: World, pool: PoolRuntime, name: str) -> tuple[list[str], lis
     if pod is not None and spec.decoder_selector.matches(pod.labels):
         info = decoder_info(pod, world.nodes.get(pod.node), spec)
         pool.decoders[name] = info
-        pool.scheduler.decoder_changed(decoder_state(info))
+        pool.scheduler.decoder_changed(decoder_state(info, pool.spec))
         pool.scheduler.set_prefills(prefill_states(pool))
         unready = [name] if old is not None and old.ready and not info.ready else []
         grew = info.ready and (old is None or not old.ready or old.capacity_kv_tokens < info.capacity_kv_tokens)

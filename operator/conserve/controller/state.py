@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +80,7 @@ class DecoderInfo(PrefillStatus):
     ledger), its KV capacity, and why it cannot take conversations besides readiness (e.g. unknown GPU memory)."""
 
     capacity_kv_tokens: int = 0
+    gpu_count: int = 1
     problem: str = ""
 
     @property
@@ -226,7 +226,7 @@ class PoolRuntime:
         return self.scheduler.pending
 
     @property
-    def growth_ratios(self) -> deque[float]:
+    def growth_ratios(self) -> list[float]:
         return self.scheduler.growth_ratios
 
 

@@ -35,7 +35,6 @@ def decoder_statuses(pool: PoolRuntime, previous: DecoderPoolStatus) -> list[Dec
     """One entry per decoder; its power and energy are the energy loop's latest, else those written before."""
     snapshot = {d.name: d for d in pool.ledger.snapshot()}
     written = {d.pod: d for d in previous.decoders}
-    host_capacity = pool.scheduler.settings.lifecycle.host_kv_tokens_per_decoder
     entries = []
     for name in sorted(pool.decoders):
         info = pool.decoders[name]
@@ -60,7 +59,7 @@ def decoder_statuses(pool: PoolRuntime, previous: DecoderPoolStatus) -> list[Dec
             offloaded_conversations=lc.offloaded,
             offloaded_kv_tokens=lc.offloaded_kv_tokens,
             dropped_conversations=lc.dropped,
-            host_capacity_kv_tokens=host_capacity,
+            host_capacity_kv_tokens=pool.scheduler.kv.host_capacity_on(name),
             power_watts=power,
             energy_joules=joules,
         )
@@ -100,8 +99,8 @@ def pool_status(pool: PoolRuntime, pending: int) -> DecoderPoolStatus:
         dropped_conversations=sum(d.dropped_conversations for d in decoders),
         observed_turn_gaps_seconds=[round(g, 3) for g in scheduler.gaps.gaps_s],
         active_window_seconds=round(scheduler.gaps.active_window_s(lifecycle), 3),
-        resident_ttl_seconds=round(scheduler.gaps.resident_ttl_s(lifecycle), 3),
-        host_ttl_seconds=round(scheduler.gaps.host_ttl_s(lifecycle), 3),
+        resident_ttl_seconds=_rounded(scheduler.gaps.resident_ttl_s(lifecycle)),
+        host_ttl_seconds=_rounded(scheduler.gaps.host_ttl_s(lifecycle)),
         kv_usage=f"{reserved}/{capacity}",
         kv_bytes_per_token=pool.spec.model.resolved_kv_bytes_per_token() if pool.spec else None,
         observed_growth_ratios=list(pool.growth_ratios),
@@ -148,3 +147,7 @@ def pool_conditions(pool: PoolRuntime, ready: int, previous: DecoderPoolStatus |
             )
         )
     return out
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return round(seconds, 3) if seconds is not None else None

@@ -24,6 +24,13 @@ class Verdict(enum.StrEnum):
     UNCHANGED = "unchanged"
 
 
+class PrefillSite(enum.StrEnum):
+    """Where a turn's prompt is prefilled: decided per turn outside the scheduler (the P/D decision), told to it."""
+
+    DECODER = "decoder"  # on the pinned decoder itself (append-prefill; nothing moves)
+    POOL = "pool"  # on the prefill pool; the new KV moves to the decoder
+
+
 class Reason(enum.StrEnum):
     """Condition and Event reasons (the strings users see)."""
 
@@ -44,7 +51,8 @@ class Reason(enum.StrEnum):
     ROOM_NEEDED = "RoomNeeded"
     RESIDENT_TTL = "ResidentTtl"
     HOST_TTL = "HostTtl"
-    HOST_FULL = "HostFull"
+    HOST_FULL = "HostFull"  # a host copy made way for a newer offload
+    HOST_TOO_SMALL = "HostTooSmall"  # reclaimed KV larger than the decoder's whole host tier: dropped at once
     TURN = "Turn"
 
 

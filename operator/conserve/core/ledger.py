@@ -178,6 +178,7 @@ class CapacityLedger:
                     live,
                     count,
                     static.energy_per_token_j,
+                    static.gpu_count,
                 )
             )
         return states

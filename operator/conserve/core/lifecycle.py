@@ -5,19 +5,26 @@ A pinned conversation's KV is in one of four states (`KvState`):
   the active window after each turn (in the simulator also from a turn's arrival to its end). Its reservation
   counts against the decoder's GPU capacity and is never evicted.
 - **idle** (resident): its KV is still on the decoder's GPU, but evictable: placement and admission count it
-  as reclaimable room. It is offloaded when room is needed or after the resident TTL.
+  as reclaimable room. It is offloaded when room is needed (memory pressure), never on a timer by default.
 - **offloaded**: its KV sits in the decoder node's host memory (vLLM's OffloadingConnector, LMCache's CPU
   backend): no GPU capacity, host capacity of its live size. Its next turn reloads it over PCIe.
-- **dropped**: its KV is gone (after the host TTL, or the host needed room); its next turn is prefilled again.
+- **dropped**: its KV is gone (the host needed room for a newer offload, or it never fit the host); its next
+  turn is prefilled again.
+A conversation with a turn in flight (arrived, queued or running) is never idled, offloaded or dropped.
 The pin (decoder affinity) outlives residency: the next turn always goes back to its decoder; only the
 conversation's release (completed, deleted, idle past its idle timeout) ends the pin.
 
-TTLs: observe, do not predict. The active window is the 10th percentile of the inter-turn gaps observed in the
-pool (a tenth of next turns, tool loops and quick replies, come back before their KV becomes evictable); the
-resident TTL is the median of the inter-turn gaps observed in the pool (half
-of next turns find their KV still on the GPU), the host TTL the 90th percentile (nine in ten find it at least
-in host memory); each bounded by the pool's limits. Until MIN_GAP_OBSERVATIONS gaps are seen, the limits
-themselves are used.
+Offload and drop happen on memory pressure only (a placement or a reload that needs GPU room, a host that
+needs room for a newer offload). Timers cost a reload on every next turn that comes after them and free memory
+nobody asked for: on the agentic bench, offloads on the resident TTL at 31% KV use were all timer-driven and
+lost TTFET and tokens per J (issue 23). A pool can still opt into timers (`maxResidentTtlSeconds`,
+`maxHostTtlSeconds`); unset, there are none.
+
+Windows and TTLs: observe, do not predict. The active window is the 10th percentile of the inter-turn gaps
+observed in the pool (a tenth of next turns, tool loops and quick replies, come back before their KV becomes
+evictable); an opted-in resident TTL is the median of the gaps (half of next turns find their KV still on the
+GPU), an opted-in host TTL the 90th percentile; each bounded by the pool's limit. Until MIN_GAP_OBSERVATIONS
+gaps are seen, the limits themselves are used.
 """
 
 from __future__ import annotations
@@ -36,8 +43,6 @@ MIN_GAP_OBSERVATIONS = 10
 GAP_HISTORY_LIMIT = 256
 #: Upper bounds when the pool sets none (the DecoderPool defaults use the same numbers).
 DEFAULT_MAX_ACTIVE_WINDOW_S = 10.0
-DEFAULT_MAX_RESIDENT_TTL_S = 300.0
-DEFAULT_MAX_HOST_TTL_S = 1800.0
 
 
 class KvState(enum.StrEnum):
@@ -50,11 +55,15 @@ class KvState(enum.StrEnum):
 @dataclass(frozen=True, slots=True)
 class LifecycleSettings:
     enabled: bool = True
-    #: Host KV tokens per decoder (0: no host tier: reclaimed KV is dropped instead of offloaded).
-    host_kv_tokens_per_decoder: int = 0
+    #: Host KV tokens per decoder GPU: a decoder of n GPUs holds n times this in its node's host memory
+    #: (0: no host tier: reclaimed KV is dropped instead of offloaded) ...
+    host_kv_tokens_per_gpu: int = 0
+    #: ... unless the pool declares one figure per decoder.
+    host_kv_tokens_per_decoder: int | None = None
     max_active_window_s: float = DEFAULT_MAX_ACTIVE_WINDOW_S
-    max_resident_ttl_s: float = DEFAULT_MAX_RESIDENT_TTL_S
-    max_host_ttl_s: float = DEFAULT_MAX_HOST_TTL_S
+    #: Opt-in timers (None: offload and drop on memory pressure only).
+    max_resident_ttl_s: float | None = None
+    max_host_ttl_s: float | None = None
     #: Seconds to write one KV token back to host memory (its host copy is complete this long after its turn).
     writeback_s_per_kv_token: float = 0.0
 
@@ -86,13 +95,19 @@ class GapHistory:
         observed = self._quantile(ACTIVE_WINDOW_QUANTILE)
         return settings.max_active_window_s if observed is None else min(observed, settings.max_active_window_s)
 
-    def resident_ttl_s(self, settings: LifecycleSettings) -> float:
-        observed = self._quantile(RESIDENT_TTL_QUANTILE)
-        return settings.max_resident_ttl_s if observed is None else min(observed, settings.max_resident_ttl_s)
+    def resident_ttl_s(self, settings: LifecycleSettings) -> float | None:
+        """None when the pool set no resident TTL (pressure only)."""
+        return self._bounded(RESIDENT_TTL_QUANTILE, settings.max_resident_ttl_s)
 
-    def host_ttl_s(self, settings: LifecycleSettings) -> float:
-        observed = self._quantile(HOST_TTL_QUANTILE)
-        return settings.max_host_ttl_s if observed is None else min(observed, settings.max_host_ttl_s)
+    def host_ttl_s(self, settings: LifecycleSettings) -> float | None:
+        """None when the pool set no host TTL (pressure only)."""
+        return self._bounded(HOST_TTL_QUANTILE, settings.max_host_ttl_s)
+
+    def _bounded(self, q: float, limit_s: float | None) -> float | None:
+        if limit_s is None:
+            return None
+        observed = self._quantile(q)
+        return limit_s if observed is None else min(observed, limit_s)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ class DecoderState:
     pinned_conversations: int = 0
     #: Joules per output token for decode on this decoder, measured from the fleet or modelled; None: unknown.
     energy_per_token_j: float | None = None
+    gpu_count: int = 1  # GPUs of the decoder (tensor parallel): its host KV tier scales with them
 
     @property
     def free_kv_tokens(self) -> int:

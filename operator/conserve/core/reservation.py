@@ -1,19 +1,25 @@
-"""How many KV tokens to reserve for a conversation when it starts.
+"""How many KV tokens to reserve for a conversation: sized from its live context, grown per turn.
 
-Rule (documented, no learned model): reservation = ceil(first-turn input tokens x growth factor), at least the
-input plus MIN_OUTPUT_ALLOWANCE_TOKENS, at most the largest decoder's capacity. The growth factor is the
-GROWTH_QUANTILE of the ratio (final context tokens / first-turn input tokens) over the pool's most recent
-completed conversations (up to HISTORY_LIMIT), clamped to [1, MAX_GROWTH_FACTOR]. Until MIN_OBSERVATIONS
-conversations have completed, PRIOR_GROWTH_FACTOR is used. A conversation's hint of expected turns raises the
-factor to at least 1 + 0.5 x (turns - 1) (each later turn adds, on average, half the first turn's size) when
-no history exists.
+Rule (documented, no learned model): a conversation's reservation is its live context (at admission, the
+first turn's input) times the pool's per-turn growth factor: room for its next turn, not for a whole future
+that nobody knows. The factor is the GROWTH_QUANTILE of the per-turn growth ratios observed in the pool (the
+context after a turn over the context before it, from every turn report, also when clients never say that a
+conversation ended), clamped to [1, MAX_GROWTH_FACTOR]. After each turn the reservation is grown in place to the
+new live context times the factor when the decoder has room (core.scheduler). The result is at least the
+input plus MIN_OUTPUT_ALLOWANCE_TOKENS and at most the largest decoder's capacity.
+
+Until MIN_OBSERVATIONS turns have been observed, PRIOR_GROWTH_FACTOR is used, but only where it fits: a prior
+no observation confirmed never blocks a conversation (the scheduler then reserves the floor: the input plus the
+allowance). A conversation's hint of expected turns raises the unconfirmed factor to at least
+1 + 0.5 x (turns - 1) (each later turn adds, on average, half the first turn's size).
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 PRIOR_GROWTH_FACTOR = 2.0
 MAX_GROWTH_FACTOR = 8.0
@@ -31,6 +37,31 @@ class GrowthObservation:
     @property
     def ratio(self) -> float:
         return self.final_context_tokens / max(self.first_input_tokens, 1)
+
+
+@dataclass(slots=True)
+class GrowthHistory:
+    """The pool's observed per-turn growth ratios (context after a turn / before it), newest last, bounded.
+    The factor per expected-turns hint is cached until a ratio arrives."""
+
+    ratios: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY_LIMIT))
+    _factors: dict[int | None, tuple[float, bool]] = field(default_factory=dict)
+
+    def observe_turn(self, context_before_tokens: int, context_after_tokens: int) -> None:
+        self.record(round(max(context_after_tokens, 1) / max(context_before_tokens, 1), 4))
+
+    def record(self, ratio: float) -> None:
+        self.ratios.append(ratio)
+        self._factors.clear()
+
+    def factor(self, expected_turns: int | None) -> tuple[float, bool]:
+        """The growth factor and whether observations back it (False: the prior)."""
+        cached = self._factors.get(expected_turns)
+        if cached is None:
+            confirmed = len(self.ratios) >= MIN_OBSERVATIONS
+            cached = (growth_factor(observations_from_ratios(self.ratios), expected_turns), confirmed)
+            self._factors[expected_turns] = cached
+        return cached
 
 
 def observations_from_ratios(ratios: Iterable[float]) -> list[GrowthObservation]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from conserve.core.decisions import ConversationRequest, Decision, Reason, Verdict
+from conserve.core.decisions import ConversationRequest, Decision, PrefillSite, Reason, Verdict
 from conserve.core.ledger import CapacityLedger
 from conserve.core.lifecycle import KvState, LifecycleSettings, Resident, plan_reclaim
 
@@ -25,6 +25,9 @@ class ConversationView:
     reloads: int = 0
     reprefills: int = 0
     told_waiting: bool = False  # a QUEUED decision was handed out (drain may skip it cheaply from then on)
+    #: A turn arrived and has not ended (queued or running): never idled, offloaded, dropped or timed out.
+    in_flight: bool = False
+    remote_prefills: int = 0  # later turns prefilled on the prefill pool (PrefillSite.POOL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +55,9 @@ class Residency:
         self.settings = settings
         self.on_change = on_change
 
-    def make_resident(self, view: ConversationView, decoder: str, need: int, now_s: float) -> list[Decision]:
+    def make_resident(
+        self, view: ConversationView, decoder: str, need: int, now_s: float, site: PrefillSite = PrefillSite.DECODER
+    ) -> list[Decision]:
         key = view.request.key
         out: list[Decision] = []
         capacity = self.ledger.decoders[decoder].capacity_kv_tokens if decoder in self.ledger.decoders else 0
@@ -64,7 +69,8 @@ class Residency:
             verdict, message = Verdict.RELOADED, "KV reloaded from host memory for a turn"
         else:
             view.reprefills += 1
-            verdict, message = Verdict.REPREFILLED, "KV was dropped: the turn prefilled the context again"
+            where = "on its decoder" if site is PrefillSite.DECODER else "on the prefill pool"
+            verdict, message = Verdict.REPREFILLED, f"KV was dropped: the turn prefilled the context again {where}"
         self.ledger.set_offloaded(key, False)
         out.append(Decision(key, verdict, Reason.TURN, message, decoder, kv_state=KvState.ACTIVE))
         return out
@@ -73,7 +79,7 @@ class Residency:
         out = []
         for key in self.ledger.conversations_on(decoder):
             view = self.conversations.get(key)
-            if view is None or view.kv_state is not state or key == exclude:
+            if view is None or view.kv_state is not state or key == exclude or view.in_flight:
                 continue
             held = self.ledger.holding(key)
             assert held is not None
@@ -104,6 +110,14 @@ class Residency:
             counts[KvState.DROPPED],
         )
 
+    def host_capacity_on(self, decoder: str) -> int:
+        """The decoder's host KV tier: the pool's per-decoder figure, else per GPU x its GPUs."""
+        declared = self.settings.host_kv_tokens_per_decoder
+        if declared is not None:
+            return declared
+        state = self.ledger.decoders.get(decoder)
+        return self.settings.host_kv_tokens_per_gpu * (state.gpu_count if state is not None else 1)
+
     def host_used_on(self, decoder: str) -> int:
         return sum(r.host_kv_tokens for r in self.residents(decoder, KvState.OFFLOADED))
 
@@ -115,7 +129,7 @@ class Residency:
             self.residents(decoder, KvState.IDLE, exclude),
             self.residents(decoder, KvState.OFFLOADED, exclude),
             need,
-            lc.host_kv_tokens_per_decoder,
+            self.host_capacity_on(decoder),
             self.host_used_on(decoder),
             now_s,
             lc.writeback_s_per_kv_token,
@@ -130,7 +144,7 @@ class Residency:
         out: list[Decision] = []
         for key in drop:  # host room first: drops come before the offloads they make room for
             view = self.conversations[key]
-            why = Reason.HOST_FULL if view.kv_state is KvState.OFFLOADED else reason
+            why = self._drop_reason(view, reason)
             view.kv_state = KvState.DROPPED
             self.ledger.set_offloaded(key, True)
             out.append(
@@ -161,6 +175,14 @@ class Residency:
         self.on_change()
         return out
 
+    @staticmethod
+    def _drop_reason(view: ConversationView, reason: Reason) -> Reason:
+        """What happened: a timer's own reason; under pressure a host copy made way for a newer offload
+        (HostFull), and resident KV that no host could hold went at once (HostTooSmall)."""
+        if reason not in (Reason.ROOM_NEEDED, Reason.RESIDENT_TTL):
+            return reason
+        return Reason.HOST_FULL if view.kv_state is KvState.OFFLOADED else Reason.HOST_TOO_SMALL
+
     def offload_one(self, decoder: str, view: ConversationView, now_s: float) -> list[Decision]:
         held = self.ledger.holding(view.request.key)
         assert held is not None
@@ -169,7 +191,7 @@ class Residency:
             [me],
             self.residents(decoder, KvState.OFFLOADED),
             1,
-            self.settings.host_kv_tokens_per_decoder,
+            self.host_capacity_on(decoder),
             self.host_used_on(decoder),
             now_s,
             self.settings.writeback_s_per_kv_token,

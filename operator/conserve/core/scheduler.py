@@ -1,9 +1,16 @@
 """One pool's scheduler: every decision about its conversations, in one pure object (no I/O, no clock).
 
 The operator (controller/engine.py) and the simulator's ConServe policy (sim/policies.py) drive this same
-class: events in (a conversation created, usage observed, completed or idle, a decoder added, changed or lost,
-energy measured, a sweep at time `now_s`), typed `Decision`s out. The caller applies the decisions (the
-operator writes status, finalizers and Events; the simulator moves simulated KV). Time is always passed in.
+class: events in (a conversation created, a turn started or reported, a conversation released, a decoder lost,
+KV moved by the engine, energy measured, a sweep at time `now_s`), typed `Decision`s out. The caller applies the
+decisions (the operator writes status and Events; the simulator moves simulated KV and starts the turns of
+conversations placed from the queue). Time is always passed in.
+
+One loop: every event that can free room (a release, a turn's end, a sweep, an engine's offload, a decoder
+lost) ends with `drain` here, and its placements come back in the same list of decisions; the queue exists only
+here. One owner of the idle timeout: the sweep releases a conversation with no turn for its idle timeout (never
+one with a turn in flight); its next turn, if one comes, starts it afresh: admitted again with its whole
+context as its first input, prefilled again, sized by the live context.
 
 Where each rule lives (see core/README.md): reservation sizing `core.reservation`; placement filters and
 scorers `core.placement`; queue order `core.pending`; prefill choice `core.prefill`; KV lifecycle states and
@@ -13,11 +20,10 @@ TTLs `core.lifecycle`; capacity bookkeeping `core.ledger`; the flow between them
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from conserve.core.decisions import ConversationRequest, Decision, Reason, Verdict
+from conserve.core.decisions import ConversationRequest, Decision, PrefillSite, Reason, Verdict
 from conserve.core.ledger import CapacityError, CapacityLedger
 from conserve.core.lifecycle import GapHistory, KvState, LifecycleSettings
 from conserve.core.occupancy import ObservedOccupancy, ObservedReadings
@@ -30,14 +36,9 @@ from conserve.core.placement import (
     place,
 )
 from conserve.core.prefill import PrefillCounts, PrefillState
-from conserve.core.reservation import growth_factor, observations_from_ratios, reservation_for_factor
+from conserve.core.reservation import GrowthHistory, reservation_for_factor
 from conserve.core.residency import ConversationView, DecoderLifecycle, Residency
 
-#: A reservation outgrown by a turn is extended in place to this multiple of the live context (room for the
-#: next turn without extending again), or failing that to the live context itself.
-EXTEND_FACTOR = 1.25
-#: Completed conversations' growth ratios kept per pool (and in its status), newest last.
-GROWTH_HISTORY_LIMIT = 128
 DEFAULT_IDLE_TIMEOUT_S = 1800.0
 
 
@@ -58,15 +59,15 @@ class PoolScheduler:
         self.ledger = CapacityLedger()
         self.conversations: dict[str, ConversationView] = {}
         self.pending: dict[str, ConversationRequest] = {}
-        self.growth_ratios: deque[float] = deque(maxlen=GROWTH_HISTORY_LIMIT)
+        self.growth = GrowthHistory()
         self.gaps = GapHistory()
         self.prefills = PrefillCounts()
         #: Why the pool cannot place at all (no spec, invalid spec); None when it can.
         self.problem: tuple[Reason, str] | None = None
-        self._factors: dict[int | None, float] = {}  # growth factor per expected-turns hint, until history moves
         self._snapshot: list[DecoderState] | None = None  # the ledger's snapshot, until the ledger changes
         #: The decoders' engines' own KV readings (the paper's observed occupancy), folded into placement.
         self.observed = ObservedReadings()
+        self._measured_j: dict[str, float] = {}  # decoders' measured J/token (over the modelled prior)
         self.kv = Residency(self.ledger, self.conversations, self.settings.lifecycle, self._changed)
 
     # --- configuration and the decoder table -------------------------------------------------------------
@@ -80,9 +81,13 @@ class PoolScheduler:
         self.problem = (reason, message)
 
     def decoder_changed(self, state: DecoderState) -> None:
-        """Add or refresh a decoder; a measured J/token already known is kept when the new view has none."""
+        """Add or refresh a decoder; its J/token is a prior (or unknown) until one is measured, which is kept
+        over the new view's; an unknown one keeps the last known."""
+        measured = self._measured_j.get(state.name)
         old = self.ledger.decoders.get(state.name)
-        if state.energy_per_token_j is None and old is not None and old.energy_per_token_j is not None:
+        if measured is not None:
+            state = replace(state, energy_per_token_j=measured)
+        elif state.energy_per_token_j is None and old is not None and old.energy_per_token_j is not None:
             state = replace(state, energy_per_token_j=old.energy_per_token_j)
         self.ledger.upsert_decoder(state)
         self._changed()
@@ -90,11 +95,14 @@ class PoolScheduler:
     def decoder_removed(self, name: str) -> None:
         """Forget a decoder; its conversations keep their holdings until `decoders_lost` moves them."""
         self.ledger.decoders.pop(name, None)
+        self._measured_j.pop(name, None)
         self._changed()
 
     def energy_measured(self, decoder: str, energy_per_token_j: float | None) -> None:
         """A measured J/token (decode) for a decoder: the energy scorer uses it from the next decision on."""
         old = self.ledger.decoders.get(decoder)
+        if energy_per_token_j is not None:
+            self._measured_j[decoder] = energy_per_token_j
         if old is not None and energy_per_token_j is not None and old.energy_per_token_j != energy_per_token_j:
             self.ledger.upsert_decoder(replace(old, energy_per_token_j=energy_per_token_j))
             self._changed()
@@ -119,24 +127,33 @@ class PoolScheduler:
         return self._snapshot
 
     # --- sizing ------------------------------------------------------------------------------------------
+    @property
+    def growth_ratios(self) -> list[float]:
+        """The per-turn growth ratios observed, newest last (the pool status keeps them for a restart)."""
+        return list(self.growth.ratios)
+
     def reservation_for(self, request: ConversationRequest) -> int:
+        return self._sizing(request)[0]
+
+    def _sizing(self, request: ConversationRequest) -> tuple[int, int | None]:
+        """The reservation, and the floor to fall back to when the factor is an unconfirmed prior (None when
+        observations back the factor): a prior nobody observed never blocks a conversation."""
         headroom = self.settings.placement.headroom_fraction
         caps = [
             largest_placeable_kv_tokens(d.capacity_kv_tokens, headroom)
             for d in self.ledger.decoders.values()
             if d.ready
         ]
-        hint = request.expected_turns
-        factor = self._factors.get(hint)
-        if factor is None:
-            factor = self._factors[hint] = growth_factor(observations_from_ratios(self.growth_ratios), hint)
-        return reservation_for_factor(
-            request.first_input_tokens, factor, max_decoder_capacity_kv_tokens=max(caps, default=None)
-        )
+        largest = max(caps, default=None)
+        factor, confirmed = self.growth.factor(request.expected_turns)
+        wanted = reservation_for_factor(request.first_input_tokens, factor, max_decoder_capacity_kv_tokens=largest)
+        if confirmed:
+            return wanted, None
+        floor = reservation_for_factor(request.first_input_tokens, 1.0, max_decoder_capacity_kv_tokens=largest)
+        return wanted, floor if floor < wanted else None
 
     def record_growth(self, ratio: float) -> None:
-        self.growth_ratios.append(ratio)
-        self._factors.clear()
+        self.growth.record(ratio)
 
     # --- conversations -----------------------------------------------------------------------------------
     def adopt(
@@ -187,10 +204,14 @@ class PoolScheduler:
         key = request.key
         if self.problem is not None:
             return [self._wait_or_fail(view, self.problem[0], self.problem[1], replacing)]
-        reservation = self.reservation_for(request)
+        reservation, floor = self._sizing(request)
         if replacing:  # its KV moves once more: as much room as it held or has now
             reservation = max(reservation, view.live_kv_tokens, held_kv_tokens)
+            floor = None
         decision = place(PlacementRequest(key, reservation), self.snapshot(), self.settings.placement)
+        if decision.decoder is None and decision.reason == "NoCapacity" and floor is not None:
+            reservation = floor  # the prior does not fit and nothing confirmed it: the live context does
+            decision = place(PlacementRequest(key, reservation), self.snapshot(), self.settings.placement)
         reclaimed: list[Decision] = []
         if decision.decoder is None and decision.reason == "NoCapacity":
             reclaimed = self._reclaim_for_placement(reservation, now_s)
@@ -246,13 +267,20 @@ class PoolScheduler:
             if view is None:
                 self.pending.pop(request.key, None)
                 continue
-            if view.told_waiting and self.problem is None and self.reservation_for(view.request) > best:
+            if view.told_waiting and self.problem is None and self._smallest_ask(view.request) > best:
                 continue  # cheap skip: nothing can hold it, even by reclaiming idle KV
             decisions = self._decide(view, now_s, replacing=False)
             out.extend(decisions)
             if any(d.placed for d in decisions):
                 best = self._best_room()
         return out
+
+    def _smallest_ask(self, request: ConversationRequest) -> int:
+        wanted, floor = self._sizing(request)
+        return wanted if floor is None else floor
+
+    def _drain_if_waiting(self, now_s: float) -> list[Decision]:
+        return self.drain(now_s) if self.pending else []
 
     def _best_room(self) -> int:
         """The largest reservation any ready decoder could take now, idle KV reclaimed included."""
@@ -267,19 +295,25 @@ class PoolScheduler:
     def usage_observed(
         self, key: str, live_kv_tokens: int, now_s: float, *, turns: int | None = None, turn_ended: bool = True
     ) -> list[Decision]:
-        """A turn's report (the operator: spec.usage after a turn; the simulator: a turn's start and end).
+        """A turn's report (the operator: spec.usage after a turn; the simulator: a turn's end).
 
         An offloaded or dropped conversation's KV is back on its decoder (reloaded, or prefilled again); a
-        reservation the live context outgrew is extended in place when the decoder has room."""
+        reservation the live context outgrew is extended in place when the decoder has room; the growth seen so
+        far sizes the next reservations. A turn's end can free room (its KV becomes reclaimable): the queue is
+        drained."""
         view = self.conversations.get(key)
         if view is None:
             return []
         out: list[Decision] = []
         if turns is not None and turns > view.turns and view.turns > 0 and view.last_activity_s is not None:
             self.gaps.observe(now_s - view.last_activity_s)  # turn end to turn end, as the operator sees it
+        if turns is not None and turns > view.turns:  # the turn's growth, observed (sizes the next reservations)
+            self.growth.observe_turn(view.live_kv_tokens or view.request.first_input_tokens, live_kv_tokens)
         if turns is not None:
             view.turns = max(view.turns, turns)
         view.live_kv_tokens = live_kv_tokens
+        if turn_ended:
+            view.in_flight = False
         holding = self.ledger.holding(key)
         if holding is None:
             view.last_activity_s = now_s
@@ -290,63 +324,83 @@ class PoolScheduler:
         view.last_activity_s = now_s
         # A turn just ended: the next one may come soon (active window), then its KV is idle (reclaimable).
         window = self.gaps.active_window_s(self.settings.lifecycle)
-        view.kv_state = KvState.IDLE if turn_ended and window <= 0 else KvState.ACTIVE
-        if live_kv_tokens > reserved:
-            out.append(self._outgrown(key, decoder, reserved, live_kv_tokens, view.kv_state))
+        idle = turn_ended and window <= 0 and not view.in_flight
+        view.kv_state = KvState.IDLE if idle else KvState.ACTIVE
+        grown = self._grow(view, decoder, reserved, live_kv_tokens)
+        if grown is not None:
+            out.append(grown)
         self.ledger.update_live(key, live_kv_tokens)
         self._changed()
+        if turn_ended:
+            out.extend(self._drain_if_waiting(now_s))
         return out
 
-    def _outgrown(self, key: str, decoder: str, reserved: int, live_kv_tokens: int, kv_state: KvState) -> Decision:
-        """The live context outgrew the reservation: extend it in place (to EXTEND_FACTOR x live, else to live)
-        when the decoder has room, else keep it pinned (OUTGROWN)."""
-        extended_by_factor = self.ledger.try_extend(key, math.ceil(live_kv_tokens * EXTEND_FACTOR))
-        if extended_by_factor or self.ledger.try_extend(key, live_kv_tokens):
+    def _grow(self, view: ConversationView, decoder: str, reserved: int, live_kv_tokens: int) -> Decision | None:
+        """Grow the reservation in place to the live context times the growth factor (room for the next turn)
+        when the decoder has room, else to the live context; a live context past the reservation with no room
+        to grow is kept pinned (OUTGROWN)."""
+        key = view.request.key
+        factor, _ = self.growth.factor(view.request.expected_turns)
+        target = math.ceil(live_kv_tokens * factor)
+        if target > reserved and (
+            self.ledger.try_extend(key, target)
+            or (live_kv_tokens > reserved and self.ledger.try_extend(key, live_kv_tokens))
+        ):
             held = self.ledger.holding(key)
             extended = held[1] if held else reserved
-            message = "reservation extended in place"
-            return Decision(key, Verdict.EXTENDED, Reason.EXTENDED, message, decoder, extended, kv_state=kv_state)
+            message = f"reservation grown in place to {extended} KV tokens"
+            return Decision(key, Verdict.EXTENDED, Reason.EXTENDED, message, decoder, extended, kv_state=view.kv_state)
+        if live_kv_tokens <= reserved:
+            return None
         message = (
             f"live context {live_kv_tokens} exceeds the reservation {reserved} and the decoder has "
             "no room to extend it; kept pinned"
         )
-        return Decision(key, Verdict.OUTGROWN, Reason.DECODER_FULL, message, decoder, reserved, kv_state=kv_state)
+        return Decision(key, Verdict.OUTGROWN, Reason.DECODER_FULL, message, decoder, reserved, kv_state=view.kv_state)
 
-    def turn_started(self, key: str, now_s: float) -> list[Decision]:
-        """A turn of a pinned conversation arrives (the simulator knows; the operator learns at its report):
-        it is active, and KV offloaded or dropped comes back to its decoder, others' idle KV making room."""
+    def turn_started(self, key: str, now_s: float, prefill_site: PrefillSite = PrefillSite.DECODER) -> list[Decision]:
+        """A turn of a pinned conversation arrives (the simulator knows; the operator learns at its report),
+        prefilled where the P/D decision said: it is in flight (never idled, offloaded, dropped or timed out
+        until it ends), and KV offloaded or dropped comes back to its decoder, others' idle KV making room."""
         view = self.conversations.get(key)
         holding = self.ledger.holding(key)
         if view is None or holding is None:
             return []
         out: list[Decision] = []
+        view.in_flight = True
+        if prefill_site is PrefillSite.POOL and view.turns > 0:
+            view.remote_prefills += 1
         if view.kv_state in (KvState.OFFLOADED, KvState.DROPPED):
-            out = self.kv.make_resident(view, holding[0], max(holding[1], view.live_kv_tokens), now_s)
+            need = max(holding[1], view.live_kv_tokens)
+            out = self.kv.make_resident(view, holding[0], need, now_s, prefill_site)
         view.kv_state = KvState.ACTIVE
         self._changed()
         return out
 
-    def kv_offloaded(self, key: str) -> None:
-        """The data plane moved a conversation's KV to host memory on its own (the simulator's memory pressure)."""
+    def kv_offloaded(self, key: str, now_s: float) -> list[Decision]:
+        """The data plane moved a conversation's KV to host memory on its own (the simulator's memory
+        pressure): its GPU room is free, so the queue is drained."""
         view = self.conversations.get(key)
-        if view is not None and self.ledger.set_offloaded(key, True):
-            view.kv_state = KvState.OFFLOADED
-            view.offloads += 1
-            self._changed()
+        if view is None or not self.ledger.set_offloaded(key, True):
+            return []
+        view.kv_state = KvState.OFFLOADED
+        view.offloads += 1
+        self._changed()
+        return self._drain_if_waiting(now_s)
 
-    def release(self, key: str, reason: Reason, message: str = "") -> Decision | None:
-        """End a conversation's hold (completed, deleted, idle timeout). None when it held nothing (idempotent)."""
+    def release(self, key: str, reason: Reason, message: str = "", now_s: float | None = None) -> list[Decision]:
+        """End a conversation's hold (completed, deleted, idle timeout): RELEASED first, then the placements of
+        the waiting conversations that fit in the room it freed (when `now_s` is given). Empty when it held
+        nothing (idempotent)."""
         self.pending.pop(key, None)
-        view = self.conversations.pop(key, None)
+        self.conversations.pop(key, None)
         holding = self.ledger.holding(key)
         if holding is None:
-            return None
+            return []
         self.ledger.release(key)
         self._changed()
-        if view is not None and view.turns > 0:
-            first = max(view.request.first_input_tokens, 1)
-            self.record_growth(round(max(view.live_kv_tokens, 1) / first, 4))
-        return Decision(key, Verdict.RELEASED, reason, message, holding[0], holding[1])
+        released = Decision(key, Verdict.RELEASED, reason, message, holding[0], holding[1])
+        return [released, *(self._drain_if_waiting(now_s) if now_s is not None else [])]
 
     def decoders_lost(self, names: Iterable[str], now_s: float) -> list[Decision]:
         """Move every conversation of the lost decoders elsewhere (priority, then age), or fail it."""
@@ -365,7 +419,7 @@ class PoolScheduler:
         for view in order:
             h = held[view.request.key]
             out.extend(self._decide(view, now_s, replacing=True, held_kv_tokens=h[1] if h else 0))
-        return out
+        return [*out, *self._drain_if_waiting(now_s)]
 
     def _reclaim_for_placement(self, reservation: int, now_s: float) -> list[Decision]:
         """No decoder's reservations can take a new conversation: reclaim idle KV on the one decoder where that
@@ -385,46 +439,48 @@ class PoolScheduler:
         return self.kv.reclaim_on(best[1], best[0], now_s)
 
     def sweep(self, now_s: float) -> list[Decision]:
-        """Timers: release past the idle timeout; offload idle KV past the resident TTL; drop host copies past
-        the host TTL. Conversations in key order (deterministic)."""
+        """Timers: release past the idle timeout; idle after the active window; the pool's opt-in resident and
+        host TTLs. Never a conversation with a turn in flight. Conversations in key order (deterministic); the
+        queue is drained when anything changed."""
         if self.observed.expire(now_s, self.settings.observed_max_age_s):
             self._changed()
-        lc = self.settings.lifecycle
-        window = self.gaps.active_window_s(lc)
-        resident_ttl = self.gaps.resident_ttl_s(lc)
-        host_ttl = self.gaps.host_ttl_s(lc)
         out: list[Decision] = []
         for key in sorted(self.conversations):
             view = self.conversations[key]
             holding = self.ledger.holding(key)
-            if holding is None or view.last_activity_s is None:
+            if holding is None or view.last_activity_s is None or view.in_flight:
                 continue
             idle_for = now_s - view.last_activity_s
             timeout = view.request.idle_timeout_s or self.settings.default_idle_timeout_s
             if idle_for >= timeout:
-                released = self.release(key, Reason.IDLE_TIMEOUT, f"no turn for {timeout:g}s")
-                if released is not None:
-                    out.append(released)
+                out.extend(self.release(key, Reason.IDLE_TIMEOUT, f"no turn for {timeout:g}s"))
                 continue
-            if not lc.enabled:
-                continue
-            if view.kv_state is KvState.ACTIVE and view.turns > 0 and idle_for >= window:
-                view.kv_state = KvState.IDLE  # a turn reported, none since for the active window
-                self._changed()
-                out.append(
-                    Decision(
-                        key,
-                        Verdict.IDLED,
-                        Reason.ACTIVE_WINDOW,
-                        "no turn for the active window",
-                        holding[0],
-                        kv_state=KvState.IDLE,
-                    )
-                )
-            if view.kv_state is KvState.IDLE and idle_for >= resident_ttl:
-                out.extend(self.kv.offload_one(holding[0], view, now_s))
-            elif view.kv_state is KvState.OFFLOADED and idle_for >= resident_ttl + host_ttl:
-                out.extend(self.kv.apply_reclaim(holding[0], (), (key,), Reason.HOST_TTL))
+            if self.settings.lifecycle.enabled:
+                out.extend(self._lifecycle_timers(view, holding[0], idle_for, now_s))
+        if out:
+            out.extend(self._drain_if_waiting(now_s))
+        return out
+
+    def _lifecycle_timers(self, view: ConversationView, decoder: str, idle_for: float, now_s: float) -> list[Decision]:
+        lc = self.settings.lifecycle
+        key = view.request.key
+        out: list[Decision] = []
+        if view.kv_state is KvState.ACTIVE and view.turns > 0 and idle_for >= self.gaps.active_window_s(lc):
+            view.kv_state = KvState.IDLE  # a turn reported, none since for the active window
+            self._changed()
+            message = "no turn for the active window"
+            out.append(Decision(key, Verdict.IDLED, Reason.ACTIVE_WINDOW, message, decoder, kv_state=KvState.IDLE))
+        resident_ttl = self.gaps.resident_ttl_s(lc)
+        host_ttl = self.gaps.host_ttl_s(lc)
+        if resident_ttl is not None and view.kv_state is KvState.IDLE and idle_for >= resident_ttl:
+            out.extend(self.kv.offload_one(decoder, view, now_s))
+        elif (
+            resident_ttl is not None
+            and host_ttl is not None
+            and view.kv_state is KvState.OFFLOADED
+            and idle_for >= resident_ttl + host_ttl
+        ):
+            out.extend(self.kv.apply_reclaim(decoder, (), (key,), Reason.HOST_TTL))
         return out
 
     def lifecycle_on(self, decoder: str) -> DecoderLifecycle:

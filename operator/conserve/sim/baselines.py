@@ -110,7 +110,7 @@ class PerConversationMemory(PerTurn, Generic[Memory]):
         super().__init__()
         self.memory: dict[str, Memory] = {}
 
-    def release(self, state: ConvState) -> None:
+    def release(self, state: ConvState, now: float) -> None:
         self.memory.pop(state.key, None)
 
 

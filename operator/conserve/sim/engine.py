@@ -46,10 +46,20 @@ from conserve.sim.conversations import Workload
 from conserve.sim.decoding import DECODER_WAKE, POKE, DecoderLoop
 from conserve.sim.fleet import Fleet
 from conserve.sim.instances import Decoder, LruKv, PrefillInstance, fill_iteration, iteration_prefill_s
-from conserve.sim.records import ConvState, LocalJob, LocalRoute, Policy, PrefillJob, Seq, TurnRecord
+from conserve.sim.records import (
+    ConvState,
+    LocalJob,
+    LocalRoute,
+    Policy,
+    PrefillJob,
+    RemoteRoute,
+    Route,
+    Seq,
+    TurnRecord,
+)
 from conserve.sim.transfer import link_transfer_energy_j, pcie_transfer_energy_j
 
-_ARRIVE, _PREFILL_DONE, _TRANSFER_DONE, _IDLE_CHECK = 0, 1, 2, 4
+_ARRIVE, _PREFILL_DONE, _TRANSFER_DONE, _IDLE_CHECK, _SWEEP = 0, 1, 2, 4, 6  # 3, 5: sim.decoding
 
 
 @dataclass(slots=True)
@@ -80,6 +90,7 @@ class Simulator(DecoderLoop):
         end_signal: bool = True,
     ) -> None:
         self.fleet = fleet
+        self.host_kv_bytes_per_gpu = fleet.host_kv_bytes_per_gpu
         #: Whether clients say a conversation ended: the workload's signal, which `end_signal=False` withholds
         #: (chat clients cannot say it): after its last turn a conversation is then released only by the idle
         #: timeout (at once when there is none: the policy holds nothing an end would free).
@@ -121,9 +132,10 @@ class Simulator(DecoderLoop):
         self.counter = itertools.count()
         self.now = 0.0
         self.last_done_s = 0.0
-        self.pending: list[ConvState] = []  # conversations waiting for a placement (their first turn)
+        #: Waits of first turns for a placement (the policy's queue: the scheduler's, for ConServe).
         self.pending_waits_s: list[float] = []
         self.turns_done = 0
+        self.total_turns = sum(len(c.turns) for c in workload.conversations)
         self.pinned_evictions = 0
         self.offloads = 0
         self.reloads = 0
@@ -140,7 +152,7 @@ class Simulator(DecoderLoop):
                 f"a conversation reaches {largest} KV tokens, more than decoder capacity {smallest}: use a bigger "
                 "decoder (more memory or tensor parallelism) or a smaller model"
             )
-        policy.bind(self)
+        policy.bind(self, idle_timeout_s)
 
     # events -----------------------------------------------------------------------------------------------
     def _push(self, t: float, kind: int, payload: Any) -> None:
@@ -149,6 +161,9 @@ class Simulator(DecoderLoop):
     def run(self) -> SimResult:
         for s in self.states:
             self._push(s.conv.arrival_s, _ARRIVE, s)
+        interval = self.policy.sweep_interval_s
+        if interval is not None and self.states:
+            self._push(min(s.conv.arrival_s for s in self.states) + interval, _SWEEP, interval)
         while self.events:
             t, _, kind, payload = heapq.heappop(self.events)
             self.now = t
@@ -190,12 +205,29 @@ class Simulator(DecoderLoop):
             decoder, version = payload
             if decoder.version == version:
                 self._decoder_boundary(decoder)
-        elif kind == _IDLE_CHECK:
+        elif kind in (_IDLE_CHECK, _SWEEP):
+            self._timer(kind, payload)
+        elif kind == POKE and payload.state == "idle":
+            self._decoder_boundary(payload)
+
+    def _timer(self, kind: int, payload: Any) -> None:
+        if kind == _IDLE_CHECK:  # the simulator's idle timeout, for policies that do not own one
             state, turns_then = payload
             if state.key not in self.released and len(state.turns) == turns_then:
                 self._release(state)
-        elif kind == POKE and payload.state == "idle":
-            self._decoder_boundary(payload)
+            return
+        self.policy.sweep(self.now)  # the policy's timers (ConServe: the scheduler's sweep)
+        if self._timers_matter(payload):
+            self._push(self.now + payload, _SWEEP, payload)
+
+    def _timers_matter(self, interval_s: float) -> bool:
+        """Keep sweeping while work is left, or a waiting turn may still be placed by an idle timeout."""
+        if self.events:
+            return True
+        if self.turns_done >= self.total_turns:
+            return False
+        timeout = self.idle_timeout_s or 0.0
+        return self.now <= self.last_done_s + timeout + 2 * interval_s
 
     # turns ------------------------------------------------------------------------------------------------
     def _turn_arrives(self, state: ConvState) -> None:
@@ -206,14 +238,28 @@ class Simulator(DecoderLoop):
         )
         state.turns.append(record)
         self.released.discard(state.key)
-        self._route(state, record, first_try=True)
+        self._route(state, record)
 
-    def _route(self, state: ConvState, record: TurnRecord, *, first_try: bool) -> bool:
+    def _route(self, state: ConvState, record: TurnRecord) -> None:
         route = self.policy.route(state, record, self.now)
-        if route is None:
-            if first_try:
-                self.pending.append(state)
-            return False
+        if route is not None:  # None: it waits in the policy's queue until `start_placed`
+            self._start(state, record, route)
+
+    def start_placed(self, key: str, prefill: str, decoder: str) -> None:
+        """A conversation placed from the policy's queue: its waiting first turn starts now."""
+        state = self.by_key[key]
+        record = state.turns[-1] if state.turns else None
+        if record is None or record.decoder or record.done_s >= 0:
+            return  # no turn waiting (a placement the data plane has nothing to do for)
+        self._start(state, record, RemoteRoute(prefill, decoder, record.input_tokens))
+
+    def release_conversation(self, key: str) -> None:
+        """The policy released a conversation (its idle timeout): its KV goes everywhere."""
+        state = self.by_key[key]
+        if key not in self.released:
+            self._release(state)
+
+    def _start(self, state: ConvState, record: TurnRecord, route: Route) -> None:
         if state.started_s is None:
             state.started_s = self.now
             if self.now > record.arrival_s:
@@ -223,7 +269,7 @@ class Simulator(DecoderLoop):
         record.decoder = route.decoder
         if isinstance(route, LocalRoute):
             self._enqueue_local(self.decoders[route.decoder], LocalJob(seq, turn.new_tokens, turn.reused_tokens))
-            return True
+            return
         instance = self.prefill[route.prefill]
         prompt = route.new_tokens + route.cached_tokens
         cached, load_s = route.cached_tokens, 0.0
@@ -245,26 +291,6 @@ class Simulator(DecoderLoop):
         instance.queue.append(job)
         if not instance.busy:
             self._prefill_next(instance)
-        return True
-
-    def retry_pending(self) -> None:
-        """Place waiting conversations (in the policy's order) while the policy finds room."""
-        if not self.pending:
-            return
-        waiting = self.policy.order_pending(self.pending)
-        self.pending = []
-        # A refusal changes nothing, and a policy that cannot place a first turn cannot place a larger one
-        # either until something is placed: skip those (only saves work; the outcome is the same).
-        refused_at: int | None = None
-        for state in waiting:
-            record = state.turns[-1]
-            if refused_at is not None and record.input_tokens >= refused_at:
-                self.pending.append(state)
-            elif self._route(state, record, first_try=False):
-                refused_at = None
-            else:
-                refused_at = record.input_tokens
-                self.pending.append(state)
 
     def _turn_done(self, decoder: Decoder, seq: Seq) -> None:
         state, record = seq.state, seq.record
@@ -291,18 +317,19 @@ class Simulator(DecoderLoop):
             self.store.put(state.key, kv)
             self.transfer_energy_j += link_transfer_energy_j(self.model, kv, self.fleet.link)
         self.policy.turn_done(state, record, self.now)
+        own_checks = self.idle_timeout_s is not None and not self.policy.owns_idle_timeout
         if state.next_index >= len(state.conv.turns):
             state.finished = True
             if self.end_signal:
                 self._release(state)
-            elif self.idle_timeout_s is not None:
-                self._push(self.now + self.idle_timeout_s, _IDLE_CHECK, (state, len(state.turns)))
+            elif own_checks:
+                self._push(self.now + (self.idle_timeout_s or 0.0), _IDLE_CHECK, (state, len(state.turns)))
             return
         nxt = state.conv.turns[state.next_index]
         at = max(nxt.not_before_s or 0.0, self.now + nxt.think_s)
         self._push(at, _ARRIVE, state)
-        if self.idle_timeout_s is not None and at - self.now > self.idle_timeout_s:
-            self._push(self.now + self.idle_timeout_s, _IDLE_CHECK, (state, len(state.turns)))
+        if own_checks and at - self.now > (self.idle_timeout_s or 0.0):
+            self._push(self.now + (self.idle_timeout_s or 0.0), _IDLE_CHECK, (state, len(state.turns)))
 
     def _release(self, state: ConvState) -> None:
         """The conversation ends (its end signal, or idle past the timeout): its KV is dropped everywhere."""
@@ -323,12 +350,11 @@ class Simulator(DecoderLoop):
             self.store.drop(key)
         freed = self.decoders.get(state.decoder or "")
         self.epoch += 1
-        self.policy.release(state)
         if not state.finished:
             # Released for idleness before its last turn: its next turn starts it again from scratch.
             state.decoder = None
             state.started_s = None
-        self.retry_pending()
+        self.policy.release(state, self.now)  # its queue may place waiting conversations (start_placed)
         if freed is not None and freed.state == "idle":
             self._push(self.now, POKE, freed)
 

@@ -22,12 +22,12 @@ them: apples to apples.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import replace
 
-from conserve.core.decisions import ConversationRequest, Decision, Reason, Verdict
-from conserve.core.lifecycle import LifecycleSettings
-from conserve.core.offload import pcie_transfer_time_s
-from conserve.core.perf import decode_energy_per_token_j
+from conserve.api.decoderpool import DecoderPoolSpec
+from conserve.api.scheduling import decoder_energy_prior_j, scheduler_settings
+from conserve.core.decisions import ConversationRequest, Decision, PrefillSite, Reason, Verdict
+from conserve.core.llm import ModelShape, lookup_model
 from conserve.core.placement import DecoderState, PlacementSettings, PlacementWeights
 from conserve.core.prefill import PrefillState
 from conserve.core.scheduler import PoolScheduler, SchedulerSettings
@@ -35,98 +35,95 @@ from conserve.sim.baselines import PER_TURN_BASELINES, PerTurn
 from conserve.sim.policy_base import PolicyBase as _Base
 from conserve.sim.records import ConvState, LocalRoute, Policy, RemoteRoute, Retain, Route, SimView, TurnRecord
 
-if TYPE_CHECKING:
-    pass
-
-#: Reference operating point of the energy prior given to the placement (the extender's node scoring uses the
-#: same point): a decode batch of 32 sequences of 2048 tokens.
-ENERGY_PRIOR_BATCH = 32
-ENERGY_PRIOR_CONTEXT_TOKENS = 2048
-
 
 class ConServe(_Base):
     """Conversation-level placement: the operator's `PoolScheduler`, driven by the simulator's events.
 
     Events in: a first turn (admit), a later turn's arrival (turn_started), a turn's end (usage observed), the
     conversation's release, memory pressure the simulator resolved itself (kv_offloaded), and the timers
-    (sweep, at most once per simulated second like the operator's sweep). Decisions out are applied to the
-    simulated decoders (offload, drop); placement and queue order are the scheduler's own.
+    (sweep, every simulated second like the operator's). Decisions out are applied to the simulated decoders
+    (offload, drop), placements from the scheduler's queue start their waiting first turn, and releases on the
+    idle timeout (the scheduler owns it, as in the operator) end the conversation in the data plane. The
+    settings come from a DecoderPool spec through `api.scheduling`, the operator's own derivation.
     """
 
     name = "conserve"
-    SWEEP_INTERVAL_S = 1.0
+    owns_idle_timeout = True
+    sweep_interval_s: float | None = 1.0
 
     def __init__(self, settings: PlacementSettings | None = None) -> None:
         super().__init__()
         self.placement = settings or PlacementSettings()
         self.scheduler = PoolScheduler(SchedulerSettings(placement=self.placement))
         self._applying = False
-        self._last_sweep_s = float("-inf")
 
     @property
     def settings(self) -> PlacementSettings:
         return self.placement
 
-    def bind(self, sim: SimView) -> None:
+    def pool_spec(self, model: ModelShape, idle_timeout_s: float | None) -> DecoderPoolSpec:
+        """The DecoderPool a user would write for this fleet (the product's defaults otherwise)."""
+        spec: dict[str, object] = {
+            "model": {"name": model.name},
+            "decoderSelector": {"matchLabels": {"conserve.dev/role": "decode"}},
+            "kvLifecycle": {"enabled": self.host_offload},
+        }
+        if lookup_model(model.name) is None:
+            spec["model"] = {"name": model.name, "kvBytesPerToken": model.kv_bytes_per_token}
+        if idle_timeout_s is not None and idle_timeout_s >= 1:
+            spec["defaultIdleTimeoutSeconds"] = round(idle_timeout_s)
+        return DecoderPoolSpec.model_validate(spec)
+
+    def bind(self, sim: SimView, idle_timeout_s: float | None = None) -> None:
         super().bind(sim)
+        pool = self.pool_spec(sim.model, idle_timeout_s)
+        settings = scheduler_settings(pool, host_kv_bytes_per_gpu=sim.host_kv_bytes_per_gpu)
+        if idle_timeout_s is None or idle_timeout_s <= 0:  # the bench's "never": release on the end signal only
+            settings = replace(settings, default_idle_timeout_s=float("inf"))
+        settings = replace(settings, placement=self.placement)
         decoders = [
             DecoderState(
                 name=d.name,
                 node=d.name,
                 tier=d.spec.tier,
                 capacity_kv_tokens=d.capacity,
-                energy_per_token_j=decode_energy_per_token_j(
-                    d.spec.device, sim.model, ENERGY_PRIOR_BATCH, ENERGY_PRIOR_CONTEXT_TOKENS
-                ),
+                gpu_count=d.spec.tp,
+                energy_per_token_j=decoder_energy_prior_j(d.spec.device, sim.model),
             )
             for d in sim.decoders.values()
         ]
-        prefills = [PrefillState(p.name, p.spec.tier) for p in sim.prefill.values()]
-        host = min((d.host_capacity for d in sim.decoders.values()), default=0)
-        lifecycle = LifecycleSettings(
-            enabled=self.host_offload,
-            host_kv_tokens_per_decoder=host if self.host_offload else 0,
-            writeback_s_per_kv_token=pcie_transfer_time_s(sim.model, 1),
-        )
-        # The simulator owns the idle timeout (its idle checks call `release`): the scheduler's sweep must not
-        # release behind its back (the simulated KV would stay pinned).
-        self.bind_pool(decoders, prefills, idle_timeout_s=float("inf"), lifecycle=lifecycle)
+        self.bind_pool(decoders, [PrefillState(p.name, p.spec.tier) for p in sim.prefill.values()], settings)
 
     def bind_pool(
-        self,
-        decoders: Sequence[DecoderState],
-        prefills: Sequence[PrefillState],
-        *,
-        idle_timeout_s: float,
-        lifecycle: LifecycleSettings,
+        self, decoders: Sequence[DecoderState], prefills: Sequence[PrefillState], settings: SchedulerSettings
     ) -> None:
         """The pool as the scheduler sees it (the simulator's fleet, or a test's table)."""
-        self.scheduler.configure(
-            SchedulerSettings(placement=self.placement, default_idle_timeout_s=idle_timeout_s, lifecycle=lifecycle)
-        )
+        self.scheduler.configure(settings)
         for d in decoders:
             self.scheduler.decoder_changed(d)
         self.scheduler.set_prefills(prefills)
 
     # events ----------------------------------------------------------------------------------------------
     def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None:
-        self.sweep(now)
         holding = self.scheduler.ledger.holding(state.key)
         if holding is not None:
-            self._apply(self.scheduler.turn_started(state.key, now))
+            self._apply(self.scheduler.turn_started(state.key, now, PrefillSite.DECODER))
             return LocalRoute(holding[0])
         decisions = self.scheduler.admit(self.request(state, record), now)
-        self._apply(decisions)
         placed = next((d for d in decisions if d.placed and d.conversation == state.key), None)
+        self._apply([d for d in decisions if d is not placed])
         if placed is None or placed.decoder is None:
-            return None
+            return None  # waits in the scheduler's queue; a later event's drain starts it (`_apply`)
+        if self._sim is None:  # driven without a simulator: no data plane to report
+            return RemoteRoute(placed.prefill or "", placed.decoder, record.input_tokens)
+        return RemoteRoute(self._prefill_used(placed, now), placed.decoder, record.input_tokens)
+
+    def _prefill_used(self, placed: Decision, now: float) -> str:
         # The router's early prefill (on by default) starts the first turn on its least-loaded prefill server
         # before the placement arrives, and reports the one it used: the scheduler counts it there.
-        if self._sim is None:  # driven without a simulator (the equivalence test): no data plane to report
-            return RemoteRoute(placed.prefill or "", placed.decoder, record.input_tokens)
         used = self.least_loaded_prefill(now)
         self.scheduler.prefill_reported(placed.prefill, used)
-        return RemoteRoute(used, placed.decoder, record.input_tokens)
+        return used
 
     @staticmethod
     def request(state: ConvState, record: TurnRecord) -> ConversationRequest:
@@ -138,26 +135,18 @@ class ConServe(_Base):
     def turn_done(self, state: ConvState, record: TurnRecord, now: float) -> None:
         live = record.input_tokens + record.output_tokens
         self._apply(self.scheduler.usage_observed(state.key, live, now, turns=record.index + 1))
-        if self.scheduler.pending and self._sim is not None:
-            self.sim.retry_pending()  # its KV is idle now, so reclaimable: waiting ones may fit (as the operator)
 
-    def release(self, state: ConvState) -> None:
+    def release(self, state: ConvState, now: float) -> None:
         reason = Reason.COMPLETED if state.finished else Reason.IDLE_TIMEOUT
-        self.scheduler.release(state.key, reason)
+        self._apply(self.scheduler.release(state.key, reason, now_s=now))
 
     def kv_offloaded(self, state: ConvState) -> None:
         if not self._applying:  # the simulator's own memory pressure moved it
-            self.scheduler.kv_offloaded(state.key)
-
-    def order_pending(self, states: Sequence[ConvState]) -> list[ConvState]:
-        position = {key: i for i, key in enumerate(self.scheduler.queue())}
-        return sorted(states, key=lambda s: (position.get(s.key, len(position)), s.key))
+            self._apply(self.scheduler.kv_offloaded(state.key, self.sim.now))
 
     def sweep(self, now: float) -> list[Decision]:
-        """The scheduler's timers (resident and host TTLs, idle timeout), at most once per simulated second."""
-        if now - self._last_sweep_s < self.SWEEP_INTERVAL_S:
-            return []
-        self._last_sweep_s = now
+        """The scheduler's timers (idle timeout, active window, opt-in TTLs); the simulator calls it every
+        `sweep_interval_s`, as the operator's sweep loop runs."""
         decisions = self.scheduler.sweep(now)
         self._apply(decisions)
         return decisions
@@ -165,7 +154,7 @@ class ConServe(_Base):
     def decoder_lost(self, name: str, now: float) -> list[Decision]:
         """A decoder leaves (the operator: pod deleted or unready); its conversations move or fail."""
         self.scheduler.decoder_removed(name)
-        decisions = [*self.scheduler.decoders_lost([name], now), *self.scheduler.drain(now)]
+        decisions = self.scheduler.decoders_lost([name], now)
         self._apply(decisions)
         return decisions
 
@@ -176,23 +165,38 @@ class ConServe(_Base):
     def _apply(self, decisions: Sequence[Decision]) -> None:
         if self._sim is None:
             return
+        started: list[Decision] = []
+        released: list[str] = []
         self._applying = True
         try:
             for d in decisions:
-                decoder = self.sim.decoders.get(d.decoder or "")
-                if decoder is None:
-                    continue
-                if d.verdict is Verdict.OFFLOADED and d.conversation in decoder.pinned:
-                    if decoder.pinned[d.conversation] <= decoder.host_free_tokens():
-                        self.sim.offload(decoder, d.conversation)
-                    else:  # a reloading turn's host copy is still there until its prefill starts: no room
-                        self.sim.drop_pinned(decoder, d.conversation)
-                elif d.verdict is Verdict.DROPPED:
-                    decoder.drop_host(d.conversation)
-                    if d.conversation in decoder.pinned:
-                        self.sim.drop_pinned(decoder, d.conversation)
+                if d.verdict is Verdict.PLACED:
+                    started.append(d)
+                elif d.verdict is Verdict.RELEASED and d.reason is Reason.IDLE_TIMEOUT:
+                    released.append(d.conversation)
+                else:
+                    self._apply_kv(d)
         finally:
             self._applying = False
+        for key in released:  # the scheduler's idle timeout: the data plane drops its KV everywhere
+            self.sim.release_conversation(key)
+        for d in started:  # placed from the queue: the waiting first turn starts
+            assert d.decoder is not None
+            self.sim.start_placed(d.conversation, self._prefill_used(d, self.sim.now), d.decoder)
+
+    def _apply_kv(self, d: Decision) -> None:
+        decoder = self.sim.decoders.get(d.decoder or "")
+        if decoder is None:
+            return
+        if d.verdict is Verdict.OFFLOADED and d.conversation in decoder.pinned:
+            if decoder.pinned[d.conversation] <= decoder.host_free_tokens():
+                self.sim.offload(decoder, d.conversation)
+            else:  # a reloading turn's host copy is still there until its prefill starts: no room
+                self.sim.drop_pinned(decoder, d.conversation)
+        elif d.verdict is Verdict.DROPPED:
+            decoder.drop_host(d.conversation)
+            if d.conversation in decoder.pinned:
+                self.sim.drop_pinned(decoder, d.conversation)
 
 
 class ConServeNoOffload(ConServe):

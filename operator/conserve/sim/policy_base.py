@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from conserve.sim.records import ConvState, Retain, SimView, TurnRecord
 
 
@@ -11,6 +9,8 @@ class PolicyBase:
     name = "base"
     #: Whether this policy's decoders get the fleet's host KV tier.
     host_offload = True
+    owns_idle_timeout = False
+    sweep_interval_s: float | None = None
 
     def __init__(self) -> None:
         self._sim: SimView | None = None
@@ -20,8 +20,11 @@ class PolicyBase:
         assert self._sim is not None, "policy not bound to a simulator"
         return self._sim
 
-    def bind(self, sim: SimView) -> None:
+    def bind(self, sim: SimView, idle_timeout_s: float | None = None) -> None:
         self._sim = sim
+
+    def sweep(self, now: float) -> object:
+        return None
 
     def least_loaded_prefill(self, now: float) -> str:
         return min(self.sim.prefill.values(), key=lambda p: (p.load_s(now), p.name)).name
@@ -32,11 +35,8 @@ class PolicyBase:
     def turn_done(self, state: ConvState, record: TurnRecord, now: float) -> None:
         return None
 
-    def release(self, state: ConvState) -> None:
+    def release(self, state: ConvState, now: float) -> None:
         return None
 
     def kv_offloaded(self, state: ConvState) -> None:
         return None
-
-    def order_pending(self, states: Sequence[ConvState]) -> list[ConvState]:
-        return list(states)

@@ -8,7 +8,7 @@ imports no policy (an import-linter contract in pyproject.toml keeps it so).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -159,7 +159,14 @@ Retain = Literal["pin", "cache"]
 
 class SimView(Protocol):
     """What a policy may read of the running simulation, and the actions it may ask for: offload or drop an idle
-    pinned conversation's KV (the scheduler's lifecycle decisions), and a retry of waiting conversations."""
+    pinned conversation's KV (the scheduler's lifecycle decisions), start the waiting first turn of a
+    conversation placed from the queue, and end a conversation the policy released (its idle timeout)."""
+
+    @property
+    def now(self) -> float: ...
+
+    @property
+    def host_kv_bytes_per_gpu(self) -> float: ...
 
     @property
     def model(self) -> ModelShape: ...
@@ -176,15 +183,23 @@ class SimView(Protocol):
 
     def drop_pinned(self, decoder: Decoder, key: str) -> None: ...
 
-    def retry_pending(self) -> None: ...
+    def start_placed(self, key: str, prefill: str, decoder: str) -> None: ...
+
+    def release_conversation(self, key: str) -> None: ...
 
 
 class Policy(Protocol):
     name: str
     #: Whether this policy's decoders get the fleet's host KV tier.
     host_offload: bool
+    #: Whether the policy releases conversations idle past the timeout itself (its scheduler's sweep, every
+    #: `sweep_interval_s`); otherwise the simulator's idle checks do, for every policy alike.
+    owns_idle_timeout: bool
+    sweep_interval_s: float | None
 
-    def bind(self, sim: SimView) -> None: ...
+    def bind(self, sim: SimView, idle_timeout_s: float | None) -> None: ...
+
+    def sweep(self, now: float) -> object: ...
 
     def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None: ...
 
@@ -192,8 +207,6 @@ class Policy(Protocol):
 
     def turn_done(self, state: ConvState, record: TurnRecord, now: float) -> None: ...
 
-    def release(self, state: ConvState) -> None: ...
+    def release(self, state: ConvState, now: float) -> None: ...
 
     def kv_offloaded(self, state: ConvState) -> None: ...
-
-    def order_pending(self, states: Sequence[ConvState]) -> list[ConvState]: ...
