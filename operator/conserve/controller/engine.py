@@ -26,6 +26,7 @@ from conserve.controller.state import ConvRecord, PoolRuntime, World, format_tim
 from conserve.controller.writer import Writer, WriterConfig
 from conserve.core.decisions import Decision, Reason, Verdict
 from conserve.core.lifecycle import LifecycleSettings
+from conserve.core.pending import overdue, queue_wait_message
 from conserve.core.placement import PlacementSettings, PlacementWeights, TierPolicy
 from conserve.core.scheduler import SchedulerSettings
 
@@ -328,6 +329,7 @@ class Engine(Writer):
                 await self._after_release(pool, record, message, True, True, drain=False)
             if decisions:
                 await self.drain(pool)  # room freed (released, offloaded, dropped): once for the whole sweep
+            await self.refuse_overdue(pool)  # after the drain: what fits now is placed, not refused
         to_write: list[ConvRecord] = []
         for record in list(self.world.convs.values()):
             if record.status.phase is not Phase.DECODING or record.last_activity_s is None:
@@ -340,6 +342,31 @@ class Engine(Writer):
                 record.dirty = True
                 to_write.append(record)
         await asyncio.gather(*(self.write_status(r) for r in to_write))
+
+    async def refuse_overdue(self, pool: PoolRuntime) -> None:
+        """Fail the conversations that waited in the pool's queue past its `maxQueueWaitSeconds` (reason
+        `QueueWaitExceeded`, a Warning Event): their clients are told to come back (the router: HTTP 429) rather
+        than kept waiting, and none is placed after its client gave up. A pool without a valid spec has no limit."""
+        if pool.spec is None or not pool.pending:
+            return
+        limit_s = float(pool.spec.placement.max_queue_wait_seconds)
+        async with pool.lock:
+            now = self.clock.now()
+            since = {key: request.created_at_s for key, request in pool.pending.items()}
+            decisions: list[Decision] = []
+            for key in overdue(since, now, limit_s):
+                record = self.world.convs.get(key)
+                if record is None or record.placed or record.terminal:
+                    continue
+                waiting = record.conditions.get("Placed")
+                reason, detail = (waiting.reason, waiting.message) if waiting is not None else (None, "")
+                message = queue_wait_message(pool.name, now - since[key], limit_s, reason, detail)
+                pool.scheduler.release(key, Reason.QUEUE_WAIT_EXCEEDED, message)  # out of the queue; held nothing
+                decisions.append(Decision(key, Verdict.FAILED, Reason.QUEUE_WAIT_EXCEEDED, message))
+            outcomes = self.apply(pool, decisions)
+        await self.commit(outcomes, pool)
+        for outcome in outcomes:
+            await self.remove_finalizer(outcome.record)
 
     # --- writes ---------------------------------------------------------------------------------------------
     async def commit(self, outcomes: list[Outcome], pool: PoolRuntime) -> None:
