@@ -203,6 +203,8 @@ class Router:
             if self.config.idle_timeout_seconds is not None:
                 spec["idleTimeoutSeconds"] = self.config.idle_timeout_seconds
             replace, state.refused = state.refused, False
+            if replace:  # the conversation starts again (its TTFET too): the refused attempt was never admitted
+                state.started_s = arrival
             state.created = asyncio.get_running_loop().create_task(self._create(state.name, spec, replace=replace))
         placement = self.control.placement(state.name)
         if placement is not None and placement.generation == state.kv_generation:
