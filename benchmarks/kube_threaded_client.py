@@ -65,6 +65,16 @@ class ThreadedControlPlane(PlacementCache):
             if err.status != 409:  # already there
                 raise
 
+    async def delete_conversation(self, name: str) -> None:
+        uid = self.forget(name)
+        options = {"preconditions": {"uid": uid}} if uid else {}
+        delete = functools.partial(self._api.delete_namespaced_custom_object, body=options)
+        try:
+            await self._call(self._creates, delete, GROUP, VERSION, self._namespace, CONVERSATIONS, name)
+        except ApiError as err:
+            if err.status not in (404, 409):  # gone, or already replaced
+                raise
+
     async def patch_conversation(self, name: str, patch: dict[str, Any]) -> None:
         patch_object = self._api.patch_namespaced_custom_object
         await self._call(self._patches, patch_object, GROUP, VERSION, self._namespace, CONVERSATIONS, name, patch)

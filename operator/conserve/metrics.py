@@ -196,6 +196,7 @@ class RouterMetrics:
     conversations_closed_total: Counter
     usage_patches_total: Counter
     placement_wait_seconds: Histogram
+    unplaced_turns_total: Counter
 
     @classmethod
     def on(cls, registry: CollectorRegistry) -> RouterMetrics:
@@ -255,6 +256,14 @@ class RouterMetrics:
                 "(what the control plane adds to TTFT).",
                 ["part"],
                 buckets=ROUTER_LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            unplaced_turns_total=Counter(
+                "conserve_router_unplaced_turns_total",
+                "First turns answered without a placement. status: 429 (the pool is busy: refused by the operator "
+                "or waited past its maxQueueWaitSeconds) or 503 (a fault: no such pool, no word from the operator); "
+                "reason: the operator's condition reason.",
+                ["status", "reason"],
                 registry=registry,
             ),
         )

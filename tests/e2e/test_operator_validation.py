@@ -46,6 +46,8 @@ CREATE_CASES = [
     (pool(model={"name": "mystery-1b"}, kvCapacity={}), "spec.model.name"),
     (pool(placement={"headroomFraction": 1.5}), "spec.placement.headroomFraction"),
     (pool(placement={"tierPolicy": "bogus"}), "spec.placement.tierPolicy"),
+    (pool(placement={"maxQueueWaitSeconds": 0}), "spec.placement.maxQueueWaitSeconds"),
+    (pool(placement={"maxQueueWaitSeconds": 86400}), "spec.placement.maxQueueWaitSeconds"),
     (
         pool(placement={"weights": {"kvBalance": 0, "tier": 0, "energy": 0, "conversations": 0}}),
         "spec.placement.weights",

@@ -52,6 +52,8 @@ def test_conversation_spec_refused(spec: dict[str, Any], field: str) -> None:
         ),
         ({"kvLifecycle": {"maxResidentTtlSeconds": 0}}, "kvLifecycle.maxResidentTtlSeconds"),
         ({"kvLifecycle": {"hostKvTokensPerDecoder": -1}}, "kvLifecycle.hostKvTokensPerDecoder"),
+        ({"placement": {"maxQueueWaitSeconds": 0}}, "placement.maxQueueWaitSeconds"),
+        ({"placement": {"maxQueueWaitSeconds": 3601}}, "placement.maxQueueWaitSeconds"),
     ],
 )
 def test_pool_spec_refused(patch: dict[str, Any], message: str) -> None:

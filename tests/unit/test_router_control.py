@@ -16,11 +16,22 @@ from conserve.router.policy import Backend
 pytestmark = pytest.mark.unit
 
 
-def conversation(name: str, phase: str, decoder: str = "", generation: int = 1) -> dict[str, Any]:
+def conversation(
+    name: str,
+    phase: str,
+    decoder: str = "",
+    generation: int = 1,
+    *,
+    uid: str = "",
+    placed: tuple[str, str] | None = None,
+) -> dict[str, Any]:
+    """A Conversation as the watch gives it; `placed`: the (reason, message) of its Placed=False condition."""
     status: dict[str, Any] = {"phase": phase, "placementGeneration": generation}
     if decoder:
         status["decoder"] = {"pod": decoder, "endpoint": f"{decoder}:8000"}
-    return {"metadata": {"name": name, "resourceVersion": "1"}, "status": status}
+    if placed is not None:
+        status["conditions"] = [{"type": "Placed", "status": "False", "reason": placed[0], "message": placed[1]}]
+    return {"metadata": {"name": name, "resourceVersion": "1", "uid": uid}, "status": status}
 
 
 class ScriptedCustomObjects:
@@ -29,6 +40,7 @@ class ScriptedCustomObjects:
 
     def __init__(self, script: dict[str, list[RawResponse | asyncio.Event]], creates: dict[str, int]) -> None:
         self.script, self.creates = script, creates
+        self.deletes: list[tuple[str, Any]] = []
 
     async def list_namespaced_custom_object(self, group: str, version: str, ns: str, plural: str, **kw: Any) -> Any:
         steps = self.script[plural]
@@ -47,6 +59,12 @@ class ScriptedCustomObjects:
     ) -> Any:
         status = self.creates[body["metadata"]["name"]]
         return RawResponse(b"{}", status, "Conflict" if status == 409 else "refused")
+
+    async def delete_namespaced_custom_object(
+        self, group: str, version: str, ns: str, plural: str, name: str, **kw: Any
+    ) -> Any:
+        self.deletes.append((name, kw.get("body")))
+        return RawResponse(b"{}")
 
 
 def listing(*items: dict[str, Any]) -> RawResponse:
@@ -113,3 +131,54 @@ def test_a_create_that_exists_already_is_fine_and_a_refused_one_is_a_control_pla
             await plane.stop()
 
     asyncio.run(main())
+
+
+def test_why_a_conversation_waits_or_was_refused_and_its_replacement_ignores_the_old_objects_late_events() -> None:
+    pool = {"metadata": {"name": "pool"}, "spec": {"placement": {"maxQueueWaitSeconds": 30}}, "status": {}}
+    no_room = ("NoCapacity", "no decoder has room")
+    refusal = ("QueueWaitExceeded", "waited 31 s in the queue of pool pool, over its limit of 30 s")
+    watch = asyncio.Event()
+    api = ScriptedCustomObjects(
+        {
+            "decoderpools": [listing(pool)],
+            "conversations": [
+                listing(
+                    conversation("w", "Pending", uid="u-w", placed=no_room),
+                    conversation("r", "Failed", uid="u-old", placed=refusal),
+                ),
+                watch,
+                stream(
+                    # The deleted object's events may still come after the delete: ignored.
+                    {"type": "MODIFIED", "object": conversation("r", "Failed", uid="u-old", placed=refusal)},
+                    {"type": "DELETED", "object": conversation("r", "Failed", uid="u-old", placed=refusal)},
+                    {"type": "ADDED", "object": conversation("r", "Pending", uid="u-new")},
+                    {"type": "MODIFIED", "object": conversation("r", "Prefilling", "d0", uid="u-new")},
+                ),
+            ],
+        },
+        creates={"r": 201},
+    )
+    plane = KubeControlPlane(namespace="ns", api=api)
+
+    async def main() -> None:
+        await plane.start()
+        try:
+            assert plane.pool_max_queue_wait_s("pool") == 30.0
+            assert plane.pool_max_queue_wait_s("other") is None
+            assert plane.waiting_reason("w") == no_room
+            assert plane.waiting_reason("r") is None  # not waiting: refused
+            with pytest.raises(ConversationFailed) as failed:
+                await plane.wait_placement("r", newer_than=None, timeout_s=5)
+            assert (failed.value.reason, failed.value.detail) == refusal
+            # A retry: the refused object is deleted (only that one: its uid is the precondition), then made anew.
+            await plane.delete_conversation("r")
+            await plane.create_conversation("r", {"pool": "pool"})
+            placed = asyncio.create_task(plane.wait_placement("r", newer_than=None, timeout_s=5))
+            await asyncio.sleep(0)
+            watch.set()
+            assert (await placed).decoder == Backend("d0", "d0:8000")
+        finally:
+            await plane.stop()
+
+    asyncio.run(main())
+    assert api.deletes == [("r", {"preconditions": {"uid": "u-old"}})]

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from conserve.router import policy
-from conserve.router.control import backends_from_pool_status, placement_from_status
+from conserve.router.control import backends_from_pool_status, max_queue_wait_of, placement_from_status
 from conserve.router.policy import Backend, LoadBook, Mode, NoBackend, Placement, Usage, UsageBatcher
 
 P1, P2 = Backend("pre-0", "127.0.0.1:1"), Backend("pre-1", "127.0.0.1:2")
@@ -151,3 +151,50 @@ def test_placement_and_pool_backends_from_status() -> None:
         "prefills": [{"pod": "p0", "ready": True, "endpoint": ""}, {"pod": "p1", "ready": True, "endpoint": "h:3"}],
     }
     assert backends_from_pool_status(pool) == ([Backend("p1", "h:3")], [Backend("d0", "h:1")])
+
+
+def test_the_first_turn_waits_the_pools_queue_limit_and_a_margin_bounded_by_the_flag() -> None:
+    margin = policy.PLACEMENT_WAIT_MARGIN_S
+    assert policy.placement_wait_s(None, 30.0) == 30.0 + margin
+    assert policy.placement_wait_s(10.0, 30.0) == 10.0  # the flag is an upper bound
+    assert policy.placement_wait_s(None, None) == policy.DEFAULT_PLACEMENT_WAIT_S  # a pool not seen yet
+    assert policy.placement_wait_s(7.0, None) == 7.0
+    assert max_queue_wait_of({"placement": {"maxQueueWaitSeconds": 45}}) == 45.0
+    assert max_queue_wait_of({"placement": {"maxQueueWaitSeconds": "soon"}}) == 120.0  # unreadable: the default
+    assert max_queue_wait_of(None) == 120.0
+
+
+def test_retry_after_is_a_quarter_of_the_pools_limit_within_bounds() -> None:
+    assert policy.retry_after_s(120.0) == 30
+    assert policy.retry_after_s(3600.0) == 30
+    assert policy.retry_after_s(10.0) == 3
+    assert policy.retry_after_s(1.0) == 1
+    assert policy.retry_after_s(None) == 30
+
+
+def _not_placed(failed: bool, reason: str | None, detail: str = "why") -> policy.NotPlaced:
+    return policy.not_placed("c1", "p", failed=failed, reason=reason, detail=detail, waited_s=125.2, pool_max_wait_s=8)
+
+
+def test_a_busy_pool_is_429_with_retry_after_and_a_fault_is_503() -> None:
+    waited = "waited 121 s in the queue of pool p, over its limit of 120 s (NoCapacity: no room)"
+    assert _not_placed(True, "QueueWaitExceeded", waited) == policy.NotPlaced(
+        429, f"conversation c1 {waited}", "QueueWaitExceeded", 2
+    )
+    assert _not_placed(True, "NoCapacity") == policy.NotPlaced(
+        429, "conversation c1 refused by pool p (NoCapacity: why)", "NoCapacity", 2
+    )  # whenFull: Reject
+    for reason in ("NoCapacity", "NoReadyDecoder", "NoDecoder"):  # the router's own wait ended first
+        answer = _not_placed(False, reason)
+        assert (answer.status, answer.retry_after_s) == (429, 2)
+        assert answer.message == f"conversation c1 waited 125 s in the queue of pool p ({reason}: why)"
+    # Faults: no such pool, an invalid one, no word from the operator, a conversation ended otherwise.
+    assert _not_placed(False, "PoolNotFound") == policy.NotPlaced(
+        503, "conversation c1 not placed after 125 s (PoolNotFound: why)", "PoolNotFound"
+    )
+    assert _not_placed(False, "InvalidPool").status == 503
+    assert _not_placed(False, None, "") == policy.NotPlaced(
+        503, "conversation c1 not placed after 125 s (no word from the operator)", ""
+    )
+    assert _not_placed(True, "Deleted", "the conversation was deleted").status == 503
+    assert _not_placed(True, "Completed").retry_after_s is None

@@ -33,13 +33,26 @@ def run(fn: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
 
 
 class FakeControlPlane:
-    """Places each new conversation on the decoder with the fewest conversations; records usage patches."""
+    """Places each new conversation on the decoder with the fewest conversations; records usage patches.
+
+    With `room` set, at most that many conversations are placed at once: the rest wait (NoCapacity) until `free`
+    makes room, and with `refuse_after_s` set the "operator" refuses a waiting one that long after its creation
+    (QueueWaitExceeded: phase Failed; the object stays until the router deletes it)."""
 
     def __init__(self, prefills: list[Backend], decoders: list[Backend]) -> None:
         self.prefills, self.decoders = prefills, decoders
         self.placements: dict[str, Placement] = {}
         self.specs: dict[str, dict[str, Any]] = {}
         self.patches: list[tuple[str, dict[str, Any]]] = []
+        self.room: int | None = None
+        self.reject = False  # whenFull: Reject
+        self.problem: tuple[str, str] | None = None  # why nothing is placed at all (PoolNotFound, ...)
+        self.refuse_after_s: float | None = None
+        self.max_queue_wait_s: float | None = None
+        self.waiting: dict[str, tuple[str, str]] = {}
+        self.failed: dict[str, tuple[str, str]] = {}
+        self.created: list[str] = []
+        self.deleted: list[str] = []
         self._waiters = _Waiters()
 
     async def start(self) -> None:
@@ -49,17 +62,57 @@ class FakeControlPlane:
         pass
 
     async def create_conversation(self, name: str, spec: dict[str, Any]) -> None:
+        if name in self.failed or name in self.waiting or name in self.placements:
+            return  # already there: the API server says Conflict, which the router takes as fine
         self.specs[name] = spec
+        self.created.append(name)
+        asyncio.get_running_loop().call_later(0.01, self._admit, name)  # the operator's latency
 
-        def place() -> None:
-            counts = {d.endpoint: 0 for d in self.decoders}
-            for p in self.placements.values():
-                counts[p.decoder.endpoint] = counts.get(p.decoder.endpoint, 0) + 1
-            decoder = min(self.decoders, key=lambda d: (counts[d.endpoint], d.name))
-            self.placements[name] = Placement(1, decoder, self.prefills[0] if self.prefills else None)
-            self._waiters.offer(name, self.placements[name], None)
+    def _admit(self, name: str) -> None:
+        if self.problem is not None:
+            self.waiting[name] = self.problem
+            return
+        if self.room is not None and len(self.placements) >= self.room:
+            full = ("NoCapacity", "no decoder has room for 3000 KV tokens")
+            if self.reject:
+                self.failed[name] = full
+                self._waiters.offer(name, None, full)
+                return
+            self.waiting[name] = full
+            if self.refuse_after_s is not None:
+                asyncio.get_running_loop().call_later(self.refuse_after_s, self._refuse, name)
+            return
+        self.waiting.pop(name, None)
+        counts = {d.endpoint: 0 for d in self.decoders}
+        for p in self.placements.values():
+            counts[p.decoder.endpoint] = counts.get(p.decoder.endpoint, 0) + 1
+        decoder = min(self.decoders, key=lambda d: (counts[d.endpoint], d.name))
+        self.placements[name] = Placement(1, decoder, self.prefills[0] if self.prefills else None)
+        self._waiters.offer(name, self.placements[name], None)
 
-        asyncio.get_running_loop().call_later(0.01, place)  # the operator's latency
+    def _refuse(self, name: str) -> None:
+        waiting = self.waiting.pop(name, None)
+        if waiting is not None:
+            detail = f"waited 1 s in the queue of pool default, over its limit of 1 s ({waiting[0]}: {waiting[1]})"
+            self.failed[name] = ("QueueWaitExceeded", detail)
+            self._waiters.offer(name, None, self.failed[name])
+
+    def free(self, name: str) -> None:
+        """A conversation ends: its room goes to the first waiting one."""
+        self.placements.pop(name, None)
+        for waiting in list(self.waiting)[:1]:
+            self._admit(waiting)
+
+    async def delete_conversation(self, name: str) -> None:
+        self.deleted.append(name)
+        for known in (self.failed, self.waiting, self.placements):
+            known.pop(name, None)
+
+    def waiting_reason(self, name: str) -> tuple[str, str] | None:
+        return self.waiting.get(name)
+
+    def pool_max_queue_wait_s(self, pool: str) -> float | None:
+        return self.max_queue_wait_s
 
     def move(self, name: str, decoder: Backend) -> None:
         old = self.placements[name]
@@ -71,7 +124,7 @@ class FakeControlPlane:
 
     async def wait_placement(self, name: str, *, newer_than: int | None, timeout_s: float) -> Placement:
         fut = self._waiters.add(name, newer_than)
-        self._waiters.offer(name, self.placements.get(name), None)
+        self._waiters.offer(name, self.placements.get(name), self.failed.get(name))
         try:
             return await asyncio.wait_for(fut, timeout_s)
         finally:
@@ -85,10 +138,11 @@ class FakeControlPlane:
 
 
 class Harness:
-    def __init__(self) -> None:
+    def __init__(self, config: RouterConfig | None = None) -> None:
         self.servers: dict[str, GpuSimServer] = {}
         self.registry = fresh_registry()
         self.metrics = RouterMetrics.on(self.registry)
+        self.config = config or RouterConfig(usage_interval_s=0.05)
 
     async def __aenter__(self) -> Harness:
         backends: dict[str, list[Backend]] = {"prefill": [], "decode": []}
@@ -102,7 +156,7 @@ class Harness:
             self.servers[name] = server
             backends["prefill" if role is Role.PREFILL else "decode"].append(Backend(name, f"127.0.0.1:{port}"))
         self.control = FakeControlPlane(backends["prefill"], backends["decode"])
-        self.router = Router(RouterConfig(usage_interval_s=0.05), self.control, self.metrics)
+        self.router = Router(self.config, self.control, self.metrics)
         self.runner = web.AppRunner(build_app(self.router, self.registry))
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -141,6 +195,13 @@ class Harness:
                     for c in json.loads(line[6:])["choices"]:
                         text += c["delta"].get("content", "")
             return dict(resp.headers), text
+
+    async def refused(self, conv: str, *, stream: bool) -> tuple[int, dict[str, str], dict[str, Any]]:
+        """A turn expected to get no decoder: its status, headers and JSON error."""
+        body = {"model": "llama-3-8b", "messages": [{"role": "user", "content": filler_text(1500)}], "stream": stream}
+        headers = {"X-Conversation-Id": conv}
+        async with self.http.post(f"{self.url}/v1/chat/completions", json=body, headers=headers) as resp:
+            return resp.status, dict(resp.headers), await resp.json()
 
     def turns_served(self, server: str) -> dict[str, int]:
         return dict(self.servers[server].engine.stats.conversation_turns)
@@ -228,3 +289,66 @@ async def test_per_turn_mode_moves_kv_every_turn_and_creates_no_conversation() -
         assert h.control.specs == {}
         assert h.sample("conserve_router_kv_transfers_total", mode="per-turn") == 4
         assert h.sample("conserve_router_time_to_first_effective_token_seconds_count", mode="per-turn") == 1
+
+
+@run
+async def test_a_conversation_refused_after_its_queue_wait_gets_429_and_its_retry_queues_afresh() -> None:
+    async with Harness() as h:
+        h.control.room, h.control.refuse_after_s, h.control.max_queue_wait_s = 1, 0.2, 1.0
+        await h.chat("first", [{"role": "user", "content": filler_text(1500)}])
+        status, headers, body = await h.refused("second", stream=True)  # a streaming client gets no stream
+        assert status == 429
+        assert headers["Retry-After"] == "1"  # a quarter of the pool's 1 s limit, at least 1 s
+        assert body["error"]["code"] == "QueueWaitExceeded"
+        assert body["error"]["message"].startswith("conversation second waited 1 s in the queue of pool default")
+        assert "NoCapacity" in body["error"]["message"]
+        assert h.sample("conserve_router_unplaced_turns_total", status="429", reason="QueueWaitExceeded") == 1
+        name = next(n for n in h.control.specs if "-second-" in n)
+        # Room frees; the client's retry with the same id replaces the Failed object and is served.
+        h.control.free(next(n for n in h.control.specs if "-first-" in n))
+        got, text = await h.chat("second", [{"role": "user", "content": filler_text(1500)}])
+        assert text
+        assert h.control.deleted == [name]
+        assert h.control.created.count(name) == 2
+        assert got["X-Conserve-Placement-Generation"] == "1"
+
+
+@run
+async def test_a_refusal_at_once_is_429_and_a_wait_that_ends_while_queued_keeps_the_place() -> None:
+    async with Harness(RouterConfig(usage_interval_s=0.05, placement_timeout_s=0.3)) as h:
+        h.control.room = 0  # full; nothing refuses: the router's own wait (at most 0.3 s here) ends first
+        status, headers, body = await h.refused("waits", stream=False)
+        assert status == 429
+        assert headers["Retry-After"] == "30"  # the pool's limit is unknown here: 120 s, a quarter, at most 30
+        assert body["error"]["code"] == "NoCapacity"
+        message = body["error"]["message"]
+        assert message.startswith("conversation waits waited ")
+        assert message.endswith(" s in the queue of pool default (NoCapacity: no decoder has room for 3000 KV tokens)")
+        # The retry waits on the same object (its place in the queue kept) and is served when room frees.
+        name = next(iter(h.control.specs))
+        retry = asyncio.create_task(h.chat("waits", [{"role": "user", "content": filler_text(1500)}]))
+        await asyncio.sleep(0.1)
+        h.control.room = 1
+        h.control.free("nobody")
+        _, text = await retry
+        assert text
+        assert h.control.deleted == []
+        assert h.control.created == [name]
+
+
+@run
+async def test_a_pool_that_rejects_when_full_is_429_at_once_and_a_missing_pool_is_503() -> None:
+    async with Harness(RouterConfig(usage_interval_s=0.05, placement_timeout_s=0.3)) as h:
+        h.control.room, h.control.reject, h.control.max_queue_wait_s = 0, True, 120.0
+        status, headers, body = await h.refused("rejected", stream=True)
+        assert (status, headers["Retry-After"], body["error"]["code"]) == (429, "30", "NoCapacity")
+        assert body["error"]["message"] == (
+            "conversation rejected refused by pool default (NoCapacity: no decoder has room for 3000 KV tokens)"
+        )
+        # A pool the operator cannot find is a fault, not a busy pool: 503, no Retry-After.
+        h.control.reject, h.control.problem = False, ("PoolNotFound", "DecoderPool 'default' not found")
+        status, headers, body = await h.refused("lost", stream=False)
+        assert status == 503
+        assert "Retry-After" not in headers
+        assert body["error"]["message"].startswith("conversation lost not placed after ")
+        assert body["error"]["message"].endswith(" s (PoolNotFound: DecoderPool 'default' not found)")

@@ -95,10 +95,23 @@ class WeightsSpec(CamelModel):
         return self
 
 
+#: How long a conversation may wait in a pool's queue by default (the router's placement wait before the field).
+DEFAULT_MAX_QUEUE_WAIT_SECONDS = 120
+MAX_QUEUE_WAIT_LIMIT_SECONDS = 3600
+
+
 class PlacementSpec(CamelModel):
     headroom_fraction: float = Field(0.05, ge=0, lt=1, description="Capacity kept free for growth.")
     tier_policy: Literal["strict", "preferred"] = "preferred"
     when_full: Literal["Queue", "Reject"] = Field("Queue", description="Queue waits for capacity; Reject fails.")
+    max_queue_wait_seconds: int = Field(
+        DEFAULT_MAX_QUEUE_WAIT_SECONDS,
+        ge=1,
+        le=MAX_QUEUE_WAIT_LIMIT_SECONDS,
+        description="Longest a conversation waits in the queue for a decoder, counted from its creation. Past it "
+        "the operator refuses it (phase Failed, condition Placed=False, reason QueueWaitExceeded) and the router "
+        "answers its turn with HTTP 429 and Retry-After; a retry of the same conversation queues it afresh.",
+    )
     weights: WeightsSpec = Field(default_factory=WeightsSpec)
 
 

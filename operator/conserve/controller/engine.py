@@ -24,6 +24,7 @@ from conserve.controller.kube import Kube
 from conserve.controller.state import ConvRecord, PoolRuntime, World, format_time, parse_time
 from conserve.controller.writer import Writer, WriterConfig
 from conserve.core.decisions import Decision, Reason, Verdict
+from conserve.core.pending import overdue, queue_wait_message
 
 log = logging.getLogger("conserve.operator")
 
@@ -295,7 +296,8 @@ class Engine(Writer):
                         ended.append((record, d.message))
             for record, message in ended:
                 await self._after_release(pool, record, message, True, True)
-            await self.commit(outcomes, pool)
+            await self.commit(outcomes, pool)  # the sweep's drain placed what fits in the room it freed ...
+            await self.refuse_overdue(pool)  # ... so only what still cannot fit is refused
         to_write: list[ConvRecord] = []
         for record in list(self.world.convs.values()):
             if record.status.phase is not Phase.DECODING or record.last_activity_s is None:
@@ -308,6 +310,31 @@ class Engine(Writer):
                 record.dirty = True
                 to_write.append(record)
         await asyncio.gather(*(self.write_status(r) for r in to_write))
+
+    async def refuse_overdue(self, pool: PoolRuntime) -> None:
+        """Fail the conversations that waited in the pool's queue past its `maxQueueWaitSeconds` (reason
+        `QueueWaitExceeded`, a Warning Event): their clients are told to come back (the router: HTTP 429) rather
+        than kept waiting, and none is placed after its client gave up. A pool without a valid spec has no limit."""
+        if pool.spec is None or not pool.pending:
+            return
+        limit_s = float(pool.spec.placement.max_queue_wait_seconds)
+        async with pool.lock:
+            now = self.clock.now()
+            since = {key: request.created_at_s for key, request in pool.pending.items()}
+            decisions: list[Decision] = []
+            for key in overdue(since, now, limit_s):
+                record = self.world.convs.get(key)
+                if record is None or record.placed or record.terminal:
+                    continue
+                waiting = record.conditions.get("Placed")
+                reason, detail = (waiting.reason, waiting.message) if waiting is not None else (None, "")
+                message = queue_wait_message(pool.name, now - since[key], limit_s, reason, detail)
+                pool.scheduler.release(key, Reason.QUEUE_WAIT_EXCEEDED, message)  # out of the queue; held nothing
+                decisions.append(Decision(key, Verdict.FAILED, Reason.QUEUE_WAIT_EXCEEDED, message))
+            outcomes = self.apply(pool, decisions)
+        await self.commit(outcomes, pool)
+        for outcome in outcomes:
+            await self.remove_finalizer(outcome.record)
 
     # --- writes ---------------------------------------------------------------------------------------------
     async def commit(self, outcomes: list[Outcome], pool: PoolRuntime) -> None:

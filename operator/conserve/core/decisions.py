@@ -42,6 +42,7 @@ class Reason(enum.StrEnum):
     POOL_NOT_FOUND = "PoolNotFound"
     INVALID_POOL = "InvalidPool"
     DECODER_LOST = "DecoderLost"
+    QUEUE_WAIT_EXCEEDED = "QueueWaitExceeded"  # waited in the queue past the pool's maxQueueWaitSeconds
     COMPLETED = "Completed"
     DELETED = "Deleted"
     IDLE_TIMEOUT = "IdleTimeout"

@@ -4,7 +4,10 @@
   JSON answer. Headers: `X-Conversation-Id` (the conversation; falls back to the body's `user`, then
   `metadata.conversation_id`), `X-Conversation-End: true` (last turn), `X-Conserve-Effective: false` (a turn the
   user does not see), `X-Conserve-Routing: conversation|per-turn`, `X-Conserve-Pool`. Responses carry
-  `X-Conserve-Decoder`, `X-Conserve-Prefill` and `X-Conserve-Placement-Generation`.
+  `X-Conserve-Decoder`, `X-Conserve-Prefill` and `X-Conserve-Placement-Generation`. A turn waits (a stream sends
+  nothing) while its conversation waits in the pool's queue; HTTP 429 with `Retry-After` when the pool refuses it
+  (queue wait past its `maxQueueWaitSeconds`, or `whenFull: Reject`): a retry with the same id queues it afresh.
+  Errors are OpenAI-shaped JSON (`error.message`, `error.code`: the operator's reason).
 - DELETE /v1/conversations/{id}: end a conversation now.
 - GET /metrics (conserve_router_*), /health, /conserve/backends (the pool's servers, JSON).
 """
@@ -65,8 +68,12 @@ def build_app(router: Router, registry: CollectorRegistry) -> web.Application:
     return app
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": "conserve_router_error"}}, status=status)
+def _error(status: int, message: str, *, retry_after_s: int | None = None, code: str = "") -> web.Response:
+    error: dict[str, Any] = {"message": message, "type": "conserve_router_error"}
+    if code:
+        error["code"] = code
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    return web.json_response({"error": error}, status=status, headers=headers)
 
 
 def _started_headers(started: TurnStarted) -> dict[str, str]:
@@ -91,7 +98,7 @@ async def _serve(request: web.Request, router: Router, kind: str) -> web.StreamR
             await reply.take(item)
     except TurnError as err:
         if reply.response is None:
-            return _error(err.status, str(err))
+            return _error(err.status, str(err), retry_after_s=err.retry_after_s, code=err.code)
         raise
     return await reply.finish(kind, body)
 

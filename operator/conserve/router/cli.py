@@ -35,7 +35,14 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="seconds between usage patches per conversation (one more when it ends)",
     )
     p.add_argument("--idle-close", type=float, default=600.0, help="close conversations idle this long (seconds)")
-    p.add_argument("--placement-timeout", type=float, default=120.0)
+    p.add_argument(
+        "--placement-timeout",
+        type=float,
+        default=None,
+        help="seconds a turn waits for its conversation's placement at most (default: the pool's "
+        "placement.maxQueueWaitSeconds plus a margin, then HTTP 429 with Retry-After; 120 for a pool not seen yet, "
+        "and for a re-placement after a decoder is lost)",
+    )
     p.add_argument(
         "--no-early-prefill",
         action="store_true",

@@ -1,8 +1,10 @@
 """What the router needs from the control plane, behind one Protocol, and its Kubernetes implementation.
 
 The router creates Conversation objects, reads their placement (`status.decoder`, `status.prefill`,
-`status.placementGeneration`) from a watch cache, patches `spec.usage` / `spec.completed` (merge patches), and
-reads each DecoderPool's ready decoders and prefill servers (with endpoints) from a second watch.
+`status.placementGeneration`, or why there is none: the `Placed` condition) from a watch cache, patches
+`spec.usage` / `spec.completed` (merge patches), deletes a Conversation that ended without a placement before it
+creates it again (a client's retry after a refusal), and reads each DecoderPool's ready decoders and prefill
+servers (with endpoints) and its `placement.maxQueueWaitSeconds` from a second watch.
 `PlacementCache` is that watch cache and its waiters, whatever feeds it; `KubeControlPlane` feeds it from the
 asyncio client (`conserve.kube.aio`: two `AsyncInformer` tasks, writes awaited on the router's own loop, no
 threads). It replaced the synchronous client in thread pools by measurement: benchmarks/kube_client_bench.py
@@ -25,12 +27,12 @@ from pydantic import ValidationError
 from conserve.api.common import GROUP, VERSION
 from conserve.api.conversation import PLURAL as CONVERSATIONS
 from conserve.api.conversation import TERMINAL_PHASES, ConversationStatus, Phase
+from conserve.api.decoderpool import DEFAULT_MAX_QUEUE_WAIT_SECONDS, DecoderPoolStatus
 from conserve.api.decoderpool import PLURAL as DECODERPOOLS
-from conserve.api.decoderpool import DecoderPoolStatus
 from conserve.api.labels import LABEL_MANAGED_BY, ROUTER_MANAGER
 from conserve.kube.aio import CALL_ERRORS, AsyncCustomObjectsApi, new_async_api_client, read_body
 from conserve.kube.aio_informer import AsyncInformer
-from conserve.kube.errors import Conflict
+from conserve.kube.errors import Conflict, NotFound
 from conserve.kube.patch import MERGE_PATCH
 from conserve.router.policy import Backend, Placement
 
@@ -50,7 +52,13 @@ InformerT = TypeVar("InformerT", bound=_Follower)
 
 
 class ConversationFailed(Exception):
-    """The operator could not place the conversation (phase Failed or Completed)."""
+    """The conversation ended without a placement (phase Failed or Completed, or deleted): `reason` and `detail`
+    are a Failed one's `Placed` condition's, a Completed one's `Ended` condition's."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
 
 
 class ControlPlaneError(Exception):
@@ -66,13 +74,23 @@ class ControlPlane(Protocol):
 
     async def create_conversation(self, name: str, spec: dict[str, Any]) -> None: ...
 
+    async def delete_conversation(self, name: str) -> None:
+        """Delete the object the cache knows under `name` (not a newer one: its uid is the precondition); gone
+        already is fine. The cache forgets it, and ignores its late events."""
+
     def placement(self, name: str) -> Placement | None: ...
 
     async def wait_placement(self, name: str, *, newer_than: int | None, timeout_s: float) -> Placement: ...
 
+    def waiting_reason(self, name: str) -> tuple[str, str] | None:
+        """(reason, message) of the `Placed=False` condition of a conversation still waiting; None otherwise."""
+
     async def patch_conversation(self, name: str, patch: dict[str, Any]) -> None: ...
 
     def pool_backends(self, pool: str) -> tuple[list[Backend], list[Backend]]: ...
+
+    def pool_max_queue_wait_s(self, pool: str) -> float | None:
+        """The pool's `placement.maxQueueWaitSeconds`; None for a pool the router has not seen."""
 
 
 def parse_status(model: type[S], status: Mapping[str, Any] | None) -> S:
@@ -101,6 +119,16 @@ def placement_from_status(status: Mapping[str, Any] | None) -> Placement | None:
     return placement_of(parse_status(ConversationStatus, status)) if status else None
 
 
+def max_queue_wait_of(spec: Mapping[str, Any] | None) -> float:
+    """A DecoderPool spec's `placement.maxQueueWaitSeconds` (the API server fills in its default; a value that is
+    missing or not a positive integer reads as that default)."""
+    placement = (spec or {}).get("placement")
+    value = placement.get("maxQueueWaitSeconds") if isinstance(placement, Mapping) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return float(DEFAULT_MAX_QUEUE_WAIT_SECONDS)
+
+
 def backends_from_pool_status(status: Mapping[str, Any] | None) -> tuple[list[Backend], list[Backend]]:
     """(ready prefill servers, ready decoders) of a DecoderPool status, those with an endpoint."""
     pool = parse_status(DecoderPoolStatus, status)
@@ -126,13 +154,14 @@ class _Waiters:
         else:
             self._waiting.pop(name, None)
 
-    def offer(self, name: str, placement: Placement | None, failed: str | None) -> None:
+    def offer(self, name: str, placement: Placement | None, failed: tuple[str, str] | None) -> None:
+        """A conversation's latest placement, or (reason, detail) when it ended without one."""
         keep = []
         for newer_than, fut in self._waiting.get(name, []):
             if fut.done():
                 continue
             if failed is not None:
-                fut.set_exception(ConversationFailed(failed))
+                fut.set_exception(ConversationFailed(*failed))
             elif placement is not None and (newer_than is None or placement.generation > newer_than):
                 fut.set_result(placement)
             else:
@@ -150,7 +179,11 @@ class PlacementCache:
 
     def __init__(self) -> None:
         self._statuses: dict[str, ConversationStatus] = {}
+        self._uids: dict[str, str] = {}  # of the objects in _statuses
+        #: Objects this router deleted, by name: uid. Their late events (the watch may lag the delete) are ignored.
+        self._deleted: dict[str, str] = {}
         self._pools: dict[str, tuple[list[Backend], list[Backend]]] = {}
+        self._queue_waits: dict[str, float] = {}
         self._waiters = _Waiters()
 
     def placement(self, name: str) -> Placement | None:
@@ -159,6 +192,25 @@ class PlacementCache:
 
     def pool_backends(self, pool: str) -> tuple[list[Backend], list[Backend]]:
         return self._pools.get(pool, ([], []))
+
+    def pool_max_queue_wait_s(self, pool: str) -> float | None:
+        return self._queue_waits.get(pool)
+
+    def waiting_reason(self, name: str) -> tuple[str, str] | None:
+        status = self._statuses.get(name)
+        if status is None or status.phase is not Phase.PENDING:
+            return None
+        placed = next((c for c in status.conditions if c.type == "Placed" and c.status == "False"), None)
+        return (placed.reason, placed.message) if placed is not None else None
+
+    def forget(self, name: str) -> str | None:
+        """Drop a conversation about to be deleted (its waiters stay); returns its uid when known, and from then
+        on that object's events are ignored."""
+        self._statuses.pop(name, None)
+        uid = self._uids.pop(name, None)
+        if uid:
+            self._deleted[name] = uid
+        return uid
 
     async def wait_placement(self, name: str, *, newer_than: int | None, timeout_s: float) -> Placement:
         fut = self._waiters.add(name, newer_than)
@@ -195,7 +247,7 @@ class PlacementCache:
 
     def replace(self, plural: str, items: list[dict[str, Any]]) -> None:
         names = {str((item.get("metadata") or {}).get("name", "")) for item in items}
-        known = self._pools if plural == DECODERPOOLS else self._statuses
+        known: Mapping[str, object] = self._pools if plural == DECODERPOOLS else self._statuses
         for gone in set(known) - names:  # deleted while the watch was down
             self.apply(plural, "DELETED", {"metadata": {"name": gone}})
         for item in items:
@@ -209,14 +261,26 @@ class PlacementCache:
         if plural == DECODERPOOLS:
             if kind == "DELETED":
                 self._pools.pop(name, None)
+                self._queue_waits.pop(name, None)
             else:
                 self._pools[name] = backends_from_pool_status(status)
+                self._queue_waits[name] = max_queue_wait_of(obj.get("spec"))
             return
+        uid = str(obj["metadata"].get("uid") or "")
+        deleted = self._deleted.get(name)
+        if deleted is not None and uid == deleted:  # a late event of an object this router deleted
+            if kind == "DELETED":
+                del self._deleted[name]
+            return
+        if deleted is not None and uid:  # a newer object: the deleted one's events are all behind
+            del self._deleted[name]
         if kind == "DELETED":
             self._statuses.pop(name, None)
-            self._waiters.offer(name, None, "conversation deleted")
+            self._uids.pop(name, None)
+            self._waiters.offer(name, None, ("Deleted", "the conversation was deleted"))
             return
         parsed = self._statuses[name] = parse_status(ConversationStatus, status)
+        self._uids[name] = uid
         self._waiters.offer(name, placement_of(parsed), _failure(parsed))
 
 
@@ -270,6 +334,15 @@ class KubeControlPlane(PlacementCache):
             if not isinstance(err.__cause__, Conflict):  # already there: a router restart, or a client made it
                 raise
 
+    async def delete_conversation(self, name: str) -> None:
+        uid = self.forget(name)
+        options = {"preconditions": {"uid": uid}} if uid else {}
+        try:
+            await self._write(self._api.delete_namespaced_custom_object, CONVERSATIONS, name, body=options)
+        except ControlPlaneError as err:
+            if not isinstance(err.__cause__, NotFound | Conflict):  # gone, or already replaced (the uid differs)
+                raise
+
     async def patch_conversation(self, name: str, patch: dict[str, Any]) -> None:
         async with self._patches:
             await self._write(self._api.patch_namespaced_custom_object, CONVERSATIONS, name, patch, **MERGE_PATCH)
@@ -284,7 +357,13 @@ class KubeControlPlane(PlacementCache):
             raise ControlPlaneError(f"{plural} write: {err}") from err
 
 
-def _failure(status: ConversationStatus | None) -> str | None:
-    if status is not None and status.phase in TERMINAL_PHASES:
-        return f"conversation is {status.phase}"
-    return None
+def _failure(status: ConversationStatus | None) -> tuple[str, str] | None:
+    """(reason, detail) of a conversation that ended: a Failed one's `Placed=False` condition (a refusal, a
+    failure), a Completed one's `Ended` condition, else its phase; None while it lives."""
+    if status is None or status.phase not in TERMINAL_PHASES:
+        return None
+    conditions = {c.type: c for c in status.conditions}
+    condition = conditions.get("Placed") if status.phase is Phase.FAILED else conditions.get("Ended")
+    if condition is not None and condition.status == ("False" if status.phase is Phase.FAILED else "True"):
+        return condition.reason, condition.message
+    return str(status.phase), f"the conversation is {status.phase}"

@@ -12,16 +12,23 @@
 - Least loaded: fewest requests in flight from this router, then fewest tokens in flight, then the name.
 - Turn reports: `UsageBatcher` coalesces the cumulative counters of `spec.usage` so each conversation is patched
   at most once per interval.
+- A turn whose conversation gets no decoder (`not_placed`): a busy pool (the operator refused the conversation
+  after its queue wait, or at once with `whenFull: Reject`; or the router's own wait, the pool's
+  `maxQueueWaitSeconds` and a margin, ended while it still waits for capacity) is HTTP 429 with `Retry-After`;
+  anything else (no such pool, an invalid one, no word from the operator) is a fault, HTTP 503.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from conserve.core.decisions import Reason
 
 CONVERSATION_HEADER = "X-Conversation-Id"
 #: "true" on a conversation's last turn: the router marks it completed after the turn.
@@ -268,3 +275,75 @@ class UsageBatcher:
 def idle_conversations(last_turn_s: Mapping[str, float], now_s: float, idle_s: float) -> list[str]:
     """Conversations with no turn for `idle_s`: the router closes them."""
     return sorted(name for name, t in last_turn_s.items() if now_s - t >= idle_s)
+
+
+# ---- a conversation not placed --------------------------------------------------------------------------------
+
+#: The router's wait for a first placement when it knows nothing of the pool (and the bound of `--placement-timeout`
+#: before pools declared `placement.maxQueueWaitSeconds`).
+DEFAULT_PLACEMENT_WAIT_S = 120.0
+#: The router waits this much longer than the pool's limit, so that the operator's refusal (its periodic sweep, a
+#: status write and the watch event) reaches the client rather than the router's own timeout.
+PLACEMENT_WAIT_MARGIN_S = 5.0
+#: Retry-After bounds (seconds).
+RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S = 1, 30
+#: Failed with these reasons: the operator refused the conversation because the pool was full (429).
+REFUSED = frozenset({Reason.QUEUE_WAIT_EXCEEDED.value, Reason.NO_CAPACITY.value})
+#: Still waiting for these reasons when the router's wait ends: a pool busy or short of decoders, whose capacity
+#: comes back (429); the operator refuses these at the pool's limit too. Others (PoolNotFound, InvalidPool) are faults.
+BUSY = frozenset({Reason.NO_CAPACITY.value, Reason.NO_READY_DECODER.value, Reason.NO_DECODER.value})
+
+
+def placement_wait_s(timeout_flag_s: float | None, pool_max_wait_s: float | None) -> float:
+    """How long a first turn waits for its placement: the pool's `maxQueueWaitSeconds` plus a margin, at most
+    the router's `--placement-timeout` when given; that flag (else `DEFAULT_PLACEMENT_WAIT_S`) for a pool the router
+    has not seen."""
+    if pool_max_wait_s is None:
+        return timeout_flag_s if timeout_flag_s is not None else DEFAULT_PLACEMENT_WAIT_S
+    wait = pool_max_wait_s + PLACEMENT_WAIT_MARGIN_S
+    return min(wait, timeout_flag_s) if timeout_flag_s is not None else wait
+
+
+def retry_after_s(pool_max_wait_s: float | None) -> int:
+    """When a refused client should try again: a quarter of the pool's queue limit, 1 to 30 s. Room comes back
+    when another conversation ends, which nothing known at this point predicts (chats mostly end by idle timeout);
+    a retry queues again and may wait up to the limit itself, so the hint only keeps retries from hammering."""
+    limit = pool_max_wait_s if pool_max_wait_s is not None else DEFAULT_PLACEMENT_WAIT_S
+    return max(RETRY_AFTER_MIN_S, min(RETRY_AFTER_MAX_S, math.ceil(limit / 4)))
+
+
+@dataclass(frozen=True, slots=True)
+class NotPlaced:
+    """The answer to a turn whose conversation got no decoder."""
+
+    status: int  # 429: the pool is busy, come back later; 503: a fault
+    message: str
+    reason: str  # the operator's condition reason ("" when it gave none)
+    retry_after_s: int | None = None
+
+
+def not_placed(
+    conversation_id: str,
+    pool: str,
+    *,
+    failed: bool,
+    reason: str | None,
+    detail: str,
+    waited_s: float,
+    pool_max_wait_s: float | None,
+) -> NotPlaced:
+    """A first turn without a placement. `failed`: the Conversation is Failed (or gone), `reason` and `detail` its
+    condition's; else the router's wait of `waited_s` ended with the conversation waiting (`reason`: its Placed
+    condition's, None when the operator has not written one)."""
+    why = f"{reason}: {detail}" if reason and detail else reason or detail or "no word from the operator"
+    if failed and reason in REFUSED:
+        retry = retry_after_s(pool_max_wait_s)
+        if reason == Reason.QUEUE_WAIT_EXCEEDED.value:
+            return NotPlaced(429, f"conversation {conversation_id} {detail}", reason, retry)
+        return NotPlaced(429, f"conversation {conversation_id} refused by pool {pool} ({why})", reason, retry)
+    if failed:
+        return NotPlaced(503, f"conversation {conversation_id} not placed ({why})", reason or "")
+    if reason in BUSY:
+        message = f"conversation {conversation_id} waited {waited_s:.0f} s in the queue of pool {pool} ({why})"
+        return NotPlaced(429, message, reason, retry_after_s(pool_max_wait_s))
+    return NotPlaced(503, f"conversation {conversation_id} not placed after {waited_s:.0f} s ({why})", reason or "")

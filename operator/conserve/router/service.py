@@ -7,6 +7,12 @@ prefill and hand the KV over when the plan says so; stream the decode; record TT
 the conversation's first user-visible output, TTFET; queue the cumulative usage for the batched report.
 A decoder that cannot be reached before it sent anything is treated as gone: the router waits for the operator's
 re-placement (a newer placementGeneration) and replays the turn there, KV included.
+
+A first turn waits as long as its conversation waits in the pool's queue, up to the pool's `maxQueueWaitSeconds`
+(and a margin, so that the operator's refusal arrives first). A refused conversation (the operator's queue limit,
+`whenFull: Reject`), or a wait that ends while the pool is busy, is HTTP 429 with Retry-After (`policy.not_placed`),
+and the router forgets the conversation's object: the client's retry with the same id deletes the Failed object and
+creates it again, so it queues afresh.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from conserve.metrics import RouterMetrics
 from conserve.router import backend
 from conserve.router.control import ControlPlane, ControlPlaneError, ConversationFailed
 from conserve.router.policy import (
+    DEFAULT_PLACEMENT_WAIT_S,
     EFFECTIVE_HEADER,
     END_HEADER,
     MODE_HEADER,
@@ -46,7 +53,9 @@ from conserve.router.policy import (
     idle_conversations,
     least_loaded,
     new_input_tokens,
+    not_placed,
     parse_mode,
+    placement_wait_s,
     plan_turn,
 )
 from conserve.router.turns import ConversationState, TurnError, TurnRequest, TurnResult, TurnStarted
@@ -193,7 +202,10 @@ class Router:
             spec: dict[str, Any] = {"pool": pool, "firstTurnInputTokens": max(prompt_tokens, 1)}
             if self.config.idle_timeout_seconds is not None:
                 spec["idleTimeoutSeconds"] = self.config.idle_timeout_seconds
-            state.created = asyncio.get_running_loop().create_task(self._create(state.name, spec))
+            replace, state.refused = state.refused, False
+            if replace:  # the conversation starts again (its TTFET too): the refused attempt was never admitted
+                state.started_s = arrival
+            state.created = asyncio.get_running_loop().create_task(self._create(state.name, spec, replace=replace))
         placement = self.control.placement(state.name)
         if placement is not None and placement.generation == state.kv_generation:
             return placement, None
@@ -201,7 +213,7 @@ class Router:
         if placement is None and self.config.early_prefill:
             early = self._start_early_prefill(request, pool, state.conversation_id, prompt_tokens)
         try:
-            placement = await self._created_and_placed(state)
+            placement = await self._created_and_placed(state, pool)
         except BaseException:
             if early is not None:
                 early.task.cancel()
@@ -227,18 +239,38 @@ class Router:
         early.task.add_done_callback(lambda _t: early.finished(self._clock()))
         return early
 
-    async def _created_and_placed(self, state: ConversationState) -> Placement:
+    async def _created_and_placed(self, state: ConversationState, pool: str) -> Placement:
+        """The first placement; TurnError 429 (a busy pool) or 503 (a fault) without one (`policy.not_placed`)."""
         assert state.created is not None
         try:
             await state.created
         except ControlPlaneError as err:
+            state.created = None  # the next turn tries again
             raise TurnError(502, f"creating conversation {state.conversation_id}: {err}") from err
+        max_wait_s = self.control.pool_max_queue_wait_s(pool)
+        started = self._clock()
+        reason: str | None
         try:
             return await self.control.wait_placement(
-                state.name, newer_than=None, timeout_s=self.config.placement_timeout_s
+                state.name, newer_than=None, timeout_s=placement_wait_s(self.config.placement_timeout_s, max_wait_s)
             )
-        except (TimeoutError, ConversationFailed) as err:
-            raise TurnError(503, f"conversation {state.conversation_id} not placed: {err}") from err
+        except ConversationFailed as err:
+            state.created, state.refused = None, True  # a retry replaces the object and queues afresh
+            failed, reason, detail = True, err.reason, err.detail
+        except TimeoutError:  # the conversation keeps its place in the queue for the client's retry
+            waiting = self.control.waiting_reason(state.name)
+            failed, reason, detail = False, waiting[0] if waiting else None, waiting[1] if waiting else ""
+        answer = not_placed(
+            state.conversation_id,
+            pool,
+            failed=failed,
+            reason=reason,
+            detail=detail,
+            waited_s=self._clock() - started,
+            pool_max_wait_s=max_wait_s,
+        )
+        self.metrics.unplaced_turns_total.labels(status=str(answer.status), reason=answer.reason).inc()
+        raise TurnError(answer.status, answer.message, retry_after_s=answer.retry_after_s, code=answer.reason)
 
     def _plan(
         self,
@@ -287,7 +319,9 @@ class Router:
         lost = self._clock()
         try:
             placement = await self.control.wait_placement(
-                state.name, newer_than=plan.generation, timeout_s=self.config.placement_timeout_s
+                state.name,
+                newer_than=plan.generation,
+                timeout_s=self.config.placement_timeout_s or DEFAULT_PLACEMENT_WAIT_S,
             )
         except (TimeoutError, ConversationFailed) as werr:
             raise TurnError(503, f"decoder of {conv_id} gone and not re-placed: {werr}") from werr
@@ -295,8 +329,11 @@ class Router:
         state.kv_generation = None
         return placement
 
-    async def _create(self, name: str, spec: dict[str, Any]) -> None:
+    async def _create(self, name: str, spec: dict[str, Any], *, replace: bool = False) -> None:
+        """Create the Conversation; `replace`: delete the one that ended without a placement first."""
         started = self._clock()
+        if replace:
+            await self.control.delete_conversation(name)
         await self.control.create_conversation(name, spec)
         self.metrics.placement_wait_seconds.labels(part="create").observe(self._clock() - started)
 

@@ -17,7 +17,9 @@ class RouterConfig:
     mode: Mode = Mode.CONVERSATION
     usage_interval_s: float = USAGE_INTERVAL_S
     idle_close_s: float = 600.0
-    placement_timeout_s: float = 120.0
+    #: Upper bound of a first turn's wait for its placement; None: the pool's maxQueueWaitSeconds and a margin
+    #: (`policy.placement_wait_s`). Also the wait for a re-placement (`policy.DEFAULT_PLACEMENT_WAIT_S` if None).
+    placement_timeout_s: float | None = None
     early_prefill: bool = True
     #: Optional hints copied into every Conversation this router creates.
     idle_timeout_seconds: int | None = None
@@ -30,6 +32,8 @@ class ConversationState:
     mode: Mode
     started_s: float
     created: asyncio.Task[None] | None = None
+    #: Its Conversation ended without a placement (refused, failed or deleted): the next turn replaces the object.
+    refused: bool = False
     kv_generation: int | None = None  # placement generation whose decoder holds the KV
     context_tokens: int = 0  # previous turn's prompt plus output
     turns: int = 0
@@ -73,6 +77,11 @@ class TurnRequest:
 
 
 class TurnError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    """A turn that cannot be served: its HTTP status, the message, and for a 429 when to try again (seconds) and
+    the operator's reason."""
+
+    def __init__(self, status: int, message: str, *, retry_after_s: int | None = None, code: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after_s = retry_after_s
+        self.code = code
