@@ -132,10 +132,6 @@ def test_usage_batcher_coalesces_per_interval_and_flushes_completion() -> None:
     assert len(b) == 0
 
 
-def test_idle_conversations() -> None:
-    assert policy.idle_conversations({"a": 0.0, "b": 9.0}, 10.0, 5.0) == ["a"]
-
-
 def test_placement_and_pool_backends_from_status() -> None:
     assert placement_from_status(None) is None
     assert placement_from_status({"phase": "Pending", "decoder": {"pod": "d", "endpoint": "h:1"}}) is None

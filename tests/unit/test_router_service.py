@@ -53,6 +53,7 @@ class FakeControlPlane:
         self.failed: dict[str, tuple[str, str]] = {}
         self.created: list[str] = []
         self.deleted: list[str] = []
+        self.ended_names: set[str] = set()  # Completed by the "operator" (its idle timeout)
         self._waiters = _Waiters()
 
     async def start(self) -> None:
@@ -62,7 +63,7 @@ class FakeControlPlane:
         pass
 
     async def create_conversation(self, name: str, spec: dict[str, Any]) -> None:
-        if name in self.failed or name in self.waiting or name in self.placements:
+        if name in self.failed or name in self.waiting or name in self.placements or name in self.ended_names:
             return  # already there: the API server says Conflict, which the router takes as fine
         self.specs[name] = spec
         self.created.append(name)
@@ -103,8 +104,14 @@ class FakeControlPlane:
         for waiting in list(self.waiting)[:1]:
             self._admit(waiting)
 
+    def time_out(self, name: str) -> None:
+        """The operator's sweep ends a conversation idle past its timeout: Completed, no placement."""
+        self.placements.pop(name, None)
+        self.ended_names.add(name)
+
     async def delete_conversation(self, name: str) -> None:
         self.deleted.append(name)
+        self.ended_names.discard(name)
         for known in (self.failed, self.waiting, self.placements):
             known.pop(name, None)
 
@@ -113,6 +120,12 @@ class FakeControlPlane:
 
     def pool_max_queue_wait_s(self, pool: str) -> float | None:
         return self.max_queue_wait_s
+
+    def pool_idle_timeout_s(self, pool: str) -> float | None:
+        return None
+
+    def ended(self, name: str) -> bool:
+        return name in self.ended_names
 
     def move(self, name: str, decoder: Backend) -> None:
         old = self.placements[name]
@@ -277,6 +290,23 @@ async def test_a_re_placed_conversation_follows_the_new_decoder() -> None:
         assert h.servers[other.name].engine.stats.kv_transfers_received_total == 1  # the move
         got, _ = await h.chat("m", [*messages, {"role": "user", "content": "more"}])
         assert got["X-Conserve-Decoder"] == other.name
+        assert h.sample("conserve_router_kv_transfers_total", mode="conversation") == 2
+
+
+@run
+async def test_the_next_turn_of_a_conversation_ended_by_its_idle_timeout_starts_it_afresh() -> None:
+    async with Harness() as h:
+        messages = [{"role": "user", "content": filler_text(800)}]
+        _, text = await h.chat("t", messages)
+        name = next(iter(h.control.specs))
+        h.control.time_out(name)  # the operator's sweep: no turn for the pool's idle timeout
+        messages += [{"role": "assistant", "content": text}, {"role": "user", "content": filler_text(30)}]
+        got, _ = await h.chat("t", messages)  # served, not 503: a new placement for the whole context
+        assert h.control.deleted == [name]
+        assert h.control.created == [name, name]
+        assert h.control.specs[name]["firstTurnInputTokens"] > 800
+        assert got["X-Conserve-Placement-Generation"] == "1"
+        # its KV moved once more: prefilled again on the prefill pool, as the simulator's afresh start does
         assert h.sample("conserve_router_kv_transfers_total", mode="conversation") == 2
 
 

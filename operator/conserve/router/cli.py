@@ -34,7 +34,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=USAGE_INTERVAL_S,
         help="seconds between usage patches per conversation (one more when it ends)",
     )
-    p.add_argument("--idle-close", type=float, default=600.0, help="close conversations idle this long (seconds)")
+    p.add_argument(
+        "--idle-close",
+        type=float,
+        default=None,
+        help="forget a conversation's router state after this long without a turn (seconds; default: its pool's "
+        "idle timeout, when the operator ends it)",
+    )
     p.add_argument(
         "--placement-timeout",
         type=float,

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from conserve.api.common import GROUP, VERSION
 from conserve.api.conversation import PLURAL as CONVERSATIONS
 from conserve.api.conversation import TERMINAL_PHASES, ConversationStatus, Phase
-from conserve.api.decoderpool import DEFAULT_MAX_QUEUE_WAIT_SECONDS, DecoderPoolStatus
+from conserve.api.decoderpool import DEFAULT_MAX_QUEUE_WAIT_SECONDS, DecoderPoolSpec, DecoderPoolStatus
 from conserve.api.decoderpool import PLURAL as DECODERPOOLS
 from conserve.api.labels import LABEL_MANAGED_BY, ROUTER_MANAGER
 from conserve.kube.aio import CALL_ERRORS, AsyncCustomObjectsApi, new_async_api_client, read_body
@@ -92,6 +92,14 @@ class ControlPlane(Protocol):
     def pool_max_queue_wait_s(self, pool: str) -> float | None:
         """The pool's `placement.maxQueueWaitSeconds`; None for a pool the router has not seen."""
 
+    def pool_idle_timeout_s(self, pool: str) -> float | None:
+        """The pool's `defaultIdleTimeoutSeconds` (the operator ends a conversation idle this long); None for a
+        pool the router has not seen."""
+
+    def ended(self, name: str) -> bool:
+        """Whether the conversation's object exists and has ended (Completed, e.g. its idle timeout, or Failed):
+        its next turn starts it afresh."""
+
 
 def parse_status(model: type[S], status: Mapping[str, Any] | None) -> S:
     """A status body through its api model; a malformed one reads as empty (logged), never an exception."""
@@ -127,6 +135,14 @@ def max_queue_wait_of(spec: Mapping[str, Any] | None) -> float:
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return float(value)
     return float(DEFAULT_MAX_QUEUE_WAIT_SECONDS)
+
+
+def idle_timeout_of(spec: Mapping[str, Any] | None) -> float:
+    """A DecoderPool spec's `defaultIdleTimeoutSeconds` (missing or invalid: the API's default)."""
+    value = (spec or {}).get("defaultIdleTimeoutSeconds")
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return float(DecoderPoolSpec.model_fields["default_idle_timeout_seconds"].default)
 
 
 def backends_from_pool_status(status: Mapping[str, Any] | None) -> tuple[list[Backend], list[Backend]]:
@@ -184,6 +200,7 @@ class PlacementCache:
         self._deleted: dict[str, str] = {}
         self._pools: dict[str, tuple[list[Backend], list[Backend]]] = {}
         self._queue_waits: dict[str, float] = {}
+        self._idle_timeouts: dict[str, float] = {}
         self._waiters = _Waiters()
 
     def placement(self, name: str) -> Placement | None:
@@ -195,6 +212,13 @@ class PlacementCache:
 
     def pool_max_queue_wait_s(self, pool: str) -> float | None:
         return self._queue_waits.get(pool)
+
+    def pool_idle_timeout_s(self, pool: str) -> float | None:
+        return self._idle_timeouts.get(pool)
+
+    def ended(self, name: str) -> bool:
+        status = self._statuses.get(name)
+        return status is not None and status.phase in TERMINAL_PHASES
 
     def waiting_reason(self, name: str) -> tuple[str, str] | None:
         status = self._statuses.get(name)
@@ -262,9 +286,11 @@ class PlacementCache:
             if kind == "DELETED":
                 self._pools.pop(name, None)
                 self._queue_waits.pop(name, None)
+                self._idle_timeouts.pop(name, None)
             else:
                 self._pools[name] = backends_from_pool_status(status)
                 self._queue_waits[name] = max_queue_wait_of(obj.get("spec"))
+                self._idle_timeouts[name] = idle_timeout_of(obj.get("spec"))
             return
         uid = str(obj["metadata"].get("uid") or "")
         deleted = self._deleted.get(name)

@@ -272,11 +272,6 @@ class UsageBatcher:
         return len(self._pending)
 
 
-def idle_conversations(last_turn_s: Mapping[str, float], now_s: float, idle_s: float) -> list[str]:
-    """Conversations with no turn for `idle_s`: the router closes them."""
-    return sorted(name for name, t in last_turn_s.items() if now_s - t >= idle_s)
-
-
 # ---- a conversation not placed --------------------------------------------------------------------------------
 
 #: The router's wait for a first placement when it knows nothing of the pool (and the bound of `--placement-timeout`

@@ -50,7 +50,6 @@ from conserve.router.policy import (
     conversation_id_of,
     conversation_object_name,
     header_flag,
-    idle_conversations,
     least_loaded,
     new_input_tokens,
     not_placed,
@@ -62,6 +61,8 @@ from conserve.router.turns import ConversationState, TurnError, TurnRequest, Tur
 from conserve.router.turns import RouterConfig as RouterConfig  # re-exported: a Router is made with one
 
 log = logging.getLogger(__name__)
+#: A conversation idle this long is forgotten when its pool's idle timeout is not known yet.
+DEFAULT_FORGET_AFTER_S = 1800.0
 
 
 @dataclass
@@ -198,11 +199,16 @@ class Router:
         self, request: TurnRequest, pool: str, state: ConversationState, prompt_tokens: int, arrival: float
     ) -> tuple[Placement, EarlyPrefill | None]:
         """The conversation's placement (created on its first turn), and the early prefill started meanwhile."""
+        state.pool = pool
+        if state.created is not None and state.created.done() and self.control.ended(state.name):
+            # The operator ended it (its idle timeout, the one owner of it): this turn starts it afresh, a new
+            # placement sized by its whole context, prefilled again (as the simulator does).
+            state.created, state.kv_generation, state.refused = None, None, True
         if state.created is None:
             spec: dict[str, Any] = {"pool": pool, "firstTurnInputTokens": max(prompt_tokens, 1)}
             if self.config.idle_timeout_seconds is not None:
                 spec["idleTimeoutSeconds"] = self.config.idle_timeout_seconds
-            replace, state.refused = state.refused, False
+            replace, state.refused = state.refused or self.control.ended(state.name), False
             if replace:  # the conversation starts again (its TTFET too): the refused attempt was never admitted
                 state.started_s = arrival
             state.created = asyncio.get_running_loop().create_task(self._create(state.name, spec, replace=replace))
@@ -450,15 +456,24 @@ class Router:
             await self.flush()
 
     async def _idle_loop(self) -> None:
+        """Forget conversations idle past their pool's idle timeout (memory only: the operator's sweep ends them
+        at that timeout, the one owner of it; a later turn starts a conversation afresh)."""
         while True:
-            await asyncio.sleep(min(self.config.idle_close_s / 4, 5.0))
+            await asyncio.sleep(5.0 if self.config.idle_close_s is None else min(self.config.idle_close_s / 4, 5.0))
             now = self._clock()
-            last = {f"{m.value}\0{c}": s.last_turn_s for (m, c), s in self._states.items() if not s.lock.locked()}
-            for key in idle_conversations(last, now, self.config.idle_close_s):
-                mode, _, conv_id = key.partition("\0")
-                state = self._states.get((Mode(mode), conv_id))
-                if state is not None:
-                    self._close(state)
+            for (mode, conv_id), state in list(self._states.items()):
+                if state.lock.locked() or now - state.last_turn_s < self._forget_after_s(state):
+                    continue
+                self._states.pop((mode, conv_id), None)
+                self.metrics.conversations_closed_total.labels(mode=mode.value).inc()
+
+    def _forget_after_s(self, state: ConversationState) -> float:
+        if self.config.idle_close_s is not None:
+            return self.config.idle_close_s
+        if self.config.idle_timeout_seconds is not None:
+            return float(self.config.idle_timeout_seconds)
+        pool_timeout = self.control.pool_idle_timeout_s(state.pool or self.config.pool)
+        return pool_timeout if pool_timeout is not None else DEFAULT_FORGET_AFTER_S
 
 
 def _note_usage_and_finish(chunk: dict[str, Any], result: TurnResult) -> None:

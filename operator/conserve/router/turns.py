@@ -16,7 +16,9 @@ class RouterConfig:
     pool: str = "default"
     mode: Mode = Mode.CONVERSATION
     usage_interval_s: float = USAGE_INTERVAL_S
-    idle_close_s: float = 600.0
+    #: Forget a conversation's router state after this long without a turn (None: its pool's idle timeout,
+    #: after which the operator has ended it). Memory only: the operator owns the idle timeout.
+    idle_close_s: float | None = None
     #: Upper bound of a first turn's wait for its placement; None: the pool's maxQueueWaitSeconds and a margin
     #: (`policy.placement_wait_s`). Also the wait for a re-placement (`policy.DEFAULT_PLACEMENT_WAIT_S` if None).
     placement_timeout_s: float | None = None
@@ -35,6 +37,7 @@ class ConversationState:
     #: Its Conversation ended without a placement (refused, failed or deleted): the next turn replaces the object.
     refused: bool = False
     kv_generation: int | None = None  # placement generation whose decoder holds the KV
+    pool: str = ""  # the pool its turns go to
     context_tokens: int = 0  # previous turn's prompt plus output
     turns: int = 0
     input_tokens: int = 0
