@@ -195,24 +195,29 @@ def test_the_router_sends_a_conversations_usage_once_per_interval_and_at_its_end
 
 @sync
 async def test_the_scraper_reads_a_simulated_engines_kv_usage_over_http() -> None:
-    """The adapter against the GPU simulator's real /metrics (localhost): a conversation's KV, kept for its
-    next turn, shows as usage; an unreachable decoder gives no reading."""
+    """The adapter against the GPU simulator's real /metrics (localhost): as vLLM's block pool counts it, a
+    conversation's KV kept for its next turn (an evictable prefix-cache entry) is not usage, a running request's
+    is; an unreachable decoder gives no reading."""
     server = GpuSimServer(GpuSimConfig(role=Role.DECODE, port=0, time_scale=0.01, kv_capacity_tokens=10_000))
     port = await server.start()
     readings: dict[str, ObservedOccupancy] = {}
     try:
-        turn = SimRequest("t1", prompt_tokens=2000, max_tokens=50, conversation_id="c")
-        server.engine.submit(turn)
-        while not (await turn.events.get()).finished:
-            pass
         scraper = OccupancyScraper(
             lambda: [(NS, "llama", "dec-0", f"127.0.0.1:{port}"), (NS, "llama", "dec-gone", "127.0.0.1:9")],
             lambda _ns, _pool, pod, reading: readings.__setitem__(pod, reading),
         )
+        turn = SimRequest("t1", prompt_tokens=2000, max_tokens=50, conversation_id="c")
+        server.engine.submit(turn)
+        await turn.events.get()  # its first token: running
+        assert await scraper.scrape_once() == 1
+        running = readings["dec-0"]
+        while not (await turn.events.get()).finished:
+            pass
         assert await scraper.scrape_once() == 1
         await scraper.close()
     finally:
         await server.stop()
     assert set(readings) == {"dec-0"}
-    assert readings["dec-0"].kv_used_fraction == pytest.approx(2050 / 10_000)
-    assert readings["dec-0"].requests_running == 0
+    assert (running.kv_used_fraction, running.requests_running) == (pytest.approx(2050 / 10_000), 1)
+    assert server.engine.cached_tokens_of("c") == 2050  # kept for the next turn ...
+    assert (readings["dec-0"].kv_used_fraction, readings["dec-0"].requests_running) == (0.0, 0)  # ... yet free

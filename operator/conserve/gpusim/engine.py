@@ -173,9 +173,14 @@ class Engine:
 
     @property
     def kv_usage_fraction(self) -> float:
+        """What vLLM reports as `kv_cache_usage_perc`: the KV of running requests only. vLLM's block pool counts
+        a finished request's blocks as free even while they stay cached for a prefix hit (they are evicted
+        lazily), so a conversation's KV kept for its next turn is not usage; counting it made every decoder look
+        full to the operator's observed-occupancy fold once the caches had filled."""
         if self.kv_capacity_tokens <= 0:
             return 0.0
-        return min(self.used_kv_tokens / self.kv_capacity_tokens, 1.0)
+        running = sum(r.reserved_kv_tokens for r in self._running)
+        return min(running / self.kv_capacity_tokens, 1.0)
 
     def cached_tokens_of(self, conversation_id: str) -> int:
         return self._prefix_cache.get(conversation_id, 0)
