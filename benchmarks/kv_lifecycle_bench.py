@@ -2,9 +2,10 @@
 conversation ended), ConServe in the operator's default configuration against the per-turn baselines.
 
 ConServe's pins end only by the DecoderPool's default idle timeout (1,800 s); its idle KV follows the default
-lifecycle (active window, resident TTL, host TTL from observed gaps, bounded by the DecoderPool defaults, 125 GB
-of host memory per GPU). `conserve-no-offload` (the lifecycle off: what the operator ran before) is shown for
-reference. One run of each, on the packaged tiered fleet; p95/p99 TTFET and output tokens per joule.
+lifecycle (an active window from observed gaps, then offload and drop on memory pressure only: the resident and
+host TTLs are opt-in and unset by default; 125 GB of host memory per GPU). `conserve-no-offload` (the lifecycle
+off: what the operator ran before) is shown for reference. One run of each, on the packaged tiered fleet; p95/p99
+TTFET and output tokens per joule.
 
     .venv/bin/python benchmarks/kv_lifecycle_bench.py [--trace-dir DIR] [--duration-s N]
 """

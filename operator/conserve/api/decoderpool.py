@@ -241,7 +241,7 @@ class DecoderPoolStatus(MeasuredPower):
     #: "used/total" KV tokens, for the printer column.
     kv_usage: str = ""
     kv_bytes_per_token: int | None = None
-    #: Recent completed conversations' final context / first-turn input, newest last (bounded).
+    #: Per-turn growth ratios observed in the pool (context after a turn / before it), newest last (bounded).
     observed_growth_ratios: list[float] = Field(default_factory=list)
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None

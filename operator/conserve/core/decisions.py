@@ -19,7 +19,7 @@ class Verdict(enum.StrEnum):
     IDLED = "idled"  # its active window passed: its KV stays on the GPU but is reclaimable
     OFFLOADED = "offloaded"  # its KV moved to its decoder's host memory
     RELOADED = "reloaded"  # its KV came back from host memory for a turn
-    DROPPED = "dropped"  # its KV was discarded (host TTL or host pressure)
+    DROPPED = "dropped"  # its KV was discarded (host pressure, too large for the host, or the opt-in host TTL)
     REPREFILLED = "reprefilled"  # a turn after a drop: its context was prefilled again
     UNCHANGED = "unchanged"
 

@@ -1,17 +1,25 @@
-"""Idle KV offload to the pinned decoder's host memory: the decision rules (pure, no I/O, no clock).
+"""Idle KV offload to the pinned decoder's host memory: host tier sizes, PCIe costs and the engine-side rules
+(pure, no I/O, no clock).
 
 A pinned conversation idle between turns keeps its pin (same decoder, no network KV transfer). Under GPU KV
 pressure its KV moves to the decoder node's host DRAM over PCIe, as vLLM's CPU KV offloading
 (`OffloadingConnector`, `--kv-offloading-size`) and LMCache's local CPU backend do; its next turn reloads it
-over PCIe before prefilling its new tokens on the decoder. The simulator calls these rules; the operator can
-adopt the same ones (the ledger's `set_offloaded` keeps GPU reservations for resident conversations only).
+over PCIe before prefilling its new tokens on the decoder.
+
+Who uses what: the scheduler's KV lifecycle (`conserve.core.lifecycle.plan_reclaim`, applied by
+`core.residency`, the same in the operator and the simulator) takes its sizes and costs from here
+(`HOST_KV_BYTES_PER_GPU`, `PCIE_GEN5_X16_BYTES_PER_S`, through `conserve.api.scheduling`). The simulated engine
+uses `choose_offload_victims` for its own memory running out (`conserve.sim.engine`). `plan_placement_offload`
+is the earlier placement-time rule, kept and tested but called by no adapter: the scheduler's placement-time
+reclaim is `plan_reclaim`, which also drops the oldest host copies to make host room.
 
 Decisions:
-- **When**: on pressure only, never on an idle timer: offloading is free while memory is plentiful only if it
-  is never needed, and every offload costs a reload on the next turn. Pressure is (a) a new conversation that
-  no decoder's GPU reservations can take (`plan_placement_offload`), (b) an offloaded conversation's next turn
-  that needs its GPU reservation back (`choose_offload_victims` on its decoder), (c) a decoder whose memory
-  runs out while sequences grow or join (the simulator's last resorts, before drop-and-recompute).
+- **When**: on pressure only, never on an idle timer (the scheduler's default too: its timers are opt-in, see
+  `conserve.core.lifecycle`): offloading is free while memory is plentiful only if it is never needed, and
+  every offload costs a reload on the next turn. Pressure is (a) a new conversation that no decoder's GPU
+  reservations can take, (b) an offloaded conversation's next turn that needs its GPU reservation back,
+  (c) a decoder whose memory runs out while sequences grow or join (the simulator's last resorts, before
+  drop-and-recompute).
 - **Which**: idle conversations only (no turn in progress), least recently active first, only those whose
   host copy is complete (`ready_s`: the write-back after the turn took `pcie_transfer_time_s`; vLLM and
   LMCache write KV to the CPU asynchronously once a request finishes), only while the host has room. A
@@ -29,7 +37,10 @@ Constants (documented, not tuned):
 - Host DRAM: a DGX H100 / DGX H200 has 2 TB of system memory for 8 GPUs, 250 GB per GPU. Half of it
   (125 GB per GPU) is given to KV offload; the rest stays for the OS, the serving process, pinned staging
   buffers and model loading. LMCache's and vLLM's CPU offload sizes are operator-chosen; this is our choice.
-- PCIe transfer energy (DMA engines, host memory power) is not modelled.
+  A decoder of n GPUs gets n times it, in the operator and the simulator alike, unless the pool declares
+  `kvLifecycle.hostKvTokensPerDecoder`.
+- PCIe transfer energy (DMA engines, host memory power) is not modelled here (the simulator counts its host
+  path: `conserve.sim.transfer`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
-"""Which prefill server runs a conversation's first turn: a ready one, compute tier first, least used, by name.
+"""The scheduler's pick of a prefill server for a conversation's first turn: a ready one, compute tier first,
+least used, by name.
 
 The first turn's prefill runs once; its KV cache then moves to the decoder. Compute-tier GPUs are built for
 prefill, so they come first; among equals the one that has run the fewest first turns wins (spreads load),
-then the smallest name (deterministic).
+then the smallest name (deterministic). The pick is a suggestion (`status.prefill`): the router's early prefill
+(on by default) starts the first turn on its own least-loaded prefill server before the placement arrives and
+reports it (`spec.usage.prefillPod`); `PrefillCounts.moved` then counts the turn where it ran.
 """
 
 from __future__ import annotations

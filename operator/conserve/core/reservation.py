@@ -65,7 +65,7 @@ class GrowthHistory:
 
 
 def observations_from_ratios(ratios: Iterable[float]) -> list[GrowthObservation]:
-    """Growth history kept as ratios (final context / first input), as the pairs `growth_factor` reads."""
+    """Growth history kept as ratios (per turn: context after it / before it), as the pairs `growth_factor` reads."""
     scale = 1_000_000
     return [GrowthObservation(scale, max(round(r * scale), 0)) for r in ratios]
 

@@ -13,6 +13,10 @@ A first turn waits as long as its conversation waits in the pool's queue, up to 
 `whenFull: Reject`), or a wait that ends while the pool is busy, is HTTP 429 with Retry-After (`policy.not_placed`),
 and the router forgets the conversation's object: the client's retry with the same id deletes the Failed object and
 creates it again, so it queues afresh.
+
+The router ends no conversation: the operator's sweep owns the idle timeout. The router only forgets its own state of
+a conversation idle past its pool's idle timeout (`--idle-close` overrides); a turn for a conversation the operator
+has ended (its idle timeout) replaces the object, so it is placed afresh for its whole context and prefilled again.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from conserve.sim.workload import TraceError, Workload, load_workload
 #: is released and its KV dropped everywhere; its next turn starts again. It is the product's own default, the
 #: DecoderPool's `defaultIdleTimeoutSeconds` (one source of truth), so the benchmark measures what a user gets.
 #: For traces without an end-of-conversation signal (Mooncake, Azure) it is the only way a conversation ends.
-#: Idle pinned KV under GPU pressure goes to host memory first (`core.offload`). `--idle-timeout-s 0` turns it
+#: Idle pinned KV under GPU pressure goes to host memory first (`core.lifecycle`). `--idle-timeout-s 0` turns it
 #: off (only an end signal releases).
 DEFAULT_IDLE_TIMEOUT_S = float(DecoderPoolSpec.model_fields["default_idle_timeout_seconds"].default)
 

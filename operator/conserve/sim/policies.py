@@ -1,22 +1,24 @@
 """Placement policies: ConServe (conversation level) and the per-turn baselines.
 
 **ConServe** runs the operator's own scheduler (`conserve.core.scheduler.PoolScheduler`, the object the
-operator's engine calls): reservation sizing, placement, queue order, outgrowth, prefill choice and the KV
-lifecycle are the core's (see operator/conserve/core/README.md). The first turn is prefilled on the prefill
-server the scheduler picks and its KV moves once to the decoder; the conversation is pinned there: later turns'
-new tokens are prefilled on the decoder itself and nothing moves. Between turns its KV is idle (reclaimable),
-then offloaded to the decoder's host memory, then dropped, as `conserve.core.lifecycle` rules; the pin
-outlives residency. It is released when the client marks it completed after its last turn, or when it stays
-idle past the idle timeout (the simulator's idle checks). A conversation that no decoder can hold, even by
-reclaiming idle KV, waits in the scheduler's queue.
+operator's engine calls) with the settings `conserve.api.scheduling` derives from the DecoderPool spec a user
+would write: reservation sizing, placement, queue order, outgrowth, the KV lifecycle and the idle timeout are the
+core's (see operator/conserve/core/README.md). The first turn is prefilled on the least-loaded prefill server (as
+the router's early prefill does; the scheduler counts it there) and its KV moves once to the decoder; the
+conversation is pinned there: later turns' new tokens are prefilled on the decoder itself (`PrefillSite.DECODER`)
+and nothing moves. A conversation that no decoder can hold, even by reclaiming idle KV, waits in the scheduler's
+queue; the scheduler's drain places it when room frees, and its waiting first turn then starts
+(`SimView.start_placed`). It is released when the client marks it completed after its last turn, or by the
+scheduler's sweep (every simulated second, as in the operator) once idle past the idle timeout
+(`SimView.release_conversation`); a later turn starts it afresh.
 
 **Per-turn baselines** are in `conserve.sim.baselines`; this module's `POLICIES` names them all.
 
 **KV lifecycle** (`conserve.core.lifecycle`): ConServe's idle pinned conversations go to their decoder's host
-memory (or are dropped) when room is needed or after the resident TTL; `conserve-no-offload` is ConServe with
-the lifecycle off (idle KV stays resident until release: the behaviour before it). The per-turn baselines get
-the same host tier for their prefix caches (GPU evictions spill there, LRU), as vLLM's CPU offloading would give
-them: apples to apples.
+memory (or are dropped) when room is needed, never on a timer (the pool's opt-in TTLs are left unset); the pin
+outlives residency. `conserve-no-offload` is ConServe with the lifecycle off (idle KV stays resident until
+release: the behaviour before it). The per-turn baselines get the same host tier for their prefix caches (GPU
+evictions spill there, LRU), as vLLM's CPU offloading would give them: apples to apples.
 """
 
 from __future__ import annotations
