@@ -93,7 +93,7 @@ PINNED_CONVERSATIONS = Gauge("conserve_pinned_conversations", "Conversations hol
 KV_LIFECYCLE = _counter(
     "conserve_kv_lifecycle_transitions",
     "KV lifecycle transitions of pinned conversations. transition: idled, offloaded, reloaded, dropped, "
-    "reprefilled; reason: ActiveWindow, RoomNeeded, ResidentTtl, HostTtl, HostFull, Turn.",
+    "reprefilled; reason: ActiveWindow, RoomNeeded, ResidentTtl, HostTtl, HostFull, HostTooSmall, Turn.",
     [*_POOL, "transition", "reason"],
 )
 KV_STATE_CONVERSATIONS = _gauge(
