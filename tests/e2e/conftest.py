@@ -6,11 +6,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from kubernetes import client
 
+from conserve.api.common import GROUP, VERSION
+from conserve.devcluster.cluster import free_port
 from conserve.devcluster.testing import ClusterHandle
 from conserve.testkit import Api, ConserveProcesses, OperatorProcess, install_crds
+from conserve.testkit.builders import serving_deployment
+from conserve.testkit.processes import ServingStack, StartServingStack
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,3 +78,40 @@ def conserve_processes(
         if any(r is not None and r.failed for r in reports):
             processes.write_logs()
         processes.stop()
+
+
+@pytest.fixture
+def serving_stack(
+    cluster: ClusterHandle, namespace: str, conserve_processes: ConserveProcesses
+) -> Iterator[StartServingStack]:
+    clients: list[Any] = []
+
+    def start(pool: dict[str, Any], decoders: int) -> ServingStack:
+        kubeconfig = f"--kubeconfig={cluster.kubeconfig}"
+        router_port = free_port()
+        api = cluster.api_client()
+        clients.append(api)
+        core, apps, custom = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "decoderpools", pool)
+        apps.create_namespaced_deployment(namespace, serving_deployment("pre", "prefill", 1))  # type: ignore[arg-type]
+        apps.create_namespaced_deployment(namespace, serving_deployment("dec", "decode", decoders))  # type: ignore[arg-type]
+        conserve_processes.start(
+            "operator", "operator", f"--namespace={namespace}", "--no-leader-elect", "--metrics-port=0"
+        )
+        conserve_processes.start(
+            "gpusim", "gpu-sim", "pods", kubeconfig, f"--namespace={namespace}", "--time-scale=0.02"
+        )
+        conserve_processes.start(
+            "router",
+            "router",
+            kubeconfig,
+            f"--namespace={namespace}",
+            "--pool=pool",
+            f"--port={router_port}",
+            "--usage-interval=0.3",
+        )
+        return ServingStack(f"http://127.0.0.1:{router_port}", custom, core)
+
+    yield start
+    for api in clients:
+        api.close()

@@ -11,21 +11,17 @@ from __future__ import annotations
 import functools
 import json
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes import client
 
 from conserve.core.tokens import filler_text
-from conserve.devcluster.cluster import free_port
 from conserve.devcluster.testing import ClusterHandle
 from conserve.router.policy import conversation_object_name
 from conserve.testkit import PoolBuilder, wait_for
-from conserve.testkit.builders import serving_deployment
-from conserve.testkit.processes import ConserveProcesses
+from conserve.testkit.processes import StartServingStack
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION = "conserve.dev", "v1alpha1"
@@ -95,36 +91,15 @@ class DataPlane:
 
 
 @pytest.fixture
-def dataplane(cluster: ClusterHandle, namespace: str, conserve_processes: ConserveProcesses) -> Iterator[DataPlane]:
-    kubeconfig = f"--kubeconfig={cluster.kubeconfig}"
-    router_port = free_port()
-    with cluster.api_client() as api:
-        core, apps, custom = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
-        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "decoderpools", POOL)
-        apps.create_namespaced_deployment(namespace, serving_deployment("pre", "prefill", 1))  # type: ignore[arg-type]
-        apps.create_namespaced_deployment(namespace, serving_deployment("dec", "decode", 2))  # type: ignore[arg-type]
-        conserve_processes.start(
-            "operator", "operator", f"--namespace={namespace}", "--no-leader-elect", "--metrics-port=0"
-        )
-        conserve_processes.start(
-            "gpusim", "gpu-sim", "pods", kubeconfig, f"--namespace={namespace}", "--time-scale=0.02"
-        )
-        conserve_processes.start(
-            "router",
-            "router",
-            kubeconfig,
-            f"--namespace={namespace}",
-            "--pool=pool",
-            f"--port={router_port}",
-            "--usage-interval=0.3",
-        )
-        plane = DataPlane(cluster, namespace, f"http://127.0.0.1:{router_port}", custom, core)
-        wait_for(
-            "1 prefill and 2 decoders ready behind the router",
-            lambda: len(plane.backends().get("prefills", [])) == 1 and len(plane.backends().get("decoders", [])) == 2,
-            timeout_s=90,
-        )
-        yield plane
+def dataplane(cluster: ClusterHandle, namespace: str, serving_stack: StartServingStack) -> DataPlane:
+    stack = serving_stack(POOL, 2)
+    plane = DataPlane(cluster, namespace, stack.router_url, stack.custom, stack.core)
+    wait_for(
+        "1 prefill and 2 decoders ready behind the router",
+        lambda: len(plane.backends().get("prefills", [])) == 1 and len(plane.backends().get("decoders", [])) == 2,
+        timeout_s=90,
+    )
+    return plane
 
 
 def test_every_turn_follows_the_placement_and_reports_reach_status(dataplane: DataPlane) -> None:

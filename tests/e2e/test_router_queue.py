@@ -11,21 +11,16 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from kubernetes import client
 
 from conserve.api.common import GROUP, VERSION
 from conserve.core.tokens import filler_text
-from conserve.devcluster.cluster import free_port
-from conserve.devcluster.testing import ClusterHandle
 from conserve.router.policy import conversation_object_name
 from conserve.testkit import PoolBuilder, wait_for
-from conserve.testkit.builders import serving_deployment
-from conserve.testkit.processes import ConserveProcesses
+from conserve.testkit.processes import StartServingStack
 
 #: One decoder of 4,000 KV tokens (3,800 after headroom): a first turn of 1,500 tokens reserves about 3,000, so a
 #: second conversation waits. No idle-KV reclaim, which would make room by offloading the first one's KV.
@@ -75,36 +70,15 @@ class BusyPlane:
 
 
 @pytest.fixture
-def busy_plane(cluster: ClusterHandle, namespace: str, conserve_processes: ConserveProcesses) -> Iterator[BusyPlane]:
-    kubeconfig = f"--kubeconfig={cluster.kubeconfig}"
-    router_port = free_port()
-    with cluster.api_client() as api:
-        core, apps, custom = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
-        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "decoderpools", POOL)
-        apps.create_namespaced_deployment(namespace, serving_deployment("pre", "prefill", 1))  # type: ignore[arg-type]
-        apps.create_namespaced_deployment(namespace, serving_deployment("dec", "decode", 1))  # type: ignore[arg-type]
-        conserve_processes.start(
-            "operator", "operator", f"--namespace={namespace}", "--no-leader-elect", "--metrics-port=0"
-        )
-        conserve_processes.start(
-            "gpusim", "gpu-sim", "pods", kubeconfig, f"--namespace={namespace}", "--time-scale=0.02"
-        )
-        conserve_processes.start(
-            "router",
-            "router",
-            kubeconfig,
-            f"--namespace={namespace}",
-            "--pool=pool",
-            f"--port={router_port}",
-            "--usage-interval=0.3",
-        )
-        plane = BusyPlane(namespace, f"http://127.0.0.1:{router_port}", custom, core)
-        wait_for(
-            "1 prefill and 1 decoder ready behind the router",
-            lambda: len(plane.backends().get("prefills", [])) == 1 and len(plane.backends().get("decoders", [])) == 1,
-            timeout_s=90,
-        )
-        yield plane
+def busy_plane(namespace: str, serving_stack: StartServingStack) -> BusyPlane:
+    stack = serving_stack(POOL, 1)
+    plane = BusyPlane(namespace, stack.router_url, stack.custom, stack.core)
+    wait_for(
+        "1 prefill and 1 decoder ready behind the router",
+        lambda: len(plane.backends().get("prefills", [])) == 1 and len(plane.backends().get("decoders", [])) == 1,
+        timeout_s=90,
+    )
+    return plane
 
 
 def _turn(plane: BusyPlane, conv: str, *, stream: bool) -> tuple[int, dict[str, str], str]:

@@ -7,7 +7,7 @@ GPUs the pod requests, the model's KV bytes per token and `kvCapacity.gpuMemoryF
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -115,6 +115,11 @@ class PlacementSpec(CamelModel):
     weights: WeightsSpec = Field(default_factory=WeightsSpec)
 
 
+def _opt_in_timer(description: str) -> Any:
+    """An optional lifecycle timer in seconds (1 s to a week); unset means memory pressure only."""
+    return Field(None, ge=1, le=7 * 24 * 3600, description=description)
+
+
 class KvLifecycleSpec(CamelModel):
     """Idle conversations' KV: resident (evictable) on the GPU, then in the decoder node's host memory, then
     dropped, each move on memory pressure (a placement or a reload needing room). The active window (and the
@@ -134,19 +139,13 @@ class KvLifecycleSpec(CamelModel):
         le=3600,
         description="Upper bound of the window after a turn during which its KV is not reclaimable (0: none).",
     )
-    max_resident_ttl_seconds: int | None = Field(
-        None,
-        ge=1,
-        le=7 * 24 * 3600,
-        description="Opt-in timer: offload an idle conversation's KV after the median observed gap between turns, "
-        "at most this long (unset: offload only when GPU room is needed).",
+    max_resident_ttl_seconds: int | None = _opt_in_timer(
+        "Opt-in timer: offload an idle conversation's KV after the median observed gap between turns, at most this "
+        "long (unset: offload only when GPU room is needed)."
     )
-    max_host_ttl_seconds: int | None = Field(
-        None,
-        ge=1,
-        le=7 * 24 * 3600,
-        description="Opt-in timer, with maxResidentTtlSeconds: drop an offloaded conversation's KV after the 90th "
-        "percentile observed gap, at most this long (unset: drop only when host room is needed).",
+    max_host_ttl_seconds: int | None = _opt_in_timer(
+        "Opt-in timer, with maxResidentTtlSeconds: drop an offloaded conversation's KV after the 90th percentile "
+        "observed gap, at most this long (unset: drop only when host room is needed)."
     )
 
 

@@ -8,8 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from conserve.testkit.wait import wait_for
 
@@ -118,3 +120,17 @@ class OperatorProcess:
 
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
+
+
+@dataclass(frozen=True)
+class ServingStack:
+    """A DecoderPool with its prefill and decode Deployments, and the operator, the gpu-sim pod runner and the
+    router as processes (the e2e `serving_stack` fixture starts one; the router answers at `router_url`)."""
+
+    router_url: str
+    custom: Any  # kubernetes CustomObjectsApi, as cluster admin
+    core: Any  # kubernetes CoreV1Api
+
+
+#: The `serving_stack` fixture: (the DecoderPool body, the number of decode pods) -> the running stack.
+StartServingStack = Callable[[dict[str, Any], int], ServingStack]
