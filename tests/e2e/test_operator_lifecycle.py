@@ -18,20 +18,26 @@ def fleet(api: Api, decoders: int) -> None:
 
 
 def test_turns_follow_the_live_context_and_outgrowth(api: Api, operator: OperatorProcess) -> None:
-    fleet(api, 1)
+    fleet(api, 1)  # one decoder of 10,000 KV tokens, 9,500 after headroom
     api.create(conversation_body("a", "llama", 2000))
     wait_for(
-        "a's reservation of 2 x 2000", lambda: api.conv_status("a").get("reservedKvTokens") == 4000, tolerate=NOT_YET
+        "a's reservation of 2 x 2000 (the prior: nothing observed yet, and it fits)",
+        lambda: api.conv_status("a").get("reservedKvTokens") == 4000,
+        tolerate=NOT_YET,
     )
     api.patch_conv("a", {"usage": {"turns": 1, "inputTokens": 2000, "outputTokens": 300}})
     s = wait_for(
         "a's first turn served", lambda: (s := api.conv_status("a"))["turnsServed"] == 1 and s, tolerate=NOT_YET
     )
     assert (s["phase"], s["liveKvTokens"], s["outputTokens"]) == ("Decoding", 2300, 300)
-    # Past the reservation with room on the decoder: extended in place to 1.25 x the live context.
+    # After each turn the reservation grows in place to the live context x the growth factor (room for the next
+    # turn): 2 x 2300.
+    wait_for("grown to 2 x 2300", lambda: api.conv_status("a")["reservedKvTokens"] == 4600, tolerate=NOT_YET)
+    # 2 x 5500 does not fit the decoder: grown to the live context itself.
     api.patch_conv("a", {"usage": {"turns": 2, "inputTokens": 5000, "outputTokens": 500}})
-    wait_for("extended to 1.25 x 5500", lambda: api.conv_status("a")["reservedKvTokens"] == 6875, tolerate=NOT_YET)
-    api.create(conversation_body("b", "llama", 2000))
+    wait_for("grown to the live 5500", lambda: api.conv_status("a")["reservedKvTokens"] == 5500, tolerate=NOT_YET)
+    # 4,000 left: b's prior (9,000) does not fit, nor its floor (4,500 + 256): it waits.
+    api.create(conversation_body("b", "llama", 4500))
     wait_for(
         "b waiting for capacity",
         lambda: (api.conv_condition("b", "Placed") or {}).get("reason") == "NoCapacity",
@@ -55,15 +61,16 @@ def test_turns_follow_the_live_context_and_outgrowth(api: Api, operator: Operato
         lambda: api.conv_status("a")["phase"] in ("Decoding", "Idle") and api.conv_status("a")["turnsServed"] == 4,
         tolerate=NOT_YET,
     )
-    # Completion frees it all; the growth ratio (12100 / 2000) enters the pool's history; b gets placed.
+    # Completion frees it all; b gets placed. Each turn's growth (context after / before) is in the pool's
+    # history, which sizes the next reservations (and survives a restart in the status).
     api.patch_conv("a", {"completed": True})
     wait_for("b placed after a completed", lambda: api.conv_status("b").get("phase") == "Prefilling", tolerate=NOT_YET)
     pool = wait_for(
         "the pool's observed growth ratios",
-        lambda: (p := api.get_pool("llama")["status"])["observedGrowthRatios"] and p,
+        lambda: len((p := api.get_pool("llama")["status"])["observedGrowthRatios"]) == 4 and p,
         tolerate=NOT_YET,
     )
-    assert pool["observedGrowthRatios"] == [6.05]
+    assert pool["observedGrowthRatios"] == [1.15, 2.3913, 2.1818, 1.0083]
     ended = api.conv_condition("a", "Ended")
     assert ended is not None
     assert ended["reason"] == "Completed"

@@ -138,7 +138,7 @@ def test_a_delete_while_the_operator_is_down_releases_capacity(
     api.create_fleet(1, CAPACITY)
     op = OperatorProcess(cluster.kubeconfig, namespace, tmp_path / "operator.log").start()
     try:
-        api.create(conversation_body("big", "llama", 4000))  # 8,000 of 9,500 usable
+        api.create(conversation_body("big", "llama", 4500))  # 9,000 of 9,500 usable: no room even for a floor
         wait_for(
             "big placed",
             lambda: (api.get_conv("big").get("status") or {}).get("phase") == "Prefilling",
