@@ -227,14 +227,14 @@ def throughput(node_count: int, pod_count: int, rounds: int) -> None:
         core = CoreV1Api(api_client)
         results: dict[str, list[tuple[float, float]]] = {"default-scheduler": [], "conserve-scheduler": []}
         for round_ in range(rounds):
-            for scheduler in ("default-scheduler", "conserve-scheduler"):
-                namespace = f"bench-{scheduler.split('-')[0]}-{round_}"
+            for scheduler_name in ("default-scheduler", "conserve-scheduler"):
+                namespace = f"bench-{scheduler_name.split('-')[0]}-{round_}"
                 rate, cycle_s, attempts = schedule_pods(
-                    core, scheduler, namespace, pod_count, metrics_url[scheduler], ctx
+                    core, scheduler_name, namespace, pod_count, metrics_url[scheduler_name], ctx
                 )
-                results[scheduler].append((rate, cycle_s))
+                results[scheduler_name].append((rate, cycle_s))
                 print(
-                    f"  round {round_} {scheduler:18s}: {rate:6.1f} pods/s (first create to last bind); "
+                    f"  round {round_} {scheduler_name:18s}: {rate:6.1f} pods/s (first create to last bind); "
                     f"scheduling cycle {cycle_s * 1e3:.2f} ms/pod over {attempts:.0f} attempts"
                 )
                 sys.stdout.flush()

@@ -73,4 +73,4 @@ async def engine_with(decoders: int, tokens: int = 10_000, **pool_spec: Any) -> 
 def held_per_decoder(engine: Engine) -> dict[str, int]:
     """The KV tokens reserved on each decoder of the pool."""
     pool = engine.world.pool(NS, "llama")
-    return {name: pool.ledger.reserved_on(name) for name in pool.ledger.decoders}
+    return {d.name: d.reserved_kv_tokens for d in pool.scheduler.decoders()}

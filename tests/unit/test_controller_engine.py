@@ -35,7 +35,7 @@ async def test_burst_never_oversubscribes() -> None:
     assert phases.count("Pending") == 85
     # One write per placement: the status, no finalizer patch.
     assert not any(FINALIZER in (m.get("finalizers") or []) for m in kube.meta.values())
-    assert len(engine.world.pool(NS, "llama").pending) == 85
+    assert engine.world.pool(NS, "llama").scheduler.pending_count == 85
 
 
 @sync
@@ -90,7 +90,7 @@ async def test_decoder_loss_moves_or_fails() -> None:
     for i in range(4):
         await conversation.on_event(engine, "ADDED", conv(f"c{i}", 1000))
     pool = engine.world.pool(NS, "llama")
-    on_dec0 = pool.ledger.conversations_on("dec-0")
+    on_dec0 = pool.scheduler.conversations_on("dec-0")
     await decoderpool.on_pod_event(engine, "MODIFIED", pod("dec-0", "n0", ready=False))
     for key in on_dec0:
         status = kube.status[("conversations", key.split("/")[1])]
@@ -100,7 +100,7 @@ async def test_decoder_loss_moves_or_fails() -> None:
     await decoderpool.on_pod_event(engine, "DELETED", pod("dec-1", "n0"))
     phases = {s["phase"] for (p, _), s in kube.status.items() if p == "conversations"}
     assert phases == {"Failed"}
-    assert pool.ledger.holdings == {}
+    assert pool.scheduler.holdings() == {}
 
 
 @sync

@@ -111,8 +111,9 @@ async def test_idle_kv_is_reclaimed_offloaded_reloaded_and_shown() -> None:
             obj["status"] = status
             op.kube.objects["conversations"].append(obj)
     restarted = await started(op.kube)
-    views = restarted.engine.world.pool(NS, "llama").scheduler.conversations
-    assert {k: (v.kv_state.value, v.offloads, v.reloads) for k, v in views.items()} == {
+    scheduler = restarted.engine.world.pool(NS, "llama").scheduler
+    views = [scheduler.conversation(key) for key in scheduler.conversation_keys()]
+    assert {v.key: (v.kv_state.value, v.offloads, v.reloads) for v in views if v is not None} == {
         f"{NS}/a": ("Active", 1, 1),
         f"{NS}/b": ("Offloaded", 1, 0),
     }

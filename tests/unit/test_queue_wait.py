@@ -58,7 +58,7 @@ async def test_a_conversation_queued_past_the_pools_limit_is_refused_and_its_suc
     assert placed["message"].startswith("waited 30 s in the queue of pool llama, over its limit of 30 s (NoCapacity: ")
     assert ("late", "QueueWaitExceeded") in kube.events
     pool = engine.world.pool(NS, "llama")
-    assert pool.pending == {}
+    assert pool.scheduler.pending_count == 0
     # Room frees later: nothing refused is placed behind its client's back.
     await conversation.on_event(engine, "MODIFIED", _conv("big", 4500, completed=True))
     assert kube.status[("conversations", "late")]["phase"] == "Failed"

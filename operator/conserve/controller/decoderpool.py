@@ -42,9 +42,7 @@ def load_spec(pool: PoolRuntime, body: dict[str, Any]) -> None:
         pool.spec_error = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())[:1000]
     if first_sight:
         status = DecoderPoolStatus.model_validate(body.get("status") or {})
-        for ratio in status.observed_growth_ratios:
-            pool.scheduler.record_growth(ratio)
-        pool.scheduler.gaps.extend(status.observed_turn_gaps_seconds)
+        pool.scheduler.restore_history(status.observed_growth_ratios, status.observed_turn_gaps_seconds)
 
 
 async def resync(engine: Engine, pool: PoolRuntime, pod: str | None = None) -> None:
@@ -109,7 +107,7 @@ def export_metrics(pool: PoolRuntime, status: DecoderPoolStatus) -> None:
 async def write_pool_status(engine: Engine, pool: PoolRuntime) -> None:
     if not pool.body or engine.fenced:
         return
-    status = pool_status(pool, len(pool.pending))
+    status = pool_status(pool, pool.scheduler.pending_count)
     export_metrics(pool, status)
     try:
         await engine.kube.patch_status(PLURAL, pool.namespace, pool.name, pool_status_patch_of(status))

@@ -113,7 +113,7 @@ class Engine(Writer):
             self._apply_outgrowth(pool, record, d, now)
             return None
         if d.verdict in _LIFECYCLE:
-            view = pool.scheduler.conversations.get(record.key)
+            view = pool.scheduler.conversation(record.key)
             record.kv_state = d.kv_state
             if view is not None:
                 status = record.status
@@ -178,7 +178,7 @@ class Engine(Writer):
         """Place the waiting conversations that fit now, in queue order (after an adapter-side change the
         scheduler cannot see as an event: a decoder added or grown, a pool spec fixed, an engine reading)."""
         async with pool.lock:
-            if not pool.pending:
+            if not pool.scheduler.pending_count:
                 return
             self._sync_problem(pool)
             outcomes = [
@@ -225,7 +225,7 @@ class Engine(Writer):
         async with pool.lock:
             lost = list(pods)
             for pod in lost:
-                for _ in pool.ledger.conversations_on(pod):
+                for _ in pool.scheduler.conversations_on(pod):
                     metrics.RELEASES.labels(*self._labels(pool), "DecoderLost").inc()
             self._sync_problem(pool)
             outcomes = self.apply(pool, pool.scheduler.decoders_lost(lost, self.clock.now()))
@@ -263,7 +263,7 @@ class Engine(Writer):
             record.key, status.live_kv_tokens, record.last_activity_s, turns=status.turns_served
         )
         outcomes = self.apply(pool, decisions)
-        view = pool.scheduler.conversations.get(record.key)
+        view = pool.scheduler.conversation(record.key)
         if record.placed and view is not None:  # after the decisions: a reload ends with the turn, idle
             record.kv_state = view.kv_state
         return True, [o for o in outcomes if o.record is not record]
@@ -315,12 +315,12 @@ class Engine(Writer):
         """Fail the conversations that waited in the pool's queue past its `maxQueueWaitSeconds` (reason
         `QueueWaitExceeded`, a Warning Event): their clients are told to come back (the router: HTTP 429) rather
         than kept waiting, and none is placed after its client gave up. A pool without a valid spec has no limit."""
-        if pool.spec is None or not pool.pending:
+        if pool.spec is None or not pool.scheduler.pending_count:
             return
         limit_s = float(pool.spec.placement.max_queue_wait_seconds)
         async with pool.lock:
             now = self.clock.now()
-            since = {key: request.created_at_s for key, request in pool.pending.items()}
+            since = {request.key: request.created_at_s for request in pool.scheduler.queued_requests()}
             decisions: list[Decision] = []
             for key in overdue(since, now, limit_s):
                 record = self.world.convs.get(key)
@@ -341,7 +341,7 @@ class Engine(Writer):
         if not outcomes:
             return
         await asyncio.gather(*(self._commit_one(o, pool) for o in outcomes))
-        metrics.QUEUE_LENGTH.labels(*self._labels(pool)).set(len(pool.pending))
+        metrics.QUEUE_LENGTH.labels(*self._labels(pool)).set(pool.scheduler.pending_count)
         self.on_pool_changed(pool)
 
     async def _commit_one(self, outcome: Outcome, pool: PoolRuntime) -> None:

@@ -141,7 +141,7 @@ def engine_hook(engine: Any, *, drain_on_drop: float = 0.05) -> Callable[[str, s
         pool.scheduler.occupancy_observed(pod, replace(reading, at_s=engine.clock.now()))
         if (
             previous is not None
-            and pool.scheduler.pending
+            and pool.scheduler.pending_count
             and reading.kv_used_fraction < previous.kv_used_fraction - drain_on_drop
         ):
             engine.spawn(engine.drain(pool))

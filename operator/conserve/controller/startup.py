@@ -161,7 +161,7 @@ def release_free_memory(collect: bool = True) -> None:
 def _holdings_off_decoders(pool: PoolRuntime) -> list[tuple[str, str]]:
     """(conversation, decoder) of holdings on decoders that are gone or not ready."""
     out = []
-    for key, holding in pool.ledger.holdings.items():
+    for key, holding in pool.scheduler.holdings().items():
         decoder = pool.decoders.get(holding.decoder)
         if decoder is None or not decoder.ready:
             out.append((key, holding.decoder))

@@ -18,7 +18,6 @@ from conserve.api.decoderpool import DecoderPoolSpec, PrefillStatus
 from conserve.api.labels import FINALIZER as FINALIZER  # re-exported: declared once in api.labels
 from conserve.core.decisions import ConversationRequest
 from conserve.core.gpus import NodeGpu, node_gpu_from_labels
-from conserve.core.ledger import CapacityLedger
 from conserve.core.lifecycle import KvState
 from conserve.core.occupancy import ObservedOccupancy
 from conserve.core.scheduler import PoolScheduler
@@ -198,7 +197,8 @@ class PoolRuntime:
     spec_error: str = ""
     body: dict[str, Any] = field(default_factory=dict)  # latest object seen (for Events and energy fields)
     generation: int = 0
-    #: Every decision of the pool (decoder table, reservations, queue, growth history, lifecycle).
+    #: Every decision of the pool (decoder table, reservations, queue, growth history, lifecycle): read through
+    #: its view (core/view.py), changed through its event methods.
     scheduler: PoolScheduler = field(default_factory=PoolScheduler)
     decoders: dict[str, DecoderInfo] = field(default_factory=dict)
     prefills: dict[str, DecoderInfo] = field(default_factory=dict)
@@ -216,18 +216,6 @@ class PoolRuntime:
     @property
     def exists(self) -> bool:
         return self.spec is not None
-
-    @property
-    def ledger(self) -> CapacityLedger:
-        return self.scheduler.ledger
-
-    @property
-    def pending(self) -> dict[Key, ConversationRequest]:
-        return self.scheduler.pending
-
-    @property
-    def growth_ratios(self) -> list[float]:
-        return self.scheduler.growth_ratios
 
 
 @dataclass(slots=True)

@@ -33,7 +33,7 @@ def previous_status(pool: PoolRuntime) -> DecoderPoolStatus:
 
 def decoder_statuses(pool: PoolRuntime, previous: DecoderPoolStatus) -> list[DecoderStatus]:
     """One entry per decoder; its power and energy are the energy loop's latest, else those written before."""
-    snapshot = {d.name: d for d in pool.ledger.snapshot()}
+    snapshot = {d.name: d for d in pool.scheduler.decoders()}
     written = {d.pod: d for d in previous.decoders}
     entries = []
     for name in sorted(pool.decoders):
@@ -59,7 +59,7 @@ def decoder_statuses(pool: PoolRuntime, previous: DecoderPoolStatus) -> list[Dec
             offloaded_conversations=lc.offloaded,
             offloaded_kv_tokens=lc.offloaded_kv_tokens,
             dropped_conversations=lc.dropped,
-            host_capacity_kv_tokens=pool.scheduler.kv.host_capacity_on(name),
+            host_capacity_kv_tokens=pool.scheduler.host_capacity_on(name),
             power_watts=power,
             energy_joules=joules,
         )
@@ -81,7 +81,6 @@ def pool_status(pool: PoolRuntime, pending: int) -> DecoderPoolStatus:
     capacity = sum(d.capacity_kv_tokens for d in ready)
     reserved = sum(d.reserved_kv_tokens for d in decoders)
     scheduler = pool.scheduler
-    lifecycle = scheduler.settings.lifecycle
     return DecoderPoolStatus(
         decoders=decoders,
         prefills=[
@@ -97,13 +96,13 @@ def pool_status(pool: PoolRuntime, pending: int) -> DecoderPoolStatus:
         idle_conversations=sum(d.idle_conversations for d in decoders),
         offloaded_conversations=sum(d.offloaded_conversations for d in decoders),
         dropped_conversations=sum(d.dropped_conversations for d in decoders),
-        observed_turn_gaps_seconds=[round(g, 3) for g in scheduler.gaps.gaps_s],
-        active_window_seconds=round(scheduler.gaps.active_window_s(lifecycle), 3),
-        resident_ttl_seconds=_rounded(scheduler.gaps.resident_ttl_s(lifecycle)),
-        host_ttl_seconds=_rounded(scheduler.gaps.host_ttl_s(lifecycle)),
+        observed_turn_gaps_seconds=[round(g, 3) for g in scheduler.turn_gaps_s],
+        active_window_seconds=round(scheduler.active_window_s(), 3),
+        resident_ttl_seconds=_rounded(scheduler.resident_ttl_s()),
+        host_ttl_seconds=_rounded(scheduler.host_ttl_s()),
         kv_usage=f"{reserved}/{capacity}",
         kv_bytes_per_token=pool.spec.model.resolved_kv_bytes_per_token() if pool.spec else None,
-        observed_growth_ratios=list(pool.growth_ratios),
+        observed_growth_ratios=scheduler.growth_ratios,
         power_watts=_sum([d.power_watts for d in decoders]),
         energy_joules=_sum([d.energy_joules for d in decoders]),
         conditions=pool_conditions(pool, len(ready), previous),

@@ -63,6 +63,19 @@ class GrowthHistory:
             self._factors[expected_turns] = cached
         return cached
 
+    def sizing(
+        self, first_input_tokens: int, expected_turns: int | None, max_decoder_capacity_kv_tokens: int | None
+    ) -> tuple[int, int | None]:
+        """The reservation for a conversation, and the floor to fall back to when the factor is an unconfirmed
+        prior (None when observations back the factor): a prior nobody observed never blocks a conversation."""
+        factor, confirmed = self.factor(expected_turns)
+        cap = max_decoder_capacity_kv_tokens
+        wanted = reservation_for_factor(first_input_tokens, factor, max_decoder_capacity_kv_tokens=cap)
+        if confirmed:
+            return wanted, None
+        floor = reservation_for_factor(first_input_tokens, 1.0, max_decoder_capacity_kv_tokens=cap)
+        return wanted, floor if floor < wanted else None
+
 
 def observations_from_ratios(ratios: Iterable[float]) -> list[GrowthObservation]:
     """Growth history kept as ratios (per turn: context after it / before it), as the pairs `growth_factor` reads."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from conserve.core.decisions import ConversationRequest, Decision, PrefillSite, Reason, Verdict
 from conserve.core.ledger import CapacityLedger
-from conserve.core.lifecycle import KvState, LifecycleSettings, Resident, plan_reclaim
+from conserve.core.lifecycle import GapHistory, KvState, LifecycleSettings, Resident, plan_reclaim
 
 
 @dataclass(slots=True)
@@ -199,3 +199,29 @@ class Residency:
         if plan is None or (not plan.offload and not plan.drop):
             return []
         return self.apply_reclaim(decoder, plan.offload, plan.drop, Reason.RESIDENT_TTL)
+
+    def timers(
+        self, view: ConversationView, decoder: str, idle_for: float, now_s: float, gaps: GapHistory
+    ) -> list[Decision]:
+        """The sweep's lifecycle timers for one conversation with no turn in flight, `idle_for` seconds after
+        its last activity: idle after the active window; the pool's opt-in resident and host TTLs."""
+        lc = self.settings
+        key = view.request.key
+        out: list[Decision] = []
+        if view.kv_state is KvState.ACTIVE and view.turns > 0 and idle_for >= gaps.active_window_s(lc):
+            view.kv_state = KvState.IDLE  # a turn reported, none since for the active window
+            self.on_change()
+            message = "no turn for the active window"
+            out.append(Decision(key, Verdict.IDLED, Reason.ACTIVE_WINDOW, message, decoder, kv_state=KvState.IDLE))
+        resident_ttl = gaps.resident_ttl_s(lc)
+        host_ttl = gaps.host_ttl_s(lc)
+        if resident_ttl is not None and view.kv_state is KvState.IDLE and idle_for >= resident_ttl:
+            out.extend(self.offload_one(decoder, view, now_s))
+        elif (
+            resident_ttl is not None
+            and host_ttl is not None
+            and view.kv_state is KvState.OFFLOADED
+            and idle_for >= resident_ttl + host_ttl
+        ):
+            out.extend(self.apply_reclaim(decoder, (), (key,), Reason.HOST_TTL))
+        return out

@@ -14,102 +14,97 @@ context as its first input, prefilled again, sized by the live context.
 
 Where each rule lives (see core/README.md): reservation sizing `core.reservation`; placement filters and
 scorers `core.placement`; queue order `core.pending`; prefill choice `core.prefill`; KV lifecycle states and
-TTLs `core.lifecycle`; capacity bookkeeping `core.ledger`; the flow between them here.
+TTLs `core.lifecycle`, applied by `core.residency`; capacity bookkeeping `core.ledger`; what adapters may read
+(the read-only view, and the settings) `core.view`; the flow between them here.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from conserve.core.decisions import ConversationRequest, Decision, PrefillSite, Reason, Verdict
 from conserve.core.ledger import CapacityError, CapacityLedger
-from conserve.core.lifecycle import GapHistory, KvState, LifecycleSettings
+from conserve.core.lifecycle import GapHistory, KvState
 from conserve.core.occupancy import ObservedOccupancy, ObservedReadings
 from conserve.core.pending import order_pending
-from conserve.core.placement import (
-    DecoderState,
-    PlacementRequest,
-    PlacementSettings,
-    largest_placeable_kv_tokens,
-    place,
-)
+from conserve.core.placement import DecoderState, PlacementDecision, PlacementRequest, place
 from conserve.core.prefill import PrefillCounts, PrefillState
-from conserve.core.reservation import GrowthHistory, reservation_for_factor
-from conserve.core.residency import ConversationView, DecoderLifecycle, Residency
+from conserve.core.reservation import GrowthHistory
+from conserve.core.residency import ConversationView, Residency
+from conserve.core.view import DEFAULT_IDLE_TIMEOUT_S, SchedulerSettings, SchedulerView
 
-DEFAULT_IDLE_TIMEOUT_S = 1800.0
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerSettings:
-    placement: PlacementSettings = field(default_factory=PlacementSettings)
-    reject_when_full: bool = False  # DecoderPool placement.whenFull: Reject
-    default_idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
-    lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
-    #: An engine's occupancy reading older than this is ignored (the ledger decides): core/occupancy.py.
-    observed_max_age_s: float = 10.0
+__all__ = ["DEFAULT_IDLE_TIMEOUT_S", "PoolScheduler", "SchedulerSettings"]
 
 
-class PoolScheduler:
+class PoolScheduler(SchedulerView):
+    """A pool's decisions. Its state is private: read it through the `SchedulerView` queries (core/view.py),
+    change it through the event methods below."""
+
     def __init__(self, settings: SchedulerSettings | None = None) -> None:
-        self.settings = settings or SchedulerSettings()
+        self._settings = settings or SchedulerSettings()
         #: The decoder table (capacity, tier, readiness, measured J/token) and every reservation: one place.
-        self.ledger = CapacityLedger()
-        self.conversations: dict[str, ConversationView] = {}
-        self.pending: dict[str, ConversationRequest] = {}
-        self.growth = GrowthHistory()
-        self.gaps = GapHistory()
-        self.prefills = PrefillCounts()
+        self._ledger = CapacityLedger()
+        self._conversations: dict[str, ConversationView] = {}
+        self._pending: dict[str, ConversationRequest] = {}
+        self._growth = GrowthHistory()
+        self._gaps = GapHistory()
+        self._prefills = PrefillCounts()
         #: Why the pool cannot place at all (no spec, invalid spec); None when it can.
-        self.problem: tuple[Reason, str] | None = None
+        self._problem: tuple[Reason, str] | None = None
         self._snapshot: list[DecoderState] | None = None  # the ledger's snapshot, until the ledger changes
         #: The decoders' engines' own KV readings (the paper's observed occupancy), folded into placement.
-        self.observed = ObservedReadings()
+        self._observed = ObservedReadings()
         self._measured_j: dict[str, float] = {}  # decoders' measured J/token (over the modelled prior)
-        self.kv = Residency(self.ledger, self.conversations, self.settings.lifecycle, self._changed)
+        self._kv = Residency(self._ledger, self._conversations, self._settings.lifecycle, self._changed)
 
     # --- configuration and the decoder table -------------------------------------------------------------
     def configure(self, settings: SchedulerSettings) -> None:
-        self.settings = settings
-        self.kv.settings = settings.lifecycle
-        self.problem = None
+        self._settings = settings
+        self._kv.settings = settings.lifecycle
+        self._problem = None
         self._changed()
 
     def set_problem(self, reason: Reason, message: str) -> None:
-        self.problem = (reason, message)
+        self._problem = (reason, message)
+
+    def restore_history(self, growth_ratios: Iterable[float], turn_gaps_s: Iterable[float]) -> None:
+        """The growth ratios and turn gaps observed before a restart (the pool's status), oldest first."""
+        for ratio in growth_ratios:
+            self._growth.record(ratio)
+        self._gaps.extend(turn_gaps_s)
 
     def decoder_changed(self, state: DecoderState) -> None:
         """Add or refresh a decoder; its J/token is a prior (or unknown) until one is measured, which is kept
         over the new view's; an unknown one keeps the last known."""
         measured = self._measured_j.get(state.name)
-        old = self.ledger.decoders.get(state.name)
+        old = self._ledger.decoders.get(state.name)
         if measured is not None:
             state = replace(state, energy_per_token_j=measured)
         elif state.energy_per_token_j is None and old is not None and old.energy_per_token_j is not None:
             state = replace(state, energy_per_token_j=old.energy_per_token_j)
-        self.ledger.upsert_decoder(state)
+        self._ledger.upsert_decoder(state)
         self._changed()
 
     def decoder_removed(self, name: str) -> None:
         """Forget a decoder; its conversations keep their holdings until `decoders_lost` moves them."""
-        self.ledger.decoders.pop(name, None)
+        self._ledger.decoders.pop(name, None)
         self._measured_j.pop(name, None)
         self._changed()
 
     def energy_measured(self, decoder: str, energy_per_token_j: float | None) -> None:
         """A measured J/token (decode) for a decoder: the energy scorer uses it from the next decision on."""
-        old = self.ledger.decoders.get(decoder)
+        old = self._ledger.decoders.get(decoder)
         if energy_per_token_j is not None:
             self._measured_j[decoder] = energy_per_token_j
         if old is not None and energy_per_token_j is not None and old.energy_per_token_j != energy_per_token_j:
-            self.ledger.upsert_decoder(replace(old, energy_per_token_j=energy_per_token_j))
+            self._ledger.upsert_decoder(replace(old, energy_per_token_j=energy_per_token_j))
             self._changed()
 
     def set_prefills(self, prefills: Sequence[PrefillState]) -> None:
         """The pool's prefill servers (each one's count of first turns is kept across refreshes)."""
-        self.prefills.refresh(prefills)
+        self._prefills.refresh(prefills)
 
     def _changed(self) -> None:
         self._snapshot = None
@@ -117,43 +112,11 @@ class PoolScheduler:
     def occupancy_observed(self, decoder: str, reading: ObservedOccupancy) -> None:
         """A decoder's engine reported its KV use (`at_s` in this scheduler's clock); placement counts the larger
         of it and the ledger's live KV until the reading is `observed_max_age_s` old (the sweep drops it)."""
-        self.observed.latest[decoder] = reading
+        self._observed.latest[decoder] = reading
         self._changed()
 
-    def snapshot(self) -> list[DecoderState]:
-        """The decoders as placement sees them (the ledger, fresh engine readings folded in), until a change."""
-        if self._snapshot is None:
-            self._snapshot = self.observed.fold(self.ledger.snapshot())
-        return self._snapshot
-
-    # --- sizing ------------------------------------------------------------------------------------------
-    @property
-    def growth_ratios(self) -> list[float]:
-        """The per-turn growth ratios observed, newest last (the pool status keeps them for a restart)."""
-        return list(self.growth.ratios)
-
-    def reservation_for(self, request: ConversationRequest) -> int:
-        return self._sizing(request)[0]
-
-    def _sizing(self, request: ConversationRequest) -> tuple[int, int | None]:
-        """The reservation, and the floor to fall back to when the factor is an unconfirmed prior (None when
-        observations back the factor): a prior nobody observed never blocks a conversation."""
-        headroom = self.settings.placement.headroom_fraction
-        caps = [
-            largest_placeable_kv_tokens(d.capacity_kv_tokens, headroom)
-            for d in self.ledger.decoders.values()
-            if d.ready
-        ]
-        largest = max(caps, default=None)
-        factor, confirmed = self.growth.factor(request.expected_turns)
-        wanted = reservation_for_factor(request.first_input_tokens, factor, max_decoder_capacity_kv_tokens=largest)
-        if confirmed:
-            return wanted, None
-        floor = reservation_for_factor(request.first_input_tokens, 1.0, max_decoder_capacity_kv_tokens=largest)
-        return wanted, floor if floor < wanted else None
-
     def record_growth(self, ratio: float) -> None:
-        self.growth.record(ratio)
+        self._growth.record(ratio)
 
     # --- conversations -----------------------------------------------------------------------------------
     def adopt(
@@ -171,27 +134,23 @@ class PoolScheduler:
         """A conversation as the API server holds it (rebuild on start): placed ones keep their reservation,
         even over capacity (the truth lives in the API server); others wait in the queue."""
         view = ConversationView(request, last_activity_s, turns, live_kv_tokens, kv_state, *counts)
-        self.conversations[request.key] = view
+        self._conversations[request.key] = view
         if decoder is None:
-            self.pending[request.key] = request
+            self._pending[request.key] = request
             return
-        self.ledger.adopt(request.key, decoder, reserved_kv_tokens, live_kv_tokens)
+        self._ledger.adopt(request.key, decoder, reserved_kv_tokens, live_kv_tokens)
         if kv_state in (KvState.OFFLOADED, KvState.DROPPED):
-            self.ledger.set_offloaded(request.key, True)
+            self._ledger.set_offloaded(request.key, True)
         self._changed()
-
-    def queue(self) -> list[str]:
-        """The waiting conversations, in the order they get capacity."""
-        return [r.key for r in order_pending(self.pending.values())]
 
     def admit(self, request: ConversationRequest, now_s: float) -> list[Decision]:
         """A conversation not placed yet: place it now, or queue (or fail) it. Reclaims idle KV if needed."""
-        view = self.conversations.get(request.key)
+        view = self._conversations.get(request.key)
         if view is None:
-            view = self.conversations[request.key] = ConversationView(request)
+            view = self._conversations[request.key] = ConversationView(request)
         else:
             view.request = request
-        if self.ledger.holding(request.key) is not None:
+        if self._ledger.holding(request.key) is not None:
             return []
         return self._decide(view, now_s, replacing=False)
 
@@ -202,34 +161,34 @@ class PoolScheduler:
         decoder was lost, so it is re-placed with max(reservation, live, `held_kv_tokens`) or fails."""
         request = view.request
         key = request.key
-        if self.problem is not None:
-            return [self._wait_or_fail(view, self.problem[0], self.problem[1], replacing)]
+        if self._problem is not None:
+            return [self._wait_or_fail(view, self._problem[0], self._problem[1], replacing)]
         reservation, floor = self._sizing(request)
         if replacing:  # its KV moves once more: as much room as it held or has now
             reservation = max(reservation, view.live_kv_tokens, held_kv_tokens)
             floor = None
-        decision = place(PlacementRequest(key, reservation), self.snapshot(), self.settings.placement)
+        decision = self._place(key, reservation)
         if decision.decoder is None and decision.reason == "NoCapacity" and floor is not None:
             reservation = floor  # the prior does not fit and nothing confirmed it: the live context does
-            decision = place(PlacementRequest(key, reservation), self.snapshot(), self.settings.placement)
+            decision = self._place(key, reservation)
         reclaimed: list[Decision] = []
         if decision.decoder is None and decision.reason == "NoCapacity":
             reclaimed = self._reclaim_for_placement(reservation, now_s)
             if reclaimed:
-                decision = place(PlacementRequest(key, reservation), self.snapshot(), self.settings.placement)
+                decision = self._place(key, reservation)
         if decision.decoder is None:
             reason = Reason(decision.reason)
-            if reason is Reason.NO_CAPACITY and self.settings.reject_when_full and not replacing:
+            if reason is Reason.NO_CAPACITY and self._settings.reject_when_full and not replacing:
                 return [*reclaimed, self._fail(view, reason, decision.message)]
             return [*reclaimed, self._wait_or_fail(view, reason, decision.message, replacing)]
         try:
-            self.ledger.reserve(key, decision.decoder, reservation, live_kv_tokens=view.live_kv_tokens)
+            self._ledger.reserve(key, decision.decoder, reservation, live_kv_tokens=view.live_kv_tokens)
         except CapacityError as exc:  # the filters and the ledger disagree: never oversubscribe
             return [*reclaimed, self._wait_or_fail(view, Reason.NO_CAPACITY, str(exc), replacing)]
         self._changed()
-        self.pending.pop(key, None)
+        self._pending.pop(key, None)
         view.kv_state = KvState.ACTIVE  # a replaced one's KV moves (prefilled again or transferred) too
-        prefill = None if replacing else self.prefills.pick()
+        prefill = None if replacing else self._prefills.pick()
         if not replacing and view.last_activity_s is None:
             view.last_activity_s = now_s
         verdict, reason = (Verdict.REPLACED, Reason.REPLACED) if replacing else (Verdict.PLACED, Reason.PLACED)
@@ -239,22 +198,25 @@ class PoolScheduler:
             Decision(key, verdict, reason, message, decision.decoder, reservation, prefill, KvState.ACTIVE),
         ]
 
+    def _place(self, key: str, reservation: int) -> PlacementDecision:
+        return place(PlacementRequest(key, reservation), self._placement_states(), self._settings.placement)
+
     def prefill_reported(self, chosen: str | None, used: str) -> None:
         """The data plane ran a first turn on another prefill server than the one chosen: count it there."""
-        self.prefills.moved(chosen, used)
+        self._prefills.moved(chosen, used)
 
     def _wait_or_fail(self, view: ConversationView, reason: Reason, message: str, replacing: bool) -> Decision:
         if replacing:
             return self._fail(view, Reason.DECODER_LOST, f"its decoder was lost and {message}")
-        self.pending[view.request.key] = view.request
+        self._pending[view.request.key] = view.request
         view.told_waiting = True
         return Decision(view.request.key, Verdict.QUEUED, reason, message)
 
     def _fail(self, view: ConversationView, reason: Reason, message: str) -> Decision:
         key = view.request.key
-        self.pending.pop(key, None)
-        self.ledger.release(key)
-        self.conversations.pop(key, None)
+        self._pending.pop(key, None)
+        self._ledger.release(key)
+        self._conversations.pop(key, None)
         self._changed()
         return Decision(key, Verdict.FAILED, reason, message)
 
@@ -262,12 +224,12 @@ class PoolScheduler:
         """Place the waiting conversations that fit now, in queue order (a small one may pass a large one)."""
         out: list[Decision] = []
         best = self._best_room()
-        for request in order_pending(self.pending.values()):
-            view = self.conversations.get(request.key)
+        for request in order_pending(self._pending.values()):
+            view = self._conversations.get(request.key)
             if view is None:
-                self.pending.pop(request.key, None)
+                self._pending.pop(request.key, None)
                 continue
-            if view.told_waiting and self.problem is None and self._smallest_ask(view.request) > best:
+            if view.told_waiting and self._problem is None and self._smallest_ask(view.request) > best:
                 continue  # cheap skip: nothing can hold it, even by reclaiming idle KV
             decisions = self._decide(view, now_s, replacing=False)
             out.extend(decisions)
@@ -280,15 +242,15 @@ class PoolScheduler:
         return wanted if floor is None else floor
 
     def _drain_if_waiting(self, now_s: float) -> list[Decision]:
-        return self.drain(now_s) if self.pending else []
+        return self.drain(now_s) if self._pending else []
 
     def _best_room(self) -> int:
         """The largest reservation any ready decoder could take now, idle KV reclaimed included."""
-        headroom = self.settings.placement.headroom_fraction
+        headroom = self._settings.placement.headroom_fraction
         best = 0
-        for d in self.snapshot():
+        for d in self._placement_states():
             if d.ready:
-                room = d.free_kv_tokens - int(d.capacity_kv_tokens * headroom) + self.kv.reclaimable_on(d.name)
+                room = d.free_kv_tokens - int(d.capacity_kv_tokens * headroom) + self._kv.reclaimable_on(d.name)
                 best = max(best, room)
         return best
 
@@ -301,35 +263,35 @@ class PoolScheduler:
         reservation the live context outgrew is extended in place when the decoder has room; the growth seen so
         far sizes the next reservations. A turn's end can free room (its KV becomes reclaimable): the queue is
         drained."""
-        view = self.conversations.get(key)
+        view = self._conversations.get(key)
         if view is None:
             return []
         out: list[Decision] = []
         if turns is not None and turns > view.turns and view.turns > 0 and view.last_activity_s is not None:
-            self.gaps.observe(now_s - view.last_activity_s)  # turn end to turn end, as the operator sees it
+            self._gaps.observe(now_s - view.last_activity_s)  # turn end to turn end, as the operator sees it
         if turns is not None and turns > view.turns:  # the turn's growth, observed (sizes the next reservations)
-            self.growth.observe_turn(view.live_kv_tokens or view.request.first_input_tokens, live_kv_tokens)
+            self._growth.observe_turn(view.live_kv_tokens or view.request.first_input_tokens, live_kv_tokens)
         if turns is not None:
             view.turns = max(view.turns, turns)
         view.live_kv_tokens = live_kv_tokens
         if turn_ended:
             view.in_flight = False
-        holding = self.ledger.holding(key)
+        holding = self._ledger.holding(key)
         if holding is None:
             view.last_activity_s = now_s
             return out
         decoder, reserved, _ = holding
         if view.kv_state in (KvState.OFFLOADED, KvState.DROPPED):
-            out.extend(self.kv.make_resident(view, decoder, max(reserved, live_kv_tokens), now_s))
+            out.extend(self._kv.make_resident(view, decoder, max(reserved, live_kv_tokens), now_s))
         view.last_activity_s = now_s
         # A turn just ended: the next one may come soon (active window), then its KV is idle (reclaimable).
-        window = self.gaps.active_window_s(self.settings.lifecycle)
+        window = self.active_window_s()
         idle = turn_ended and window <= 0 and not view.in_flight
         view.kv_state = KvState.IDLE if idle else KvState.ACTIVE
         grown = self._grow(view, decoder, reserved, live_kv_tokens)
         if grown is not None:
             out.append(grown)
-        self.ledger.update_live(key, live_kv_tokens)
+        self._ledger.update_live(key, live_kv_tokens)
         self._changed()
         if turn_ended:
             out.extend(self._drain_if_waiting(now_s))
@@ -340,13 +302,13 @@ class PoolScheduler:
         when the decoder has room, else to the live context; a live context past the reservation with no room
         to grow is kept pinned (OUTGROWN)."""
         key = view.request.key
-        factor, _ = self.growth.factor(view.request.expected_turns)
+        factor, _ = self._growth.factor(view.request.expected_turns)
         target = math.ceil(live_kv_tokens * factor)
         if target > reserved and (
-            self.ledger.try_extend(key, target)
-            or (live_kv_tokens > reserved and self.ledger.try_extend(key, live_kv_tokens))
+            self._ledger.try_extend(key, target)
+            or (live_kv_tokens > reserved and self._ledger.try_extend(key, live_kv_tokens))
         ):
-            held = self.ledger.holding(key)
+            held = self._ledger.holding(key)
             extended = held[1] if held else reserved
             message = f"reservation grown in place to {extended} KV tokens"
             return Decision(key, Verdict.EXTENDED, Reason.EXTENDED, message, decoder, extended, kv_state=view.kv_state)
@@ -362,8 +324,8 @@ class PoolScheduler:
         """A turn of a pinned conversation arrives (the simulator knows; the operator learns at its report),
         prefilled where the P/D decision said: it is in flight (never idled, offloaded, dropped or timed out
         until it ends), and KV offloaded or dropped comes back to its decoder, others' idle KV making room."""
-        view = self.conversations.get(key)
-        holding = self.ledger.holding(key)
+        view = self._conversations.get(key)
+        holding = self._ledger.holding(key)
         if view is None or holding is None:
             return []
         out: list[Decision] = []
@@ -372,7 +334,7 @@ class PoolScheduler:
             view.remote_prefills += 1
         if view.kv_state in (KvState.OFFLOADED, KvState.DROPPED):
             need = max(holding[1], view.live_kv_tokens)
-            out = self.kv.make_resident(view, holding[0], need, now_s, prefill_site)
+            out = self._kv.make_resident(view, holding[0], need, now_s, prefill_site)
         view.kv_state = KvState.ACTIVE
         self._changed()
         return out
@@ -380,8 +342,8 @@ class PoolScheduler:
     def kv_offloaded(self, key: str, now_s: float) -> list[Decision]:
         """The data plane moved a conversation's KV to host memory on its own (the simulator's memory
         pressure): its GPU room is free, so the queue is drained."""
-        view = self.conversations.get(key)
-        if view is None or not self.ledger.set_offloaded(key, True):
+        view = self._conversations.get(key)
+        if view is None or not self._ledger.set_offloaded(key, True):
             return []
         view.kv_state = KvState.OFFLOADED
         view.offloads += 1
@@ -392,12 +354,12 @@ class PoolScheduler:
         """End a conversation's hold (completed, deleted, idle timeout): RELEASED first, then the placements of
         the waiting conversations that fit in the room it freed (when `now_s` is given). Empty when it held
         nothing (idempotent)."""
-        self.pending.pop(key, None)
-        self.conversations.pop(key, None)
-        holding = self.ledger.holding(key)
+        self._pending.pop(key, None)
+        self._conversations.pop(key, None)
+        holding = self._ledger.holding(key)
         if holding is None:
             return []
-        self.ledger.release(key)
+        self._ledger.release(key)
         self._changed()
         released = Decision(key, Verdict.RELEASED, reason, message, holding[0], holding[1])
         return [released, *(self._drain_if_waiting(now_s) if now_s is not None else [])]
@@ -406,14 +368,14 @@ class PoolScheduler:
         """Move every conversation of the lost decoders elsewhere (priority, then age), or fail it."""
         orphans: list[ConversationView] = []
         for name in names:
-            for key in self.ledger.conversations_on(name):
-                view = self.conversations.get(key)
+            for key in self._ledger.conversations_on(name):
+                view = self._conversations.get(key)
                 if view is not None:
                     orphans.append(view)
         order = sorted(orphans, key=lambda v: (-v.request.priority, v.request.created_at_s, v.request.key))
-        held = {v.request.key: self.ledger.holding(v.request.key) for v in order}
+        held = {v.request.key: self._ledger.holding(v.request.key) for v in order}
         for view in order:
-            self.ledger.release(view.request.key)
+            self._ledger.release(view.request.key)
         self._changed()
         out: list[Decision] = []
         for view in order:
@@ -424,67 +386,39 @@ class PoolScheduler:
     def _reclaim_for_placement(self, reservation: int, now_s: float) -> list[Decision]:
         """No decoder's reservations can take a new conversation: reclaim idle KV on the one decoder where that
         frees the room with the least reclaimed (least disruption), ties by name."""
-        if not self.settings.lifecycle.enabled:
+        if not self._settings.lifecycle.enabled:
             return []
-        headroom = self.settings.placement.headroom_fraction
+        headroom = self._settings.placement.headroom_fraction
         best: tuple[int, str] | None = None
-        for d in self.snapshot():
+        for d in self._placement_states():
             if not d.ready:
                 continue
             need = reservation - (d.free_kv_tokens - int(d.capacity_kv_tokens * headroom))
-            if 0 < need <= self.kv.reclaimable_on(d.name) and (best is None or (need, d.name) < best):
+            if 0 < need <= self._kv.reclaimable_on(d.name) and (best is None or (need, d.name) < best):
                 best = (need, d.name)
         if best is None:
             return []
-        return self.kv.reclaim_on(best[1], best[0], now_s)
+        return self._kv.reclaim_on(best[1], best[0], now_s)
 
     def sweep(self, now_s: float) -> list[Decision]:
         """Timers: release past the idle timeout; idle after the active window; the pool's opt-in resident and
         host TTLs. Never a conversation with a turn in flight. Conversations in key order (deterministic); the
         queue is drained when anything changed."""
-        if self.observed.expire(now_s, self.settings.observed_max_age_s):
+        if self._observed.expire(now_s, self._settings.observed_max_age_s):
             self._changed()
         out: list[Decision] = []
-        for key in sorted(self.conversations):
-            view = self.conversations[key]
-            holding = self.ledger.holding(key)
+        for key in sorted(self._conversations):
+            view = self._conversations[key]
+            holding = self._ledger.holding(key)
             if holding is None or view.last_activity_s is None or view.in_flight:
                 continue
             idle_for = now_s - view.last_activity_s
-            timeout = view.request.idle_timeout_s or self.settings.default_idle_timeout_s
+            timeout = view.request.idle_timeout_s or self._settings.default_idle_timeout_s
             if idle_for >= timeout:
                 out.extend(self.release(key, Reason.IDLE_TIMEOUT, f"no turn for {timeout:g}s"))
                 continue
-            if self.settings.lifecycle.enabled:
-                out.extend(self._lifecycle_timers(view, holding[0], idle_for, now_s))
+            if self._settings.lifecycle.enabled:
+                out.extend(self._kv.timers(view, holding[0], idle_for, now_s, self._gaps))
         if out:
             out.extend(self._drain_if_waiting(now_s))
         return out
-
-    def _lifecycle_timers(self, view: ConversationView, decoder: str, idle_for: float, now_s: float) -> list[Decision]:
-        lc = self.settings.lifecycle
-        key = view.request.key
-        out: list[Decision] = []
-        if view.kv_state is KvState.ACTIVE and view.turns > 0 and idle_for >= self.gaps.active_window_s(lc):
-            view.kv_state = KvState.IDLE  # a turn reported, none since for the active window
-            self._changed()
-            message = "no turn for the active window"
-            out.append(Decision(key, Verdict.IDLED, Reason.ACTIVE_WINDOW, message, decoder, kv_state=KvState.IDLE))
-        resident_ttl = self.gaps.resident_ttl_s(lc)
-        host_ttl = self.gaps.host_ttl_s(lc)
-        if resident_ttl is not None and view.kv_state is KvState.IDLE and idle_for >= resident_ttl:
-            out.extend(self.kv.offload_one(decoder, view, now_s))
-        elif (
-            resident_ttl is not None
-            and host_ttl is not None
-            and view.kv_state is KvState.OFFLOADED
-            and idle_for >= resident_ttl + host_ttl
-        ):
-            out.extend(self.kv.apply_reclaim(decoder, (), (key,), Reason.HOST_TTL))
-        return out
-
-    def lifecycle_on(self, decoder: str) -> DecoderLifecycle:
-        return self.kv.lifecycle_on(decoder)
-
-    def host_used_on(self, decoder: str) -> int:
-        return self.kv.host_used_on(decoder)

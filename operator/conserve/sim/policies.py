@@ -107,10 +107,10 @@ class ConServe(_Base):
 
     # events ----------------------------------------------------------------------------------------------
     def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None:
-        holding = self.scheduler.ledger.holding(state.key)
+        holding = self.scheduler.holding(state.key)
         if holding is not None:
             self._apply(self.scheduler.turn_started(state.key, now, PrefillSite.DECODER))
-            return LocalRoute(holding[0])
+            return LocalRoute(holding.decoder)
         decisions = self.scheduler.admit(self.request(state, record), now)
         placed = next((d for d in decisions if d.placed and d.conversation == state.key), None)
         self._apply([d for d in decisions if d is not placed])
