@@ -24,7 +24,9 @@ def test_constants_and_capacity() -> None:
     assert int(HOST_KV_BYTES_PER_GPU) == 125_000_000_000  # half of 2 TB over 8 GPUs
     # Llama-3-8B: 128 KiB per token -> 125e9 / 131072 tokens per GPU.
     assert host_kv_capacity_tokens(LLAMA8, 1) == int(125e9 // 131072)
-    assert host_kv_capacity_tokens(LLAMA8, 2) == int(250e9 // 131072)
+    assert host_kv_capacity_tokens(LLAMA8, 2) == 2 * int(125e9 // 131072)
+    # Llama-3-70B: 320 KiB per token; per GPU first, in whole tokens (as the scheduler's settings size it).
+    assert host_kv_capacity_tokens(MODELS["llama-3-70b"], 4) == 4 * int(125e9 // 327680) < int(500e9 // 327680)
     assert host_kv_capacity_tokens(LLAMA8, 1, 0.0) == 0
 
 

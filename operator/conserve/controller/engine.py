@@ -23,7 +23,7 @@ from conserve.api.conversation import Endpoint, Phase
 from conserve.controller.kube import Kube
 from conserve.controller.state import ConvRecord, PoolRuntime, World, format_time, parse_time
 from conserve.controller.writer import Writer, WriterConfig
-from conserve.core.decisions import Decision, Reason, Verdict
+from conserve.core.decisions import Decision, PrefillSite, Reason, Verdict
 from conserve.core.pending import overdue, queue_wait_message
 
 log = logging.getLogger("conserve.operator")
@@ -267,6 +267,48 @@ class Engine(Writer):
         if record.placed and view is not None:  # after the decisions: a reload ends with the turn, idle
             record.kv_state = view.kv_state
         return True, [o for o in outcomes if o.record is not record]
+
+    async def turn_started(self, record: ConvRecord, prefill_site: PrefillSite = PrefillSite.DECODER) -> None:
+        """A turn of a placed conversation arrived: it is in flight until its report (never idled, offloaded,
+        dropped or timed out meanwhile), and KV offloaded or dropped comes back to its decoder, others' idle KV
+        making room (`PoolScheduler.turn_started`). Not wired yet: nothing in the watch path calls it (the router
+        reports a turn at its end, in spec.usage); the simulator's ConServe makes this call at every later
+        turn's arrival, and the equivalence test (tests/unit/test_scheduler_equivalence.py) drives it here."""
+        pool = self.world.pool_of(record)
+        async with pool.lock:
+            if not record.placed:
+                return
+            outcomes = self.apply(pool, pool.scheduler.turn_started(record.key, self.clock.now(), prefill_site))
+            self._follow_kv_state(pool, record)
+        await self.commit(outcomes, pool)
+        await self.write_status(record)
+
+    async def kv_offloaded(self, record: ConvRecord) -> None:
+        """The data plane moved a conversation's KV to its decoder's host memory on its own (memory pressure):
+        its GPU room is free, so waiting conversations may be placed (`PoolScheduler.kv_offloaded`). Not wired
+        yet: no engine reports its own offloads to the operator; the simulator's ConServe makes this call, and
+        the equivalence test drives it here."""
+        pool = self.world.pool_of(record)
+        async with pool.lock:
+            if not record.placed:
+                return
+            outcomes = self.apply(pool, pool.scheduler.kv_offloaded(record.key, self.clock.now()))
+            self._follow_kv_state(pool, record)
+        await self.commit(outcomes, pool)
+        await self.write_status(record)
+
+    def _follow_kv_state(self, pool: PoolRuntime, record: ConvRecord) -> None:
+        """The record's KV state and lifecycle counts as the scheduler holds them (a change the scheduler made
+        without a decision of its own: a turn's arrival, an offload the data plane made). Call under pool.lock."""
+        view = pool.scheduler.conversation(record.key)
+        if view is None:
+            return
+        status = record.status
+        now = (view.kv_state, view.offloads, view.reloads, view.reprefills)
+        if now != (record.kv_state, status.offloads, status.reloads, status.reprefills):
+            record.kv_state = view.kv_state
+            status.offloads, status.reloads, status.reprefills = view.offloads, view.reloads, view.reprefills
+            record.dirty = True
 
     def _follow_prefill(self, pool: PoolRuntime, record: ConvRecord) -> None:
         """The router reports the prefill server that ran the first turn (its early prefill may start before the

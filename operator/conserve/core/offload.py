@@ -61,10 +61,11 @@ HOST_KV_BYTES_PER_GPU = HOST_DRAM_BYTES_PER_SERVER / GPUS_PER_SERVER * HOST_KV_F
 def host_kv_capacity_tokens(
     model: ModelShape, gpu_count: int, host_kv_bytes_per_gpu: float = HOST_KV_BYTES_PER_GPU
 ) -> int:
-    """KV tokens a decoder of `gpu_count` GPUs can keep in its node's host memory."""
+    """KV tokens a decoder of `gpu_count` GPUs can keep in its node's host memory: its GPUs' count times one
+    GPU's share in whole tokens, as the pool's scheduler sizes it (`api.scheduling`: host KV tokens per GPU)."""
     if host_kv_bytes_per_gpu <= 0:
         return 0
-    return int(host_kv_bytes_per_gpu * max(gpu_count, 1) // model.kv_bytes_per_token)
+    return int(host_kv_bytes_per_gpu // model.kv_bytes_per_token) * max(gpu_count, 1)
 
 
 def pcie_transfer_time_s(
