@@ -26,8 +26,10 @@ import pytest
 
 from conserve.devcluster.cluster import free_port
 from conserve.devcluster.testing import ClusterHandle, temporary_namespace
+from conserve.engine.affinity import group_threads, parse_cpu_list
 from conserve.engine.install import missing_reason
 from conserve.engine.metrics import TokenSources, healthy, scrape, token_sources
+from conserve.engine.pods import cpu_bind_for
 from conserve.engine.server import kill_leftovers
 from conserve.kube.clients import AppsV1Api, CustomObjectsApi
 from conserve.router.policy import conversation_object_name
@@ -103,6 +105,7 @@ class Plane:
     decoder_pod: str
     namespace: str
     custom: Any
+    engines: Path  # the runner's work folder: a folder per server, with its process group id in `pgid`
 
     def sources(self, endpoint: str) -> TokenSources:
         return token_sources(scrape(endpoint))
@@ -166,6 +169,7 @@ def plane(cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory) -> I
                     decoder_pod=backends["decoders"][0]["name"],
                     namespace=namespace,
                     custom=custom,
+                    engines=engines,
                 )
         except BaseException:
             for _, log in procs:
@@ -303,3 +307,28 @@ def test_bad_kv_transfer_params_fail_the_request_and_the_decoder_stays_healthy(p
     text, headers = chat_turn(plane, "after-failure", [{"role": "user", "content": words(200, seed=5)}], stream=True)
     assert headers["x-conserve-decoder"] == plane.decoder_pod
     assert isinstance(text, str)
+
+
+def test_no_thread_of_a_server_is_pinned_to_a_core_not_its_own(plane: Plane) -> None:
+    """vLLM's NIXL worker pins its model thread to the host's last core, the decoder's on small hosts: the runner
+    moves it back, so the prefill server computes on its own core (issue 23: prefills 3-5x slower, decoder stalls
+    of 7-24 s while the two shared one core)."""
+    cpus = os.cpu_count() or 1
+    everywhere = os.sched_getaffinity(0)
+    checked = 0
+    for pgid_file in plane.engines.glob("*/pgid"):
+        role = "prefill" if pgid_file.parent.name.startswith("pre-") else "decode"
+        cores = parse_cpu_list(cpu_bind_for(role, cpus))
+        if cores is None:  # "auto" on large hosts: vLLM places the threads itself
+            continue
+        pinned_elsewhere = []
+        for tid in group_threads(int(pgid_file.read_text())):
+            try:
+                allowed = os.sched_getaffinity(tid)
+            except ProcessLookupError:
+                continue
+            if not (allowed <= cores or allowed >= everywhere):
+                pinned_elsewhere.append((tid, sorted(allowed)))
+        assert not pinned_elsewhere, (role, sorted(cores), pinned_elsewhere)
+        checked += 1
+    assert checked == (0 if cpu_bind_for("prefill", cpus) == "auto" else 2), list(plane.engines.iterdir())

@@ -22,6 +22,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from conserve.engine.affinity import confine_group, parse_cpu_list
 from conserve.engine.install import engine_python
 
 ROLE_KV = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
@@ -161,6 +162,15 @@ class VllmServer:
     def start(self) -> None:
         self.launch()
         self.wait_healthy()
+        self.confine()
+
+    def confine(self) -> int:
+        """Threads that vLLM pinned off this server's cores (its NIXL worker's) back onto them (affinity.py);
+        nothing where the cores are "auto". Returns how many moved."""
+        cores = parse_cpu_list(self.config.cpu_bind)
+        if self.proc is None or cores is None:
+            return 0
+        return confine_group(self.proc.pid, cores)
 
     def stop(self, grace_s: float = 15.0) -> None:
         if self.proc is None:
