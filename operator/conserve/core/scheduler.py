@@ -115,9 +115,6 @@ class PoolScheduler(SchedulerView):
         self._observed.latest[decoder] = reading
         self._changed()
 
-    def record_growth(self, ratio: float) -> None:
-        self._growth.record(ratio)
-
     # --- conversations -----------------------------------------------------------------------------------
     def adopt(
         self,

@@ -168,8 +168,12 @@ class Engine:
         return len(self._waiting)
 
     @property
+    def running_kv_tokens(self) -> int:
+        return sum(r.reserved_kv_tokens for r in self._running)
+
+    @property
     def used_kv_tokens(self) -> int:
-        return sum(r.reserved_kv_tokens for r in self._running) + sum(self._prefix_cache.values())
+        return self.running_kv_tokens + sum(self._prefix_cache.values())
 
     @property
     def kv_usage_fraction(self) -> float:
@@ -179,8 +183,7 @@ class Engine:
         full to the operator's observed-occupancy fold once the caches had filled."""
         if self.kv_capacity_tokens <= 0:
             return 0.0
-        running = sum(r.reserved_kv_tokens for r in self._running)
-        return min(running / self.kv_capacity_tokens, 1.0)
+        return min(self.running_kv_tokens / self.kv_capacity_tokens, 1.0)
 
     def cached_tokens_of(self, conversation_id: str) -> int:
         return self._prefix_cache.get(conversation_id, 0)

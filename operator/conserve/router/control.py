@@ -132,17 +132,20 @@ def max_queue_wait_of(spec: Mapping[str, Any] | None) -> float:
     missing or not a positive integer reads as that default)."""
     placement = (spec or {}).get("placement")
     value = placement.get("maxQueueWaitSeconds") if isinstance(placement, Mapping) else None
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    return float(DEFAULT_MAX_QUEUE_WAIT_SECONDS)
+    return _positive_seconds(value, DEFAULT_MAX_QUEUE_WAIT_SECONDS)
 
 
 def idle_timeout_of(spec: Mapping[str, Any] | None) -> float:
     """A DecoderPool spec's `defaultIdleTimeoutSeconds` (missing or invalid: the API's default)."""
-    value = (spec or {}).get("defaultIdleTimeoutSeconds")
+    default = DecoderPoolSpec.model_fields["default_idle_timeout_seconds"].default
+    return _positive_seconds((spec or {}).get("defaultIdleTimeoutSeconds"), default)
+
+
+def _positive_seconds(value: object, default: int) -> float:
+    """A spec's whole seconds as the API server stores them; missing or not a positive integer: the default."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return float(value)
-    return float(DecoderPoolSpec.model_fields["default_idle_timeout_seconds"].default)
+    return float(default)
 
 
 def backends_from_pool_status(status: Mapping[str, Any] | None) -> tuple[list[Backend], list[Backend]]:
