@@ -49,6 +49,7 @@ from conserve.controller.engine import Engine, EngineConfig
 from conserve.controller.state import format_time
 from conserve.core.decisions import ConversationRequest, Decision, PrefillSite, Reason, Verdict
 from conserve.core.lifecycle import KvState
+from conserve.core.pd import PdRule
 from conserve.core.scheduler import PoolScheduler, SchedulerSettings
 from conserve.sim.conversations import Conversation, Signals, Turn, Workload
 from conserve.sim.engine import Simulator
@@ -215,8 +216,8 @@ class RecordedConServe(ConServe):
     `LOSE_AFTER_S` when none of that decoder's turns is in flight (the simulator does not model a turn cut off
     mid-decode: the operator's router replays it; the scheduler's rules are what is compared here)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, pd_rule: PdRule | None = None) -> None:
+        super().__init__(pd_rule=pd_rule)
         self.recorder = self.scheduler = Recorder(self.scheduler.settings)
         self.lost = False
         self.tables: list[tuple[tuple[int, int], tuple[int, int]]] = []
@@ -385,7 +386,9 @@ def assert_same(sim: dict[Any, Any], operator: dict[Any, Any], where: str) -> No
 
 def simulate(end_signal: bool) -> tuple[Workload, RecordedConServe, dict[str, str]]:
     work = workload(seed=2, end_signal=end_signal)
-    policy = RecordedConServe()
+    # Two P/D rules, one per case: the default decider, and later turns always on the decoder (which fills host
+    # memory in this run: drops and re-prefills). The scheduler is told each turn's site either way.
+    policy = RecordedConServe(None if end_signal else PdRule.DECODER)
     result = Simulator(build_fleet(FLEET, tiered=True), work, policy, idle_timeout_s=IDLE_TIMEOUT_S).run()
     return work, policy, {s.key: s.turns[0].prefill_instance for s in result.conversations}
 

@@ -11,6 +11,7 @@ from conserve.sim.baselines import (
     PerTurnPrediction,
     StickyLeastLoaded,
     VllmMultiturnProxy,
+    with_native_rule,
 )
 from conserve.sim.engine import Simulator
 from conserve.sim.fleet import build_fleet
@@ -50,8 +51,16 @@ def load(sim: Simulator, decoder: Decoder, tokens: int, sequences: int = 1) -> N
         decoder.running_tokens += seq.context
 
 
+def native(policy: type[PerTurn]) -> PerTurn:
+    """The policy with its own P/D rule (the default is the shared decider)."""
+    made = with_native_rule(policy)()
+    assert made.native
+    assert made.name == f"{policy.name}@native"
+    return made
+
+
 def test_llmd_prefills_on_the_decoder_when_little_is_uncached() -> None:
-    sim, state, record = bound(LlmdPdDecider())
+    sim, state, record = bound(native(LlmdPdDecider))
     _, d1 = sim.decoders.values()
     cache(d1, "c", 3009)  # the previous turn's context: all but 91 of the prompt's tokens
     route = sim.policy.route(state, record, 10.0)
@@ -59,7 +68,7 @@ def test_llmd_prefills_on_the_decoder_when_little_is_uncached() -> None:
 
 
 def test_llmd_disaggregates_when_much_is_uncached() -> None:
-    sim, state, record = bound(LlmdPdDecider())
+    sim, state, record = bound(native(LlmdPdDecider))
     _, d1 = sim.decoders.values()
     cache(d1, "c", 1000)  # 2100 tokens missing there
     route = sim.policy.route(state, record, 10.0)
@@ -79,7 +88,8 @@ def test_llmd_session_affinity_breaks_a_tie() -> None:
 
 
 def test_vllm_proxy_pulls_the_previous_turns_kv_back() -> None:
-    policy = VllmMultiturnProxy()
+    policy = native(VllmMultiturnProxy)
+    assert isinstance(policy, VllmMultiturnProxy)
     sim, state, record = bound(policy)
     d0, _ = sim.decoders.values()
     cache(d0, "c", 3009)
@@ -110,7 +120,8 @@ def test_sticky_least_loaded_moves_only_when_home_is_overloaded() -> None:
 
 
 def test_dynamo_cost_trades_cached_blocks_against_decode_load() -> None:
-    policy = DynamoKvRouter()
+    policy = native(DynamoKvRouter)
+    assert isinstance(policy, DynamoKvRouter)
     sim, state, record = bound(policy)
     d0, d1 = sim.decoders.values()
     cache(d1, "c", 3009)
@@ -138,7 +149,10 @@ def test_per_turn_prediction_keeps_a_turn_where_its_prefix_is_cached() -> None:
 
 
 @pytest.mark.parametrize("policy", [LlmdPdDecider, VllmMultiturnProxy, StickyLeastLoaded, DynamoKvRouter])
-def test_new_baselines_run_a_workload_to_completion(policy: type[PerTurn]) -> None:
-    result = Simulator(FLEET, Workload("t", (CONV, OTHER)), policy()).run()
+@pytest.mark.parametrize("own_rule", [False, True])
+def test_new_baselines_run_a_workload_to_completion(policy: type[PerTurn], own_rule: bool) -> None:
+    made = with_native_rule(policy)() if own_rule else policy()
+    result = Simulator(FLEET, Workload("t", (CONV, OTHER)), made).run()
+    assert result.pd_rule.startswith("native" if own_rule else "decider: auto")
     assert all(s.finished for s in result.conversations)
     assert all(r.done_s > r.first_token_s > r.arrival_s for s in result.conversations for r in s.turns)

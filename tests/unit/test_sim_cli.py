@@ -44,7 +44,11 @@ def test_simulate_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "conserve" in captured.out
     assert "round-robin" in captured.out
     payload = json.loads((out / "results.json").read_text())
-    assert len(payload["runs"]) == 24  # 12 policies (3 ConServe variants, 9 baselines) x 2 fleets
+    # 22 policies (4 ConServe variants, 9 baselines with the shared P/D decider, the same 9 with their own) x 2 fleets
+    assert len(payload["runs"]) == 44
+    rules = {r["policy"]: r["pd_rule"] for r in payload["runs"]}
+    assert rules["conserve"] == rules["dynamo-kv-router"] == "decider: auto"
+    assert rules["dynamo-kv-router@native"].startswith("native: the decoder when it lacks under 1000 tokens")
     assert payload["meta"]["signals"] == {"tiny": {"end_of_conversation": False}}
     assert all(r["turns"] == 3 for r in payload["runs"])
     for name in (

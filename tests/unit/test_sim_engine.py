@@ -9,11 +9,12 @@ from hypothesis import strategies as st
 from conserve.core import perf
 from conserve.core.gpus import CATALOG
 from conserve.core.llm import MODELS
+from conserve.core.pd import PdRule
 from conserve.sim.bench import bench, compare, run_one
 from conserve.sim.engine import simulate
 from conserve.sim.fleet import Fleet, FleetError, build_fleet, load_fleet_file
 from conserve.sim.metrics import compute_metrics, percentile
-from conserve.sim.policies import POLICIES, make_policy
+from conserve.sim.policies import POLICIES, ConServe, make_policy
 from conserve.sim.workload import Conversation, Signals, Turn, Workload, synthesize_agentic
 
 MODEL = MODELS["llama-3-8b"]
@@ -49,7 +50,7 @@ def chat(key: str, at: float, *turns: tuple[int, int, int, float]) -> Conversati
 def test_one_turn_known_answer() -> None:
     f = fleet()
     w = Workload("t", (chat("c", 0.0, (1000, 1000, 11, 0.0)),))
-    result = simulate(f, w, make_policy("conserve"))
+    result = simulate(f, w, ConServe(pd_rule=PdRule.POOL))
     rec = result.conversations[0].turns[0]
     h100, h200 = perf.Device(CATALOG["H100"]), perf.Device(CATALOG["H200"])
     prefill = perf.prefill_cost(h100, MODEL, 1000).time_s
@@ -68,11 +69,24 @@ def test_one_turn_known_answer() -> None:
     assert result.decoders[0].dynamic_energy_j == pytest.approx(energy)
 
 
+def test_an_idle_decoder_as_fast_as_the_pool_prefills_a_first_turn_itself() -> None:
+    # The H200 decoder computes as fast as the H100 prefill server (same compute in the model) and runs nothing:
+    # the decider keeps the prompt there, saving the transfer; TTFT is its own prefill.
+    f = fleet()
+    result = simulate(f, Workload("t", (chat("c", 0.0, (1000, 1000, 11, 0.0)),)), make_policy("conserve"))
+    rec = result.conversations[0].turns[0]
+    h200 = perf.Device(CATALOG["H200"])
+    assert rec.prefill_instance == ""
+    assert rec.first_token_s == pytest.approx(perf.prefill_cost(h200, MODEL, 1000).time_s)
+    assert result.conversations[0].kv_transfers == 0
+    assert result.pd_rule == "decider: auto"
+
+
 def test_two_decodes_share_steps() -> None:
     # Two equal turns that reach the decoder together decode in one batch of two.
     f = fleet(prefill=2)
     w = Workload("t", (chat("a", 0.0, (500, 500, 5, 0.0)), chat("b", 0.0, (500, 500, 5, 0.0))))
-    result = simulate(f, w, make_policy("round-robin"))
+    result = simulate(f, w, make_policy("round-robin@native"))
     d = result.decoders[0]
     assert d.decode_steps == 4
     assert d.generated_tokens == 8
@@ -82,7 +96,7 @@ TWO_TURNS = Workload("t", (chat("c", 0.0, (2000, 2000, 10, 0.0), (2100, 90, 10, 
 
 
 def test_conserve_pins_and_moves_once() -> None:
-    result = simulate(fleet(decode=2), TWO_TURNS, make_policy("conserve"))
+    result = simulate(fleet(decode=2), TWO_TURNS, make_policy("conserve@decoder"))
     state = result.conversations[0]
     first, second = state.turns
     assert state.kv_transfers == 1
@@ -96,7 +110,7 @@ def test_conserve_pins_and_moves_once() -> None:
 
 
 def test_per_turn_round_robin_moves_and_reprefills() -> None:
-    result = simulate(fleet(decode=2), TWO_TURNS, make_policy("round-robin"))
+    result = simulate(fleet(decode=2), TWO_TURNS, make_policy("round-robin@native"))
     state = result.conversations[0]
     first, second = state.turns
     assert state.kv_transfers == 2
@@ -106,7 +120,7 @@ def test_per_turn_round_robin_moves_and_reprefills() -> None:
 
 
 def test_sticky_reuses_its_cache() -> None:
-    result = simulate(fleet(decode=2), TWO_TURNS, make_policy("sticky"))
+    result = simulate(fleet(decode=2), TWO_TURNS, make_policy("sticky@native"))
     state = result.conversations[0]
     assert state.kv_transfers == 1
     assert state.turns[1].prefill_tokens == 91

@@ -149,6 +149,36 @@ class KvLifecycleSpec(CamelModel):
     )
 
 
+class PrefillDeciderSpec(CamelModel):
+    """Where each turn's prompt is prefilled: on a prefill server (its KV then moves to the decoder) or on the
+    conversation's decoder itself (`conserve.core.pd`). The router decides per turn from the servers' live
+    metrics; the simulator and the benchmark run the same rule."""
+
+    rule: Literal["Auto", "Pool", "Decoder", "Threshold"] = Field(
+        "Auto",
+        description="Auto: the path with the shorter estimated time to the first token, counting the stall a "
+        "decoder-side prefill puts on the streams running there. Pool: always a prefill server. Decoder: first turns "
+        "on a prefill server, later turns on the decoder. Threshold: a prefill server when the decoder lacks more "
+        "than decoderMaxTokens of the prompt.",
+    )
+    decoder_max_tokens: int = Field(
+        256,
+        ge=0,
+        le=1_000_000,
+        description="The decoder prefills a prompt it lacks at most this many tokens of (Auto and Threshold).",
+    )
+    stall_weight: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="Auto: weight of one second of stall of each stream running on the decoder against one second of "
+        "this turn's wait (0: the decoder's streams do not count).",
+    )
+    kv_link_gbps: float = Field(
+        200.0, gt=0, le=100_000, description="KV link speed between prefill servers and decoders, in Gbit/s."
+    )
+
+
 class EndpointSpec(CamelModel):
     port: int = Field(8000, ge=1, le=65535, description="Port of the servers' OpenAI-compatible API.")
 
@@ -175,6 +205,7 @@ class DecoderPoolSpec(CamelModel):
     placement: PlacementSpec = Field(default_factory=PlacementSpec)
     endpoint: EndpointSpec = Field(default_factory=EndpointSpec)
     kv_lifecycle: KvLifecycleSpec = Field(default_factory=KvLifecycleSpec)
+    prefill_decider: PrefillDeciderSpec = Field(default_factory=PrefillDeciderSpec)
     default_idle_timeout_seconds: int = Field(1800, ge=1, le=7 * 24 * 3600)
 
     @model_validator(mode="after")

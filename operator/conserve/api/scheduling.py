@@ -14,6 +14,7 @@ from conserve.core.lifecycle import LifecycleSettings
 from conserve.core.llm import ModelShape
 from conserve.core.offload import HOST_KV_BYTES_PER_GPU, PCIE_GEN5_X16_BYTES_PER_S
 from conserve.core.perf import Device, decode_energy_per_token_j
+from conserve.core.pd import PdRule, PdSettings
 from conserve.core.placement import PlacementSettings, PlacementWeights, TierPolicy
 from conserve.core.scheduler import SchedulerSettings
 
@@ -52,6 +53,18 @@ def scheduler_settings(
             # vLLM and LMCache write a finished request's KV to host memory asynchronously, over PCIe.
             writeback_s_per_kv_token=kv_bytes / PCIE_GEN5_X16_BYTES_PER_S,
         ),
+    )
+
+
+def pd_settings(spec: DecoderPoolSpec) -> PdSettings:
+    """The pool's P/D decider settings (`spec.prefillDecider`), for the router, the operator and the simulator."""
+    d = spec.prefill_decider
+    return PdSettings(
+        rule=PdRule(d.rule.lower()),
+        decoder_max_tokens=d.decoder_max_tokens,
+        stall_weight=d.stall_weight,
+        kv_link_bytes_per_s=d.kv_link_gbps * 1e9 / 8,
+        kv_bytes_per_token=spec.model.resolved_kv_bytes_per_token() or 0,
     )
 
 

@@ -43,6 +43,11 @@ same signals, idle timeout, host tier and prefill-side caches (the engine applie
   (`max_local_prefill_length`) is prefilled on the decoder.
 
 Prefill instances, unless a policy says otherwise: least queued work first, ties by name.
+
+**Where a turn is prefilled.** By default every baseline hands the decoder it picked to the shared P/D decider
+(`conserve.sim.pd.decided_route`, ConServe's), so policies differ only in placement, admission and KV
+lifecycle. `<name>@native` runs the policy's own rule (`native_route`, described above and in `native_rule`) for
+the benchmark's attribution of the P/D decision.
 """
 
 from __future__ import annotations
@@ -50,16 +55,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from conserve.sim.pd import decided_route
+from conserve.sim.pd import decoder_holds as held_tokens
 from conserve.sim.policy_base import PolicyBase
 from conserve.sim.records import ConvState, LocalRoute, RemoteRoute, Route, TurnRecord
 
 if TYPE_CHECKING:
     from conserve.sim.instances import Decoder
-
-
-def held_tokens(decoder: Decoder, key: str, prompt: int) -> int:
-    """How much of a prompt a decoder holds for the conversation (GPU or host), at most the prompt."""
-    return min(max(decoder.peek_kv(key), decoder.peek_host(key)), prompt)
 
 
 def waiting_requests(decoder: Decoder) -> int:
@@ -80,7 +82,10 @@ class Rotation:
 
 
 class PerTurn(PolicyBase):
-    """A per-turn policy: pick a decoder, reuse its cached prefix if it has one, else prefill and move all."""
+    """A per-turn policy: pick a decoder, then prefill where the shared decider says (natively: reuse the
+    decoder's cached prefix if it has one, else prefill and move all)."""
+
+    native_rule = "the decoder when it holds the conversation's earlier KV, else the pool"
 
     def pick_decoder(self, state: ConvState, record: TurnRecord, now: float) -> str:
         raise NotImplementedError
@@ -88,8 +93,17 @@ class PerTurn(PolicyBase):
     def pick_prefill(self, record: TurnRecord, now: float) -> str:
         return self.least_loaded_prefill(now)
 
+    def pull_tokens(self, state: ConvState, record: TurnRecord, now: float) -> int:
+        """KV of the conversation a pool-side prefill first pulls back from a decoder (0: none)."""
+        return 0
+
     def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None:
         name = self.pick_decoder(state, record, now)
+        if self.native:
+            return self.native_route(state, record, name, now)
+        return decided_route(self.sim, self.pd, state, record, name, now, self.pull_tokens(state, record, now))
+
+    def native_route(self, state: ConvState, record: TurnRecord, name: str, now: float) -> Route:
         decoder = self.sim.decoders[name]
         if record.index > 0 and record.new_tokens < record.input_tokens and decoder.holds(state.key):
             return LocalRoute(name)
@@ -121,8 +135,11 @@ class ConditionalDisaggregation(PerTurn):
 
     LOCAL_PREFILL_BELOW_TOKENS = 0
 
-    def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None:
-        name = self.pick_decoder(state, record, now)
+    @property
+    def native_rule(self) -> str:  # type: ignore[override]
+        return f"the decoder when it lacks under {self.LOCAL_PREFILL_BELOW_TOKENS} tokens of the prompt"
+
+    def native_route(self, state: ConvState, record: TurnRecord, name: str, now: float) -> Route:
         uncached = record.input_tokens - held_tokens(self.sim.decoders[name], state.key, record.input_tokens)
         if uncached < self.LOCAL_PREFILL_BELOW_TOKENS:
             return LocalRoute(name)
@@ -285,16 +302,19 @@ class VllmMultiturnProxy(RoundRobin, PerConversationMemory[tuple[str, float]]):
     """Remembers, per conversation, the decoder of its previous turn and when that turn ended."""
 
     name = "vllm-multiturn-proxy"
+    native_rule = "the pool, which pulls the previous turn's KV back from its decoder"
     KV_PARAMS_TTL_S = 450.0
 
-    def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None:
-        prefill = self.pick_prefill(record, now)
-        decoder = self.pick_decoder(state, record, now)
-        pulled = 0
+    def pull_tokens(self, state: ConvState, record: TurnRecord, now: float) -> int:
         cached = self.memory.pop(state.key, None)  # single use
         if cached is not None and now - cached[1] <= self.KV_PARAMS_TTL_S:
-            pulled = min(self.sim.decoders[cached[0]].peek_kv(state.key), record.input_tokens)
-        return RemoteRoute(prefill, decoder, record.input_tokens, pull_tokens=pulled)
+            return min(self.sim.decoders[cached[0]].peek_kv(state.key), record.input_tokens)
+        return 0
+
+    def native_route(self, state: ConvState, record: TurnRecord, name: str, now: float) -> Route:
+        prefill = self.pick_prefill(record, now)
+        pulled = self.pull_tokens(state, record, now)
+        return RemoteRoute(prefill, name, record.input_tokens, pull_tokens=pulled)
 
     def turn_done(self, state: ConvState, record: TurnRecord, now: float) -> None:
         self.memory[state.key] = (record.decoder, now)
@@ -339,3 +359,13 @@ PER_TURN_BASELINES: tuple[type[PerTurn], ...] = (
     StickyLeastLoaded,
     DynamoKvRouter,
 )
+
+
+def with_native_rule(policy: type[PerTurn]) -> type[PerTurn]:
+    """The policy with its own P/D rule instead of the shared decider, named `<name>@native`."""
+    doc = f"{policy.name} with its own P/D rule (the benchmark's attribution)."
+    namespace = {"name": f"{policy.name}@native", "native": True, "__doc__": doc}
+    return type(f"{policy.__name__}Native", (policy,), namespace)
+
+
+NATIVE_BASELINES: tuple[type[PerTurn], ...] = tuple(with_native_rule(p) for p in PER_TURN_BASELINES)

@@ -52,7 +52,6 @@ from conserve.sim.records import (
     LocalRoute,
     Policy,
     PrefillJob,
-    RemoteRoute,
     Route,
     Seq,
     TurnRecord,
@@ -76,6 +75,7 @@ class SimResult:
     offloads: int = 0
     reloads: int = 0
     transfer_energy_j: float = 0.0  # NICs, shared store and PCIe while KV moves
+    pd_rule: str = ""  # which P/D rule the policy ran (`Policy.pd_rule`)
 
 
 class Simulator(DecoderLoop):
@@ -189,6 +189,7 @@ class Simulator(DecoderLoop):
             self.offloads,
             self.reloads,
             self.transfer_energy_j,
+            getattr(self.policy, "pd_rule", ""),
         )
 
     def _handle(self, kind: int, payload: Any) -> None:
@@ -245,13 +246,23 @@ class Simulator(DecoderLoop):
         if route is not None:  # None: it waits in the policy's queue until `start_placed`
             self._start(state, record, route)
 
-    def start_placed(self, key: str, prefill: str, decoder: str) -> None:
-        """A conversation placed from the policy's queue: its waiting first turn starts now."""
-        state = self.by_key[key]
-        record = state.turns[-1] if state.turns else None
-        if record is None or record.decoder or record.done_s >= 0:
+    def waiting_turn(self, key: str) -> tuple[ConvState, TurnRecord] | None:
+        """The conversation's turn waiting for its placement (None: no turn waits)."""
+        state = self.by_key.get(key)
+        record = state.turns[-1] if state is not None and state.turns else None
+        if state is None or record is None or record.decoder or record.done_s >= 0:
+            return None
+        return state, record
+
+    def start_placed(self, key: str, route: Route) -> None:
+        """A conversation placed from the policy's queue: its waiting first turn starts now, by `route`."""
+        waiting = self.waiting_turn(key)
+        if waiting is None:
             return  # no turn waiting (a placement the data plane has nothing to do for)
-        self._start(state, record, RemoteRoute(prefill, decoder, record.input_tokens))
+        self._start(waiting[0], waiting[1], route)
+
+    def stored_tokens(self, key: str) -> int:
+        return self.store.holds(key) if self.store is not None else 0
 
     def release_conversation(self, key: str) -> None:
         """The policy released a conversation (its idle timeout): its KV goes everywhere."""

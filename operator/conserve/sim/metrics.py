@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from conserve.sim.engine import SimResult
+from conserve.sim.records import TurnRecord
 
 #: Default SLOs (conventions of this benchmark, stated rather than sourced): an interactive answer should start
 #: within 2 s and stream at 10 tokens/s or faster (TBT <= 100 ms, faster than reading speed); an agent's first
@@ -84,6 +85,11 @@ class RunMetrics:
     placement_wait_mean_s: float
     prefill_busy_share: float  # prefill instances' busy time over their time, all together
     horizon_s: float
+    pd_rule: str = ""  # which P/D rule placed the prefills (the shared decider, or the policy's own)
+    #: Turns prefilled on the prefill pool (the rest on their decoder), first turns and later turns.
+    pool_prefill_share: float = math.nan
+    first_turn_pool_share: float = math.nan
+    later_turn_pool_share: float = math.nan
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -158,7 +164,17 @@ def compute_metrics(result: SimResult, *, slo_ttfet_s: float, slo_tbt_s: float =
         placement_wait_mean_s=sum(result.pending_waits_s) / max(len(result.pending_waits_s), 1),
         prefill_busy_share=sum(p.busy_s for p in result.prefill) / (max(len(result.prefill), 1) * horizon),
         horizon_s=result.horizon_s,
+        pd_rule=result.pd_rule,
+        pool_prefill_share=_pool_share(records),
+        first_turn_pool_share=_pool_share([r for r in records if r.index == 0]),
+        later_turn_pool_share=_pool_share([r for r in records if r.index > 0]),
     )
+
+
+def _pool_share(records: list[TurnRecord]) -> float:
+    """Share of the started turns prefilled on a prefill server (not on their decoder)."""
+    started = [r for r in records if r.decoder]
+    return sum(1 for r in started if r.prefill_instance) / len(started) if started else math.nan
 
 
 def ttfet_values(result: SimResult) -> list[float]:

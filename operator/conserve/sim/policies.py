@@ -27,13 +27,15 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from conserve.api.decoderpool import DecoderPoolSpec
-from conserve.api.scheduling import decoder_energy_prior_j, scheduler_settings
+from conserve.api.scheduling import decoder_energy_prior_j, pd_settings, scheduler_settings
 from conserve.core.decisions import ConversationRequest, Decision, PrefillSite, Reason, Verdict
 from conserve.core.llm import ModelShape, lookup_model
+from conserve.core.pd import PdRule
 from conserve.core.placement import DecoderState, PlacementSettings, PlacementWeights
 from conserve.core.prefill import PrefillState
 from conserve.core.scheduler import PoolScheduler, SchedulerSettings
-from conserve.sim.baselines import PER_TURN_BASELINES, PerTurn
+from conserve.sim.baselines import NATIVE_BASELINES, PER_TURN_BASELINES, PerTurn
+from conserve.sim.pd import decide_turn, fleet_pd_settings
 from conserve.sim.policy_base import PolicyBase as _Base
 from conserve.sim.records import ConvState, LocalRoute, Policy, RemoteRoute, Retain, Route, SimView, TurnRecord
 
@@ -53,9 +55,13 @@ class ConServe(_Base):
     owns_idle_timeout = True
     sweep_interval_s: float | None = 1.0
 
-    def __init__(self, settings: PlacementSettings | None = None) -> None:
+    #: The pool's `prefillDecider.rule` (None: the product's default).
+    pd_rule_override: PdRule | None = None
+
+    def __init__(self, settings: PlacementSettings | None = None, *, pd_rule: PdRule | None = None) -> None:
         super().__init__()
         self.placement = settings or PlacementSettings()
+        self.pd_rule_override = pd_rule or self.pd_rule_override
         self.scheduler = PoolScheduler(SchedulerSettings(placement=self.placement))
         self._applying = False
 
@@ -70,6 +76,8 @@ class ConServe(_Base):
             "decoderSelector": {"matchLabels": {"conserve.dev/role": "decode"}},
             "kvLifecycle": {"enabled": self.host_offload},
         }
+        if self.pd_rule_override is not None:
+            spec["prefillDecider"] = {"rule": self.pd_rule_override.value.capitalize()}
         if lookup_model(model.name) is None:
             spec["model"] = {"name": model.name, "kvBytesPerToken": model.kv_bytes_per_token}
         if idle_timeout_s is not None and idle_timeout_s >= 1:
@@ -83,6 +91,7 @@ class ConServe(_Base):
         if idle_timeout_s is None or idle_timeout_s <= 0:  # the bench's "never": release on the end signal only
             settings = replace(settings, default_idle_timeout_s=float("inf"))
         settings = replace(settings, placement=self.placement)
+        self.pd = fleet_pd_settings(sim, pd_settings(pool))
         decoders = [
             DecoderState(
                 name=d.name,
@@ -109,8 +118,9 @@ class ConServe(_Base):
     def route(self, state: ConvState, record: TurnRecord, now: float) -> Route | None:
         holding = self.scheduler.holding(state.key)
         if holding is not None:
-            self._apply(self.scheduler.turn_started(state.key, now, PrefillSite.DECODER))
-            return LocalRoute(holding.decoder)
+            route, site = self._decided(state, record, holding.decoder, now)
+            self._apply(self.scheduler.turn_started(state.key, now, site))
+            return route
         decisions = self.scheduler.admit(self.request(state, record), now)
         placed = next((d for d in decisions if d.placed and d.conversation == state.key), None)
         self._apply([d for d in decisions if d is not placed])
@@ -118,14 +128,23 @@ class ConServe(_Base):
             return None  # waits in the scheduler's queue; a later event's drain starts it (`_apply`)
         if self._sim is None:  # driven without a simulator: no data plane to report
             return RemoteRoute(placed.prefill or "", placed.decoder, record.input_tokens)
-        return RemoteRoute(self._prefill_used(placed, now), placed.decoder, record.input_tokens)
+        return self._first_turn(placed, state, record, now)
 
-    def _prefill_used(self, placed: Decision, now: float) -> str:
-        # The router's early prefill (on by default) starts the first turn on its least-loaded prefill server
-        # before the placement arrives, and reports the one it used: the scheduler counts it there.
-        used = self.least_loaded_prefill(now)
-        self.scheduler.prefill_reported(placed.prefill, used)
-        return used
+    def _decided(self, state: ConvState, record: TurnRecord, decoder: str, now: float) -> tuple[Route, PrefillSite]:
+        """The turn's route on its decoder, where the P/D decider puts its prefill."""
+        choice = decide_turn(self.sim, self.pd, state, record, decoder, now)
+        if choice.server is None:
+            return LocalRoute(decoder), choice.site
+        return RemoteRoute(choice.server, decoder, record.input_tokens), choice.site
+
+    def _first_turn(self, placed: Decision, state: ConvState, record: TurnRecord, now: float) -> Route:
+        # The router decides a first turn's prefill as any other (on the pool, the server it used is reported and
+        # the scheduler counts it there).
+        assert placed.decoder is not None
+        route, _ = self._decided(state, record, placed.decoder, now)
+        if isinstance(route, RemoteRoute):
+            self.scheduler.prefill_reported(placed.prefill, route.prefill)
+        return route
 
     @staticmethod
     def request(state: ConvState, record: TurnRecord) -> ConversationRequest:
@@ -183,8 +202,9 @@ class ConServe(_Base):
         for key in released:  # the scheduler's idle timeout: the data plane drops its KV everywhere
             self.sim.release_conversation(key)
         for d in started:  # placed from the queue: the waiting first turn starts
-            assert d.decoder is not None
-            self.sim.start_placed(d.conversation, self._prefill_used(d, self.sim.now), d.decoder)
+            waiting = self.sim.waiting_turn(d.conversation)
+            if waiting is not None:
+                self.sim.start_placed(d.conversation, self._first_turn(d, *waiting, self.sim.now))
 
     def _apply_kv(self, d: Decision) -> None:
         decoder = self.sim.decoders.get(d.decoder or "")
@@ -218,14 +238,25 @@ class ConServePack(ConServe):
         super().__init__(settings or PlacementSettings(weights=PlacementWeights(kv_balance=0.0, kv_pack=1.0)))
 
 
-_CONSERVE: tuple[type[ConServe], ...] = (ConServe, ConServePack, ConServeNoOffload)
+class ConServeLaterTurnsOnDecoder(ConServe):
+    """ConServe with the P/D rule it had before the decider (`prefillDecider.rule: Decoder`): first turns on the
+    pool, later turns on the decoder whatever the load. The ablation of the decider's share of the result."""
+
+    name = "conserve@decoder"
+    pd_rule_override = PdRule.DECODER
+
+
+_CONSERVE: tuple[type[ConServe], ...] = (ConServe, ConServePack, ConServeNoOffload, ConServeLaterTurnsOnDecoder)
 POLICIES: dict[str, type[ConServe] | type[PerTurn]] = {
     **{p.name: p for p in _CONSERVE},
     **{p.name: p for p in PER_TURN_BASELINES},
+    **{p.name: p for p in NATIVE_BASELINES},
 }
 #: The conversation-level policies (the default profile first) and the per-turn baselines.
-CONSERVE_VARIANTS = (ConServe.name, ConServePack.name, ConServeNoOffload.name)
-BASELINES = tuple(name for name in POLICIES if name not in CONSERVE_VARIANTS)
+CONSERVE_VARIANTS = tuple(p.name for p in _CONSERVE)
+#: The baselines with the shared P/D decider (the fair comparison), and each with its own P/D rule (`@native`).
+BASELINES = tuple(p.name for p in PER_TURN_BASELINES)
+NATIVE = tuple(p.name for p in NATIVE_BASELINES)
 
 
 def make_policy(name: str) -> Policy:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from conserve.core.pd import PdSettings
+from conserve.sim.pd import fleet_pd_settings
 from conserve.sim.records import ConvState, Retain, SimView, TurnRecord
 
 
@@ -11,9 +13,18 @@ class PolicyBase:
     host_offload = True
     owns_idle_timeout = False
     sweep_interval_s: float | None = None
+    #: True: the policy's own P/D rule (`native_rule`), else the shared decider (`conserve.core.pd`).
+    native = False
+    native_rule = "the shared P/D decider"
 
     def __init__(self) -> None:
         self._sim: SimView | None = None
+        self.pd = PdSettings()
+
+    @property
+    def pd_rule(self) -> str:
+        """Which P/D rule this policy runs (reported per run)."""
+        return f"native: {self.native_rule}" if self.native else f"decider: {self.pd.rule.value}"
 
     @property
     def sim(self) -> SimView:
@@ -22,6 +33,7 @@ class PolicyBase:
 
     def bind(self, sim: SimView, idle_timeout_s: float | None = None) -> None:
         self._sim = sim
+        self.pd = fleet_pd_settings(sim, self.pd)
 
     def sweep(self, now: float) -> object:
         return None

@@ -17,6 +17,7 @@ from conserve.core.offload import IdleKv
 from conserve.sim.conversations import Conversation
 
 if TYPE_CHECKING:
+    from conserve.sim.fleet import Fleet
     from conserve.sim.instances import Decoder, PrefillInstance
 
 
@@ -169,6 +170,13 @@ class SimView(Protocol):
     def host_kv_bytes_per_gpu(self) -> float: ...
 
     @property
+    def fleet(self) -> Fleet: ...
+
+    def stored_tokens(self, key: str) -> int:
+        """KV of the conversation in the fleet's shared store (0 without one)."""
+        ...
+
+    @property
     def model(self) -> ModelShape: ...
 
     @property
@@ -183,7 +191,9 @@ class SimView(Protocol):
 
     def drop_pinned(self, decoder: Decoder, key: str) -> None: ...
 
-    def start_placed(self, key: str, prefill: str, decoder: str) -> None: ...
+    def waiting_turn(self, key: str) -> tuple[ConvState, TurnRecord] | None: ...
+
+    def start_placed(self, key: str, route: Route) -> None: ...
 
     def release_conversation(self, key: str) -> None: ...
 
@@ -196,6 +206,11 @@ class Policy(Protocol):
     #: `sweep_interval_s`); otherwise the simulator's idle checks do, for every policy alike.
     owns_idle_timeout: bool
     sweep_interval_s: float | None
+
+    @property
+    def pd_rule(self) -> str:
+        """Which P/D rule decides where its turns are prefilled."""
+        ...
 
     def bind(self, sim: SimView, idle_timeout_s: float | None) -> None: ...
 
