@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from pydantic import ValidationError
 
@@ -57,7 +59,8 @@ def test_the_pool_server_that_finishes_first_is_chosen() -> None:
         PrefillServerLoad("d-down", 0.0, 90_000.0, ready=False),
     ]
     first = TurnPrompt(8_000, 0, first_turn=True)
-    assert decide(AUTO, first, servers, decoder(running=50)).server == "c-idle"  # 0.4 s against 0.25 + 0.4 s
+    nothing_cached = [replace(s, cached_tokens=0) for s in servers]
+    assert decide(AUTO, first, nothing_cached, decoder(running=50)).server == "c-idle"  # 0.4 s against 0.25 + 0.4 s
     assert decide(AUTO, LATER, servers, decoder(running=50)).server == "b-cached"  # 0.25 + 0.1 s: computes 2,000 only
 
 
