@@ -85,6 +85,20 @@ async def test_turns_extend_then_pin() -> None:
 
 
 @sync
+async def test_status_shows_where_the_turns_were_prefilled() -> None:
+    engine, kube = await engine_with(1)
+    await conversation.on_event(engine, "ADDED", conv("a", 1000))
+    usage = {"turns": 3, "inputTokens": 3000, "poolPrefills": 1}  # the first on the pool, two on the decoder
+    await conversation.on_event(engine, "MODIFIED", conv("a", 1000, usage=usage))
+    status = kube.status[("conversations", "a")]
+    assert (status["poolPrefills"], status["decoderPrefills"]) == (1, 2)
+    # a later report that only moves the split is still followed
+    await conversation.on_event(engine, "MODIFIED", conv("a", 1000, usage={**usage, "poolPrefills": 2}))
+    status = kube.status[("conversations", "a")]
+    assert (status["poolPrefills"], status["decoderPrefills"]) == (2, 1)
+
+
+@sync
 async def test_decoder_loss_moves_or_fails() -> None:
     engine, kube = await engine_with(2)
     for i in range(4):

@@ -55,6 +55,12 @@ class ConversationUsage(CamelModel):
     time_to_first_effective_token_seconds: float | None = Field(
         None, ge=0, description="Measured by the data plane: start of the conversation to first visible output."
     )
+    pool_prefills: NonNegativeInt = Field(
+        0,
+        description="Turns whose prompt was prefilled on a prefill server (its KV then moved to the decoder), as the "
+        "P/D decider chose per turn; the other turns were prefilled on the decoder itself.",
+        json_schema_extra=_CUMULATIVE,
+    )
     prefill_pod: str | None = Field(
         None,
         max_length=253,
@@ -123,6 +129,9 @@ class ConversationStatus(StatusModel):
     offloads: int = 0
     reloads: int = 0
     reprefills: int = 0
+    #: Where the served turns were prefilled (the P/D decider's choices, as the data plane reports them).
+    pool_prefills: int = 0
+    decoder_prefills: int = 0
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None
 

@@ -13,8 +13,8 @@ from conserve.core.gpus import lookup_product
 from conserve.core.lifecycle import LifecycleSettings
 from conserve.core.llm import ModelShape
 from conserve.core.offload import HOST_KV_BYTES_PER_GPU, PCIE_GEN5_X16_BYTES_PER_S
-from conserve.core.perf import Device, decode_energy_per_token_j
 from conserve.core.pd import PdRule, PdSettings
+from conserve.core.perf import Device, decode_energy_per_token_j
 from conserve.core.placement import PlacementSettings, PlacementWeights, TierPolicy
 from conserve.core.scheduler import SchedulerSettings
 

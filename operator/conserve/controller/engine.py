@@ -239,11 +239,18 @@ class Engine(Writer):
         changed, and what the scheduler's decisions changed for other conversations (KV moved to make room,
         waiting ones placed in the room the turn's end freed): the caller commits them after the lock."""
         usage, status = record.spec.usage, record.status
-        if (usage.turns, usage.input_tokens, usage.output_tokens, usage.time_to_first_effective_token_seconds) == (
+        if (
+            usage.turns,
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.time_to_first_effective_token_seconds,
+            usage.pool_prefills,
+        ) == (
             status.turns_served,
             status.input_tokens,
             status.output_tokens,
             status.time_to_first_effective_token_seconds,
+            status.pool_prefills,
         ):
             return False, []
         now = self.clock.now()
@@ -253,6 +260,8 @@ class Engine(Writer):
             usage.output_tokens,
         )
         status.time_to_first_effective_token_seconds = usage.time_to_first_effective_token_seconds
+        status.pool_prefills = min(usage.pool_prefills, usage.turns)
+        status.decoder_prefills = usage.turns - status.pool_prefills
         status.live_kv_tokens = usage.input_tokens + usage.output_tokens
         record.last_activity_s = parse_time(usage.last_turn_time) or now
         if status.turns_served > 0 and status.phase in (Phase.PREFILLING, Phase.IDLE):

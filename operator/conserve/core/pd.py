@@ -16,7 +16,7 @@ Dynamo's conditional disaggregation judge it). `stall_weight` 1.0 counts one sec
 the same as one second of this turn's wait.
 
 Named rules reproduce other systems' choices for a fair benchmark: `pool` (always remote, vLLM's proxies),
-`decoder` (ConServe before this decider: the first turn on the pool, later turns on the decoder), `threshold`
+`decoder` (ConServe before this decider: the first turn on the pool, later turns on the decoder, re-prefills too), `threshold`
 (remote only when the decoder lacks more than `decoder_max_tokens`: llm-d's prefix-based decider, Dynamo's
 `max_local_prefill_length`).
 
@@ -83,7 +83,8 @@ class DecoderLoad:
 @dataclass(frozen=True, slots=True)
 class TurnPrompt:
     """The prompt to prefill: its tokens and how many the decoder holds already (0 on a first turn, after a drop,
-    or when the turn moved)."""
+    or when the turn moved). `first_turn`: the conversation's first turn on this decoder (its first, or the first
+    after a re-placement), which the `decoder` rule sends to the pool."""
 
     prompt_tokens: int
     decoder_cached_tokens: int = 0
@@ -150,9 +151,9 @@ def decide(
     if rule is PdRule.POOL:
         return _with(pool, "rule pool")
     if rule is PdRule.DECODER:
-        if prompt.first_turn or prompt.decoder_cached_tokens <= 0:
-            return _with(pool, "rule decoder: a first turn, or the decoder holds none of it")
-        return PdChoice(PrefillSite.DECODER, None, "rule decoder: a later turn", pool_s=pool_s)
+        if prompt.first_turn:
+            return _with(pool, "rule decoder: a first turn")
+        return PdChoice(PrefillSite.DECODER, None, "rule decoder: a later turn (a re-prefill too)", pool_s=pool_s)
     if uncached <= settings.decoder_max_tokens:
         return PdChoice(PrefillSite.DECODER, None, f"decoder lacks {uncached} <= {settings.decoder_max_tokens}")
     if rule is PdRule.THRESHOLD or decoder is None:

@@ -3,8 +3,10 @@ with the paper's baseline (per-turn prediction).
 
 "Best baseline" is chosen per metric, on the same fleet, workload and load: the lowest p95 TTFET, the highest
 tokens per joule, the lowest p95 last-turn TBT among the baselines (so each ratio is against the strongest
-baseline for that metric). Every policy has the same information (`conserve.sim.engine`). Targets (a
-benchmark, not a test):
+baseline for that metric). The baselines run with the shared P/D decider (ConServe's), so the comparison is of
+placement, admission and lifecycle; each is compared again with its own P/D rule (`<name>@native`, "vs own P/D
+rules"), and `conserve.sim.attribution` splits ConServe's difference between the two. Every policy has the same
+information (`conserve.sim.engine`). Targets (a benchmark, not a test):
 
 - p95 TTFET at least 50% lower than the best baseline on at least one real trace at a realistic load, and
   never worse on any;
@@ -25,6 +27,7 @@ from typing import Any
 from tqdm import tqdm
 
 from conserve.progress import progress_bar
+from conserve.sim.attribution import Attribution, attribute
 from conserve.sim.conversations import Workload
 from conserve.sim.engine import SimResult, simulate
 from conserve.sim.fleet import Fleet, FleetFile
@@ -36,7 +39,7 @@ from conserve.sim.metrics import (
     compute_metrics,
     ttfet_values,
 )
-from conserve.sim.policies import BASELINES, CONSERVE_VARIANTS, ConServe, make_policy
+from conserve.sim.policies import BASELINES, CONSERVE_VARIANTS, NATIVE, ConServe, make_policy
 
 TARGET_TTFET_REDUCTION = 0.50
 TARGET_TOKENS_PER_J_GAIN = 0.10
@@ -44,9 +47,10 @@ TARGET_TIERED_TOKENS_PER_J_GAIN = 0.25
 TARGET_TIER_GAIN = 0.22
 #: The paper's baseline, compared with separately from the best baseline.
 PAPER_BASELINE = "per-turn-prediction"
-#: What `conserve bench` runs by default: ConServe's default profile and every baseline (the other ConServe
+#: What `conserve bench` runs by default: ConServe's default profile, every baseline with the shared P/D decider and
+#: each with its own P/D rule (the attribution's ablation), and ConServe with its old P/D rule (the other ConServe
 #: variants on request, `--policy`).
-DEFAULT_POLICIES = (ConServe.name, *BASELINES)
+DEFAULT_POLICIES = (ConServe.name, "conserve@decoder", *BASELINES, *NATIVE)
 
 
 @dataclass(slots=True)
@@ -85,6 +89,7 @@ class Comparison:
 class BenchResult:
     runs: list[Run] = field(default_factory=list)
     comparisons: list[Comparison] = field(default_factory=list)
+    attributions: list[Attribution] = field(default_factory=list)
 
 
 def slo_ttfet_for(workload: str) -> float:
@@ -125,17 +130,19 @@ def compare(runs: Sequence[Run]) -> list[Comparison]:
     scenarios = list(dict.fromkeys((r.metrics.workload, r.metrics.fleet) for r in runs))
     for w, fleet in scenarios:
         bases = [m for (ww, ff, p), m in by_key.items() if ww == w and ff == fleet and p in BASELINES]
+        natives = [m for (ww, ff, p), m in by_key.items() if ww == w and ff == fleet and p in NATIVE]
         paper = by_key.get((w, fleet, PAPER_BASELINE))
         for variant in CONSERVE_VARIANTS:
             cs = by_key.get((w, fleet, variant))
             if cs is None or not bases:
                 continue
-            for label, group in (("best", bases), ("paper", [paper] if paper is not None else [])):
+            groups = (("best", bases), ("native", natives), ("paper", [paper] if paper is not None else []))
+            for label, group in groups:
                 if not group:
                     continue
                 best = min(group, key=lambda m: m.ttfet_p95_s)
                 reduction = 1.0 - cs.ttfet_p95_s / best.ttfet_p95_s if best.ttfet_p95_s > 0 else math.nan
-                suffix = "" if label == "best" else ", vs paper"
+                suffix = {"best": "", "native": ", vs own P/D rules", "paper": ", vs paper"}[label]
                 out.append(
                     _comparison(
                         w,
@@ -254,6 +261,7 @@ def bench(
                     run, _ = run_one(fleet, workload, name, idle_timeout_s=idle_timeout_s, progress=_progress(bar))
                     result.runs.append(run)
     result.comparisons = compare(result.runs)
+    result.attributions = attribute([r.metrics for r in result.runs])
     return result
 
 

@@ -37,7 +37,7 @@ class TableColumn(NamedTuple):
 
 
 TABLE_COLUMNS: tuple[TableColumn, ...] = (
-    TableColumn("policy", "policy", 21, "s"),
+    TableColumn("policy", "policy", 27, "s"),
     TableColumn("TTFET50", "ttfet_p50_s", 8, ".2f"),
     TableColumn("TTFET95", "ttfet_p95_s", 8, ".2f"),
     TableColumn("TTFET99", "ttfet_p99_s", 8, ".2f"),
@@ -56,6 +56,7 @@ TABLE_COLUMNS: tuple[TableColumn, ...] = (
     TableColumn("offload", "offloads", 7, "d"),
     TableColumn("reload", "reloads", 6, "d"),
     TableColumn("waits", "placement_waits", 6, "d"),
+    TableColumn("poolPf", "pool_prefill_share", 6, ".0%"),
 )
 
 #: A comparison's fields in the order comparison.csv (which heads `conserve` "value") and results.json list them.
@@ -116,6 +117,7 @@ def write_results(result: BenchResult, out: Path, *, meta: dict[str, object]) ->
         "meta": meta,
         "runs": rows,
         "comparisons": [{name: getattr(c, name) for name in COMPARISON_FIELDS} for c in result.comparisons],
+        "attributions": [a.as_dict() for a in result.attributions],
     }
     json_path.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n", encoding="utf-8")
     written.append(json_path)

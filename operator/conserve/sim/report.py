@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from conserve.sim.attribution import Attribution
 from conserve.sim.bench import PAPER_BASELINE, BenchResult, Run
 from conserve.sim.metrics import RunMetrics
 from conserve.sim.policies import BASELINES, ConServe
@@ -31,11 +32,13 @@ REPORT_COLUMNS: tuple[tuple[str, str, str, float], ...] = (
     ("offloads", "offloads", "d", 1.0),
     ("reloads", "reloads", "d", 1.0),
     ("preemptions", "preemptions", "d", 1.0),
+    ("prefilled on the pool: first / later turns", "", "pool", 1.0),
+    ("P/D rule", "pd_rule", "s", 1.0),
 )
 
 
 def _cell(value: Any, fmt: str, scale: float) -> str:
-    if fmt == "d":
+    if fmt in ("d", "s"):
         return str(value)
     if isinstance(value, float) and math.isnan(value):
         return "n/a"
@@ -46,6 +49,34 @@ def _change(ours: float, theirs: float) -> str:
     if theirs == 0 or math.isnan(ours) or math.isnan(theirs):
         return "n/a"
     return f"{ours / theirs - 1.0:+.1%}"
+
+
+def _pool_shares(m: RunMetrics) -> str:
+    return f"{_cell(m.first_turn_pool_share, '.0%', 1.0)} / {_cell(m.later_turn_pool_share, '.0%', 1.0)}"
+
+
+def attribution_section(attributions: Sequence[Attribution], workload: str, fleet: str) -> list[str]:
+    """ConServe's difference from each chosen baseline, split between the P/D decision and the rest."""
+    rows = [a for a in attributions if (a.workload, a.fleet) == (workload, fleet)]
+    if not rows:
+        return []
+    lines = [
+        "**Attribution** (`conserve.sim.attribution`): against baseline B, total = ConServe - B with its own P/D rule;"
+        " P/D decision = B with the shared decider - B with its own rule; placement, admission and lifecycle = "
+        "ConServe - B with the shared decider. Lower is better except tokens per J.",
+        "",
+        "| against (why) | metric | ConServe | B, shared decider | B, own rule | total | P/D decision | "
+        "placement, admission, lifecycle |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for a in rows:
+        scale, fmt = (1000.0, ".1f") if "TBT" in a.metric else (1.0, ".3f" if "per J" in a.metric else ".2f")
+        unit = a.metric.replace(" s", " ms") if "TBT" in a.metric else a.metric
+        values = [a.conserve, a.with_decider, a.native, a.total, a.pd_part, a.placement_part]
+        cells = " | ".join(f"{v * scale:+{fmt}}" if i >= 3 else f"{v * scale:{fmt}}" for i, v in enumerate(values))
+        lines.append(f"| {a.against} ({a.why}) | {unit} | {cells} |")
+    lines.append("")
+    return lines
 
 
 def _scenarios(runs: Sequence[Run]) -> list[tuple[str, str]]:
@@ -90,7 +121,10 @@ def scenario_section(runs: Sequence[Run], workload: str, fleet: str) -> list[str
     lines.append("| policy | " + " | ".join(t for t, _, _, _ in REPORT_COLUMNS) + " |")
     lines.append("|---" * (len(REPORT_COLUMNS) + 1) + "|")
     for m in ms:
-        cells = [_cell(getattr(m, key), fmt, scale) for _, key, fmt, scale in REPORT_COLUMNS]
+        cells = [
+            _pool_shares(m) if fmt == "pool" else _cell(getattr(m, key), fmt, scale)
+            for _, key, fmt, scale in REPORT_COLUMNS
+        ]
         lines.append(f"| {m.policy} | " + " | ".join(cells) + " |")
     lines.append("")
     cs = next((m for m in ms if m.policy == ConServe.name), None)
@@ -144,6 +178,7 @@ def write_report(result: BenchResult, out: Path, *, meta: dict[str, object]) -> 
     lines.append("")
     for workload, fleet in _scenarios(result.runs):
         lines.extend(scenario_section(result.runs, workload, fleet))
+        lines.extend(attribution_section(result.attributions, workload, fleet))
     lines.append("Plots: `ttfet_cdf_<workload>.png`, `summary_<workload>.png`, `energy_per_token_<workload>.png`, and")
     lines.append("`load_sweep_<workload>.png` when several loads ran.")
     path = out / "report.md"
