@@ -16,8 +16,8 @@ Dynamo's conditional disaggregation judge it). `stall_weight` 1.0 counts one sec
 the same as one second of this turn's wait.
 
 Named rules reproduce other systems' choices for a fair benchmark: `pool` (always remote, vLLM's proxies),
-`decoder` (ConServe before this decider: the first turn on the pool, later turns on the decoder, re-prefills too), `threshold`
-(remote only when the decoder lacks more than `decoder_max_tokens`: llm-d's prefix-based decider, Dynamo's
+`decoder` (ConServe before this decider: the first turn on the pool, later turns on the decoder, re-prefills too),
+`threshold` (remote only when the decoder lacks more than `decoder_max_tokens`: llm-d's prefix-based decider, Dynamo's
 `max_local_prefill_length`).
 
 Signals are injected (the router scrapes vLLM's metrics and observes throughput, the simulator reads its model,
