@@ -40,7 +40,7 @@ def test_prefill_instance_chunks_prompts_first_come_first_served() -> None:
     # first 8192 tokens; iteration 2 is A's last 1808 and all of B; both finish with iteration 2.
     f = fleet()
     w = Workload("t", (one("a", 0.0, (10_000, 10_000, 2, 0.0)), one("b", 0.0, (1000, 1000, 2, 0.0))))
-    result = simulate(f, w, make_policy("round-robin"))
+    result = simulate(f, w, make_policy("round-robin@native"))
     a, b = (s.turns[0] for s in result.conversations)
     t1 = perf.prefill_cost(H100, MODEL, 8192).time_s
     t2 = perf.prefill_cost(H100, MODEL, 1808, 8192).time_s + perf.prefill_cost(H100, MODEL, 1000).time_s - OVERHEAD_S
@@ -59,7 +59,7 @@ def test_transfer_and_reprefill_accounting() -> None:
     # Round-robin moves the second turn to the other decoder: its whole context is prefilled again and moved.
     f = fleet(decode=2)
     w = Workload("t", (one("c", 0.0, (2000, 2000, 10, 0.0), (2100, 90, 10, 10.0)),), signals=Signals(True))
-    result = simulate(f, w, make_policy("round-robin"))
+    result = simulate(f, w, make_policy("round-robin@native"))
     first, second = result.conversations[0].turns
     assert second.prefill_tokens == 2100
     assert second.reprefilled_tokens == 2010
@@ -73,7 +73,7 @@ def test_prefill_prefix_cache_serves_the_next_turn() -> None:
     # With the prefill-side prefix cache (for every policy), round-robin's moved turn computes only what the
     # prefill instance has not seen: the 2000-token prompt it prefilled before is reused.
     w = Workload("t", (one("c", 0.0, (2000, 2000, 10, 0.0), (2100, 90, 10, 10.0)),), signals=Signals(True))
-    result = simulate(fleet(decode=2, prefix_cache=True), w, make_policy("round-robin"))
+    result = simulate(fleet(decode=2, prefix_cache=True), w, make_policy("round-robin@native"))
     second = result.conversations[0].turns[1]
     assert second.prefill_tokens == 100
     assert second.transferred_tokens == 2100
@@ -83,7 +83,7 @@ def test_prefill_prefix_cache_serves_the_next_turn() -> None:
 def test_shared_store_loads_the_prefix_over_the_link() -> None:
     f = fleet(decode=2, store_gb=1000.0)
     w = Workload("t", (one("c", 0.0, (2000, 2000, 10, 0.0), (2100, 90, 10, 10.0)),), signals=Signals(True))
-    result = simulate(f, w, make_policy("round-robin"))
+    result = simulate(f, w, make_policy("round-robin@native"))
     second = result.conversations[0].turns[1]
     # the decoder wrote the first turn's 2009-token KV (its last output token has none yet) to the store
     assert second.loaded_tokens == 2009
@@ -98,7 +98,7 @@ def _append_prefill_case(chunk: int) -> tuple[float, float]:
     Returns (a's completion, b's second-turn TTFT)."""
     a = one("a", 0.0, (1000, 1000, 600, 0.0))
     b = one("b", 0.0, (500, 500, 2, 0.0), (20_502, 20_000, 2, 0.3))
-    result = simulate(fleet(chunk=chunk), Workload("t", (a, b), signals=Signals(True)), make_policy("conserve"))
+    result = simulate(fleet(chunk=chunk), Workload("t", (a, b), signals=Signals(True)), make_policy("conserve@decoder"))
     first, second = result.conversations
     assert second.turns[1].prefill_instance == ""
     assert second.turns[1].prefill_tokens == 20_001

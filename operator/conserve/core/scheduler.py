@@ -381,21 +381,30 @@ class PoolScheduler(SchedulerView):
         return [*out, *self._drain_if_waiting(now_s)]
 
     def _reclaim_for_placement(self, reservation: int, now_s: float) -> list[Decision]:
-        """No decoder's reservations can take a new conversation: reclaim idle KV on the one decoder where that
-        frees the room with the least reclaimed (least disruption), ties by name."""
+        """No decoder's reservations can take a new conversation: reclaim idle KV on the decoder the pool's
+        scorers pick when each decoder's idle (reclaimable) KV counts as free. Picking the one nearest to fitting
+        instead would pick the decoder reclaimed last, again and again: every new conversation, and its decoding,
+        would pile onto it while the others' idle KV stayed put."""
         if not self._settings.lifecycle.enabled:
             return []
         headroom = self._settings.placement.headroom_fraction
-        best: tuple[int, str] | None = None
-        for d in self._placement_states():
-            if not d.ready:
-                continue
-            need = reservation - (d.free_kv_tokens - int(d.capacity_kv_tokens * headroom))
-            if 0 < need <= self._kv.reclaimable_on(d.name) and (best is None or (need, d.name) < best):
-                best = (need, d.name)
-        if best is None:
+        states = {d.name: d for d in self._placement_states() if d.ready}
+        idle = {name: self._kv.reclaimable_on(name) for name in states}
+        relaxed = [
+            replace(
+                d,
+                reserved_kv_tokens=max(d.reserved_kv_tokens - idle[d.name], 0),
+                live_kv_tokens=max(d.live_kv_tokens - idle[d.name], 0),
+            )
+            for d in states.values()
+            if idle[d.name] > 0
+        ]
+        chosen = place(PlacementRequest("", reservation), relaxed, self._settings.placement).decoder
+        if chosen is None:
             return []
-        return self._kv.reclaim_on(best[1], best[0], now_s)
+        d = states[chosen]
+        need = reservation - (d.free_kv_tokens - int(d.capacity_kv_tokens * headroom))
+        return self._kv.reclaim_on(chosen, need, now_s) if 0 < need <= idle[chosen] else []
 
     def sweep(self, now_s: float) -> list[Decision]:
         """Timers: release past the idle timeout; idle after the active window; the pool's opt-in resident and
