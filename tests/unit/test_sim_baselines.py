@@ -156,3 +156,17 @@ def test_new_baselines_run_a_workload_to_completion(policy: type[PerTurn], own_r
     assert result.pd_rule.startswith("native" if own_rule else "decider: auto")
     assert all(s.finished for s in result.conversations)
     assert all(r.done_s > r.first_token_s > r.arrival_s for s in result.conversations for r in s.turns)
+
+
+def test_the_shared_decider_moves_a_later_turn_to_the_pool_when_its_decoder_is_busy() -> None:
+    policy = StickyLeastLoaded()
+    sim, state, record = bound(policy)
+    _, d1 = sim.decoders.values()
+    policy.home["c"] = d1.name
+    cache(d1, "c", 1000)  # 2,100 of the prompt's tokens missing there
+    assert policy.route(state, record, 10.0) == LocalRoute(d1.name)  # idle: computing 2,100 there is soonest
+    load(sim, d1, 20_000, sequences=40)  # 40 streams would each stall while it computes
+    route = policy.route(state, record, 10.0)
+    assert isinstance(route, RemoteRoute)
+    assert route.decoder == d1.name
+    assert policy.pd_rule == "decider: auto"
