@@ -49,7 +49,7 @@ CREATE_CASES = [
     (pool(placement={"maxQueueWaitSeconds": 0}), "spec.placement.maxQueueWaitSeconds"),
     (pool(placement={"maxQueueWaitSeconds": 86400}), "spec.placement.maxQueueWaitSeconds"),
     (
-        pool(placement={"weights": {"kvBalance": 0, "tier": 0, "energy": 0, "conversations": 0}}),
+        pool(placement={"weights": {"kvBalance": 0, "tier": 0, "energy": 0, "conversations": 0, "load": 0}}),
         "spec.placement.weights",
     ),
     (pool(kvCapacity={"gpuMemoryFraction": 0}), "spec.kvCapacity.gpuMemoryFraction"),

@@ -45,7 +45,7 @@ def test_conversation_spec_refused(spec: dict[str, Any], field: str) -> None:
         ({"decoderSelector": {}}, "decoderSelector must select something"),
         ({"prefillSelector": {}}, "prefillSelector must select something"),
         ({"model": {"name": "mystery-1b"}}, "unknown model"),
-        ({"placement": {"weights": {"kvBalance": 0, "tier": 0, "energy": 0, "conversations": 0}}}, "weight"),
+        ({"placement": {"weights": {"kvBalance": 0, "tier": 0, "energy": 0, "conversations": 0, "load": 0}}}, "weight"),
         (
             {"decoderSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}},
             "values must be non-empty",

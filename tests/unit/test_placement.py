@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -62,6 +63,16 @@ PACK = PlacementSettings(weights=PlacementWeights(kv_balance=0, kv_pack=1, tier=
         ([dec("a", energy=0.2), dec("b", energy=0.1)], 100, DEFAULT, "b", "Placed"),
         # ties go to the smallest name
         ([dec("b"), dec("a")], 100, DEFAULT, "a", "Placed"),
+        # load: fewer turns running now wins at equal free KV (idle pinned KV does not decode)
+        ([replace(dec("a"), active_turns=6), replace(dec("b"), active_turns=1)], 100, DEFAULT, "b", "Placed"),
+        # ... and outweighs a little more free KV
+        (
+            [replace(dec("a", reserved=50), active_turns=0), replace(dec("b"), active_turns=8)],
+            100,
+            DEFAULT,
+            "a",
+            "Placed",
+        ),
     ],
 )
 def test_place_table(

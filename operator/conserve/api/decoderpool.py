@@ -70,7 +70,7 @@ class KvCapacitySpec(CamelModel):
     gpu_memory_fraction: float = Field(0.9, gt=0, le=1, description="Share of GPU memory the server may use.")
 
 
-_WEIGHT_DEFAULTS = {"kvBalance": 1.0, "kvPack": 0.0, "tier": 1.0, "energy": 0.5, "conversations": 0.25}
+_WEIGHT_DEFAULTS = {"kvBalance": 1.0, "kvPack": 0.0, "tier": 1.0, "energy": 0.5, "conversations": 0.25, "load": 1.0}
 
 
 class WeightsSpec(CamelModel):
@@ -87,10 +87,11 @@ class WeightsSpec(CamelModel):
     tier: float = Field(_WEIGHT_DEFAULTS["tier"], ge=0, le=100, description="Bandwidth-tier GPU.")
     energy: float = Field(_WEIGHT_DEFAULTS["energy"], ge=0, le=100, description="Fewest joules per token.")
     conversations: float = Field(_WEIGHT_DEFAULTS["conversations"], ge=0, le=100, description="Fewest pinned.")
+    load: float = Field(_WEIGHT_DEFAULTS["load"], ge=0, le=100, description="Fewest turns running now.")
 
     @model_validator(mode="after")
     def _some_weight(self) -> WeightsSpec:
-        if self.kv_balance + self.kv_pack + self.tier + self.energy + self.conversations <= 0:
+        if self.kv_balance + self.kv_pack + self.tier + self.energy + self.conversations + self.load <= 0:
             raise ValueError("at least one scorer weight must be positive")
         return self
 

@@ -39,7 +39,7 @@ def scheduler_settings(
         placement=PlacementSettings(
             headroom_fraction=p.headroom_fraction,
             tier_policy=TierPolicy(p.tier_policy),
-            weights=PlacementWeights(w.kv_balance, w.kv_pack, w.tier, w.energy, w.conversations),
+            weights=PlacementWeights(w.kv_balance, w.kv_pack, w.tier, w.energy, w.conversations, w.load),
         ),
         reject_when_full=p.when_full == "Reject",
         default_idle_timeout_s=float(spec.default_idle_timeout_seconds),

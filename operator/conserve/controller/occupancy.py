@@ -8,7 +8,8 @@ through one hook, `observe_occupancy` (re-point it when the scheduler object own
 Which source wins when they disagree: **the larger** (the rule and why: `core/occupancy.py`). Usage is reported
 at most every 30 s per conversation now, so observed KV above the ledger is common between reports; observed KV
 below the reservations frees nothing (reservations are room promised to coming turns).
-`vllm:num_requests_running` is exported (metric) but not used by placement: it counts in-flight requests, not
+`vllm:num_requests_running` feeds the placement's load scorer (turns running now: the larger of it and the
+scheduler's own count of turns in flight); it does not size anything, since it counts in-flight requests, not
 the conversations pinned to the decoder between turns, which is what the ledger holds.
 """
 

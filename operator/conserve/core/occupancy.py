@@ -29,7 +29,8 @@ def with_observed(
     states: Iterable[DecoderState], observed: Mapping[str, ObservedOccupancy], now_s: float, max_age_s: float
 ) -> list[DecoderState]:
     """The placement's decoder states with fresh observed occupancy folded in: live KV = max(ledger's live,
-    observed); reservations unchanged (so free = capacity - max(reserved, live, observed))."""
+    observed); reservations unchanged (so free = capacity - max(reserved, live, observed)); turns running = max(the
+    scheduler's count, the engine's running requests)."""
     out = []
     for state in states:
         seen = observed.get(state.name)
@@ -37,6 +38,8 @@ def with_observed(
             tokens = round(seen.kv_used_fraction * state.capacity_kv_tokens)
             if tokens > state.live_kv_tokens:
                 state = dataclasses.replace(state, live_kv_tokens=tokens)
+            if seen.requests_running > state.active_turns:
+                state = dataclasses.replace(state, active_turns=seen.requests_running)
         out.append(state)
     return out
 

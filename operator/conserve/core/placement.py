@@ -32,6 +32,8 @@ class DecoderState:
     #: Joules per output token for decode on this decoder, measured from the fleet or modelled; None: unknown.
     energy_per_token_j: float | None = None
     gpu_count: int = 1  # GPUs of the decoder (tensor parallel): its host KV tier scales with them
+    #: Turns running there now: the scheduler's turns in flight, or the engine's running requests, the larger.
+    active_turns: int = 0
 
     @property
     def free_kv_tokens(self) -> int:
@@ -52,6 +54,9 @@ class PlacementWeights:
     tier: float = 1.0  # prefer bandwidth-tier decoders
     energy: float = 0.5  # prefer low joules per token
     conversations: float = 0.25  # prefer fewer pinned conversations (spreads decode batches)
+    #: prefer fewer turns running now: decode batches, and with them the time between tokens, stay even (pinned
+    #: idle conversations hold KV but do not decode, so free KV alone can pile the active ones on one decoder)
+    load: float = 1.0
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -60,6 +65,7 @@ class PlacementWeights:
             "tier": self.tier,
             "energy": self.energy,
             "conversations": self.conversations,
+            "load": self.load,
         }
 
 
@@ -199,12 +205,18 @@ def score_conversations(_: PlacementRequest, decoder: DecoderState, feasible: Se
     return 1.0 - decoder.pinned_conversations / (most + 1)
 
 
+def score_load(_: PlacementRequest, decoder: DecoderState, feasible: Sequence[DecoderState]) -> float:
+    busiest = max((d.active_turns for d in feasible), default=0)
+    return 1.0 - decoder.active_turns / (busiest + 1)
+
+
 SCORERS: Mapping[str, Scorer] = {
     "kv-balance": score_kv_balance,
     "kv-pack": score_kv_pack,
     "tier": score_tier,
     "energy": score_energy,
     "conversations": score_conversations,
+    "load": score_load,
 }
 
 

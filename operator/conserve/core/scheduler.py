@@ -273,6 +273,7 @@ class PoolScheduler(SchedulerView):
         view.live_kv_tokens = live_kv_tokens
         if turn_ended:
             view.in_flight = False
+            self._changed()  # one turn fewer running on its decoder (the load scorer)
         holding = self._ledger.holding(key)
         if holding is None:
             view.last_activity_s = now_s

@@ -11,7 +11,7 @@ decision. A unit test (tests/unit/test_scheduler_view_boundary.py) fails when an
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from conserve.core.decisions import ConversationRequest, Reason
 from conserve.core.ledger import CapacityLedger
@@ -104,8 +104,21 @@ class SchedulerView:
 
     def _placement_states(self) -> list[DecoderState]:
         if self._snapshot is None:
-            self._snapshot = self._observed.fold(self._ledger.snapshot())
+            self._snapshot = self._observed.fold(self._with_active_turns(self._ledger.snapshot()))
         return self._snapshot
+
+    def _with_active_turns(self, states: list[DecoderState]) -> list[DecoderState]:
+        """Each decoder's turns in flight: its conversations with a turn started and not ended, or a first turn
+        not reported yet."""
+        active: dict[str, int] = {}
+        for key, view in self._conversations.items():
+            if view.in_flight or view.turns == 0:
+                held = self._ledger.holding(key)
+                if held is not None:
+                    active[held[0]] = active.get(held[0], 0) + 1
+        if not active:
+            return states
+        return [replace(s, active_turns=active[s.name]) if s.name in active else s for s in states]
 
     def totals(self) -> Mapping[str, int]:
         """Capacity and reserved KV tokens over every decoder, and the conversations holding any."""
