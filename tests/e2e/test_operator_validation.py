@@ -57,6 +57,11 @@ CREATE_CASES = [
     (pool(kvLifecycle={"maxHostTtlSeconds": -5}), "spec.kvLifecycle.maxHostTtlSeconds"),
     (pool(kvLifecycle={"hostKvTokensPerDecoder": -1}), "spec.kvLifecycle.hostKvTokensPerDecoder"),
     (pool(kvLifecycle={"maxActiveWindowSeconds": 7200}), "spec.kvLifecycle.maxActiveWindowSeconds"),
+    (pool(prefillDecider={"rule": "Sometimes"}), "spec.prefillDecider.rule"),
+    (pool(prefillDecider={"decoderMaxTokens": -1}), "spec.prefillDecider.decoderMaxTokens"),
+    (pool(prefillDecider={"stallWeight": 1000}), "spec.prefillDecider.stallWeight"),
+    (pool(prefillDecider={"kvLinkGbps": 0}), "spec.prefillDecider.kvLinkGbps"),
+    (conv(usage={"poolPrefills": -1}), "spec.usage.poolPrefills"),
 ]
 
 
@@ -76,6 +81,7 @@ def test_missing_required_field(api: Api) -> None:
     [
         ({"usage": {"turns": 3}}, {"usage": {"turns": 2}}, "spec.usage.turns", "cannot decrease"),
         ({"usage": {"outputTokens": 9}}, {"usage": {"outputTokens": 1}}, "spec.usage.outputTokens", "cannot decrease"),
+        ({"usage": {"poolPrefills": 2}}, {"usage": {"poolPrefills": 1}}, "spec.usage.poolPrefills", "cannot decrease"),
         ({}, {"pool": "other"}, "spec.pool", "immutable"),
         ({}, {"firstTurnInputTokens": 7}, "spec.firstTurnInputTokens", "immutable"),
         ({"completed": True}, {"completed": False}, "spec.completed", "cannot be unset"),
