@@ -32,7 +32,7 @@ import yaml
 
 from conserve.devcluster.build import cache_dir
 from conserve.engine.demo import stack
-from conserve.engine.metrics import sample_sum
+from conserve.exposition import sample_sum
 from conserve.engine.model import ensure_model
 
 INFERENCE_PERF_VERSION = "0.7.0"

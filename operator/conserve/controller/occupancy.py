@@ -22,35 +22,20 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from conserve import metrics
 from conserve.core.occupancy import ObservedOccupancy
+from conserve.exposition import engine_load
 
 log = logging.getLogger("conserve.operator")
 
-KV_USAGE_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
-RUNNING_METRIC = "vllm:num_requests_running"
-
 
 def parse_metrics(text: str) -> tuple[float, int] | None:
-    """(KV used fraction, requests running) from a Prometheus text exposition; None when it has no KV usage or
-    does not parse. Several series (one per model) combine as the largest fraction and the sum of running."""
-    usage: dict[str, list[float]] = {name: [] for name in KV_USAGE_METRICS}
-    running = 0.0
-    try:
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name in usage:
-                    usage[sample.name].append(sample.value)
-                elif sample.name == RUNNING_METRIC:
-                    running += sample.value
-    except ValueError:
+    """(KV used fraction, requests running) from a Prometheus text exposition (`conserve.exposition`); None when it
+    has no KV usage or does not parse."""
+    load = engine_load(text)
+    if load is None or load.kv_usage is None:
         return None
-    for name in KV_USAGE_METRICS:  # the real vLLM name wins when both are there
-        if usage[name]:
-            return min(max(max(usage[name]), 0.0), 1.0), int(running)
-    return None
+    return load.kv_usage, load.running
 
 
 Fetch = Callable[[str], Any]  # endpoint "host:port" -> awaitable metrics text

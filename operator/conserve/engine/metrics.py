@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import urllib.request
-from collections.abc import Mapping
 from dataclasses import dataclass
 
-from prometheus_client.parser import text_string_to_metric_families
+from conserve.exposition import sample_sum
 
 SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
-
-
-def sample_sum(exposition: str, name: str, labels: Mapping[str, str] | None = None) -> float:
-    """Sum of the samples called ``name`` whose labels include ``labels`` (0 when there are none)."""
-    want = dict(labels or {})
-    total = 0.0
-    for family in text_string_to_metric_families(exposition):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in want.items()):
-                total += sample.value
-    return total
 
 
 @dataclass(frozen=True, slots=True)

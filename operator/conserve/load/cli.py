@@ -21,6 +21,8 @@ from typing import Any
 
 import aiohttp
 
+from conserve.exposition import sample_values
+
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("load", help="replay a trace slice through the router and report TTFET, TTFT, J/token")
@@ -107,20 +109,13 @@ async def run_modes(
 
 
 def _sample(text: str, name: str, labels: dict[str, str] | None = None) -> float | None:
-    """Sum of the samples of `name` whose labels include `labels` (a small exposition-format reader)."""
-    total, seen = 0.0, False
-    for line in text.splitlines():
-        if not line.startswith(name):
-            continue
-        head, _, value = line.rpartition(" ")
-        metric, _, label_text = head.partition("{")
-        if metric != name:
-            continue
-        if labels and not all(f'{k}="{v}"' in label_text for k, v in labels.items()):
-            continue
-        total += float(value)
-        seen = True
-    return total if seen else None
+    """Sum of the samples of `name` whose labels include `labels`; None when there are none (or the text is not
+    an exposition)."""
+    try:
+        values = sample_values(text, name, labels)
+    except ValueError:
+        return None
+    return sum(values) if values else None
 
 
 async def _get_text(http: aiohttp.ClientSession, url: str) -> str | None:
