@@ -197,6 +197,7 @@ class RouterMetrics:
     usage_patches_total: Counter
     placement_wait_seconds: Histogram
     unplaced_turns_total: Counter
+    prefill_site_total: Counter
 
     @classmethod
     def on(cls, registry: CollectorRegistry) -> RouterMetrics:
@@ -264,6 +265,14 @@ class RouterMetrics:
                 "or waited past its maxQueueWaitSeconds) or 503 (a fault: no such pool, no word from the operator); "
                 "reason: the operator's condition reason.",
                 ["status", "reason"],
+                registry=registry,
+            ),
+            prefill_site_total=Counter(
+                "conserve_router_prefill_site_total",
+                "Turns served, by where their prompt was prefilled (the P/D decider's choice in conversation mode): "
+                'site="pool" (a prefill server, its KV moved to the decoder) or "decoder" (the decoder itself); '
+                'turn="first" (a conversation\'s first turn, or a request without one) or "later".',
+                ["mode", "site", "turn"],
                 registry=registry,
             ),
         )

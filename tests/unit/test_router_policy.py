@@ -6,6 +6,8 @@ import re
 
 import pytest
 
+from conserve.core.decisions import PrefillSite
+from conserve.core.pd import PdChoice
 from conserve.router import policy
 from conserve.router.control import backends_from_pool_status, max_queue_wait_of, placement_from_status
 from conserve.router.policy import Backend, LoadBook, Mode, NoBackend, Placement, Usage, UsageBatcher
@@ -51,60 +53,48 @@ def test_least_loaded_by_requests_then_tokens_then_name() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kv_generation", "placement", "expect_prefill"),
+    ("choice", "expect_prefill"),
     [
-        (None, Placement(1, D1, P2), P2),  # first turn: the operator's prefill server, KV moves once
-        (1, Placement(1, D1, P2), None),  # later turn: straight to the decoder
-        (1, Placement(2, D2, None), P1),  # re-placed: the KV moves again, least-loaded prefill
-        (None, Placement(1, D1, Backend("gone", "127.0.0.1:9")), P1),  # operator's prefill not ready
+        (PdChoice(PrefillSite.POOL, "pre-1", "pool sooner"), P2),  # the decider's server prefills, KV moves
+        (PdChoice(PrefillSite.DECODER, None, "decoder sooner"), None),  # straight to the decoder
+        (PdChoice(PrefillSite.POOL, "gone", "pool sooner"), None),  # its server no longer ready: the decoder
+        (None, None),
     ],
 )
-def test_conversation_mode_plan(
-    kv_generation: int | None, placement: Placement, expect_prefill: Backend | None
+def test_conversation_mode_plan_follows_the_deciders_choice(
+    choice: PdChoice | None, expect_prefill: Backend | None
 ) -> None:
+    placement = Placement(2, D1, P1)  # the operator's prefill server is not the router's choice
     plan = policy.plan_turn(
         mode=Mode.CONVERSATION,
         placement=placement,
-        kv_generation=kv_generation,
         prefills=[P1, P2],
         decoders=[D1, D2],
         book=LoadBook(),
+        choice=choice,
     )
-    assert plan.decoder == placement.decoder
-    assert plan.prefill == expect_prefill
-    assert plan.generation == placement.generation
-    assert plan.kv_transfer == (expect_prefill is not None)
-
-
-def test_conversation_mode_without_prefill_servers_prefills_on_the_decoder() -> None:
-    plan = policy.plan_turn(
-        mode=Mode.CONVERSATION,
-        placement=Placement(1, D1),
-        kv_generation=None,
-        prefills=[],
-        decoders=[D1],
-        book=LoadBook(),
-    )
-    assert plan.prefill is None
     assert plan.decoder == D1
+    assert plan.prefill == expect_prefill
+    assert plan.generation == 2
+    assert plan.kv_transfer == (expect_prefill is not None)
+    assert plan.site is (PrefillSite.POOL if expect_prefill is not None else PrefillSite.DECODER)
 
 
 def test_per_turn_mode_picks_least_loaded_every_turn() -> None:
     book = LoadBook()
     book.start(D1.endpoint, 5)
     book.start(P1.endpoint, 5)
+    choice = PdChoice(PrefillSite.DECODER, None, "ignored in per-turn mode")
     plan = policy.plan_turn(
-        mode=Mode.PER_TURN, placement=Placement(1, D1), kv_generation=1, prefills=[P1, P2], decoders=[D1, D2], book=book
+        mode=Mode.PER_TURN, placement=Placement(1, D1), prefills=[P1, P2], decoders=[D1, D2], book=book, choice=choice
     )
     assert plan.decoder == D2
     assert plan.prefill == P2
     assert plan.kv_transfer
     with pytest.raises(NoBackend):
-        policy.plan_turn(mode=Mode.PER_TURN, placement=None, kv_generation=None, prefills=[], decoders=[], book=book)
+        policy.plan_turn(mode=Mode.PER_TURN, placement=None, prefills=[], decoders=[], book=book)
     with pytest.raises(NoBackend):
-        policy.plan_turn(
-            mode=Mode.CONVERSATION, placement=None, kv_generation=None, prefills=[P1], decoders=[D1], book=book
-        )
+        policy.plan_turn(mode=Mode.CONVERSATION, placement=None, prefills=[P1], decoders=[D1], book=book)
 
 
 def test_new_input_tokens() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from conserve.core.pd import PdSettings
 from conserve.core.tokens import filler_text
 from conserve.gpusim.engine import Role
 from conserve.gpusim.server import GpuSimConfig, GpuSimServer
@@ -54,6 +55,7 @@ class FakeControlPlane:
         self.created: list[str] = []
         self.deleted: list[str] = []
         self.ended_names: set[str] = set()  # Completed by the "operator" (its idle timeout)
+        self.pd_settings = PdSettings()  # the pool's spec.prefillDecider
         self._waiters = _Waiters()
 
     async def start(self) -> None:
@@ -123,6 +125,9 @@ class FakeControlPlane:
 
     def pool_idle_timeout_s(self, pool: str) -> float | None:
         return None
+
+    def pool_pd_settings(self, pool: str) -> PdSettings:
+        return self.pd_settings
 
     def ended(self, name: str) -> bool:
         return name in self.ended_names

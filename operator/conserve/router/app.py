@@ -4,12 +4,15 @@
   JSON answer. Headers: `X-Conversation-Id` (the conversation; falls back to the body's `user`, then
   `metadata.conversation_id`), `X-Conversation-End: true` (last turn), `X-Conserve-Effective: false` (a turn the
   user does not see), `X-Conserve-Routing: conversation|per-turn`, `X-Conserve-Pool`. Responses carry
-  `X-Conserve-Decoder`, `X-Conserve-Prefill` and `X-Conserve-Placement-Generation`. A turn waits (a stream sends
+  `X-Conserve-Decoder`, `X-Conserve-Prefill` (the prefill server, when one ran the prompt),
+  `X-Conserve-Prefill-Site` (`pool` or `decoder`: where the prompt was prefilled) and
+  `X-Conserve-Placement-Generation`. A turn waits (a stream sends
   nothing) while its conversation waits in the pool's queue; HTTP 429 with `Retry-After` when the pool refuses it
   (queue wait past its `maxQueueWaitSeconds`, or `whenFull: Reject`): a retry with the same id queues it afresh.
   Errors are OpenAI-shaped JSON (`error.message`, `error.code`: the operator's reason).
 - DELETE /v1/conversations/{id}: end a conversation now.
-- GET /metrics (conserve_router_*), /health, /conserve/backends (the pool's servers, JSON).
+- GET /metrics (conserve_router_*), /health, /conserve/backends (the pool's servers, its P/D decider settings and
+  what the router observes of each server, JSON).
 """
 
 from __future__ import annotations
@@ -22,7 +25,12 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from conserve.probes import add_health_and_metrics
-from conserve.router.policy import DECODER_RESPONSE_HEADER, GENERATION_RESPONSE_HEADER, PREFILL_RESPONSE_HEADER
+from conserve.router.policy import (
+    DECODER_RESPONSE_HEADER,
+    GENERATION_RESPONSE_HEADER,
+    PREFILL_RESPONSE_HEADER,
+    PREFILL_SITE_RESPONSE_HEADER,
+)
 from conserve.router.service import Router
 from conserve.router.turns import TurnError, TurnRequest, TurnResult, TurnStarted
 
@@ -50,11 +58,21 @@ def build_app(router: Router, registry: CollectorRegistry) -> web.Application:
         return web.json_response({"closed": found}, status=200 if found else 404)
 
     async def backends(request: web.Request) -> web.Response:
-        prefills, decoders = router.backends(request.query.get("pool"))
+        pool = request.query.get("pool") or router.config.pool
+        prefills, decoders = router.backends(pool)
+        settings = router.control.pool_pd_settings(pool)
         return web.json_response(
             {
                 "prefills": [{"name": b.name, "endpoint": b.endpoint} for b in prefills],
                 "decoders": [{"name": b.name, "endpoint": b.endpoint} for b in decoders],
+                "prefillDecider": {
+                    "rule": settings.rule.value,
+                    "decoderMaxTokens": settings.decoder_max_tokens,
+                    "stallWeight": settings.stall_weight,
+                    "kvLinkBytesPerSecond": settings.kv_link_bytes_per_s,
+                    "kvBytesPerToken": settings.kv_bytes_per_token,
+                },
+                "observed": router.signals.snapshot(),
             }
         )
 
@@ -77,7 +95,11 @@ def _error(status: int, message: str, *, retry_after_s: int | None = None, code:
 
 
 def _started_headers(started: TurnStarted) -> dict[str, str]:
-    headers = {DECODER_RESPONSE_HEADER: started.decoder.name, GENERATION_RESPONSE_HEADER: str(started.generation)}
+    headers = {
+        DECODER_RESPONSE_HEADER: started.decoder.name,
+        GENERATION_RESPONSE_HEADER: str(started.generation),
+        PREFILL_SITE_RESPONSE_HEADER: "pool" if started.prefill is not None else "decoder",
+    }
     if started.prefill is not None:
         headers[PREFILL_RESPONSE_HEADER] = started.prefill.name
     return headers

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 
 from conserve.router.policy import CONVERSATION_HEADER
+from conserve.router.turns import TurnResult
 
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 
@@ -114,3 +115,13 @@ def chunk_text(chunk: dict[str, Any]) -> str:
         elif isinstance(choice.get("text"), str):
             parts.append(choice["text"])
     return "".join(parts)
+
+
+def note_usage_and_finish(chunk: dict[str, Any], result: TurnResult) -> None:
+    """The decoder's own count of output tokens and its finish reason, when a chunk carries them."""
+    usage = chunk.get("usage")
+    if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+        result.completion_tokens = usage["completion_tokens"]
+    for choice in chunk.get("choices") or []:
+        if choice.get("finish_reason"):
+            result.finish_reason = str(choice["finish_reason"])

@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from conserve.router.policy import USAGE_INTERVAL_S
+from conserve.router.scrape import SCRAPE_INTERVAL_S
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -14,7 +15,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="OpenAI-compatible router that pins every turn of a conversation to its decoder",
         description="Serves /v1/chat/completions and /v1/completions. A conversation is named by the "
         "X-Conversation-Id header (else the body's `user`, else metadata.conversation_id). New conversations "
-        "become Conversation objects; every turn goes to the decoder the operator pinned.",
+        "become Conversation objects; every turn goes to the decoder the operator pinned, its prompt prefilled where "
+        "the pool's P/D decider (spec.prefillDecider) chooses from the servers' live metrics: a prefill server, whose "
+        "KV the decoder pulls, or the decoder itself.",
     )
     p.add_argument("--kubeconfig", default=None, help="default: in-cluster, then ~/.kube/config")
     p.add_argument("--namespace", default="default", help="where Conversations and the DecoderPool live")
@@ -54,6 +57,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         action="store_true",
         help="wait for the placement before the first prefill (default: overlap them)",
     )
+    p.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=SCRAPE_INTERVAL_S,
+        help="seconds between reads of every server's /metrics (running and waiting requests) for the P/D decider; "
+        "0: none",
+    )
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_run)
 
@@ -76,6 +86,7 @@ def _run(args: argparse.Namespace) -> int:
         idle_close_s=args.idle_close,
         placement_timeout_s=args.placement_timeout,
         early_prefill=not args.no_early_prefill,
+        scrape_interval_s=max(args.scrape_interval, 0.0),
     )
     router = Router(router_config, KubeControlPlane(namespace=args.namespace, kubeconfig=args.kubeconfig), ROUTER)
     web.run_app(

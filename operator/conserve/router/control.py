@@ -4,7 +4,8 @@ The router creates Conversation objects, reads their placement (`status.decoder`
 `status.placementGeneration`, or why there is none: the `Placed` condition) from a watch cache, patches
 `spec.usage` / `spec.completed` (merge patches), deletes a Conversation that ended without a placement before it
 creates it again (a client's retry after a refusal), and reads each DecoderPool's ready decoders and prefill
-servers (with endpoints) and its `placement.maxQueueWaitSeconds` from a second watch.
+servers (with endpoints), its `placement.maxQueueWaitSeconds`, `defaultIdleTimeoutSeconds` and P/D decider settings
+(`prefillDecider`, through the DecoderPool api model and `conserve.api.scheduling.pd_settings`) from a second watch.
 `PlacementCache` is that watch cache and its waiters, whatever feeds it; `KubeControlPlane` feeds it from the
 asyncio client (`conserve.kube.aio`: two `AsyncInformer` tasks, writes awaited on the router's own loop, no
 threads). It replaced the synchronous client in thread pools by measurement: benchmarks/kube_client_bench.py
@@ -30,6 +31,8 @@ from conserve.api.conversation import TERMINAL_PHASES, ConversationStatus, Phase
 from conserve.api.decoderpool import DEFAULT_MAX_QUEUE_WAIT_SECONDS, DecoderPoolSpec, DecoderPoolStatus
 from conserve.api.decoderpool import PLURAL as DECODERPOOLS
 from conserve.api.labels import LABEL_MANAGED_BY, ROUTER_MANAGER
+from conserve.api.scheduling import pd_settings
+from conserve.core.pd import PdSettings
 from conserve.kube.aio import CALL_ERRORS, AsyncCustomObjectsApi, new_async_api_client, read_body
 from conserve.kube.aio_informer import AsyncInformer
 from conserve.kube.errors import Conflict, NotFound
@@ -96,6 +99,10 @@ class ControlPlane(Protocol):
         """The pool's `defaultIdleTimeoutSeconds` (the operator ends a conversation idle this long); None for a
         pool the router has not seen."""
 
+    def pool_pd_settings(self, pool: str) -> PdSettings:
+        """The pool's P/D decider settings (`spec.prefillDecider`); the defaults for a pool the router has not
+        seen."""
+
     def ended(self, name: str) -> bool:
         """Whether the conversation's object exists and has ended (Completed, e.g. its idle timeout, or Failed):
         its next turn starts it afresh."""
@@ -139,6 +146,16 @@ def idle_timeout_of(spec: Mapping[str, Any] | None) -> float:
     """A DecoderPool spec's `defaultIdleTimeoutSeconds` (missing or invalid: the API's default)."""
     default = DecoderPoolSpec.model_fields["default_idle_timeout_seconds"].default
     return _positive_seconds((spec or {}).get("defaultIdleTimeoutSeconds"), default)
+
+
+def pd_settings_of(spec: Mapping[str, Any] | None) -> PdSettings:
+    """A DecoderPool spec's P/D decider settings (its `prefillDecider` and its model's KV size); a spec the api
+    model refuses reads as the defaults (logged: the API server validates what it stores, so this is a bug)."""
+    try:
+        return pd_settings(DecoderPoolSpec.model_validate(spec or {}))
+    except ValidationError as err:
+        log.warning("DecoderPool spec not readable, the P/D decider runs with its defaults: %s", err)
+        return PdSettings()
 
 
 def _positive_seconds(value: object, default: int) -> float:
@@ -204,6 +221,7 @@ class PlacementCache:
         self._pools: dict[str, tuple[list[Backend], list[Backend]]] = {}
         self._queue_waits: dict[str, float] = {}
         self._idle_timeouts: dict[str, float] = {}
+        self._pd_settings: dict[str, PdSettings] = {}
         self._waiters = _Waiters()
 
     def placement(self, name: str) -> Placement | None:
@@ -218,6 +236,9 @@ class PlacementCache:
 
     def pool_idle_timeout_s(self, pool: str) -> float | None:
         return self._idle_timeouts.get(pool)
+
+    def pool_pd_settings(self, pool: str) -> PdSettings:
+        return self._pd_settings.get(pool) or PdSettings()
 
     def ended(self, name: str) -> bool:
         status = self._statuses.get(name)
@@ -290,10 +311,12 @@ class PlacementCache:
                 self._pools.pop(name, None)
                 self._queue_waits.pop(name, None)
                 self._idle_timeouts.pop(name, None)
+                self._pd_settings.pop(name, None)
             else:
                 self._pools[name] = backends_from_pool_status(status)
                 self._queue_waits[name] = max_queue_wait_of(obj.get("spec"))
                 self._idle_timeouts[name] = idle_timeout_of(obj.get("spec"))
+                self._pd_settings[name] = pd_settings_of(obj.get("spec"))
             return
         uid = str(obj["metadata"].get("uid") or "")
         deleted = self._deleted.get(name)

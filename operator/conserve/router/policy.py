@@ -3,10 +3,10 @@
 - Which conversation a request belongs to: the `X-Conversation-Id` header; else the OpenAI `user` field, else
   `metadata.conversation_id` in the body. No id: a one-turn request, routed like the per-turn baseline.
 - Where a turn goes (`plan_turn`):
-  - conversation mode (ConServe): every turn goes to the decoder the operator pinned. While the decoder does
-    not hold the conversation's KV (the first turn, or the first turn after a re-placement, seen as a new
-    `placementGeneration`), the turn is first prefilled on a prefill server and its KV handed to the decoder
-    (one KV transfer); later turns go straight to the decoder, which prefills only the new tokens.
+  - conversation mode (ConServe): every turn goes to the decoder the operator pinned; where its prompt is prefilled
+    is the P/D decider's choice for that turn (`conserve.core.pd.decide`, with the live signals of
+    conserve.router.signals): on the prefill server it names, whose KV the decoder then pulls (one KV transfer), or
+    on the decoder itself (the new tokens when it holds the conversation's KV, else the whole prompt).
   - per-turn mode (the baselines): every turn is placed on its own: the least-loaded prefill server prefills the
     whole context and the least-loaded decoder pulls the KV. One transfer per turn.
 - Least loaded: fewest requests in flight from this router, then fewest tokens in flight, then the name.
@@ -28,7 +28,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from conserve.core.decisions import Reason
+from conserve.core.decisions import PrefillSite, Reason
+from conserve.core.pd import PdChoice
 
 CONVERSATION_HEADER = "X-Conversation-Id"
 #: "true" on a conversation's last turn: the router marks it completed after the turn.
@@ -39,9 +40,11 @@ EFFECTIVE_HEADER = "X-Conserve-Effective"
 MODE_HEADER = "X-Conserve-Routing"
 #: Names the DecoderPool (default: the router's --pool).
 POOL_HEADER = "X-Conserve-Pool"
-#: Response headers: which decoder and prefill server served the turn, and the placement generation followed.
+#: Response headers: which decoder and prefill server served the turn, where its prompt was prefilled ("pool" or
+#: "decoder"), and the placement generation followed.
 DECODER_RESPONSE_HEADER = "X-Conserve-Decoder"
 PREFILL_RESPONSE_HEADER = "X-Conserve-Prefill"
+PREFILL_SITE_RESPONSE_HEADER = "X-Conserve-Prefill-Site"
 GENERATION_RESPONSE_HEADER = "X-Conserve-Placement-Generation"
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -151,6 +154,10 @@ class TurnPlan:
     def kv_transfer(self) -> bool:
         return self.prefill is not None
 
+    @property
+    def site(self) -> PrefillSite:
+        return PrefillSite.POOL if self.prefill is not None else PrefillSite.DECODER
+
 
 class NoBackend(Exception):
     """No decoder (or no placement) to send the turn to."""
@@ -160,13 +167,14 @@ def plan_turn(
     *,
     mode: Mode,
     placement: Placement | None,
-    kv_generation: int | None,
     prefills: Sequence[Backend],
     decoders: Sequence[Backend],
     book: LoadBook,
+    choice: PdChoice | None = None,
 ) -> TurnPlan:
-    """Where this turn goes. `kv_generation`: the placement generation whose decoder holds this conversation's
-    KV (None: no decoder holds it yet)."""
+    """Where this turn goes. Per-turn mode: the least-loaded decoder and prefill server. Conversation mode: the
+    placement's decoder, and the prefill server the decider chose (`choice`; none, or one no longer ready: the
+    decoder prefills)."""
     if mode is Mode.PER_TURN:
         decoder = least_loaded(decoders, book)
         if decoder is None:
@@ -174,12 +182,13 @@ def plan_turn(
         return TurnPlan(decoder, least_loaded(prefills, book), 0)
     if placement is None:
         raise NoBackend("conversation not placed")
-    if kv_generation == placement.generation:
-        return TurnPlan(placement.decoder, None, placement.generation)
-    prefill = placement.prefill if placement.prefill is not None and placement.prefill.endpoint else None
-    if prefill is None or (prefills and prefill.endpoint not in {p.endpoint for p in prefills}):
-        prefill = least_loaded(prefills, book)
-    return TurnPlan(placement.decoder, prefill, placement.generation)
+    server = choice.server if choice is not None and choice.on_pool else None
+    return TurnPlan(placement.decoder, backend_named(prefills, server), placement.generation)
+
+
+def backend_named(backends: Iterable[Backend], name: str | None) -> Backend | None:
+    """The server called `name` (with an endpoint) among `backends`."""
+    return next((b for b in backends if name is not None and b.name == name and b.endpoint), None)
 
 
 def new_input_tokens(prompt_tokens: int, previous_context_tokens: int) -> int:
@@ -200,6 +209,7 @@ class Usage:
     last_turn_time: str | None = None
     ttfet_s: float | None = None
     prefill_pod: str | None = None  # the prefill server that actually ran the first turn
+    pool_prefills: int = 0  # turns prefilled on a prefill server (the rest on the decoder)
 
     def as_patch(self) -> dict[str, Any]:
         usage: dict[str, Any] = {
@@ -213,6 +223,8 @@ class Usage:
             usage["timeToFirstEffectiveTokenSeconds"] = round(self.ttfet_s, 6)
         if self.prefill_pod:
             usage["prefillPod"] = self.prefill_pod
+        if self.pool_prefills:
+            usage["poolPrefills"] = self.pool_prefills
         return {"spec": {"usage": usage}}
 
 

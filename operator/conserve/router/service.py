@@ -1,12 +1,19 @@
 """The router's turn loop: the I/O around the pure decisions of conserve.router.policy.
 
 One `Router` serves every conversation. A turn: find (or create) the conversation's state; in conversation mode
-create the Conversation object on its first turn and wait for the placement (the first turn's prefill starts
-meanwhile on the least-loaded prefill server, so the control plane's latency overlaps the prefill); plan the turn;
-prefill and hand the KV over when the plan says so; stream the decode; record TTFT, time between tokens and, on
-the conversation's first user-visible output, TTFET; queue the cumulative usage for the batched report.
+create the Conversation object on its first turn and wait for the placement; ask the P/D decider
+(`conserve.core.pd.decide`, the pool's `spec.prefillDecider`) where the turn's prompt is prefilled, with the live
+signals of conserve.router.signals (each server's scraped `/metrics`, the speeds the router observes, what the
+pinned decoder holds); plan the turn; prefill on the chosen prefill server and hand the KV over, or let the decoder
+prefill; stream the decode; record TTFT, time between tokens and, on the conversation's first user-visible output,
+TTFET; queue the cumulative usage for the batched report. Every turn's site is counted
+(`conserve_router_prefill_site_total`) and answered (`X-Conserve-Prefill-Site`).
+A first turn is decided before its placement arrives (the decoder not known yet: the pool's best server, or the
+decoder for a short prompt): on "pool" its prefill starts at once on that server, so the control plane's latency
+overlaps the prefill; on "decoder" it waits for the placement and goes to the decoder without a KV transfer.
 A decoder that cannot be reached before it sent anything is treated as gone: the router waits for the operator's
-re-placement (a newer placementGeneration) and replays the turn there, KV included.
+re-placement (a newer placementGeneration; conserve.router.placing) and replays the turn there, decided afresh (the
+new decoder holds nothing of the conversation).
 
 A first turn waits as long as its conversation waits in the pool's queue, up to the pool's `maxQueueWaitSeconds`
 (and a margin, so that the operator's refusal arrives first). A refused conversation (the operator's queue limit,
@@ -26,19 +33,20 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 
 from conserve.api.openai_wire import prompt_tokens_of
+from conserve.core.pd import PdChoice
 from conserve.core.tokens import estimate_tokens
 from conserve.metrics import RouterMetrics
 from conserve.router import backend
-from conserve.router.control import ControlPlane, ControlPlaneError, ConversationFailed
+from conserve.router.control import ControlPlane
+from conserve.router.placing import Placing, UsageReports
+from conserve.router.planner import Planner
 from conserve.router.policy import (
-    DEFAULT_PLACEMENT_WAIT_S,
     EFFECTIVE_HEADER,
     END_HEADER,
     MODE_HEADER,
@@ -49,36 +57,21 @@ from conserve.router.policy import (
     NoBackend,
     Placement,
     TurnPlan,
-    Usage,
     UsageBatcher,
     conversation_id_of,
     conversation_object_name,
     header_flag,
-    least_loaded,
     new_input_tokens,
-    not_placed,
     parse_mode,
-    placement_wait_s,
-    plan_turn,
 )
-from conserve.router.turns import ConversationState, TurnError, TurnRequest, TurnResult, TurnStarted
+from conserve.router.scrape import Scraper
+from conserve.router.signals import Signals
+from conserve.router.turns import ConversationState, EarlyPrefill, TurnError, TurnRequest, TurnResult, TurnStarted
 from conserve.router.turns import RouterConfig as RouterConfig  # re-exported: a Router is made with one
 
 log = logging.getLogger(__name__)
 #: A conversation idle this long is forgotten when its pool's idle timeout is not known yet.
 DEFAULT_FORGET_AFTER_S = 1800.0
-
-
-@dataclass
-class EarlyPrefill:
-    """A first turn's prefill, started while the operator places the conversation."""
-
-    backend: Backend
-    task: asyncio.Task[dict[str, Any] | None]
-    done_s: float | None = None  # when it finished (the placement wait exposed to the user ends there or later)
-
-    def finished(self, now: float) -> None:
-        self.done_s = now
 
 
 class Router:
@@ -94,11 +87,16 @@ class Router:
         self.metrics = metrics
         self._clock = clock
         self._book = LoadBook()
+        self.signals = Signals()
+        self._pools: set[str] = {config.pool}  # whose servers the scrape reads
+        self._scraper = Scraper(self.signals, self._scrape_targets, interval_s=config.scrape_interval_s)
+        self._planner = Planner(control.pool_pd_settings, self.signals, self._book)
+        self._placing = Placing(control, metrics, config, clock)
         self._batcher = UsageBatcher(config.usage_interval_s)
+        self._reports = UsageReports(self._batcher, control, metrics, clock)
         self._states: dict[tuple[Mode, str], ConversationState] = {}
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._patches = asyncio.Semaphore(8)  # concurrent usage patches, to be gentle with the API server
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -107,7 +105,12 @@ class Router:
         self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
         await self.control.start()
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._flush_loop()), loop.create_task(self._idle_loop())]
+        self._tasks = [
+            loop.create_task(self._reports.run(self.config.usage_interval_s)),
+            loop.create_task(self._idle_loop()),
+        ]
+        if self.config.scrape_interval_s > 0:
+            self._tasks.append(loop.create_task(self._scraper.run(self.session)))
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -128,6 +131,14 @@ class Router:
     def backends(self, pool: str | None = None) -> tuple[list[Backend], list[Backend]]:
         return self.control.pool_backends(pool or self.config.pool)
 
+    def _scrape_targets(self) -> set[str]:
+        prefills_decoders = [self.backends(pool) for pool in self._pools]
+        return {b.endpoint for pair in prefills_decoders for group in pair for b in group if b.endpoint}
+
+    async def scrape(self) -> int:
+        """One scrape round now (the background loop's; tests); returns how many servers answered."""
+        return await self._scraper.once(self.session)
+
     # ---- one turn -------------------------------------------------------------------------------------------
     async def turn(self, request: TurnRequest) -> AsyncIterator[dict[str, Any] | TurnStarted | TurnResult]:
         """Yields the decoder's chunks as they come, then the TurnResult. Raises TurnError before any chunk."""
@@ -140,6 +151,8 @@ class Router:
         ending = header_flag(request.headers.get(END_HEADER), False)
         if conv_id is None:
             mode = Mode.PER_TURN  # nothing to pin: a one-turn request
+        self._pools.add(pool)
+        self.signals.prompt_seen(prompt_tokens)
         state = self._state(conv_id, mode, arrival) if conv_id is not None else None
         lock = state.lock if state is not None else asyncio.Lock()
         async with lock:
@@ -169,14 +182,15 @@ class Router:
         conv_id = state.conversation_id if state is not None else None
         early: EarlyPrefill | None = None
         placement: Placement | None = None
+        decided: PdChoice | None = None  # a first turn's choice, made before its placement
         if mode is Mode.CONVERSATION:
             assert state is not None
-            placement, early = await self._placement_for_turn(request, pool, state, prompt_tokens, arrival)
+            placement, early, decided = await self._placement_for_turn(request, pool, state, prompt_tokens, arrival)
         attempts = 0
         failed: set[str] = set()
         while True:
             attempts += 1
-            plan = self._plan(mode, pool, placement, state, failed, early)
+            plan, own_tokens = self._plan(mode, pool, placement, state, failed, early, decided, prompt_tokens)
             try:
                 kv_params: dict[str, Any] | None = None
                 if plan.prefill is not None:
@@ -188,7 +202,7 @@ class Router:
                     kv_params, early = await prefill, None
                     self.metrics.kv_transfers_total.labels(mode=mode.value).inc()
                 async for item in self._decode(
-                    request, mode, plan, state, prompt_tokens, effective, arrival, kv_params
+                    request, mode, plan, state, prompt_tokens, effective, arrival, kv_params, own_tokens
                 ):
                     yield item
                 return
@@ -196,13 +210,15 @@ class Router:
                 if early is not None:
                     early.task.cancel()
                     early = None
+                decided = None  # decided again, for the decoder the turn goes to next
                 failed.add(plan.decoder.endpoint)
                 placement = await self._after_backend_error(err, attempts, mode, state, plan, placement)
 
     async def _placement_for_turn(
         self, request: TurnRequest, pool: str, state: ConversationState, prompt_tokens: int, arrival: float
-    ) -> tuple[Placement, EarlyPrefill | None]:
-        """The conversation's placement (created on its first turn), and the early prefill started meanwhile."""
+    ) -> tuple[Placement, EarlyPrefill | None, PdChoice | None]:
+        """The conversation's placement (created on its first turn), the early prefill started meanwhile, and the
+        decider's choice for a first turn made before its placement (None when the turn is decided after it)."""
         state.pool = pool
         if state.created is not None and state.created.done() and self.control.ended(state.name):
             # The operator ended it (its idle timeout, the one owner of it): this turn starts it afresh, a new
@@ -215,15 +231,17 @@ class Router:
             replace, state.refused = state.refused or self.control.ended(state.name), False
             if replace:  # the conversation starts again (its TTFET too): the refused attempt was never admitted
                 state.started_s = arrival
-            state.created = asyncio.get_running_loop().create_task(self._create(state.name, spec, replace=replace))
+            state.created = asyncio.get_running_loop().create_task(
+                self._placing.create(state.name, spec, replace=replace)
+            )
         placement = self.control.placement(state.name)
         if placement is not None and placement.generation == state.kv_generation:
-            return placement, None
-        early = None
+            return placement, None, None
+        early, decided = None, None
         if placement is None and self.config.early_prefill:
-            early = self._start_early_prefill(request, pool, state.conversation_id, prompt_tokens)
+            early, decided = self._early_prefill(request, pool, state.conversation_id, prompt_tokens)
         try:
-            placement = await self._created_and_placed(state, pool)
+            placement = await self._placing.first_placement(state, pool)
         except BaseException:
             if early is not None:
                 early.task.cancel()
@@ -232,55 +250,22 @@ class Router:
         self.metrics.placement_wait_seconds.labels(part="total").observe(placed - arrival)
         exposed_from = arrival if early is None else (early.done_s or placed)
         self.metrics.placement_wait_seconds.labels(part="exposed").observe(max(placed - exposed_from, 0.0))
-        return placement, early
+        return placement, early, decided
 
-    def _start_early_prefill(
+    def _early_prefill(
         self, request: TurnRequest, pool: str, conv_id: str, prompt_tokens: int
-    ) -> EarlyPrefill | None:
-        """Prefill does not depend on the decoder: start it on the least-loaded prefill server while the
-        operator places the conversation."""
+    ) -> tuple[EarlyPrefill | None, PdChoice]:
+        """A prefill on the pool does not depend on the decoder: the decider (the decoder not known yet) picks the
+        server and the prefill starts there while the operator places the conversation. On "decoder" nothing
+        starts: the turn waits for its decoder."""
         prefills, _ = self.backends(pool)
-        target = least_loaded(prefills, self._book)
+        choice, target = self._planner.first_choice(pool, prefills, conv_id, prompt_tokens)
         if target is None:
-            return None
-        early = EarlyPrefill(
-            target, asyncio.get_running_loop().create_task(self._prefill(target, request, conv_id, prompt_tokens))
-        )
+            return None, choice
+        task = asyncio.get_running_loop().create_task(self._prefill(target, request, conv_id, prompt_tokens))
+        early = EarlyPrefill(target, task)
         early.task.add_done_callback(lambda _t: early.finished(self._clock()))
-        return early
-
-    async def _created_and_placed(self, state: ConversationState, pool: str) -> Placement:
-        """The first placement; TurnError 429 (a busy pool) or 503 (a fault) without one (`policy.not_placed`)."""
-        assert state.created is not None
-        try:
-            await state.created
-        except ControlPlaneError as err:
-            state.created = None  # the next turn tries again
-            raise TurnError(502, f"creating conversation {state.conversation_id}: {err}") from err
-        max_wait_s = self.control.pool_max_queue_wait_s(pool)
-        started = self._clock()
-        reason: str | None
-        try:
-            return await self.control.wait_placement(
-                state.name, newer_than=None, timeout_s=placement_wait_s(self.config.placement_timeout_s, max_wait_s)
-            )
-        except ConversationFailed as err:
-            state.created, state.refused = None, True  # a retry replaces the object and queues afresh
-            failed, reason, detail = True, err.reason, err.detail
-        except TimeoutError:  # the conversation keeps its place in the queue for the client's retry
-            waiting = self.control.waiting_reason(state.name)
-            failed, reason, detail = False, waiting[0] if waiting else None, waiting[1] if waiting else ""
-        answer = not_placed(
-            state.conversation_id,
-            pool,
-            failed=failed,
-            reason=reason,
-            detail=detail,
-            waited_s=self._clock() - started,
-            pool_max_wait_s=max_wait_s,
-        )
-        self.metrics.unplaced_turns_total.labels(status=str(answer.status), reason=answer.reason).inc()
-        raise TurnError(answer.status, answer.message, retry_after_s=answer.retry_after_s, code=answer.reason)
+        return early, choice
 
     def _plan(
         self,
@@ -290,23 +275,28 @@ class Router:
         state: ConversationState | None,
         failed: set[str],
         early: EarlyPrefill | None,
-    ) -> TurnPlan:
-        """The turn's servers (an early prefill's server as its prefill); TurnError when there are none."""
+        decided: PdChoice | None,
+        prompt_tokens: int,
+    ) -> tuple[TurnPlan, int]:
+        """The turn's servers (an early prefill's server as its prefill) and the prompt tokens its decoder
+        prefills itself; TurnError when there are none."""
         prefills, decoders = self.backends(pool)
         try:
-            plan = plan_turn(
+            plan, own_tokens = self._planner.plan(
                 mode=mode,
-                placement=placement,
-                kv_generation=state.kv_generation if state is not None and mode is Mode.CONVERSATION else None,
+                pool=pool,
                 prefills=prefills,
                 decoders=[d for d in decoders if d.endpoint not in failed],
-                book=self._book,
+                placement=placement,
+                state=state,
+                decided=decided,
+                prompt_tokens=prompt_tokens,
             )
         except NoBackend as err:
             raise TurnError(503, str(err)) from err
-        if early is not None and plan.prefill is not None:
-            return TurnPlan(plan.decoder, early.backend, plan.generation)
-        return plan
+        if early is not None:  # already running there
+            return TurnPlan(plan.decoder, early.backend, plan.generation), 0
+        return plan, own_tokens
 
     async def _after_backend_error(
         self,
@@ -325,35 +315,21 @@ class Router:
         log.warning("turn of %s: %s; retrying", conv_id, err)
         if mode is not Mode.CONVERSATION or state is None:
             return placement
-        # The pinned decoder is gone: follow the operator's re-placement.
-        lost = self._clock()
-        try:
-            placement = await self.control.wait_placement(
-                state.name,
-                newer_than=plan.generation,
-                timeout_s=self.config.placement_timeout_s or DEFAULT_PLACEMENT_WAIT_S,
-            )
-        except (TimeoutError, ConversationFailed) as werr:
-            raise TurnError(503, f"decoder of {conv_id} gone and not re-placed: {werr}") from werr
-        self.metrics.placement_wait_seconds.labels(part="total").observe(self._clock() - lost)
+        placement = await self._placing.re_placement(state, plan.generation)
         state.kv_generation = None
         return placement
-
-    async def _create(self, name: str, spec: dict[str, Any], *, replace: bool = False) -> None:
-        """Create the Conversation; `replace`: delete the one that ended without a placement first."""
-        started = self._clock()
-        if replace:
-            await self.control.delete_conversation(name)
-        await self.control.create_conversation(name, spec)
-        self.metrics.placement_wait_seconds.labels(part="create").observe(self._clock() - started)
 
     async def _prefill(
         self, target: Backend, request: TurnRequest, conv_id: str | None, prompt_tokens: int
     ) -> dict[str, Any] | None:
         self._book.start(target.endpoint, prompt_tokens)
+        ticket = self.signals.start(target.endpoint, prompt_tokens, self._clock())
         try:
-            return await backend.prefill(self.session, target.endpoint, request.kind, request.body, conv_id)
+            params = await backend.prefill(self.session, target.endpoint, request.kind, request.body, conv_id)
+            self.signals.prefilled(ticket, self._clock())  # its speed: prompt tokens over the request's time
+            return params
         finally:
+            self.signals.end(ticket)
             self._book.finish(target.endpoint, prompt_tokens)
 
     async def _decode(
@@ -366,12 +342,16 @@ class Router:
         effective: bool,
         arrival: float,
         kv_params: dict[str, Any] | None,
+        own_tokens: int,
     ) -> AsyncIterator[dict[str, Any] | TurnStarted | TurnResult]:
+        """Streams the decode. `own_tokens`: the prompt tokens the decoder prefills itself (0: its KV comes from
+        the prefill server); their time to the first chunk is a sample of its prefill speed."""
         conv_id = state.conversation_id if state is not None else None
         result = TurnResult(conv_id, mode, plan.decoder, plan.prefill, plan.generation, prompt_tokens)
         endpoint = plan.decoder.endpoint
         in_flight = prompt_tokens + int(request.body.get("max_tokens") or 0)
         self._book.start(endpoint, in_flight)
+        ticket = self.signals.start(endpoint, own_tokens if kv_params is None else 0, self._clock())
         labels = {"mode": mode.value}
         last_token_s: float | None = None
         texts: list[str] = []
@@ -381,7 +361,8 @@ class Router:
                 self.session, endpoint, request.kind, request.body, conv_id, kv_params
             ):
                 now = self._clock()
-                _note_usage_and_finish(chunk, result)
+                self.signals.prefilled(ticket, now)
+                backend.note_usage_and_finish(chunk, result)
                 text = backend.chunk_text(chunk)
                 if text:
                     texts.append(text)
@@ -401,11 +382,16 @@ class Router:
                     yield TurnStarted(plan.decoder, plan.prefill, plan.generation)
                 yield chunk
         finally:
+            self.signals.end(ticket)
             self._book.finish(endpoint, in_flight)
         result.text = "".join(texts)
         if result.completion_tokens == 0:
             result.completion_tokens = estimate_tokens(result.text)
         self.metrics.turns_total.labels(**labels).inc()
+        first = state is None or state.turns == 0
+        self.metrics.prefill_site_total.labels(
+            mode=mode.value, site=plan.site.value, turn="first" if first else "later"
+        ).inc()
         if state is not None:
             self._account(state, plan, prompt_tokens, result.completion_tokens)
         yield result
@@ -418,11 +404,10 @@ class Router:
         state.last_turn_s = self._clock()
         if state.mode is Mode.CONVERSATION:
             state.kv_generation = plan.generation
-            if state.prefill_pod is None and plan.prefill is not None:
-                state.prefill_pod = plan.prefill.name
-            stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            usage = Usage(state.turns, state.input_tokens, state.output_tokens, stamp, state.ttfet_s, state.prefill_pod)
-            self._batcher.record(state.name, usage)
+            if plan.prefill is not None:
+                state.prefill_pod = state.prefill_pod or plan.prefill.name
+                state.pool_prefills += 1
+            self._batcher.record(state.name, state.usage(datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")))
 
     def _close(self, state: ConversationState) -> None:
         self._states.pop((state.mode, state.conversation_id), None)
@@ -442,22 +427,7 @@ class Router:
 
     # ---- background: batched usage reports, idle conversations -----------------------------------------------
     async def flush(self, *, force: bool = False) -> None:
-        patches = self._batcher.due(self._clock(), force=force)
-        if patches:
-            await asyncio.gather(*(self._patch(name, patch) for name, patch in patches))
-
-    async def _patch(self, name: str, patch: dict[str, Any]) -> None:
-        async with self._patches:
-            try:
-                await self.control.patch_conversation(name, patch)
-                self.metrics.usage_patches_total.inc()
-            except ControlPlaneError as err:  # the next report carries the same cumulative counters
-                log.warning("usage patch of %s: %s", name, err)
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(min(self.config.usage_interval_s / 2, 0.25))
-            await self.flush()
+        await self._reports.flush(force=force)
 
     async def _idle_loop(self) -> None:
         """Forget conversations idle past their pool's idle timeout (memory only: the operator's sweep ends them
@@ -478,13 +448,3 @@ class Router:
             return float(self.config.idle_timeout_seconds)
         pool_timeout = self.control.pool_idle_timeout_s(state.pool or self.config.pool)
         return pool_timeout if pool_timeout is not None else DEFAULT_FORGET_AFTER_S
-
-
-def _note_usage_and_finish(chunk: dict[str, Any], result: TurnResult) -> None:
-    """The decoder's own count of output tokens and its finish reason, when a chunk carries them."""
-    usage = chunk.get("usage")
-    if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-        result.completion_tokens = usage["completion_tokens"]
-    for choice in chunk.get("choices") or []:
-        if choice.get("finish_reason"):
-            result.finish_reason = str(choice["finish_reason"])

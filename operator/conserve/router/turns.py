@@ -1,4 +1,5 @@
-"""The router's vocabulary: its configuration, a conversation's state, a turn's request, start, result and error."""
+"""The router's vocabulary: its configuration, a conversation's state, a turn's request, early prefill, start, result
+and error."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from conserve.router.policy import USAGE_INTERVAL_S, Backend, Mode
+from conserve.router.policy import USAGE_INTERVAL_S, Backend, Mode, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +24,9 @@ class RouterConfig:
     #: (`policy.placement_wait_s`). Also the wait for a re-placement (`policy.DEFAULT_PLACEMENT_WAIT_S` if None).
     placement_timeout_s: float | None = None
     early_prefill: bool = True
+    #: Seconds between scrapes of the servers' /metrics for the P/D decider (0: no scrape; the router's own
+    #: requests in flight and observed speeds only).
+    scrape_interval_s: float = 1.0
     #: Optional hints copied into every Conversation this router creates.
     idle_timeout_seconds: int | None = None
 
@@ -45,7 +49,20 @@ class ConversationState:
     ttfet_s: float | None = None
     last_turn_s: float = 0.0
     prefill_pod: str | None = None  # who ran the first turn's prefill (reported: the operator's status follows)
+    pool_prefills: int = 0  # its turns prefilled on a prefill server (the P/D decider's "pool")
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def usage(self, last_turn_time: str) -> Usage:
+        """Its cumulative counters, as reported in `spec.usage`."""
+        return Usage(
+            self.turns,
+            self.input_tokens,
+            self.output_tokens,
+            last_turn_time,
+            self.ttfet_s,
+            self.prefill_pod,
+            self.pool_prefills,
+        )
 
 
 @dataclass
@@ -88,3 +105,15 @@ class TurnError(Exception):
         self.status = status
         self.retry_after_s = retry_after_s
         self.code = code
+
+
+@dataclass
+class EarlyPrefill:
+    """A first turn's prefill, started while the operator places the conversation."""
+
+    backend: Backend
+    task: asyncio.Task[dict[str, Any] | None]
+    done_s: float | None = None  # when it finished (the placement wait exposed to the user ends there or later)
+
+    def finished(self, now: float) -> None:
+        self.done_s = now
