@@ -13,16 +13,20 @@ from aiohttp import web
 
 from conserve.core.pd import PdSettings
 from conserve.core.tokens import filler_text
+from conserve.exposition import EngineLoad
 from conserve.gpusim.engine import Role
 from conserve.gpusim.server import GpuSimConfig, GpuSimServer
 from conserve.metrics import RouterMetrics
 from conserve.router.app import build_app
-from conserve.router.control import _Waiters
+from conserve.router.control import _Waiters, pd_settings_of
 from conserve.router.policy import Backend, Placement
 from conserve.router.service import Router, RouterConfig
+from conserve.testkit import PoolBuilder
 from conserve.testkit.metrics import fresh_registry
 
 SCALE = 0.005  # 200x faster than the modelled GPUs
+SITES = "conserve_router_prefill_site_total"
+SITE_KEYS = [("pool", "first"), ("pool", "later"), ("decoder", "first"), ("decoder", "later")]
 
 
 def run(fn: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
@@ -55,7 +59,8 @@ class FakeControlPlane:
         self.created: list[str] = []
         self.deleted: list[str] = []
         self.ended_names: set[str] = set()  # Completed by the "operator" (its idle timeout)
-        self.pd_settings = PdSettings()  # the pool's spec.prefillDecider
+        # The pool's decider settings: the defaults, with llama-3-8b's KV per token (a KV transfer takes time).
+        self.pd_settings = pd_settings_of(PoolBuilder("default").build()["spec"])
         self._waiters = _Waiters()
 
     async def start(self) -> None:
@@ -160,7 +165,8 @@ class Harness:
         self.servers: dict[str, GpuSimServer] = {}
         self.registry = fresh_registry()
         self.metrics = RouterMetrics.on(self.registry)
-        self.config = config or RouterConfig(usage_interval_s=0.05)
+        # No background scrape: the tests hand the router the readings they mean (`Router.scrape` reads for real).
+        self.config = config or RouterConfig(usage_interval_s=0.05, scrape_interval_s=0)
 
     async def __aenter__(self) -> Harness:
         backends: dict[str, list[Backend]] = {"prefill": [], "decode": []}
@@ -255,8 +261,11 @@ async def test_every_turn_reaches_the_pinned_decoder_and_kv_moves_once() -> None
         received = sum(s.engine.stats.kv_transfers_received_total for s in h.servers.values())
         assert received == 2  # one per conversation
         assert h.sample("conserve_router_kv_transfers_total", mode="conversation") == 2
-        # Later turns prefilled only their new tokens on the decoder.
+        # Later turns prefilled only their new tokens on the decoder: the decider's choice for 48 new tokens (at
+        # most the pool's decoderMaxTokens, 256 by default); the long first turns went to the prefill server.
         assert h.servers[decoders_a[0]].engine.stats.prefix_cache_hit_tokens_total > 0
+        sites = {(site, turn): h.sample(SITES, mode="conversation", site=site, turn=turn) for site, turn in SITE_KEYS}
+        assert sites == {("pool", "first"): 2, ("pool", "later"): 0, ("decoder", "first"): 0, ("decoder", "later"): 5}
         assert h.sample("conserve_router_time_to_first_effective_token_seconds_count", mode="conversation") == 2
         assert h.sample("conserve_router_time_to_first_token_seconds_count", mode="conversation") == 7
         name_a = next(n for n, s in h.control.specs.items() if "-a-" in n)
@@ -266,6 +275,7 @@ async def test_every_turn_reaches_the_pinned_decoder_and_kv_moves_once() -> None
         assert final["usage"]["turns"] == 4
         assert final["usage"]["outputTokens"] == 32
         assert final["usage"]["inputTokens"] == 1500 + 3 * 40
+        assert final["usage"]["poolPrefills"] == 1
         assert final["usage"]["timeToFirstEffectiveTokenSeconds"] > 0
         # Batched: fewer patches than turns.
         assert len([1 for n, _ in h.control.patches if n == name_a]) < 4 + 1
@@ -292,10 +302,15 @@ async def test_a_re_placed_conversation_follows_the_new_decoder() -> None:
         got, _ = await h.chat("m", messages)
         assert got["X-Conserve-Decoder"] == other.name
         assert got["X-Conserve-Placement-Generation"] == "2"
-        assert h.servers[other.name].engine.stats.kv_transfers_received_total == 1  # the move
+        # The new decoder holds nothing of it: decided afresh. With every server idle and as fast as the prefill
+        # server was seen to be, the KV transfer is the difference: the decoder prefills the whole context.
+        assert got["X-Conserve-Prefill-Site"] == "decoder"
+        assert h.servers[other.name].engine.stats.kv_transfers_received_total == 0
+        assert h.servers[other.name].engine.stats.prompt_tokens_total >= 830
         got, _ = await h.chat("m", [*messages, {"role": "user", "content": "more"}])
         assert got["X-Conserve-Decoder"] == other.name
-        assert h.sample("conserve_router_kv_transfers_total", mode="conversation") == 2
+        assert got["X-Conserve-Prefill-Site"] == "decoder"
+        assert h.sample("conserve_router_kv_transfers_total", mode="conversation") == 1  # the first turn's only
 
 
 @run
@@ -387,3 +402,68 @@ async def test_a_pool_that_rejects_when_full_is_429_at_once_and_a_missing_pool_i
         assert "Retry-After" not in headers
         assert body["error"]["message"].startswith("conversation lost not placed after ")
         assert body["error"]["message"].endswith(" s (PoolNotFound: DecoderPool 'default' not found)")
+
+
+@run
+async def test_a_short_first_turn_is_prefilled_on_its_decoder_with_no_early_prefill() -> None:
+    async with Harness() as h:
+        got, text = await h.chat("short", [{"role": "user", "content": filler_text(120)}])  # <= 256 tokens
+        assert text
+        assert got["X-Conserve-Prefill-Site"] == "decoder"
+        assert "X-Conserve-Prefill" not in got
+        assert h.servers["pre-0"].engine.stats.prompt_tokens_total == 0  # nothing started on the pool
+        assert h.servers[got["X-Conserve-Decoder"]].engine.stats.kv_transfers_received_total == 0
+        assert h.servers[got["X-Conserve-Decoder"]].engine.stats.prompt_tokens_total >= 120  # computed there
+        assert h.sample("conserve_router_kv_transfers_total", mode="conversation") == 0
+        assert h.sample(SITES, mode="conversation", site="decoder", turn="first") == 1
+
+
+@run
+async def test_where_a_later_turn_is_prefilled_follows_the_load_the_router_observes() -> None:
+    async with Harness() as h:
+        # Auto with no short-prompt shortcut, and a decoder's streams weighed heavily.
+        h.control.pd_settings = PdSettings(decoder_max_tokens=0, stall_weight=100.0)
+        messages = [{"role": "user", "content": filler_text(3000)}]
+        got, text = await h.chat("load", messages)
+        assert got["X-Conserve-Prefill-Site"] == "pool"  # a long first turn, its decoder not known yet
+        decoder = h.servers[got["X-Conserve-Decoder"]]
+        endpoint = next(d.endpoint for d in h.control.decoders if d.name == got["X-Conserve-Decoder"])
+        prefill = h.servers["pre-0"].engine.stats
+        sites = []
+        for load in ("decoder busy", "pool flooded"):
+            if load == "decoder busy":  # 16 streams decode there: a prefill there would stall each
+                h.router.signals.scraped(endpoint, EngineLoad(running=16))
+            else:  # the streams ended; the prefill server has a long queue of others' prompts
+                h.router.signals.scraped(endpoint, EngineLoad(running=0))
+                h.router.signals.scraped(h.control.prefills[0].endpoint, EngineLoad(running=1, waiting=100_000))
+            before = (prefill.prompt_tokens_total, decoder.engine.stats.kv_transfers_received_total)
+            messages += [{"role": "assistant", "content": text}, {"role": "user", "content": filler_text(300)}]
+            got, text = await h.chat("load", messages)
+            assert got["X-Conserve-Decoder"] == decoder.config.name
+            sites.append(got["X-Conserve-Prefill-Site"])
+            after = (prefill.prompt_tokens_total, decoder.engine.stats.kv_transfers_received_total)
+            moved = (after[0] > before[0], after[1] - before[1])
+            assert moved == ((True, 1) if sites[-1] == "pool" else (False, 0)), (load, sites)
+        assert sites == ["pool", "decoder"]
+        assert h.sample(SITES, mode="conversation", site="pool", turn="later") == 1
+        assert h.sample(SITES, mode="conversation", site="decoder", turn="later") == 1
+
+
+@run
+async def test_the_scrape_reads_every_server_and_one_that_fails_keeps_its_last_reading() -> None:
+    async with Harness() as h:
+        assert await h.router.scrape() == 3
+        observed = h.router.signals.snapshot()
+        assert {e: (o["running"], o["waiting"]) for e, o in observed.items()} == {
+            b.endpoint: (0, 0) for b in [*h.control.prefills, *h.control.decoders]
+        }
+        gone = next(d for d in h.control.decoders if d.name == "dec-1")
+        h.router.signals.scraped(gone.endpoint, EngineLoad(running=7))
+        await h.servers["dec-1"].stop()
+        assert await h.router.scrape() == 2
+        assert h.router.signals.snapshot()[gone.endpoint]["running"] == 7
+        # The other servers serve turns as before.
+        h.control.decoders = [d for d in h.control.decoders if d is not gone]
+        got, text = await h.chat("after", [{"role": "user", "content": filler_text(900)}])
+        assert text
+        assert got["X-Conserve-Decoder"] == "dec-0"

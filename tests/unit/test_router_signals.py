@@ -11,7 +11,13 @@ from conserve.exposition import EngineLoad, engine_load, sample_sum, sample_valu
 from conserve.router.control import PlacementCache, pd_settings_of
 from conserve.router.planner import Planner
 from conserve.router.policy import Backend, LoadBook, Mode, Placement, TurnPlan
-from conserve.router.signals import PRIOR_MEAN_PROMPT_TOKENS, PRIOR_TOKENS_PER_S, Signals, turn_prompt
+from conserve.router.signals import (
+    MIN_SAMPLE_TOKENS,
+    PRIOR_MEAN_PROMPT_TOKENS,
+    PRIOR_TOKENS_PER_S,
+    Signals,
+    turn_prompt,
+)
 from conserve.router.turns import ConversationState
 from conserve.testkit import PoolBuilder
 
@@ -53,13 +59,21 @@ def test_speeds_are_observed_per_server_from_the_prior_on() -> None:
     ticket = s.start(P1.endpoint, 1000, now_s=20.0)
     s.prefilled(ticket, now_s=20.1)  # 10,000 tokens/s: the EWMA moves toward it
     assert 4000.0 < s.tokens_per_s(P1.endpoint) < 10_000.0
-    # A request that ended before its prefill finished (failed, cancelled) is no sample; one without tokens neither.
-    before = s.tokens_per_s(D1.endpoint)
+    fast = s.tokens_per_s(P1.endpoint)
+    # A server not observed yet is taken to be as fast as those observed (not the prior any more).
+    assert s.tokens_per_s(D1.endpoint) == pytest.approx(fast)
+    # No sample: a request that ended before its prefill finished (failed, cancelled), one whose KV came by
+    # transfer (no tokens), one too short to time more than the request's fixed costs.
     s.end(s.start(D1.endpoint, 500, now_s=0.0))
     kv_only = s.start(D1.endpoint, 0, now_s=0.0)
     s.prefilled(kv_only, now_s=5.0)
-    assert s.tokens_per_s(D1.endpoint) == before
-    assert s.tokens_per_s(P2.endpoint) == PRIOR_TOKENS_PER_S  # per server
+    short = s.start(D1.endpoint, MIN_SAMPLE_TOKENS - 1, now_s=0.0)
+    s.prefilled(short, now_s=5.0)
+    assert s.tokens_per_s(D1.endpoint) == pytest.approx(fast)
+    own = s.start(D1.endpoint, 600, now_s=0.0)
+    s.prefilled(own, now_s=0.3)  # its own prefill: 2,000 tokens/s
+    assert s.tokens_per_s(D1.endpoint) == pytest.approx(2000.0)
+    assert s.tokens_per_s(P1.endpoint) == pytest.approx(fast)  # per server
 
 
 def test_queued_work_counts_the_routers_own_prompts_and_the_others_the_scrape_shows() -> None:
@@ -80,7 +94,8 @@ def test_queued_work_counts_the_routers_own_prompts_and_the_others_the_scrape_sh
     s.prompt_seen(400)
     s.scraped(D1.endpoint, EngineLoad(running=6, waiting=1))
     d = s.decoder(D1.name, D1.endpoint)
-    assert d.running == 6
+    rate = s.tokens_per_s(D1.endpoint)
+    assert (d.running, d.prefill_tokens_per_s) == (6, rate)
     assert d.queued_prefill_s == pytest.approx(s.mean_prompt.mean / rate)
     s.start(D1.endpoint, 250, now_s=1.0)  # the router's own turn, before its first token (it is the waiting one)
     assert s.decoder(D1.name, D1.endpoint).queued_prefill_s == pytest.approx(250 / rate)

@@ -5,9 +5,11 @@ reports the requests it sends (`start`, `prefilled`, `end`). From these, per ser
 
 - **Speed** (prompt tokens per second) is observed, never configured: a prefill server's = a prefill request's
   prompt tokens / its duration; a decoder's = the tokens it prefilled itself for a turn / that turn's time to first
-  token (from the request's send). An EWMA per endpoint (weight `RATE_ALPHA` for the newest sample), the prior
-  `PRIOR_TOKENS_PER_S` until the first observation. Both durations include the request's own wait and HTTP time,
-  so a busy server, or one seen only on small prompts, reads slower than its compute: the bias is toward the other
+  token (from the request's send). An EWMA per endpoint (weight `RATE_ALPHA` for the newest sample) of prefills of
+  at least `MIN_SAMPLE_TOKENS` (a shorter one times the request's fixed costs more than the server's speed). Until
+  a server's first sample: the mean of the servers observed so far (a decoder the decider never chose would
+  otherwise keep a guess that may never be tested), else `PRIOR_TOKENS_PER_S`. Both durations include the
+  request's own wait and HTTP time, so a busy server reads slower than its compute: the bias is toward the other
   path, and it fades as soon as the server serves an unqueued prompt again.
 - **Queued work** (seconds) = (prompt tokens the router sent there that await their prefill + the requests the
   last scrape shows beyond the router's own x the mean prompt the router has seen) / the server's speed. On a
@@ -35,6 +37,8 @@ PRIOR_TOKENS_PER_S = 10_000.0
 PRIOR_MEAN_PROMPT_TOKENS = 1_000.0
 #: Weight of the newest sample in the EWMAs (about the last five samples count).
 RATE_ALPHA = 0.3
+#: Prefills shorter than this are no speed sample.
+MIN_SAMPLE_TOKENS = 128
 
 
 @dataclass
@@ -110,7 +114,7 @@ class Signals:
         server.awaiting = max(server.awaiting - 1, 0)
         server.awaiting_tokens = max(server.awaiting_tokens - ticket.tokens, 0)
         elapsed = now_s - ticket.sent_s
-        if timed and ticket.tokens > 0 and elapsed > 0:
+        if timed and ticket.tokens >= MIN_SAMPLE_TOKENS and elapsed > 0:
             server.rate.observe(ticket.tokens / elapsed)
 
     def end(self, ticket: Ticket) -> None:
@@ -129,7 +133,11 @@ class Signals:
 
     # ---- what the decider is given --------------------------------------------------------------------------
     def tokens_per_s(self, endpoint: str) -> float:
-        return self._server(endpoint).rate.mean
+        observed = self._server(endpoint).rate.value
+        if observed is not None:
+            return observed
+        others = [s.rate.value for s in self._servers.values() if s.rate.value is not None]
+        return sum(others) / len(others) if others else self.prior_tokens_per_s
 
     def queued_s(self, endpoint: str, *, decoder: bool) -> float:
         server = self._server(endpoint)
@@ -139,7 +147,7 @@ class Signals:
         else:
             others = max(load.running + load.waiting - server.in_flight, 0)
         work = server.awaiting_tokens + others * self.mean_prompt.mean
-        return work / max(server.rate.mean, 1e-9)
+        return work / max(self.tokens_per_s(endpoint), 1e-9)
 
     def prefill_server(self, name: str, endpoint: str) -> PrefillServerLoad:
         """A prefill server as the decider sees it (its prefix cache counted as holding nothing of the prompt:
@@ -160,7 +168,7 @@ class Signals:
         out: dict[str, dict[str, Any]] = {}
         for endpoint, s in sorted(self._servers.items()):
             out[endpoint] = {
-                "tokensPerSecond": round(s.rate.mean, 1),
+                "tokensPerSecond": round(self.tokens_per_s(endpoint), 1),
                 "observed": s.rate.value is not None,
                 "running": None if s.load is None else s.load.running,
                 "waiting": None if s.load is None else s.load.waiting,
