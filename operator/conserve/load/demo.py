@@ -9,9 +9,10 @@
    compute tier, decode on the bandwidth tier); each pod answers through a gpu-sim server.
 4. The slice replayed in both routing modes one after the other (`conserve load`; the servers drain between
    them), the offline simulator on the same slice and fleet beside them; the report: placements (conversations
-   per decoder, KV transfers), TTFET p50/p95/p99 per mode, the router's placement wait, J per output token from
-   the fake DCGM exporter through the operator's attribution (DecoderPool and Conversation status) beside
-   gpu-sim's own counters.
+   per decoder, KV transfers), TTFET p50/p95/p99 per mode, where each turn's prompt was prefilled (per mode, first
+   and later turns: on the pool or on the decoder, from the router's `X-Conserve-Prefill-Site`; the simulator's
+   beside), the router's placement wait, J per output token from the fake DCGM exporter through the operator's
+   attribution (DecoderPool and Conversation status) beside gpu-sim's own counters.
 5. Everything it started is stopped; the cluster is torn down unless `--keep`.
 
 Default slice and fleet, and why. TTFET is a conversation's first visible token, so on Mooncake (every turn

@@ -62,6 +62,7 @@ def _outcome(state: ConvState) -> ConversationOutcome:
             tbt_s=r.tbt_s,
             output_tokens=r.output_tokens,
             decoder=r.decoder,
+            prefill_site=("pool" if r.prefill_instance else "decoder") if r.decoder else "",
         )
         for r in state.turns
     ]

@@ -6,9 +6,9 @@ compressed by `speedup` in real time; measured latencies are multiplied back (mo
 
 Requests are OpenAI chat completions, streamed, with `X-Conversation-Id` (unique per run and mode),
 `X-Conserve-Routing` (the mode), `X-Conversation-End: true` on the last turn and `X-Conserve-Effective: false` on
-turns the user does not see. Prompts are filler text sized with the shared token estimate: the history (the
-previous prompts and the answers received) plus a new user message, so that the prompt is the turn's
-`input_tokens`.
+turns the user does not see. Each turn's answer says where its prompt was prefilled (`X-Conserve-Prefill-Site`).
+Prompts are filler text sized with the shared token estimate: the history (the previous prompts and the answers
+received) plus a new user message, so that the prompt is the turn's `input_tokens`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from conserve.router.policy import (
     END_HEADER,
     GENERATION_RESPONSE_HEADER,
     MODE_HEADER,
+    PREFILL_SITE_RESPONSE_HEADER,
 )
 from conserve.sim.conversations import Conversation, Workload
 
@@ -139,6 +140,7 @@ async def _turn(
                 return TurnOutcome(index, False, error=f"HTTP {resp.status}: {text}"), ""
             decoder = resp.headers.get(DECODER_RESPONSE_HEADER, "")
             generation = resp.headers.get(GENERATION_RESPONSE_HEADER, "")
+            site = resp.headers.get(PREFILL_SITE_RESPONSE_HEADER, "")
             async for raw in resp.content:
                 line = raw.strip()
                 if not line.startswith(b"data: ") or line == b"data: [DONE]":
@@ -162,4 +164,4 @@ async def _turn(
     tbt = None
     if first is not None and last is not None and tokens > 1:
         tbt = (last - first) * speedup / (tokens - 1)
-    return TurnOutcome(index, True, ttft, tbt, tokens, decoder, generation), text
+    return TurnOutcome(index, True, ttft, tbt, tokens, decoder, generation, prefill_site=site), text

@@ -1,5 +1,9 @@
 """Pure pieces of the load generator: slicing a workload, percentiles, the per-mode summary and its table.
 
+Where each turn's prompt was prefilled comes from the router's `X-Conserve-Prefill-Site` answer (`pool`: a prefill
+server, its KV moved to the decoder; `decoder`: the decoder itself), the simulator's from its turn records; the
+table counts them for first and later turns.
+
 Times in a summary are modelled seconds: what the load generator measured in real time, times the speed-up (the
 GPU simulators run with `--time-scale 1/speedup`, so their modelled time maps back exactly; the control plane's
 own latency is stretched by the speed-up too, which counts against the conversation-level mode).
@@ -78,6 +82,7 @@ class TurnOutcome:
     decoder: str = ""
     generation: str = ""
     error: str = ""
+    prefill_site: str = ""  # "pool" or "decoder" ("": not known)
 
 
 @dataclass
@@ -109,6 +114,11 @@ class Summary:
     energy_j: float | None = None
     #: Conversations whose turns went to more than one decoder (moves after a decoder loss included).
     moved_conversations: int = 0
+    #: Turns served, by where their prompt was prefilled: first turns and later ones, on the pool or the decoder.
+    pool_first: int = 0
+    decoder_first: int = 0
+    pool_later: int = 0
+    decoder_later: int = 0
 
     @property
     def energy_per_token_j(self) -> float | None:
@@ -128,6 +138,10 @@ def summarize(
     turns = [t for o in outcomes for t in o.turns]
     ttft = [t.ttft_s for t in turns if t.ttft_s is not None]
     tbt = [t.tbt_s for t in turns if t.tbt_s is not None]
+
+    def sited(site: str, first: bool) -> int:
+        return sum(1 for t in turns if t.ok and t.prefill_site == site and (t.index == 0) == first)
+
     return Summary(
         label=label,
         conversations=len(outcomes),
@@ -144,11 +158,22 @@ def summarize(
         kv_transfers=kv_transfers,
         energy_j=energy_j,
         moved_conversations=sum(1 for o in outcomes if len(set(o.decoders)) > 1),
+        pool_first=sited("pool", True),
+        decoder_first=sited("decoder", True),
+        pool_later=sited("pool", False),
+        decoder_later=sited("decoder", False),
     )
 
 
 def _fmt(value: float | None, unit: str = "", digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def prefill_sites(pool: int, decoder: int) -> str:
+    """Turns prefilled on the pool / on the decoder, and the pool's share ("-" when none is known)."""
+    if pool + decoder == 0:
+        return "-"
+    return f"{pool}/{decoder} ({pool / (pool + decoder):.0%} pool)"
 
 
 def format_table(summaries: Sequence[Summary]) -> str:
@@ -168,8 +193,11 @@ def format_table(summaries: Sequence[Summary]) -> str:
         ("conversations moved", [str(s.moved_conversations) for s in summaries]),
         ("energy J", [_fmt(s.energy_j, digits=0) for s in summaries]),
         ("J per output token", [_fmt(s.energy_per_token_j, digits=3) for s in summaries]),
+        ("prefill pool/decoder, first turns", [prefill_sites(s.pool_first, s.decoder_first) for s in summaries]),
+        ("prefill pool/decoder, later turns", [prefill_sites(s.pool_later, s.decoder_later) for s in summaries]),
     ]
-    width = max(14, *(len(s.label) for s in summaries))
-    head = f"{'':<22}" + "".join(f"{s.label:>{width + 2}}" for s in summaries)
-    lines = [head] + [f"{name:<22}" + "".join(f"{v:>{width + 2}}" for v in values) for name, values in rows]
+    width = max(14, *(len(s.label) for s in summaries), *(len(v) for _, values in rows for v in values))
+    names = max(22, *(len(name) for name, _ in rows))
+    head = f"{'':<{names}}" + "".join(f"{s.label:>{width + 2}}" for s in summaries)
+    lines = [head] + [f"{name:<{names}}" + "".join(f"{v:>{width + 2}}" for v in values) for name, values in rows]
     return "\n".join(lines)
