@@ -151,7 +151,8 @@ class Router:
         ending = header_flag(request.headers.get(END_HEADER), False)
         if conv_id is None:
             mode = Mode.PER_TURN  # nothing to pin: a one-turn request
-        self._pools.add(pool)
+        if pool not in self._pools and any(self.backends(pool)):  # a pool with servers (not any name a client sends)
+            self._pools.add(pool)
         self.signals.prompt_seen(prompt_tokens)
         state = self._state(conv_id, mode, arrival) if conv_id is not None else None
         lock = state.lock if state is not None else asyncio.Lock()
