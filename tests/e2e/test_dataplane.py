@@ -2,8 +2,9 @@
 
 Prefill and decode Deployments land on fake GPU nodes (KWOK); the pod runner gives each pod a gpu-sim server
 and its `conserve.dev/endpoint`; the operator places conversations; the router serves turns. Checked: every turn
-of a conversation reaches the same decoder, the first turn's KV moves once, turn reports reach the
-Conversation's status, and a decoder deleted mid-conversation is followed to its re-placement.
+of a conversation reaches the same decoder, the first turn's KV moves once (the P/D decider's default: a long
+first turn on the prefill server, short later ones on the decoder), turn reports reach the Conversation's status,
+and a decoder deleted mid-conversation is followed to its re-placement.
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ def test_every_turn_follows_the_placement_and_reports_reach_status(dataplane: Da
         for conv, messages in convs.items():
             headers, text = dataplane.turn(conv, messages, stream=turn != 1)
             decoders[conv].add(headers["X-Conserve-Decoder"])
+            # The pool's default decider: a long first turn on the prefill server, 20 new tokens on the decoder.
+            assert headers["X-Conserve-Prefill-Site"] == ("pool" if turn == 0 else "decoder"), (conv, turn)
             messages += [{"role": "assistant", "content": text}, {"role": "user", "content": filler_text(20)}]
     for conv, used in decoders.items():
         assert len(used) == 1, (conv, used)
