@@ -197,7 +197,7 @@ class RouterMetrics:
     usage_patches_total: Counter
     placement_wait_seconds: Histogram
     unplaced_turns_total: Counter
-    prefill_site_total: Counter
+    prefill_site_turns_total: Counter
 
     @classmethod
     def on(cls, registry: CollectorRegistry) -> RouterMetrics:
@@ -267,8 +267,8 @@ class RouterMetrics:
                 ["status", "reason"],
                 registry=registry,
             ),
-            prefill_site_total=Counter(
-                "conserve_router_prefill_site_total",
+            prefill_site_turns_total=Counter(
+                "conserve_router_prefill_site_turns_total",
                 "Turns served, by where their prompt was prefilled (the P/D decider's choice in conversation mode): "
                 'site="pool" (a prefill server, its KV moved to the decoder) or "decoder" (the decoder itself); '
                 'turn="first" (a conversation\'s first turn, or a request without one) or "later".',

@@ -344,7 +344,7 @@ def _sites(plane: Plane) -> dict[tuple[str, str], float]:
         text = resp.read().decode()
     return {
         (site, turn): sample_sum(
-            text, "conserve_router_prefill_site_total", {"mode": "conversation", "site": site, "turn": turn}
+            text, "conserve_router_prefill_site_turns_total", {"mode": "conversation", "site": site, "turn": turn}
         )
         for site in ("pool", "decoder")
         for turn in ("first", "later")

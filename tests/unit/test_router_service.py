@@ -25,7 +25,7 @@ from conserve.testkit import PoolBuilder
 from conserve.testkit.metrics import fresh_registry
 
 SCALE = 0.005  # 200x faster than the modelled GPUs
-SITES = "conserve_router_prefill_site_total"
+SITES = "conserve_router_prefill_site_turns_total"
 SITE_KEYS = [("pool", "first"), ("pool", "later"), ("decoder", "first"), ("decoder", "later")]
 
 

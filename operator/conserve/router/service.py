@@ -7,7 +7,7 @@ signals of conserve.router.signals (each server's scraped `/metrics`, the speeds
 pinned decoder holds); plan the turn; prefill on the chosen prefill server and hand the KV over, or let the decoder
 prefill; stream the decode; record TTFT, time between tokens and, on the conversation's first user-visible output,
 TTFET; queue the cumulative usage for the batched report. Every turn's site is counted
-(`conserve_router_prefill_site_total`) and answered (`X-Conserve-Prefill-Site`).
+(`conserve_router_prefill_site_turns_total`) and answered (`X-Conserve-Prefill-Site`).
 A first turn is decided before its placement arrives (the decoder not known yet: the pool's best server, or the
 decoder for a short prompt): on "pool" its prefill starts at once on that server, so the control plane's latency
 overlaps the prefill; on "decoder" it waits for the placement and goes to the decoder without a KV transfer.
@@ -390,7 +390,7 @@ class Router:
             result.completion_tokens = estimate_tokens(result.text)
         self.metrics.turns_total.labels(**labels).inc()
         first = state is None or state.turns == 0
-        self.metrics.prefill_site_total.labels(
+        self.metrics.prefill_site_turns_total.labels(
             mode=mode.value, site=plan.site.value, turn="first" if first else "later"
         ).inc()
         if state is not None:
