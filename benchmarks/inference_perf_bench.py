@@ -32,8 +32,8 @@ import yaml
 
 from conserve.devcluster.build import cache_dir
 from conserve.engine.demo import stack
-from conserve.exposition import sample_sum
 from conserve.engine.model import ensure_model
+from conserve.exposition import sample_sum
 
 INFERENCE_PERF_VERSION = "0.7.0"
 ROUTER_HISTOGRAMS = {
