@@ -13,8 +13,9 @@ from conserve.sim.fleet import build_fleet
 from conserve.sim.policies import make_policy
 from conserve.sim.records import ConvState
 
-#: The per-turn baseline the router's per-turn mode corresponds to (least-loaded prefill and decoder).
-PER_TURN_POLICY = "least-loaded"
+#: The per-turn baseline the router's per-turn mode corresponds to (least-loaded prefill and decoder), with its own
+#: P/D rule as the router's per-turn mode runs it (not the shared decider), shown as `sim:least-loaded`.
+PER_TURN_POLICY = "least-loaded@native"
 
 
 def fleet_raw(servers: Sequence[Mapping[str, Any]], model: str = "llama-3-8b") -> dict[str, Any]:
@@ -43,7 +44,7 @@ def simulate_summaries(workload: Workload, raw_fleet: dict[str, Any]) -> list[Su
         energy += sum(d.dynamic_energy_j + d.spec.device.idle_power_w * result.horizon_s for d in result.decoders)
         out.append(
             summarize(
-                f"sim:{policy}",
+                f"sim:{policy.removesuffix('@native')}",
                 [_outcome(state) for state in result.conversations],
                 kv_transfers=float(sum(s.kv_transfers for s in result.conversations)),
                 energy_j=energy,
