@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from conserve.core.pd import PdSettings
+from conserve.core.pd import PdRule, PdSettings
 from conserve.core.tokens import filler_text
 from conserve.exposition import EngineLoad
 from conserve.gpusim.engine import Role
@@ -252,6 +252,9 @@ async def _conversation(
 @run
 async def test_every_turn_reaches_the_pinned_decoder_and_kv_moves_once() -> None:
     async with Harness() as h:
+        # The Decoder rule (first turns on the pool, later turns on the decoder): the routing is what is tested;
+        # under Auto these idle decoders, as fast as the prefill server, would prefill the first turns themselves.
+        h.control.pd_settings = PdSettings(rule=PdRule.DECODER)
         decoders_a, decoders_b = await asyncio.gather(_conversation(h, "a", 4), _conversation(h, "b", 3))
         await h.router.flush(force=True)
         assert len(set(decoders_a)) == 1
@@ -261,8 +264,7 @@ async def test_every_turn_reaches_the_pinned_decoder_and_kv_moves_once() -> None
         received = sum(s.engine.stats.kv_transfers_received_total for s in h.servers.values())
         assert received == 2  # one per conversation
         assert h.sample("conserve_router_kv_transfers_total", mode="conversation") == 2
-        # Later turns prefilled only their new tokens on the decoder: the decider's choice for 48 new tokens (at
-        # most the pool's decoderMaxTokens, 256 by default); the long first turns went to the prefill server.
+        # Later turns prefilled only their new tokens on the decoder; the first turns went to the prefill server.
         assert h.servers[decoders_a[0]].engine.stats.prefix_cache_hit_tokens_total > 0
         sites = {(site, turn): h.sample(SITES, mode="conversation", site=site, turn=turn) for site, turn in SITE_KEYS}
         assert sites == {("pool", "first"): 2, ("pool", "later"): 0, ("decoder", "first"): 0, ("decoder", "later"): 5}
@@ -310,12 +312,15 @@ async def test_a_re_placed_conversation_follows_the_new_decoder() -> None:
         got, _ = await h.chat("m", [*messages, {"role": "user", "content": "more"}])
         assert got["X-Conserve-Decoder"] == other.name
         assert got["X-Conserve-Prefill-Site"] == "decoder"
-        assert h.sample("conserve_router_kv_transfers_total", mode="conversation") == 1  # the first turn's only
+        # no KV moved at all: the first turn too was prefilled on its idle decoder (decided once placed)
+        assert h.sample("conserve_router_kv_transfers_total", mode="conversation") == 0
+        assert h.sample(SITES, mode="conversation", site="decoder", turn="first") == 1
 
 
 @run
 async def test_the_next_turn_of_a_conversation_ended_by_its_idle_timeout_starts_it_afresh() -> None:
     async with Harness() as h:
+        h.control.pd_settings = PdSettings(rule=PdRule.DECODER)  # first turns on the pool: the restart is seen there
         messages = [{"role": "user", "content": filler_text(800)}]
         _, text = await h.chat("t", messages)
         name = next(iter(h.control.specs))
@@ -424,8 +429,10 @@ async def test_where_a_later_turn_is_prefilled_follows_the_load_the_router_obser
         # Auto with no short-prompt shortcut, and a decoder's streams weighed heavily.
         h.control.pd_settings = PdSettings(decoder_max_tokens=0, stall_weight=100.0)
         messages = [{"role": "user", "content": filler_text(3000)}]
+        for d in h.control.decoders:  # every decoder runs 16 streams: even the likely one would stall them
+            h.router.signals.scraped(d.endpoint, EngineLoad(running=16))
         got, text = await h.chat("load", messages)
-        assert got["X-Conserve-Prefill-Site"] == "pool"  # a long first turn, its decoder not known yet
+        assert got["X-Conserve-Prefill-Site"] == "pool"  # a long first turn, started before its placement
         decoder = h.servers[got["X-Conserve-Decoder"]]
         endpoint = next(d.endpoint for d in h.control.decoders if d.name == got["X-Conserve-Decoder"])
         prefill = h.servers["pre-0"].engine.stats

@@ -147,12 +147,27 @@ def _plan(
 def test_a_first_turn_before_its_placement_goes_to_the_least_busy_prefill_server_unless_short() -> None:
     planner, signals = _planner()
     signals.scraped(P1.endpoint, EngineLoad(running=1, waiting=3))  # P1 busy with others' prompts
-    choice, target = planner.first_choice("p", [P1, P2], "c", 3000)
+    choice, target = planner.first_choice("p", [P1, P2], [], "c", 3000)
+    assert choice is not None
     assert (choice.site, target) == (PrefillSite.POOL, P2)
-    choice, target = planner.first_choice("p", [P1, P2], "c", 200)  # <= decoderMaxTokens (256)
+    choice, target = planner.first_choice("p", [P1, P2], [], "c", 200)  # <= decoderMaxTokens (256)
+    assert choice is not None
     assert (choice.site, target) == (PrefillSite.DECODER, None)
-    choice, target = planner.first_choice("p", [], "c", 3000)  # no prefill server at all
+    choice, target = planner.first_choice("p", [], [], "c", 3000)  # no prefill server at all
+    assert choice is not None
     assert (choice.site, target) == (PrefillSite.DECODER, None)
+
+
+def test_a_first_turn_waits_for_its_decoder_when_the_likely_one_would_prefill_it_sooner() -> None:
+    planner, signals = _planner()
+    signals.scraped(P1.endpoint, EngineLoad(running=1, waiting=3))
+    signals.scraped(P2.endpoint, EngineLoad(running=1, waiting=3))  # the pool is busy, D1 idle: no early prefill
+    assert planner.first_choice("p", [P1, P2], [D1], "c", 3000) == (None, None)
+    signals.scraped(D1.endpoint, EngineLoad(running=40, waiting=0))  # 40 streams would stall: the pool, at once
+    choice, target = planner.first_choice("p", [P1, P2], [D1], "c", 3000)
+    assert choice is not None
+    assert choice.on_pool
+    assert target in (P1, P2)
 
 
 def test_a_later_turn_follows_the_decoders_load() -> None:

@@ -166,5 +166,19 @@ def decide(
     return PdChoice(PrefillSite.POOL, server.name, "pool sooner", pool_s, decoder_s, stall_s)
 
 
+def decide_before_placement(
+    settings: PdSettings, prompt: TurnPrompt, servers: Sequence[PrefillServerLoad], likely: DecoderLoad | None
+) -> PdChoice | None:
+    """A first turn before its placement names the decoder (the router starts a prefill on the pool at once, so the
+    control plane's latency overlaps it): the pool's server to start on, the decoder for a short prompt, or None
+    when the decoder the conversation will likely get (`likely`: the one running fewest streams, as the placement's
+    load scorer prefers) would prefill it sooner than the pool. None: decide once the placement names the decoder
+    (the turn waits for it, well under a second, rather than pay a prefill elsewhere and a transfer)."""
+    choice = decide(settings, prompt, servers, None)
+    if not choice.on_pool or likely is None:
+        return choice
+    return choice if decide(settings, prompt, servers, likely).on_pool else None
+
+
 def _with(choice: PdChoice, reason: str) -> PdChoice:
     return PdChoice(choice.site, choice.server, reason, choice.pool_s, choice.decoder_s, choice.stall_s)

@@ -4,8 +4,9 @@ prefilled (`conserve.core.pd.decide`, the pool's `spec.prefillDecider`) on the r
 
 - Conversation mode: the decider is asked per turn for the placement's decoder, with what that decoder holds of
   the prompt (the conversation's previous context when it served the last turn on this placement generation, else
-  nothing). A first turn is asked before its placement exists (`first_choice`: the decoder not known), so that a
-  prefill on the pool can start at once; that choice then stands for the turn.
+  nothing). A first turn is asked before its placement exists (`first_choice`), so that a prefill on the pool can
+  start at once; that choice then stands for the turn, unless the decoder the conversation will likely get would
+  prefill it sooner: then it is decided once the placement names the decoder.
 - Per-turn mode (the baselines): the least-loaded prefill server and decoder, no decider.
 Each decision is logged at debug level with its estimates.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from conserve.core.pd import PdChoice, PdSettings, TurnPrompt, decide
+from conserve.core.pd import PdChoice, PdSettings, TurnPrompt, decide, decide_before_placement
 from conserve.router.policy import Backend, LoadBook, Mode, Placement, TurnPlan, backend_named, plan_turn
 from conserve.router.signals import Signals, turn_prompt
 from conserve.router.turns import ConversationState
@@ -46,13 +47,22 @@ class Planner:
         return choice
 
     def first_choice(
-        self, pool: str, prefills: Sequence[Backend], conv_id: str, prompt_tokens: int
-    ) -> tuple[PdChoice, Backend | None]:
-        """A turn decided before its placement: the choice, and the prefill server to start on (None: the turn
-        waits for its decoder and is prefilled there)."""
+        self, pool: str, prefills: Sequence[Backend], decoders: Sequence[Backend], conv_id: str, prompt_tokens: int
+    ) -> tuple[PdChoice | None, Backend | None]:
+        """A first turn before its placement (`conserve.core.pd.decide_before_placement`): the choice and the
+        prefill server to start on at once; (choice, None) for the decoder whatever it is (a short prompt);
+        (None, None) when the likely decoder (running fewest streams) would prefill it sooner: the turn is decided
+        once its placement names the decoder."""
         prompt = turn_prompt(prompt_tokens, context_tokens=0, decoder_holds=False)
-        choice = self.decide(pool, prompt, prefills, None, conv_id)
-        return choice, backend_named(prefills, choice.server) if choice.on_pool else None
+        servers = [self.signals.prefill_server(p.name, p.endpoint) for p in prefills if p.endpoint]
+        ready = [d for d in decoders if d.endpoint]
+        loads = [self.signals.decoder(d.name, d.endpoint) for d in ready]
+        likely = min(loads, key=lambda d: (d.running, d.name)) if loads else None
+        choice = decide_before_placement(self.settings(pool), prompt, servers, likely)
+        log.debug("first turn of %s before its placement: %s (likely decoder %s)", conv_id, choice, likely)
+        if choice is None or not choice.on_pool:
+            return choice, None
+        return choice, backend_named(prefills, choice.server)
 
     def plan(
         self,

@@ -8,9 +8,10 @@ pinned decoder holds); plan the turn; prefill on the chosen prefill server and h
 prefill; stream the decode; record TTFT, time between tokens and, on the conversation's first user-visible output,
 TTFET; queue the cumulative usage for the batched report. Every turn's site is counted
 (`conserve_router_prefill_site_turns_total`) and answered (`X-Conserve-Prefill-Site`).
-A first turn is decided before its placement arrives (the decoder not known yet: the pool's best server, or the
-decoder for a short prompt): on "pool" its prefill starts at once on that server, so the control plane's latency
-overlaps the prefill; on "decoder" it waits for the placement and goes to the decoder without a KV transfer.
+A first turn is decided before its placement arrives (`Planner.first_choice`: the pool's best server, the decoder
+for a short prompt, or "once placed" when the likely decoder would prefill it sooner): on "pool" its prefill starts
+at once on that server, so the control plane's latency overlaps the prefill; otherwise it waits for the placement
+and goes to the decoder without a KV transfer, or is decided then for the decoder placed.
 A decoder that cannot be reached before it sent anything is treated as gone: the router waits for the operator's
 re-placement (a newer placementGeneration; conserve.router.placing) and replays the turn there, decided afresh (the
 new decoder holds nothing of the conversation).
@@ -255,12 +256,12 @@ class Router:
 
     def _early_prefill(
         self, request: TurnRequest, pool: str, conv_id: str, prompt_tokens: int
-    ) -> tuple[EarlyPrefill | None, PdChoice]:
+    ) -> tuple[EarlyPrefill | None, PdChoice | None]:
         """A prefill on the pool does not depend on the decoder: the decider (the decoder not known yet) picks the
-        server and the prefill starts there while the operator places the conversation. On "decoder" nothing
-        starts: the turn waits for its decoder."""
-        prefills, _ = self.backends(pool)
-        choice, target = self._planner.first_choice(pool, prefills, conv_id, prompt_tokens)
+        server and the prefill starts there while the operator places the conversation. Otherwise nothing starts:
+        the turn waits for its decoder (and, without a choice, is decided for it)."""
+        prefills, decoders = self.backends(pool)
+        choice, target = self._planner.first_choice(pool, prefills, decoders, conv_id, prompt_tokens)
         if target is None:
             return None, choice
         task = asyncio.get_running_loop().create_task(self._prefill(target, request, conv_id, prompt_tokens))

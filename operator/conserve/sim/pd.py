@@ -13,7 +13,15 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from conserve.core.pd import DecoderLoad, PdChoice, PdSettings, PrefillServerLoad, TurnPrompt, decide
+from conserve.core.pd import (
+    DecoderLoad,
+    PdChoice,
+    PdSettings,
+    PrefillServerLoad,
+    TurnPrompt,
+    decide,
+    decide_before_placement,
+)
 from conserve.core.perf import Device, prefill_cost
 from conserve.sim.records import ConvState, LocalRoute, RemoteRoute, Route, SimView, TurnRecord
 
@@ -64,11 +72,24 @@ def decoder_load(sim: SimView, decoder: Decoder, uncached: int, cached: int) -> 
 def decide_turn(
     sim: SimView, settings: PdSettings, state: ConvState, record: TurnRecord, decoder: str, now: float, pull: int = 0
 ) -> PdChoice:
+    """The decider on the turn's signals, for the turn's decoder."""
     target = sim.decoders[decoder]
     held = decoder_holds(target, state.key, record.input_tokens)
     prompt = TurnPrompt(record.input_tokens, held, first_turn=record.index == 0)
     servers = server_loads(sim, state.key, record.input_tokens, now, pull)
     return decide(settings, prompt, servers, decoder_load(sim, target, prompt.decoder_uncached_tokens, held))
+
+
+def first_turn_before_placement(
+    sim: SimView, settings: PdSettings, state: ConvState, record: TurnRecord, now: float
+) -> PdChoice | None:
+    """ConServe's router on a first turn, before the placement names its decoder (`decide_before_placement`),
+    the likely decoder being the one running fewest streams."""
+    prompt = TurnPrompt(record.input_tokens, 0, first_turn=True)
+    servers = server_loads(sim, state.key, record.input_tokens, now)
+    likely = min(sim.decoders.values(), key=lambda d: (len(d.running), d.name), default=None)
+    load = decoder_load(sim, likely, prompt.decoder_uncached_tokens, 0) if likely is not None else None
+    return decide_before_placement(settings, prompt, servers, load)
 
 
 def decided_route(

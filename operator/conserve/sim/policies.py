@@ -35,7 +35,7 @@ from conserve.core.placement import DecoderState, PlacementSettings, PlacementWe
 from conserve.core.prefill import PrefillState
 from conserve.core.scheduler import PoolScheduler, SchedulerSettings
 from conserve.sim.baselines import NATIVE_BASELINES, PER_TURN_BASELINES, PerTurn
-from conserve.sim.pd import decide_turn, fleet_pd_settings
+from conserve.sim.pd import decide_turn, first_turn_before_placement, fleet_pd_settings
 from conserve.sim.policy_base import PolicyBase as _Base
 from conserve.sim.records import ConvState, LocalRoute, Policy, RemoteRoute, Retain, Route, SimView, TurnRecord
 
@@ -138,10 +138,17 @@ class ConServe(_Base):
         return RemoteRoute(choice.server, decoder, record.input_tokens), choice.site
 
     def _first_turn(self, placed: Decision, state: ConvState, record: TurnRecord, now: float) -> Route:
-        # The router decides a first turn's prefill as any other (on the pool, the server it used is reported and
-        # the scheduler counts it there).
+        # As the router does (`core.pd.decide_before_placement`): a prefill on the pool starts before the placement
+        # names the decoder, unless the likely decoder would prefill it sooner; then it is decided for the decoder
+        # placed. On the pool, the server used is reported and counted there.
         assert placed.decoder is not None
-        route, _ = self._decided(state, record, placed.decoder, now)
+        early = first_turn_before_placement(self.sim, self.pd, state, record, now)
+        if early is not None and early.server is not None:
+            route: Route = RemoteRoute(early.server, placed.decoder, record.input_tokens)
+        elif early is not None:
+            route = LocalRoute(placed.decoder)
+        else:
+            route, _ = self._decided(state, record, placed.decoder, now)
         if isinstance(route, RemoteRoute):
             self.scheduler.prefill_reported(placed.prefill, route.prefill)
         return route
