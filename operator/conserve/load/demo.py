@@ -348,13 +348,16 @@ def _replay(args: argparse.Namespace, router: str, kubeconfig: Path) -> int:
 def _report_placements(kubeconfig: Path, namespace: str) -> None:
     data = json.loads(commands.kubectl(kubeconfig, "get", "conversations", "-n", namespace, "-o", "json"))
     per_decoder: Counter[str] = Counter()
-    transfers = 0
+    placements = pool = decoder_side = 0
     for item in data.get("items", []):
         status = item.get("status") or {}
         decoder = (status.get("decoder") or {}).get("pod", "(none)")
         per_decoder[decoder] += 1
-        transfers += int(status.get("kvTransfers") or 0)
+        placements += int(status.get("placementGeneration") or 0)
+        pool += int(status.get("poolPrefills") or 0)  # each moved its KV from a prefill server
+        decoder_side += int(status.get("decoderPrefills") or 0)
     print(
-        f"placements: {len(data.get('items', []))} conversations, {transfers} KV transfers; per decoder: "
+        f"placements: {len(data.get('items', []))} conversations ({placements} placements); turns prefilled on the "
+        f"pool (a KV transfer each) {pool}, on the decoder {decoder_side} (Conversation status); per decoder: "
         + ", ".join(f"{d}={n}" for d, n in sorted(per_decoder.items()))
     )
