@@ -351,13 +351,15 @@ def _report_placements(kubeconfig: Path, namespace: str) -> None:
     placements = pool = decoder_side = 0
     for item in data.get("items", []):
         status = item.get("status") or {}
+        usage = (item.get("spec") or {}).get("usage") or {}  # the router's report (status may lag a completion)
         decoder = (status.get("decoder") or {}).get("pod", "(none)")
         per_decoder[decoder] += 1
         placements += int(status.get("placementGeneration") or 0)
-        pool += int(status.get("poolPrefills") or 0)  # each moved its KV from a prefill server
-        decoder_side += int(status.get("decoderPrefills") or 0)
+        turns, on_pool = int(usage.get("turns") or 0), int(usage.get("poolPrefills") or 0)
+        pool += on_pool  # each moved its KV from a prefill server
+        decoder_side += max(turns - on_pool, 0)
     print(
         f"placements: {len(data.get('items', []))} conversations ({placements} placements); turns prefilled on the "
-        f"pool (a KV transfer each) {pool}, on the decoder {decoder_side} (Conversation status); per decoder: "
+        f"pool (a KV transfer each) {pool}, on the decoder {decoder_side} (spec.usage); per decoder: "
         + ", ".join(f"{d}={n}" for d, n in sorted(per_decoder.items()))
     )
