@@ -99,6 +99,18 @@ async def test_status_shows_where_the_turns_were_prefilled() -> None:
 
 
 @sync
+async def test_the_usage_sent_with_the_completion_reaches_the_status() -> None:
+    engine, kube = await engine_with(1)
+    await conversation.on_event(engine, "ADDED", conv("one", 1000))
+    # a single-turn conversation: the router's only report comes with its completion, in one patch
+    usage = {"turns": 1, "inputTokens": 1000, "outputTokens": 40, "poolPrefills": 1}
+    await conversation.on_event(engine, "MODIFIED", conv("one", 1000, usage=usage, completed=True))
+    status = kube.status[("conversations", "one")]
+    assert status["phase"] == "Completed"
+    assert (status["turnsServed"], status["outputTokens"], status["poolPrefills"]) == (1, 40, 1)
+
+
+@sync
 async def test_decoder_loss_moves_or_fails() -> None:
     engine, kube = await engine_with(2)
     for i in range(4):

@@ -93,6 +93,7 @@ async def on_event(engine: Engine, event_type: str | None, body: dict[str, Any])
     elif record.terminal:
         await engine.remove_finalizer(record)  # left over when a run stopped between release and this
     elif spec.completed:
+        await _follow_final_usage(engine, record)
         await engine.release(record, Phase.COMPLETED, "the client marked the conversation completed")
     else:
         await _serve(engine, record)
@@ -116,6 +117,18 @@ def _refresh(
         record.finalizers = list(meta.get("finalizers") or [])
         record.has_finalizer = FINALIZER in record.finalizers
     return record
+
+
+async def _follow_final_usage(engine: Engine, record: ConvRecord) -> None:
+    """The router sends a conversation's last usage with its completion, in one patch: the status's counters and
+    the pool's growth history follow it before the release (it was dropped: single-turn conversations showed no
+    turn served)."""
+    if not record.placed:
+        return
+    pool = engine.world.pool_of(record)
+    async with pool.lock:
+        _, others = engine.apply_usage(pool, record)
+    await engine.commit(others, pool)
 
 
 async def _serve(engine: Engine, record: ConvRecord) -> None:
