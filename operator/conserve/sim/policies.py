@@ -1,15 +1,15 @@
 """Placement policies: ConServe (conversation level) and the per-turn baselines.
 
-**ConServe** runs the operator's own scheduler (`conserve.core.scheduler.PoolScheduler`, the object the
-operator's engine calls) with the settings `conserve.api.scheduling` derives from the DecoderPool spec a user
-would write: reservation sizing, placement, queue order, outgrowth, the KV lifecycle and the idle timeout are the
-core's (see operator/conserve/core/README.md). The first turn is prefilled on the least-loaded prefill server (as
-the router's early prefill does; the scheduler counts it there) and its KV moves once to the decoder; the
-conversation is pinned there: later turns' new tokens are prefilled on the decoder itself (`PrefillSite.DECODER`)
-and nothing moves. A conversation that no decoder can hold, even by reclaiming idle KV, waits in the scheduler's
-queue; the scheduler's drain places it when room frees, and its waiting first turn then starts
-(`SimView.start_placed`). It is released when the client marks it completed after its last turn, or by the
-scheduler's sweep (every simulated second, as in the operator) once idle past the idle timeout
+**ConServe** runs the operator's own scheduler (`conserve.core.scheduler.PoolScheduler`, the object the operator's
+engine calls) with the settings `conserve.api.scheduling` derives from the DecoderPool spec a user would write:
+reservation sizing, placement, queue order, outgrowth, the KV lifecycle and the idle timeout are the core's (see
+operator/conserve/core/README.md). Where each turn is prefilled is the P/D decider's (`conserve.core.pd`, the pool's
+`prefillDecider`): a first turn as the router decides it before its placement (`decide_before_placement`: on the
+pool at once, unless the likely decoder would prefill it sooner, then for the decoder placed), later turns for their
+pinned decoder; the scheduler is told each turn's site. A conversation that no decoder can hold, even by reclaiming
+idle KV, waits in the scheduler's queue; the scheduler's drain places it when room frees, and its waiting first turn
+then starts (`SimView.start_placed`). It is released when the client marks it completed after its last turn, or by
+the scheduler's sweep (every simulated second, as in the operator) once idle past the idle timeout
 (`SimView.release_conversation`); a later turn starts it afresh.
 
 **Per-turn baselines** are in `conserve.sim.baselines`; this module's `POLICIES` names them all.
