@@ -36,7 +36,12 @@ def test_place_queue_and_release(api: Api, operator: OperatorProcess) -> None:
         api.create(conversation_body(f"c{i}", "llama", 2000))
     wait_for("4 placed", lambda: sum(placed_on(api).values()) == 4, tolerate=NOT_YET)
     assert max(placed_on(api).values()) == 2
-    waiting = [c for c in api.list_convs() if c["status"]["phase"] == "Pending"]
+
+    def pending() -> list[dict[str, Any]] | None:  # its status is written apart from the placements': wait for it
+        found = [c for c in api.list_convs() if (c.get("status") or {}).get("phase") == "Pending"]
+        return found or None
+
+    waiting = wait_for("the fifth pending", pending, tolerate=NOT_YET)
     assert len(waiting) == 1
     (cond,) = [c for c in waiting[0]["status"]["conditions"] if c["type"] == "Placed"]
     assert (cond["status"], cond["reason"]) == ("False", "NoCapacity")
