@@ -96,7 +96,11 @@ def decided_route(
     sim: SimView, settings: PdSettings, state: ConvState, record: TurnRecord, decoder: str, now: float, pull: int = 0
 ) -> Route:
     """The turn's route on `decoder` as the decider chooses (`pull`: KV the pool path first pulls back)."""
-    choice = decide_turn(sim, settings, state, record, decoder, now, pull)
+    return route_for(decide_turn(sim, settings, state, record, decoder, now, pull), record, decoder, pull)
+
+
+def route_for(choice: PdChoice, record: TurnRecord, decoder: str, pull: int = 0) -> Route:
+    """The route a P/D choice makes for the turn on `decoder`."""
     if choice.server is None:
         return LocalRoute(decoder)
     return RemoteRoute(choice.server, decoder, record.input_tokens, pull_tokens=pull)

@@ -35,9 +35,9 @@ from conserve.core.placement import DecoderState, PlacementSettings, PlacementWe
 from conserve.core.prefill import PrefillState
 from conserve.core.scheduler import PoolScheduler, SchedulerSettings
 from conserve.sim.baselines import NATIVE_BASELINES, PER_TURN_BASELINES, PerTurn
-from conserve.sim.pd import decide_turn, first_turn_before_placement, fleet_pd_settings
+from conserve.sim.pd import decide_turn, first_turn_before_placement, fleet_pd_settings, route_for
 from conserve.sim.policy_base import PolicyBase as _Base
-from conserve.sim.records import ConvState, LocalRoute, Policy, RemoteRoute, Retain, Route, SimView, TurnRecord
+from conserve.sim.records import ConvState, Policy, RemoteRoute, Retain, Route, SimView, TurnRecord
 
 
 class ConServe(_Base):
@@ -133,9 +133,7 @@ class ConServe(_Base):
     def _decided(self, state: ConvState, record: TurnRecord, decoder: str, now: float) -> tuple[Route, PrefillSite]:
         """The turn's route on its decoder, where the P/D decider puts its prefill."""
         choice = decide_turn(self.sim, self.pd, state, record, decoder, now)
-        if choice.server is None:
-            return LocalRoute(decoder), choice.site
-        return RemoteRoute(choice.server, decoder, record.input_tokens), choice.site
+        return route_for(choice, record, decoder), choice.site
 
     def _first_turn(self, placed: Decision, state: ConvState, record: TurnRecord, now: float) -> Route:
         # As the router does (`core.pd.decide_before_placement`): a prefill on the pool starts before the placement
@@ -143,10 +141,8 @@ class ConServe(_Base):
         # placed. On the pool, the server used is reported and counted there.
         assert placed.decoder is not None
         early = first_turn_before_placement(self.sim, self.pd, state, record, now)
-        if early is not None and early.server is not None:
-            route: Route = RemoteRoute(early.server, placed.decoder, record.input_tokens)
-        elif early is not None:
-            route = LocalRoute(placed.decoder)
+        if early is not None:
+            route = route_for(early, record, placed.decoder)
         else:
             route, _ = self._decided(state, record, placed.decoder, now)
         if isinstance(route, RemoteRoute):
