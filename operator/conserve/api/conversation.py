@@ -17,6 +17,7 @@ import enum
 from pydantic import ConfigDict, Field
 
 from conserve.api.common import CamelModel, Condition, NonNegativeInt, ServingPod, StatusModel, cel
+from conserve.api.slo import CLASS_NAME_PATTERN
 
 KIND = "Conversation"
 PLURAL = "conversations"
@@ -61,6 +62,13 @@ class ConversationUsage(CamelModel):
         "P/D decider chose per turn; the other turns were prefilled on the decoder itself.",
         json_schema_extra=_CUMULATIVE,
     )
+    slo_missed_turns: NonNegativeInt = Field(
+        0,
+        description="Turns that missed the conversation's SLO (its pool's spec.slo, its class's targets), as the data "
+        "plane measured them: a turn's first visible token later than the TTFET target after its arrival, or its "
+        "tokens further apart than the TBT target on average.",
+        json_schema_extra=_CUMULATIVE,
+    )
     prefill_pod: str | None = Field(
         None,
         max_length=253,
@@ -84,9 +92,25 @@ class ConversationSpec(CamelModel):
     )
     expected_turns: int | None = Field(None, ge=1, le=100_000, description="Hint: turns the client expects.")
     first_effective_token_slo_seconds: float | None = Field(
-        None, gt=0, le=3600, description="Hint: target time to first effective token."
+        None,
+        gt=0,
+        le=3600,
+        description="Hint, not enforced: the client's own target time to first effective token (the pool's "
+        "spec.slo, through sloClass, is what admission and attainment use).",
     )
-    priority: int = Field(0, ge=-1000, le=1000, description="Higher is placed first when capacity is short.")
+    slo_class: str | None = Field(
+        None,
+        min_length=1,
+        max_length=63,
+        pattern=CLASS_NAME_PATTERN,
+        description="The pool's SLO class (spec.slo.classes) this conversation belongs to: its queue priority and "
+        "targets (default: the pool's defaultClass). A class the pool does not declare fails the conversation "
+        "(reason UnknownSloClass).",
+        json_schema_extra=cel("self == oldSelf", "is immutable"),
+    )
+    priority: int = Field(
+        0, ge=-1000, le=1000, description="Higher is placed first when capacity is short (within its SLO class)."
+    )
     idle_timeout_seconds: int | None = Field(
         None, ge=1, le=7 * 24 * 3600, description="Release after this long without a turn (default: the pool's)."
     )
@@ -132,6 +156,9 @@ class ConversationStatus(StatusModel):
     #: Where the served turns were prefilled (the P/D decider's choices, as the data plane reports them).
     pool_prefills: int = 0
     decoder_prefills: int = 0
+    #: Its SLO class ("" for the pool's own targets; None: the pool has no SLO) and the turns that missed it.
+    slo_class: str | None = None
+    slo_missed_turns: int = 0
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None
 

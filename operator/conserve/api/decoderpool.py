@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from conserve.api.common import NON_EMPTY_SELECTOR, CamelModel, Condition, LabelSelector, ServingPod, StatusModel, cel
+from conserve.api.slo import PoolSloStatus, SloSpec
 from conserve.core.llm import MODELS, ModelShape, lookup_model
 
 KIND = "DecoderPool"
@@ -207,6 +208,11 @@ class DecoderPoolSpec(CamelModel):
     endpoint: EndpointSpec = Field(default_factory=EndpointSpec)
     kv_lifecycle: KvLifecycleSpec = Field(default_factory=KvLifecycleSpec)
     prefill_decider: PrefillDeciderSpec = Field(default_factory=PrefillDeciderSpec)
+    slo: SloSpec | None = Field(
+        None,
+        description="The conversation SLO: targets, the attainment to keep, priority classes (conserve.api.slo). "
+        "Bounds each class's queue wait by its TTFET target; status.slo reports attainment and goodput.",
+    )
     default_idle_timeout_seconds: int = Field(1800, ge=1, le=7 * 24 * 3600)
 
     @model_validator(mode="after")
@@ -274,6 +280,8 @@ class DecoderPoolStatus(MeasuredPower):
     kv_bytes_per_token: int | None = None
     #: Per-turn growth ratios observed in the pool (context after a turn / before it), newest last (bounded).
     observed_growth_ratios: list[float] = Field(default_factory=list)
+    #: SLO attainment and goodput per class (a pool with spec.slo).
+    slo: PoolSloStatus | None = None
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None
 

@@ -17,6 +17,7 @@ from conserve.core.pd import PdRule, PdSettings
 from conserve.core.perf import Device, decode_energy_per_token_j
 from conserve.core.placement import PlacementSettings, PlacementWeights, TierPolicy
 from conserve.core.scheduler import SchedulerSettings
+from conserve.core.slo import SloClass, SloPolicy
 
 #: Reference operating point of the energy prior (the extender's node scoring uses the same point): a decode
 #: batch of 32 sequences of 2048 tokens.
@@ -42,6 +43,8 @@ def scheduler_settings(
             weights=PlacementWeights(w.kv_balance, w.kv_pack, w.tier, w.energy, w.conversations, w.load),
         ),
         reject_when_full=p.when_full == "Reject",
+        max_queue_wait_s=float(p.max_queue_wait_seconds),
+        slo=slo_policy(spec),
         default_idle_timeout_s=float(spec.default_idle_timeout_seconds),
         lifecycle=LifecycleSettings(
             enabled=lc.enabled,
@@ -54,6 +57,18 @@ def scheduler_settings(
             writeback_s_per_kv_token=kv_bytes / PCIE_GEN5_X16_BYTES_PER_S,
         ),
     )
+
+
+def slo_policy(spec: DecoderPoolSpec) -> SloPolicy | None:
+    """The pool's SLO (`spec.slo`) as the scheduler, the router and the operator's accounting use it."""
+    slo = spec.slo
+    if slo is None:
+        return None
+    classes = {
+        c.name: SloClass(c.name, c.priority, c.ttfet_seconds or slo.ttfet_seconds, c.tbt_seconds or slo.tbt_seconds)
+        for c in slo.classes
+    }
+    return SloPolicy(slo.ttfet_seconds, slo.tbt_seconds, slo.attainment_target, classes, slo.default_class)
 
 
 def pd_settings(spec: DecoderPoolSpec) -> PdSettings:

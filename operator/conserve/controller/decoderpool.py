@@ -18,7 +18,7 @@ from conserve import metrics
 from conserve.api.decoderpool import PLURAL as PLURAL  # re-exported (startup, registry)
 from conserve.api.decoderpool import DecoderPoolSpec, DecoderPoolStatus
 from conserve.api.scheduling import scheduler_settings
-from conserve.controller import pods
+from conserve.controller import pods, slo
 from conserve.controller.engine import Engine
 from conserve.controller.kube import NotFound
 from conserve.controller.state import NodeInfo, PoolRuntime, World, key_of
@@ -43,6 +43,7 @@ def load_spec(pool: PoolRuntime, body: dict[str, Any]) -> None:
     if first_sight:
         status = DecoderPoolStatus.model_validate(body.get("status") or {})
         pool.scheduler.restore_history(status.observed_growth_ratios, status.observed_turn_gaps_seconds)
+        slo.restore(pool, status)
 
 
 async def resync(engine: Engine, pool: PoolRuntime, pod: str | None = None) -> None:

@@ -20,11 +20,11 @@ from typing import Protocol
 
 from conserve import metrics
 from conserve.api.conversation import Endpoint, Phase
+from conserve.controller import slo
 from conserve.controller.kube import Kube
 from conserve.controller.state import ConvRecord, PoolRuntime, World, format_time, parse_time
 from conserve.controller.writer import Writer, WriterConfig
 from conserve.core.decisions import Decision, PrefillSite, Reason, Verdict
-from conserve.core.pending import overdue, queue_wait_message
 
 log = logging.getLogger("conserve.operator")
 
@@ -101,6 +101,7 @@ class Engine(Writer):
             record.dirty = True
             return Outcome(record, Verdict.QUEUED, d.reason.value, d.message)
         if d.verdict is Verdict.FAILED:
+            slo.conversation_refused(pool, record, d.reason, now)
             record.status.phase = Phase.FAILED
             record.status.decoder = None
             record.status.reserved_kv_tokens = 0
@@ -201,6 +202,7 @@ class Engine(Writer):
     def _ended(self, pool: PoolRuntime, record: ConvRecord, reason: str, message: str, held: bool) -> None:
         if not record.terminal:
             now = self.clock.now()
+            slo.conversation_ended(pool, record, now)
             record.status.phase = Phase.COMPLETED
             record.status.completed_at = format_time(now)
             record.set_condition("Ended", "True", reason, message, now)
@@ -245,12 +247,14 @@ class Engine(Writer):
             usage.output_tokens,
             usage.time_to_first_effective_token_seconds,
             usage.pool_prefills,
+            usage.slo_missed_turns,
         ) == (
             status.turns_served,
             status.input_tokens,
             status.output_tokens,
             status.time_to_first_effective_token_seconds,
             status.pool_prefills,
+            status.slo_missed_turns,
         ):
             return False, []
         now = self.clock.now()
@@ -262,6 +266,8 @@ class Engine(Writer):
         status.time_to_first_effective_token_seconds = usage.time_to_first_effective_token_seconds
         status.pool_prefills = min(usage.pool_prefills, usage.turns)
         status.decoder_prefills = usage.turns - status.pool_prefills
+        status.slo_missed_turns = usage.slo_missed_turns
+        status.slo_class = slo.class_of(pool, record)
         status.live_kv_tokens = usage.input_tokens + usage.output_tokens
         record.last_activity_s = parse_time(usage.last_turn_time) or now
         if status.turns_served > 0 and status.phase in (Phase.PREFILLING, Phase.IDLE):
@@ -347,8 +353,12 @@ class Engine(Writer):
                         ended.append((record, d.message))
             for record, message in ended:
                 await self._after_release(pool, record, message, True, True)
-            await self.commit(outcomes, pool)  # the sweep's drain placed what fits in the room it freed ...
-            await self.refuse_overdue(pool)  # ... so only what still cannot fit is refused
+            # The sweep's drain placed what fits in the room it freed; then what waited past its budget was
+            # refused (QueueWaitExceeded): its client is told to come back (the router: HTTP 429).
+            await self.commit(outcomes, pool)
+            for outcome in outcomes:
+                if outcome.result is Verdict.FAILED:
+                    await self.remove_finalizer(outcome.record)
         to_write: list[ConvRecord] = []
         for record in list(self.world.convs.values()):
             if record.status.phase is not Phase.DECODING or record.last_activity_s is None:
@@ -361,31 +371,6 @@ class Engine(Writer):
                 record.dirty = True
                 to_write.append(record)
         await asyncio.gather(*(self.write_status(r) for r in to_write))
-
-    async def refuse_overdue(self, pool: PoolRuntime) -> None:
-        """Fail the conversations that waited in the pool's queue past its `maxQueueWaitSeconds` (reason
-        `QueueWaitExceeded`, a Warning Event): their clients are told to come back (the router: HTTP 429) rather
-        than kept waiting, and none is placed after its client gave up. A pool without a valid spec has no limit."""
-        if pool.spec is None or not pool.scheduler.pending_count:
-            return
-        limit_s = float(pool.spec.placement.max_queue_wait_seconds)
-        async with pool.lock:
-            now = self.clock.now()
-            since = {request.key: request.created_at_s for request in pool.scheduler.queued_requests()}
-            decisions: list[Decision] = []
-            for key in overdue(since, now, limit_s):
-                record = self.world.convs.get(key)
-                if record is None or record.placed or record.terminal:
-                    continue
-                waiting = record.conditions.get("Placed")
-                reason, detail = (waiting.reason, waiting.message) if waiting is not None else (None, "")
-                message = queue_wait_message(pool.name, now - since[key], limit_s, reason, detail)
-                pool.scheduler.release(key, Reason.QUEUE_WAIT_EXCEEDED, message)  # out of the queue; held nothing
-                decisions.append(Decision(key, Verdict.FAILED, Reason.QUEUE_WAIT_EXCEEDED, message))
-            outcomes = self.apply(pool, decisions)
-        await self.commit(outcomes, pool)
-        for outcome in outcomes:
-            await self.remove_finalizer(outcome.record)
 
     # --- writes ---------------------------------------------------------------------------------------------
     async def commit(self, outcomes: list[Outcome], pool: PoolRuntime) -> None:

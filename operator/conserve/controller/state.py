@@ -21,6 +21,7 @@ from conserve.core.gpus import NodeGpu, node_gpu_from_labels
 from conserve.core.lifecycle import KvState
 from conserve.core.occupancy import ObservedOccupancy
 from conserve.core.scheduler import PoolScheduler
+from conserve.core.slo import AttainmentWindow
 
 Key = str  # "namespace/name"
 
@@ -170,6 +171,7 @@ class ConvRecord:
             self.created_at_s,
             self.spec.expected_turns,
             self.spec.idle_timeout_seconds,
+            self.spec.slo_class,
         )
 
     def set_condition(self, type_: str, status: ConditionStatus, reason: str, message: str, now_s: float) -> bool:
@@ -206,6 +208,8 @@ class PoolRuntime:
     energy: dict[str, DecoderEnergy] = field(default_factory=dict)
     #: Decoders' KV occupancy as their engines report it (controller/occupancy.py), by pod.
     observed: dict[str, ObservedOccupancy] = field(default_factory=dict)
+    #: Ended and refused conversations per SLO class (controller/slo.py); None until the pool has an SLO.
+    slo_window: AttainmentWindow | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     status_dirty: asyncio.Event = field(default_factory=asyncio.Event)
 

@@ -10,6 +10,7 @@ from conserve.api.common import Condition, ConditionStatus, status_patch
 from conserve.api.conversation import OPERATOR_STATUS_FIELDS as CONVERSATION_FIELDS
 from conserve.api.decoderpool import MEASURED_FIELDS, DecoderPoolStatus, DecoderStatus, PrefillStatus
 from conserve.api.decoderpool import OPERATOR_STATUS_FIELDS as POOL_FIELDS
+from conserve.controller.slo import pool_slo_status
 from conserve.controller.state import ConvRecord, PoolRuntime, format_time
 
 
@@ -103,6 +104,7 @@ def pool_status(pool: PoolRuntime, pending: int) -> DecoderPoolStatus:
         kv_usage=f"{reserved}/{capacity}",
         kv_bytes_per_token=pool.spec.model.resolved_kv_bytes_per_token() if pool.spec else None,
         observed_growth_ratios=scheduler.growth_ratios,
+        slo=pool_slo_status(pool, time.time()),
         power_watts=_sum([d.power_watts for d in decoders]),
         energy_joules=_sum([d.energy_joules for d in decoders]),
         conditions=pool_conditions(pool, len(ready), previous),

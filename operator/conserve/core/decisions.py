@@ -42,7 +42,9 @@ class Reason(enum.StrEnum):
     POOL_NOT_FOUND = "PoolNotFound"
     INVALID_POOL = "InvalidPool"
     DECODER_LOST = "DecoderLost"
-    QUEUE_WAIT_EXCEEDED = "QueueWaitExceeded"  # waited in the queue past the pool's maxQueueWaitSeconds
+    QUEUE_WAIT_EXCEEDED = "QueueWaitExceeded"  # waited in the queue past its budget (core.admission)
+    SLO_UNATTAINABLE = "SloUnattainable"  # its expected queue wait is past its budget: refused at once
+    UNKNOWN_SLO_CLASS = "UnknownSloClass"  # names a class its pool does not declare
     COMPLETED = "Completed"
     DELETED = "Deleted"
     IDLE_TIMEOUT = "IdleTimeout"
@@ -67,6 +69,7 @@ class ConversationRequest:
     created_at_s: float = 0.0
     expected_turns: int | None = None
     idle_timeout_s: float | None = None  # None: the pool's default
+    slo_class: str | None = None  # its SLO class (None: the pool's default class, or the pool's own targets)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,5 @@
-"""The queue of conversations that wait for capacity: its order (priority, high first; then age; then name),
-and how long one may wait (`overdue`, the pool's `placement.maxQueueWaitSeconds`).
+"""The queue of conversations that wait for capacity: its order (their SLO class's priority, high first; then their
+own priority; then age; then name), and how long one may wait (`overdue`: the budget of `conserve.core.admission`).
 
 A wait counts from the conversation's creation, not from when it was last queued: a conversation only waits before
 its first placement (one whose decoder is lost and fits nowhere fails at once), and its creation is when its
@@ -9,23 +9,26 @@ time (from the API server) is still right.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from conserve.core.decisions import ConversationRequest
 
 
-def order_pending(requests: Iterable[ConversationRequest]) -> list[ConversationRequest]:
-    return sorted(requests, key=lambda r: (-r.priority, r.created_at_s, r.key))
+def order_pending(
+    requests: Iterable[ConversationRequest], class_priority: Callable[[ConversationRequest], int] | None = None
+) -> list[ConversationRequest]:
+    """Queue order: the class's priority (`class_priority`, 0 without one), the conversation's, then age, then key."""
+    rank = class_priority or (lambda r: 0)
+    return sorted(requests, key=lambda r: (-rank(r), -r.priority, r.created_at_s, r.key))
+
+
+def overdue_by_budget(queued_since_s: Mapping[str, float], now_s: float, budget_s: Callable[[str], float]) -> list[str]:
+    """The waiting conversations (key -> when their wait started) whose wait reached their own budget."""
+    late = [(since, key) for key, since in queued_since_s.items() if now_s - since >= budget_s(key)]
+    return [key for _, key in sorted(late)]
 
 
 def overdue(queued_since_s: Mapping[str, float], now_s: float, max_wait_s: float) -> list[str]:
     """The waiting conversations (key -> when their wait started) that have waited `max_wait_s` or longer at
     `now_s`: the longest waiting first, then by key."""
-    late = [(since, key) for key, since in queued_since_s.items() if now_s - since >= max_wait_s]
-    return [key for _, key in sorted(late)]
-
-
-def queue_wait_message(pool: str, waited_s: float, max_wait_s: float, reason: str | None, detail: str) -> str:
-    """Why a conversation was refused after waiting: its wait, the pool's limit and why it was waiting."""
-    why = f" ({reason}: {detail})" if reason and detail else f" ({reason})" if reason else ""
-    return f"waited {waited_s:.0f} s in the queue of pool {pool}, over its limit of {max_wait_s:g} s{why}"
+    return overdue_by_budget(queued_since_s, now_s, lambda key: max_wait_s)

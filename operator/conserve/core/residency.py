@@ -25,6 +25,7 @@ class ConversationView:
     reloads: int = 0
     reprefills: int = 0
     told_waiting: bool = False  # a QUEUED decision was handed out (drain may skip it cheaply from then on)
+    waiting_why: str = ""  # why it waits (the last QUEUED decision's reason and message)
     #: A turn arrived and has not ended (queued or running): never idled, offloaded, dropped or timed out.
     in_flight: bool = False
     remote_prefills: int = 0  # later turns prefilled on the prefill pool (PrefillSite.POOL)

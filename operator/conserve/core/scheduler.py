@@ -24,11 +24,12 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
+from conserve.core.admission import DepartureRate, expected_wait_s, refusal_message
 from conserve.core.decisions import ConversationRequest, Decision, PrefillSite, Reason, Verdict
 from conserve.core.ledger import CapacityError, CapacityLedger
 from conserve.core.lifecycle import GapHistory, KvState
 from conserve.core.occupancy import ObservedOccupancy, ObservedReadings
-from conserve.core.pending import order_pending
+from conserve.core.pending import overdue_by_budget
 from conserve.core.placement import DecoderState, PlacementDecision, PlacementRequest, place
 from conserve.core.prefill import PrefillCounts, PrefillState
 from conserve.core.reservation import GrowthHistory
@@ -57,6 +58,7 @@ class PoolScheduler(SchedulerView):
         #: The decoders' engines' own KV readings (the paper's observed occupancy), folded into placement.
         self._observed = ObservedReadings()
         self._measured_j: dict[str, float] = {}  # decoders' measured J/token (over the modelled prior)
+        self._departures = DepartureRate()  # conversations leaving: the early refusal's estimate of a wait
         self._kv = Residency(self._ledger, self._conversations, self._settings.lifecycle, self._changed)
 
     # --- configuration and the decoder table -------------------------------------------------------------
@@ -149,6 +151,12 @@ class PoolScheduler(SchedulerView):
             view.request = request
         if self._ledger.holding(request.key) is not None:
             return []
+        if request.slo_class is not None and self.slo_class_of(request) is None:
+            declared = (
+                ", ".join(self._settings.slo.class_names()) if self._settings.slo else "none: the pool has no SLO"
+            )
+            message = f"spec.sloClass {request.slo_class!r} is not a class of its pool (classes: {declared})"
+            return [self._fail(view, Reason.UNKNOWN_SLO_CLASS, message)]
         return self._decide(view, now_s, replacing=False)
 
     def _decide(
@@ -159,7 +167,7 @@ class PoolScheduler(SchedulerView):
         request = view.request
         key = request.key
         if self._problem is not None:
-            return [self._wait_or_fail(view, self._problem[0], self._problem[1], replacing)]
+            return [self._wait_or_fail(view, self._problem[0], self._problem[1], replacing, now_s)]
         reservation, floor = self._sizing(request)
         if replacing:  # its KV moves once more: as much room as it held or has now
             reservation = max(reservation, view.live_kv_tokens, held_kv_tokens)
@@ -177,11 +185,11 @@ class PoolScheduler(SchedulerView):
             reason = Reason(decision.reason)
             if reason is Reason.NO_CAPACITY and self._settings.reject_when_full and not replacing:
                 return [*reclaimed, self._fail(view, reason, decision.message)]
-            return [*reclaimed, self._wait_or_fail(view, reason, decision.message, replacing)]
+            return [*reclaimed, self._wait_or_fail(view, reason, decision.message, replacing, now_s)]
         try:
             self._ledger.reserve(key, decision.decoder, reservation, live_kv_tokens=view.live_kv_tokens)
         except CapacityError as exc:  # the filters and the ledger disagree: never oversubscribe
-            return [*reclaimed, self._wait_or_fail(view, Reason.NO_CAPACITY, str(exc), replacing)]
+            return [*reclaimed, self._wait_or_fail(view, Reason.NO_CAPACITY, str(exc), replacing, now_s)]
         self._changed()
         self._pending.pop(key, None)
         view.kv_state = KvState.ACTIVE  # a replaced one's KV moves (prefilled again or transferred) too
@@ -202,12 +210,41 @@ class PoolScheduler(SchedulerView):
         """The data plane ran a first turn on another prefill server than the one chosen: count it there."""
         self._prefills.moved(chosen, used)
 
-    def _wait_or_fail(self, view: ConversationView, reason: Reason, message: str, replacing: bool) -> Decision:
+    def _wait_or_fail(
+        self, view: ConversationView, reason: Reason, message: str, replacing: bool, now_s: float
+    ) -> Decision:
+        """Queue it; or fail it: its decoder was lost and nothing holds it, or (on its first wait for capacity)
+        its expected wait is past its budget (`core.admission`)."""
         if replacing:
             return self._fail(view, Reason.DECODER_LOST, f"its decoder was lost and {message}")
-        self._pending[view.request.key] = view.request
+        request = view.request
+        if reason is Reason.NO_CAPACITY and not view.told_waiting:
+            rank = self._class_priority(request)
+            ahead = sum(1 for r in self._pending.values() if r.key != request.key and self._class_priority(r) >= rank)
+            estimate = expected_wait_s(ahead, self._departures.per_s(now_s))
+            budget = self.queue_budget_s(request)
+            if estimate is not None and estimate > budget:
+                why = f"{ahead} ahead of it; {reason.value}: {message}"
+                return self._fail(view, Reason.SLO_UNATTAINABLE, refusal_message(budget, None, estimate, why))
+        self._pending[request.key] = request
         view.told_waiting = True
-        return Decision(view.request.key, Verdict.QUEUED, reason, message)
+        view.waiting_why = f"{reason.value}: {message}"
+        return Decision(request.key, Verdict.QUEUED, reason, message)
+
+    def expire_queue(self, now_s: float) -> list[Decision]:
+        """Refuse the waiting conversations whose wait (since their creation) reached their budget
+        (`QueueWaitExceeded`): their clients are told to come back rather than being admitted too late."""
+        since = {r.key: r.created_at_s for r in self._pending.values()}
+        out: list[Decision] = []
+        for key in overdue_by_budget(since, now_s, lambda k: self.queue_budget_s(self._pending[k])):
+            view = self._conversations.get(key)
+            if view is None:
+                self._pending.pop(key, None)
+                continue
+            budget = self.queue_budget_s(view.request)
+            message = refusal_message(budget, now_s - since[key], None, view.waiting_why)
+            out.append(self._fail(view, Reason.QUEUE_WAIT_EXCEEDED, message))
+        return out
 
     def _fail(self, view: ConversationView, reason: Reason, message: str) -> Decision:
         key = view.request.key
@@ -221,7 +258,7 @@ class PoolScheduler(SchedulerView):
         """Place the waiting conversations that fit now, in queue order (a small one may pass a large one)."""
         out: list[Decision] = []
         best = self._best_room()
-        for request in order_pending(self._pending.values()):
+        for request in self.queued_requests():
             view = self._conversations.get(request.key)
             if view is None:
                 self._pending.pop(request.key, None)
@@ -359,6 +396,8 @@ class PoolScheduler(SchedulerView):
             return []
         self._ledger.release(key)
         self._changed()
+        if now_s is not None:
+            self._departures.departed(now_s)
         released = Decision(key, Verdict.RELEASED, reason, message, holding[0], holding[1])
         return [released, *(self._drain_if_waiting(now_s) if now_s is not None else [])]
 
@@ -423,9 +462,12 @@ class PoolScheduler(SchedulerView):
             timeout = view.request.idle_timeout_s or self._settings.default_idle_timeout_s
             if idle_for >= timeout:
                 out.extend(self.release(key, Reason.IDLE_TIMEOUT, f"no turn for {timeout:g}s"))
+                self._departures.departed(now_s)
                 continue
             if self._settings.lifecycle.enabled:
                 out.extend(self._kv.timers(view, holding[0], idle_for, now_s, self._gaps))
         if out:
             out.extend(self._drain_if_waiting(now_s))
+        if self._pending:  # after the drain: only what still cannot be placed is refused
+            out.extend(self.expire_queue(now_s))
         return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+from conserve.core.admission import queue_budget_s
 from conserve.core.decisions import ConversationRequest, Reason
 from conserve.core.ledger import CapacityLedger
 from conserve.core.lifecycle import GapHistory, KvState, LifecycleSettings
@@ -21,6 +22,7 @@ from conserve.core.pending import order_pending
 from conserve.core.placement import DecoderState, PlacementSettings, largest_placeable_kv_tokens
 from conserve.core.reservation import GrowthHistory
 from conserve.core.residency import ConversationView, DecoderLifecycle, Residency
+from conserve.core.slo import SloClass, SloPolicy
 
 DEFAULT_IDLE_TIMEOUT_S = 1800.0
 
@@ -33,6 +35,10 @@ class SchedulerSettings:
     lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
     #: An engine's occupancy reading older than this is ignored (the ledger decides): core/occupancy.py.
     observed_max_age_s: float = 10.0
+    #: The longest wait in the queue (the pool's placement.maxQueueWaitSeconds; inf: no limit).
+    max_queue_wait_s: float = float("inf")
+    #: The pool's SLO (`spec.slo`): queue order across classes and each class's wait budget (core/admission.py).
+    slo: SloPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,11 +177,23 @@ class SchedulerView:
 
     def queue(self) -> list[str]:
         """The waiting conversations, in the order they get capacity."""
-        return [r.key for r in order_pending(self._pending.values())]
+        return [r.key for r in self.queued_requests()]
 
     def queued_requests(self) -> list[ConversationRequest]:
         """The waiting conversations' requests, in the order they get capacity."""
-        return order_pending(self._pending.values())
+        return order_pending(self._pending.values(), self._class_priority)
+
+    def slo_class_of(self, request: ConversationRequest) -> SloClass | None:
+        """The conversation's SLO class in this pool (None: the pool has no SLO, or the class is unknown)."""
+        return self._settings.slo.resolve(request.slo_class) if self._settings.slo is not None else None
+
+    def queue_budget_s(self, request: ConversationRequest) -> float:
+        """How long the conversation may wait in the queue (`core.admission.queue_budget_s`)."""
+        return queue_budget_s(self.slo_class_of(request), self._settings.max_queue_wait_s)
+
+    def _class_priority(self, request: ConversationRequest) -> int:
+        slo_class = self.slo_class_of(request)
+        return slo_class.priority if slo_class is not None else 0
 
     @property
     def pending_count(self) -> int:

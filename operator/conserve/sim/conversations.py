@@ -77,6 +77,7 @@ class Workload:
     conversations: tuple[Conversation, ...]
     report: ParseReport | None = None
     signals: Signals = NO_SIGNALS
+    load_scale: float = 1.0  # its arrival rate over the trace's (`scale_load`)
 
     @property
     def turns(self) -> int:
@@ -111,4 +112,4 @@ def scale_load(workload: Workload, factor: float) -> Workload:
     conversations = tuple(
         Conversation(c.key, c.arrival_s / factor, tuple(turn(t) for t in c.turns)) for c in workload.conversations
     )
-    return Workload(workload.name, conversations, workload.report, workload.signals)
+    return Workload(workload.name, conversations, workload.report, workload.signals, workload.load_scale * factor)

@@ -76,6 +76,7 @@ class SimResult:
     reloads: int = 0
     transfer_energy_j: float = 0.0  # NICs, shared store and PCIe while KV moves
     pd_rule: str = ""  # which P/D rule the policy ran (`Policy.pd_rule`)
+    load_scale: float = 1.0  # the workload's arrival rate over the trace's
 
 
 class Simulator(DecoderLoop):
@@ -190,6 +191,7 @@ class Simulator(DecoderLoop):
             self.reloads,
             self.transfer_energy_j,
             getattr(self.policy, "pd_rule", ""),
+            self.workload.load_scale,
         )
 
     def _handle(self, kind: int, payload: Any) -> None:
@@ -267,6 +269,18 @@ class Simulator(DecoderLoop):
     def release_conversation(self, key: str) -> None:
         """The policy released a conversation (its idle timeout): its KV goes everywhere."""
         state = self.by_key[key]
+        if key not in self.released:
+            self._release(state)
+
+    def refuse(self, key: str, reason: str) -> None:
+        """The policy turned the conversation's client away (admission): its waiting turn is never served, no later
+        turn comes, and whatever KV it left anywhere goes."""
+        state = self.by_key[key]
+        if state.finished:
+            return
+        state.refused = reason
+        state.finished = True
+        self.total_turns -= len(state.conv.turns) - sum(1 for r in state.turns if r.done_s >= 0)
         if key not in self.released:
             self._release(state)
 

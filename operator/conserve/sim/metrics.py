@@ -6,8 +6,12 @@
 - TTFT per turn: from the turn's arrival to its first token.
 - TBT: a turn's mean time between tokens, (done - first token) / (output - 1), over turns with at least two
   output tokens; "last turn" is the last turn of each conversation.
-- SLO attainment: share of conversations whose TTFET is within `slo_ttfet_s` and every turn's TBT within
-  `slo_tbt_s`.
+- SLO: a conversation met it when its TTFET is within `slo_ttfet_s`, every later user-visible turn's TTFT too,
+  and every turn's TBT within `slo_tbt_s` (the router's per-turn judgement, `conserve.core.slo.turn_met`).
+  `slo_attainment` is over every conversation offered (a refused one missed: its client got HTTP 429);
+  `admitted_slo_attainment` over those served. Goodput: conversations that met the SLO per second of the run
+  (and per GPU, per kJ). Refused conversations (admission, a gateway's request TTL) are counted apart and left
+  out of the latency percentiles (`ttfet_p99_s` and the others are the admitted conversations').
 - Throughput: output tokens per second over the run (from 0 to the last completion).
 - Energy: every instance's idle power over the whole run plus its dynamic energy, plus the data path's energy of
   KV transfers, shared-store traffic, offloads and reloads (`conserve.sim.transfer`); J per output token and
@@ -90,6 +94,12 @@ class RunMetrics:
     pool_prefill_share: float = math.nan
     first_turn_pool_share: float = math.nan
     later_turn_pool_share: float = math.nan
+    refused: int = 0  # conversations turned away before being served (HTTP 429)
+    admitted_slo_attainment: float = math.nan
+    goodput_per_s: float = 0.0  # conversations that met the SLO, per second of the run
+    goodput_per_gpu: float = 0.0  # per second, per GPU of the fleet (prefill and decode)
+    goodput_per_kj: float = 0.0  # per kJ of the fleet's energy
+    load_scale: float = 1.0  # the workload's arrival rate over the trace's (`conserve bench --sweep-load`)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -101,13 +111,16 @@ def compute_metrics(result: SimResult, *, slo_ttfet_s: float, slo_tbt_s: float =
     tbt: list[float] = []
     last_tbt: list[float] = []
     met = 0
-    for state in result.conversations:
-        visible = state.turns[state.conv.first_visible_turn]
-        conv_ttfet = visible.first_token_s - state.conv.arrival_s
+    served = [s for s in result.conversations if not s.refused]
+    for state in served:
+        first_visible = state.conv.first_visible_turn
+        conv_ttfet = state.turns[first_visible].first_token_s - state.conv.arrival_s
         ttfet.append(conv_ttfet)
         ok = conv_ttfet <= slo_ttfet_s
         for rec in state.turns:
             ttft.append(rec.ttft_s)
+            if rec.index > first_visible and rec.user_visible:
+                ok = ok and rec.ttft_s <= slo_ttfet_s
             value = rec.tbt_s
             if value is not None:
                 tbt.append(value)
@@ -116,7 +129,7 @@ def compute_metrics(result: SimResult, *, slo_ttfet_s: float, slo_tbt_s: float =
         if last is not None:
             last_tbt.append(last)
         met += ok
-    records = [r for s in result.conversations for r in s.turns]
+    records = [r for s in result.conversations for r in s.turns if r.first_token_s >= 0]
     output = sum(r.output_tokens for r in records)
     horizon = max(result.horizon_s, 1e-9)
     prefill_energy = sum(p.dynamic_energy_j + p.spec.device.idle_power_w * horizon for p in result.prefill)
@@ -124,6 +137,8 @@ def compute_metrics(result: SimResult, *, slo_ttfet_s: float, slo_tbt_s: float =
     energy = prefill_energy + decode_energy + result.transfer_energy_j
     capacity = sum(d.capacity for d in result.decoders)
     n = max(len(result.conversations), 1)
+    gpus = sum(i.spec.tp for i in (*result.prefill, *result.decoders))
+    goodput = met / horizon
     return RunMetrics(
         workload=result.workload,
         fleet=result.fleet.name,
@@ -146,6 +161,12 @@ def compute_metrics(result: SimResult, *, slo_ttfet_s: float, slo_tbt_s: float =
         last_turn_tbt_p50_s=percentile(last_tbt, 50),
         last_turn_tbt_p95_s=percentile(last_tbt, 95),
         slo_attainment=met / n,
+        refused=len(result.conversations) - len(served),
+        admitted_slo_attainment=met / len(served) if served else math.nan,
+        goodput_per_s=goodput,
+        goodput_per_gpu=goodput / max(gpus, 1),
+        goodput_per_kj=met / (energy / 1000.0) if energy > 0 else math.nan,
+        load_scale=result.load_scale,
         throughput_tokens_per_s=output / horizon,
         energy_j=energy,
         prefill_energy_j=prefill_energy,
@@ -153,7 +174,7 @@ def compute_metrics(result: SimResult, *, slo_ttfet_s: float, slo_tbt_s: float =
         transfer_energy_j=result.transfer_energy_j,
         j_per_token=energy / max(output, 1),
         tokens_per_j=output / energy if energy > 0 else math.nan,
-        kv_transfers_per_conversation=sum(s.kv_transfers for s in result.conversations) / n,
+        kv_transfers_per_conversation=sum(s.kv_transfers for s in served) / max(len(served), 1),
         transferred_tokens=sum(r.transferred_tokens for r in records),
         decoder_kv_utilization=sum(d.kv_token_seconds for d in result.decoders) / (capacity * horizon),
         preemptions=sum(d.preemptions for d in result.decoders),
@@ -178,8 +199,10 @@ def _pool_share(records: list[TurnRecord]) -> float:
 
 
 def ttfet_values(result: SimResult) -> list[float]:
-    return [s.turns[s.conv.first_visible_turn].first_token_s - s.conv.arrival_s for s in result.conversations]
+    """The served conversations' TTFET (refused ones have none)."""
+    served = [s for s in result.conversations if not s.refused]
+    return [s.turns[s.conv.first_visible_turn].first_token_s - s.conv.arrival_s for s in served]
 
 
 def ttft_values(result: SimResult) -> list[float]:
-    return [r.ttft_s for s in result.conversations for r in s.turns]
+    return [r.ttft_s for s in result.conversations for r in s.turns if r.first_token_s >= 0]

@@ -82,6 +82,8 @@ class ConServe(_Base):
             spec["model"] = {"name": model.name, "kvBytesPerToken": model.kv_bytes_per_token}
         if idle_timeout_s is not None and idle_timeout_s >= 1:
             spec["defaultIdleTimeoutSeconds"] = round(idle_timeout_s)
+        if self.slo is not None:
+            spec["slo"] = {"ttfetSeconds": self.slo.ttfet_s, "tbtSeconds": self.slo.tbt_s}
         return DecoderPoolSpec.model_validate(spec)
 
     def bind(self, sim: SimView, idle_timeout_s: float | None = None) -> None:
@@ -151,7 +153,7 @@ class ConServe(_Base):
 
     @staticmethod
     def request(state: ConvState, record: TurnRecord) -> ConversationRequest:
-        return ConversationRequest(state.key, record.input_tokens, 0, state.turns[0].arrival_s)
+        return ConversationRequest(state.key, record.input_tokens, 0, record.arrival_s)  # its wait starts now
 
     def retain(self, state: ConvState, decoder: str) -> Retain:
         return "pin"
@@ -190,12 +192,15 @@ class ConServe(_Base):
         if self._sim is None:
             return
         started: list[Decision] = []
+        refused: list[Decision] = []
         released: list[str] = []
         self._applying = True
         try:
             for d in decisions:
                 if d.verdict is Verdict.PLACED:
                     started.append(d)
+                elif d.verdict is Verdict.FAILED:  # refused before its placement: its client is turned away
+                    refused.append(d)
                 elif d.verdict is Verdict.RELEASED and d.reason is Reason.IDLE_TIMEOUT:
                     released.append(d.conversation)
                 else:
@@ -204,6 +209,8 @@ class ConServe(_Base):
             self._applying = False
         for key in released:  # the scheduler's idle timeout: the data plane drops its KV everywhere
             self.sim.release_conversation(key)
+        for d in refused:
+            self.sim.refuse(d.conversation, d.reason.value)
         for d in started:  # placed from the queue: the waiting first turn starts
             waiting = self.sim.waiting_turn(d.conversation)
             if waiting is not None:

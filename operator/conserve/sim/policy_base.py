@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from conserve.core.pd import PdSettings
+from conserve.core.slo import SloClass
 from conserve.sim.pd import fleet_pd_settings
 from conserve.sim.records import ConvState, Retain, SimView, TurnRecord
 
@@ -20,6 +21,10 @@ class PolicyBase:
     def __init__(self) -> None:
         self._sim: SimView | None = None
         self.pd = PdSettings()
+        self.slo: SloClass | None = None
+
+    def set_slo(self, slo: SloClass | None) -> None:
+        self.slo = slo
 
     @property
     def pd_rule(self) -> str:

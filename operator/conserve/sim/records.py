@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from conserve.core.llm import ModelShape
 from conserve.core.offload import IdleKv
+from conserve.core.slo import SloClass
 from conserve.sim.conversations import Conversation
 
 if TYPE_CHECKING:
@@ -70,6 +71,9 @@ class ConvState:
     kv_transfers: int = 0
     started_s: float | None = None  # when its first turn was admitted (placement), for pending waits
     finished: bool = False
+    #: Why its client was turned away (admission: a queue wait past its budget, a gateway's request TTL); its
+    #: waiting turn was never served and no later turn came. "" when it was served.
+    refused: str = ""
 
     @property
     def key(self) -> str:
@@ -197,6 +201,10 @@ class SimView(Protocol):
 
     def release_conversation(self, key: str) -> None: ...
 
+    def refuse(self, key: str, reason: str) -> None:
+        """Turn the conversation's client away (its waiting turn is answered with HTTP 429): it ends unserved."""
+        ...
+
 
 class Policy(Protocol):
     name: str
@@ -213,6 +221,11 @@ class Policy(Protocol):
         ...
 
     def bind(self, sim: SimView, idle_timeout_s: float | None) -> None: ...
+
+    def set_slo(self, slo: SloClass | None) -> None:
+        """The conversations' SLO, known to every policy alike (ConServe's pool declares it; a gateway queue's
+        request TTL is its TTFET target); None: no SLO (the default runs)."""
+        ...
 
     def sweep(self, now: float) -> object: ...
 
