@@ -137,7 +137,7 @@ def compute_metrics(result: SimResult, *, slo_ttfet_s: float, slo_tbt_s: float =
     energy = prefill_energy + decode_energy + result.transfer_energy_j
     capacity = sum(d.capacity for d in result.decoders)
     n = max(len(result.conversations), 1)
-    gpus = sum(i.spec.tp for i in (*result.prefill, *result.decoders))
+    gpus = result.fleet.gpu_count
     goodput = met / horizon
     return RunMetrics(
         workload=result.workload,
