@@ -12,6 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from conserve.core.pd import PdRule, PdSettings
+from conserve.core.slo import SloClass, SloPolicy
 from conserve.core.tokens import filler_text
 from conserve.exposition import EngineLoad
 from conserve.gpusim.engine import Role
@@ -19,7 +20,7 @@ from conserve.gpusim.server import GpuSimConfig, GpuSimServer
 from conserve.metrics import RouterMetrics
 from conserve.router.app import build_app
 from conserve.router.control import _Waiters, pd_settings_of
-from conserve.router.policy import Backend, Placement
+from conserve.router.policy import Backend, Placement, conversation_object_name
 from conserve.router.service import Router, RouterConfig
 from conserve.testkit import PoolBuilder
 from conserve.testkit.metrics import fresh_registry
@@ -61,6 +62,7 @@ class FakeControlPlane:
         self.ended_names: set[str] = set()  # Completed by the "operator" (its idle timeout)
         # The pool's decider settings: the defaults, with llama-3-8b's KV per token (a KV transfer takes time).
         self.pd_settings = pd_settings_of(PoolBuilder("default").build()["spec"])
+        self.slo: SloPolicy | None = None  # the pool's spec.slo
         self._waiters = _Waiters()
 
     async def start(self) -> None:
@@ -133,6 +135,9 @@ class FakeControlPlane:
 
     def pool_pd_settings(self, pool: str) -> PdSettings:
         return self.pd_settings
+
+    def pool_slo(self, pool: str) -> SloPolicy | None:
+        return self.slo
 
     def ended(self, name: str) -> bool:
         return name in self.ended_names
@@ -235,12 +240,19 @@ class Harness:
 
 
 async def _conversation(
-    h: Harness, conv: str, turns: int, *, mode: str = "conversation", end: bool = True
+    h: Harness,
+    conv: str,
+    turns: int,
+    *,
+    mode: str = "conversation",
+    end: bool = True,
+    headers: dict[str, str] | None = None,
 ) -> list[str]:
     messages = [{"role": "user", "content": filler_text(1500)}]
     decoders = []
+    extra = headers or {}
     for i in range(turns):
-        headers = {"X-Conserve-Routing": mode}
+        headers = {"X-Conserve-Routing": mode, **extra}
         if end and i == turns - 1:
             headers["X-Conversation-End"] = "true"
         got, text = await h.chat(conv, messages, stream=i % 2 == 0, headers=headers)
@@ -474,3 +486,35 @@ async def test_the_scrape_reads_every_server_and_one_that_fails_keeps_its_last_r
         got, text = await h.chat("after", [{"role": "user", "content": filler_text(900)}])
         assert text
         assert got["X-Conserve-Decoder"] == "dec-0"
+
+
+@run
+async def test_turns_are_judged_against_their_class_and_misses_reach_the_usage() -> None:
+    """A pool with an SLO: the router names the conversation's class in its Conversation (from the first turn's
+    X-Conserve-Slo-Class), judges every turn (a class whose TTFET target no turn can meet: every turn missed; the
+    pool's own generous targets: met), counts them per class and reports the misses in spec.usage.sloMissedTurns."""
+    async with Harness() as h:
+        strict = SloClass("strict", 10, ttfet_s=1e-6, tbt_s=1e-7)
+        h.control.slo = SloPolicy(ttfet_s=60.0, tbt_s=5.0, classes={"strict": strict})
+        await _conversation(h, "s", 2, headers={"X-Conserve-Slo-Class": "strict"})
+        await _conversation(h, "p", 2)
+        await h.router.flush(force=True)
+        assert h.control.specs[conversation_object_name("s")]["sloClass"] == "strict"
+        assert "sloClass" not in h.control.specs[conversation_object_name("p")]
+        counted = "conserve_router_slo_turns_total"
+        assert h.sample(counted, pool="default", slo_class="strict", outcome="missed") == 2
+        assert h.sample(counted, pool="default", slo_class="", outcome="met") == 2
+        usage = {name: p["spec"]["usage"] for name, p in h.control.patches if "usage" in p.get("spec", {})}
+        assert usage[conversation_object_name("s")]["sloMissedTurns"] == 2
+        assert "sloMissedTurns" not in usage[conversation_object_name("p")]  # none missed
+
+
+@run
+async def test_a_class_name_that_is_not_a_dns_label_is_refused_naming_the_header() -> None:
+    async with Harness() as h:
+        body = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "hi"}]}
+        headers = {"X-Conversation-Id": "bad", "X-Conserve-Slo-Class": "Gold Tier!"}
+        async with h.http.post(f"{h.url}/v1/chat/completions", json=body, headers=headers) as resp:
+            assert resp.status == 400
+            assert "X-Conserve-Slo-Class" in (await resp.json())["error"]["message"]
+        assert h.control.created == []  # nothing was created for it

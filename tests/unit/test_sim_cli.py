@@ -44,8 +44,9 @@ def test_simulate_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "conserve" in captured.out
     assert "round-robin" in captured.out
     payload = json.loads((out / "results.json").read_text())
-    # 22 policies (4 ConServe variants, 9 baselines with the shared P/D decider, the same 9 with their own) x 2 fleets
-    assert len(payload["runs"]) == 44
+    # 24 policies (4 ConServe variants, 10 baselines with the shared P/D decider (9 per-turn routers and llm-d's flow
+    # control), the same 10 with their own) x 2 fleets
+    assert len(payload["runs"]) == 48
     rules = {r["policy"]: r["pd_rule"] for r in payload["runs"]}
     assert rules["conserve"] == rules["dynamo-kv-router"] == "decider: auto"
     assert rules["dynamo-kv-router@native"].startswith("native: the decoder when it lacks under 1000 tokens")

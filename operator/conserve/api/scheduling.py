@@ -9,6 +9,7 @@ each decoder's modelled J/token (the energy scorer's prior until the energy loop
 from __future__ import annotations
 
 from conserve.api.decoderpool import DecoderPoolSpec
+from conserve.api.slo import SloSpec
 from conserve.core.gpus import lookup_product
 from conserve.core.lifecycle import LifecycleSettings
 from conserve.core.llm import ModelShape
@@ -61,9 +62,11 @@ def scheduler_settings(
 
 def slo_policy(spec: DecoderPoolSpec) -> SloPolicy | None:
     """The pool's SLO (`spec.slo`) as the scheduler, the router and the operator's accounting use it."""
-    slo = spec.slo
-    if slo is None:
-        return None
+    return slo_policy_from(spec.slo) if spec.slo is not None else None
+
+
+def slo_policy_from(slo: SloSpec) -> SloPolicy:
+    """`spec.slo` as `conserve.core.slo` holds it (a class's missing targets are the pool's)."""
     classes = {
         c.name: SloClass(c.name, c.priority, c.ttfet_seconds or slo.ttfet_seconds, c.tbt_seconds or slo.tbt_seconds)
         for c in slo.classes

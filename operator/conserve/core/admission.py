@@ -41,27 +41,23 @@ class DepartureRate:
 
     window_s: float = DEPARTURE_WINDOW_S
     _times: deque[float] | None = None
-    _first_s: float | None = None
 
     def departed(self, now_s: float) -> None:
         if self._times is None:
             self._times = deque()
         self._times.append(now_s)
-        if self._first_s is None:
-            self._first_s = now_s
 
     def per_s(self, now_s: float) -> float | None:
-        """Departures per second over the window (or since the first one, while the window has not filled); None
-        with fewer than `MIN_DEPARTURES` in it."""
+        """Departures per second: the gaps between the departures still in the window, up to now (so a pool that
+        has stopped freeing room reads slower and slower); None with fewer than `MIN_DEPARTURES` in it."""
         times = self._times
-        if times is None or self._first_s is None:
+        if times is None:
             return None
         while times and now_s - times[0] > self.window_s:
             times.popleft()
         if len(times) < MIN_DEPARTURES:
             return None
-        span = min(self.window_s, max(now_s - self._first_s, 1.0))
-        return len(times) / span
+        return (len(times) - 1) / max(now_s - times[0], 1.0)
 
 
 def expected_wait_s(ahead: int, departures_per_s: float | None) -> float | None:

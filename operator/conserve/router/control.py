@@ -31,8 +31,10 @@ from conserve.api.conversation import TERMINAL_PHASES, ConversationStatus, Phase
 from conserve.api.decoderpool import DEFAULT_MAX_QUEUE_WAIT_SECONDS, DecoderPoolSpec, DecoderPoolStatus
 from conserve.api.decoderpool import PLURAL as DECODERPOOLS
 from conserve.api.labels import LABEL_MANAGED_BY, ROUTER_MANAGER
-from conserve.api.scheduling import pd_settings
+from conserve.api.scheduling import pd_settings, slo_policy_from
+from conserve.api.slo import SloSpec
 from conserve.core.pd import PdSettings
+from conserve.core.slo import SloPolicy
 from conserve.kube.aio import CALL_ERRORS, AsyncCustomObjectsApi, new_async_api_client, read_body
 from conserve.kube.aio_informer import AsyncInformer
 from conserve.kube.errors import Conflict, NotFound
@@ -103,6 +105,9 @@ class ControlPlane(Protocol):
         """The pool's P/D decider settings (`spec.prefillDecider`); the defaults for a pool the router has not
         seen."""
 
+    def pool_slo(self, pool: str) -> SloPolicy | None:
+        """The pool's SLO (`spec.slo`); None for a pool without one, or not seen."""
+
     def ended(self, name: str) -> bool:
         """Whether the conversation's object exists and has ended (Completed, e.g. its idle timeout, or Failed):
         its next turn starts it afresh."""
@@ -156,6 +161,18 @@ def pd_settings_of(spec: Mapping[str, Any] | None) -> PdSettings:
     except ValidationError as err:
         log.warning("DecoderPool spec not readable, the P/D decider runs with its defaults: %s", err)
         return PdSettings()
+
+
+def slo_of(spec: Mapping[str, Any] | None) -> SloPolicy | None:
+    """A DecoderPool spec's SLO (`spec.slo`); None without one, or when the api model refuses it (logged)."""
+    raw = (spec or {}).get("slo")
+    if raw is None:
+        return None
+    try:
+        return slo_policy_from(SloSpec.model_validate(raw))
+    except ValidationError as err:
+        log.warning("DecoderPool spec.slo not readable, turns are not judged: %s", err)
+        return None
 
 
 def _positive_seconds(value: object, default: int) -> float:
@@ -222,6 +239,7 @@ class PlacementCache:
         self._queue_waits: dict[str, float] = {}
         self._idle_timeouts: dict[str, float] = {}
         self._pd_settings: dict[str, PdSettings] = {}
+        self._slos: dict[str, SloPolicy | None] = {}
         self._waiters = _Waiters()
 
     def placement(self, name: str) -> Placement | None:
@@ -239,6 +257,9 @@ class PlacementCache:
 
     def pool_pd_settings(self, pool: str) -> PdSettings:
         return self._pd_settings.get(pool) or PdSettings()
+
+    def pool_slo(self, pool: str) -> SloPolicy | None:
+        return self._slos.get(pool)
 
     def ended(self, name: str) -> bool:
         status = self._statuses.get(name)
@@ -312,11 +333,13 @@ class PlacementCache:
                 self._queue_waits.pop(name, None)
                 self._idle_timeouts.pop(name, None)
                 self._pd_settings.pop(name, None)
+                self._slos.pop(name, None)
             else:
                 self._pools[name] = backends_from_pool_status(status)
                 self._queue_waits[name] = max_queue_wait_of(obj.get("spec"))
                 self._idle_timeouts[name] = idle_timeout_of(obj.get("spec"))
                 self._pd_settings[name] = pd_settings_of(obj.get("spec"))
+                self._slos[name] = slo_of(obj.get("spec"))
             return
         uid = str(obj["metadata"].get("uid") or "")
         deleted = self._deleted.get(name)

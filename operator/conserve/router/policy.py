@@ -40,6 +40,8 @@ EFFECTIVE_HEADER = "X-Conserve-Effective"
 MODE_HEADER = "X-Conserve-Routing"
 #: Names the DecoderPool (default: the router's --pool).
 POOL_HEADER = "X-Conserve-Pool"
+#: Names the conversation's SLO class (the pool's spec.slo.classes), on its first turn: its Conversation's sloClass.
+SLO_CLASS_HEADER = "X-Conserve-Slo-Class"
 #: Response headers: which decoder and prefill server served the turn, where its prompt was prefilled ("pool" or
 #: "decoder"), and the placement generation followed.
 DECODER_RESPONSE_HEADER = "X-Conserve-Decoder"
@@ -210,6 +212,7 @@ class Usage:
     ttfet_s: float | None = None
     prefill_pod: str | None = None  # the prefill server that actually ran the first turn
     pool_prefills: int = 0  # turns prefilled on a prefill server (the rest on the decoder)
+    slo_missed_turns: int = 0  # turns that missed the conversation's SLO (`conserve.router.slo`)
 
     def as_patch(self) -> dict[str, Any]:
         usage: dict[str, Any] = {
@@ -225,6 +228,8 @@ class Usage:
             usage["prefillPod"] = self.prefill_pod
         if self.pool_prefills:
             usage["poolPrefills"] = self.pool_prefills
+        if self.slo_missed_turns:
+            usage["sloMissedTurns"] = self.slo_missed_turns
         return {"spec": {"usage": usage}}
 
 
@@ -295,7 +300,7 @@ PLACEMENT_WAIT_MARGIN_S = 5.0
 #: Retry-After bounds (seconds).
 RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S = 1, 30
 #: Failed with these reasons: the operator refused the conversation because the pool was full (429).
-REFUSED = frozenset({Reason.QUEUE_WAIT_EXCEEDED.value, Reason.NO_CAPACITY.value})
+REFUSED = frozenset({Reason.QUEUE_WAIT_EXCEEDED.value, Reason.SLO_UNATTAINABLE.value, Reason.NO_CAPACITY.value})
 #: Still waiting for these reasons when the router's wait ends: a pool busy or short of decoders, whose capacity
 #: comes back (429); the operator refuses these at the pool's limit too. Others (PoolNotFound, InvalidPool) are faults.
 BUSY = frozenset({Reason.NO_CAPACITY.value, Reason.NO_READY_DECODER.value, Reason.NO_DECODER.value})
@@ -345,9 +350,11 @@ def not_placed(
     why = f"{reason}: {detail}" if reason and detail else reason or detail or "no word from the operator"
     if failed and reason in REFUSED:
         retry = retry_after_s(pool_max_wait_s)
-        if reason == Reason.QUEUE_WAIT_EXCEEDED.value:
+        if reason in (Reason.QUEUE_WAIT_EXCEEDED.value, Reason.SLO_UNATTAINABLE.value):
             return NotPlaced(429, f"conversation {conversation_id} {detail}", reason, retry)
         return NotPlaced(429, f"conversation {conversation_id} refused by pool {pool} ({why})", reason, retry)
+    if failed and reason == Reason.UNKNOWN_SLO_CLASS.value:  # the client's mistake (X-Conserve-Slo-Class)
+        return NotPlaced(400, f"conversation {conversation_id} not placed ({why})", reason)
     if failed:
         return NotPlaced(503, f"conversation {conversation_id} not placed ({why})", reason or "")
     if reason in BUSY:

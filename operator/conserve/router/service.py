@@ -43,7 +43,7 @@ from conserve.api.openai_wire import prompt_tokens_of
 from conserve.core.pd import PdChoice
 from conserve.core.tokens import estimate_tokens
 from conserve.metrics import RouterMetrics
-from conserve.router import backend
+from conserve.router import backend, slo
 from conserve.router.control import ControlPlane
 from conserve.router.placing import Placing, UsageReports
 from conserve.router.planner import Planner
@@ -52,6 +52,7 @@ from conserve.router.policy import (
     END_HEADER,
     MODE_HEADER,
     POOL_HEADER,
+    SLO_CLASS_HEADER,
     Backend,
     LoadBook,
     Mode,
@@ -150,12 +151,17 @@ class Router:
         prompt_tokens = prompt_tokens_of(request.body, request.kind == "chat")
         effective = header_flag(request.headers.get(EFFECTIVE_HEADER), True)
         ending = header_flag(request.headers.get(END_HEADER), False)
+        slo_class = request.headers.get(SLO_CLASS_HEADER)
+        if slo_class is not None and not slo.valid_class_name(slo_class):
+            raise TurnError(400, f"{SLO_CLASS_HEADER}: {slo_class[:80]!r} is not a class name (a DNS label)")
         if conv_id is None:
             mode = Mode.PER_TURN  # nothing to pin: a one-turn request
         if pool not in self._pools and any(self.backends(pool)):  # a pool with servers (not any name a client sends)
             self._pools.add(pool)
         self.signals.prompt_seen(prompt_tokens)
         state = self._state(conv_id, mode, arrival) if conv_id is not None else None
+        if state is not None and state.turns == 0 and slo_class is not None:
+            state.slo_class = slo_class
         lock = state.lock if state is not None else asyncio.Lock()
         async with lock:
             async for item in self._turn_locked(request, mode, pool, state, prompt_tokens, effective, arrival):
@@ -228,6 +234,8 @@ class Router:
             state.created, state.kv_generation, state.refused = None, None, True
         if state.created is None:
             spec: dict[str, Any] = {"pool": pool, "firstTurnInputTokens": max(prompt_tokens, 1)}
+            if state.slo_class is not None:
+                spec["sloClass"] = state.slo_class
             if self.config.idle_timeout_seconds is not None:
                 spec["idleTimeoutSeconds"] = self.config.idle_timeout_seconds
             replace, state.refused = state.refused or self.control.ended(state.name), False
@@ -394,6 +402,9 @@ class Router:
         self.metrics.prefill_site_turns_total.labels(
             mode=mode.value, site=plan.site.value, turn="first" if first else "later"
         ).inc()
+        if state is not None and mode is Mode.CONVERSATION:
+            pool_slo = self.control.pool_slo(state.pool)
+            slo.judge_and_count(self.metrics.slo_turns_total, pool_slo, state, result, arrival, last_token_s, effective)
         if state is not None:
             self._account(state, plan, prompt_tokens, result.completion_tokens)
         yield result

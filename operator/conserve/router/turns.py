@@ -50,6 +50,8 @@ class ConversationState:
     last_turn_s: float = 0.0
     prefill_pod: str | None = None  # who ran the first turn's prefill (reported: the operator's status follows)
     pool_prefills: int = 0  # its turns prefilled on a prefill server (the P/D decider's "pool")
+    slo_class: str | None = None  # X-Conserve-Slo-Class of its first turn (its Conversation's spec.sloClass)
+    slo_missed_turns: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def usage(self, last_turn_time: str) -> Usage:
@@ -62,6 +64,7 @@ class ConversationState:
             self.ttfet_s,
             self.prefill_pod,
             self.pool_prefills,
+            self.slo_missed_turns,
         )
 
 

@@ -26,11 +26,13 @@ from typing import Any
 
 from tqdm import tqdm
 
+from conserve.core.slo import SloClass
 from conserve.progress import progress_bar
 from conserve.sim.attribution import Attribution, attribute
 from conserve.sim.conversations import Workload
 from conserve.sim.engine import SimResult, simulate
 from conserve.sim.fleet import Fleet, FleetFile
+from conserve.sim.goodput import Knee, knees
 from conserve.sim.metrics import (
     SLO_TBT_S,
     SLO_TTFET_AGENTIC_S,
@@ -90,6 +92,7 @@ class BenchResult:
     runs: list[Run] = field(default_factory=list)
     comparisons: list[Comparison] = field(default_factory=list)
     attributions: list[Attribution] = field(default_factory=list)
+    knees: list[Knee] = field(default_factory=list)  # per policy, where several loads ran (`conserve.sim.goodput`)
 
 
 def slo_ttfet_for(workload: str) -> float:
@@ -104,11 +107,16 @@ def run_one(
     idle_timeout_s: float | None,
     progress: Callable[[int], None] | None = None,
     slo_ttfet_s: float | None = None,
+    declare_slo: bool = False,
 ) -> tuple[Run, SimResult]:
+    """One policy's run. `declare_slo`: every policy is told the SLO (ConServe's pool declares it, so admission
+    bounds the queue wait by it; the flow-control gateway's request TTL is its TTFET target)."""
     policy = make_policy(policy_name)
+    slo = slo_ttfet_s if slo_ttfet_s is not None else slo_ttfet_for(workload.name)
+    if declare_slo:
+        policy.set_slo(SloClass("", 0, slo, SLO_TBT_S))
     # Every policy gets the same idle timeout (and the same end signals, host tier and prefill-side caches).
     result = simulate(fleet, workload, policy, idle_timeout_s=idle_timeout_s, progress=progress)
-    slo = slo_ttfet_s if slo_ttfet_s is not None else slo_ttfet_for(workload.name)
     metrics = compute_metrics(result, slo_ttfet_s=slo, slo_tbt_s=SLO_TBT_S)
     tokens = max(metrics.output_tokens, 1)
     return Run(
@@ -248,8 +256,10 @@ def bench(
     fleets: Sequence[Fleet] | None = None,
     idle_timeout_s: float | None = None,
     show_progress: bool = True,
+    declare_slo: bool = False,
 ) -> BenchResult:
-    """Every policy on every workload and fleet (`fleets`, else the file's fleet in each tier mode)."""
+    """Every policy on every workload and fleet (`fleets`, else the file's fleet in each tier mode); with
+    `declare_slo`, every policy is told the workload's SLO (`run_one`)."""
     chosen = list(fleets) if fleets is not None else [fleet_file.build(tiered=t) for t in tier_modes]
     total = sum(w.turns for w in workloads) * len(policies) * len(chosen)
     result = BenchResult()
@@ -258,10 +268,18 @@ def bench(
             for fleet in chosen:
                 for name in policies:
                     bar.set_description(f"{workload.name} {fleet.name} {name}", refresh=False)
-                    run, _ = run_one(fleet, workload, name, idle_timeout_s=idle_timeout_s, progress=_progress(bar))
+                    run, _ = run_one(
+                        fleet,
+                        workload,
+                        name,
+                        idle_timeout_s=idle_timeout_s,
+                        progress=_progress(bar),
+                        declare_slo=declare_slo,
+                    )
                     result.runs.append(run)
     result.comparisons = compare(result.runs)
     result.attributions = attribute([r.metrics for r in result.runs])
+    result.knees = knees([r.metrics for r in result.runs])
     return result
 
 

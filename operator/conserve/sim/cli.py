@@ -145,7 +145,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         "--sweep-load",
         default=None,
         metavar="LOADS",
-        help="run every workload at these load factors, e.g. 0.5,1,1.5,2 (replaces --load-scale)",
+        help="run every workload at these load factors, e.g. 0.5,1,1.5,2 (replaces --load-scale), with the SLO "
+        "declared to every policy: SLO attainment, goodput and each policy's knee (report.md, goodput_*.png)",
     )
     p.add_argument(
         "--sweep-fleets",
@@ -249,6 +250,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         fleets=fleets,
         idle_timeout_s=_idle(args),
         show_progress=not args.no_progress,
+        declare_slo=bool(args.sweep_load),
     )
     elapsed = time.monotonic() - started
     print(format_table(result.runs))
@@ -266,6 +268,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "idle_timeout_s": _idle(args),
         "duration_s": args.duration_s,
         "signals": signals,
+        "slo_declared": bool(args.sweep_load),
         "elapsed_s": elapsed,
     }
     for path in write_results(result, out, meta=meta):

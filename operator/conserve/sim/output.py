@@ -45,6 +45,8 @@ TABLE_COLUMNS: tuple[TableColumn, ...] = (
     TableColumn("TBT95ms", "tbt_p95_s", 8, ".1f", 1000.0),
     TableColumn("lastTBT95", "last_turn_tbt_p95_s", 9, ".1f", 1000.0),
     TableColumn("SLO", "slo_attainment", 6, ".1%"),
+    TableColumn("refused", "refused", 7, "d"),
+    TableColumn("good/s", "goodput_per_s", 6, ".3f"),
     TableColumn("tok/s", "throughput_tokens_per_s", 6, ".0f"),
     TableColumn("J/tok", "j_per_token", 6, ".3f"),
     TableColumn("tok/J", "tokens_per_j", 6, ".3f"),
@@ -118,6 +120,7 @@ def write_results(result: BenchResult, out: Path, *, meta: dict[str, object]) ->
         "runs": rows,
         "comparisons": [{name: getattr(c, name) for name in COMPARISON_FIELDS} for c in result.comparisons],
         "attributions": [a.as_dict() for a in result.attributions],
+        "knees": [k.as_dict() for k in result.knees],
     }
     json_path.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n", encoding="utf-8")
     written.append(json_path)

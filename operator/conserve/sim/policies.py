@@ -12,7 +12,8 @@ then starts (`SimView.start_placed`). It is released when the client marks it co
 the scheduler's sweep (every simulated second, as in the operator) once idle past the idle timeout
 (`SimView.release_conversation`); a later turn starts it afresh.
 
-**Per-turn baselines** are in `conserve.sim.baselines`; this module's `POLICIES` names them all.
+**Per-turn baselines** are in `conserve.sim.baselines`, and llm-d's flow control (a gateway queue in front of its
+router) in `conserve.sim.flowcontrol`; this module's `POLICIES` names them all.
 
 **KV lifecycle** (`conserve.core.lifecycle`): ConServe's idle pinned conversations go to their decoder's host
 memory (or are dropped) when room is needed, never on a timer (the pool's opt-in TTLs are left unset); the pin
@@ -34,7 +35,8 @@ from conserve.core.pd import PdRule
 from conserve.core.placement import DecoderState, PlacementSettings, PlacementWeights
 from conserve.core.prefill import PrefillState
 from conserve.core.scheduler import PoolScheduler, SchedulerSettings
-from conserve.sim.baselines import NATIVE_BASELINES, PER_TURN_BASELINES, PerTurn
+from conserve.sim.baselines import NATIVE_BASELINES, PER_TURN_BASELINES, PerTurn, with_native_rule
+from conserve.sim.flowcontrol import LlmdFlowControl
 from conserve.sim.pd import decide_turn, first_turn_before_placement, fleet_pd_settings, route_for
 from conserve.sim.policy_base import PolicyBase as _Base
 from conserve.sim.records import ConvState, Policy, RemoteRoute, Retain, Route, SimView, TurnRecord
@@ -257,16 +259,20 @@ class ConServeLaterTurnsOnDecoder(ConServe):
 
 
 _CONSERVE: tuple[type[ConServe], ...] = (ConServe, ConServePack, ConServeNoOffload, ConServeLaterTurnsOnDecoder)
+#: Every baseline with the shared P/D decider: the per-turn routers, and llm-d's flow control (a gateway queue) in
+#: front of its router, the peer that queues too (`conserve.sim.flowcontrol`).
+_BASELINES: tuple[type[PerTurn], ...] = (*PER_TURN_BASELINES, LlmdFlowControl)
+_NATIVE: tuple[type[PerTurn], ...] = (*NATIVE_BASELINES, with_native_rule(LlmdFlowControl))
 POLICIES: dict[str, type[ConServe] | type[PerTurn]] = {
     **{p.name: p for p in _CONSERVE},
-    **{p.name: p for p in PER_TURN_BASELINES},
-    **{p.name: p for p in NATIVE_BASELINES},
+    **{p.name: p for p in _BASELINES},
+    **{p.name: p for p in _NATIVE},
 }
 #: The conversation-level policies (the default profile first) and the per-turn baselines.
 CONSERVE_VARIANTS = tuple(p.name for p in _CONSERVE)
 #: The baselines with the shared P/D decider (the fair comparison), and each with its own P/D rule (`@native`).
-BASELINES = tuple(p.name for p in PER_TURN_BASELINES)
-NATIVE = tuple(p.name for p in NATIVE_BASELINES)
+BASELINES = tuple(p.name for p in _BASELINES)
+NATIVE = tuple(p.name for p in _NATIVE)
 
 
 def make_policy(name: str) -> Policy:

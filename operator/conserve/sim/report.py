@@ -15,6 +15,7 @@ from typing import Any
 
 from conserve.sim.attribution import Attribution
 from conserve.sim.bench import PAPER_BASELINE, BenchResult, Run
+from conserve.sim.goodput import goodput_plots, goodput_section
 from conserve.sim.metrics import RunMetrics
 from conserve.sim.policies import BASELINES, ConServe
 
@@ -176,11 +177,13 @@ def write_report(result: BenchResult, out: Path, *, meta: dict[str, object]) -> 
     lines.append("")
     lines.append("## Per workload, load and fleet")
     lines.append("")
+    if result.knees:
+        lines.extend(goodput_section([r.metrics for r in result.runs], result.knees, ConServe.name, BASELINES))
     for workload, fleet in _scenarios(result.runs):
         lines.extend(scenario_section(result.runs, workload, fleet))
         lines.extend(attribution_section(result.attributions, workload, fleet))
     lines.append("Plots: `ttfet_cdf_<workload>.png`, `summary_<workload>.png`, `energy_per_token_<workload>.png`, and")
-    lines.append("`load_sweep_<workload>.png` when several loads ran.")
+    lines.append("`load_sweep_<workload>.png` and `goodput_<workload>_<fleet>.png` when several loads ran.")
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -250,6 +253,7 @@ def write_plots(runs: Sequence[Run], out: Path) -> list[Path]:
         ax.grid(True, axis="y", alpha=0.3)
         written.append(_save(plt, fig, out / f"energy_per_token_{w}.png"))
     written.extend(_load_sweep_plots(plt, runs, out))
+    written.extend(goodput_plots(plt, [r.metrics for r in runs], out, ConServe.name))
     return written
 
 
