@@ -118,13 +118,13 @@ def test_a_turn_of_a_conversation_queued_too_long_gets_429_and_a_retry_is_served
     error = json.loads(data)["error"]
     assert error["code"] in ("QueueWaitExceeded", "NoCapacity")  # the operator's refusal, or the router's own wait
     assert error["message"].startswith("conversation second waited ")
-    assert "in the queue of pool pool" in error["message"]
+    assert "in the queue" in error["message"]
     assert "NoCapacity" in error["message"]
 
     # The Conversation says so: Failed, Placed=False with reason QueueWaitExceeded, and a Warning Event.
     refused = wait_for("the operator's refusal", lambda: _refused(busy_plane, "second"), timeout_s=30)
     assert refused["status"] == "False"
-    assert "over its limit of 2 s (NoCapacity: " in refused["message"]
+    assert "over its budget of 2 s (NoCapacity: " in refused["message"]
     name = busy_plane.conversation("second")["metadata"]["name"]
     assert wait_for("a QueueWaitExceeded Event", lambda: _warning_events(busy_plane, name), timeout_s=30)
 
