@@ -6,11 +6,11 @@ Rule (the pool scheduler applies it; the operator and the simulator run that sch
   a first turn that waited that long has missed the SLO whatever happens next, so it is refused (the router: HTTP
   429 with Retry-After and the reason) instead of being admitted late, and the room goes to a conversation that can
   still make it. Never longer than the pool's `placement.maxQueueWaitSeconds`; a pool with no SLO has only that.
-- **Early refusal.** When a conversation has to queue, its wait is estimated from the queue ahead of it (same or
-  higher priority) and the rate at which the pool's conversations have been leaving (releases observed over the last
-  `DEPARTURE_WINDOW_S`): `(ahead + 1) / rate`. One whose estimate is past its budget is refused at once, with the
-  estimate in the message; with too few departures observed there is no estimate and it waits (the budget still
-  bounds it).
+- **Early refusal** (a pool with an SLO). When a conversation has to queue, its wait is estimated from the queue
+  ahead of it (same or higher priority) and the rate at which the pool's conversations have been leaving
+  (releases observed over the last `DEPARTURE_WINDOW_S`): `(ahead + 1) / rate`. One whose estimate is past its
+  budget is refused at once, with the estimate in the message; with too few departures observed there is no
+  estimate and it waits (the budget still bounds it).
 - **No preemption.** Admission never takes a reservation from an admitted conversation: only KV that is idle
   between turns may move to host memory to make room (`conserve.core.lifecycle`), and the pin stays.
 """

@@ -213,12 +213,12 @@ class PoolScheduler(SchedulerView):
     def _wait_or_fail(
         self, view: ConversationView, reason: Reason, message: str, replacing: bool, now_s: float
     ) -> Decision:
-        """Queue it; or fail it: its decoder was lost and nothing holds it, or (on its first wait for capacity)
-        its expected wait is past its budget (`core.admission`)."""
+        """Queue it; or fail it: its decoder was lost and nothing holds it, or (on its first wait for capacity, in a
+        pool with an SLO) its expected wait is past its budget (`core.admission`)."""
         if replacing:
             return self._fail(view, Reason.DECODER_LOST, f"its decoder was lost and {message}")
         request = view.request
-        if reason is Reason.NO_CAPACITY and not view.told_waiting:
+        if reason is Reason.NO_CAPACITY and not view.told_waiting and self._settings.slo is not None:
             rank = self._class_priority(request)
             ahead = sum(1 for r in self._pending.values() if r.key != request.key and self._class_priority(r) >= rank)
             estimate = expected_wait_s(ahead, self._departures.per_s(now_s))
