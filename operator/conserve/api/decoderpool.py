@@ -214,6 +214,12 @@ class DecoderPoolSpec(CamelModel):
         "Bounds each class's queue wait by its TTFET target; status.slo reports attainment and goodput.",
     )
     default_idle_timeout_seconds: int = Field(1800, ge=1, le=7 * 24 * 3600)
+    # engine profile (issue 26): the serving engine's overheads for the performance model (core/engine_profiles.py)
+    engine_profile: Literal["vllm-cuda-graphs", "tensorrt-llm", "vllm-2023"] = Field(
+        "vllm-cuda-graphs",
+        description="The serving engine's profile for the performance and power model (energy priors): "
+        "vllm-cuda-graphs (a current vLLM), tensorrt-llm, or vllm-2023 (vLLM without CUDA graphs).",
+    )
 
     @model_validator(mode="after")
     def _selector_not_empty(self) -> DecoderPoolSpec:

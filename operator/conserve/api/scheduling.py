@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from conserve.api.decoderpool import DecoderPoolSpec
 from conserve.api.slo import SloSpec
+from conserve.core.engine_profiles import lookup_profile
 from conserve.core.gpus import lookup_product
 from conserve.core.lifecycle import LifecycleSettings
 from conserve.core.llm import ModelShape
@@ -97,7 +98,8 @@ def energy_prior_j(spec: DecoderPoolSpec, gpu_product: str, gpu_count: int) -> f
     shape = spec.model.resolved_shape()
     if gpu is None or shape is None:
         return None
-    return decoder_energy_prior_j(Device(gpu, max(gpu_count, 1)), shape)
+    device = Device(gpu, max(gpu_count, 1), params=lookup_profile(spec.engine_profile).params)
+    return decoder_energy_prior_j(device, shape)
 
 
 def decoder_energy_prior_j(device: Device, model: ModelShape) -> float:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from conserve.core import perf
-from conserve.core.perf import CALIBRATED, Device, PerfParams
+from conserve.core.perf import Device, PerfParams
 from conserve.perfmodel.measurements import Measurement
 
 PHASES = ("prefill", "decode", "prefill_power", "mean_power")
@@ -34,51 +34,64 @@ class ErrorStats:
     bias: float  # median signed relative error: negative when the model is too fast (or too low)
 
 
-def device_of(row: Measurement) -> Device:
-    return Device(row.gpu, row.tp, power_limit_w=row.power_limit_w)
+def device_of(row: Measurement, params: PerfParams | None = None) -> Device:
+    """The row's GPUs under the given constants (None: the default engine profile's)."""
+    if params is None:
+        return Device(row.gpu, row.tp, power_limit_w=row.power_limit_w)
+    return Device(row.gpu, row.tp, power_limit_w=row.power_limit_w, params=params)
 
 
 def _prefill_tokens(row: Measurement) -> int:
     return row.batch * row.prompt_tokens
 
 
-def modelled_prefill_ms(row: Measurement, params: PerfParams = CALIBRATED) -> float:
-    return 1e3 * perf.prefill_cost(device_of(row), row.model, _prefill_tokens(row), 0, row.batch, params).time_s
+def _prefill(row: Measurement, params: PerfParams | None) -> perf.StepCost:
+    return perf.prefill_cost(device_of(row, params), row.model, _prefill_tokens(row), 0, row.batch)
 
 
-def modelled_decode_step_ms(row: Measurement, params: PerfParams = CALIBRATED) -> float:
-    return 1e3 * perf.decode_step_time_s(device_of(row), row.model, row.batch, row.batch * row.context_tokens, params)
+def modelled_prefill_ms(row: Measurement, params: PerfParams | None = None) -> float:
+    return 1e3 * _prefill(row, params).time_s
 
 
-def _prefill_power_per_gpu_w(row: Measurement, params: PerfParams) -> float:
-    device = device_of(row)
-    cost = perf.prefill_cost(device, row.model, _prefill_tokens(row), 0, row.batch, params)
-    return perf.power_w(device, cost.activity) / row.tp
+def modelled_decode_step_ms(row: Measurement, params: PerfParams | None = None) -> float:
+    return 1e3 * perf.decode_step_time_s(device_of(row, params), row.model, row.batch, row.batch * row.context_tokens)
 
 
-def _mean_power_per_gpu_w(row: Measurement, params: PerfParams) -> float:
-    """Prefill, then decode steps from the prompt to twice the row's context beyond it, averaged per GPU."""
-    device = device_of(row)
-    prefill_s = perf.prefill_cost(device, row.model, _prefill_tokens(row), 0, row.batch, params).time_s
-    prefill_j = _prefill_power_per_gpu_w(row, params) * row.tp * prefill_s
+def _prefill_power_per_gpu_w(row: Measurement, params: PerfParams | None) -> float:
+    return perf.power_w(device_of(row, params), _prefill(row, params).activity) / row.tp
+
+
+def modelled_mean_power_w(row: Measurement, params: PerfParams | None = None) -> float:
+    """Per GPU, over the row's request: its prefill when the row has a prefill time, then decode steps from the
+    prompt to twice the row's context beyond it (a row with no decode beyond its prompt: one step at its
+    context)."""
+    device = device_of(row, params)
+    prefill_s = prefill_j = 0.0
+    if row.prefill_ms and row.prompt_tokens > 0:
+        prefill_s = _prefill(row, params).time_s
+        prefill_j = _prefill_power_per_gpu_w(row, params) * row.tp * prefill_s
     steps = max(2 * (row.context_tokens - row.prompt_tokens), 0)
     start = row.batch * row.prompt_tokens
+    if steps == 0 and prefill_s == 0.0:
+        steps, start = 1, row.batch * row.context_tokens
     decode = perf.decode_run(device, row.model, row.batch, start)
     decode_s, decode_j = decode.time_s(steps), decode.energy_j(steps)
     return (prefill_j + decode_j) / (prefill_s + decode_s) / row.tp
 
 
-def row_errors(rows: Iterable[Measurement], params: PerfParams = CALIBRATED) -> list[RowError]:
+def row_errors(rows: Iterable[Measurement], params: PerfParams | None = None) -> list[RowError]:
+    """Every measured column of every row against the model: prefill and decode times, prefill power (rows
+    with a prompt), mean power (with or without a prefill time)."""
     errors: list[RowError] = []
     for row in rows:
         if row.prefill_ms:
             errors.append(RowError(row, "prefill", row.prefill_ms, modelled_prefill_ms(row, params)))
         if row.decode_step_ms:
             errors.append(RowError(row, "decode", row.decode_step_ms, modelled_decode_step_ms(row, params)))
-        if row.prefill_power_w and row.prefill_ms:
+        if row.prefill_power_w and row.prompt_tokens > 0:
             errors.append(RowError(row, "prefill_power", row.prefill_power_w, _prefill_power_per_gpu_w(row, params)))
-        if row.mean_power_w and row.prefill_ms:
-            errors.append(RowError(row, "mean_power", row.mean_power_w, _mean_power_per_gpu_w(row, params)))
+        if row.mean_power_w:
+            errors.append(RowError(row, "mean_power", row.mean_power_w, modelled_mean_power_w(row, params)))
     return errors
 
 

@@ -1,7 +1,9 @@
-"""Fitting the model's constants to measurements (least absolute log errors, Nelder-Mead; no dependencies).
+"""Fitting an engine profile's constants to measurements (least absolute log errors, Nelder-Mead; no dependencies).
 
-Run on the fit set only (`conserve perf-model fit`); the result is pasted into core/perf.py's CALIBRATED with
-the data it came from. The held-out set never enters here.
+Run on a fit set only (`conserve perf-model fit --profile NAME --fields time|power`); the result is pasted into
+core/engine_profiles.py with the data it came from (perfmodel/data/README.md gives the procedure). Every fit
+starts from the same point (`START`), so it is reproducible from the shipped data whatever is pasted. The
+held-out set never enters here.
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
-from conserve.core.perf import CALIBRATED, PerfParams
+from conserve.core.engine_profiles import VLLM_2023, PerfParams
 from conserve.perfmodel.check import row_errors
 from conserve.perfmodel.measurements import Measurement
 
-#: The fitted fields, each with its allowed range (a value outside is clamped).
-FITTED: dict[str, tuple[float, float]] = {
+#: The time constants, each with its allowed range (a value outside is clamped).
+TIME_FIELDS: dict[str, tuple[float, float]] = {
     "prefill_step_overhead_s": (1e-5, 0.2),
     "decode_step_overhead_s": (1e-5, 0.2),
     "decode_per_sequence_s": (1e-7, 0.01),
@@ -24,13 +26,28 @@ FITTED: dict[str, tuple[float, float]] = {
     "attention_mfu": (0.02, 1.0),
     "decode_mbu": (0.2, 1.0),
     "allreduce_hop_latency_s": (1e-7, 1e-3),
-    "memory_bound_activity": (0.05, 1.0),
+}
+#: The power model's weights (shares of the dynamic power range at peak bandwidth and at peak tensor rate).
+POWER_FIELDS: dict[str, tuple[float, float]] = {
+    "memory_power_weight": (0.01, 3.0),
+    "compute_power_weight": (0.01, 3.0),
+}
+FIELD_SETS: dict[str, dict[str, tuple[float, float]]] = {
+    "time": TIME_FIELDS,
+    "power": POWER_FIELDS,
+    "all": {**TIME_FIELDS, **POWER_FIELDS},
+}
+#: Where every fit starts: the first fit's time constants (vLLM 2023) and half the dynamic range for power.
+START: dict[str, float] = {
+    **{name: getattr(VLLM_2023, name) for name in TIME_FIELDS},
+    "memory_power_weight": 0.5,
+    "compute_power_weight": 0.5,
 }
 
 
-def _params(vector: Sequence[float], base: PerfParams) -> PerfParams:
+def _params(vector: Sequence[float], base: PerfParams, fields: dict[str, tuple[float, float]]) -> PerfParams:
     values = {}
-    for (name, (low, high)), x in zip(FITTED.items(), vector, strict=True):
+    for (name, (low, high)), x in zip(fields.items(), vector, strict=True):
         values[name] = min(max(math.exp(x), low), high)
     return dataclasses.replace(base, **values)
 
@@ -80,8 +97,12 @@ def nelder_mead(
     return simplex[min(range(n + 1), key=lambda i: scores[i])]
 
 
-def fit(rows: Sequence[Measurement], base: PerfParams = CALIBRATED, restarts: int = 3) -> PerfParams:
-    vector = [math.log(min(max(getattr(base, name), low), high)) for name, (low, high) in FITTED.items()]
+def fit(
+    rows: Sequence[Measurement], base: PerfParams, fields: str = "time", restarts: int = 3, iterations: int = 1500
+) -> PerfParams:
+    """`base` with the `fields` set ("time", "power" or "all") fitted to `rows`, from `START`."""
+    fitted = FIELD_SETS[fields]
+    vector = [math.log(min(max(START[name], low), high)) for name, (low, high) in fitted.items()]
     for _ in range(restarts):  # restarting from the best point escapes Nelder-Mead's early collapse
-        vector = nelder_mead(lambda v: loss(rows, _params(v, base)), vector)
-    return _params(vector, base)
+        vector = nelder_mead(lambda v: loss(rows, _params(v, base, fitted)), vector, iterations=iterations)
+    return _params(vector, base, fitted)

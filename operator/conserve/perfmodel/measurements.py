@@ -1,7 +1,9 @@
 """Reading measurement and model-shape CSV files, and the packaged calibration data.
 
 Measurement columns: model, gpu, tp, batch, prompt_tokens, context_tokens, prefill_ms, decode_step_ms (either
-time may be empty); optional: power_limit_w (per GPU), prefill_power_w and mean_power_w (per GPU, watts).
+time may be empty); optional: power_limit_w (per GPU), prefill_power_w and mean_power_w (per GPU, watts), dtype
+(`fp16`/`bf16`, the default, or `fp8`: 8-bit weights and KV cache at twice the 16-bit tensor rate, on GPUs that
+have FP8: Ada, Hopper, Blackwell).
 - prefill_ms: one prefill step of `batch` prompts of `prompt_tokens` each;
 - decode_step_ms: one decode step of `batch` sequences whose mean context is `context_tokens` each;
 - prefill_power_w: board power per GPU during the prefill; mean_power_w: per GPU over a request of the row
@@ -12,6 +14,7 @@ Shape columns: name, parameters, layers, hidden_size, attention_heads, kv_heads,
 from __future__ import annotations
 
 import csv
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -22,10 +25,13 @@ from conserve.core.llm import MODELS, ModelShape, lookup_model
 
 REQUIRED_COLUMNS = ("model", "gpu", "tp", "batch", "prompt_tokens", "context_tokens", "prefill_ms", "decode_step_ms")
 SHAPE_COLUMNS = ("name", "layers", "hidden_size", "attention_heads", "kv_heads")
-#: Packaged data sets: the fit set and the held-out set (see data/README.md).
-FIT_DATA = "splitwise.csv"
-HELD_OUT_DATA = "tensorrt_llm_a100.csv"
+#: Packaged data sets (see data/README.md), each with the engine profile it describes: the fit sets, then the
+#: held-out set (never fitted on).
+FIT_DATA: dict[str, str] = {"splitwise.csv": "vllm-2023", "tensorrt_llm_v0_9.csv": "tensorrt-llm"}
+HELD_OUT_DATA: dict[str, str] = {"tensorrt_llm_a100.csv": "tensorrt-llm"}
 SHAPES_DATA = "shapes.csv"
+#: GPU products with an FP8 tensor rate (twice their 16-bit rate): Ada, Hopper, Blackwell.
+FP8_PRODUCTS = frozenset({"H100", "H100-PCIE", "H200", "H20", "L40S", "L4", "B200"})
 
 
 class MeasurementError(ValueError):
@@ -137,6 +143,14 @@ def _measurement(row: Mapping[str, str], where: str, line: int, shapes: Mapping[
     if prefill is not None and prompt < 1:
         raise MeasurementError(f"{where}: field 'prompt_tokens' must be at least 1 with a prefill time")
     model = _model(row["model"], shapes, where)
+    dtype = (row.get("dtype") or "bf16").strip().lower()
+    if dtype == "fp8":
+        if gpu.product not in FP8_PRODUCTS:
+            raise MeasurementError(f"{where}: field 'dtype': {gpu.product} has no FP8 tensor rate")
+        model = dataclasses.replace(model, bytes_per_element=1)
+        gpu = dataclasses.replace(gpu, bf16_flops_per_s=2 * gpu.bf16_flops_per_s)
+    elif dtype not in ("bf16", "fp16"):
+        raise MeasurementError(f"{where}: field 'dtype' must be bf16, fp16 or fp8, not {dtype!r}")
     power = (num("power_limit_w"), num("prefill_power_w"), num("mean_power_w"))
     return Measurement(model, gpu, tp, batch, prompt, context, prefill, decode, *power, line=line)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from conserve.core.engine_profiles import DEFAULT_PROFILE, PROFILES, EngineProfile
 from conserve.core.gpus import CATALOG, Role, Tier
 from conserve.core.llm import MODELS, ModelShape, kv_capacity_tokens
 from conserve.core.offload import HOST_KV_BYTES_PER_GPU
@@ -62,6 +63,8 @@ class Fleet:
     #: A fleet-wide KV store (Mooncake's KVCache pool) of this many bytes: decoders write every finished turn's
     #: KV there and prefill instances load a conversation's prefix from it over the link; 0 turns it off.
     shared_kv_store_bytes: float = 0.0
+    #: The serving engine's profile (core/engine_profiles.py): its overheads and efficiencies, every instance.
+    engine_profile: EngineProfile = PROFILES[DEFAULT_PROFILE]
 
     def kv_capacity_tokens(self, instance: InstanceSpec) -> int:
         return kv_capacity_tokens(
@@ -82,7 +85,10 @@ class Fleet:
                 counts[(i.gpu, i.tp)] = counts.get((i.gpu, i.tp), 0) + 1
             return " + ".join(f"{n}x{gpu}" + (f"(tp{tp})" if tp > 1 else "") for (gpu, tp), n in counts.items())
 
-        return f"prefill {groups(self.prefill)}, decode {groups(self.decode)}, {self.model.name}, {self.link.name}"
+        return (
+            f"prefill {groups(self.prefill)}, decode {groups(self.decode)}, {self.model.name}, {self.link.name}, "
+            f"engine {self.engine_profile.name}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,14 +153,17 @@ def _groups(raw: Any, role: str, source: str) -> list[tuple[str, int, int]]:
     return out
 
 
-def _instances(role: Role, groups: list[tuple[str, int, int]], flat_gpu: str | None) -> tuple[InstanceSpec, ...]:
+def _instances(
+    role: Role, groups: list[tuple[str, int, int]], flat_gpu: str | None, profile: EngineProfile
+) -> tuple[InstanceSpec, ...]:
     """One instance per count of each group, named by role, index and product; `flat_gpu` replaces every GPU."""
     out: list[InstanceSpec] = []
     for gpu, count, tp in groups:
         product = flat_gpu or gpu
         for _ in range(count):
             name = f"{'p' if role is Role.PREFILL else 'd'}{len(out)}-{product.lower()}"
-            out.append(InstanceSpec(name, role, product, tp, Device(CATALOG[product], tp)))
+            device = Device(CATALOG[product], tp, params=profile.params)
+            out.append(InstanceSpec(name, role, product, tp, device))
     return tuple(out)
 
 
@@ -168,6 +177,7 @@ def build_fleet(raw: dict[str, Any], *, tiered: bool, source: str = "<fleet>") -
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise FleetError(f"{source}: chunk_tokens must be a positive integer")
     store_gb = _non_negative(raw, "shared_kv_store_gb", 0.0, source)
+    profile = PROFILES[_known(str(raw.get("engine_profile", DEFAULT_PROFILE)), PROFILES, "engine_profile", source)]
     tiers = raw.get("tiered")
     if not isinstance(tiers, dict):
         raise FleetError(f"{source}: missing 'tiered' with prefill and decode groups")
@@ -176,7 +186,7 @@ def build_fleet(raw: dict[str, Any], *, tiered: bool, source: str = "<fleet>") -
         raise FleetError(f"{source}: 'homogeneous' must be a mapping with gpu")
     flat_gpu = _known(str(homogeneous.get("gpu", "H100")).upper(), CATALOG, "homogeneous GPU", source)
     prefill, decode = (
-        _instances(role, _groups(tiers.get(role.value), role.value, source), None if tiered else flat_gpu)
+        _instances(role, _groups(tiers.get(role.value), role.value, source), None if tiered else flat_gpu, profile)
         for role in (Role.PREFILL, Role.DECODE)
     )
     fleet = Fleet(
@@ -192,6 +202,7 @@ def build_fleet(raw: dict[str, Any], *, tiered: bool, source: str = "<fleet>") -
         chunk,
         bool(raw.get("prefill_prefix_cache", False)),
         store_gb * 1e9,
+        profile,
     )
     for d in fleet.decode:
         if fleet.kv_capacity_tokens(d) <= 0:

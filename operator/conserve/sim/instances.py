@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import TypeVar
 
 from conserve.core.llm import ModelShape
-from conserve.core.perf import CALIBRATED, Device, prefill_cost
+from conserve.core.perf import Device, prefill_cost
 from conserve.sim.fleet import InstanceSpec
 from conserve.sim.records import LocalJob, PrefillJob, Seq
 
@@ -42,7 +42,7 @@ def iteration_prefill_s(device: Device, model: ModelShape, chunks: list[tuple[in
     """One iteration prefilling several prompts' chunks, each (new tokens, cached context): the chunks' compute
     adds up, the engine's per-step overhead (`prefill_step_overhead_s`) is paid once for the iteration."""
     times = [prefill_cost(device, model, n, c).time_s for n, c in chunks if n > 0]
-    return sum(times) - CALIBRATED.prefill_step_overhead_s * max(len(times) - 1, 0)
+    return sum(times) - device.params.prefill_step_overhead_s * max(len(times) - 1, 0)
 
 
 class PrefillInstance:

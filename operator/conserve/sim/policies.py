@@ -71,13 +71,17 @@ class ConServe(_Base):
     def settings(self) -> PlacementSettings:
         return self.placement
 
-    def pool_spec(self, model: ModelShape, idle_timeout_s: float | None) -> DecoderPoolSpec:
+    def pool_spec(
+        self, model: ModelShape, idle_timeout_s: float | None, engine_profile: str | None = None
+    ) -> DecoderPoolSpec:
         """The DecoderPool a user would write for this fleet (the product's defaults otherwise)."""
         spec: dict[str, object] = {
             "model": {"name": model.name},
             "decoderSelector": {"matchLabels": {"conserve.dev/role": "decode"}},
             "kvLifecycle": {"enabled": self.host_offload},
         }
+        if engine_profile is not None:
+            spec["engineProfile"] = engine_profile
         if self.pd_rule_override is not None:
             spec["prefillDecider"] = {"rule": self.pd_rule_override.value.capitalize()}
         if lookup_model(model.name) is None:
@@ -90,7 +94,7 @@ class ConServe(_Base):
 
     def bind(self, sim: SimView, idle_timeout_s: float | None = None) -> None:
         super().bind(sim)
-        pool = self.pool_spec(sim.model, idle_timeout_s)
+        pool = self.pool_spec(sim.model, idle_timeout_s, sim.fleet.engine_profile.name)
         settings = scheduler_settings(pool, host_kv_bytes_per_gpu=sim.host_kv_bytes_per_gpu)
         if idle_timeout_s is None or idle_timeout_s <= 0:  # the bench's "never": release on the end signal only
             settings = replace(settings, default_idle_timeout_s=float("inf"))
