@@ -39,12 +39,13 @@ class Placing:
         self.config = config
         self._clock = clock
 
-    async def create(self, name: str, spec: dict[str, Any], *, replace: bool = False) -> None:
-        """Create the Conversation; `replace`: delete the one that ended without a placement first."""
+    async def create(self, name: str, spec: dict[str, Any], *, replace: bool = False, owner: str = "") -> None:
+        """Create the Conversation (`owner`: the identity that starts it); `replace`: delete the one that ended
+        without a placement first."""
         started = self._clock()
         if replace:
             await self.control.delete_conversation(name)
-        await self.control.create_conversation(name, spec)
+        await self.control.create_conversation(name, spec, owner=owner)
         self.metrics.placement_wait_seconds.labels(part="create").observe(self._clock() - started)
 
     async def first_placement(self, state: ConversationState, pool: str) -> Placement:
