@@ -129,3 +129,14 @@ def test_backend_credentials_come_from_the_secret_file(tmp_path: Path) -> None:
     key.write_text("rotated")
     clock.now += RELOAD_S
     assert credentials.headers() == {"Authorization": "Bearer rotated"}
+
+
+def test_a_request_goes_to_an_allowed_pool_or_is_refused() -> None:
+    alice = Authenticator(AuthMode.HEADER, identity_header="X-User").identify({"X-User": "alice"})
+    assert alice.pool_for(None, "default") == "default"  # no allow-list: any pool
+    limited = type(alice)("carol", pools=frozenset({"b", "a"}))
+    assert limited.pool_for("b", "default") == "b"
+    assert limited.pool_for(None, "default") == "a"  # the router's pool is not hers: the first of her own
+    with pytest.raises(AuthError, match="X-Conserve-Pool") as refused:
+        limited.pool_for("default", "default")
+    assert refused.value.status == 403

@@ -62,6 +62,15 @@ class Identity:
     def may_use(self, pool: str) -> bool:
         return self.pools is None or pool in self.pools
 
+    def pool_for(self, requested: str | None, default: str) -> str:
+        """The pool of a request: the one it names (AuthError 403 if not allowed), else `default`, else (not
+        allowed either) the first of its own by name."""
+        if requested:
+            if not self.may_use(requested):
+                raise AuthError(403, f"X-Conserve-Pool: pool {requested} is not allowed for this caller")
+            return requested
+        return default if self.may_use(default) or not self.pools else sorted(self.pools)[0]
+
 
 ANONYMOUS = Identity("", admin=True)
 

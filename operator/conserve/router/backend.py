@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from conserve.router.policy import CONVERSATION_HEADER
-from conserve.router.turns import TurnResult
+from conserve.router.turns import TurnError, TurnResult
 
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 
@@ -43,6 +43,14 @@ class BackendRejected(Exception):
 
 class BackendBroken(Exception):
     """The connection broke (or the stream ended without `[DONE]`) after the answer started."""
+
+
+def as_turn_error(err: BackendRejected | BackendBroken) -> TurnError:
+    """What the client gets: a server's 4xx as that 4xx with its message, any other error as a 502 with it."""
+    if isinstance(err, BackendBroken):
+        return TurnError(502, f"the model server failed mid-answer: {err}", code="BackendBroken")
+    status = err.status if 400 <= err.status < 500 else 502
+    return TurnError(status, f"the model server refused the request: {err.message}", code="BackendRejected")
 
 
 #: Errors that mean the connection failed (aiohttp's, a socket's, a timeout).

@@ -14,12 +14,8 @@ at once on that server, so the control plane's latency overlaps the prefill; oth
 and goes to the decoder without a KV transfer, or is decided then for the decoder placed.
 A decoder that cannot be reached before it sent anything is treated as gone: the router waits for the operator's
 re-placement (a newer placementGeneration; conserve.router.placing) and replays the turn there, decided afresh (the
-new decoder holds nothing of the conversation). A server that answers an error is there: its 4xx goes back to the
-client as sent (its message), anything else is a 502 with the reason; a connection that breaks mid-answer is a 502
-(a stream's error event). Error messages name no server address (the log does).
-
-Every turn has a caller (`conserve.router.auth`): its conversations are its own (the state and the object are
-scoped by the identity), and it may only use the pools it is allowed.
+new decoder holds nothing of the conversation). A server that answers an error is there: `backend.as_turn_error`.
+Every turn has a caller (`conserve.router.auth`) whose conversations are its own (`conserve.router.conversations`).
 
 A first turn waits as long as its conversation waits in the pool's queue, up to the pool's `maxQueueWaitSeconds`
 (and a margin, so that the operator's refusal arrives first). A refused conversation (the operator's queue limit,
@@ -49,8 +45,9 @@ from conserve.core.pd import PdChoice
 from conserve.core.tokens import estimate_tokens
 from conserve.metrics import RouterMetrics
 from conserve.router import backend, slo
-from conserve.router.auth import BackendCredentials, Identity, owned_name
+from conserve.router.auth import AuthError, BackendCredentials
 from conserve.router.control import ControlPlane
+from conserve.router.conversations import ConversationStates
 from conserve.router.placing import Placing, UsageReports
 from conserve.router.planner import Planner
 from conserve.router.policy import (
@@ -77,8 +74,6 @@ from conserve.router.turns import ConversationState, EarlyPrefill, TurnError, Tu
 from conserve.router.turns import RouterConfig as RouterConfig  # re-exported: a Router is made with one
 
 log = logging.getLogger(__name__)
-#: A conversation idle this long is forgotten when its pool's idle timeout is not known yet.
-DEFAULT_FORGET_AFTER_S = 1800.0
 
 
 class Router:
@@ -103,7 +98,7 @@ class Router:
         self._placing = Placing(control, metrics, config, clock)
         self._batcher = UsageBatcher(config.usage_interval_s)
         self._reports = UsageReports(self._batcher, control, metrics, clock)
-        self._states: dict[tuple[Mode, str, str], ConversationState] = {}  # by (mode, owner, conversation id)
+        self._states = ConversationStates(config, control, metrics, clock)
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -116,7 +111,7 @@ class Router:
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._reports.run(self.config.usage_interval_s)),
-            loop.create_task(self._idle_loop()),
+            loop.create_task(self._states.forget_idle()),
         ]
         if self.config.scrape_interval_s > 0:
             self._tasks.append(loop.create_task(self._scraper.run(self.session)))
@@ -153,9 +148,10 @@ class Router:
         """Yields the decoder's chunks as they come, then the TurnResult. Raises TurnError before any chunk."""
         arrival = self._clock()
         mode = parse_mode(request.headers.get(MODE_HEADER), self.config.mode)
-        pool = request.headers.get(POOL_HEADER) or self._default_pool(request.identity)
-        if not request.identity.may_use(pool):
-            raise TurnError(403, f"{POOL_HEADER}: pool {pool} is not allowed for this caller", code="PoolNotAllowed")
+        try:
+            pool = request.identity.pool_for(request.headers.get(POOL_HEADER), self.config.pool)
+        except AuthError as err:
+            raise TurnError(err.status, str(err), code="PoolNotAllowed") from err
         conv_id = conversation_id_of(request.headers, request.body)
         prompt_tokens = prompt_tokens_of(request.body, request.kind == "chat")
         effective = header_flag(request.headers.get(EFFECTIVE_HEADER), True)
@@ -168,7 +164,8 @@ class Router:
         if pool not in self._pools and any(self.backends(pool)):  # a pool with servers (not any name a client sends)
             self._pools.add(pool)
         self.signals.prompt_seen(prompt_tokens)
-        state = self._state(request.identity.name, conv_id, mode, arrival) if conv_id is not None else None
+        owner = request.identity.name
+        state = self._states.get_or_create(owner, conv_id, mode, arrival) if conv_id is not None else None
         if state is not None and state.turns == 0 and slo_class is not None:
             state.slo_class = slo_class
         lock = state.lock if state is not None else asyncio.Lock()
@@ -177,21 +174,6 @@ class Router:
                 yield item
             if state is not None and ending:
                 self._close(state)
-
-    def _default_pool(self, identity: Identity) -> str:
-        """The router's pool, or for a caller not allowed it, the first of its own (by name)."""
-        if identity.may_use(self.config.pool) or not identity.pools:
-            return self.config.pool
-        return sorted(identity.pools)[0]
-
-    def _state(self, owner: str, conv_id: str, mode: Mode, now: float) -> ConversationState:
-        key = (mode, owner, conv_id)
-        state = self._states.get(key)
-        if state is None:
-            name = owned_name(owner, conv_id)
-            state = ConversationState(conv_id, name, mode, now, owner=owner, last_turn_s=now)
-            self._states[key] = state
-        return state
 
     async def _turn_locked(
         self,
@@ -237,17 +219,12 @@ class Router:
                 decided = None  # decided again, for the decoder the turn goes to next
                 failed.add(plan.decoder.endpoint)
                 placement = await self._after_backend_error(err, attempts, mode, state, plan, placement)
-            except backend.BackendRejected as err:  # the server is there and refused this request: not lost
+            except (backend.BackendRejected, backend.BackendBroken) as err:  # the server is there: not lost
                 if early is not None:
                     early.task.cancel()
                 self.metrics.backend_errors_total.labels(mode=mode.value).inc()
-                log.info("turn of %s: server %s answered %s", conv_id, plan.decoder.name, err.status)
-                status = err.status if 400 <= err.status < 500 else 502
-                raise TurnError(status, f"the model server refused the request: {err.message}") from err
-            except backend.BackendBroken as err:
-                self.metrics.backend_errors_total.labels(mode=mode.value).inc()
-                log.warning("turn of %s: decoder %s (%s): %s", conv_id, plan.decoder.name, plan.decoder.endpoint, err)
-                raise TurnError(502, f"the model server failed mid-answer: {err}", code="BackendBroken") from err
+                log.warning("turn of %s on %s (%s): %s", conv_id, plan.decoder.name, plan.decoder.endpoint, err)
+                raise backend.as_turn_error(err) from err
 
     async def _placement_for_turn(
         self, request: TurnRequest, pool: str, state: ConversationState, prompt_tokens: int, arrival: float
@@ -283,7 +260,7 @@ class Router:
         """Start creating the conversation's object (its owner's; another's under that name is a 404)."""
         owner = self.control.owner(state.name)
         if owner is not None and owner != state.owner:  # an object this caller did not make
-            self._states.pop((state.mode, state.owner, state.conversation_id), None)
+            self._states.drop(state)
             raise TurnError(404, f"conversation {state.conversation_id} not found", code="NotFound")
         spec: dict[str, Any] = {"pool": pool, "firstTurnInputTokens": max(prompt_tokens, 1)}
         if state.slo_class is not None:
@@ -460,7 +437,7 @@ class Router:
             self._batcher.record(state.name, state.usage(datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")))
 
     def _close(self, state: ConversationState) -> None:
-        self._states.pop((state.mode, state.owner, state.conversation_id), None)
+        self._states.drop(state)
         if state.mode is Mode.CONVERSATION and state.created is not None:
             self._batcher.complete(state.name)
         self.metrics.conversations_closed_total.labels(mode=state.mode.value).inc()
@@ -468,34 +445,12 @@ class Router:
     async def close_conversation(self, conversation_id: str, owner: str = "") -> bool:
         """End the caller's conversation of that id (another caller's is not found)."""
         closed = False
-        for mode in Mode:
-            state = self._states.get((mode, owner, conversation_id))
-            if state is not None:
-                async with state.lock:
-                    self._close(state)
-                closed = True
+        for state in list(self._states.find(owner, conversation_id)):
+            async with state.lock:
+                self._close(state)
+            closed = True
         return closed
 
-    # ---- background: batched usage reports, idle conversations -----------------------------------------------
+    # ---- background: batched usage reports ---------------------------------------------------------------------
     async def flush(self, *, force: bool = False) -> None:
         await self._reports.flush(force=force)
-
-    async def _idle_loop(self) -> None:
-        """Forget conversations idle past their pool's idle timeout (memory only: the operator's sweep ends them
-        at that timeout, the one owner of it; a later turn starts a conversation afresh)."""
-        while True:
-            await asyncio.sleep(5.0 if self.config.idle_close_s is None else min(self.config.idle_close_s / 4, 5.0))
-            now = self._clock()
-            for key, state in list(self._states.items()):
-                if state.lock.locked() or now - state.last_turn_s < self._forget_after_s(state):
-                    continue
-                self._states.pop(key, None)
-                self.metrics.conversations_closed_total.labels(mode=state.mode.value).inc()
-
-    def _forget_after_s(self, state: ConversationState) -> float:
-        if self.config.idle_close_s is not None:
-            return self.config.idle_close_s
-        if self.config.idle_timeout_seconds is not None:
-            return float(self.config.idle_timeout_seconds)
-        pool_timeout = self.control.pool_idle_timeout_s(state.pool or self.config.pool)
-        return pool_timeout if pool_timeout is not None else DEFAULT_FORGET_AFTER_S
