@@ -55,7 +55,7 @@ class ThreadedControlPlane(PlacementCache):
     async def _call(self, pool: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
 
-    async def create_conversation(self, name: str, spec: dict[str, Any]) -> None:
+    async def create_conversation(self, name: str, spec: dict[str, Any], owner: str = "") -> None:
         create = self._api.create_namespaced_custom_object
         try:
             await self._call(

@@ -7,6 +7,8 @@
   and binds a decode pod to a bandwidth-tier node; the operator (every namespace, leader election on its Lease)
   writes a DecoderPool's status, places a Conversation on a decoder, releases it on `spec.completed`, posts
   Events and gives its Lease up on stop, with no 403 in its (debug) log.
+- The router too (API keys from a Secret, its tenants): with its token it creates a caller's Conversation (annotated
+  with the owner) in its pool's namespace, with no 403 in its log.
 - Its RBAC is least: `kubectl auth can-i --as` each ServiceAccount is refused what it must not do.
 - `helm uninstall` removes everything but the kept CRDs.
 
@@ -22,6 +24,8 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +34,7 @@ from typing import Any
 import pytest
 import yaml
 
+from conserve.devcluster.cluster import free_port
 from conserve.devcluster.testing import ClusterHandle, temporary_namespace
 from conserve.testkit import Api, wait_for
 from conserve.testkit.probes import http_get
@@ -41,7 +46,9 @@ CHART_CRDS = (
     "conversations.conserve.dev",
     "decoderpools.conserve.dev",
 )
-COMPONENTS = ("operator", "extender", "scheduler")
+COMPONENTS = ("operator", "extender", "scheduler", "router")
+#: The router's API keys (a Secret made before the install, as the chart's README says).
+ROUTER_KEYS = {"alice": "alice-key-0123456789", "ops": "ops-key-9876543210"}
 BANDWIDTH_PRODUCTS = {"NVIDIA-H200", "NVIDIA-A100-SXM4-80GB", "NVIDIA-H20"}
 
 
@@ -118,10 +125,17 @@ def release(cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory) ->
         rel = Release(cluster, namespace, env)
         for crd in CHART_CRDS:
             adopt(cluster, "customresourcedefinition", crd, namespace)
+        literals = [f"--from-literal={name}={key}" for name, key in ROUTER_KEYS.items()]
+        cluster.kubectl("create", "secret", "generic", "router-keys", f"--namespace={namespace}", *literals)
         values = {
             # Land on KWOK's fake nodes (and tolerate the taint KWOK setups usually put on them).
             "nodeSelector": {"type": "kwok"},
             "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}],
+            "router": {
+                "enabled": True,
+                "auth": {"mode": "api-keys", "apiKeysSecret": "router-keys"},
+                "tenants": {"admins": ["ops"], "pools": {"alice": ["default"]}},
+            },
         }
         values_file = home / "values.yaml"
         values_file.write_text(yaml.safe_dump(values))
@@ -185,6 +199,12 @@ def test_release_is_deployed_and_every_pod_is_running(release: Release) -> None:
         ("scheduler", "get", "secrets", False),
         ("scheduler", "delete", "nodes", False),
         ("scheduler", "patch", "conversations.conserve.dev", False),
+        ("router", "get", "secrets", False),
+        ("router", "list", "secrets", False),
+        ("router", "list", "pods", False),
+        ("router", "create", "conversations.conserve.dev", False),  # not in every namespace: in its pool's only
+        ("router", "patch", "conversations.conserve.dev:status", False),
+        ("router", "patch", "decoderpools.conserve.dev", False),
         # --- and what each must be able to do
         ("operator", "watch", "conversations.conserve.dev", True),
         ("operator", "patch", "decoderpools.conserve.dev:status", True),
@@ -198,6 +218,15 @@ def test_release_is_deployed_and_every_pod_is_running(release: Release) -> None:
 )
 def test_service_account_rights(release: Release, component: str, verb: str, resource: str, allowed: bool) -> None:
     assert release.can_i(component, verb, resource, "--all-namespaces") is allowed
+
+
+def test_router_may_write_conversations_in_its_pools_namespace_only(release: Release) -> None:
+    ns = f"--namespace={release.namespace}"
+    for verb in ("create", "patch", "delete", "watch"):
+        assert release.can_i("router", verb, "conversations.conserve.dev", ns), verb
+    assert release.can_i("router", "watch", "decoderpools.conserve.dev", ns)
+    assert not release.can_i("router", "create", "conversations.conserve.dev", "--namespace=default")
+    assert not release.can_i("router", "get", "secrets", ns)
 
 
 def test_operator_and_scheduler_may_renew_only_their_own_lease(release: Release) -> None:
@@ -353,6 +382,49 @@ def test_operator_with_its_token_places_and_releases_a_conversation(
             api.strip_finalizers()
 
 
+def test_router_with_its_token_creates_an_owned_conversation(
+    release: Release, processes: Callable[..., subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """The router as the chart runs it (API keys mounted from the Secret, its tenants) with nothing but its
+    ServiceAccount's token: a caller's first turn creates the Conversation, annotated with the caller, in the
+    release namespace (no pool there: the turn then ends unplaced); a wrong key is 401; no 403 in its log."""
+    kubeconfig = release.token_kubeconfig("router", tmp_path / "router.kubeconfig")
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for name, key in ROUTER_KEYS.items():
+        (keys / name).write_text(key)
+    port = free_port()
+    log = tmp_path / "router.log"
+    proc = processes(
+        "router", f"--kubeconfig={kubeconfig}", f"--namespace={release.namespace}", f"--port={port}",
+        "--auth=api-keys", f"--api-keys-dir={keys}", "--placement-timeout=2", "--scrape-interval=0",
+        log=log,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    wait_for("the router", lambda: proc.poll() is None and http_get(f"{base}/health")[0] == 200, 60)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    status, _ = post_json(f"{base}/v1/chat/completions", body, {"Authorization": "Bearer wrong"})
+    assert status == 401
+    headers = {"Authorization": f"Bearer {ROUTER_KEYS['alice']}", "X-Conversation-Id": "helm-chat"}
+    status, _ = post_json(f"{base}/v1/chat/completions", body, headers)
+    assert status in (429, 503)  # created, never placed: no pool in this namespace
+    owned = release.kubectl_json("get", "conversations.conserve.dev", f"--namespace={release.namespace}")["items"]
+    assert [c["metadata"]["annotations"]["conserve.dev/owner"] for c in owned] == ["alice"]
+    assert proc.poll() is None, log.read_text()
+    assert not refusals(log.read_text()), log.read_text()
+    release.cluster.kubectl("delete", "conversations.conserve.dev", "--all", f"--namespace={release.namespace}")
+
+
+def post_json(url: str, body: Any, headers: dict[str, str]) -> tuple[int, str]:
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
 # --- helm uninstall ----------------------------------------------------------------------------------------
 
 
@@ -360,7 +432,7 @@ def test_uninstall_removes_everything_but_the_kept_crds(release: Release) -> Non
     """Last in this module: it uninstalls the release the tests above share."""
     release.helm("uninstall", RELEASE, "--wait", "--timeout=60s")
     selector = f"--selector=app.kubernetes.io/instance={RELEASE}"
-    namespaced = "deployments,replicasets,services,serviceaccounts,configmaps,roles,rolebindings"
+    namespaced = "deployments,replicasets,services,serviceaccounts,configmaps,roles,rolebindings,networkpolicies"
     for ns in (release.namespace, "kube-system"):
         left = release.kubectl_json("get", namespaced, f"--namespace={ns}", selector)["items"]
         assert not left, [f"{o['kind']}/{o['metadata']['name']}" for o in left]

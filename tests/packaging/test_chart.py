@@ -570,3 +570,95 @@ def test_dockerfile_runs_as_the_charts_non_root_user() -> None:
     assert 'ENTRYPOINT ["conserve"]' in dockerfile
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["podSecurityContext"]["runAsUser"] == 10001
+
+
+# --- the router ------------------------------------------------------------------------------------------------
+
+ROUTER_RULES: dict[tuple[str, str], set[str]] = {
+    ("conserve.dev", "conversations"): {"create", "delete", "list", "patch", "watch"},
+    ("conserve.dev", "decoderpools"): {"list", "watch"},
+}
+ROUTER_VALUES: dict[str, Any] = {
+    "router": {
+        "enabled": True,
+        "namespace": "llm",
+        "pool": "llama",
+        "auth": {"mode": "api-keys", "apiKeysSecret": "router-keys"},
+        "tenants": {"admins": ["ops"], "pools": {"alice": ["llama"]}},
+        "backendAuth": {"secret": "vllm-key", "key": "token"},
+    }
+}
+
+
+def test_router_is_off_by_default(default_docs: list[Manifest]) -> None:
+    assert "conserve-router" not in by_kind(default_docs, "Deployment")
+    assert not by_kind(default_docs, "NetworkPolicy")
+
+
+def test_router_runs_with_its_keys_tenants_and_backend_key_mounted_read_only() -> None:
+    docs = render(values=ROUTER_VALUES)
+    spec = dict(pod_specs(docs))["conserve-router"]
+    [container] = spec["containers"]
+    assert container["args"] == [
+        "router", "--host=0.0.0.0", "--port=8080", "--namespace=llm", "--pool=llama", "--max-body-bytes=16777216",
+        "--auth=api-keys", "--api-keys-dir=/etc/conserve/api-keys", "--tenants-file=/etc/conserve/tenants/tenants.yaml",
+        "--backend-api-key-file=/etc/conserve/backend/token",
+    ]  # fmt: skip
+    # Every flag the chart passes is one `conserve router` knows.
+    parsed = build_parser().parse_args(container["args"])
+    assert parsed.api_keys_dir == Path("/etc/conserve/api-keys")
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["api-keys"]["secret"]["secretName"] == "router-keys"
+    assert volumes["backend-auth"]["secret"]["items"] == [{"key": "token", "path": "token"}]
+    assert all(m["readOnly"] for m in container["volumeMounts"] if m["name"] != "tmp")
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    tenants = yaml.safe_load(by_kind(docs, "ConfigMap")["conserve-router-tenants"]["data"]["tenants.yaml"])
+    assert tenants == {"admins": ["ops"], "pools": {"alice": ["llama"]}}
+    assert by_kind(docs, "Service")["conserve-router"]["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_router_rbac_is_the_documented_role_in_its_pools_namespace_only() -> None:
+    docs = render(values=ROUTER_VALUES)
+    role = by_kind(docs, "Role")["conserve-router"]
+    assert role["metadata"]["namespace"] == "llm"
+    assert rules_of(role) == ROUTER_RULES
+    assert "conserve-router" not in by_kind(docs, "ClusterRole")
+    binding = by_kind(docs, "RoleBinding")["conserve-router"]
+    [subject] = binding["subjects"]
+    assert subject == {"kind": "ServiceAccount", "name": "conserve-router", "namespace": "conserve-system"}
+
+
+def test_router_network_policy_lets_clients_in_and_only_servers_api_and_dns_out() -> None:
+    values = {"router": {**ROUTER_VALUES["router"], "networkPolicy": {
+        "enabled": True, "clients": [{"namespaceSelector": {"matchLabels": {"gateway": "true"}}}],
+        "serverPorts": [8000], "apiServerCIDRs": ["10.0.0.1/32"], "apiServerPorts": [443],
+        "servers": {"enabled": True},
+    }}}  # fmt: skip
+    policies = by_kind(render(values=values), "NetworkPolicy")
+    router = policies["conserve-router"]["spec"]
+    assert router["policyTypes"] == ["Ingress", "Egress"]
+    gateway = {"namespaceSelector": {"matchLabels": {"gateway": "true"}}}
+    assert router["ingress"] == [{"ports": [{"port": "http", "protocol": "TCP"}], "from": [gateway]}]
+    servers, api, dns = router["egress"]
+    assert servers["to"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "llm"}
+    assert servers["ports"] == [{"port": 8000, "protocol": "TCP"}]
+    assert api == {"to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}], "ports": [{"port": 443, "protocol": "TCP"}]}
+    assert {p["port"] for p in dns["ports"]} == {53}
+    inbound = policies["conserve-router-servers"]
+    assert inbound["metadata"]["namespace"] == "llm"
+    assert inbound["spec"]["ingress"][0]["ports"] == [{"port": 8000, "protocol": "TCP"}]
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (("router.enabled=true",), "router.auth.apiKeysSecret"),
+        (("router.enabled=true", "router.auth.mode=header"), "router.auth.identityHeader"),
+        (("router.enabled=true", "router.auth.mode=magic"), "/router/auth/mode"),
+        (("router.enabled=true", "router.auth.mode=none", "router.pool=Bad_Pool"), "/router/pool"),
+    ],
+)
+def test_router_values_are_refused_with_the_value_named(sets: tuple[str, ...], message: str) -> None:
+    assert message in render_error(*sets)

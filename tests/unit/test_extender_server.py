@@ -93,6 +93,7 @@ def test_health_ready_metrics(server: BackgroundServer) -> None:
     assert call(server, "/healthz") == (200, b"ok")
     assert call(server, "/readyz") == (200, b"ok")
     post(server, "/filter", {"Pod": pod("p", "decode"), "NodeNames": ["h100-0", "h200-0", "ghost"]})
+    call(server, "/filter", b"{oops")  # its own bad request: the counter must not depend on another test's
     status, text = call(server, "/metrics")
     assert status == 200
     metrics = text.decode()

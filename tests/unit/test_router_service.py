@@ -71,7 +71,7 @@ class FakeControlPlane:
     async def stop(self) -> None:
         pass
 
-    async def create_conversation(self, name: str, spec: dict[str, Any]) -> None:
+    async def create_conversation(self, name: str, spec: dict[str, Any], owner: str = "") -> None:
         if name in self.failed or name in self.waiting or name in self.placements or name in self.ended_names:
             return  # already there: the API server says Conflict, which the router takes as fine
         self.specs[name] = spec
@@ -141,6 +141,9 @@ class FakeControlPlane:
 
     def ended(self, name: str) -> bool:
         return name in self.ended_names
+
+    def owner(self, name: str) -> str | None:
+        return None
 
     def move(self, name: str, decoder: Backend) -> None:
         old = self.placements[name]

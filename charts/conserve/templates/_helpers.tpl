@@ -113,3 +113,9 @@ imagePullSecrets:
 {{- define "conserve.operatorLease" -}}
 {{- default (include "conserve.componentName" (dict "ctx" . "component" "operator")) .Values.operator.leaderElection.leaseName }}
 {{- end }}
+
+{{/* The namespace of the router's pool (its Conversations, DecoderPool and servers): router.namespace or the
+release namespace. */}}
+{{- define "conserve.routerNamespace" -}}
+{{- default .Release.Namespace .Values.router.namespace }}
+{{- end }}

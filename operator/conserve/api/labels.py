@@ -22,6 +22,8 @@ ANNOTATION_ENDPOINT = "conserve.dev/endpoint"
 #: Who created an object (the router marks the Conversations it creates).
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 ROUTER_MANAGER = "conserve-router"
+#: Conversation annotation: the identity that created it through the router (absent: the anonymous caller).
+ANNOTATION_OWNER = "conserve.dev/owner"
 #: Node annotation KWOK manages: a fake node whose pods run nothing (gpu-sim serves them).
 ANNOTATION_KWOK_NODE = "kwok.x-k8s.io/node"
 #: Finalizer that earlier operator versions added to Conversations (this one removes it where it finds it).
@@ -35,6 +37,7 @@ __all__ = [
     "ANNOTATION_ENDPOINT",
     "ANNOTATION_KWOK_NODE",
     "ANNOTATION_MODEL",
+    "ANNOTATION_OWNER",
     "FINALIZER",
     "LABEL_GPU_COUNT",
     "LABEL_GPU_MEMORY_MIB",

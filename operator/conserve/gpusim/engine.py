@@ -96,6 +96,7 @@ class EngineStats:
     generation_tokens_total: int = 0
     requests_finished_total: int = 0
     requests_rejected_total: int = 0
+    requests_aborted_total: int = 0  # running when their client went away
     prefix_cache_hit_tokens_total: int = 0
     kv_transfers_received_total: int = 0
     kv_transfer_tokens_received_total: int = 0
@@ -240,6 +241,15 @@ class Engine:
                 f"request needs {need} KV tokens, more than this server's capacity of {self.kv_capacity_tokens}"
             )
         self._waiting.append(request)
+        self._wake.set()
+
+    def abort(self, request: SimRequest) -> None:
+        """Drop a request whose client went away (vLLM aborts it): it stops generating and frees its KV."""
+        if request in self._waiting:
+            self._waiting.remove(request)
+        elif request in self._running:
+            self._running.remove(request)
+            self.stats.requests_aborted_total += 1
         self._wake.set()
 
     # ---- the scheduler loop ---------------------------------------------------------------------------------

@@ -237,6 +237,7 @@ class GpuSimServer:
                 "kvCapacityTokens": e.kv_capacity_tokens,
                 "kvUsedTokens": e.used_kv_tokens,
                 "kvTransfersReceived": e.stats.kv_transfers_received_total,
+                "requestsAborted": e.stats.requests_aborted_total,
                 "prefixCacheHitTokens": e.stats.prefix_cache_hit_tokens_total,
                 "energyJoules": e.energy_j_now(),
                 "conversationTurns": dict(e.stats.conversation_turns),
@@ -270,7 +271,11 @@ class GpuSimServer:
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         head = {"id": rid, "object": obj, "created": created, "model": model}
-        return await answer.stream(request, head, include_usage)
+        try:
+            return await answer.stream(request, head, include_usage)
+        finally:
+            if sim.generated_tokens < sim.max_tokens:  # the client went away mid-answer: abort, as vLLM does
+                self.engine.abort(sim)
 
     def _admit(self, body: dict[str, Any], chat: bool, conversation_id: str | None) -> tuple[SimRequest, bool]:
         """The request submitted to the engine, and whether it is a prefill for a remote decoder."""

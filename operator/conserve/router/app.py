@@ -9,14 +9,22 @@
   `X-Conserve-Placement-Generation`. A turn waits (a stream sends
   nothing) while its conversation waits in the pool's queue; HTTP 429 with `Retry-After` when the pool refuses it
   (queue wait past its `maxQueueWaitSeconds`, or `whenFull: Reject`): a retry with the same id queues it afresh.
-  Errors are OpenAI-shaped JSON (`error.message`, `error.code`: the operator's reason).
-- DELETE /v1/conversations/{id}: end a conversation now.
+  Errors are OpenAI-shaped JSON (`error.message`, `error.code`: the operator's reason); a stream that fails after
+  it started ends with an error event (`data: {"error": ...}`) and `data: [DONE]`.
+- DELETE /v1/conversations/{id}: end a conversation now (the caller's own; another's is 404).
 - GET /metrics (conserve_router_*), /health, /conserve/backends (the pool's servers, its P/D decider settings and
-  what the router observes of each server, JSON).
+  what the router observes of each server, JSON; administrators only).
+
+Every request is checked before anything is done for it: its caller (`conserve.router.auth`: 401, 403), its size
+(413 over `max_body_bytes`, refused on its Content-Length before it is read) and its fields
+(`conserve.router.validation`: 400 naming the field). The headers that name servers (`X-Conserve-Decoder`,
+`X-Conserve-Prefill`) go to administrators only. A client that goes away ends the turn: its request to the server is
+closed, which aborts it there (vLLM and gpu-sim stop generating).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Any
@@ -25,6 +33,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from conserve.probes import add_health_and_metrics
+from conserve.router.auth import Authenticator, AuthError, Identity
 from conserve.router.policy import (
     DECODER_RESPONSE_HEADER,
     GENERATION_RESPONSE_HEADER,
@@ -33,13 +42,21 @@ from conserve.router.policy import (
 )
 from conserve.router.service import Router
 from conserve.router.turns import TurnError, TurnRequest, TurnResult, TurnStarted
+from conserve.router.validation import DEFAULT_MAX_BODY_BYTES, RequestInvalid, check_headers, parse_body
 
 ROUTER_KEY = web.AppKey("router", Router)
 
 
-def build_app(router: Router, registry: CollectorRegistry) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+def build_app(
+    router: Router,
+    registry: CollectorRegistry,
+    *,
+    authenticator: Authenticator | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> web.Application:
+    app = web.Application(client_max_size=max_body_bytes)
     app[ROUTER_KEY] = router
+    auth = authenticator or Authenticator()
 
     async def on_startup(_app: web.Application) -> None:
         await router.start()
@@ -48,33 +65,22 @@ def build_app(router: Router, registry: CollectorRegistry) -> web.Application:
         await router.stop()
 
     async def chat(request: web.Request) -> web.StreamResponse:
-        return await _serve(request, router, "chat")
+        return await _serve(request, router, auth, "chat", max_body_bytes)
 
     async def completions(request: web.Request) -> web.StreamResponse:
-        return await _serve(request, router, "completions")
+        return await _serve(request, router, auth, "completions", max_body_bytes)
 
     async def close(request: web.Request) -> web.Response:
-        found = await router.close_conversation(request.match_info["conversation_id"])
-        return web.json_response({"closed": found}, status=200 if found else 404)
+        return await _close(request, router, auth)
 
     async def backends(request: web.Request) -> web.Response:
-        pool = request.query.get("pool") or router.config.pool
-        prefills, decoders = router.backends(pool)
-        settings = router.control.pool_pd_settings(pool)
-        return web.json_response(
-            {
-                "prefills": [{"name": b.name, "endpoint": b.endpoint} for b in prefills],
-                "decoders": [{"name": b.name, "endpoint": b.endpoint} for b in decoders],
-                "prefillDecider": {
-                    "rule": settings.rule.value,
-                    "decoderMaxTokens": settings.decoder_max_tokens,
-                    "stallWeight": settings.stall_weight,
-                    "kvLinkBytesPerSecond": settings.kv_link_bytes_per_s,
-                    "kvBytesPerToken": settings.kv_bytes_per_token,
-                },
-                "observed": router.signals.snapshot(),
-            }
-        )
+        try:
+            identity = auth.identify(request.headers)
+        except AuthError as err:
+            return _refused(err)
+        if not identity.admin:
+            return _error(403, "the servers are shown to administrators only", code="Forbidden")
+        return web.json_response(_backends_json(router, request.query.get("pool") or router.config.pool))
 
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completions)
@@ -94,42 +100,99 @@ def _error(status: int, message: str, *, retry_after_s: int | None = None, code:
     return web.json_response({"error": error}, status=status, headers=headers)
 
 
-def _started_headers(started: TurnStarted) -> dict[str, str]:
+async def _close(request: web.Request, router: Router, auth: Authenticator) -> web.Response:
+    try:
+        identity = auth.identify(request.headers)
+    except AuthError as err:
+        return _refused(err)
+    conversation_id = request.match_info["conversation_id"]
+    if not await router.close_conversation(conversation_id, identity.name):
+        return _error(404, f"conversation {conversation_id} not found", code="NotFound")
+    return web.json_response({"closed": True})
+
+
+def _backends_json(router: Router, pool: str) -> dict[str, Any]:
+    prefills, decoders = router.backends(pool)
+    settings = router.control.pool_pd_settings(pool)
+    return {
+        "prefills": [{"name": b.name, "endpoint": b.endpoint} for b in prefills],
+        "decoders": [{"name": b.name, "endpoint": b.endpoint} for b in decoders],
+        "prefillDecider": {
+            "rule": settings.rule.value,
+            "decoderMaxTokens": settings.decoder_max_tokens,
+            "stallWeight": settings.stall_weight,
+            "kvLinkBytesPerSecond": settings.kv_link_bytes_per_s,
+            "kvBytesPerToken": settings.kv_bytes_per_token,
+        },
+        "observed": router.signals.snapshot(),
+    }
+
+
+def _refused(err: AuthError) -> web.Response:
+    response = _error(err.status, str(err), code="Unauthorized" if err.status == 401 else "Forbidden")
+    if err.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+def _started_headers(started: TurnStarted, identity: Identity) -> dict[str, str]:
+    """The turn's response headers; the servers' names for an administrator only."""
     headers = {
-        DECODER_RESPONSE_HEADER: started.decoder.name,
         GENERATION_RESPONSE_HEADER: str(started.generation),
         PREFILL_SITE_RESPONSE_HEADER: "pool" if started.prefill is not None else "decoder",
     }
-    if started.prefill is not None:
-        headers[PREFILL_RESPONSE_HEADER] = started.prefill.name
+    if identity.admin:
+        headers[DECODER_RESPONSE_HEADER] = started.decoder.name
+        if started.prefill is not None:
+            headers[PREFILL_RESPONSE_HEADER] = started.prefill.name
     return headers
 
 
-async def _serve(request: web.Request, router: Router, kind: str) -> web.StreamResponse:
+async def _read_request(
+    request: web.Request, auth: Authenticator, kind: str, max_body_bytes: int
+) -> tuple[Identity, dict[str, Any]]:
+    """The caller and the checked body, or AuthError / RequestInvalid (nothing created yet)."""
+    identity = auth.identify(request.headers)
+    if request.content_length is not None and request.content_length > max_body_bytes:
+        raise RequestInvalid(413, f"body: {request.content_length} bytes, over the limit of {max_body_bytes}")
     try:
-        body = await request.json()
-    except json.JSONDecodeError:
-        return _error(400, "body is not JSON")
-    if not isinstance(body, dict):
-        return _error(400, "body must be a JSON object")
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise RequestInvalid(413, f"body: over the limit of {max_body_bytes} bytes") from None
+    check_headers(request.headers)
+    return identity, parse_body(raw, kind)
+
+
+async def _serve(
+    request: web.Request, router: Router, auth: Authenticator, kind: str, max_body_bytes: int
+) -> web.StreamResponse:
+    try:
+        identity, body = await _read_request(request, auth, kind, max_body_bytes)
+    except AuthError as err:
+        return _refused(err)
+    except RequestInvalid as err:
+        return _error(err.status, str(err), code="InvalidRequest")
     stream = bool(body.get("stream"))
     include_usage = isinstance(body.get("stream_options"), dict) and bool(body["stream_options"].get("include_usage"))
-    reply = _Reply(request, stream=stream, include_usage=include_usage)
+    reply = _Reply(request, identity, stream=stream, include_usage=include_usage)
     try:
-        async for item in router.turn(TurnRequest(kind, request.headers, body)):
-            await reply.take(item)
+        # aclosing: a client gone mid-stream closes the turn (and its request to the server) now, not at GC.
+        async with contextlib.aclosing(router.turn(TurnRequest(kind, request.headers, body, identity))) as items:
+            async for item in items:
+                await reply.take(item)
     except TurnError as err:
         if reply.response is None:
             return _error(err.status, str(err), retry_after_s=err.retry_after_s, code=err.code)
-        raise
+        return await reply.fail(err)
     return await reply.finish(kind, body)
 
 
 class _Reply:
     """A turn's items made into the HTTP reply: server-sent events as they come, or one JSON answer at the end."""
 
-    def __init__(self, request: web.Request, *, stream: bool, include_usage: bool) -> None:
+    def __init__(self, request: web.Request, identity: Identity, *, stream: bool, include_usage: bool) -> None:
         self._request, self._stream, self._include_usage = request, stream, include_usage
+        self._identity = identity
         self.response: web.StreamResponse | None = None
         self._started: TurnStarted | None = None
         self._result: TurnResult | None = None
@@ -138,7 +201,11 @@ class _Reply:
         if isinstance(item, TurnStarted):
             self._started = item
             if self._stream:
-                headers = {**_started_headers(item), "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+                headers = {
+                    **_started_headers(item, self._identity),
+                    "Content-Type": "text/event-stream",
+                    "Cache-Control": "no-cache",
+                }
                 self.response = web.StreamResponse(headers=headers)
                 await self.response.prepare(self._request)
         elif isinstance(item, TurnResult):
@@ -149,6 +216,16 @@ class _Reply:
                 return
             await self.response.write(b"data: " + json.dumps(item).encode() + b"\n\n")
 
+    async def fail(self, err: TurnError) -> web.StreamResponse:
+        """A stream that fails after it started: an error event, then `[DONE]`."""
+        assert self.response is not None
+        error = {"message": str(err), "type": "conserve_router_error", "code": err.code or str(err.status)}
+        with contextlib.suppress(ConnectionError):
+            await self.response.write(b"data: " + json.dumps({"error": error}).encode() + b"\n\n")
+            await self.response.write(b"data: [DONE]\n\n")
+            await self.response.write_eof()
+        return self.response
+
     async def finish(self, kind: str, body: dict[str, Any]) -> web.StreamResponse:
         if self.response is not None:
             await self.response.write(b"data: [DONE]\n\n")
@@ -158,7 +235,8 @@ class _Reply:
         if result is None:
             return _error(502, "decoder returned nothing")
         started = self._started or TurnStarted(result.decoder, result.prefill, result.generation)
-        return web.json_response(_completion_json(kind, body, result), headers=_started_headers(started))
+        headers = _started_headers(started, self._identity)
+        return web.json_response(_completion_json(kind, body, result), headers=headers)
 
 
 def _completion_json(kind: str, body: dict[str, Any], result: TurnResult) -> dict[str, Any]:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
+from conserve.router.auth import AuthMode
 from conserve.router.policy import USAGE_INTERVAL_S
 from conserve.router.scrape import SCRAPE_INTERVAL_S
+from conserve.router.validation import DEFAULT_MAX_BODY_BYTES
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -64,6 +67,45 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="seconds between reads of every server's /metrics (running and waiting requests) for the P/D decider; "
         "0: none",
     )
+    p.add_argument(
+        "--auth",
+        choices=[m.value for m in AuthMode],
+        default=AuthMode.NONE.value,
+        help="who may call: none (everyone, as one anonymous administrator: development only), api-keys "
+        "(Authorization: Bearer keys from --api-keys-dir), header (the identity a gateway that authenticates sets "
+        "in --identity-header)",
+    )
+    p.add_argument(
+        "--api-keys-dir",
+        type=Path,
+        default=None,
+        help="a mounted Secret: each file's name is an identity, its text that identity's key (read again every 5 s)",
+    )
+    p.add_argument(
+        "--identity-header",
+        default=None,
+        help="with --auth header: the header carrying the authenticated identity (e.g. X-Auth-Subject); trusted, so "
+        "only the gateway may reach the router",
+    )
+    p.add_argument(
+        "--tenants-file",
+        type=Path,
+        default=None,
+        help="YAML/JSON {admins: [identity], pools: {identity or '*': [pool]}}: who sees the servers, which pools "
+        "each identity may use (read again every 5 s)",
+    )
+    p.add_argument(
+        "--backend-api-key-file",
+        type=Path,
+        default=None,
+        help="a mounted Secret file: the key the model servers expect (vLLM --api-key), sent as Authorization: Bearer",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="largest request body (bigger: HTTP 413 before it is read)",
+    )
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_run)
 
@@ -73,6 +115,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from conserve.metrics import REGISTRY, ROUTER
     from conserve.router.app import build_app
+    from conserve.router.auth import Authenticator, BackendCredentials
     from conserve.router.control import KubeControlPlane
     from conserve.router.policy import Mode
     from conserve.router.service import Router, RouterConfig
@@ -88,12 +131,23 @@ def _run(args: argparse.Namespace) -> int:
         early_prefill=not args.no_early_prefill,
         scrape_interval_s=max(args.scrape_interval, 0.0),
     )
-    router = Router(router_config, KubeControlPlane(namespace=args.namespace, kubeconfig=args.kubeconfig), ROUTER)
+    authenticator = Authenticator(
+        AuthMode(args.auth),
+        api_keys_dir=args.api_keys_dir,
+        identity_header=args.identity_header,
+        tenants_file=args.tenants_file,
+    )
+    authenticator.check_files()
+    credentials = BackendCredentials(args.backend_api_key_file)
+    credentials.headers()  # read once: a missing file stops the router here
+    control = KubeControlPlane(namespace=args.namespace, kubeconfig=args.kubeconfig)
+    router = Router(router_config, control, ROUTER, credentials=credentials)
     web.run_app(
-        build_app(router, REGISTRY),
+        build_app(router, REGISTRY, authenticator=authenticator, max_body_bytes=args.max_body_bytes),
         host=args.host,
         port=args.port,
         access_log=None,
+        handler_cancellation=True,  # a client gone: its turn (and the request to the server) is cancelled
         print=lambda msg: logging.getLogger(__name__).info("%s", msg),
     )
     return 0

@@ -30,7 +30,7 @@ from conserve.api.conversation import PLURAL as CONVERSATIONS
 from conserve.api.conversation import TERMINAL_PHASES, ConversationStatus, Phase
 from conserve.api.decoderpool import DEFAULT_MAX_QUEUE_WAIT_SECONDS, DecoderPoolSpec, DecoderPoolStatus
 from conserve.api.decoderpool import PLURAL as DECODERPOOLS
-from conserve.api.labels import LABEL_MANAGED_BY, ROUTER_MANAGER
+from conserve.api.labels import ANNOTATION_OWNER, LABEL_MANAGED_BY, ROUTER_MANAGER
 from conserve.api.scheduling import pd_settings, slo_policy_from
 from conserve.api.slo import SloSpec
 from conserve.core.pd import PdSettings
@@ -77,7 +77,9 @@ class ControlPlane(Protocol):
 
     async def stop(self) -> None: ...
 
-    async def create_conversation(self, name: str, spec: dict[str, Any]) -> None: ...
+    async def create_conversation(self, name: str, spec: dict[str, Any], owner: str = "") -> None:
+        """Create it, annotated with its `owner` (the identity; none for the anonymous caller); there already is
+        fine."""
 
     async def delete_conversation(self, name: str) -> None:
         """Delete the object the cache knows under `name` (not a newer one: its uid is the precondition); gone
@@ -111,6 +113,9 @@ class ControlPlane(Protocol):
     def ended(self, name: str) -> bool:
         """Whether the conversation's object exists and has ended (Completed, e.g. its idle timeout, or Failed):
         its next turn starts it afresh."""
+
+    def owner(self, name: str) -> str | None:
+        """The identity the conversation's object is annotated with ("" for none); None for an object not known."""
 
 
 def parse_status(model: type[S], status: Mapping[str, Any] | None) -> S:
@@ -233,6 +238,7 @@ class PlacementCache:
     def __init__(self) -> None:
         self._statuses: dict[str, ConversationStatus] = {}
         self._uids: dict[str, str] = {}  # of the objects in _statuses
+        self._owners: dict[str, str] = {}  # of the objects in _statuses
         #: Objects this router deleted, by name: uid. Their late events (the watch may lag the delete) are ignored.
         self._deleted: dict[str, str] = {}
         self._pools: dict[str, tuple[list[Backend], list[Backend]]] = {}
@@ -260,6 +266,9 @@ class PlacementCache:
 
     def pool_slo(self, pool: str) -> SloPolicy | None:
         return self._slos.get(pool)
+
+    def owner(self, name: str) -> str | None:
+        return self._owners.get(name) if name in self._statuses else None
 
     def ended(self, name: str) -> bool:
         status = self._statuses.get(name)
@@ -352,21 +361,22 @@ class PlacementCache:
         if kind == "DELETED":
             self._statuses.pop(name, None)
             self._uids.pop(name, None)
+            self._owners.pop(name, None)
             self._waiters.offer(name, None, ("Deleted", "the conversation was deleted"))
             return
         parsed = self._statuses[name] = parse_status(ConversationStatus, status)
         self._uids[name] = uid
+        annotations = obj["metadata"].get("annotations") or {}
+        self._owners[name] = str(annotations.get(ANNOTATION_OWNER) or "")
         self._waiters.offer(name, placement_of(parsed), _failure(parsed))
 
 
-def conversation_body(name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """A Conversation the router creates (labelled as the router's)."""
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "Conversation",
-        "metadata": {"name": name, "labels": {LABEL_MANAGED_BY: ROUTER_MANAGER}},
-        "spec": spec,
-    }
+def conversation_body(name: str, spec: dict[str, Any], owner: str = "") -> dict[str, Any]:
+    """A Conversation the router creates (labelled as the router's, annotated with its owner when it has one)."""
+    metadata: dict[str, Any] = {"name": name, "labels": {LABEL_MANAGED_BY: ROUTER_MANAGER}}
+    if owner:
+        metadata["annotations"] = {ANNOTATION_OWNER: owner}
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Conversation", "metadata": metadata, "spec": spec}
 
 
 #: Usage patches in flight at once (the rest of the connections stay free for creates and the watches).
@@ -402,9 +412,10 @@ class KubeControlPlane(PlacementCache):
             await self._client.close()
             self._client = None
 
-    async def create_conversation(self, name: str, spec: dict[str, Any]) -> None:
+    async def create_conversation(self, name: str, spec: dict[str, Any], owner: str = "") -> None:
         try:
-            await self._write(self._api.create_namespaced_custom_object, CONVERSATIONS, conversation_body(name, spec))
+            body = conversation_body(name, spec, owner)
+            await self._write(self._api.create_namespaced_custom_object, CONVERSATIONS, body)
         except ControlPlaneError as err:
             if not isinstance(err.__cause__, Conflict):  # already there: a router restart, or a client made it
                 raise

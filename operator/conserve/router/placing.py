@@ -39,12 +39,13 @@ class Placing:
         self.config = config
         self._clock = clock
 
-    async def create(self, name: str, spec: dict[str, Any], *, replace: bool = False) -> None:
-        """Create the Conversation; `replace`: delete the one that ended without a placement first."""
+    async def create(self, name: str, spec: dict[str, Any], *, replace: bool = False, owner: str = "") -> None:
+        """Create the Conversation (`owner`: the identity that starts it); `replace`: delete the one that ended
+        without a placement first."""
         started = self._clock()
         if replace:
             await self.control.delete_conversation(name)
-        await self.control.create_conversation(name, spec)
+        await self.control.create_conversation(name, spec, owner=owner)
         self.metrics.placement_wait_seconds.labels(part="create").observe(self._clock() - started)
 
     async def first_placement(self, state: ConversationState, pool: str) -> Placement:
@@ -54,7 +55,9 @@ class Placing:
             await state.created
         except ControlPlaneError as err:
             state.created = None  # the next turn tries again
-            raise TurnError(502, f"creating conversation {state.conversation_id}: {err}") from err
+            log.warning("creating conversation %s: %s", state.name, err)  # the API server's address: logged only
+            message = f"conversation {state.conversation_id} could not be created (the control plane did not answer)"
+            raise TurnError(502, message, code="ControlPlaneUnavailable") from err
         max_wait_s = self.control.pool_max_queue_wait_s(pool)
         started = self._clock()
         reason: str | None
@@ -90,7 +93,8 @@ class Placing:
                 timeout_s=self.config.placement_timeout_s or DEFAULT_PLACEMENT_WAIT_S,
             )
         except (TimeoutError, ConversationFailed) as err:
-            raise TurnError(503, f"decoder of {state.conversation_id} gone and not re-placed: {err}") from err
+            why = str(err) if isinstance(err, ConversationFailed) else "no new placement in time"
+            raise TurnError(503, f"decoder of {state.conversation_id} gone and not re-placed: {why}") from err
         self.metrics.placement_wait_seconds.labels(part="total").observe(self._clock() - lost)
         return placement
 

@@ -96,9 +96,11 @@ def conversation_id_of(headers: Mapping[str, str], body: Mapping[str, Any]) -> s
 _NAME_BAD = re.compile(r"[^a-z0-9-]+")
 
 
-def conversation_object_name(conversation_id: str, prefix: str = "r") -> str:
-    """A DNS-1123 name for the Conversation object: a readable slug plus a hash (ids may be any string)."""
-    digest = hashlib.sha256(conversation_id.encode()).hexdigest()[:10]
+def conversation_object_name(conversation_id: str, prefix: str = "r", *, scope: str = "") -> str:
+    """A DNS-1123 name for the Conversation object: a readable slug plus a hash (ids may be any string); a `scope`
+    (the identity that owns it, `conserve.router.auth.owned_name`) is hashed in too."""
+    hashed = f"{scope}\0{conversation_id}" if scope else conversation_id
+    digest = hashlib.sha256(hashed.encode()).hexdigest()[:10]
     slug = _NAME_BAD.sub("-", conversation_id.lower()).strip("-")[:40].strip("-")
     return f"{prefix}-{slug}-{digest}" if slug else f"{prefix}-{digest}"
 

@@ -14,7 +14,8 @@ at once on that server, so the control plane's latency overlaps the prefill; oth
 and goes to the decoder without a KV transfer, or is decided then for the decoder placed.
 A decoder that cannot be reached before it sent anything is treated as gone: the router waits for the operator's
 re-placement (a newer placementGeneration; conserve.router.placing) and replays the turn there, decided afresh (the
-new decoder holds nothing of the conversation).
+new decoder holds nothing of the conversation). A server that answers an error is there: `backend.as_turn_error`.
+Every turn has a caller (`conserve.router.auth`) whose conversations are its own (`conserve.router.conversations`).
 
 A first turn waits as long as its conversation waits in the pool's queue, up to the pool's `maxQueueWaitSeconds`
 (and a margin, so that the operator's refusal arrives first). A refused conversation (the operator's queue limit,
@@ -33,7 +34,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -44,7 +45,9 @@ from conserve.core.pd import PdChoice
 from conserve.core.tokens import estimate_tokens
 from conserve.metrics import RouterMetrics
 from conserve.router import backend, slo
+from conserve.router.auth import AuthError, BackendCredentials
 from conserve.router.control import ControlPlane
+from conserve.router.conversations import ConversationStates
 from conserve.router.placing import Placing, UsageReports
 from conserve.router.planner import Planner
 from conserve.router.policy import (
@@ -61,7 +64,6 @@ from conserve.router.policy import (
     TurnPlan,
     UsageBatcher,
     conversation_id_of,
-    conversation_object_name,
     header_flag,
     new_input_tokens,
     parse_mode,
@@ -72,8 +74,6 @@ from conserve.router.turns import ConversationState, EarlyPrefill, TurnError, Tu
 from conserve.router.turns import RouterConfig as RouterConfig  # re-exported: a Router is made with one
 
 log = logging.getLogger(__name__)
-#: A conversation idle this long is forgotten when its pool's idle timeout is not known yet.
-DEFAULT_FORGET_AFTER_S = 1800.0
 
 
 class Router:
@@ -83,10 +83,12 @@ class Router:
         control: ControlPlane,
         metrics: RouterMetrics,
         clock: Callable[[], float] = time.monotonic,
+        credentials: BackendCredentials | None = None,
     ) -> None:
         self.config = config
         self.control = control
         self.metrics = metrics
+        self.credentials = credentials or BackendCredentials()
         self._clock = clock
         self._book = LoadBook()
         self.signals = Signals()
@@ -96,7 +98,7 @@ class Router:
         self._placing = Placing(control, metrics, config, clock)
         self._batcher = UsageBatcher(config.usage_interval_s)
         self._reports = UsageReports(self._batcher, control, metrics, clock)
-        self._states: dict[tuple[Mode, str], ConversationState] = {}
+        self._states = ConversationStates(config, control, metrics, clock)
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -109,7 +111,7 @@ class Router:
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._reports.run(self.config.usage_interval_s)),
-            loop.create_task(self._idle_loop()),
+            loop.create_task(self._states.forget_idle()),
         ]
         if self.config.scrape_interval_s > 0:
             self._tasks.append(loop.create_task(self._scraper.run(self.session)))
@@ -142,11 +144,14 @@ class Router:
         return await self._scraper.once(self.session)
 
     # ---- one turn -------------------------------------------------------------------------------------------
-    async def turn(self, request: TurnRequest) -> AsyncIterator[dict[str, Any] | TurnStarted | TurnResult]:
+    async def turn(self, request: TurnRequest) -> AsyncGenerator[dict[str, Any] | TurnStarted | TurnResult, None]:
         """Yields the decoder's chunks as they come, then the TurnResult. Raises TurnError before any chunk."""
         arrival = self._clock()
         mode = parse_mode(request.headers.get(MODE_HEADER), self.config.mode)
-        pool = request.headers.get(POOL_HEADER) or self.config.pool
+        try:
+            pool = request.identity.pool_for(request.headers.get(POOL_HEADER), self.config.pool)
+        except AuthError as err:
+            raise TurnError(err.status, str(err), code="PoolNotAllowed") from err
         conv_id = conversation_id_of(request.headers, request.body)
         prompt_tokens = prompt_tokens_of(request.body, request.kind == "chat")
         effective = header_flag(request.headers.get(EFFECTIVE_HEADER), True)
@@ -159,7 +164,8 @@ class Router:
         if pool not in self._pools and any(self.backends(pool)):  # a pool with servers (not any name a client sends)
             self._pools.add(pool)
         self.signals.prompt_seen(prompt_tokens)
-        state = self._state(conv_id, mode, arrival) if conv_id is not None else None
+        owner = request.identity.name
+        state = self._states.get_or_create(owner, conv_id, mode, arrival) if conv_id is not None else None
         if state is not None and state.turns == 0 and slo_class is not None:
             state.slo_class = slo_class
         lock = state.lock if state is not None else asyncio.Lock()
@@ -168,14 +174,6 @@ class Router:
                 yield item
             if state is not None and ending:
                 self._close(state)
-
-    def _state(self, conv_id: str, mode: Mode, now: float) -> ConversationState:
-        key = (mode, conv_id)
-        state = self._states.get(key)
-        if state is None:
-            state = ConversationState(conv_id, conversation_object_name(conv_id), mode, now, last_turn_s=now)
-            self._states[key] = state
-        return state
 
     async def _turn_locked(
         self,
@@ -221,6 +219,12 @@ class Router:
                 decided = None  # decided again, for the decoder the turn goes to next
                 failed.add(plan.decoder.endpoint)
                 placement = await self._after_backend_error(err, attempts, mode, state, plan, placement)
+            except (backend.BackendRejected, backend.BackendBroken) as err:  # the server is there: not lost
+                if early is not None:
+                    early.task.cancel()
+                self.metrics.backend_errors_total.labels(mode=mode.value).inc()
+                log.warning("turn of %s on %s (%s): %s", conv_id, plan.decoder.name, plan.decoder.endpoint, err)
+                raise backend.as_turn_error(err) from err
 
     async def _placement_for_turn(
         self, request: TurnRequest, pool: str, state: ConversationState, prompt_tokens: int, arrival: float
@@ -233,17 +237,7 @@ class Router:
             # placement sized by its whole context, prefilled again (as the simulator does).
             state.created, state.kv_generation, state.refused = None, None, True
         if state.created is None:
-            spec: dict[str, Any] = {"pool": pool, "firstTurnInputTokens": max(prompt_tokens, 1)}
-            if state.slo_class is not None:
-                spec["sloClass"] = state.slo_class
-            if self.config.idle_timeout_seconds is not None:
-                spec["idleTimeoutSeconds"] = self.config.idle_timeout_seconds
-            replace, state.refused = state.refused or self.control.ended(state.name), False
-            if replace:  # the conversation starts again (its TTFET too): the refused attempt was never admitted
-                state.started_s = arrival
-            state.created = asyncio.get_running_loop().create_task(
-                self._placing.create(state.name, spec, replace=replace)
-            )
+            self._create(state, pool, prompt_tokens, arrival)
         placement = self.control.placement(state.name)
         if placement is not None and placement.generation == state.kv_generation:
             return placement, None, None
@@ -261,6 +255,24 @@ class Router:
         exposed_from = arrival if early is None else (early.done_s or placed)
         self.metrics.placement_wait_seconds.labels(part="exposed").observe(max(placed - exposed_from, 0.0))
         return placement, early, decided
+
+    def _create(self, state: ConversationState, pool: str, prompt_tokens: int, arrival: float) -> None:
+        """Start creating the conversation's object (its owner's; another's under that name is a 404)."""
+        owner = self.control.owner(state.name)
+        if owner is not None and owner != state.owner:  # an object this caller did not make
+            self._states.drop(state)
+            raise TurnError(404, f"conversation {state.conversation_id} not found", code="NotFound")
+        spec: dict[str, Any] = {"pool": pool, "firstTurnInputTokens": max(prompt_tokens, 1)}
+        if state.slo_class is not None:
+            spec["sloClass"] = state.slo_class
+        if self.config.idle_timeout_seconds is not None:
+            spec["idleTimeoutSeconds"] = self.config.idle_timeout_seconds
+        replace, state.refused = state.refused or self.control.ended(state.name), False
+        if replace:  # the conversation starts again (its TTFET too): the refused attempt was never admitted
+            state.started_s = arrival
+        state.created = asyncio.get_running_loop().create_task(
+            self._placing.create(state.name, spec, replace=replace, owner=state.owner)
+        )
 
     def _early_prefill(
         self, request: TurnRequest, pool: str, conv_id: str, prompt_tokens: int
@@ -320,9 +332,9 @@ class Router:
         """The placement to retry on after a server could not be reached; TurnError after the third attempt."""
         self.metrics.backend_errors_total.labels(mode=mode.value).inc()
         conv_id = state.conversation_id if state is not None else None
-        if attempts >= 3:
-            raise TurnError(502, str(err)) from err
         log.warning("turn of %s: %s; retrying", conv_id, err)
+        if attempts >= 3:
+            raise TurnError(502, f"no model server could be reached ({attempts} attempts)") from err
         if mode is not Mode.CONVERSATION or state is None:
             return placement
         placement = await self._placing.re_placement(state, plan.generation)
@@ -335,7 +347,9 @@ class Router:
         self._book.start(target.endpoint, prompt_tokens)
         ticket = self.signals.start(target.endpoint, prompt_tokens, self._clock())
         try:
-            params = await backend.prefill(self.session, target.endpoint, request.kind, request.body, conv_id)
+            params = await backend.prefill(
+                self.session, target.endpoint, request.kind, request.body, conv_id, self.credentials.headers()
+            )
             self.signals.prefilled(ticket, self._clock())  # its speed: prompt tokens over the request's time
             return params
         finally:
@@ -368,7 +382,7 @@ class Router:
         started = False
         try:
             async for chunk in backend.stream_decode(
-                self.session, endpoint, request.kind, request.body, conv_id, kv_params
+                self.session, endpoint, request.kind, request.body, conv_id, kv_params, self.credentials.headers()
             ):
                 now = self._clock()
                 self.signals.prefilled(ticket, now)
@@ -423,41 +437,20 @@ class Router:
             self._batcher.record(state.name, state.usage(datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")))
 
     def _close(self, state: ConversationState) -> None:
-        self._states.pop((state.mode, state.conversation_id), None)
+        self._states.drop(state)
         if state.mode is Mode.CONVERSATION and state.created is not None:
             self._batcher.complete(state.name)
         self.metrics.conversations_closed_total.labels(mode=state.mode.value).inc()
 
-    async def close_conversation(self, conversation_id: str) -> bool:
+    async def close_conversation(self, conversation_id: str, owner: str = "") -> bool:
+        """End the caller's conversation of that id (another caller's is not found)."""
         closed = False
-        for mode in Mode:
-            state = self._states.get((mode, conversation_id))
-            if state is not None:
-                async with state.lock:
-                    self._close(state)
-                closed = True
+        for state in list(self._states.find(owner, conversation_id)):
+            async with state.lock:
+                self._close(state)
+            closed = True
         return closed
 
-    # ---- background: batched usage reports, idle conversations -----------------------------------------------
+    # ---- background: batched usage reports ---------------------------------------------------------------------
     async def flush(self, *, force: bool = False) -> None:
         await self._reports.flush(force=force)
-
-    async def _idle_loop(self) -> None:
-        """Forget conversations idle past their pool's idle timeout (memory only: the operator's sweep ends them
-        at that timeout, the one owner of it; a later turn starts a conversation afresh)."""
-        while True:
-            await asyncio.sleep(5.0 if self.config.idle_close_s is None else min(self.config.idle_close_s / 4, 5.0))
-            now = self._clock()
-            for (mode, conv_id), state in list(self._states.items()):
-                if state.lock.locked() or now - state.last_turn_s < self._forget_after_s(state):
-                    continue
-                self._states.pop((mode, conv_id), None)
-                self.metrics.conversations_closed_total.labels(mode=mode.value).inc()
-
-    def _forget_after_s(self, state: ConversationState) -> float:
-        if self.config.idle_close_s is not None:
-            return self.config.idle_close_s
-        if self.config.idle_timeout_seconds is not None:
-            return float(self.config.idle_timeout_seconds)
-        pool_timeout = self.control.pool_idle_timeout_s(state.pool or self.config.pool)
-        return pool_timeout if pool_timeout is not None else DEFAULT_FORGET_AFTER_S

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from conserve.router.auth import ANONYMOUS, Identity
 from conserve.router.policy import USAGE_INTERVAL_S, Backend, Mode, Usage
 
 
@@ -37,6 +38,7 @@ class ConversationState:
     name: str
     mode: Mode
     started_s: float
+    owner: str = ""  # the identity that created it ("" for the anonymous caller of `--auth none`)
     created: asyncio.Task[None] | None = None
     #: Its Conversation ended without a placement (refused, failed or deleted): the next turn replaces the object.
     refused: bool = False
@@ -97,6 +99,7 @@ class TurnRequest:
     kind: str  # "chat" or "completions"
     headers: Mapping[str, str]
     body: dict[str, Any]
+    identity: Identity = ANONYMOUS
 
 
 class TurnError(Exception):
