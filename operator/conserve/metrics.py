@@ -340,4 +340,15 @@ OBSERVED_REQUESTS_RUNNING = _gauge(
     [*_POOL, "decoder"],
 )
 
+# --- operator: leadership (controller/main.py; the Leases of leader.py and shards.py) --------------------------
+
+OPERATOR_SHARDS = _gauge(
+    "conserve_operator_shards", "Leases the pools are sharded over (--shards; 1: one Lease, or no leader election)."
+)
+OPERATOR_LEADING_SHARDS = _gauge(
+    "conserve_operator_leading_shards",
+    "Shards this replica leads and decides for (0: a standby). Summed over the replicas, less than "
+    "conserve_operator_shards means some pools have no operator deciding for them.",
+)
+
 # --- scheduler extender: filter and prioritize calls of kube-scheduler ---------------------------------------

@@ -77,6 +77,12 @@ async def run_operator(options: OperatorOptions) -> int:  # noqa: C901 the wirin
     stop = asyncio.Event()
     elector: LeaderElector | None = None
     lost = asyncio.Event()
+    metrics.OPERATOR_SHARDS.set(options.shards if sharding is not None else 1)
+    if sharding is not None:
+        shard_set = sharding.shard_set
+        metrics.OPERATOR_LEADING_SHARDS.set_function(lambda: len(shard_set.held))
+    else:  # a standby says so while it waits for the Lease; without leader election it leads at once
+        metrics.OPERATOR_LEADING_SHARDS.set(0 if options.leader_elect else 1)
     if options.metrics_port:
         start_http_server(options.metrics_port, registry=metrics.REGISTRY)
     try:
@@ -89,6 +95,7 @@ async def run_operator(options: OperatorOptions) -> int:  # noqa: C901 the wirin
                 LeaseTiming.for_duration(options.lease_duration_s),
             )
             await elector.acquire()
+            metrics.OPERATOR_LEADING_SHARDS.set(1)
             hold = asyncio.create_task(elector.hold(lost))
         engine = Engine(
             kube,
@@ -138,5 +145,6 @@ async def run_operator(options: OperatorOptions) -> int:  # noqa: C901 the wirin
 async def _fence(lost: asyncio.Event, stop: asyncio.Event, engine: Engine) -> None:
     """Leadership lost: no more writes at once, then stop Kopf (the process exits 1 and restarts as a standby)."""
     await lost.wait()
+    metrics.OPERATOR_LEADING_SHARDS.set(0)
     engine.fenced = True
     stop.set()
