@@ -12,69 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dashboard_layout import DS, NOSEL, RATE, SEL, Layout, quantiles
+from dashboard_rows import control_plane_row, energy_row, kv_lifecycle_row, router_row, servers_row, slo_row
+
 OUT = Path(__file__).resolve().parent.parent / "dashboards" / "conserve.json"
-DS: dict[str, str] = {"type": "prometheus", "uid": "${datasource}"}
-SEL = '{namespace=~"$namespace"}'
-NOSEL = ""
-RATE = "[$__rate_interval]"
-
-
-class Layout:
-    """Panels laid out top to bottom on Grafana's 24-column grid."""
-
-    def __init__(self) -> None:
-        self.panels: list[dict[str, Any]] = []
-        self.y = 0
-
-    def _panel(self, kind: str, title: str, x: int, w: int, h: int, **fields: Any) -> None:
-        self.panels.append(
-            {"type": kind, "title": title, "id": len(self.panels) + 1, "gridPos": {"h": h, "w": w, "x": x, "y": self.y}}
-            | fields
-        )
-
-    def row(self, title: str) -> None:
-        self._panel("row", title, 0, 24, 1, collapsed=False, panels=[])
-        self.y += 1
-
-    def stat(self, title: str, expr: str, unit: str, x: int, desc: str) -> None:
-        self._panel(
-            "stat", title, x, 6, 4,
-            description=desc,
-            datasource=DS,
-            fieldConfig={"defaults": {"unit": unit}, "overrides": []},
-            options={"reduceOptions": {"calcs": ["lastNotNull"]}, "colorMode": "value", "graphMode": "area"},
-            targets=[{"datasource": DS, "expr": expr, "refId": "A"}],
-        )  # fmt: skip
-
-    def timeseries(self, title: str, queries: list[tuple[str, str]], unit: str, x: int, desc: str) -> None:
-        self._panel(
-            "timeseries", title, x, 12, 8,
-            description=desc,
-            datasource=DS,
-            fieldConfig={"defaults": {"unit": unit}, "overrides": []},
-            options={
-                "legend": {"displayMode": "table", "placement": "bottom", "calcs": ["lastNotNull", "max"]},
-                "tooltip": {"mode": "multi"},
-            },
-            targets=[
-                {"datasource": DS, "expr": expr, "legendFormat": legend, "refId": chr(65 + i)}
-                for i, (expr, legend) in enumerate(queries)
-            ],
-        )  # fmt: skip
-
-    def next_line(self, h: int) -> None:
-        self.y += h
-
-
-def quantiles(histogram: str, qs: tuple[float, ...], by: str, sel: str = SEL) -> list[tuple[str, str]]:
-    """histogram_quantile queries of a histogram by one label, one per quantile."""
-    return [
-        (
-            f"histogram_quantile({q}, sum by (le, {by}) (rate({histogram}_bucket{sel}{RATE})))",
-            f"{{{{{by}}}}} p{round(q * 100)}",
-        )
-        for q in qs
-    ]
 
 
 def operator_rows(g: Layout) -> None:
@@ -143,6 +84,11 @@ def operator_rows(g: Layout) -> None:
 def dashboard() -> dict[str, Any]:
     g = Layout()
     operator_rows(g)
+    slo_row(g)
+    kv_lifecycle_row(g)
+    energy_row(g)
+    router_row(g)
+    servers_row(g)
     g.row("Scheduler extender")
     g.stat("Nodes in cache", f"max(conserve_extender_cache_nodes{NOSEL})", "short", 0, "Nodes in the watch cache.")
     g.stat(
@@ -181,11 +127,13 @@ def dashboard() -> dict[str, Any]:
         "short", 12, "Nodes the scheduler sent per call.",
     )  # fmt: skip
     g.next_line(8)
+    control_plane_row(g)
     namespaces = "label_values(conserve_ready_decoders, namespace)"
     return {
         "title": "ConServe",
         "uid": "conserve",
-        "description": "ConServe control plane: placement, KV capacity, energy and the scheduler extender.",
+        "description": "ConServe: placement, KV capacity and lifecycle, latency against the SLO, energy, the router, "
+        "the servers, the scheduler extender and the control plane's health.",
         "tags": ["conserve", "llm", "scheduling"],
         "editable": True,
         "schemaVersion": 39,
