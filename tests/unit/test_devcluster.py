@@ -113,7 +113,7 @@ def test_namespace_names_are_valid_and_unique() -> None:
 
 def test_build_parts_are_pinned_modules() -> None:
     names = [p.name for p in build.PARTS]
-    assert names == ["etcd", "kubernetes", "kwok", "helm"]
+    assert names == ["etcd", "kubernetes", "kwok", "helm", "prometheus"]
     for p in build.PARTS:
         gomod = (p.gomod / "go.mod").read_text()
         assert (p.gomod / "go.sum").is_file()
@@ -127,7 +127,7 @@ def test_build_parts_are_pinned_modules() -> None:
 def test_cache_dir_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("CONSERVE_CACHE_DIR", str(tmp_path))
     assert build.part("etcd").bin_dir() == tmp_path / "controlplane" / f"etcd-{build.ETCD_VERSION}" / "bin"
-    assert build.missing_parts() == ["etcd", "kubernetes", "kwok", "helm"]
+    assert build.missing_parts() == ["etcd", "kubernetes", "kwok", "helm", "prometheus"]
 
 
 def test_cli_dev_parses_and_imports_no_operator_stack(tmp_path: Path) -> None:

@@ -9,7 +9,11 @@ upstream command as a ``tool`` (so ``go mod tidy`` keeps it) and pins every depe
   version by editing ``require k8s.io/kubernetes`` and every ``replace`` to the matching v0.N.M, then
   ``go mod tidy``, and change ``KUBERNETES_VERSION`` below;
 - ``gomods/kwok``: KWOK, plus its own default Stage files copied from the module next to the binary;
-- ``gomods/helm``: helm v3.
+- ``gomods/helm``: helm v3;
+- ``gomods/prometheus``: prometheus and promtool (v0.3MM.P is Prometheus 3.MM.P), for the chart's rules and
+  dashboard checked by a real server; built with every service discovery but Kubernetes' and file's left out
+  (``-tags remove_all_sd,enable_kubernetes_sd``: the cloud SDKs are most of the build) and without the web UI's
+  assets (its HTTP API, which the tests and the demo use, is whole).
 
 Binaries land in ``<cache>/controlplane/<part>-<version>/bin``; a stamp file there records the go.sum hash
 and ldflags, so a part is rebuilt only when its module changes and a second run takes seconds. The cache
@@ -36,6 +40,7 @@ ETCD_VERSION = "v3.6.16"
 KUBERNETES_VERSION = "v1.36.3"
 KWOK_VERSION = "v0.8.0"
 HELM_VERSION = "v3.22.0"
+PROMETHEUS_VERSION = "v3.16.0"  # the Go module's v0.316.0
 
 GOMODS_DIR = Path(__file__).resolve().parent / "gomods"
 
@@ -106,6 +111,11 @@ def _helm_ldflags(gomod: Path) -> list[str]:
     ]
 
 
+def _prometheus_ldflags(_gomod: Path) -> list[str]:
+    # `prometheus --version` and the build_info metric name the release, as upstream's builds do.
+    return [f"-X github.com/prometheus/common/version.Version={PROMETHEUS_VERSION.lstrip('v')}"]
+
+
 def _no_ldflags(_gomod: Path) -> list[str]:
     # etcd's version is a constant in go.etcd.io/etcd/api/v3/version.
     return []
@@ -129,6 +139,7 @@ class Part:
     binaries: tuple[str, ...]
     ldflags: Callable[[Path], list[str]] = field(default=_no_ldflags)
     after_build: Callable[[Path, Path], None] | None = None
+    tags: tuple[str, ...] = ()
 
     @property
     def gomod(self) -> Path:
@@ -147,6 +158,8 @@ class Part:
         digest = hashlib.sha256()
         for fname in ("go.mod", "go.sum"):
             digest.update((self.gomod / fname).read_bytes())
+        if self.tags:  # (a part without tags keeps the key it always had)
+            digest.update(",".join(self.tags).encode())
         return digest.hexdigest()
 
     def is_built(self, cache: Path | None = None) -> bool:
@@ -175,6 +188,14 @@ PARTS: tuple[Part, ...] = (
     ),
     Part("kwok", KWOK_VERSION, ("sigs.k8s.io/kwok/cmd/kwok",), ("kwok",), _kwok_ldflags, _copy_kwok_stages),
     Part("helm", HELM_VERSION, ("helm.sh/helm/v3/cmd/helm",), ("helm",), _helm_ldflags),
+    Part(
+        "prometheus",
+        PROMETHEUS_VERSION,
+        ("github.com/prometheus/prometheus/cmd/prometheus", "github.com/prometheus/prometheus/cmd/promtool"),
+        ("prometheus", "promtool"),
+        _prometheus_ldflags,
+        tags=("remove_all_sd", "enable_kubernetes_sd"),
+    ),
 )
 
 
@@ -196,6 +217,8 @@ class Binaries:
     kwok: Path
     kwok_stages: tuple[Path, ...]
     helm: Path
+    prometheus: Path
+    promtool: Path
 
 
 def binaries(cache: Path | None = None) -> Binaries:
@@ -208,6 +231,8 @@ def binaries(cache: Path | None = None) -> Binaries:
         kwok=kwok.binary("kwok", cache),
         kwok_stages=tuple(kwok.dir(cache) / "stages" / Path(rel).name for rel in KWOK_STAGE_FILES),
         helm=part("helm").binary("helm", cache),
+        prometheus=part("prometheus").binary("prometheus", cache),
+        promtool=part("prometheus").binary("promtool", cache),
     )
 
 
@@ -235,7 +260,8 @@ def build_part(p: Part, cache: Path | None = None, force: bool = False) -> float
         # One package: name the output (etcd's main package is ".../server/v3", which Go would call
         # "server"); several: a directory, so shared packages compile once in one `go build`.
         out = f"{tmp}/{p.binaries[0]}" if len(p.packages) == 1 else tmp + "/"
-        cmd = ["go", "build", "-trimpath", "-ldflags", ldflags, "-o", out, *p.packages]
+        tags = ["-tags", ",".join(p.tags)] if p.tags else []
+        cmd = ["go", "build", "-trimpath", *tags, "-ldflags", ldflags, "-o", out, *p.packages]
         _log(f"{p.name} {p.version}: building {' '.join(b for b in p.binaries)} (cd {p.gomod}; go build ...)")
         start = time.monotonic()
         proc = subprocess.run(cmd, cwd=p.gomod, env=_build_env())
