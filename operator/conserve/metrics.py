@@ -113,7 +113,9 @@ RESERVED_KV = _gauge(
 )
 LIVE_KV = _gauge("conserve_live_kv_tokens", "Live context of the pool's conversations, in KV tokens.", _POOL)
 READY_DECODERS = _gauge("conserve_ready_decoders", "Ready decoders of the pool.", _POOL)
-PINNED_CONVERSATIONS = Gauge("conserve_pinned_conversations", "Conversations holding a reservation in the pool.", _POOL)
+PINNED_CONVERSATIONS = _gauge(
+    "conserve_pinned_conversations", "Conversations holding a reservation in the pool.", _POOL
+)
 
 # --- KV lifecycle (issue 13) ---------------------------------------------------------------------------------
 KV_LIFECYCLE = _counter(
