@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv controlplane engine up down status lint test test-unit test-packaging test-e2e test-vllm demo clean-cluster
+.PHONY: help venv controlplane engine up down status lint test test-unit test-packaging test-e2e test-vllm test-monitoring demo clean-cluster
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -57,6 +57,9 @@ test-packaging: controlplane ## The Helm chart rendered by helm (built from Go) 
 
 test-e2e: controlplane ## End-to-end tests against a local control plane (or the cluster named by CONSERVE_KUBECONFIG)
 	$(BIN)/pytest -q -m e2e $(PYTEST_ARGS)
+
+test-monitoring: controlplane ## The chart's rules and dashboard: promtool checks and alert unit tests, a real Prometheus on a local cluster
+	$(BIN)/pytest -q -k "prometheus or dashboard or alert" $(PYTEST_ARGS)
 
 test-vllm: controlplane engine ## The real-engine tests only (vLLM CPU servers behind the router)
 	$(BIN)/pytest -q -m vllm $(PYTEST_ARGS)
