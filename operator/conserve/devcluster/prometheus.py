@@ -189,7 +189,7 @@ class Prometheus:
         return list(data["result"])
 
     def query_range(self, expr: str, start: float, end: float, step_s: float) -> list[dict[str, Any]]:
-        data = self.api("query_range", query=expr, start=str(start), end=str(end), step=f"{step_s}s")
+        data = self.api("query_range", query=expr, start=str(start), end=str(end), step=f"{step_s:g}")
         return list(data["result"])
 
     def targets(self) -> list[dict[str, Any]]:

@@ -53,9 +53,10 @@ from typing import Any
 import aiohttp
 
 from conserve.cliargs import add_seconds_option
-from conserve.devcluster import commands
+from conserve.devcluster import commands, prometheus
 from conserve.devcluster.cluster import LocalCluster
 from conserve.engine import demo as engine_demo
+from conserve.load import demo_prometheus
 from conserve.load.cli import energy_j, offline, run_modes
 from conserve.load.report import format_table, histogram_quantile, slice_workload
 from conserve.sim.workload import load_workload
@@ -85,6 +86,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--router-port", type=int, default=8080)
     p.add_argument("--dcgm-port", type=int, default=0, help="fake DCGM exporter port (0: a free one)")
     p.add_argument("--keep", action="store_true", help="leave the cluster and the demo processes' pods up")
+    p.add_argument(
+        "--no-prometheus",
+        dest="prometheus",
+        action="store_false",
+        help="run no Prometheus (by default one scrapes the demo's components; the PNG plots are drawn from it)",
+    )
+    p.add_argument("--prometheus-port", type=int, default=0, help="port of the demo's Prometheus (0: a free one)")
+    p.add_argument(
+        "--keep-prometheus", action="store_true", help="leave the demo's Prometheus running afterwards (its address)"
+    )
     p.add_argument("--logs", type=Path, default=Path(".demo-logs"))
     p.add_argument(
         "--engine",
@@ -131,6 +142,7 @@ def _run(args: argparse.Namespace) -> int:
         kubeconfig = args.kubeconfig
     extender_port = LocalCluster.attach(args.state_dir).extender_port if args.kubeconfig is None else 8888
     procs: list[subprocess.Popen[bytes]] = []
+    prom: prometheus.Prometheus | None = None
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
 
     def start(name: str, *cmd: str) -> None:
@@ -143,7 +155,7 @@ def _run(args: argparse.Namespace) -> int:
         commands.apply_crds(kubeconfig)
         commands.create_namespace(kubeconfig, args.namespace)
         kc = f"--kubeconfig={kubeconfig}"
-        dcgm_port = args.dcgm_port or _free_port()
+        dcgm_port, metrics_port = args.dcgm_port or _free_port(), demo_prometheus.operator_metrics_port(args)
         start("extender", "extender", "--host=127.0.0.1", f"--port={extender_port}", kc)
         start(
             "fake-dcgm",
@@ -161,7 +173,7 @@ def _run(args: argparse.Namespace) -> int:
             "operator",
             f"--namespace={args.namespace}",
             "--no-leader-elect",
-            "--metrics-port=0",
+            f"--metrics-port={metrics_port}",
             "--energy-source=dcgm",
             f"--dcgm-url=http://127.0.0.1:{dcgm_port}/metrics",
             f"--energy-interval-seconds={args.energy_interval}",
@@ -176,6 +188,9 @@ def _run(args: argparse.Namespace) -> int:
             "--stream-interval=8",
         )
         start("router", "router", kc, f"--namespace={args.namespace}", "--pool=chat", f"--port={args.router_port}")
+        ports = {"operator": metrics_port, "router": args.router_port, "extender": extender_port}
+        prom = demo_prometheus.start(args, kubeconfig, ports)
+        started_s = time.time()
         time.sleep(2.0)  # the extender's watch cache before the pods are scheduled
         commands.apply_manifests(kubeconfig, _manifests(args.namespace, args.prefill, args.decoders))
         router = f"http://127.0.0.1:{args.router_port}"
@@ -183,8 +198,10 @@ def _run(args: argparse.Namespace) -> int:
         print(commands.kubectl(kubeconfig, "get", "pods", "-n", args.namespace, "-o", "wide"), flush=True)
         code = _replay(args, router, kubeconfig)
         _report_placements(kubeconfig, args.namespace)
+        demo_prometheus.save_plots(prom, args.namespace, started_s, args.logs)
         return code
     finally:
+        demo_prometheus.finish(prom, args.keep_prometheus)
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
