@@ -35,7 +35,9 @@ def _start(
         server_namespaces=[namespace],
         interval_s=2.0,
     )
-    prom = prometheus.Prometheus(state_dir, config, prometheus.chart_rules(), port=port).start()
+    # The chart's rules, where the chart is beside the package (a checkout); an installed wheel has none.
+    rules = prometheus.chart_rules() if (prometheus.CHART / "Chart.yaml").is_file() else None
+    prom = prometheus.Prometheus(state_dir, config, rules, port=port).start()
     print(f"prometheus: {prom.url} (scraping {', '.join(sorted(targets))} and the gpu-sim servers)", flush=True)
     return prom
 
