@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dashboard_layout import DS, NOSEL, RATE, SEL, Layout, quantiles
-from dashboard_rows import control_plane_row, energy_row, kv_lifecycle_row, router_row, servers_row, slo_row
+from dashboard_rows import control_plane_row, energy_row, kv_lifecycle_row, or_zero, router_row, servers_row, slo_row
 
 OUT = Path(__file__).resolve().parent.parent / "dashboards" / "conserve.json"
 
@@ -66,7 +66,7 @@ def operator_rows(g: Layout) -> None:
         "Releases and outgrown reservations",
         [
             (f"sum by (reason) (rate(conserve_releases_total{SEL}{RATE}))", "released {{reason}}"),
-            (f"sum by (result) (rate(conserve_reservation_outgrown_total{SEL}{RATE}))", "outgrown {{result}}"),
+            (or_zero(f"sum by (result) (rate(conserve_reservation_outgrown_total{SEL}{RATE}))"), "outgrown {{result}}"),
         ],
         "ops", 0, "Reservations released by reason; turns that outgrew their reservation.",
     )  # fmt: skip
@@ -74,7 +74,7 @@ def operator_rows(g: Layout) -> None:
         "Decision time (p99) and status write errors",
         [
             *quantiles("conserve_placement_decision_seconds", (0.99,), "pool"),
-            ("sum by (kind) (rate(conserve_status_write_errors_total[$__rate_interval]))", "write errors {{kind}}"),
+            (or_zero(f"sum by (kind) (rate(conserve_status_write_errors_total{RATE}))"), "write errors {{kind}}"),
         ],
         "s", 12, "Time the core takes per decision; status patches that failed after retries (per second).",
     )  # fmt: skip
@@ -101,7 +101,7 @@ def dashboard() -> dict[str, Any]:
     )  # fmt: skip
     g.stat(
         "Errors/s",
-        f'sum(rate(conserve_extender_requests_total{{outcome!="ok"}}{RATE}))',
+        or_zero(f'sum(rate(conserve_extender_requests_total{{outcome!="ok"}}{RATE}))'),
         "reqps", 18, "Scheduler calls answered with bad_request or error.",
     )  # fmt: skip
     g.next_line(4)
@@ -118,7 +118,7 @@ def dashboard() -> dict[str, Any]:
     g.next_line(8)
     g.timeseries(
         "Nodes filtered out by reason",
-        [(f"sum by (reason) (rate(conserve_extender_filtered_nodes_total{NOSEL}{RATE}))", "{{reason}}")],
+        [(or_zero(f"sum by (reason) (rate(conserve_extender_filtered_nodes_total{NOSEL}{RATE}))"), "{{reason}}")],
         "short", 0, "Candidate nodes the filter rejected per second, by reason.",
     )  # fmt: skip
     g.timeseries(
