@@ -7,9 +7,10 @@ and the router. Prometheus (built from its Go module) scrapes each of them, and 
 chart's PodMonitor finds vLLM pods: through the Kubernetes API. Its rules are the chart's PrometheusRule, with
 shorter windows and the queueing alert's threshold and `for` lowered so it fires within the test.
 
-A workload runs through the router in both routing modes (conversations of several turns, then ended), a turn for
-a pool that does not exist (503), then the pool is saturated: Conversations wait in its queue and
-ConservePoolQueueing fires.
+The pool declares an SLO with two classes. A workload runs through the router in both routing modes and classes
+(conversations of several turns, then ended) while the queries run; beside it a turn for a pool that does not
+exist (503) and a Conversation of a class the pool does not declare (refused). Then the pool is saturated:
+Conversations wait in its queue and ConservePoolQueueing fires.
 """
 
 from __future__ import annotations
@@ -42,29 +43,27 @@ from conserve.testkit.processes import ConserveProcesses
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "charts" / "conserve" / "dashboards" / "conserve.json"
 RATE_WINDOW = "5m"
-#: Issue 25's SLO metrics: a query reading one of them may come back empty only while no code defines it.
-SLO_METRICS = (
-    "conserve_router_slo_turns_total",
-    "conserve_slo_conversations_total",
-    "conserve_slo_attainment_ratio",
-    "conserve_slo_target_attainment_ratio",
-    "conserve_admission_refusals_total",
-)
-#: Two decoders of 4,000 KV tokens (3,800 after headroom): a conversation whose first turn is 1,500 tokens
-#: reserves about 3,000, so each decoder holds one and a third waits. No idle-KV reclaim (it would make room).
+#: Two decoders of 4,000 KV tokens (3,800 after headroom): a conversation whose first turn is 1,800 tokens takes
+#: at least half of one. No idle-KV reclaim (it would make room). An SLO with classes, so the SLO series exist:
+#: interactive (the default) and batch, whose TTFET budget (250 s) lets a saturated pool's conversations queue.
 POOL = (
     PoolBuilder("pool")
     .decoders("dec")
     .prefills("pre")
     .kv_tokens(4_000)
-    .spec(placement={"maxQueueWaitSeconds": 300}, kvLifecycle={"enabled": False})
+    .spec(
+        placement={"maxQueueWaitSeconds": 300},
+        kvLifecycle={"enabled": False},
+        slo={
+            "ttfetSeconds": 30,
+            "tbtSeconds": 1,
+            "attainmentTarget": 0.9,
+            "classes": [{"name": "interactive", "priority": 10}, {"name": "batch", "ttfetSeconds": 250}],
+            "defaultClass": "interactive",
+        },
+    )
     .build()
 )
-
-
-def _undefined_in_code() -> set[str]:
-    source = "\n".join(p.read_text() for p in (REPO / "operator" / "conserve").rglob("*.py"))
-    return {m for m in SLO_METRICS if f'"{m}"' not in source and f'"{m.removesuffix("_total")}"' not in source}
 
 
 @dataclass
@@ -90,7 +89,9 @@ class Observed:
         except OSError as err:
             return 0, str(err)
 
-    def turn(self, conv: str, tokens: int, *, mode: str = "conversation", pool: str | None = None) -> int:
+    def turn(
+        self, conv: str, tokens: int, *, mode: str = "conversation", pool: str | None = None, slo_class: str = ""
+    ) -> int:
         body = {
             "model": "llama-3-8b",
             "messages": [{"role": "user", "content": filler_text(tokens)}],
@@ -100,6 +101,8 @@ class Observed:
         headers = {"X-Conversation-Id": conv, "X-Conserve-Routing": mode}
         if pool is not None:
             headers["X-Conserve-Pool"] = pool
+        if slo_class:
+            headers["X-Conserve-Slo-Class"] = slo_class
         return self.http("/v1/chat/completions", body, headers)[0]
 
     def backends(self) -> dict[str, list[Any]]:
@@ -107,12 +110,12 @@ class Observed:
         found: dict[str, list[Any]] = json.loads(text) if status == 200 else {}
         return found
 
-    def conversation(self, name: str, tokens: int) -> None:
+    def conversation(self, name: str, tokens: int, slo_class: str) -> None:
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "Conversation",
             "metadata": {"name": name},
-            "spec": {"pool": "pool", "firstTurnInputTokens": tokens},
+            "spec": {"pool": "pool", "firstTurnInputTokens": tokens, "sloClass": slo_class},
         }
         self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, "conversations", body)
 
@@ -143,7 +146,7 @@ def observed(
     start("gpusim", "gpu-sim", "pods", kubeconfig, f"--namespace={namespace}", "--time-scale=0.05")
     start(
         "router", "router", kubeconfig, f"--namespace={namespace}", "--pool=pool", f"--port={router_port}",
-        "--usage-interval=0.3",
+        "--usage-interval=0.3", "--placement-timeout=10",  # (the turn for a pool that does not exist waits this long)
     )  # fmt: skip
     rules = prometheus.chart_rules(
         f"prometheusRule.rateWindow={RATE_WINDOW}",
@@ -216,8 +219,9 @@ def _without_data(prom: prometheus.Prometheus, queries: dict[str, str], timeout_
 
 
 class Workload:
-    """Conversations of three turns through the router, alternating routing modes, each ended after its last
-    turn, until stopped: the router's, the servers' and the operator's series move while the queries run."""
+    """Conversations of three turns through the router, alternating routing modes (and SLO classes), each ended
+    after its last turn, until stopped: the router's, the servers' and the operator's series move while the
+    queries run."""
 
     def __init__(self, plane: Observed) -> None:
         self.plane = plane
@@ -230,8 +234,9 @@ class Workload:
         while not self.stop.is_set():
             n = self.conversations
             conv, mode = f"chat-{n}", ("conversation", "per-turn")[n % 2]
+            slo_class = ("interactive", "batch")[n // 2 % 2]
             for turn in range(3):
-                status = self.plane.turn(conv, 1500 if turn == 0 else 200, mode=mode)
+                status = self.plane.turn(conv, 1500 if turn == 0 else 200, mode=mode, slo_class=slo_class)
                 if status != 200:
                     self.failures.append(f"{conv} turn {turn}: HTTP {status}")
             self.plane.http(f"/v1/conversations/{conv}")
@@ -257,8 +262,10 @@ def test_prometheus_scrapes_every_component_and_every_rule_and_dashboard_query_h
         # calls can come before Prometheus' first scrape of the extender, and so show in no rate.)
         wait_for("the extender's calls scraped", lambda: prom.query("conserve_extender_requests_total"), 60)
         observed.apps.patch_namespaced_deployment_scale("pre", observed.namespace, {"spec": {"replicas": 2}})
-        # A turn for a pool that does not exist: the router answers it without a placement (503, or 429).
+        # A turn for a pool that does not exist: the router answers it without a placement (503, or 429). A
+        # Conversation naming a class the pool does not declare: the operator refuses it (UnknownSloClass).
         assert observed.turn("lost", 200, pool="no-such-pool") in (429, 503)
+        observed.conversation("unknown-class", 500, "no-such-class")
         wait_for("3 conversations served", lambda: workload.conversations >= 3, timeout_s=120)
 
         # Every component is scraped: the operator, router, extender and each gpu-sim server (found by its pod).
@@ -270,9 +277,8 @@ def test_prometheus_scrapes_every_component_and_every_rule_and_dashboard_query_h
 
         wait_for("every target up", all_up, timeout_s=60)
 
-        undefined = _undefined_in_code()
         rules = prometheus.chart_rules(f"prometheusRule.rateWindow={RATE_WINDOW}")
-        recorded = {r["record"]: r["expr"] for g in rules["groups"] for r in g["rules"] if "record" in r}
+        recorded = [r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r]
         dashboard = json.loads(DASHBOARD.read_text())
         panels = {
             f"panel {p['title']!r} query {t['refId']}": _substitute(t["expr"], observed.namespace)
@@ -281,10 +287,7 @@ def test_prometheus_scrapes_every_component_and_every_rule_and_dashboard_query_h
         }
         assert len(recorded) >= 14
         assert len(panels) >= 60
-        # A query reading an SLO metric of issue 25 may be empty only while no code defines that metric.
-        waits_on_slo = {what for what, expr in {**recorded, **panels}.items() if any(m in expr for m in undefined)}
-        queries = {f"rule {name}": name for name in recorded if name not in waits_on_slo}
-        queries |= {what: expr for what, expr in panels.items() if what not in waits_on_slo}
+        queries = {f"rule {name}": name for name in recorded} | panels
         empty = _without_data(prom, queries, timeout_s=90)
         assert not empty, "\n".join(f"{what}: {why}" for what, why in empty.items())
 
@@ -298,7 +301,7 @@ def test_prometheus_scrapes_every_component_and_every_rule_and_dashboard_query_h
     # can hold (at most two each, whatever growth the pool has learnt): they wait in its queue, and the alert
     # (threshold 1, no `for`) fires.
     for i in range(8):
-        observed.conversation(f"queued-{i}", 1800)
+        observed.conversation(f"queued-{i}", 1800, "batch")
     wait_for("conversations pending", lambda: _max(prom, "namespace_pool:conserve_pending_conversations:max") >= 2)
 
     def firing() -> list[dict[str, Any]]:

@@ -44,8 +44,8 @@ def slo_row(g: Layout) -> None:
     g.timeseries(
         "SLO attainment against target by pool and class",
         [
-            ("min by (pool, slo_class) (conserve_slo_attainment_ratio)", "{{pool}} {{slo_class}}"),
-            ("max by (pool, slo_class) (conserve_slo_target_attainment_ratio)", "{{pool}} {{slo_class}} target"),
+            (f"min by (pool, slo_class) (conserve_slo_attainment_ratio{SEL})", "{{pool}} {{slo_class}}"),
+            (f"max by (pool) (conserve_slo_target_attainment_ratio{SEL})", "{{pool}} target"),
         ],
         "percentunit", 0, "Share of ended conversations whose every turn met the SLO, and the declared target.",
     )  # fmt: skip
@@ -54,8 +54,8 @@ def slo_row(g: Layout) -> None:
         [
             (rate_by("pool, slo_class, outcome", "conserve_router_slo_turns_total", NOSEL), "{{pool}} {{slo_class}} "
              "{{outcome}}"),
-            (or_zero(rate_by("pool, reason", "conserve_admission_refusals_total", NOSEL)), "refused {{pool}} "
-             "{{reason}}"),
+            (or_zero(rate_by("pool, slo_class, reason", "conserve_refused_conversations_total")), "refused {{pool}} "
+             "{{slo_class}} {{reason}}"),
         ],
         "ops", 12, "Served turns that met or missed their SLO per second; conversations the operator refused.",
     )  # fmt: skip
