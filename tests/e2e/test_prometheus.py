@@ -296,6 +296,9 @@ def test_prometheus_scrapes_every_component_and_every_rule_and_dashboard_query_h
         assert [p.name for p in pngs] == ["ttfet-over-time.png", "kv-occupancy-per-decoder.png"]
         assert all(p.read_bytes().startswith(b"\x89PNG") for p in pngs)
     assert not workload.failures, workload.failures[:5]
+    # One operator without leader election leads its one shard: the leadership alert stays quiet.
+    assert _max(prom, "sum(conserve_operator_leading_shards)") == _max(prom, "max(conserve_operator_shards)") == 1
+    assert not [a for a in prom.alerts() if a["labels"]["alertname"] == "ConserveOperatorNotLeading"]
 
     # The pool is saturated: more conversations of 1,800 tokens than its two decoders of 3,800 usable tokens
     # can hold (at most two each, whatever growth the pool has learnt): they wait in its queue, and the alert

@@ -58,6 +58,7 @@ COUNTED = frozenset(
         "closed",  # conserve_router_conversations_closed_total: conversations closed
         "outgrown",  # conserve_reservation_outgrown_total: reservations outgrown
         "received",  # conserve_gpusim_kv_transfers_received_total: KV transfers received
+        "shards",  # conserve_operator_shards, conserve_operator_leading_shards: Leases the pools are sharded over
     }
 )
 _NAME = re.compile(r"^conserve_[a-z][a-z0-9_]*[a-z0-9]$")
