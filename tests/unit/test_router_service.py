@@ -65,6 +65,9 @@ class FakeControlPlane:
         self.slo: SloPolicy | None = None  # the pool's spec.slo
         self._waiters = _Waiters()
 
+    def status(self, name: str) -> None:
+        return None
+
     async def start(self) -> None:
         pass
 

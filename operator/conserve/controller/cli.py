@@ -85,6 +85,24 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=300.0,
         help="seconds between lists that release conversations deleted while a watch was down (0: off)",
     )
+    p.add_argument(
+        "--usage-port",
+        type=int,
+        default=0,
+        help="accept the routers' turn reports (POST /v1/usage) on this port (0: off; spec.usage patches only)",
+    )
+    p.add_argument(
+        "--usage-token-file",
+        default=os.environ.get("CONSERVE_USAGE_TOKEN_FILE"),
+        help="file holding the token the routers present (Authorization: Bearer); required with --usage-port",
+    )
+    add_seconds_option(
+        p,
+        "--checkpoint-interval",
+        300.0,
+        "seconds a conversation's streamed usage may wait before its status checkpoints it (when no decision "
+        "writes it sooner)",
+    )
     p.add_argument("--api-threads", type=int, default=64, help="threads (and connections) of the Kubernetes client")
     p.add_argument("--verbose", "-v", action="store_true")
     from conserve.energy.options import add_arguments as add_energy_arguments
@@ -125,7 +143,13 @@ def run(args: argparse.Namespace) -> int:
         shards=args.shards,
         vanished_sweep_interval_s=args.vanished_sweep_interval,
         occupancy_interval_s=args.occupancy_interval,
+        usage_port=args.usage_port,
+        usage_token_file=args.usage_token_file,
+        checkpoint_interval_s=args.checkpoint_interval,
     )
+    if args.usage_port and not args.usage_token_file:
+        print("--usage-port: needs --usage-token-file (the reports are authenticated)", file=sys.stderr)
+        return 2
     if args.shards < 1:
         print("--shards: must be at least 1", file=sys.stderr)
         return 2

@@ -20,12 +20,13 @@ from pydantic import ValidationError
 
 from conserve.api.conversation import PLURAL, ConversationSpec, ConversationStatus, Phase
 from conserve.api.labels import FINALIZER
+from conserve.api.usage_wire import merge_usage
 from conserve.controller.engine import Engine
 from conserve.controller.state import ConvRecord, key_of, parse_time
 from conserve.core.lifecycle import KvState
 
 log = logging.getLogger("conserve.operator")
-__all__ = ["PLURAL", "adopt", "on_event", "record_from_body", "release_vanished"]
+__all__ = ["PLURAL", "adopt", "on_event", "record_from_body", "release_vanished", "serve"]
 
 
 def record_from_body(body: dict[str, Any], spec: ConversationSpec, *, now_s: float, monotonic: float) -> ConvRecord:
@@ -112,7 +113,9 @@ def _refresh(
         adopt(engine, record)
         log.debug("seen %s (%s)", key, event_type)
     else:
-        record.spec = spec
+        # Reports streamed to this operator (usage_intake) are newer than the spec's checkpoint: kept.
+        usage = merge_usage(record.spec.usage, spec.usage)
+        record.spec = spec if usage is spec.usage else spec.model_copy(update={"usage": usage})
         record.generation = int(meta.get("generation") or record.generation)
         record.finalizers = list(meta.get("finalizers") or [])
         record.has_finalizer = FINALIZER in record.finalizers
@@ -147,6 +150,9 @@ async def _serve(engine: Engine, record: ConvRecord) -> None:
         engine.on_pool_changed(pool)
         await engine.write_status(record)
     await engine.commit(others, pool)
+
+
+serve = _serve  # a streamed report (usage_intake) of a conversation not placed yet
 
 
 async def release_vanished(engine: Engine, scopes: list[str | None]) -> int:

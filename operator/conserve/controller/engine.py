@@ -20,6 +20,7 @@ from typing import Protocol
 
 from conserve import metrics
 from conserve.api.conversation import Endpoint, Phase
+from conserve.api.usage_wire import behind_status
 from conserve.controller import slo
 from conserve.controller.kube import Kube
 from conserve.controller.state import ConvRecord, PoolRuntime, World, format_time, parse_time
@@ -241,6 +242,8 @@ class Engine(Writer):
         changed, and what the scheduler's decisions changed for other conversations (KV moved to make room,
         waiting ones placed in the room the turn's end freed): the caller commits them after the lock."""
         usage, status = record.spec.usage, record.status
+        if behind_status(usage, status):  # the status checkpointed streamed reports this spec never saw
+            return False, []
         if (
             usage.turns,
             usage.input_tokens,

@@ -20,6 +20,7 @@ from conserve.controller.occupancy import OccupancyScraper, engine_decoders, eng
 from conserve.controller.registry import build_registry
 from conserve.controller.shards import ShardFencedKube, Sharding, ShardSet
 from conserve.controller.state import key_of
+from conserve.controller.usage_intake import Checkpoints, UsageIntake, read_token, serve_loop
 
 log = logging.getLogger("conserve.operator")
 
@@ -47,6 +48,10 @@ class OperatorOptions:
     vanished_sweep_interval_s: float = 300.0
     #: Seconds between scrapes of the decoders' engine metrics (observed KV occupancy); 0: off.
     occupancy_interval_s: float = 2.0
+    #: The turn-report endpoint (controller/usage_intake.py): its port (0: off) and the shared token's file.
+    usage_port: int = 0
+    usage_token_file: str | None = None
+    checkpoint_interval_s: float = 300.0
 
 
 async def run_operator(options: OperatorOptions) -> int:  # noqa: C901 the wiring of options, one branch each
@@ -112,6 +117,8 @@ async def run_operator(options: OperatorOptions) -> int:  # noqa: C901 the wirin
                 engine_decoders(engine), engine_hook(engine), interval_s=options.occupancy_interval_s
             )
             background.append(scraper.run)
+        if options.usage_port:
+            background.append(_usage_endpoint(engine, options))
         if elector is not None:
             lost_watch = asyncio.create_task(_fence(lost, stop, engine))
         registry = build_registry(
@@ -140,6 +147,13 @@ async def run_operator(options: OperatorOptions) -> int:  # noqa: C901 the wirin
         return 1 if lost.is_set() else 0
     finally:
         client.close()
+
+
+def _usage_endpoint(engine: Engine, options: OperatorOptions) -> Callable[[], Coroutine[Any, Any, None]]:
+    if not options.usage_token_file:
+        raise ValueError("--usage-port needs --usage-token-file (the reports are authenticated)")
+    intake = UsageIntake(engine, Checkpoints(options.checkpoint_interval_s))
+    return serve_loop(intake, options.usage_port, read_token(options.usage_token_file))
 
 
 async def _fence(lost: asyncio.Event, stop: asyncio.Event, engine: Engine) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from conserve.router.auth import AuthMode
@@ -39,6 +40,17 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         type=float,
         default=USAGE_INTERVAL_S,
         help="seconds between usage patches per conversation (one more when it ends)",
+    )
+    p.add_argument(
+        "--usage-endpoint",
+        default=None,
+        help="stream each turn's usage to the operator here (e.g. http://conserve-operator:9102) instead of "
+        "patching spec.usage every --usage-interval; spec.usage is then written at a conversation's end only",
+    )
+    p.add_argument(
+        "--usage-token-file",
+        default=os.environ.get("CONSERVE_USAGE_TOKEN_FILE"),
+        help="file holding the token the operator expects from routers (required with --usage-endpoint)",
     )
     p.add_argument(
         "--idle-close",
@@ -126,6 +138,8 @@ def _run(args: argparse.Namespace) -> int:
         pool=args.pool,
         mode=Mode(args.mode),
         usage_interval_s=args.usage_interval,
+        usage_endpoint=args.usage_endpoint,
+        usage_token_file=args.usage_token_file,
         idle_close_s=args.idle_close,
         placement_timeout_s=args.placement_timeout,
         early_prefill=not args.no_early_prefill,

@@ -110,6 +110,9 @@ class ControlPlane(Protocol):
     def pool_slo(self, pool: str) -> SloPolicy | None:
         """The pool's SLO (`spec.slo`); None for a pool without one, or not seen."""
 
+    def status(self, name: str) -> ConversationStatus | None:
+        """The conversation's status as last seen (the operator's checkpoint of its usage); None when unknown."""
+
     def ended(self, name: str) -> bool:
         """Whether the conversation's object exists and has ended (Completed, e.g. its idle timeout, or Failed):
         its next turn starts it afresh."""
@@ -269,6 +272,9 @@ class PlacementCache:
 
     def owner(self, name: str) -> str | None:
         return self._owners.get(name) if name in self._statuses else None
+
+    def status(self, name: str) -> ConversationStatus | None:
+        return self._statuses.get(name)
 
     def ended(self, name: str) -> bool:
         status = self._statuses.get(name)

@@ -252,8 +252,11 @@ USAGE_INTERVAL_S = 30.0
 class UsageBatcher:
     """Coalesces usage reports: one patch per conversation per `interval_s` at most, the latest counters win."""
 
-    def __init__(self, interval_s: float) -> None:
+    def __init__(self, interval_s: float, *, periodic: bool = True) -> None:
         self.interval_s = interval_s
+        #: False: the turns are streamed to the operator (router.usage_stream); a patch only at a conversation's
+        #: end (with spec.completed) and at the router's stop (`force`).
+        self.periodic = periodic
         self._pending: dict[str, _Pending] = {}
 
     def record(self, name: str, usage: Usage) -> None:
@@ -270,8 +273,9 @@ class UsageBatcher:
         out: list[tuple[str, dict[str, Any]]] = []
         for name in list(self._pending):
             entry = self._pending[name]
-            ready = force or entry.completed or entry.last_flush_s is None
-            ready = ready or now_s - entry.last_flush_s >= self.interval_s  # type: ignore[operator]
+            ready = force or entry.completed
+            if self.periodic:
+                ready = ready or entry.last_flush_s is None or now_s - entry.last_flush_s >= self.interval_s
             if not ready or not (entry.dirty or entry.completed):
                 continue
             patch: dict[str, Any] = entry.usage.as_patch() if entry.dirty else {"spec": {}}

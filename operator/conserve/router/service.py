@@ -44,7 +44,7 @@ from conserve.api.openai_wire import prompt_tokens_of
 from conserve.core.pd import PdChoice
 from conserve.core.tokens import estimate_tokens
 from conserve.metrics import RouterMetrics
-from conserve.router import backend, slo
+from conserve.router import backend, slo, usage_stream
 from conserve.router.auth import AuthError, BackendCredentials
 from conserve.router.control import ControlPlane
 from conserve.router.conversations import ConversationStates
@@ -96,7 +96,8 @@ class Router:
         self._scraper = Scraper(self.signals, self._scrape_targets, interval_s=config.scrape_interval_s)
         self._planner = Planner(control.pool_pd_settings, self.signals, self._book)
         self._placing = Placing(control, metrics, config, clock)
-        self._batcher = UsageBatcher(config.usage_interval_s)
+        self._stream = usage_stream.from_config(config, lambda: self.session)
+        self._batcher = UsageBatcher(config.usage_interval_s, periodic=self._stream is None)
         self._reports = UsageReports(self._batcher, control, metrics, clock)
         self._states = ConversationStates(config, control, metrics, clock)
         self._session: aiohttp.ClientSession | None = None
@@ -115,6 +116,8 @@ class Router:
         ]
         if self.config.scrape_interval_s > 0:
             self._tasks.append(loop.create_task(self._scraper.run(self.session)))
+        if self._stream is not None:
+            self._tasks.append(loop.create_task(self._stream.run()))
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -236,6 +239,13 @@ class Router:
             # The operator ended it (its idle timeout, the one owner of it): this turn starts it afresh, a new
             # placement sized by its whole context, prefilled again (as the simulator does).
             state.created, state.kv_generation, state.refused = None, None, True
+        if (
+            state.created is None
+            and state.turns == 0
+            and self._stream is not None
+            and self.control.placement(state.name)
+        ):
+            await self._stream.seed(state, self.control.status(state.name))  # this router restarted
         if state.created is None:
             self._create(state, pool, prompt_tokens, arrival)
         placement = self.control.placement(state.name)
@@ -434,12 +444,17 @@ class Router:
             if plan.prefill is not None:
                 state.prefill_pod = state.prefill_pod or plan.prefill.name
                 state.pool_prefills += 1
-            self._batcher.record(state.name, state.usage(datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")))
+            usage = state.usage(datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+            self._batcher.record(state.name, usage)
+            if self._stream is not None:
+                self._stream.record(state.name, usage)
 
     def _close(self, state: ConversationState) -> None:
         self._states.drop(state)
         if state.mode is Mode.CONVERSATION and state.created is not None:
             self._batcher.complete(state.name)
+            if self._stream is not None:
+                self._stream.forget(state.name)
         self.metrics.conversations_closed_total.labels(mode=state.mode.value).inc()
 
     async def close_conversation(self, conversation_id: str, owner: str = "") -> bool:

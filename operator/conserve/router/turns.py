@@ -18,6 +18,10 @@ class RouterConfig:
     pool: str = "default"
     mode: Mode = Mode.CONVERSATION
     usage_interval_s: float = USAGE_INTERVAL_S
+    #: The operator's turn-report endpoint (router.usage_stream), e.g. http://conserve-operator:9102; None:
+    #: spec.usage patches every `usage_interval_s` instead. The token's file goes with it.
+    usage_endpoint: str | None = None
+    usage_token_file: str | None = None
     #: Forget a conversation's router state after this long without a turn (None: its pool's idle timeout,
     #: after which the operator has ended it). Memory only: the operator owns the idle timeout.
     idle_close_s: float | None = None
