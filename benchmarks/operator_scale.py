@@ -5,9 +5,14 @@ throughput with 1, 2 and 4 operator replicas sharded by pool.
   write verb on conversations, conversations/status, decoderpools/status and events; the client's creates and
   Leases excluded), so the same figure is measured for any operator version.
 - Writes per turn replay a seeded workload (the simulator's agentic one: tool calls seconds apart, user
-  follow-ups tens of seconds apart) through the router's own coalescing rule (`router.policy.UsageBatcher`,
-  flushed on the router's tick), with decode at 20 ms per output token. It counts the patches the router would
-  send; it is not a run of the router against the API server.
+  follow-ups tens of seconds apart), with decode at 20 ms per output token, through the rules the code runs:
+  `usage_writes_per_turn`, spec.usage patches (`router.policy.UsageBatcher`, flushed on the router's tick), each
+  but the last one followed by the operator's status write; `stream_writes_per_turn`, turns streamed to the
+  operator (issue 29), the end too (acknowledged, so no spec patch): the status writes `controller.usage_intake`'s
+  `Checkpoints` asks for (the live context past the reservation held, phase Idle left, a checkpoint due),
+  the reservation grown in place by the prior growth factor. The release's status write at the end is in both
+  paths and not counted. It is not a run of the router against the API server (the e2e test
+  tests/e2e/test_usage_stream.py checks that no write follows a turn).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import urllib3
 from conserve.api.common import GROUP, VERSION
 from conserve.api.conversation import PLURAL
 from conserve.controller.shards import shard_of
+from conserve.controller.usage_intake import CHECKPOINT_INTERVAL_S, Checkpoints
+from conserve.core.reservation import PRIOR_GROWTH_FACTOR
 from conserve.kube import ApiError
 from conserve.kube.clients import CoordinationV1Api, CoreV1Api, CustomObjectsApi, k8s
 from conserve.router.policy import Usage, UsageBatcher
@@ -169,13 +176,59 @@ def usage_writes_per_turn(interval_s: float, seed: int = 1, duration_s: float = 
             if sent and len(batcher):
                 heapq.heappush(checks, math.ceil((now + interval_s) / tick) * tick)
         turns += len(conv.turns)
+    conversations = len(workload.conversations)
+    status_writes = patches - conversations  # each patch but the last (with completed) changes the status
     return {
         "usage_interval_s": interval_s,
         "workload": f"agentic seed {seed}, {duration_s:g} s",
-        "conversations": len(workload.conversations),
+        "conversations": conversations,
         "turns": turns,
         "usage_patches": patches,
         "writes_per_turn": round(patches / turns, 3),
+        "status_writes_after_patches": status_writes,
+        "writes_per_turn_with_status": round((patches + status_writes) / turns, 3),
+    }
+
+
+def stream_writes_per_turn(
+    checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
+    seed: int = 1,
+    duration_s: float = 600.0,
+    idle_phase_after_s: float = 60.0,
+) -> dict[str, Any]:
+    """API writes the turns cause when they are streamed to the operator (the end too, acknowledged: no spec
+    patch): the status writes `Checkpoints` asks for."""
+    workload = synthesize_agentic(seed, duration_s)
+    turns = checkpoints_written = outgrowth_or_decision = 0
+    for conv in workload.conversations:
+        policy = Checkpoints(checkpoint_interval_s)
+        key = conv.key
+        reserved = math.ceil(conv.turns[0].input_tokens * PRIOR_GROWTH_FACTOR)  # placed: written
+        t = conv.arrival_s
+        last_end: float | None = None
+        for i, turn in enumerate(conv.turns):
+            start = t + (turn.think_s if i else 0.0)
+            t = start + turn.output_tokens * SECONDS_PER_OUTPUT_TOKEN
+            for _ in policy.due(t):  # written by the checkpoint loop between the turns
+                policy.settled(key)
+                checkpoints_written += 1
+            live = turn.input_tokens + turn.output_tokens
+            before = reserved
+            reserved = max(reserved, math.ceil(live * PRIOR_GROWTH_FACTOR))  # grown in place (room assumed)
+            back_from_idle = last_end is not None and start - last_end >= idle_phase_after_s
+            if policy.must_write(key, t, decided=back_from_idle, outgrown=live > before):
+                outgrowth_or_decision += 1
+            last_end = t
+        turns += len(conv.turns)
+    writes = checkpoints_written + outgrowth_or_decision
+    return {
+        "checkpoint_interval_s": checkpoint_interval_s,
+        "workload": f"agentic seed {seed}, {duration_s:g} s",
+        "conversations": len(workload.conversations),
+        "turns": turns,
+        "status_writes_outgrowth_or_decision": outgrowth_or_decision,
+        "status_writes_checkpoint": checkpoints_written,
+        "writes_per_turn": round(writes / turns, 3),
     }
 
 

@@ -195,7 +195,11 @@ def test_usage_stream_survives_router_then_operator_kill(plane: Plane) -> None:
     obj = plane.conversation(name)
     status = obj["status"]
     assert status["turnsServed"] == 5
-    assert obj["spec"]["usage"]["turns"] == 5  # the final report, with spec.completed
+    # The end went through the stream too (acknowledged): no write of the spec at all.
+    assert obj["spec"]["usage"]["turns"] == 0
+    assert not obj["spec"]["completed"]
+    assert obj["status"]["conditions"]
+    assert any(c["type"] == "Ended" for c in obj["status"]["conditions"])
     # The context the engine served, as the operator counted it: new input of each turn plus every output.
     assert status["inputTokens"] + status["outputTokens"] == chat.context_tokens
     assert status["outputTokens"] == sum(turn["completion_tokens"] for turn in chat.served)

@@ -1,7 +1,8 @@
 """The turn-report stream: the router tells the operator each turn's usage over HTTP, not by a Conversation write.
 
     POST /v1/usage   Authorization: Bearer <the shared token>
-    {"reports": [{"namespace": "ns", "name": "conv-x", "uid": "...", "usage": {<ConversationUsage, camelCase>}}]}
+    {"reports": [{"namespace": "ns", "name": "conv-x", "uid": "...", "usage": {<ConversationUsage, camelCase>},
+                  "completed": false}]}
     -> 200 {"operator": "<this operator run>", "applied": 1, "deferred": [], "rejected": []}
     GET /v1/usage/<namespace>/<name>  -> 200 {"usage": {...}}  (404 when this operator does not hold it)
 
@@ -32,6 +33,7 @@ class UsageReport(CamelModel):
     name: str = Field(min_length=1, max_length=253)
     uid: str = Field("", max_length=128, description="The object's uid when the router knows it ('' otherwise).")
     usage: ConversationUsage
+    completed: bool = Field(False, description="The conversation ended (as spec.completed: true says it).")
 
 
 class UsageBatch(CamelModel):

@@ -32,7 +32,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from conserve.api.common import Condition
-from conserve.api.conversation import ConversationStatus, ConversationUsage
+from conserve.api.conversation import ConversationStatus, ConversationUsage, Phase
 from conserve.api.usage_wire import (
     USAGE_PATH,
     Rejected,
@@ -56,14 +56,22 @@ MAX_BODY_BYTES = 2 * 1024 * 1024
 
 
 class Checkpoints:
-    """Which conversations owe their counters to the API server, since when; `due` says whose checkpoint is due."""
+    """Which conversations owe their counters to the API server, and since when: `must_write` says whether a
+    report's changes are written now or owed, `due` whose checkpoint is due. Pure (the benchmark replays it)."""
 
     def __init__(self, interval_s: float = CHECKPOINT_INTERVAL_S) -> None:
         self.interval_s = interval_s
         self._owed: dict[str, float] = {}
 
-    def owe(self, key: str, now_s: float) -> None:
+    def must_write(self, key: str, now_s: float, *, decided: bool, outgrown: bool) -> bool:
+        """After a report: True when its changes go to the API server now: a decision changed (`decided`), or
+        the live context outgrew the reservation held before the report (`outgrown`: the KV went past what was
+        reserved, whether or not it could be extended); else the write is owed from `now_s` (the first owed)."""
+        if decided or outgrown:
+            self._owed.pop(key, None)
+            return True
         self._owed.setdefault(key, now_s)
+        return False
 
     def settled(self, key: str) -> None:
         self._owed.pop(key, None)
@@ -76,13 +84,15 @@ class Checkpoints:
 
 
 def _decision(record: ConvRecord) -> tuple[Any, ...]:
-    """What a status write must not wait for: a decision the data plane or a user acts on."""
+    """What a status write must not wait for: a decision the data plane or a user acts on. Not the reservation
+    grown in place ahead of the context (a restart re-learns it from the router's reports and the engines'
+    occupancy within seconds), not the first turn's Prefilling -> Decoding (nothing acts on it)."""
     status: ConversationStatus = record.status
+    phase = Phase.PREFILLING if status.phase is Phase.DECODING else status.phase
     conditions: list[Condition] = sorted(record.conditions.values(), key=lambda c: c.type)
     return (
-        status.phase,
+        phase,
         status.decoder.pod if status.decoder else None,
-        status.reserved_kv_tokens,
         status.placement_generation,
         record.kv_state,
         tuple((c.type, c.status, c.reason) for c in conditions),
@@ -107,6 +117,8 @@ class UsageIntake:
                 continue
             try:
                 await self.apply_one(record, report.usage)
+                if report.completed:
+                    await self.complete(record)
             except Exception as exc:  # one bad report must not stop the others
                 log.exception("usage report of %s", record.key)
                 rejected.append(Rejected(name=report.name, reason=str(exc)))
@@ -124,17 +136,23 @@ class UsageIntake:
             await conversation.serve(engine, record)  # counted, and admitted (a rare report before placement)
             return
         pool = engine.world.pool_of(record)
-        before = _decision(record)
+        before, reserved = _decision(record), record.status.reserved_kv_tokens
         async with pool.lock:
             changed, others = engine.apply_usage(pool, record)
         if changed:
             engine.on_pool_changed(pool)
-            if _decision(record) != before:
-                self.checkpoints.settled(record.key)
+            decided = _decision(record) != before
+            outgrown = record.status.live_kv_tokens > reserved
+            if self.checkpoints.must_write(record.key, engine.clock.monotonic(), decided=decided, outgrown=outgrown):
                 await engine.write_status(record)
-            else:
-                self.checkpoints.owe(record.key, engine.clock.monotonic())
         await engine.commit(others, pool)
+
+    async def complete(self, record: ConvRecord) -> None:
+        """The client ended the conversation (as a spec.completed patch would say): released, and the status
+        written with it (the final counters included)."""
+        self.checkpoints.settled(record.key)
+        if not record.terminal:
+            await self.engine.release(record, Phase.COMPLETED, "the client marked the conversation completed")
 
     async def write_due(self) -> int:
         """Write the checkpoints that are due; returns how many were written."""

@@ -44,8 +44,8 @@ class ConversationStates:
     def drop(self, state: ConversationState) -> None:
         self._states.pop((state.mode, state.owner, state.conversation_id), None)
 
-    async def forget_idle(self) -> None:
-        """Forever: forget conversations idle past their pool's idle timeout."""
+    async def forget_idle(self, on_forget: Callable[[ConversationState], None] = lambda _state: None) -> None:
+        """Forever: forget conversations idle past their pool's idle timeout (`on_forget` told of each)."""
         while True:
             await asyncio.sleep(5.0 if self.config.idle_close_s is None else min(self.config.idle_close_s / 4, 5.0))
             now = self._clock()
@@ -53,6 +53,7 @@ class ConversationStates:
                 if state.lock.locked() or now - state.last_turn_s < self._forget_after_s(state):
                     continue
                 self._states.pop(key, None)
+                on_forget(state)
                 self.metrics.conversations_closed_total.labels(mode=state.mode.value).inc()
 
     def _forget_after_s(self, state: ConversationState) -> float:

@@ -241,6 +241,7 @@ class _Pending:
     dirty: bool = False
     last_flush_s: float | None = None
     completed: bool = False  # a completion to send (with or after the final usage)
+    completed_at_s: float = 0.0
 
 
 #: Usage patches per conversation at most this often (and one at its end), not one per turn: the operator reads
@@ -252,11 +253,13 @@ USAGE_INTERVAL_S = 30.0
 class UsageBatcher:
     """Coalesces usage reports: one patch per conversation per `interval_s` at most, the latest counters win."""
 
-    def __init__(self, interval_s: float, *, periodic: bool = True) -> None:
+    def __init__(self, interval_s: float, *, periodic: bool = True, completion_hold_s: float = 0.0) -> None:
         self.interval_s = interval_s
-        #: False: the turns are streamed to the operator (router.usage_stream); a patch only at a conversation's
-        #: end (with spec.completed) and at the router's stop (`force`).
+        #: False: the turns are streamed to the operator (router.usage_stream); a patch only for a completion the
+        #: operator has not acknowledged within `completion_hold_s` (`forget` drops an acknowledged one), and at
+        #: the router's stop (`force`).
         self.periodic = periodic
+        self.completion_hold_s = completion_hold_s
         self._pending: dict[str, _Pending] = {}
 
     def record(self, name: str, usage: Usage) -> None:
@@ -264,16 +267,17 @@ class UsageBatcher:
         entry.usage = usage
         entry.dirty = True
 
-    def complete(self, name: str) -> None:
+    def complete(self, name: str, now_s: float = 0.0) -> None:
         entry = self._pending.setdefault(name, _Pending(Usage()))
         entry.completed = True
+        entry.completed_at_s = now_s
 
     def due(self, now_s: float, *, force: bool = False) -> list[tuple[str, dict[str, Any]]]:
         """Patches to send now (merge patches). Completed conversations are flushed at once and forgotten."""
         out: list[tuple[str, dict[str, Any]]] = []
         for name in list(self._pending):
             entry = self._pending[name]
-            ready = force or entry.completed
+            ready = force or (entry.completed and now_s - entry.completed_at_s >= self.completion_hold_s)
             if self.periodic:
                 ready = ready or entry.last_flush_s is None or now_s - entry.last_flush_s >= self.interval_s
             if not ready or not (entry.dirty or entry.completed):

@@ -96,8 +96,12 @@ class Router:
         self._scraper = Scraper(self.signals, self._scrape_targets, interval_s=config.scrape_interval_s)
         self._planner = Planner(control.pool_pd_settings, self.signals, self._book)
         self._placing = Placing(control, metrics, config, clock)
-        self._stream = usage_stream.from_config(config, lambda: self.session)
-        self._batcher = UsageBatcher(config.usage_interval_s, periodic=self._stream is None)
+        self._batcher = UsageBatcher(config.usage_interval_s)
+        self._stream = usage_stream.from_config(config, lambda: self.session, lambda name: self._batcher.forget(name))
+        if self._stream is not None:  # turns streamed: spec.usage only for a completion not acknowledged
+            self._batcher = UsageBatcher(
+                config.usage_interval_s, periodic=False, completion_hold_s=usage_stream.COMPLETION_HOLD_S
+            )
         self._reports = UsageReports(self._batcher, control, metrics, clock)
         self._states = ConversationStates(config, control, metrics, clock)
         self._session: aiohttp.ClientSession | None = None
@@ -112,7 +116,7 @@ class Router:
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._reports.run(self.config.usage_interval_s)),
-            loop.create_task(self._states.forget_idle()),
+            loop.create_task(self._states.forget_idle(self._forgotten)),
         ]
         if self.config.scrape_interval_s > 0:
             self._tasks.append(loop.create_task(self._scraper.run(self.session)))
@@ -452,10 +456,15 @@ class Router:
     def _close(self, state: ConversationState) -> None:
         self._states.drop(state)
         if state.mode is Mode.CONVERSATION and state.created is not None:
-            self._batcher.complete(state.name)
+            self._batcher.complete(state.name, self._clock())
             if self._stream is not None:
-                self._stream.forget(state.name)
+                self._stream.complete(state.name)
         self.metrics.conversations_closed_total.labels(mode=state.mode.value).inc()
+
+    def _forgotten(self, state: ConversationState) -> None:
+        """Idle past its pool's timeout and forgotten: no more re-sends of its usage."""
+        if self._stream is not None:
+            self._stream.forget(state.name)
 
     async def close_conversation(self, conversation_id: str, owner: str = "") -> bool:
         """End the caller's conversation of that id (another caller's is not found)."""

@@ -6,8 +6,11 @@ Nothing is lost to a restart on either side:
 - a report not sent (the operator unreachable) or deferred (not held there yet) stays queued, the latest winning;
 - this router restarted: a conversation it has no state of is seeded from the operator (GET), else from its
   status as the watch cache holds it (the operator's checkpoint), before its turn is counted (`seed`).
-With the stream, `spec.usage` is written by the router only at a conversation's end (with `spec.completed`) and
-at the router's own stop; the operator checkpoints the counters in the status.
+With the stream, the router writes no `spec.usage` while the operator answers: a conversation's end goes in its
+last report too, and only a completion the operator has not acknowledged within `COMPLETION_HOLD_S` is written as
+before (spec.usage with spec.completed), as is everything queued at the router's stop. The operator checkpoints the
+counters in the status. (A router killed in the moment between a completion and its acknowledgement loses the
+completion: the conversation then ends at its idle timeout.)
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ log = logging.getLogger(__name__)
 STREAM_PERIOD_S = 0.25
 #: With nothing to report, the router asks this often anyway, to notice an operator restart (and re-send).
 HEARTBEAT_S = 2.0
+#: A completion the operator has not acknowledged this long after it is written to spec.completed instead.
+COMPLETION_HOLD_S = 5.0
 #: A seed's wait for the operator's answer before the watch cache's status is used.
 SEED_TIMEOUT_S = 1.0
 
@@ -60,13 +65,24 @@ def seed(state: ConversationState, usage: ConversationUsage) -> None:
 
 
 class UsageStream:
-    def __init__(self, url: str, token: str, namespace: str, session: Callable[[], aiohttp.ClientSession]) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        namespace: str,
+        session: Callable[[], aiohttp.ClientSession],
+        on_completed: Callable[[str], None] = lambda _name: None,
+    ) -> None:
         self.url = url.rstrip("/")
         self.namespace = namespace
         self._headers = {"Authorization": f"Bearer {token}"}
         self._session = session
         self._pending: dict[str, ConversationUsage] = {}
         self._live: dict[str, ConversationUsage] = {}
+        #: Conversations ended and not yet acknowledged: their report says so; `on_completed` once acknowledged
+        #: (the router then drops the spec.completed patch it holds as the fallback).
+        self._completing: set[str] = set()
+        self._on_completed = on_completed
         self.operator: str | None = None  # the operator run last answered
         self.sent = 0
         self.failed = 0  # tries in a row without an answer
@@ -75,8 +91,16 @@ class UsageStream:
         report = wire_usage(usage)
         self._pending[name] = self._live[name] = report
 
+    def complete(self, name: str) -> None:
+        """The conversation ended: its last report says so (with its latest usage)."""
+        usage = self._live.pop(name, None)
+        if usage is None:  # no turn reported by this router: the spec.completed patch ends it
+            return
+        self._pending[name] = usage
+        self._completing.add(name)
+
     def forget(self, name: str) -> None:
-        """The conversation ended (its final usage goes with spec.completed) or was forgotten."""
+        """The router forgot the conversation (idle): no more re-sends of it."""
         self._live.pop(name, None)
 
     def pending(self) -> int:
@@ -86,7 +110,10 @@ class UsageStream:
         """One POST of what is queued (also when nothing is: a heartbeat); False when the operator did not answer."""
         names = list(self._pending)[:MAX_REPORTS]
         batch = UsageBatch(
-            reports=[UsageReport(namespace=self.namespace, name=n, usage=self._pending[n]) for n in names]
+            reports=[
+                UsageReport(namespace=self.namespace, name=n, usage=self._pending[n], completed=n in self._completing)
+                for n in names
+            ]
         )
         for name in names:
             del self._pending[name]
@@ -113,14 +140,20 @@ class UsageStream:
         if self.failed:
             log.info("usage reports to %s: answered again after %d failed tries", self.url, self.failed)
         self.failed = 0
-        self._answered(answer)
+        self._answered(answer, [r.name for r in batch.reports if r.completed])
         return True
 
-    def _answered(self, answer: UsageAnswer) -> None:
+    def _answered(self, answer: UsageAnswer, completions: list[str]) -> None:
         self.sent += answer.applied
-        for name in answer.deferred:
-            if name in self._live:
-                self._pending.setdefault(name, self._live[name])
+        not_applied = set(answer.deferred) | {r.name for r in answer.rejected}
+        for name in completions:
+            if name in not_applied:
+                continue
+            self._completing.discard(name)
+            self._on_completed(name)
+        for report in answer.deferred:  # retried (a completion too: still in _completing)
+            if report in self._live:
+                self._pending.setdefault(report, self._live[report])
         for rejected in answer.rejected:
             log.warning("usage report of %s rejected: %s", rejected.name, rejected.reason)
         if answer.operator != self.operator:
@@ -169,11 +202,13 @@ class UsageStream:
         return merge_usage(fallback, usage) if fallback is not None else usage
 
 
-def from_config(config: RouterConfig, session: Callable[[], aiohttp.ClientSession]) -> UsageStream | None:
+def from_config(
+    config: RouterConfig, session: Callable[[], aiohttp.ClientSession], on_completed: Callable[[str], None]
+) -> UsageStream | None:
     """The stream a router's configuration asks for; None without an endpoint (spec.usage patches then)."""
     if not config.usage_endpoint:
         return None
     if not config.usage_token_file:
         raise ValueError("usage_endpoint: needs usage_token_file (the operator authenticates the reports)")
     token = Path(config.usage_token_file).read_text().strip()
-    return UsageStream(config.usage_endpoint, token, config.namespace, session)
+    return UsageStream(config.usage_endpoint, token, config.namespace, session, on_completed)
