@@ -30,6 +30,7 @@ from typing import Any
 
 from conserve.api.common import GROUP, VERSION
 from conserve.api.conversation import PLURAL
+from conserve.controller.usage_intake import CHECKPOINT_INTERVAL_S
 from conserve.devcluster import build, nodes
 from conserve.devcluster.cluster import LocalCluster
 from conserve.kube import MERGE_PATCH
@@ -45,6 +46,7 @@ from operator_scale import (
     apiserver_writes,
     operator_writes,
     scenario_replicas,
+    stream_writes_per_turn,
     usage_writes_per_turn,
 )
 from operator_scale import (
@@ -319,7 +321,15 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
         out["writes_per_placement"] = throughput["backlog"]["writes_per_placement"]
     for turns in results.get("turns", []):
         if turns["usage_interval_s"] == results.get("turns_default_interval_s"):
+            out["writes_per_turn_spec_patches"] = turns["writes_per_turn"]
+            out["writes_per_turn_spec_patches_with_status"] = turns["writes_per_turn_with_status"]
+    for turns in results.get("turns_stream", []):
+        if turns["checkpoint_interval_s"] == CHECKPOINT_INTERVAL_S:
             out["writes_per_turn"] = turns["writes_per_turn"]
+    memory = results.get("memory")
+    if memory:
+        out["operator_rss_mib_40s_later"] = memory["operator_rss_mib_40s_later"]
+        out["operator_rss_mib_after_restart"] = memory["operator_rss_mib_after_restart"]
     for run in results.get("replicas", []):
         entry = {"placements_per_s": run["placements_per_s"], "writes_per_placement": run["writes_per_placement"]}
         if ceiling:
@@ -375,8 +385,11 @@ def main() -> int:
             )
             print(json.dumps(results["memory"], indent=1), flush=True)
     if "turns" not in args.skip:
+        # Without --usage-endpoint: spec.usage patches (the router's default interval, and 0.5 s).
         results["turns"] = [usage_writes_per_turn(i) for i in sorted({0.5, RouterConfig().usage_interval_s})]
         results["turns_default_interval_s"] = RouterConfig().usage_interval_s
+        # Streamed to the operator (issue 29): its default checkpoint interval, and a shorter one.
+        results["turns_stream"] = [stream_writes_per_turn(i) for i in sorted({60.0, CHECKPOINT_INTERVAL_S})]
     results["summary"] = summary(results)
     print(json.dumps(results["summary"], indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
