@@ -243,15 +243,9 @@ class Router:
             # The operator ended it (its idle timeout, the one owner of it): this turn starts it afresh, a new
             # placement sized by its whole context, prefilled again (as the simulator does).
             state.created, state.kv_generation, state.refused = None, None, True
-        if (
-            state.created is None
-            and state.turns == 0
-            and self._stream is not None
-            and self.control.placement(state.name)
-        ):
-            await self._stream.seed(state, self.control.status(state.name))  # this router restarted
         if state.created is None:
-            self._create(state, pool, prompt_tokens, arrival)
+            self._create(state, pool, prompt_tokens, arrival)  # refuses another owner's object
+            await self._resume_usage(state)
         placement = self.control.placement(state.name)
         if placement is not None and placement.generation == state.kv_generation:
             return placement, None, None
@@ -287,6 +281,12 @@ class Router:
         state.created = asyncio.get_running_loop().create_task(
             self._placing.create(state.name, spec, replace=replace, owner=state.owner)
         )
+
+    async def _resume_usage(self, state: ConversationState) -> None:
+        """A conversation the cluster has and this router holds no count of (it restarted, or forgot the state):
+        the count resumes from the operator's, so the reports go on from there."""
+        if self._stream is not None and state.turns == 0 and self.control.placement(state.name):
+            await self._stream.seed(state, self.control.status(state.name))
 
     def _early_prefill(
         self, request: TurnRequest, pool: str, conv_id: str, prompt_tokens: int

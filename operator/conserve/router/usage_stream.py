@@ -62,6 +62,7 @@ def seed(state: ConversationState, usage: ConversationUsage) -> None:
     state.ttfet_s = usage.time_to_first_effective_token_seconds
     state.prefill_pod = usage.prefill_pod
     state.pool_prefills = usage.pool_prefills
+    state.slo_missed_turns = usage.slo_missed_turns
 
 
 class UsageStream:
