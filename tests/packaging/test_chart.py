@@ -351,6 +351,20 @@ def test_sharded_operator_gets_its_shards_flag_and_lease_rights() -> None:
     assert parse_command(operator_args(render())).shards == 1  # the default: one Lease, its name only
 
 
+def test_usage_stream_gets_its_port_token_and_service_when_enabled() -> None:
+    docs = render("operator.usageStream.enabled=true", "operator.usageStream.tokenSecret=conserve-usage")
+    parsed = parse_command(operator_args(docs))
+    assert (parsed.usage_port, parsed.usage_token_file) == (9102, "/var/run/conserve/usage/token")
+    service = by_kind(docs, "Service")["conserve-operator-usage"]
+    assert service["spec"]["ports"] == [{"name": "usage", "port": 9102, "targetPort": "usage", "protocol": "TCP"}]
+    pod = by_kind(docs, "Deployment")["conserve-operator"]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["usage-token"]["secret"]["secretName"] == "conserve-usage"
+    default = render()
+    assert parse_command(operator_args(default)).usage_port == 0  # off by default: spec.usage patches
+    assert "conserve-operator-usage" not in by_kind(default, "Service")
+
+
 def test_service_monitor_and_dashboard_when_enabled() -> None:
     docs = render("serviceMonitor.enabled=true", "serviceMonitor.labels.release=prom", "dashboard.enabled=true")
     monitors = by_kind(docs, "ServiceMonitor")
@@ -391,6 +405,15 @@ def test_service_monitor_and_dashboard_when_enabled() -> None:
         (["scheduler.replicas=2", "scheduler.leaderElection=false"], "scheduler.replicas > 1 needs"),
         (["operator.energy.source=dcgm"], "operator.energy.source dcgm needs operator.energy.dcgm.service"),
         (["operator.energy.source=joulemeter"], "at '/operator/energy/source'"),
+        (["operator.usageStream.enabled=true"], "operator.usageStream.enabled needs operator.usageStream.tokenSecret"),
+        (
+            [
+                "operator.usageStream.enabled=true",
+                "operator.usageStream.tokenSecret=t",
+                "operator.leaderElection.shards=2",
+            ],
+            "operator.usageStream.enabled needs operator.leaderElection.shards 1",
+        ),
     ],
 )
 def test_bad_values_are_refused_with_a_clear_message(sets: list[str], message: str) -> None:
