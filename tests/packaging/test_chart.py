@@ -352,7 +352,12 @@ def test_sharded_operator_gets_its_shards_flag_and_lease_rights() -> None:
 
 
 def test_usage_stream_gets_its_port_token_and_service_when_enabled() -> None:
-    docs = render("operator.usageStream.enabled=true", "operator.usageStream.tokenSecret=conserve-usage")
+    docs = render(
+        "operator.usageStream.enabled=true",
+        "operator.usageStream.tokenSecret=conserve-usage",
+        "router.enabled=true",
+        "router.auth.mode=none",
+    )
     parsed = parse_command(operator_args(docs))
     assert (parsed.usage_port, parsed.usage_token_file) == (9102, "/var/run/conserve/usage/token")
     service = by_kind(docs, "Service")["conserve-operator-usage"]
@@ -360,8 +365,18 @@ def test_usage_stream_gets_its_port_token_and_service_when_enabled() -> None:
     pod = by_kind(docs, "Deployment")["conserve-operator"]["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["usage-token"]["secret"]["secretName"] == "conserve-usage"
-    default = render()
+    router = by_kind(docs, "Deployment")["conserve-router"]["spec"]["template"]["spec"]
+    router_args = router["containers"][0]["args"]
+    assert "--usage-endpoint=http://conserve-operator-usage.conserve-system:9102" in router_args
+    assert "--usage-token-file=/etc/conserve/usage/token" in router_args
+    assert {v["name"]: v for v in router["volumes"]}["usage-token"]["secret"]["secretName"] == "conserve-usage"
+    default = render("router.enabled=true", "router.auth.mode=none")
     assert parse_command(operator_args(default)).usage_port == 0  # off by default: spec.usage patches
+    assert not [
+        a
+        for a in by_kind(default, "Deployment")["conserve-router"]["spec"]["template"]["spec"]["containers"][0]["args"]
+        if a.startswith("--usage")
+    ]
     assert "conserve-operator-usage" not in by_kind(default, "Service")
 
 
