@@ -88,6 +88,7 @@ class SchedulerView:
     _observed: ObservedReadings
     _kv: Residency
     _snapshot: list[DecoderState] | None  # the placement's decoder states, until the ledger changes
+    _requeued_at: dict[str, float]  # conversations queued again after their decoder was lost: when
 
     # --- the pool --------------------------------------------------------------------------------------------
     @property
@@ -194,6 +195,10 @@ class SchedulerView:
     def _class_priority(self, request: ConversationRequest) -> int:
         slo_class = self.slo_class_of(request)
         return slo_class.priority if slo_class is not None else 0
+
+    def waiting_since(self, request: ConversationRequest) -> float:
+        """When the conversation's current wait in the queue began: its creation, or the loss of its decoder."""
+        return max(request.created_at_s, self._requeued_at.get(request.key, request.created_at_s))
 
     @property
     def pending_count(self) -> int:
