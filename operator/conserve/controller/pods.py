@@ -14,6 +14,7 @@ import logging
 from dataclasses import replace
 from typing import Any
 
+from conserve.api.conversation import MAX_ENDPOINT_LENGTH
 from conserve.api.corev1 import Pod
 from conserve.api.decoderpool import DecoderPoolSpec
 from conserve.api.scheduling import energy_prior_j
@@ -46,13 +47,16 @@ def pod_info(body: dict[str, Any]) -> PodInfo:
 def decoder_info(pod: PodInfo, node: NodeInfo | None, spec: DecoderPoolSpec) -> DecoderInfo:
     gpu = node.gpu if node is not None else None
     capacity, problem = _kv_capacity(pod, gpu, spec)
+    endpoint = pod.endpoint_annotation or (f"{pod.ip}:{spec.endpoint.port}" if pod.ip else "")
+    if len(endpoint) > MAX_ENDPOINT_LENGTH:  # the status could not hold it: the API server would refuse the pool's
+        endpoint, problem = "", f"endpoint annotation longer than {MAX_ENDPOINT_LENGTH} characters"
     return DecoderInfo(
         pod=pod.name,
         node=pod.node,
         tier=gpu.tier.value if gpu is not None and gpu.tier is not None else "",
         gpu_product=gpu.product if gpu is not None else "",
         ready=pod.ready,
-        endpoint=pod.endpoint_annotation or (f"{pod.ip}:{spec.endpoint.port}" if pod.ip else ""),
+        endpoint=endpoint,
         capacity_kv_tokens=capacity,
         gpu_count=max(pod.gpus, 1),
         problem=problem,

@@ -33,6 +33,9 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.watching.client_timeout = 300
     settings.watching.connect_timeout = 10
     settings.networking.request_timeout = 60
+    # An API-server outage outlasting Kopf's retries (about a minute) would end the watches: retry for about ten
+    # minutes, the last every 30 s, so an operator lives through a restart or an outage of its API server.
+    settings.networking.error_backoffs = (1, 1, 2, 3, 5, 8, 13, 21, *[30] * 18)
     # Resources and namespaces are fixed at start: no CRD/namespace scanning (and no RBAC for it).
     settings.scanning.disabled = True
     # Each object's worker lives on this long after its last event: 10,000 conversations created in a burst
