@@ -158,12 +158,21 @@ def test_healing_an_api_server_outage_loses_no_conversation(cluster: ClusterHand
     time.sleep(OUTAGE_S)
     cluster.local.start_component("kube-apiserver")
     back = time.monotonic()
-    # The controller-manager finds the nodes' Leases stale: it marks the nodes NotReady, and their pods.
-    wait_for(
-        "the decoder pods marked NotReady by the node controller",
-        lambda: (ready := decoder_pods_ready(plane)) and not any(ready.values()),
-        timeout_s=60,
-    )
+    # The controller-manager finds the nodes' Leases stale: it marks the nodes NotReady, and their pods. It may
+    # not (its first writes after the restart can be refused while the API server's authorizer warms up, or it
+    # sees every node stale at once and holds back): then the test marks the pods as it would.
+    try:
+        wait_for(
+            "the decoder pods marked NotReady by the node controller",
+            lambda: (ready := decoder_pods_ready(plane)) and not any(ready.values()),
+            timeout_s=30,
+        )
+        marked_by = "the node controller"
+    except TimeoutError:
+        for pod in decoder_pods_ready(plane):
+            set_ready(plane.core, plane.namespace, pod, False)
+        marked_by = "the test"
+    wait_for("the pool sees no ready decoder", lambda: not plane.backends().get("decoders"), timeout_s=30)
     # Within the pool's grace (120 s by default) the conversations keep their decoders, whose servers still
     # answer: their turns are served there.
     for conv, messages in convs.items():
@@ -176,7 +185,7 @@ def test_healing_an_api_server_outage_loses_no_conversation(cluster: ClusterHand
     for pod in decoder_pods_ready(plane):
         set_ready(plane.core, plane.namespace, pod, True)
     wait_for("2 decoders ready behind the router", lambda: len(plane.backends().get("decoders", [])) == 2, 60)
-    print(f"decoders NotReady for about {time.monotonic() - back:.0f} s after the API server came back")
+    print(f"decoders marked NotReady by {marked_by}, Ready again {time.monotonic() - back:.0f} s after the outage")
     after = {c: plane.conversation(c)["status"] for c in convs}
     for conv, messages in convs.items():  # none failed or moved, and served again after it all
         assert after[conv]["phase"] not in ("Failed", "Completed", "Pending"), (conv, after[conv])

@@ -163,10 +163,11 @@ def test_integrity_a_forged_status_is_repaired_on_restart(api: Api, operator: Op
     assert c0["decoder"]["pod"] == placed["decoder"]["pod"]
     c1 = repaired(api, "c1")
     assert c1["reservedKvTokens"] >= 1000
+    held = c0["reservedKvTokens"] + c1["reservedKvTokens"]
     pool = wait_for(
-        "the pool's ledger counts both",
-        lambda: (s := api.pool_status("llama")).get("conversations") == 2 and s,
+        "the pool's ledger holds both as repaired",
+        lambda: (s := api.pool_status("llama")).get("reservedKvTokens") == held and s,
         tolerate=NOT_YET,
     )
-    assert pool["reservedKvTokens"] == c0["reservedKvTokens"] + c1["reservedKvTokens"]
+    assert pool["conversations"] == 2
     assert len(api.events("StatusRepaired")) >= 2
