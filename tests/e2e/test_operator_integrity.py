@@ -41,6 +41,7 @@ OVERFLOW_CASES = [
     (conv(usage={"outputTokens": INT64_MAX}), "spec.usage.outputTokens"),
     (conv(usage={"turns": INT64_MAX}), "spec.usage.turns"),
     (conv(usage={"poolPrefills": INT64_MAX}), "spec.usage.poolPrefills"),
+    (conv(usage={"sloMissedTurns": INT64_MAX}), "spec.usage.sloMissedTurns"),
     (conv(usage={"lastTurnTime": "1" * 1_000_000}), "spec.usage.lastTurnTime"),
     (conv(usage={"lastTurnTime": "yesterday"}), "spec.usage.lastTurnTime"),
     (conv(usage={"timeToFirstEffectiveTokenSeconds": 1e300}), "spec.usage.timeToFirstEffectiveTokenSeconds"),
