@@ -64,7 +64,8 @@ def test_an_end_the_operator_did_not_decide_is_found() -> None:
     assert forged_end(facts("Completed", deleting=True)) is None
     assert forged_end(facts("Completed", idle_for_s=1800.0)) is None  # the idle timeout ended it
     assert forged_end(facts("Failed")) is not None
-    assert forged_end(facts("Failed", conditions={"Placed": ("False", "QueueWaitExceeded")})) is None
+    for reason in ("QueueWaitExceeded", "SloUnattainable", "UnknownSloClass", "NoCapacity", "DecoderLost"):
+        assert forged_end(facts("Failed", conditions={"Placed": ("False", reason)})) is None
     assert forged_end(facts("Failed", conditions={"Placed": ("False", "Because")})) is not None
     assert forged_end(facts("Decoding")) is None
 

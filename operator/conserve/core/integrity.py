@@ -11,9 +11,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-#: The reasons the operator fails a conversation with (condition Placed=False): a queue wait past the pool's
-#: limit, a full pool with `whenFull: Reject`, and a lost decoder (earlier versions).
-FAILURE_REASONS = frozenset({"QueueWaitExceeded", "NoCapacity", "DecoderLost"})
+from conserve.core.decisions import Reason
+
+#: The reasons the operator fails a conversation with (condition Placed=False): a queue wait past its budget, an
+#: expected wait past it (SLO), a class its pool does not declare, a full pool with `whenFull: Reject`, and a lost
+#: decoder (earlier versions).
+FAILURE_REASONS = frozenset(
+    r.value
+    for r in (
+        Reason.QUEUE_WAIT_EXCEEDED,
+        Reason.SLO_UNATTAINABLE,
+        Reason.UNKNOWN_SLO_CLASS,
+        Reason.NO_CAPACITY,
+        Reason.DECODER_LOST,
+    )
+)
 
 
 @dataclass(frozen=True, slots=True)
