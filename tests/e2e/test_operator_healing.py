@@ -94,8 +94,11 @@ def test_healing_a_decoder_unready_past_its_grace_is_re_placed(api: Api, operato
     assert moved["phase"] == "Prefilling"
     assert moved["decoder"]["pod"] != victim
     assert moved["kvTransfers"] == 2
-    lost = [e for e in api.events("DecoderLost") if victim in (e.message or "")]
-    assert lost
+    lost = wait_for(
+        "a Warning Event DecoderLost",
+        lambda: [e for e in api.events("DecoderLost") if victim in (e.message or "")],
+        timeout_s=15,
+    )
     assert "not ready for over 6 s" in lost[0].message
 
 

@@ -99,7 +99,11 @@ def test_integrity_overlapping_pools_book_a_decoder_once(api: Api, operator: Ope
     )
     assert condition["status"] == "True"
     assert "dec-0 (pool llama)" in condition["message"]
-    assert [e for e in api.events("OverlappingPool") if e.involved_object.name == "second"]
+    wait_for(
+        "a Warning Event OverlappingPool on second",
+        lambda: [e for e in api.events("OverlappingPool") if e.involved_object.name == "second"],
+        timeout_s=15,
+    )
     assert next(c for c in api.pool_status("llama")["conditions"] if c["type"] == "Overlapping")["status"] == "False"
     for name, pool_name in (("a1", "llama"), ("a2", "llama"), ("b1", "second"), ("b2", "second")):
         api.create(conversation_body(name, pool_name, 4000))
@@ -146,7 +150,7 @@ def test_integrity_a_forged_status_is_repaired_while_the_operator_runs(api: Api,
     status = repaired(api, "c0")
     assert status["reservedKvTokens"] == placed["reservedKvTokens"]
     assert status["decoder"]["pod"] == placed["decoder"]["pod"]
-    assert api.events("StatusRepaired")
+    wait_for("a Warning Event StatusRepaired", lambda: api.events("StatusRepaired"), timeout_s=15)
     pool = api.pool_status("llama")
     assert pool["reservedKvTokens"] == placed["reservedKvTokens"]
 
@@ -171,4 +175,4 @@ def test_integrity_a_forged_status_is_repaired_on_restart(api: Api, operator: Op
         tolerate=NOT_YET,
     )
     assert pool["conversations"] == 2
-    assert len(api.events("StatusRepaired")) >= 2
+    wait_for("two Warning Events StatusRepaired", lambda: len(api.events("StatusRepaired")) >= 2, timeout_s=15)
