@@ -129,7 +129,7 @@ def test_decoder_loss_replaces_or_queues_again(api: Api, operator: OperatorProce
         else:
             assert s["kvTransfers"] == 2
             assert s["decoder"]["pod"] != victim
-    assert api.events("DecoderLost")
+    wait_for("a Warning Event DecoderLost", lambda: api.events("DecoderLost"), timeout_s=15)
     # Room again: the waiting one is placed, with a new generation for the router to follow.
     api.patch_conv(
         next(n for n in "xyz" if n != waiting and api.conv_status(n)["phase"] != "Pending"), {"completed": True}
