@@ -7,7 +7,7 @@ GPUs the pod requests, the model's KV bytes per token and `kvCapacity.gpuMemoryF
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -264,34 +264,38 @@ class MeasuredPower(StatusModel):
     energy_joules: float | None = None
 
 
+#: A pool status count or token sum: inside int64 (the inputs' bounds keep real sums far below it).
+StatusInt = Annotated[int, Field(ge=0, le=2**62)]
+
+
 class DecoderStatus(MeasuredPower, PrefillStatus):
-    capacity_kv_tokens: int = 0
-    reserved_kv_tokens: int = 0
-    live_kv_tokens: int = 0
-    conversations: int = 0
+    capacity_kv_tokens: StatusInt = 0
+    reserved_kv_tokens: StatusInt = 0
+    live_kv_tokens: StatusInt = 0
+    conversations: StatusInt = 0
     #: KV lifecycle: conversations (and their live KV tokens) per state.
-    active_conversations: int = 0
-    idle_conversations: int = 0
-    idle_kv_tokens: int = 0
-    offloaded_conversations: int = 0
-    offloaded_kv_tokens: int = 0
-    dropped_conversations: int = 0
-    host_capacity_kv_tokens: int = 0
+    active_conversations: StatusInt = 0
+    idle_conversations: StatusInt = 0
+    idle_kv_tokens: StatusInt = 0
+    offloaded_conversations: StatusInt = 0
+    offloaded_kv_tokens: StatusInt = 0
+    dropped_conversations: StatusInt = 0
+    host_capacity_kv_tokens: StatusInt = 0
 
 
 class DecoderPoolStatus(MeasuredPower):
     #: Written whole by the operator; powerWatts/energyJoules of each entry come from the energy loop.
     decoders: list[DecoderStatus] = Field(default_factory=list)
     prefills: list[PrefillStatus] = Field(default_factory=list)
-    ready_decoders: int = 0
-    capacity_kv_tokens: int = 0
-    reserved_kv_tokens: int = 0
-    live_kv_tokens: int = 0
-    conversations: int = 0
-    pending_conversations: int = 0
-    idle_conversations: int = 0
-    offloaded_conversations: int = 0
-    dropped_conversations: int = 0
+    ready_decoders: StatusInt = 0
+    capacity_kv_tokens: StatusInt = 0
+    reserved_kv_tokens: StatusInt = 0
+    live_kv_tokens: StatusInt = 0
+    conversations: StatusInt = 0
+    pending_conversations: StatusInt = 0
+    idle_conversations: StatusInt = 0
+    offloaded_conversations: StatusInt = 0
+    dropped_conversations: StatusInt = 0
     #: Gaps between turns the lifecycle's TTLs derive from, and the TTLs in force (seconds).
     observed_turn_gaps_seconds: list[float] = Field(default_factory=list)
     active_window_seconds: float | None = None
@@ -299,7 +303,7 @@ class DecoderPoolStatus(MeasuredPower):
     host_ttl_seconds: float | None = None
     #: "used/total" KV tokens, for the printer column.
     kv_usage: str = Field("", max_length=64)
-    kv_bytes_per_token: int | None = None
+    kv_bytes_per_token: int | None = Field(None, ge=1, le=1_000_000_000)
     #: Per-turn growth ratios observed in the pool (context after a turn / before it), newest last (bounded).
     observed_growth_ratios: list[float] = Field(default_factory=list)
     #: SLO attainment and goodput per class (a pool with spec.slo).
