@@ -237,8 +237,8 @@ class PoolScheduler(SchedulerView):
 
     def expire_queue(self, now_s: float) -> list[Decision]:
         """Refuse the waiting conversations whose wait (since their creation, or the loss of their decoder) reached
-        their budget
-        (`QueueWaitExceeded`): their clients are told to come back rather than being admitted too late."""
+        their budget (`QueueWaitExceeded`): their clients are told to come back rather than being admitted too
+        late."""
         since = {r.key: self.waiting_since(r) for r in self._pending.values()}
         out: list[Decision] = []
         for key in overdue_by_budget(since, now_s, lambda k: self.queue_budget_s(self._pending[k])):
