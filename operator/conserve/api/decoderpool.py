@@ -264,8 +264,9 @@ class MeasuredPower(StatusModel):
     energy_joules: float | None = None
 
 
-#: A pool status count or token sum: inside int64 (the inputs' bounds keep real sums far below it).
-StatusInt = Annotated[int, Field(ge=0, le=2**62)]
+#: A pool status count or token sum: at most 2^53 - 1, the largest integer a JSON number (a float64) holds exactly
+#: (a larger bound does not survive the API server's round trip: a server-side apply of the CRD then conflicts).
+StatusInt = Annotated[int, Field(ge=0, le=2**53 - 1)]
 
 
 class DecoderStatus(MeasuredPower, PrefillStatus):

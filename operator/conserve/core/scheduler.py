@@ -220,7 +220,7 @@ class PoolScheduler(SchedulerView):
         budget (`core.admission`). One whose decoder was lost is queued again, never failed for it: the loss is no
         fault of the conversation (its wait counts from the loss, `waiting_since`)."""
         request = view.request
-        if replacing:
+        if replacing or request.key in self._requeued_at:
             message = f"its decoder was lost and {message}; waiting for room"
         elif reason is Reason.NO_CAPACITY and not view.told_waiting and self._settings.slo is not None:
             rank = self._class_priority(request)
