@@ -17,7 +17,7 @@ from conserve.core.decisions import ConversationRequest, Verdict
 from conserve.core.healing import UnreadyDecoders
 from conserve.core.integrity import AdoptedFacts, foreign, forged_end, reservation_floor, status_print
 from conserve.core.placement import DecoderState
-from conserve.core.scheduler import PoolScheduler
+from conserve.core.scheduler import PoolScheduler, SchedulerSettings
 from conserve.testkit import FakeClock, FakeKube
 
 pytestmark = pytest.mark.unit
@@ -86,7 +86,7 @@ def request(key: str, tokens: int = 1000, created_at_s: float = 0.0) -> Conversa
 
 
 def test_a_lost_decoder_queues_its_conversations_again_sized_by_what_they_hold() -> None:
-    scheduler = PoolScheduler()
+    scheduler = PoolScheduler(SchedulerSettings(requeue_lost_conversations=True))
     scheduler.decoder_changed(DecoderState("dec-0", "n0", None, True, 10_000))
     scheduler.decoder_changed(DecoderState("dec-1", "n0", None, True, 3_000))
     decisions = scheduler.admit(request("a", 3000), now_s=5.0)

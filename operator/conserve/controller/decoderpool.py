@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from dataclasses import replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -37,7 +38,8 @@ def load_spec(pool: PoolRuntime, body: dict[str, Any]) -> None:
     try:
         pool.spec = DecoderPoolSpec.model_validate(body.get("spec") or {})
         pool.spec_error = ""
-        pool.scheduler.configure(scheduler_settings(pool.spec))
+        # The operator queues a lost decoder's conversations again: no conversation fails for a lost decoder.
+        pool.scheduler.configure(replace(scheduler_settings(pool.spec), requeue_lost_conversations=True))
     except ValidationError as exc:
         pool.spec = None
         pool.spec_error = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())[:1000]

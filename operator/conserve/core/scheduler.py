@@ -220,6 +220,8 @@ class PoolScheduler(SchedulerView):
         budget (`core.admission`). One whose decoder was lost is queued again, never failed for it: the loss is no
         fault of the conversation (its wait counts from the loss, `waiting_since`)."""
         request = view.request
+        if replacing and not self._settings.requeue_lost_conversations:
+            return self._fail(view, Reason.DECODER_LOST, f"its decoder was lost and {message}")
         if replacing or request.key in self._requeued_at:
             message = f"its decoder was lost and {message}; waiting for room"
         elif reason is Reason.NO_CAPACITY and not view.told_waiting and self._settings.slo is not None:

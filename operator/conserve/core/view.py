@@ -35,6 +35,9 @@ class SchedulerSettings:
     lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
     #: An engine's occupancy reading older than this is ignored (the ledger decides): core/occupancy.py.
     observed_max_age_s: float = 10.0
+    #: A lost decoder's conversations that fit nowhere wait in the queue again (the operator) instead of failing
+    #: with `DecoderLost` (the simulator, whose workloads do not wait for a conversation to come back).
+    requeue_lost_conversations: bool = False
     #: The longest wait in the queue (the pool's placement.maxQueueWaitSeconds; inf: no limit).
     max_queue_wait_s: float = float("inf")
     #: The pool's SLO (`spec.slo`): queue order across classes and each class's wait budget (core/admission.py).
