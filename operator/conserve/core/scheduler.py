@@ -171,7 +171,7 @@ class PoolScheduler(SchedulerView):
         if self._problem is not None:
             return [self._wait_or_fail(view, self._problem[0], self._problem[1], replacing, now_s)]
         reservation, floor = self._sizing(request)
-        if replacing or view.live_kv_tokens > reservation:  # its KV moves once more: room for all it holds
+        if replacing or key in self._requeued_at:  # its KV moves once more: room for all it holds
             reservation = max(reservation, view.live_kv_tokens, held_kv_tokens)
             floor = None
         decision = self._place(key, reservation)
