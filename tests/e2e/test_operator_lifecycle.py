@@ -92,7 +92,7 @@ def test_idle_timeout_releases(api: Api, operator: OperatorProcess) -> None:
     )
 
 
-def test_decoder_loss_replaces_or_fails(api: Api, operator: OperatorProcess) -> None:
+def test_decoder_loss_replaces_or_queues_again(api: Api, operator: OperatorProcess) -> None:
     fleet(api, 2)
     for name, tokens in (("x", 2000), ("y", 2000), ("z", 2000)):
         api.create(conversation_body(name, "llama", tokens))
@@ -104,25 +104,39 @@ def test_decoder_loss_replaces_or_fails(api: Api, operator: OperatorProcess) -> 
     on = {n: api.conv_status(n)["decoder"]["pod"] for n in "xyz"}
     victim = "dec-0" if list(on.values()).count("dec-0") == 2 else "dec-1"
     moved = sorted(n for n, pod in on.items() if pod == victim)
-    api.delete_pod(victim)
-    # Two conversations of 4000 on the lost decoder; the survivor holds one (4000 of 9500 usable): one fits.
+    api.delete_pod(victim)  # deleted: its conversations move at once (no grace)
+    # Two conversations of 4000 on the lost decoder; the survivor holds one (4000 of 9500 usable): one fits, the
+    # other waits in the queue again (a lost decoder never fails a conversation).
     wait_for(
-        "moved or failed",
+        "moved or queued again",
         lambda: all(
-            api.conv_status(n).get("placementGeneration", 0) == 2 or api.conv_status(n).get("phase") == "Failed"
+            api.conv_status(n).get("placementGeneration", 0) == 2 or api.conv_status(n).get("phase") == "Pending"
             for n in moved
         ),
         tolerate=NOT_YET,
     )
     outcomes = sorted(api.conv_status(n)["phase"] for n in moved)
-    assert outcomes == ["Failed", "Prefilling"]
+    assert outcomes == ["Pending", "Prefilling"]
+    waiting = next(n for n in moved if api.conv_status(n)["phase"] == "Pending")
     for n in moved:
         s = api.conv_status(n)
-        if s["phase"] == "Failed":
+        if s["phase"] == "Pending":
             placed = api.conv_condition(n, "Placed")
             assert placed is not None
-            assert placed["reason"] == "DecoderLost"
+            assert placed["reason"] == "NoCapacity"
+            assert "its decoder was lost" in placed["message"]
+            assert s.get("decoder") is None
         else:
             assert s["kvTransfers"] == 2
             assert s["decoder"]["pod"] != victim
-    assert api.events("DecoderLost")
+    wait_for("a Warning Event DecoderLost", lambda: api.events("DecoderLost"), timeout_s=15)
+    # Room again: the waiting one is placed, with a new generation for the router to follow.
+    api.patch_conv(
+        next(n for n in "xyz" if n != waiting and api.conv_status(n)["phase"] != "Pending"), {"completed": True}
+    )
+    again = wait_for(
+        f"{waiting} placed again",
+        lambda: (s := api.conv_status(waiting)).get("phase") == "Prefilling" and s,
+        tolerate=NOT_YET,
+    )
+    assert again["placementGeneration"] == 2

@@ -77,7 +77,7 @@ def test_place_queue_and_release(api: Api, operator: OperatorProcess) -> None:
     assert pool["readyDecoders"] == 2
     assert {d["pod"]: d["conversations"] for d in pool["decoders"]} == dict(placed_on(api))
     conds = {c["type"]: c["status"] for c in pool["conditions"]}
-    assert conds == {"Ready": "True", "Degraded": "False"}
+    assert conds == {"Ready": "True", "Degraded": "False", "Overlapping": "False"}
     assert len(api.events("Released")) == 2
 
 

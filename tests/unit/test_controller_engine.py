@@ -10,11 +10,11 @@ from fake_operator import NS, engine_with, held_per_decoder, pod, pool_world, st
 
 from conserve import metrics
 from conserve.api.decoderpool import DecoderPoolSpec
-from conserve.controller import conversation, decoderpool, pods
+from conserve.controller import conversation, decoderpool, healing, pods
 from conserve.controller.engine import Engine, EngineConfig
 from conserve.controller.state import FINALIZER, NodeInfo, PodInfo
 from conserve.controller.status import pool_status_patch
-from conserve.testkit import FakeKube, gpu_node, pool_body
+from conserve.testkit import FakeClock, FakeKube, gpu_node, pool_body
 
 
 def conv(name: str, tokens: int, ts: int = 0, **spec: Any) -> dict[str, Any]:
@@ -111,22 +111,39 @@ async def test_the_usage_sent_with_the_completion_reaches_the_status() -> None:
 
 
 @sync
-async def test_decoder_loss_moves_or_fails() -> None:
-    engine, kube = await engine_with(2)
+async def test_decoder_loss_moves_after_the_grace_or_queues_again() -> None:
+    clock = FakeClock()
+    kube = pool_world(2, placement={"decoderLostGraceSeconds": 30})
+    engine = await started_engine(kube, clock)
     for i in range(4):
         await conversation.on_event(engine, "ADDED", conv(f"c{i}", 1000))
     pool = engine.world.pool(NS, "llama")
     on_dec0 = pool.scheduler.conversations_on("dec-0")
     await decoderpool.on_pod_event(engine, "MODIFIED", pod("dec-0", "n0", ready=False))
+    clock.advance(29)
+    await healing.lose_unready_past_grace(engine)
+    for key in on_dec0:  # unready within the grace: kept where they are
+        status = kube.status[("conversations", key.split("/")[1])]
+        assert (status["placementGeneration"], status["decoder"]["pod"]) == (1, "dec-0")
+    clock.advance(1)
+    await healing.lose_unready_past_grace(engine)
     for key in on_dec0:
         status = kube.status[("conversations", key.split("/")[1])]
         assert status["placementGeneration"] == 2
         assert status["kvTransfers"] == 2
         assert status["decoder"]["pod"] == "dec-1"
-    await decoderpool.on_pod_event(engine, "DELETED", pod("dec-1", "n0"))
-    phases = {s["phase"] for (p, _), s in kube.status.items() if p == "conversations"}
-    assert phases == {"Failed"}
+    await decoderpool.on_pod_event(engine, "DELETED", pod("dec-1", "n0"))  # deleted: no grace, nowhere to go
+    statuses = [s for (p, _), s in kube.status.items() if p == "conversations"]
+    assert {s["phase"] for s in statuses} == {"Pending"}  # queued again, never failed for a lost decoder
+    assert all(s.get("decoder") is None and s["reservedKvTokens"] == 0 for s in statuses)
     assert pool.scheduler.holdings() == {}
+    assert pool.scheduler.pending_count == 4
+    # Back with room: they are placed again, sized by what they held, with a new generation.
+    await decoderpool.on_pod_event(engine, "MODIFIED", pod("dec-0", "n0"))
+    placed = [s for (p, _), s in kube.status.items() if p == "conversations" and s["phase"] == "Prefilling"]
+    assert len(placed) == 4
+    assert {s["decoder"]["pod"] for s in placed} == {"dec-0"}
+    assert all(s["placementGeneration"] >= 2 for s in placed)
 
 
 @sync

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conserve.core import perf
@@ -295,6 +295,8 @@ def test_conservation_and_capacity(policy: str) -> None:
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Two sequences that together filled a decoder preempted each other forever before the admission kept room to grow.
+@example(seed=547, policy="vllm-multiturn-proxy", memory_fraction=0.8, max_batch=7)
 @given(
     seed=st.integers(0, 10_000),
     policy=st.sampled_from(sorted(POLICIES)),

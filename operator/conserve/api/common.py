@@ -27,10 +27,10 @@ class StatusModel(BaseModel):
 
 class ServingPod(StatusModel):
     # A serving pod as a status names it (a conversation's decoder and prefill, a pool's decoders and prefills).
-    pod: str
-    node: str = ""
-    tier: str = ""
-    gpu_product: str = ""
+    pod: str = Field(max_length=253)
+    node: str = Field("", max_length=253)
+    tier: str = Field("", max_length=63)
+    gpu_product: str = Field("", max_length=253)
 
 
 def status_patch(status: StatusModel, fields: AbstractSet[str]) -> dict[str, Any]:
@@ -112,12 +112,12 @@ ConditionStatus = Literal["True", "False", "Unknown"]
 class Condition(StatusModel):
     """metav1.Condition."""
 
-    type: str
+    type: str = Field(max_length=316)
     status: ConditionStatus
-    reason: str
-    message: str = ""
-    last_transition_time: str = ""  # RFC 3339
-    observed_generation: int | None = None
+    reason: str = Field(max_length=1024)
+    message: str = Field("", max_length=32768)
+    last_transition_time: str = Field("", max_length=64)  # RFC 3339
+    observed_generation: int | None = Field(None, ge=0)
 
 
 NonNegativeInt = Annotated[int, Field(ge=0)]

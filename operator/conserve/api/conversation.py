@@ -13,8 +13,9 @@ can be batched or retried:
 from __future__ import annotations
 
 import enum
+from typing import Annotated
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, JsonValue
 
 from conserve.api.common import CamelModel, Condition, NonNegativeInt, ServingPod, StatusModel, cel
 from conserve.api.slo import CLASS_NAME_PATTERN
@@ -24,6 +25,11 @@ PLURAL = "conversations"
 SHORT_NAME = "conv"
 
 MAX_INPUT_TOKENS = 10_000_000
+#: Bounds of the cumulative usage counters: sums over every conversation of a pool stay far inside int64.
+MAX_USAGE_TOKENS = 100_000_000_000
+MAX_TURNS = 100_000_000
+#: RFC 3339 times (e.g. 2026-12-06T10:20:08.123456+00:00 is 32 characters).
+MAX_TIME_LENGTH = 64
 
 
 class Phase(enum.StrEnum):
@@ -40,30 +46,42 @@ TERMINAL_PHASES = frozenset({Phase.COMPLETED, Phase.FAILED})
 
 # Usage counters are cumulative: a report is idempotent, and a lower value is a bug or a stale retry.
 _CUMULATIVE = cel("self >= oldSelf", "is cumulative and cannot decrease")
+DATE_TIME: dict[str, JsonValue] = {"format": "date-time"}
+MAX_TTFET_SECONDS = 366 * 24 * 3600
 
 
 class ConversationUsage(CamelModel):
     """Cumulative usage reported by the data plane. Counters only grow; a lower value is refused."""
 
-    turns: NonNegativeInt = Field(0, description="Turns served so far.", json_schema_extra=_CUMULATIVE)
+    turns: NonNegativeInt = Field(0, le=MAX_TURNS, description="Turns served so far.", json_schema_extra=_CUMULATIVE)
     input_tokens: NonNegativeInt = Field(
-        0, description="Sum of every turn's new input tokens (the first included).", json_schema_extra=_CUMULATIVE
+        0,
+        le=MAX_USAGE_TOKENS,
+        description="Sum of every turn's new input tokens (the first included).",
+        json_schema_extra=_CUMULATIVE,
     )
     output_tokens: NonNegativeInt = Field(
-        0, description="Sum of every turn's output tokens.", json_schema_extra=_CUMULATIVE
+        0, le=MAX_USAGE_TOKENS, description="Sum of every turn's output tokens.", json_schema_extra=_CUMULATIVE
     )
-    last_turn_time: str | None = Field(None, description="RFC 3339 time of the latest turn.")
+    last_turn_time: str | None = Field(
+        None, max_length=MAX_TIME_LENGTH, description="RFC 3339 time of the latest turn.", json_schema_extra=DATE_TIME
+    )
     time_to_first_effective_token_seconds: float | None = Field(
-        None, ge=0, description="Measured by the data plane: start of the conversation to first visible output."
+        None,
+        ge=0,
+        le=MAX_TTFET_SECONDS,
+        description="Measured by the data plane: start of the conversation to first visible output.",
     )
     pool_prefills: NonNegativeInt = Field(
         0,
+        le=MAX_TURNS,
         description="Turns whose prompt was prefilled on a prefill server (its KV then moved to the decoder), as the "
         "P/D decider chose per turn; the other turns were prefilled on the decoder itself.",
         json_schema_extra=_CUMULATIVE,
     )
     slo_missed_turns: NonNegativeInt = Field(
         0,
+        le=MAX_TURNS,
         description="Turns that missed the conversation's SLO (its pool's spec.slo, its class's targets), as the data "
         "plane measured them: a turn's first visible token later than the TTFET target after its arrival, or its "
         "tokens further apart than the TBT target on average.",
@@ -122,8 +140,15 @@ class ConversationSpec(CamelModel):
     usage: ConversationUsage = Field(default_factory=ConversationUsage)
 
 
+#: Bounds of the status the operator writes (a status written by anyone else is held to them too).
+MAX_ENDPOINT_LENGTH = 300
+StatusTokens = Annotated[int, Field(ge=0, le=MAX_USAGE_TOKENS * 100)]
+StatusCount = Annotated[int, Field(ge=0, le=MAX_TURNS * 100)]
+StatusTime = Annotated[str | None, Field(max_length=MAX_TIME_LENGTH, json_schema_extra=DATE_TIME)]
+
+
 class Endpoint(ServingPod):
-    endpoint: str = ""  # host:port the data plane sends to
+    endpoint: str = Field("", max_length=MAX_ENDPOINT_LENGTH)  # host:port the data plane sends to
 
 
 class ConversationStatus(StatusModel):
@@ -133,32 +158,32 @@ class ConversationStatus(StatusModel):
     phase: Phase = Phase.PENDING
     decoder: Endpoint | None = None
     prefill: Endpoint | None = None
-    reserved_kv_tokens: int = 0
-    live_kv_tokens: int = 0
-    turns_served: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    kv_transfers: int = 0
+    reserved_kv_tokens: StatusTokens = 0
+    live_kv_tokens: StatusTokens = 0
+    turns_served: StatusCount = 0
+    input_tokens: StatusTokens = 0
+    output_tokens: StatusTokens = 0
+    kv_transfers: StatusCount = 0
     #: Bumped on every (re)placement so the data plane knows to follow a move.
-    placement_generation: int = 0
-    placed_at: str | None = None
-    completed_at: str | None = None
+    placement_generation: StatusCount = 0
+    placed_at: StatusTime = None
+    completed_at: StatusTime = None
     #: Latest turn (or placement): the idle timeout counts from here.
-    last_activity_time: str | None = None
+    last_activity_time: StatusTime = None
     energy_joules: float | None = None
     energy_per_token_joules: float | None = None
     time_to_first_effective_token_seconds: float | None = None
     #: KV lifecycle on the pinned decoder: Active, Idle (resident, evictable), Offloaded (host memory), Dropped.
-    kv_state: str | None = None
-    offloads: int = 0
-    reloads: int = 0
-    reprefills: int = 0
+    kv_state: str | None = Field(None, max_length=32)
+    offloads: StatusCount = 0
+    reloads: StatusCount = 0
+    reprefills: StatusCount = 0
     #: Where the served turns were prefilled (the P/D decider's choices, as the data plane reports them).
-    pool_prefills: int = 0
-    decoder_prefills: int = 0
+    pool_prefills: StatusCount = 0
+    decoder_prefills: StatusCount = 0
     #: Its SLO class ("" for the pool's own targets; None: the pool has no SLO) and the turns that missed it.
-    slo_class: str | None = None
-    slo_missed_turns: int = 0
+    slo_class: str | None = Field(None, max_length=63)
+    slo_missed_turns: StatusCount = 0
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None
 

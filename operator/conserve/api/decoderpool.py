@@ -7,7 +7,7 @@ GPUs the pod requests, the model's KV bytes per token and `kvCapacity.gpuMemoryF
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -21,12 +21,12 @@ SHORT_NAME = "dp"
 
 
 class ModelShapeSpec(CamelModel):
-    parameters: float = Field(gt=0, description="Parameter count.")
-    layers: int = Field(ge=1)
-    hidden_size: int = Field(ge=1)
-    attention_heads: int = Field(ge=1)
-    kv_heads: int = Field(ge=1)
-    head_dim: int = Field(ge=1)
+    parameters: float = Field(gt=0, le=1e15, description="Parameter count.")
+    layers: int = Field(ge=1, le=10_000)
+    hidden_size: int = Field(ge=1, le=1_000_000)
+    attention_heads: int = Field(ge=1, le=100_000)
+    kv_heads: int = Field(ge=1, le=100_000)
+    head_dim: int = Field(ge=1, le=100_000)
     bytes_per_element: int = Field(2, ge=1, le=8)
 
     def to_shape(self, name: str) -> ModelShape:
@@ -44,7 +44,9 @@ class ModelShapeSpec(CamelModel):
 
 class ModelSpec(CamelModel):
     name: str = Field(min_length=1, max_length=253, description=f"Model name; built in: {', '.join(sorted(MODELS))}.")
-    kv_bytes_per_token: int | None = Field(None, ge=1, description="Overrides the KV size derived from the shape.")
+    kv_bytes_per_token: int | None = Field(
+        None, ge=1, le=1_000_000_000, description="Overrides the KV size derived from the shape."
+    )
     shape: ModelShapeSpec | None = Field(None, description="Needed when the name is not in the built-in catalog.")
 
     def resolved_shape(self) -> ModelShape | None:
@@ -66,8 +68,14 @@ def _known_model_rule(field: str) -> str:
     return " || ".join(checks)
 
 
+#: A decoder's KV capacity at most (a pool's sums over a million decoders stay inside int64).
+MAX_KV_TOKENS_PER_DECODER = 10_000_000_000
+
+
 class KvCapacitySpec(CamelModel):
-    tokens_per_decoder: int | None = Field(None, ge=1, description="Declared KV capacity of every decoder.")
+    tokens_per_decoder: int | None = Field(
+        None, ge=1, le=MAX_KV_TOKENS_PER_DECODER, description="Declared KV capacity of every decoder."
+    )
     gpu_memory_fraction: float = Field(0.9, gt=0, le=1, description="Share of GPU memory the server may use.")
 
 
@@ -113,6 +121,14 @@ class PlacementSpec(CamelModel):
         description="Longest a conversation waits in the queue for a decoder, counted from its creation. Past it "
         "the operator refuses it (phase Failed, condition Placed=False, reason QueueWaitExceeded) and the router "
         "answers its turn with HTTP 429 and Retry-After; a retry of the same conversation queues it afresh.",
+    )
+    decoder_lost_grace_seconds: int = Field(
+        120,
+        ge=0,
+        le=3600,
+        description="How long a decoder may be not Ready (its node NotReady, say an API-server outage, or its "
+        "readiness probe failing) and keep its conversations. Past it they are re-placed, or wait in the queue "
+        "until room exists (never failed for it). A deleted or terminating decoder is re-placed at once.",
     )
     weights: WeightsSpec = Field(default_factory=WeightsSpec)
 
@@ -238,7 +254,7 @@ class DecoderPoolSpec(CamelModel):
 
 class PrefillStatus(ServingPod):
     ready: bool = False
-    endpoint: str = ""
+    endpoint: str = Field("", max_length=300)
 
 
 class MeasuredPower(StatusModel):
@@ -248,42 +264,47 @@ class MeasuredPower(StatusModel):
     energy_joules: float | None = None
 
 
+#: A pool status count or token sum: at most 2^53 - 1, the largest integer a JSON number (a float64) holds exactly
+#: (a larger bound does not survive the API server's round trip: a server-side apply of the CRD then conflicts).
+StatusInt = Annotated[int, Field(ge=0, le=2**53 - 1)]
+
+
 class DecoderStatus(MeasuredPower, PrefillStatus):
-    capacity_kv_tokens: int = 0
-    reserved_kv_tokens: int = 0
-    live_kv_tokens: int = 0
-    conversations: int = 0
+    capacity_kv_tokens: StatusInt = 0
+    reserved_kv_tokens: StatusInt = 0
+    live_kv_tokens: StatusInt = 0
+    conversations: StatusInt = 0
     #: KV lifecycle: conversations (and their live KV tokens) per state.
-    active_conversations: int = 0
-    idle_conversations: int = 0
-    idle_kv_tokens: int = 0
-    offloaded_conversations: int = 0
-    offloaded_kv_tokens: int = 0
-    dropped_conversations: int = 0
-    host_capacity_kv_tokens: int = 0
+    active_conversations: StatusInt = 0
+    idle_conversations: StatusInt = 0
+    idle_kv_tokens: StatusInt = 0
+    offloaded_conversations: StatusInt = 0
+    offloaded_kv_tokens: StatusInt = 0
+    dropped_conversations: StatusInt = 0
+    host_capacity_kv_tokens: StatusInt = 0
 
 
 class DecoderPoolStatus(MeasuredPower):
     #: Written whole by the operator; powerWatts/energyJoules of each entry come from the energy loop.
     decoders: list[DecoderStatus] = Field(default_factory=list)
     prefills: list[PrefillStatus] = Field(default_factory=list)
-    ready_decoders: int = 0
-    capacity_kv_tokens: int = 0
-    reserved_kv_tokens: int = 0
-    live_kv_tokens: int = 0
-    conversations: int = 0
-    pending_conversations: int = 0
-    idle_conversations: int = 0
-    offloaded_conversations: int = 0
-    dropped_conversations: int = 0
+    ready_decoders: StatusInt = 0
+    capacity_kv_tokens: StatusInt = 0
+    reserved_kv_tokens: StatusInt = 0
+    live_kv_tokens: StatusInt = 0
+    conversations: StatusInt = 0
+    pending_conversations: StatusInt = 0
+    idle_conversations: StatusInt = 0
+    offloaded_conversations: StatusInt = 0
+    dropped_conversations: StatusInt = 0
     #: Gaps between turns the lifecycle's TTLs derive from, and the TTLs in force (seconds).
     observed_turn_gaps_seconds: list[float] = Field(default_factory=list)
     active_window_seconds: float | None = None
     resident_ttl_seconds: float | None = None
     host_ttl_seconds: float | None = None
     #: "used/total" KV tokens, for the printer column.
-    kv_usage: str = ""
-    kv_bytes_per_token: int | None = None
+    kv_usage: str = Field("", max_length=64)
+    kv_bytes_per_token: int | None = Field(None, ge=1, le=1_000_000_000)
     #: Per-turn growth ratios observed in the pool (context after a turn / before it), newest last (bounded).
     observed_growth_ratios: list[float] = Field(default_factory=list)
     #: SLO attainment and goodput per class (a pool with spec.slo).

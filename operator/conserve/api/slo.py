@@ -115,14 +115,18 @@ class SloSpec(CamelModel):
         return self
 
 
+#: A status count's bound (int64 holds it and any sum of a few thousand of them).
+MAX_COUNT = 10**15
+
+
 class SloClassStatus(StatusModel):
     """One class's figures ("" is the pool's own targets, for conversations with no class)."""
 
-    name: str = ""
+    name: str = Field("", max_length=63)
     #: Since the pool's status began (kept across operator restarts).
-    ended_conversations: int = 0
-    met_conversations: int = 0
-    refused_conversations: int = 0
+    ended_conversations: int = Field(0, ge=0, le=MAX_COUNT)
+    met_conversations: int = Field(0, ge=0, le=MAX_COUNT)
+    refused_conversations: int = Field(0, ge=0, le=MAX_COUNT)
     #: Over the operator's recent window (`windowSeconds`): share of ended conversations that met the SLO
     #: (None before one ended), and conversations per second that ended having met it.
     attainment: float | None = None

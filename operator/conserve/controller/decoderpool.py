@@ -9,6 +9,7 @@ a burst of placements costs one pool write, not one per conversation.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
@@ -18,7 +19,7 @@ from conserve import metrics
 from conserve.api.decoderpool import PLURAL as PLURAL  # re-exported (startup, registry)
 from conserve.api.decoderpool import DecoderPoolSpec, DecoderPoolStatus
 from conserve.api.scheduling import scheduler_settings
-from conserve.controller import pods, slo
+from conserve.controller import healing, pods, slo
 from conserve.controller.engine import Engine
 from conserve.controller.kube import NotFound
 from conserve.controller.state import NodeInfo, PoolRuntime, World, key_of
@@ -36,6 +37,7 @@ def load_spec(pool: PoolRuntime, body: dict[str, Any]) -> None:
     try:
         pool.spec = DecoderPoolSpec.model_validate(body.get("spec") or {})
         pool.spec_error = ""
+        # The operator queues a lost decoder's conversations again: no conversation fails for a lost decoder.
         pool.scheduler.configure(scheduler_settings(pool.spec))
     except ValidationError as exc:
         pool.spec = None
@@ -47,14 +49,34 @@ def load_spec(pool: PoolRuntime, body: dict[str, Any]) -> None:
 
 
 async def resync(engine: Engine, pool: PoolRuntime, pod: str | None = None) -> None:
-    """Re-derive the pool's decoders (or one pod's); move conversations off lost ones; place waiting ones if
-    room grew."""
+    """Re-derive the pool's decoders (or one pod's); follow moved endpoints; move conversations off decoders gone
+    (deleted, terminating, taken by an older pool) at once and off decoders unready past the pool's grace; place
+    waiting ones if room grew."""
     async with pool.lock:
+        endpoints = {name: d.endpoint for name, d in pool.decoders.items()}
+        shared = set(pool.overlapping)
         if pod is None:
-            gone, unready, grew = pods.sync_pool(engine.world, pool)
+            gone, _unready, grew = pods.sync_pool(engine.world, pool)
         else:
-            gone, unready, grew = pods.sync_pod(engine.world, pool, pod)
-    lost = gone + unready
+            gone, _unready, grew = pods.sync_pod(engine.world, pool, pod)
+        moved = sorted(
+            name
+            for name, d in pool.decoders.items()
+            if endpoints.get(name) and d.endpoint and d.endpoint != endpoints[name]
+        )
+        now = engine.clock.now()
+        pool.unready.observe({name: d.ready for name, d in pool.decoders.items()}, now)
+        leaving = sorted(n for n, d in pool.decoders.items() if d.leaving and n not in pool.unready.lost)
+        pool.unready.mark_lost(leaving)
+        lost = sorted({*gone, *leaving, *pool.unready.due(now, pool.lost_grace_s)})
+    if moved:
+        await healing.follow_endpoints(engine, pool, moved)
+    taken = sorted(set(pool.overlapping) - shared)
+    if taken:
+        held = ", ".join(f"{name} (pool {pool.overlapping[name]})" for name in taken)
+        message = f"decoders selected by an older pool of the namespace, booked there and not here: {held}"
+        log.warning("pool %s: %s", pool.key, message)
+        engine.post_pool_event(pool, "OverlappingPool", message[:1000], warning=True)
     if lost:
         log.info("pool %s lost decoders %s", pool.key, lost)
         engine.post_pool_event(pool, "DecoderLost", f"decoders gone or not ready: {', '.join(lost)}", warning=True)
@@ -62,6 +84,14 @@ async def resync(engine: Engine, pool: PoolRuntime, pod: str | None = None) -> N
     engine.on_pool_changed(pool)
     if grew or lost:
         await engine.drain(pool)
+
+
+async def resync_neighbours(engine: Engine, pool: PoolRuntime) -> None:
+    """The namespace's other pools, after this one's selector or existence changed: which pool holds a shared
+    decoder may have changed with it."""
+    for other in list(engine.world.pools.values()):
+        if other is not pool and other.namespace == pool.namespace and other.spec is not None:
+            await resync(engine, other)
 
 
 async def on_event(engine: Engine, event_type: str | None, body: dict[str, Any]) -> None:
@@ -74,6 +104,7 @@ async def on_event(engine: Engine, event_type: str | None, body: dict[str, Any])
         async with pool.lock:
             pods.sync_pool(engine.world, pool)
         metrics.forget_pool(pool.namespace, pool.name)
+        await resync_neighbours(engine, pool)
         return
     old_generation = pool.generation if pool.body else None
     had_spec = pool.spec is not None
@@ -83,6 +114,7 @@ async def on_event(engine: Engine, event_type: str | None, body: dict[str, Any])
     if pool.spec is None:
         engine.post_pool_event(pool, "InvalidSpec", pool.spec_error, warning=True)
     await resync(engine, pool)
+    await resync_neighbours(engine, pool)
     await engine.drain(pool)
 
 
@@ -105,41 +137,74 @@ def export_metrics(pool: PoolRuntime, status: DecoderPoolStatus) -> None:
     metrics.KV_STATE_CONVERSATIONS.labels(*labels, KvState.DROPPED.value).set(status.dropped_conversations)
 
 
-async def write_pool_status(engine: Engine, pool: PoolRuntime) -> None:
+async def write_pool_status(engine: Engine, pool: PoolRuntime) -> bool:
+    """Write the pool's status; False when it was not written (the writer tries again later, backing off)."""
     if not pool.body or engine.fenced:
-        return
+        return True
     status = pool_status(pool, pool.scheduler.pending_count)
     export_metrics(pool, status)
     try:
         await engine.kube.patch_status(PLURAL, pool.namespace, pool.name, pool_status_patch_of(status))
     except NotFound:
-        return
-    except Exception:  # network, 5xx, 429, anything: the writer lives on and writes the pool again next tick
+        return True
+    except Exception as exc:  # noqa: BLE001 a refusal, network, 5xx, 429: logged once; written again later
         metrics.STATUS_WRITE_ERRORS.labels("DecoderPool").inc()
-        log.warning("pool %s status not written", pool.key, exc_info=True)
+        message = str(exc)[:500]
+        # Once per distinct failure, no traceback: a refused status is refused again at every tick.
+        if pool.status_error != message:
+            log.warning("pool %s status not written (retried with back-off): %s", pool.key, message)
+        pool.status_error = message
         pool.status_dirty.set()
+        return False
+    if pool.status_error:
+        log.info("pool %s status written again", pool.key)
+        pool.status_error = ""
+    return True
 
 
 #: A big pool's status is big (about 300 bytes per decoder), and every write goes to every watcher: a pool is
 #: written at most every max(pool_status_interval_s, decoders x this) seconds (1,000 decoders: every 2 s).
 SECONDS_PER_DECODER = 0.002
+#: A pool whose status write failed is tried again after twice the last wait, up to this long.
+MAX_RETRY_INTERVAL_S = 30.0
+
+
+def _forget(writing: dict[str, asyncio.Task[bool]], key: str, _task: asyncio.Task[bool]) -> None:
+    writing.pop(key, None)
 
 
 async def status_writer(engine: Engine) -> None:
-    """One loop for every pool: write the pools marked dirty, each at most once per its interval."""
+    """One loop for every pool: write the pools marked dirty, each at most once per its interval. Each write runs
+    on its own: a slow or refused pool delays no other pool, and a failing one is retried with back-off."""
     tick = engine.config.pool_status_interval_s
     last_write: dict[str, float] = {}
-    while True:
-        await asyncio.sleep(tick)
-        now = engine.clock.monotonic()
-        due = []
-        for pool in list(engine.world.pools.values()):
-            interval = max(tick, len(pool.decoders) * SECONDS_PER_DECODER)
-            if pool.status_dirty.is_set() and now - last_write.get(pool.key, 0.0) >= interval:
-                pool.status_dirty.clear()
-                last_write[pool.key] = now
-                due.append(pool)
-        await asyncio.gather(*(write_pool_status(engine, p) for p in due))
+    backoff: dict[str, float] = {}
+    writing: dict[str, asyncio.Task[bool]] = {}
+
+    async def write(pool: PoolRuntime) -> bool:
+        ok = await write_pool_status(engine, pool)
+        if ok:
+            backoff.pop(pool.key, None)
+        else:
+            backoff[pool.key] = min(max(backoff.get(pool.key, tick) * 2, tick), MAX_RETRY_INTERVAL_S)
+        return ok
+
+    try:
+        while True:
+            await asyncio.sleep(tick)
+            now = engine.clock.monotonic()
+            for pool in list(engine.world.pools.values()):
+                if pool.key in writing:
+                    continue
+                interval = max(tick, len(pool.decoders) * SECONDS_PER_DECODER, backoff.get(pool.key, 0.0))
+                if pool.status_dirty.is_set() and now - last_write.get(pool.key, 0.0) >= interval:
+                    pool.status_dirty.clear()
+                    last_write[pool.key] = now
+                    writing[pool.key] = asyncio.create_task(write(pool))
+                    writing[pool.key].add_done_callback(functools.partial(_forget, writing, pool.key))
+    finally:
+        for task in writing.values():
+            task.cancel()
 
 
 # --- watch handlers of pods and nodes (here, not in pods.py: they resync pools, and pods.py stays a leaf) ------

@@ -97,7 +97,8 @@ class Engine(Writer):
             return self._apply_placement(pool, record, d, now)
         if d.verdict is Verdict.QUEUED:
             record.status.phase = Phase.PENDING
-            if not record.set_condition("Placed", "False", d.reason.value, d.message, now):
+            requeued = self._unpin(record)  # its decoder was lost: it waits for room again
+            if not record.set_condition("Placed", "False", d.reason.value, d.message, now) and not requeued:
                 return Outcome(record, Verdict.UNCHANGED)
             record.dirty = True
             return Outcome(record, Verdict.QUEUED, d.reason.value, d.message)
@@ -124,6 +125,16 @@ class Engine(Writer):
             record.dirty = True
             return Outcome(record, d.verdict)
         return None
+
+    @staticmethod
+    def _unpin(record: ConvRecord) -> bool:
+        """Clear a queued conversation's decoder (the router then waits for its next placement); whether it had one."""
+        if record.status.decoder is None:
+            return False
+        record.status.decoder = None
+        record.status.reserved_kv_tokens = 0
+        record.kv_state = None
+        return True
 
     def _apply_placement(self, pool: PoolRuntime, record: ConvRecord, d: Decision, now: float) -> Outcome:
         """Placed or re-placed: the decoder (and, on a first placement, the prefill server) in the record."""

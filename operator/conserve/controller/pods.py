@@ -14,6 +14,7 @@ import logging
 from dataclasses import replace
 from typing import Any
 
+from conserve.api.conversation import MAX_ENDPOINT_LENGTH
 from conserve.api.corev1 import Pod
 from conserve.api.decoderpool import DecoderPoolSpec
 from conserve.api.scheduling import energy_prior_j
@@ -39,22 +40,27 @@ def pod_info(body: dict[str, Any]) -> PodInfo:
         endpoint_annotation=pod.endpoint,
         gpus=pod.gpus,
         uid=meta.uid,
+        leaving=pod.terminating or pod.finished,
     )
 
 
 def decoder_info(pod: PodInfo, node: NodeInfo | None, spec: DecoderPoolSpec) -> DecoderInfo:
     gpu = node.gpu if node is not None else None
     capacity, problem = _kv_capacity(pod, gpu, spec)
+    endpoint = pod.endpoint_annotation or (f"{pod.ip}:{spec.endpoint.port}" if pod.ip else "")
+    if len(endpoint) > MAX_ENDPOINT_LENGTH:  # the status could not hold it: the API server would refuse the pool's
+        endpoint, problem = "", f"endpoint annotation longer than {MAX_ENDPOINT_LENGTH} characters"
     return DecoderInfo(
         pod=pod.name,
         node=pod.node,
         tier=gpu.tier.value if gpu is not None and gpu.tier is not None else "",
         gpu_product=gpu.product if gpu is not None else "",
         ready=pod.ready,
-        endpoint=pod.endpoint_annotation or (f"{pod.ip}:{spec.endpoint.port}" if pod.ip else ""),
+        endpoint=endpoint,
         capacity_kv_tokens=capacity,
         gpu_count=max(pod.gpus, 1),
         problem=problem,
+        leaving=pod.leaving,
     )
 
 
@@ -141,11 +147,14 @@ def _selected(world: World, pool: PoolRuntime) -> tuple[dict[str, DecoderInfo], 
     spec = pool.spec
     if spec is None:
         return decoders, prefills
+    pool.overlapping = {}
     for pod in world.pods.values():
         if pod.namespace != pool.namespace:
             continue
         node = world.nodes.get(pod.node)
         if spec.decoder_selector.matches(pod.labels):
+            if _claimed_elsewhere(world, pool, pod):
+                continue
             decoders[pod.name] = decoder_info(pod, node, spec)
         elif spec.prefill_selector is not None and spec.prefill_selector.matches(pod.labels):
             prefills[pod.name] = decoder_info(pod, node, spec)
@@ -160,7 +169,8 @@ def sync_pod(world: World, pool: PoolRuntime, name: str) -> tuple[list[str], lis
     pod = world.pods.get(key_of(pool.namespace, name))
     old = pool.decoders.get(name)
     pool.prefills.pop(name, None)
-    if pod is not None and spec.decoder_selector.matches(pod.labels):
+    pool.overlapping.pop(name, None)
+    if pod is not None and spec.decoder_selector.matches(pod.labels) and not _claimed_elsewhere(world, pool, pod):
         info = decoder_info(pod, world.nodes.get(pod.node), spec)
         pool.decoders[name] = info
         pool.scheduler.decoder_changed(decoder_state(info, pool.spec))
@@ -176,6 +186,26 @@ def sync_pod(world: World, pool: PoolRuntime, name: str) -> tuple[list[str], lis
     del pool.decoders[name]
     pool.scheduler.decoder_removed(name)  # holdings stay until the engine moves them
     return [name], [], False
+
+
+def decoder_owner(world: World, namespace: str, labels: dict[str, str]) -> PoolRuntime | None:
+    """The pool a decode pod belongs to: of the namespace's pools whose decoderSelector matches it, the oldest
+    (creation time, then name). A decoder's KV is booked by one pool only."""
+    claims = [
+        p
+        for p in world.pools.values()
+        if p.namespace == namespace and p.spec is not None and p.spec.decoder_selector.matches(labels)
+    ]
+    return min(claims, key=lambda p: p.created_key, default=None)
+
+
+def _claimed_elsewhere(world: World, pool: PoolRuntime, pod: PodInfo) -> bool:
+    """Whether an older pool holds this decode pod (then noted in `pool.overlapping`)."""
+    owner = decoder_owner(world, pod.namespace, pod.labels)
+    if owner is None or owner is pool:
+        return False
+    pool.overlapping[pod.name] = owner.name
+    return True
 
 
 def pools_selecting(world: World, namespace: str, *label_sets: dict[str, str]) -> list[PoolRuntime]:

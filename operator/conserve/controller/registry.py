@@ -10,7 +10,7 @@ from typing import Any
 import kopf
 
 from conserve.api.common import GROUP, VERSION
-from conserve.controller import conversation, decoderpool, energy, startup
+from conserve.controller import conversation, decoderpool, energy, healing, startup
 from conserve.controller.engine import Engine
 from conserve.controller.shards import Sharding
 
@@ -113,6 +113,7 @@ async def _idle_loop(engine: Engine) -> None:
     while True:
         await asyncio.sleep(engine.config.idle_sweep_interval_s)
         try:
+            await healing.lose_unready_past_grace(engine)
             await engine.sweep_idle()
         except Exception:  # a bad sweep must not end the loop
             log.exception("idle sweep failed")

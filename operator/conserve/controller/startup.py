@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from conserve.api.conversation import ConversationSpec
 from conserve.controller import conversation, decoderpool, pods
 from conserve.controller.engine import Engine
-from conserve.controller.state import NodeInfo, PoolRuntime, key_of
+from conserve.controller.state import ConvRecord, NodeInfo, PoolRuntime, key_of
 
 log = logging.getLogger("conserve.operator")
 
@@ -33,6 +33,9 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.watching.client_timeout = 300
     settings.watching.connect_timeout = 10
     settings.networking.request_timeout = 60
+    # An API-server outage outlasting Kopf's retries (about a minute) would end the watches: retry for about ten
+    # minutes, the last every 30 s, so an operator lives through a restart or an outage of its API server.
+    settings.networking.error_backoffs = (1, 1, 2, 3, 5, 8, 13, 21, *[30] * 18)
     # Resources and namespaces are fixed at start: no CRD/namespace scanning (and no RBAC for it).
     settings.scanning.disabled = True
     # Each object's worker lives on this long after its last event: 10,000 conversations created in a burst
@@ -81,7 +84,11 @@ async def rebuild_pools(engine: Engine, namespaces: Sequence[str] | None, owns: 
     )
     release_free_memory()
     for pool in [p for p in engine.world.pools.values() if owns(p.namespace, p.name)]:
+        # Unready decoders keep their conversations for the pool's grace, counted from now (the sweep moves them
+        # past it); decoders gone or leaving lose them at once.
+        pool.unready.observe({name: d.ready for name, d in pool.decoders.items()}, engine.clock.now())
         lost = sorted({key[1] for key in _holdings_off_decoders(pool)})
+        pool.unready.mark_lost(lost)
         if lost:
             await engine.decoders_lost(pool, lost)
         engine.on_pool_changed(pool)
@@ -111,6 +118,7 @@ async def _load_conversations(engine: Engine, scopes: list[str | None], owns: Ow
     """The conversations of the pools `owns` accepts: placed ones adopted, waiting ones queued. Returns how many
     were seen, placed and waiting."""
     placed = waiting = seen = 0
+    repaired: list[ConvRecord] = []
     for scope in scopes:
         for body in await engine.kube.list_objects(conversation.PLURAL, scope):
             try:
@@ -124,12 +132,16 @@ async def _load_conversations(engine: Engine, scopes: list[str | None], owns: Ow
             )
             engine.world.convs[record.key] = record
             seen += 1
+            if conversation.audit(engine, record, body):
+                repaired.append(record)
             if record.placed:
                 conversation.adopt(engine, record)
                 placed += 1
             elif not record.terminal and not body["metadata"].get("deletionTimestamp"):
                 conversation.adopt(engine, record)
                 waiting += 1
+    for record in repaired:  # before the watches start: the data plane reads the repaired status
+        await engine.write_status(record)
     return seen, placed, waiting
 
 
@@ -159,10 +171,11 @@ def release_free_memory(collect: bool = True) -> None:
 
 
 def _holdings_off_decoders(pool: PoolRuntime) -> list[tuple[str, str]]:
-    """(conversation, decoder) of holdings on decoders that are gone or not ready."""
+    """(conversation, decoder) of holdings on decoders that are gone or leaving (terminating, finished), or not
+    ready in a pool without a grace."""
     out = []
     for key, holding in pool.scheduler.holdings().items():
         decoder = pool.decoders.get(holding.decoder)
-        if decoder is None or not decoder.ready:
+        if decoder is None or decoder.leaving or (not decoder.ready and pool.lost_grace_s <= 0):
             out.append((key, holding.decoder))
     return out

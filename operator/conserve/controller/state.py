@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,8 @@ from conserve.api.decoderpool import DecoderPoolSpec, PrefillStatus
 from conserve.api.labels import FINALIZER as FINALIZER  # re-exported: declared once in api.labels
 from conserve.core.decisions import ConversationRequest
 from conserve.core.gpus import NodeGpu, node_gpu_from_labels
+from conserve.core.healing import UnreadyDecoders
+from conserve.core.integrity import StatusPrint, status_print
 from conserve.core.lifecycle import KvState
 from conserve.core.occupancy import ObservedOccupancy
 from conserve.core.scheduler import PoolScheduler
@@ -62,6 +65,8 @@ class PodInfo:
     endpoint_annotation: str
     gpus: int
     uid: str = ""
+    #: Terminating, Succeeded or Failed: not coming back (its conversations move at once, no grace).
+    leaving: bool = False
 
 
 @dataclass(slots=True)
@@ -82,6 +87,7 @@ class DecoderInfo(PrefillStatus):
     capacity_kv_tokens: int = 0
     gpu_count: int = 1
     problem: str = ""
+    leaving: bool = False  # its pod is terminating or finished
 
     @property
     def serving(self) -> bool:
@@ -123,6 +129,10 @@ class ConvRecord:
     # Set while a status patch is owed (the decision is made; the API server does not have it yet).
     dirty: bool = False
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: The decisions this run wrote lately, and the resourceVersion its latest write made: a status seen on the
+    #: object that is neither (nor older) was written by someone else (`core.integrity.foreign`).
+    written: deque[StatusPrint] = field(default_factory=lambda: deque(maxlen=8))
+    written_rv: int = 0
 
     @classmethod
     def adopt(cls, status: ConversationStatus, **identity: Any) -> ConvRecord:
@@ -148,6 +158,18 @@ class ConvRecord:
                 "conditions": list(self.conditions.values()),
                 "observed_generation": self.generation,
             }
+        )
+
+    def decision_print(self) -> StatusPrint:
+        """The operator's current decision, as `core.integrity` compares statuses."""
+        status = self.status
+        decoder = status.decoder
+        return status_print(
+            status.phase.value,
+            decoder.pod if decoder else None,
+            decoder.endpoint if decoder else None,
+            status.reserved_kv_tokens,
+            status.placement_generation,
         )
 
     @property
@@ -212,6 +234,21 @@ class PoolRuntime:
     slo_window: AttainmentWindow | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     status_dirty: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Decoders not Ready, since when: their conversations stay until the pool's decoderLostGraceSeconds.
+    unready: UnreadyDecoders = field(default_factory=UnreadyDecoders)
+    #: Why the last status write failed ("" once written): logged once, not at every retry.
+    status_error: str = ""
+    #: Pods its decoderSelector matches that an older pool of the namespace holds (pod -> that pool's name).
+    overlapping: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def lost_grace_s(self) -> float:
+        return float(self.spec.placement.decoder_lost_grace_seconds) if self.spec is not None else 0.0
+
+    @property
+    def created_key(self) -> tuple[str, str]:
+        """Older pools first (creation time, then name): the order in which pools claim a shared decoder."""
+        return (str(self.body.get("metadata", {}).get("creationTimestamp") or "~"), self.name)
 
     @property
     def key(self) -> Key:

@@ -132,9 +132,17 @@ def pool_conditions(pool: PoolRuntime, ready: int, previous: DecoderPoolStatus |
         degraded = ("True", "DecodersNotReady", f"not ready: {', '.join(unready)}"[:1000])
     else:
         degraded = ("False", "AllDecodersReady", "")
+    overlapping: tuple[ConditionStatus, str, str] = ("False", "NoSharedDecoders", "")
+    if pool.overlapping:
+        shared = ", ".join(f"{pod} (pool {owner})" for pod, owner in sorted(pool.overlapping.items()))
+        overlapping = ("True", "DecodersHeldByOlderPool", f"booked by an older pool, not here: {shared}"[:1000])
     now = format_time(time.time())
     out = []
-    for type_, (status, reason, message) in (("Ready", ready_cond), ("Degraded", degraded)):
+    for type_, (status, reason, message) in (
+        ("Ready", ready_cond),
+        ("Degraded", degraded),
+        ("Overlapping", overlapping),
+    ):
         old = written.get(type_)
         kept = old is not None and old.status == status and old.last_transition_time
         out.append(

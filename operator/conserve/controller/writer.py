@@ -37,6 +37,15 @@ def event_subject(kind: str, namespace: str, name: str, uid: str) -> dict[str, A
     return {"apiVersion": API_VERSION, "kind": kind, "metadata": {"name": name, "namespace": namespace, "uid": uid}}
 
 
+def resource_version(body: dict[str, Any] | None) -> int:
+    """An object's resourceVersion as a number (0 when absent or not a number: then nothing is older)."""
+    value = (body or {}).get("metadata", {}).get("resourceVersion") if isinstance(body, dict) else None
+    try:
+        return int(value) if value is not None else 0
+    except (TypeError, ValueError):
+        return 0
+
+
 class Writer:
     def __init__(self, kube: Kube, config: WriterConfig) -> None:
         self.kube = kube
@@ -64,9 +73,13 @@ class Writer:
                 return
             record.dirty = False
             patch = conversation_status_patch(record)
-            ok = await self._retry(
-                lambda: self.kube.patch_status(conversation.PLURAL, record.namespace, record.name, patch)
-            )
+            record.written.append(record.decision_print())  # before the write: its echo may come first
+
+            async def write() -> None:
+                written = await self.kube.patch_status(conversation.PLURAL, record.namespace, record.name, patch)
+                record.written_rv = max(record.written_rv, resource_version(written))
+
+            ok = await self._retry(write)
             if not ok:
                 record.dirty = True
                 metrics.STATUS_WRITE_ERRORS.labels("Conversation").inc()

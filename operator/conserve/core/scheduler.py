@@ -59,6 +59,8 @@ class PoolScheduler(SchedulerView):
         self._observed = ObservedReadings()
         self._measured_j: dict[str, float] = {}  # decoders' measured J/token (over the modelled prior)
         self._departures = DepartureRate()  # conversations leaving: the early refusal's estimate of a wait
+        #: Conversations queued again after their decoder was lost: when (their queue wait counts from there).
+        self._requeued_at: dict[str, float] = {}
         self._kv = Residency(self._ledger, self._conversations, self._settings.lifecycle, self._changed)
 
     # --- configuration and the decoder table -------------------------------------------------------------
@@ -169,7 +171,7 @@ class PoolScheduler(SchedulerView):
         if self._problem is not None:
             return [self._wait_or_fail(view, self._problem[0], self._problem[1], replacing, now_s)]
         reservation, floor = self._sizing(request)
-        if replacing:  # its KV moves once more: as much room as it held or has now
+        if replacing or key in self._requeued_at:  # its KV moves once more: room for all it holds
             reservation = max(reservation, view.live_kv_tokens, held_kv_tokens)
             floor = None
         decision = self._place(key, reservation)
@@ -192,6 +194,7 @@ class PoolScheduler(SchedulerView):
             return [*reclaimed, self._wait_or_fail(view, Reason.NO_CAPACITY, str(exc), replacing, now_s)]
         self._changed()
         self._pending.pop(key, None)
+        self._requeued_at.pop(key, None)
         view.kv_state = KvState.ACTIVE  # a replaced one's KV moves (prefilled again or transferred) too
         prefill = None if replacing else self._prefills.pick()
         if not replacing and view.last_activity_s is None:
@@ -213,12 +216,15 @@ class PoolScheduler(SchedulerView):
     def _wait_or_fail(
         self, view: ConversationView, reason: Reason, message: str, replacing: bool, now_s: float
     ) -> Decision:
-        """Queue it; or fail it: its decoder was lost and nothing holds it, or (on its first wait for capacity, in a
-        pool with an SLO) its expected wait is past its budget (`core.admission`)."""
-        if replacing:
-            return self._fail(view, Reason.DECODER_LOST, f"its decoder was lost and {message}")
+        """Queue it; or fail it: on its first wait for capacity, in a pool with an SLO, its expected wait is past its
+        budget (`core.admission`). One whose decoder was lost is queued again, never failed for it: the loss is no
+        fault of the conversation (its wait counts from the loss, `waiting_since`)."""
         request = view.request
-        if reason is Reason.NO_CAPACITY and not view.told_waiting and self._settings.slo is not None:
+        if replacing and not self._settings.requeue_lost_conversations:
+            return self._fail(view, Reason.DECODER_LOST, f"its decoder was lost and {message}")
+        if replacing or request.key in self._requeued_at:
+            message = f"its decoder was lost and {message}; waiting for room"
+        elif reason is Reason.NO_CAPACITY and not view.told_waiting and self._settings.slo is not None:
             rank = self._class_priority(request)
             ahead = sum(1 for r in self._pending.values() if r.key != request.key and self._class_priority(r) >= rank)
             estimate = expected_wait_s(ahead, self._departures.per_s(now_s))
@@ -232,9 +238,10 @@ class PoolScheduler(SchedulerView):
         return Decision(request.key, Verdict.QUEUED, reason, message)
 
     def expire_queue(self, now_s: float) -> list[Decision]:
-        """Refuse the waiting conversations whose wait (since their creation) reached their budget
-        (`QueueWaitExceeded`): their clients are told to come back rather than being admitted too late."""
-        since = {r.key: r.created_at_s for r in self._pending.values()}
+        """Refuse the waiting conversations whose wait (since their creation, or the loss of their decoder) reached
+        their budget (`QueueWaitExceeded`): their clients are told to come back rather than being admitted too
+        late."""
+        since = {r.key: self.waiting_since(r) for r in self._pending.values()}
         out: list[Decision] = []
         for key in overdue_by_budget(since, now_s, lambda k: self.queue_budget_s(self._pending[k])):
             view = self._conversations.get(key)
@@ -249,6 +256,7 @@ class PoolScheduler(SchedulerView):
     def _fail(self, view: ConversationView, reason: Reason, message: str) -> Decision:
         key = view.request.key
         self._pending.pop(key, None)
+        self._requeued_at.pop(key, None)
         self._ledger.release(key)
         self._conversations.pop(key, None)
         self._changed()
@@ -390,6 +398,7 @@ class PoolScheduler(SchedulerView):
         the waiting conversations that fit in the room it freed (when `now_s` is given). Empty when it held
         nothing (idempotent)."""
         self._pending.pop(key, None)
+        self._requeued_at.pop(key, None)
         self._conversations.pop(key, None)
         holding = self._ledger.holding(key)
         if holding is None:
@@ -402,7 +411,8 @@ class PoolScheduler(SchedulerView):
         return [released, *(self._drain_if_waiting(now_s) if now_s is not None else [])]
 
     def decoders_lost(self, names: Iterable[str], now_s: float) -> list[Decision]:
-        """Move every conversation of the lost decoders elsewhere (priority, then age), or fail it."""
+        """Move every conversation of the lost decoders elsewhere (priority, then age), or queue it again (its
+        queue wait counting from now): a lost decoder never fails a conversation."""
         orphans: list[ConversationView] = []
         for name in names:
             for key in self._ledger.conversations_on(name):
@@ -418,6 +428,7 @@ class PoolScheduler(SchedulerView):
         for view in order:
             h = held[view.request.key]
             out.extend(self._decide(view, now_s, replacing=True, held_kv_tokens=h[1] if h else 0))
+        self._requeued_at.update({d.conversation: now_s for d in out if d.verdict is Verdict.QUEUED})
         return [*out, *self._drain_if_waiting(now_s)]
 
     def _reclaim_for_placement(self, reservation: int, now_s: float) -> list[Decision]:

@@ -35,6 +35,9 @@ class SchedulerSettings:
     lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
     #: An engine's occupancy reading older than this is ignored (the ledger decides): core/occupancy.py.
     observed_max_age_s: float = 10.0
+    #: A lost decoder's conversations that fit nowhere wait in the queue again instead of failing with
+    #: `DecoderLost` (the operator and the simulator alike; False only to reproduce the old rule).
+    requeue_lost_conversations: bool = True
     #: The longest wait in the queue (the pool's placement.maxQueueWaitSeconds; inf: no limit).
     max_queue_wait_s: float = float("inf")
     #: The pool's SLO (`spec.slo`): queue order across classes and each class's wait budget (core/admission.py).
@@ -88,6 +91,7 @@ class SchedulerView:
     _observed: ObservedReadings
     _kv: Residency
     _snapshot: list[DecoderState] | None  # the placement's decoder states, until the ledger changes
+    _requeued_at: dict[str, float]  # conversations queued again after their decoder was lost: when
 
     # --- the pool --------------------------------------------------------------------------------------------
     @property
@@ -194,6 +198,10 @@ class SchedulerView:
     def _class_priority(self, request: ConversationRequest) -> int:
         slo_class = self.slo_class_of(request)
         return slo_class.priority if slo_class is not None else 0
+
+    def waiting_since(self, request: ConversationRequest) -> float:
+        """When the conversation's current wait in the queue began: its creation, or the loss of its decoder."""
+        return max(request.created_at_s, self._requeued_at.get(request.key, request.created_at_s))
 
     @property
     def pending_count(self) -> int:

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -120,6 +121,7 @@ class LocalCluster:
         self.log_verbosity = log_verbosity
         self.processes: list[ProcessRecord] = []
         self._popen: dict[int, subprocess.Popen[bytes]] = {}
+        self._stopped: dict[str, list[str]] = {}  # component -> its command, while `kill_component` holds it
 
     # ---- paths and addresses -------------------------------------------------------------------------
     @property
@@ -246,6 +248,25 @@ class LocalCluster:
         self.processes = []
         if self.state_file.exists():
             self._write_state()
+
+    def kill_component(self, name: str) -> None:
+        """SIGKILL one component's process group (an outage as a crash makes it: no graceful shutdown);
+        `start_component` starts it again with the same command line."""
+        rec = next(r for r in self.processes if r.name == name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(rec.pid, signal.SIGKILL)
+        popen = self._popen.pop(rec.pid, None)
+        if popen is not None:
+            popen.wait(15)
+        self._stopped[name] = rec.cmd
+        self.processes.remove(rec)
+        self._write_state()
+
+    def start_component(self, name: str, timeout_s: float = 60.0) -> None:
+        """Start a component stopped by `kill_component` again; for the API server, wait until it is ready."""
+        self._spawn(name, self._stopped.pop(name))
+        if name == "kube-apiserver":
+            self._wait(name, lambda: self._api_ok("/readyz"), time.monotonic() + timeout_s)
 
     def leftover(self) -> list[int]:
         """Pids of any process of ours, or in one of our process groups, still alive."""

@@ -184,7 +184,7 @@ class DecoderLoop:
                 # prefill writes it), or none of it (evicted): prefill what is missing.
                 job.new_tokens, job.cached_tokens = seq.context - held, held
                 job.recompute = held == 0
-            need = seq.context - gpu_held
+            need = seq.context - gpu_held + self._growth_room(decoder)
             if not decoder.evict_for(need, keep=key) and not self._offload_for(decoder, need):
                 if decoder.running or decoder.prefill_batch:
                     break
@@ -228,7 +228,8 @@ class DecoderLoop:
         while decoder.join_queue and len(decoder.running) + len(decoder.prefill_batch) < decoder.max_batch:
             seq = decoder.join_queue[0]
             decoder.take_kv(seq.state.key)  # an older copy of this conversation's KV is superseded
-            if not decoder.evict_for(seq.context) and not self._offload_for(decoder, seq.context):
+            need = seq.context + self._growth_room(decoder)
+            if not decoder.evict_for(need) and not self._offload_for(decoder, need):
                 if decoder.running or decoder.prefill_batch:
                     break
                 self.pinned_evictions += decoder.evict_pinned_for(seq.context)
@@ -239,6 +240,14 @@ class DecoderLoop:
             decoder.running.append(seq)
             decoder.running_tokens += seq.context
             decoder.note_peak()
+
+    @staticmethod
+    def _growth_room(decoder: Decoder) -> int:
+        """KV a new sequence leaves free when others are held: one decode step for each of them and itself (vLLM's
+        admission watermark). Without it, two sequences that together fill the decoder preempt each other in turn
+        forever, each admitted into the room the other's preemption freed and preempted before its first step."""
+        held = len(decoder.running) + len(decoder.prefill_batch)
+        return held + 1 if held else 0
 
     def _fit_steps(self, decoder: Decoder, steps: int) -> int:
         """How many of `steps` decode steps fit in memory (evicting cache, offloading, preempting); 0: none run."""

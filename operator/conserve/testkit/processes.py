@@ -33,6 +33,13 @@ class ConserveProcesses:
             )
         self.procs.append((proc, log))
 
+    def kill(self, name: str) -> None:
+        """SIGKILL the process started as `name` (a crash, not a shutdown) and reap it."""
+        for proc, log in self.procs:
+            if log.name == f"{name}.log" and proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=15)
+
     def write_logs(self) -> None:
         for _, log in self.procs:
             sys.stderr.write(f"--- {log.name}\n{log.read_text()[-4000:]}\n")
