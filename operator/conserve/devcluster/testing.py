@@ -103,10 +103,14 @@ def namespace_name(test_name: str) -> str:
 
 @contextmanager
 def temporary_namespace(
-    cluster: ClusterHandle, test_name: str, timeout_s: float = 30.0, wait_deleted_s: float = 0.0
+    cluster: ClusterHandle, test_name: str, timeout_s: float = 120.0, wait_deleted_s: float = 0.0
 ) -> Iterator[str]:
     """Create a namespace, wait for its ``default`` ServiceAccount (pods are refused without it); afterwards
-    delete it and its pods at once, and wait up to ``wait_deleted_s`` for the rest to be gone (0: no wait)."""
+    delete it and its pods at once, and wait up to ``wait_deleted_s`` for the rest to be gone (0: no wait).
+
+    The wait is long because the controller-manager makes the ServiceAccount: after a test that stopped the
+    API server (the healing outage test), its controllers take tens of seconds to resync (CI once waited past
+    30 s for the next test's namespace)."""
     name = namespace_name(test_name)
     with cluster.api_client() as api_client:
         core = CoreV1Api(api_client)
