@@ -69,9 +69,9 @@ class BusyPlane:
         return obj
 
 
-@pytest.fixture
-def busy_plane(namespace: str, serving_stack: StartServingStack) -> BusyPlane:
-    stack = serving_stack(POOL, 1)
+def one_decoder_plane(namespace: str, serving_stack: StartServingStack, pool: dict[str, Any]) -> BusyPlane:
+    """The pool with one prefill server and one decoder, served behind the router, once both are ready."""
+    stack = serving_stack(pool, 1)
     plane = BusyPlane(namespace, stack.router_url, stack.custom, stack.core)
     wait_for(
         "1 prefill and 1 decoder ready behind the router",
@@ -79,6 +79,11 @@ def busy_plane(namespace: str, serving_stack: StartServingStack) -> BusyPlane:
         timeout_s=90,
     )
     return plane
+
+
+@pytest.fixture
+def busy_plane(namespace: str, serving_stack: StartServingStack) -> BusyPlane:
+    return one_decoder_plane(namespace, serving_stack, POOL)
 
 
 def _turn(plane: BusyPlane, conv: str, *, stream: bool) -> tuple[int, dict[str, str], str]:

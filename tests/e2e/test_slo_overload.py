@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from kubernetes.client.exceptions import ApiException
-from test_router_queue import BusyPlane
+from test_router_queue import BusyPlane, one_decoder_plane
 
 from conserve.core.tokens import filler_text
 from conserve.testkit import PoolBuilder, wait_for
@@ -54,14 +54,7 @@ POOL = (
 
 @pytest.fixture
 def slo_plane(namespace: str, serving_stack: StartServingStack) -> BusyPlane:
-    stack = serving_stack(POOL, 1)
-    plane = BusyPlane(namespace, stack.router_url, stack.custom, stack.core)
-    wait_for(
-        "1 prefill and 1 decoder ready behind the router",
-        lambda: len(plane.backends().get("prefills", [])) == 1 and len(plane.backends().get("decoders", [])) == 1,
-        timeout_s=90,
-    )
-    return plane
+    return one_decoder_plane(namespace, serving_stack, POOL)
 
 
 def _turn(
